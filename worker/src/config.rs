@@ -1,0 +1,248 @@
+//! `params.json`: the model's shape, parsed strictly (a missing or invalid field is an error that
+//! names it) and leniently (unknown fields are ignored, as checkpoints carry training settings).
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not valid JSON: {source}")]
+    Json { path: String, source: serde_json::Error },
+    #[error("params.json: missing field `{0}`")]
+    Missing(&'static str),
+    #[error("params.json: field `{field}` {problem}")]
+    Invalid { field: &'static str, problem: String },
+}
+
+/// Which constant-size mixer the self-decoder uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SelfMixerKind {
+    /// Gated retention: a d×d state per head.
+    GatedRetention,
+    /// Sliding-window attention over the last `window` tokens (itself included).
+    SlidingWindow { window: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub dim: usize,
+    pub n_layers: usize,
+    pub hidden_dim: usize,
+    pub n_self_heads: usize,
+    pub n_attn_heads: usize,
+    pub n_attn_kv_heads: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f32,
+    pub mixer: SelfMixerKind,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&value)
+    }
+
+    pub fn from_json(value: &Value) -> Result<Self, ConfigError> {
+        let obj = value.as_object().ok_or(ConfigError::Invalid {
+            field: "(root)",
+            problem: "must be a JSON object".into(),
+        })?;
+        let window = match obj.get("sliding_window") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(positive(obj, "sliding_window")?),
+        };
+        let cfg = ModelConfig {
+            dim: positive(obj, "dim")?,
+            n_layers: positive(obj, "n_layers")?,
+            hidden_dim: positive(obj, "hidden_dim")?,
+            n_self_heads: positive(obj, "n_self_heads")?,
+            n_attn_heads: positive(obj, "n_attn_heads")?,
+            n_attn_kv_heads: positive(obj, "n_attn_kv_heads")?,
+            vocab_size: positive(obj, "vocab_size")?,
+            rope_theta: optional_float(obj, "rope_theta", 10000.0)?,
+            norm_eps: optional_float(obj, "norm_eps", 1e-5)? as f32,
+            mixer: match window {
+                None => SelfMixerKind::GatedRetention,
+                Some(window) => SelfMixerKind::SlidingWindow { window },
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut obj = Map::new();
+        obj.insert("dim".into(), self.dim.into());
+        obj.insert("n_layers".into(), self.n_layers.into());
+        obj.insert("hidden_dim".into(), self.hidden_dim.into());
+        obj.insert("n_self_heads".into(), self.n_self_heads.into());
+        obj.insert("n_attn_heads".into(), self.n_attn_heads.into());
+        obj.insert("n_attn_kv_heads".into(), self.n_attn_kv_heads.into());
+        obj.insert("vocab_size".into(), self.vocab_size.into());
+        obj.insert("rope_theta".into(), self.rope_theta.into());
+        obj.insert("norm_eps".into(), f64::from(self.norm_eps).into());
+        if let SelfMixerKind::SlidingWindow { window } = self.mixer {
+            obj.insert("sliding_window".into(), window.into());
+        }
+        Value::Object(obj)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: String| Err(ConfigError::Invalid { field, problem });
+        if self.n_layers % 2 != 0 {
+            return invalid("n_layers", format!("must be even (self + cross halves), got {}", self.n_layers));
+        }
+        if self.dim % self.n_self_heads != 0 || (self.dim / self.n_self_heads) % 2 != 0 {
+            return invalid(
+                "n_self_heads",
+                format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_self_heads),
+            );
+        }
+        if self.dim % self.n_attn_heads != 0 || (self.dim / self.n_attn_heads) % 2 != 0 {
+            return invalid(
+                "n_attn_heads",
+                format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_attn_heads),
+            );
+        }
+        if self.n_attn_heads % self.n_attn_kv_heads != 0 {
+            return invalid(
+                "n_attn_kv_heads",
+                format!("must divide n_attn_heads {}, got {}", self.n_attn_heads, self.n_attn_kv_heads),
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return invalid("rope_theta", format!("must be a finite number > 1, got {}", self.rope_theta));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return invalid("norm_eps", format!("must be a finite number > 0, got {}", self.norm_eps));
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return invalid("vocab_size", format!("must fit in 32 bits, got {}", self.vocab_size));
+        }
+        Ok(())
+    }
+
+    pub fn n_self_layers(&self) -> usize {
+        self.n_layers / 2
+    }
+    pub fn n_cross_layers(&self) -> usize {
+        self.n_layers / 2
+    }
+    /// Head dim of the self-decoder mixer.
+    pub fn self_head_dim(&self) -> usize {
+        self.dim / self.n_self_heads
+    }
+    /// Head dim of cross-attention and of the global cache.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_attn_heads
+    }
+    /// Width of one K (or V) row of the global cache.
+    pub fn kv_dim(&self) -> usize {
+        self.n_attn_kv_heads * self.head_dim()
+    }
+    /// Numbers stored in the global cache per token of context (K and V).
+    pub fn cache_numbers_per_token(&self) -> usize {
+        2 * self.kv_dim()
+    }
+    /// Parameters of the model, counting a tied output projection once.
+    pub fn n_params(&self, tied: bool) -> usize {
+        let (d, h) = (self.dim, self.hidden_dim);
+        let ffn = 3 * d * h + 2 * d;
+        let self_mixer = match self.mixer {
+            SelfMixerKind::GatedRetention => 5 * d * d + self.n_self_heads * d,
+            SelfMixerKind::SlidingWindow { .. } => 4 * d * d,
+        };
+        let cross_mixer = 2 * d * d;
+        let embed = self.vocab_size * d * if tied { 1 } else { 2 };
+        embed
+            + self.n_self_layers() * (self_mixer + ffn)
+            + self.n_cross_layers() * (cross_mixer + ffn)
+            + d
+            + 2 * self.kv_dim() * d
+            + d
+    }
+}
+
+fn positive(obj: &Map<String, Value>, field: &'static str) -> Result<usize, ConfigError> {
+    let value = obj.get(field).ok_or(ConfigError::Missing(field))?;
+    match value.as_u64() {
+        Some(n) if n > 0 && n <= (1 << 40) => Ok(n as usize),
+        _ => Err(ConfigError::Invalid { field, problem: format!("must be a positive integer, got {value}") }),
+    }
+}
+
+fn optional_float(obj: &Map<String, Value>, field: &'static str, default: f64) -> Result<f64, ConfigError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value
+            .as_f64()
+            .ok_or_else(|| ConfigError::Invalid { field, problem: format!("must be a number, got {value}") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"dim": 32, "n_layers": 4, "hidden_dim": 64, "n_self_heads": 4, "n_attn_heads": 4,
+               "n_attn_kv_heads": 2, "vocab_size": 96, "model_type": "yoco"})
+    }
+
+    #[test]
+    fn parses_with_defaults_and_ignores_unknown_fields() {
+        let cfg = ModelConfig::from_json(&base()).unwrap();
+        assert_eq!(cfg.rope_theta, 10000.0);
+        assert_eq!(cfg.norm_eps, 1e-5);
+        assert_eq!(cfg.mixer, SelfMixerKind::GatedRetention);
+        assert_eq!(cfg.kv_dim(), 16);
+        let round = ModelConfig::from_json(&cfg.to_json()).unwrap();
+        assert_eq!(round, cfg);
+    }
+
+    #[test]
+    fn sliding_window_and_null() {
+        let mut v = base();
+        v["sliding_window"] = json!(7);
+        assert_eq!(ModelConfig::from_json(&v).unwrap().mixer, SelfMixerKind::SlidingWindow { window: 7 });
+        v["sliding_window"] = Value::Null;
+        assert_eq!(ModelConfig::from_json(&v).unwrap().mixer, SelfMixerKind::GatedRetention);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for field in ["dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size"] {
+            let mut v = base();
+            v.as_object_mut().unwrap().remove(field);
+            let err = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+            let mut v = base();
+            v[field] = json!(-3);
+            let err = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let mut v = base();
+        v["n_attn_kv_heads"] = json!(3);
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("n_attn_kv_heads"));
+        let mut v = base();
+        v["rope_theta"] = json!("big");
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("rope_theta"));
+        let mut v = base();
+        v["sliding_window"] = json!(0);
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("sliding_window"));
+        assert!(ModelConfig::from_json(&json!([1, 2])).is_err());
+    }
+}

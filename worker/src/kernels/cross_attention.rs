@@ -1,0 +1,248 @@
+//! Grouped-query attention of cross-decoder queries over the global KV cache, written as the
+//! flash-decoding split: any range of cache positions yields a partial result `(o, m, l)`
+//! (unnormalised output, running max, sum of exponentials) and partials over disjoint ranges are
+//! merged exactly with the log-sum-exp rule. The same split serves threads on one rank and
+//! ranks holding different shards of the cache.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::simd::{axpy, dot, scale_in_place};
+
+/// Positions per parallel task when one query attends over a long cache.
+const SPLIT_TOKENS: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrossShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CrossShape {
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// A sequence's cache as the kernels see it: blocks of `block_tokens` positions, each laid out
+/// `[K rows; V rows]` (`2 × block_tokens × kv_dim`), covering positions `0..len`.
+#[derive(Clone)]
+pub struct KvView<'a> {
+    pub blocks: Vec<&'a [f32]>,
+    pub block_tokens: usize,
+    pub kv_dim: usize,
+    pub len: usize,
+}
+
+impl KvView<'_> {
+    fn key(&self, pos: usize) -> &[f32] {
+        let b = self.blocks[pos / self.block_tokens];
+        let j = pos % self.block_tokens;
+        &b[j * self.kv_dim..(j + 1) * self.kv_dim]
+    }
+    fn value(&self, pos: usize) -> &[f32] {
+        let b = self.blocks[pos / self.block_tokens];
+        let j = pos % self.block_tokens + self.block_tokens;
+        &b[j * self.kv_dim..(j + 1) * self.kv_dim]
+    }
+}
+
+/// Attention of one query over one range of positions, not yet normalised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    /// `Σ_j exp(s_j − m) v_j` per head, `[heads · head_dim]`.
+    pub o: Vec<f32>,
+    /// Max score per head (`-inf` for an empty range).
+    pub m: Vec<f32>,
+    /// `Σ_j exp(s_j − m)` per head.
+    pub l: Vec<f32>,
+}
+
+impl Partial {
+    pub fn empty(shape: CrossShape) -> Self {
+        Partial { o: vec![0.0; shape.q_dim()], m: vec![f32::NEG_INFINITY; shape.heads], l: vec![0.0; shape.heads] }
+    }
+}
+
+/// Partial attention of the query `q [heads · head_dim]` over cache positions `range`.
+pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range: Range<usize>) -> Partial {
+    assert!(range.end <= kv.len, "range beyond the cache");
+    assert_eq!(kv.kv_dim, shape.kv_dim());
+    let hd = shape.head_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut part = Partial::empty(shape);
+    let mut scores = vec![0f32; kv.block_tokens];
+    let mut pos = range.start;
+    while pos < range.end {
+        // One tile: the rest of the current block, or of the range.
+        let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
+        for h in 0..shape.heads {
+            let g = h / shape.group();
+            let kv_cols = g * hd..(g + 1) * hd;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut tile_max = f32::NEG_INFINITY;
+            for j in 0..tile {
+                let s = dot(qh, &kv.key(pos + j)[kv_cols.clone()]) * scale;
+                scores[j] = s;
+                tile_max = tile_max.max(s);
+            }
+            let m_new = part.m[h].max(tile_max);
+            let oh = &mut part.o[h * hd..(h + 1) * hd];
+            let rescale = (part.m[h] - m_new).exp();
+            if rescale != 1.0 {
+                scale_in_place(oh, rescale);
+            }
+            let mut l = part.l[h] * rescale;
+            for j in 0..tile {
+                let p = (scores[j] - m_new).exp();
+                l += p;
+                axpy(p, &kv.value(pos + j)[kv_cols.clone()], oh);
+            }
+            part.m[h] = m_new;
+            part.l[h] = l;
+        }
+        pos += tile;
+    }
+    part
+}
+
+/// Merges partials over disjoint ranges into the normalised attention output `[heads · head_dim]`.
+pub fn lse_merge(parts: &[Partial], shape: CrossShape, out: &mut [f32]) {
+    let hd = shape.head_dim;
+    out.fill(0.0);
+    for h in 0..shape.heads {
+        let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            continue; // no keys at all: attention of nothing is zero
+        }
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        let mut l = 0f32;
+        for p in parts {
+            let w = (p.m[h] - m).exp();
+            if w == 0.0 {
+                continue;
+            }
+            l += p.l[h] * w;
+            axpy(w, &p.o[h * hd..(h + 1) * hd], oh);
+        }
+        scale_in_place(oh, 1.0 / l);
+    }
+}
+
+/// Causal cross-attention for several query rows: row r (at position `positions[r]`) attends over
+/// positions `0..=positions[r]` of `views[r]`. Long ranges are split across threads.
+pub fn cross_attention(q: &[f32], positions: &[usize], views: &[&KvView], shape: CrossShape, out: &mut [f32]) {
+    let qd = shape.q_dim();
+    assert_eq!(q.len(), positions.len() * qd);
+    assert_eq!(views.len(), positions.len());
+    assert_eq!(out.len(), q.len());
+    let tasks: Vec<(usize, Range<usize>)> = positions
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &p)| {
+            let end = p + 1;
+            (0..end).step_by(SPLIT_TOKENS).map(move |a| (r, a..(a + SPLIT_TOKENS).min(end)))
+        })
+        .collect();
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .map(|(r, range)| cross_attention_partial(&q[r * qd..(r + 1) * qd], shape, views[*r], range.clone()))
+        .collect();
+    let mut start = 0;
+    for (r, out_row) in out.chunks_exact_mut(qd).enumerate() {
+        let count = tasks[start..].iter().take_while(|(row, _)| *row == r).count();
+        lse_merge(&partials[start..start + count], shape, out_row);
+        start += count;
+    }
+}
+
+/// Plain softmax attention in f64 over explicit K/V rows `[n, kv_dim]`: the reference.
+pub fn cross_attention_reference(q: &[f32], keys: &[f32], values: &[f32], shape: CrossShape) -> Vec<f32> {
+    let (hd, kvd) = (shape.head_dim, shape.kv_dim());
+    let n = keys.len() / kvd;
+    let mut out = vec![0f32; shape.q_dim()];
+    for h in 0..shape.heads {
+        let g = h / shape.group();
+        let scores: Vec<f64> = (0..n)
+            .map(|j| (0..hd).map(|c| q[h * hd + c] as f64 * keys[j * kvd + g * hd + c] as f64).sum::<f64>() / (hd as f64).sqrt())
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+        for c in 0..hd {
+            let o: f64 = (0..n).map(|j| (scores[j] - m).exp() / z * values[j * kvd + g * hd + c] as f64).sum();
+            out[h * hd + c] = o as f32;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{assert_close, randn};
+
+    /// Builds blocked storage for explicit K/V rows.
+    fn blocks(keys: &[f32], values: &[f32], kvd: usize, bt: usize) -> Vec<Vec<f32>> {
+        let n = keys.len() / kvd;
+        (0..n.div_ceil(bt))
+            .map(|b| {
+                let mut blk = vec![0f32; 2 * bt * kvd];
+                for j in 0..bt.min(n - b * bt) {
+                    let p = b * bt + j;
+                    blk[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[p * kvd..(p + 1) * kvd]);
+                    blk[(bt + j) * kvd..(bt + j + 1) * kvd].copy_from_slice(&values[p * kvd..(p + 1) * kvd]);
+                }
+                blk
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partials_merged_at_any_cut_match_reference() {
+        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let (kvd, n, bt) = (shape.kv_dim(), 103, 16);
+        // Large scores stress the running max.
+        let q: Vec<f32> = randn(shape.q_dim(), 1).iter().map(|v| v * 6.0).collect();
+        let keys = randn(n * kvd, 2);
+        let values = randn(n * kvd, 3);
+        let storage = blocks(&keys, &values, kvd, bt);
+        let view = KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let want = cross_attention_reference(&q, &keys, &values, shape);
+        for cuts in [vec![], vec![1], vec![16], vec![5, 50], vec![15, 16, 17, 102], vec![0, 0, 103]] {
+            let mut bounds = vec![0];
+            bounds.extend(cuts.iter().copied());
+            bounds.push(n);
+            let parts: Vec<Partial> =
+                bounds.windows(2).map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0]))).collect();
+            let mut out = vec![0.0; shape.q_dim()];
+            lse_merge(&parts, shape, &mut out);
+            assert_close(&out, &want, 1e-5, &format!("cuts {cuts:?}"));
+        }
+    }
+
+    #[test]
+    fn causal_rows_and_long_split() {
+        let shape = CrossShape { heads: 2, kv_heads: 1, head_dim: 4 };
+        let (kvd, n, bt) = (shape.kv_dim(), 2 * SPLIT_TOKENS + 77, 256);
+        let keys = randn(n * kvd, 5);
+        let values = randn(n * kvd, 6);
+        let storage = blocks(&keys, &values, kvd, bt);
+        let view = KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let positions = [0usize, 5, n - 1];
+        let q = randn(positions.len() * shape.q_dim(), 7);
+        let mut out = vec![0.0; q.len()];
+        cross_attention(&q, &positions, &[&view, &view, &view], shape, &mut out);
+        for (r, &p) in positions.iter().enumerate() {
+            let want = cross_attention_reference(&q[r * 8..(r + 1) * 8], &keys[..(p + 1) * kvd], &values[..(p + 1) * kvd], shape);
+            assert_close(&out[r * 8..(r + 1) * 8], &want, 1e-4, &format!("row {r}"));
+        }
+    }
+}

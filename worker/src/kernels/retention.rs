@@ -1,0 +1,251 @@
+//! Gated retention, in three forms that must agree to rounding:
+//! - parallel (reference): `o_t = Σ_{s≤t} (q_t·k_s/√d) · exp(G_t − G_s) · v_s`, `G_t = Σ_{u≤t} γ_u`;
+//! - recurrent (decode): `S_t = exp(γ_t)·S_{t−1} + (k_t/√d)ᵀ v_t`, `o_t = q_t S_t`;
+//! - chunkwise (prefill): the parallel form inside blocks, the state `S` carried across them.
+//!
+//! Layouts: q, k, v and the output are `[T, H·d]` (token-major, heads side by side), `gamma` is
+//! `[T, H]` (the per-head log-decay `logsigmoid(gt)/16`), the state is `[H, d, d]` (key × value).
+
+use rayon::prelude::*;
+
+use super::simd::{axpy, dot, scale_in_place};
+
+/// Tokens per block of the chunkwise form: large enough to amortise the state update, small
+/// enough that in-block cumulative decays stay accurate.
+pub const RETENTION_BLOCK: usize = 64;
+
+/// Shapes shared by the retention kernels.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionShape {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl RetentionShape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// Copies head `h` of a `[T, H·d]` buffer into a contiguous `[T, d]` one.
+fn head_rows(x: &[f32], shape: RetentionShape, h: usize) -> Vec<f32> {
+    let (w, d) = (shape.width(), shape.head_dim);
+    let mut out = Vec::with_capacity(shape.tokens * d);
+    for t in 0..shape.tokens {
+        out.extend_from_slice(&x[t * w + h * d..t * w + (h + 1) * d]);
+    }
+    out
+}
+
+/// Chunkwise retention over `shape.tokens` new tokens, starting from `state` and leaving the state
+/// after the last token in it. Writes `[T, H·d]` outputs to `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn retention_chunkwise(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    gamma: &[f32],
+    shape: RetentionShape,
+    block: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let (t_len, h_n, d) = (shape.tokens, shape.heads, shape.head_dim);
+    assert!(q.len() == t_len * h_n * d && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
+    assert_eq!(gamma.len(), t_len * h_n);
+    assert_eq!(state.len(), h_n * d * d);
+    let per_head: Vec<Vec<f32>> = state
+        .par_chunks_mut(d * d)
+        .enumerate()
+        .map(|(h, s)| {
+            let (qh, kh, vh) = (head_rows(q, shape, h), head_rows(k, shape, h), head_rows(v, shape, h));
+            let g: Vec<f32> = (0..t_len).map(|t| gamma[t * h_n + h]).collect();
+            let mut o = vec![0.0f32; t_len * d];
+            for b0 in (0..t_len).step_by(block.max(1)) {
+                let b1 = (b0 + block.max(1)).min(t_len);
+                retention_block(&qh, &kh, &vh, &g, b0..b1, d, shape.scale(), s, &mut o);
+            }
+            o
+        })
+        .collect();
+    scatter_heads(&per_head, shape, out);
+}
+
+fn scatter_heads(per_head: &[Vec<f32>], shape: RetentionShape, out: &mut [f32]) {
+    let (w, d) = (shape.width(), shape.head_dim);
+    for (h, o) in per_head.iter().enumerate() {
+        for t in 0..shape.tokens {
+            out[t * w + h * d..t * w + (h + 1) * d].copy_from_slice(&o[t * d..(t + 1) * d]);
+        }
+    }
+}
+
+/// One block of one head: outputs of tokens `range` from the incoming state `s`, then `s`
+/// advanced past the block.
+#[allow(clippy::too_many_arguments)]
+fn retention_block(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    gamma: &[f32],
+    range: std::ops::Range<usize>,
+    d: usize,
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    let b0 = range.start;
+    let mut gcum = Vec::with_capacity(range.len());
+    let mut acc = 0f32;
+    for t in range.clone() {
+        acc += gamma[t];
+        gcum.push(acc);
+    }
+    for t in range.clone() {
+        let (qt, ot) = (&q[t * d..(t + 1) * d], &mut o[t * d..(t + 1) * d]);
+        // Incoming state, decayed to t: exp(G_t) · q_t S.
+        for i in 0..d {
+            axpy(qt[i], &s[i * d..(i + 1) * d], ot);
+        }
+        scale_in_place(ot, gcum[t - b0].exp());
+        for u in b0..=t {
+            let w = dot(qt, &k[u * d..(u + 1) * d]) * scale * (gcum[t - b0] - gcum[u - b0]).exp();
+            axpy(w, &v[u * d..(u + 1) * d], ot);
+        }
+    }
+    let last = gcum[gcum.len() - 1];
+    scale_in_place(s, last.exp());
+    for u in range {
+        let c = scale * (last - gcum[u - b0]).exp();
+        let (ku, vu) = (&k[u * d..(u + 1) * d], &v[u * d..(u + 1) * d]);
+        for i in 0..d {
+            axpy(c * ku[i], vu, &mut s[i * d..(i + 1) * d]);
+        }
+    }
+}
+
+/// The recurrent form for one new token per head (decode): updates `state` and writes `[H·d]`.
+pub fn retention_recurrent_step(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    gamma: &[f32],
+    heads: usize,
+    head_dim: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = head_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    for h in 0..heads {
+        let s = &mut state[h * d * d..(h + 1) * d * d];
+        let (qh, kh, vh) = (&q[h * d..(h + 1) * d], &k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
+        scale_in_place(s, gamma[h].exp());
+        for i in 0..d {
+            axpy(kh[i] * scale, vh, &mut s[i * d..(i + 1) * d]);
+        }
+        let oh = &mut out[h * d..(h + 1) * d];
+        oh.fill(0.0);
+        for i in 0..d {
+            axpy(qh[i], &s[i * d..(i + 1) * d], oh);
+        }
+    }
+}
+
+/// The parallel form in f64, O(T²): the reference for both fast forms. Starts from a zero state.
+pub fn retention_parallel_reference(q: &[f32], k: &[f32], v: &[f32], gamma: &[f32], shape: RetentionShape) -> Vec<f32> {
+    let (t_len, h_n, d, w) = (shape.tokens, shape.heads, shape.head_dim, shape.width());
+    let mut out = vec![0.0f32; t_len * w];
+    for h in 0..h_n {
+        let mut g = vec![0f64; t_len];
+        let mut acc = 0f64;
+        for t in 0..t_len {
+            acc += gamma[t * h_n + h] as f64;
+            g[t] = acc;
+        }
+        for t in 0..t_len {
+            for j in 0..d {
+                let mut o = 0f64;
+                for s in 0..=t {
+                    let qk: f64 = (0..d).map(|i| q[t * w + h * d + i] as f64 * k[s * w + h * d + i] as f64).sum();
+                    o += qk / (d as f64).sqrt() * (g[t] - g[s]).exp() * v[s * w + h * d + j] as f64;
+                }
+                out[t * w + h * d + j] = o as f32;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::swiglu::log_sigmoid;
+    use crate::kernels::testutil::randn;
+
+    fn inputs(shape: RetentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = shape.tokens * shape.width();
+        // Gates from strongly decaying to nearly 1, as trained models have.
+        let gamma = randn(shape.tokens * shape.heads, seed + 3).iter().map(|g| log_sigmoid(6.0 * g) / 16.0).collect();
+        (randn(n, seed), randn(n, seed + 1), randn(n, seed + 2), gamma)
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn chunkwise_and_recurrent_match_parallel() {
+        let shape = RetentionShape { tokens: 150, heads: 3, head_dim: 8 };
+        let (q, k, v, gamma) = inputs(shape, 10);
+        let want = retention_parallel_reference(&q, &k, &v, &gamma, shape);
+        for block in [1, 7, 64, 150, 1000] {
+            let mut state = vec![0.0; 3 * 64];
+            let mut out = vec![0.0; q.len()];
+            retention_chunkwise(&q, &k, &v, &gamma, shape, block, &mut state, &mut out);
+            assert!(max_err(&out, &want) < 1e-4, "block {block}: {}", max_err(&out, &want));
+        }
+        let mut state = vec![0.0; 3 * 64];
+        let mut out = vec![0.0; q.len()];
+        let w = shape.width();
+        for t in 0..shape.tokens {
+            let r = t * w..(t + 1) * w;
+            let g = &gamma[t * 3..(t + 1) * 3];
+            retention_recurrent_step(&q[r.clone()], &k[r.clone()], &v[r.clone()], g, 3, 8, &mut state, &mut out[r]);
+        }
+        assert!(max_err(&out, &want) < 1e-4, "recurrent: {}", max_err(&out, &want));
+    }
+
+    #[test]
+    fn split_calls_carry_the_state_exactly() {
+        let shape = RetentionShape { tokens: 100, heads: 2, head_dim: 4 };
+        let (q, k, v, gamma) = inputs(shape, 20);
+        let mut whole_state = vec![0.0; 2 * 16];
+        let mut whole = vec![0.0; q.len()];
+        retention_chunkwise(&q, &k, &v, &gamma, shape, 16, &mut whole_state, &mut whole);
+        for cut in [1, 33, 64, 99] {
+            let mut state = vec![0.0; 2 * 16];
+            let mut out = vec![0.0; q.len()];
+            let w = shape.width();
+            for (a, b) in [(0, cut), (cut, 100)] {
+                let part = RetentionShape { tokens: b - a, ..shape };
+                retention_chunkwise(
+                    &q[a * w..b * w],
+                    &k[a * w..b * w],
+                    &v[a * w..b * w],
+                    &gamma[a * 2..b * 2],
+                    part,
+                    16,
+                    &mut state,
+                    &mut out[a * w..b * w],
+                );
+            }
+            assert!(max_err(&out, &whole) < 1e-5, "cut {cut}");
+            assert!(max_err(&state, &whole_state) < 1e-5, "cut {cut} state");
+        }
+    }
+}
