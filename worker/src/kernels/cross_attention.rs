@@ -68,12 +68,21 @@ pub struct Partial {
 
 impl Partial {
     pub fn empty(shape: CrossShape) -> Self {
-        Partial { o: vec![0.0; shape.q_dim()], m: vec![f32::NEG_INFINITY; shape.heads], l: vec![0.0; shape.heads] }
+        Partial {
+            o: vec![0.0; shape.q_dim()],
+            m: vec![f32::NEG_INFINITY; shape.heads],
+            l: vec![0.0; shape.heads],
+        }
     }
 }
 
 /// Partial attention of the query `q [heads · head_dim]` over cache positions `range`.
-pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range: Range<usize>) -> Partial {
+pub fn cross_attention_partial(
+    q: &[f32],
+    shape: CrossShape,
+    kv: &KvView,
+    range: Range<usize>,
+) -> Partial {
     assert!(range.end <= kv.len, "range beyond the cache");
     assert_eq!(kv.kv_dim, shape.kv_dim());
     let hd = shape.head_dim;
@@ -119,7 +128,10 @@ pub fn lse_merge(parts: &[Partial], shape: CrossShape, out: &mut [f32]) {
     let hd = shape.head_dim;
     out.fill(0.0);
     for h in 0..shape.heads {
-        let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
+        let m = parts
+            .iter()
+            .map(|p| p.m[h])
+            .fold(f32::NEG_INFINITY, f32::max);
         if m == f32::NEG_INFINITY {
             continue; // no keys at all: attention of nothing is zero
         }
@@ -139,7 +151,13 @@ pub fn lse_merge(parts: &[Partial], shape: CrossShape, out: &mut [f32]) {
 
 /// Causal cross-attention for several query rows: row r (at position `positions[r]`) attends over
 /// positions `0..=positions[r]` of `views[r]`. Long ranges are split across threads.
-pub fn cross_attention(q: &[f32], positions: &[usize], views: &[&KvView], shape: CrossShape, out: &mut [f32]) {
+pub fn cross_attention(
+    q: &[f32],
+    positions: &[usize],
+    views: &[&KvView],
+    shape: CrossShape,
+    out: &mut [f32],
+) {
     let qd = shape.q_dim();
     assert_eq!(q.len(), positions.len() * qd);
     assert_eq!(views.len(), positions.len());
@@ -149,35 +167,54 @@ pub fn cross_attention(q: &[f32], positions: &[usize], views: &[&KvView], shape:
         .enumerate()
         .flat_map(|(r, &p)| {
             let end = p + 1;
-            (0..end).step_by(SPLIT_TOKENS).map(move |a| (r, a..(a + SPLIT_TOKENS).min(end)))
+            (0..end)
+                .step_by(SPLIT_TOKENS)
+                .map(move |a| (r, a..(a + SPLIT_TOKENS).min(end)))
         })
         .collect();
     let partials: Vec<Partial> = tasks
         .par_iter()
-        .map(|(r, range)| cross_attention_partial(&q[r * qd..(r + 1) * qd], shape, views[*r], range.clone()))
+        .map(|(r, range)| {
+            cross_attention_partial(&q[r * qd..(r + 1) * qd], shape, views[*r], range.clone())
+        })
         .collect();
     let mut start = 0;
     for (r, out_row) in out.chunks_exact_mut(qd).enumerate() {
-        let count = tasks[start..].iter().take_while(|(row, _)| *row == r).count();
+        let count = tasks[start..]
+            .iter()
+            .take_while(|(row, _)| *row == r)
+            .count();
         lse_merge(&partials[start..start + count], shape, out_row);
         start += count;
     }
 }
 
 /// Plain softmax attention in f64 over explicit K/V rows `[n, kv_dim]`: the reference.
-pub fn cross_attention_reference(q: &[f32], keys: &[f32], values: &[f32], shape: CrossShape) -> Vec<f32> {
+pub fn cross_attention_reference(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: CrossShape,
+) -> Vec<f32> {
     let (hd, kvd) = (shape.head_dim, shape.kv_dim());
     let n = keys.len() / kvd;
     let mut out = vec![0f32; shape.q_dim()];
     for h in 0..shape.heads {
         let g = h / shape.group();
         let scores: Vec<f64> = (0..n)
-            .map(|j| (0..hd).map(|c| q[h * hd + c] as f64 * keys[j * kvd + g * hd + c] as f64).sum::<f64>() / (hd as f64).sqrt())
+            .map(|j| {
+                (0..hd)
+                    .map(|c| q[h * hd + c] as f64 * keys[j * kvd + g * hd + c] as f64)
+                    .sum::<f64>()
+                    / (hd as f64).sqrt()
+            })
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
         for c in 0..hd {
-            let o: f64 = (0..n).map(|j| (scores[j] - m).exp() / z * values[j * kvd + g * hd + c] as f64).sum();
+            let o: f64 = (0..n)
+                .map(|j| (scores[j] - m).exp() / z * values[j * kvd + g * hd + c] as f64)
+                .sum();
             out[h * hd + c] = o as f32;
         }
     }
@@ -198,7 +235,8 @@ mod tests {
                 for j in 0..bt.min(n - b * bt) {
                     let p = b * bt + j;
                     blk[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[p * kvd..(p + 1) * kvd]);
-                    blk[(bt + j) * kvd..(bt + j + 1) * kvd].copy_from_slice(&values[p * kvd..(p + 1) * kvd]);
+                    blk[(bt + j) * kvd..(bt + j + 1) * kvd]
+                        .copy_from_slice(&values[p * kvd..(p + 1) * kvd]);
                 }
                 blk
             })
@@ -207,21 +245,39 @@ mod tests {
 
     #[test]
     fn partials_merged_at_any_cut_match_reference() {
-        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let shape = CrossShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let (kvd, n, bt) = (shape.kv_dim(), 103, 16);
         // Large scores stress the running max.
         let q: Vec<f32> = randn(shape.q_dim(), 1).iter().map(|v| v * 6.0).collect();
         let keys = randn(n * kvd, 2);
         let values = randn(n * kvd, 3);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let view = KvView {
+            blocks: storage.iter().map(|b| b.as_slice()).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: n,
+        };
         let want = cross_attention_reference(&q, &keys, &values, shape);
-        for cuts in [vec![], vec![1], vec![16], vec![5, 50], vec![15, 16, 17, 102], vec![0, 0, 103]] {
+        for cuts in [
+            vec![],
+            vec![1],
+            vec![16],
+            vec![5, 50],
+            vec![15, 16, 17, 102],
+            vec![0, 0, 103],
+        ] {
             let mut bounds = vec![0];
             bounds.extend(cuts.iter().copied());
             bounds.push(n);
-            let parts: Vec<Partial> =
-                bounds.windows(2).map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0]))).collect();
+            let parts: Vec<Partial> = bounds
+                .windows(2)
+                .map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0])))
+                .collect();
             let mut out = vec![0.0; shape.q_dim()];
             lse_merge(&parts, shape, &mut out);
             assert_close(&out, &want, 1e-5, &format!("cuts {cuts:?}"));
@@ -230,18 +286,32 @@ mod tests {
 
     #[test]
     fn causal_rows_and_long_split() {
-        let shape = CrossShape { heads: 2, kv_heads: 1, head_dim: 4 };
+        let shape = CrossShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
         let (kvd, n, bt) = (shape.kv_dim(), 2 * SPLIT_TOKENS + 77, 256);
         let keys = randn(n * kvd, 5);
         let values = randn(n * kvd, 6);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let view = KvView {
+            blocks: storage.iter().map(|b| b.as_slice()).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: n,
+        };
         let positions = [0usize, 5, n - 1];
         let q = randn(positions.len() * shape.q_dim(), 7);
         let mut out = vec![0.0; q.len()];
         cross_attention(&q, &positions, &[&view, &view, &view], shape, &mut out);
         for (r, &p) in positions.iter().enumerate() {
-            let want = cross_attention_reference(&q[r * 8..(r + 1) * 8], &keys[..(p + 1) * kvd], &values[..(p + 1) * kvd], shape);
+            let want = cross_attention_reference(
+                &q[r * 8..(r + 1) * 8],
+                &keys[..(p + 1) * kvd],
+                &values[..(p + 1) * kvd],
+                shape,
+            );
             assert_close(&out[r * 8..(r + 1) * 8], &want, 1e-4, &format!("row {r}"));
         }
     }

@@ -55,14 +55,23 @@ pub fn retention_chunkwise(
     out: &mut [f32],
 ) {
     let (t_len, h_n, d) = (shape.tokens, shape.heads, shape.head_dim);
-    assert!(q.len() == t_len * h_n * d && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
+    assert!(
+        q.len() == t_len * h_n * d
+            && k.len() == q.len()
+            && v.len() == q.len()
+            && out.len() == q.len()
+    );
     assert_eq!(gamma.len(), t_len * h_n);
     assert_eq!(state.len(), h_n * d * d);
     let per_head: Vec<Vec<f32>> = state
         .par_chunks_mut(d * d)
         .enumerate()
         .map(|(h, s)| {
-            let (qh, kh, vh) = (head_rows(q, shape, h), head_rows(k, shape, h), head_rows(v, shape, h));
+            let (qh, kh, vh) = (
+                head_rows(q, shape, h),
+                head_rows(k, shape, h),
+                head_rows(v, shape, h),
+            );
             let g: Vec<f32> = (0..t_len).map(|t| gamma[t * h_n + h]).collect();
             let mut o = vec![0.0f32; t_len * d];
             for b0 in (0..t_len).step_by(block.max(1)) {
@@ -143,7 +152,11 @@ pub fn retention_recurrent_step(
     let scale = 1.0 / (d as f32).sqrt();
     for h in 0..heads {
         let s = &mut state[h * d * d..(h + 1) * d * d];
-        let (qh, kh, vh) = (&q[h * d..(h + 1) * d], &k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
+        let (qh, kh, vh) = (
+            &q[h * d..(h + 1) * d],
+            &k[h * d..(h + 1) * d],
+            &v[h * d..(h + 1) * d],
+        );
         scale_in_place(s, gamma[h].exp());
         for i in 0..d {
             axpy(kh[i] * scale, vh, &mut s[i * d..(i + 1) * d]);
@@ -157,7 +170,13 @@ pub fn retention_recurrent_step(
 }
 
 /// The parallel form in f64, O(T²): the reference for both fast forms. Starts from a zero state.
-pub fn retention_parallel_reference(q: &[f32], k: &[f32], v: &[f32], gamma: &[f32], shape: RetentionShape) -> Vec<f32> {
+pub fn retention_parallel_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    gamma: &[f32],
+    shape: RetentionShape,
+) -> Vec<f32> {
     let (t_len, h_n, d, w) = (shape.tokens, shape.heads, shape.head_dim, shape.width());
     let mut out = vec![0.0f32; t_len * w];
     for h in 0..h_n {
@@ -171,7 +190,9 @@ pub fn retention_parallel_reference(q: &[f32], k: &[f32], v: &[f32], gamma: &[f3
             for j in 0..d {
                 let mut o = 0f64;
                 for s in 0..=t {
-                    let qk: f64 = (0..d).map(|i| q[t * w + h * d + i] as f64 * k[s * w + h * d + i] as f64).sum();
+                    let qk: f64 = (0..d)
+                        .map(|i| q[t * w + h * d + i] as f64 * k[s * w + h * d + i] as f64)
+                        .sum();
                     o += qk / (d as f64).sqrt() * (g[t] - g[s]).exp() * v[s * w + h * d + j] as f64;
                 }
                 out[t * w + h * d + j] = o as f32;
@@ -190,24 +211,43 @@ mod tests {
     fn inputs(shape: RetentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let n = shape.tokens * shape.width();
         // Gates from strongly decaying to nearly 1, as trained models have.
-        let gamma = randn(shape.tokens * shape.heads, seed + 3).iter().map(|g| log_sigmoid(6.0 * g) / 16.0).collect();
-        (randn(n, seed), randn(n, seed + 1), randn(n, seed + 2), gamma)
+        let gamma = randn(shape.tokens * shape.heads, seed + 3)
+            .iter()
+            .map(|g| log_sigmoid(6.0 * g) / 16.0)
+            .collect();
+        (
+            randn(n, seed),
+            randn(n, seed + 1),
+            randn(n, seed + 2),
+            gamma,
+        )
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f32::max)
     }
 
     #[test]
     fn chunkwise_and_recurrent_match_parallel() {
-        let shape = RetentionShape { tokens: 150, heads: 3, head_dim: 8 };
+        let shape = RetentionShape {
+            tokens: 150,
+            heads: 3,
+            head_dim: 8,
+        };
         let (q, k, v, gamma) = inputs(shape, 10);
         let want = retention_parallel_reference(&q, &k, &v, &gamma, shape);
         for block in [1, 7, 64, 150, 1000] {
             let mut state = vec![0.0; 3 * 64];
             let mut out = vec![0.0; q.len()];
             retention_chunkwise(&q, &k, &v, &gamma, shape, block, &mut state, &mut out);
-            assert!(max_err(&out, &want) < 1e-4, "block {block}: {}", max_err(&out, &want));
+            assert!(
+                max_err(&out, &want) < 1e-4,
+                "block {block}: {}",
+                max_err(&out, &want)
+            );
         }
         let mut state = vec![0.0; 3 * 64];
         let mut out = vec![0.0; q.len()];
@@ -215,14 +255,31 @@ mod tests {
         for t in 0..shape.tokens {
             let r = t * w..(t + 1) * w;
             let g = &gamma[t * 3..(t + 1) * 3];
-            retention_recurrent_step(&q[r.clone()], &k[r.clone()], &v[r.clone()], g, 3, 8, &mut state, &mut out[r]);
+            retention_recurrent_step(
+                &q[r.clone()],
+                &k[r.clone()],
+                &v[r.clone()],
+                g,
+                3,
+                8,
+                &mut state,
+                &mut out[r],
+            );
         }
-        assert!(max_err(&out, &want) < 1e-4, "recurrent: {}", max_err(&out, &want));
+        assert!(
+            max_err(&out, &want) < 1e-4,
+            "recurrent: {}",
+            max_err(&out, &want)
+        );
     }
 
     #[test]
     fn split_calls_carry_the_state_exactly() {
-        let shape = RetentionShape { tokens: 100, heads: 2, head_dim: 4 };
+        let shape = RetentionShape {
+            tokens: 100,
+            heads: 2,
+            head_dim: 4,
+        };
         let (q, k, v, gamma) = inputs(shape, 20);
         let mut whole_state = vec![0.0; 2 * 16];
         let mut whole = vec![0.0; q.len()];
@@ -232,7 +289,10 @@ mod tests {
             let mut out = vec![0.0; q.len()];
             let w = shape.width();
             for (a, b) in [(0, cut), (cut, 100)] {
-                let part = RetentionShape { tokens: b - a, ..shape };
+                let part = RetentionShape {
+                    tokens: b - a,
+                    ..shape
+                };
                 retention_chunkwise(
                     &q[a * w..b * w],
                     &k[a * w..b * w],

@@ -42,7 +42,11 @@ impl Rope {
 
     pub fn table(&self, positions: impl IntoIterator<Item = usize>) -> RopeTable {
         let half = self.half();
-        let mut table = RopeTable { half, cos: Vec::new(), sin: Vec::new() };
+        let mut table = RopeTable {
+            half,
+            cos: Vec::new(),
+            sin: Vec::new(),
+        };
         for pos in positions {
             for i in 0..half {
                 let a = self.angle(pos, i) as f64;
@@ -64,7 +68,13 @@ fn torch_linspace01(n: usize) -> Vec<f32> {
             let step = 1.0f32 / (n - 1) as f32;
             let halfway = n / 2;
             (0..n)
-                .map(|i| if i < halfway { step * i as f32 } else { 1.0 - step * (n - 1 - i) as f32 })
+                .map(|i| {
+                    if i < halfway {
+                        step * i as f32
+                    } else {
+                        1.0 - step * (n - 1 - i) as f32
+                    }
+                })
                 .collect()
         }
     }
@@ -76,7 +86,11 @@ pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, table: &RopeTa
     let width = n_heads * head_dim;
     let half = head_dim / 2;
     assert_eq!(table.half, half, "rope table built for another head dim");
-    assert_eq!(x.len() / width, table.cos.len() / half.max(1), "rope table rows != x rows");
+    assert_eq!(
+        x.len() / width,
+        table.cos.len() / half.max(1),
+        "rope table rows != x rows"
+    );
     for (r, row) in x.chunks_exact_mut(width).enumerate() {
         let cos = &table.cos[r * half..(r + 1) * half];
         let sin = &table.sin[r * half..(r + 1) * half];
@@ -106,7 +120,9 @@ mod tests {
         let rope = Rope::new(10000.0, 8);
         let positions = [0usize, 1, 17, 999_999];
         let table = rope.table(positions);
-        let x: Vec<f32> = (0..2 * 8 * positions.len()).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..2 * 8 * positions.len())
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let mut y = x.clone();
         apply_rope(&mut y, 2, 8, &table);
         for (r, &pos) in positions.iter().enumerate() {

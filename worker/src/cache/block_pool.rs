@@ -1,0 +1,234 @@
+//! The global KV cache in fixed-size blocks from a pool with a byte budget. A sequence owns a
+//! block table; appending never copies earlier positions, and running out of budget is an
+//! error the caller can act on (queue, reject), never an abort.
+
+use crate::kernels::cross_attention::KvView;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    #[error(
+        "global KV cache budget exhausted: need {needed} more blocks of {block_tokens} tokens, \
+         {free} free of {total} ({budget_bytes} bytes budget)"
+    )]
+    OutOfBudget {
+        needed: usize,
+        free: usize,
+        total: usize,
+        block_tokens: usize,
+        budget_bytes: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockId(u32);
+
+/// Storage for cache blocks. Blocks are allocated lazily up to the budget and recycled through a
+/// free list, so the pool's memory follows its high-water mark.
+pub struct BlockPool {
+    block_tokens: usize,
+    kv_dim: usize,
+    max_blocks: usize,
+    budget_bytes: usize,
+    storage: Vec<Box<[f32]>>,
+    free: Vec<BlockId>,
+}
+
+impl BlockPool {
+    /// A pool of blocks of `block_tokens` positions, each row `kv_dim` wide for K and for V,
+    /// holding at most `budget_bytes`.
+    pub fn new(block_tokens: usize, kv_dim: usize, budget_bytes: usize) -> Self {
+        assert!(block_tokens > 0 && kv_dim > 0);
+        let block_bytes = 2 * block_tokens * kv_dim * std::mem::size_of::<f32>();
+        BlockPool {
+            block_tokens,
+            kv_dim,
+            max_blocks: (budget_bytes / block_bytes).min(u32::MAX as usize),
+            budget_bytes,
+            storage: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+    pub fn block_bytes(&self) -> usize {
+        2 * self.block_tokens * self.kv_dim * std::mem::size_of::<f32>()
+    }
+    pub fn total_blocks(&self) -> usize {
+        self.max_blocks
+    }
+    pub fn used_blocks(&self) -> usize {
+        self.storage.len() - self.free.len()
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.max_blocks - self.used_blocks()
+    }
+    pub fn used_bytes(&self) -> usize {
+        self.used_blocks() * self.block_bytes()
+    }
+    /// Positions the whole pool can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.max_blocks * self.block_tokens
+    }
+
+    pub fn can_allocate(&self, n: usize) -> bool {
+        n <= self.free_blocks()
+    }
+
+    fn out_of_budget(&self, needed: usize) -> CacheError {
+        CacheError::OutOfBudget {
+            needed,
+            free: self.free_blocks(),
+            total: self.max_blocks,
+            block_tokens: self.block_tokens,
+            budget_bytes: self.budget_bytes,
+        }
+    }
+
+    fn allocate(&mut self) -> BlockId {
+        if let Some(id) = self.free.pop() {
+            return id;
+        }
+        self.storage
+            .push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
+        BlockId((self.storage.len() - 1) as u32)
+    }
+
+    fn release(&mut self, ids: impl IntoIterator<Item = BlockId>) {
+        self.free.extend(ids);
+    }
+
+    pub fn block(&self, id: BlockId) -> &[f32] {
+        &self.storage[id.0 as usize]
+    }
+
+    fn block_mut(&mut self, id: BlockId) -> &mut [f32] {
+        &mut self.storage[id.0 as usize]
+    }
+}
+
+/// One sequence's block table in the global cache: positions `0..len` (of this rank's share).
+#[derive(Debug, Default)]
+pub struct KvSeq {
+    blocks: Vec<BlockId>,
+    len: usize,
+}
+
+impl KvSeq {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks that appending `tokens` positions would take from the pool.
+    pub fn blocks_needed(&self, pool: &BlockPool, tokens: usize) -> usize {
+        (self.len + tokens).div_ceil(pool.block_tokens) - self.blocks.len()
+    }
+
+    /// Takes from the pool every block that appending `tokens` positions needs, or none at all.
+    pub fn reserve(&mut self, pool: &mut BlockPool, tokens: usize) -> Result<(), CacheError> {
+        let needed = self.blocks_needed(pool, tokens);
+        if !pool.can_allocate(needed) {
+            return Err(pool.out_of_budget(needed));
+        }
+        for _ in 0..needed {
+            self.blocks.push(pool.allocate());
+        }
+        Ok(())
+    }
+
+    /// Appends K and V rows (`[n, kv_dim]` each) after [`KvSeq::reserve`] made room.
+    pub fn append(&mut self, pool: &mut BlockPool, keys: &[f32], values: &[f32]) {
+        let (bt, kvd) = (pool.block_tokens, pool.kv_dim);
+        assert_eq!(keys.len(), values.len());
+        let n = keys.len() / kvd;
+        assert!(
+            self.len + n <= self.blocks.len() * bt,
+            "append beyond reserved blocks"
+        );
+        for r in 0..n {
+            let pos = self.len + r;
+            let block = pool.block_mut(self.blocks[pos / bt]);
+            let j = pos % bt;
+            block[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[r * kvd..(r + 1) * kvd]);
+            block[(bt + j) * kvd..(bt + j + 1) * kvd]
+                .copy_from_slice(&values[r * kvd..(r + 1) * kvd]);
+        }
+        self.len += n;
+    }
+
+    pub fn view<'a>(&self, pool: &'a BlockPool) -> KvView<'a> {
+        KvView {
+            blocks: self.blocks.iter().map(|&id| pool.block(id)).collect(),
+            block_tokens: pool.block_tokens,
+            kv_dim: pool.kv_dim,
+            len: self.len,
+        }
+    }
+
+    /// Returns blocks reserved beyond what the current length uses.
+    pub fn trim(&mut self, pool: &mut BlockPool) {
+        let keep = self.len.div_ceil(pool.block_tokens);
+        pool.release(self.blocks.drain(keep..));
+    }
+
+    /// Returns every block to the pool.
+    pub fn free(&mut self, pool: &mut BlockPool) {
+        pool.release(self.blocks.drain(..));
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_is_all_or_nothing_and_blocks_recycle() {
+        // 3 blocks of 4 tokens × kv_dim 2: 3 · 2 · 4 · 2 · 4 bytes.
+        let mut pool = BlockPool::new(4, 2, 3 * 64);
+        assert_eq!(pool.total_blocks(), 3);
+        let mut a = KvSeq::default();
+        a.reserve(&mut pool, 5).unwrap();
+        assert_eq!(a.n_blocks(), 2);
+        let rows: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        a.append(&mut pool, &rows, &rows);
+        let mut b = KvSeq::default();
+        let err = b.reserve(&mut pool, 5).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CacheError::OutOfBudget {
+                    needed: 2,
+                    free: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(b.n_blocks(), 0, "a failed reserve takes nothing");
+        a.reserve(&mut pool, 3).unwrap(); // fits in the block it has
+        assert_eq!(a.n_blocks(), 2);
+        let view = a.view(&pool);
+        assert_eq!(view.len, 5);
+        assert_eq!(&view.blocks[1][..2], &[8.0, 9.0]);
+        a.free(&mut pool);
+        assert_eq!(pool.used_blocks(), 0);
+        b.reserve(&mut pool, 12).unwrap();
+        assert_eq!(pool.used_blocks(), 3);
+        assert_eq!(
+            pool.storage.len(),
+            3,
+            "freed blocks are reused, not reallocated"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the worker's integration tests: fixture loading and closeness checks.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors};
+use yoco_worker::engine::{Engine, EngineOptions};
+use yoco_worker::model::Model;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub struct Expected {
+    pub prompt: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub greedy: Vec<u32>,
+    pub greedy_logits: Vec<f32>,
+}
+
+pub fn read_tensor_f32(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+pub fn read_tensor_i64(st: &SafeTensors, name: &str) -> Vec<i64> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::I64, "{name}");
+    t.data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+pub fn expected(name: &str) -> Expected {
+    let bytes = std::fs::read(fixtures().join(format!("{name}.expected.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = |n| {
+        read_tensor_i64(&st, n)
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
+    };
+    Expected {
+        prompt: ids("prompt"),
+        logits: read_tensor_f32(&st, "logits"),
+        greedy: ids("greedy"),
+        greedy_logits: read_tensor_f32(&st, "greedy_logits"),
+    }
+}
+
+pub fn load(name: &str) -> Arc<Model> {
+    Arc::new(Model::load(&fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")))
+}
+
+pub fn engine(model: &Arc<Model>, block_tokens: usize) -> Engine {
+    Engine::new(
+        model.clone(),
+        &EngineOptions {
+            block_tokens,
+            cache_budget_bytes: 64 << 20,
+        },
+    )
+}
+
+/// Largest |a−b| / (|b| + rms(b)): the relative error with the data's scale as floor.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt() as f32;
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).abs() / (y.abs() + rms)
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
