@@ -3,6 +3,10 @@
 pub mod cache;
 pub mod config;
 pub mod engine;
+pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod presets;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
