@@ -1,1 +1,52 @@
-fn main() {}
+//! `yoco`: the command line of the yoco serving cluster.
+
+mod bench;
+mod default_model;
+mod generate;
+mod init_model;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "yoco",
+    version,
+    about = "Serve YOCO (You Only Cache Once) language models"
+)]
+struct Cli {
+    /// Worker threads for the engine (default: all cores).
+    #[arg(long, global = true, env = "YOCO_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a model directory with random weights.
+    InitModel(init_model::Args),
+    /// Generate text for one prompt and print it (or JSON with --json).
+    Generate(generate::Args),
+    /// Measure the engine: prefill and decode speed, cache bytes per token, machine peak.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()?;
+    }
+    match cli.command {
+        Command::InitModel(args) => init_model::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}

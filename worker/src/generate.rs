@@ -61,6 +61,10 @@ pub struct Generation {
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     pub finish_reason: FinishReason,
     pub timing: Timing,
+    /// Global-cache bytes the sequence held at its end (whole blocks).
+    pub cache_bytes: usize,
+    /// Self-decoder state bytes of the sequence (constant in its length).
+    pub state_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +148,8 @@ fn run(
         prompt_logprobs,
         finish_reason: FinishReason::Length,
         timing: Timing::default(),
+        cache_bytes: 0,
+        state_bytes: 0,
     };
     while gen.tokens.len() < params.max_tokens {
         let token = sampler.sample(&last);
@@ -169,6 +175,8 @@ fn run(
             .logits;
     }
     let decode_seconds = decode_started.elapsed().as_secs_f64();
+    gen.cache_bytes = engine.sequence_cache_bytes(seq).unwrap_or(0);
+    gen.state_bytes = engine.sequence_state_bytes(seq).unwrap_or(0);
     gen.timing = Timing {
         prefill_seconds,
         prefill_tokens_per_second: prompt.len() as f64 / prefill_seconds.max(1e-9),

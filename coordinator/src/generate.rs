@@ -1,0 +1,203 @@
+//! `yoco generate`: one prompt through a local engine, printed as text or as one JSON object.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use yoco_worker::engine::{Engine, EngineOptions};
+use yoco_worker::generate::{generate, GenerateParams, Progress};
+use yoco_worker::model::Model;
+use yoco_worker::sampling::SamplingParams;
+use yoco_worker::tokenizer::Tokenizer;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (params.json, *.safetensors, optional tokenizer.json); default: the
+    /// built-in tiny model.
+    #[arg(long, env = "YOCO_MODEL")]
+    model: Option<PathBuf>,
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    #[arg(long, group = "input")]
+    prompt_file: Option<PathBuf>,
+    /// Comma-separated token ids.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Seed of the sampler (default: random; printed in the JSON).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Return the K most likely tokens at each generated position.
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Return the log-probability of every prompt token.
+    #[arg(long)]
+    prompt_logprobs: bool,
+    /// Keep generating past the end-of-text token.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long)]
+    json: bool,
+    /// Global KV cache budget in MiB.
+    #[arg(long, default_value_t = 8192, env = "YOCO_CACHE_MIB")]
+    cache_mib: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 4096)]
+    prefill_chunk: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dir = crate::default_model::resolve(args.model.clone())?;
+    let load_started = Instant::now();
+    let model =
+        Arc::new(Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?);
+    let tokenizer = Tokenizer::for_model_dir(&dir)?;
+    tracing::info!(model = %dir.display(), seconds = load_started.elapsed().as_secs_f64(), "model loaded");
+
+    let prompt = match (&args.prompt, &args.prompt_file, &args.prompt_ids) {
+        (Some(text), _, _) => tokenizer.encode(text)?,
+        (_, Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            tokenizer.encode(&text)?
+        }
+        (_, _, Some(ids)) => ids.clone(),
+        _ => bail!("give the prompt with --prompt, --prompt-file or --prompt-ids"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let vocab = model.cfg.vocab_size;
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        bail!("prompt token id {bad} is out of the model's vocabulary (size {vocab})");
+    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: args.seed.unwrap_or_else(rand_seed),
+    };
+    sampling.validate()?;
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: sampling.clone(),
+        top_logprobs: args.logprobs.unwrap_or(0),
+        prompt_logprobs: args.prompt_logprobs,
+        stop_token_ids: if args.ignore_eos {
+            vec![]
+        } else {
+            tokenizer.eos_token().into_iter().collect()
+        },
+        prefill_chunk: args.prefill_chunk.max(1),
+    };
+    let opts = EngineOptions {
+        cache_budget_bytes: args.cache_mib << 20,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::new(model.clone(), &opts);
+    let mut progress = progress_printer(prompt.len() > params.prefill_chunk);
+    let gen = generate(&mut engine, 0, &prompt, &params, &mut progress)?;
+    let text = tokenizer.decode(&gen.tokens);
+
+    if !args.json {
+        println!("{text}");
+        eprintln!(
+            "[{} prompt tokens, {} generated ({:?}); prefill {:.0} tok/s, decode {:.1} tok/s]",
+            prompt.len(),
+            gen.tokens.len(),
+            gen.finish_reason,
+            gen.timing.prefill_tokens_per_second,
+            gen.timing.decode_tokens_per_second
+        );
+        return Ok(());
+    }
+    let top = |steps: &Vec<Vec<(u32, f32)>>| -> serde_json::Value {
+        steps
+            .iter()
+            .map(|alts| {
+                alts.iter()
+                    .map(|(t, lp)| json!({"token": t, "logprob": lp}))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let out = json!({
+        "model": dir.display().to_string(),
+        "tokenizer": tokenizer.name(),
+        "prompt_tokens": prompt,
+        "tokens": gen.tokens,
+        "logprobs": gen.logprobs,
+        "top_logprobs": if args.logprobs.is_some() { top(&gen.top_logprobs) } else { serde_json::Value::Null },
+        "prompt_logprobs": gen.prompt_logprobs,
+        "text": text,
+        "finish_reason": gen.finish_reason,
+        "seed": sampling.seed,
+        "usage": {
+            "prompt_tokens": prompt.len(),
+            "completion_tokens": gen.tokens.len(),
+            "total_tokens": prompt.len() + gen.tokens.len(),
+        },
+        "timing": gen.timing,
+        "cache": {
+            "bytes_per_token": model.cfg.cache_numbers_per_token() * 4,
+            "global_cache_bytes": gen.cache_bytes,
+            "self_state_bytes": gen.state_bytes,
+        },
+    });
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// Prints prefill progress to stderr for long prompts: a rewritten line on a terminal, a line
+/// every few seconds otherwise.
+fn progress_printer(enabled: bool) -> impl FnMut(Progress) {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_print = Instant::now();
+    move |p: Progress| {
+        if !enabled {
+            return;
+        }
+        let done = p.prefilled == p.total;
+        if !done && last_print.elapsed().as_secs_f64() < if tty { 0.2 } else { 5.0 } {
+            return;
+        }
+        last_print = Instant::now();
+        let secs = started.elapsed().as_secs_f64();
+        let rate = p.prefilled as f64 / secs.max(1e-9);
+        let eta = (p.total - p.prefilled) as f64 / rate.max(1e-9);
+        let line = format!(
+            "prefill {}/{} tokens ({:.0}%), {:.0} tok/s, ETA {:.0}s",
+            p.prefilled,
+            p.total,
+            100.0 * p.prefilled as f64 / p.total as f64,
+            rate,
+            eta
+        );
+        if tty {
+            eprint!("\r{line}\x1b[K{}", if done { "\n" } else { "" });
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
