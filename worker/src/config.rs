@@ -8,22 +8,13 @@ use serde_json::{Map, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} is not valid JSON: {source}")]
-    Json {
-        path: String,
-        source: serde_json::Error,
-    },
+    Json { path: String, source: serde_json::Error },
     #[error("params.json: missing field `{0}`")]
     Missing(&'static str),
     #[error("params.json: field `{field}` {problem}")]
-    Invalid {
-        field: &'static str,
-        problem: String,
-    },
+    Invalid { field: &'static str, problem: String },
 }
 
 /// Which constant-size mixer the self-decoder uses.
@@ -52,22 +43,17 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|source| ConfigError::Json { path: path.display().to_string(), source })?;
         Self::from_json(&value)
     }
 
     pub fn from_json(value: &Value) -> Result<Self, ConfigError> {
-        let obj = value.as_object().ok_or(ConfigError::Invalid {
-            field: "(root)",
-            problem: "must be a JSON object".into(),
-        })?;
+        let obj = value
+            .as_object()
+            .ok_or(ConfigError::Invalid { field: "(root)", problem: "must be a JSON object".into() })?;
         let window = match obj.get("sliding_window") {
             None | Some(Value::Null) => None,
             Some(_) => Some(positive(obj, "sliding_window")?),
@@ -111,55 +97,34 @@ impl ModelConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, problem: String| Err(ConfigError::Invalid { field, problem });
         if self.n_layers % 2 != 0 {
-            return invalid(
-                "n_layers",
-                format!("must be even (self + cross halves), got {}", self.n_layers),
-            );
+            return invalid("n_layers", format!("must be even (self + cross halves), got {}", self.n_layers));
         }
         if self.dim % self.n_self_heads != 0 || (self.dim / self.n_self_heads) % 2 != 0 {
             return invalid(
                 "n_self_heads",
-                format!(
-                    "must divide dim {} into an even head dim, got {}",
-                    self.dim, self.n_self_heads
-                ),
+                format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_self_heads),
             );
         }
         if self.dim % self.n_attn_heads != 0 || (self.dim / self.n_attn_heads) % 2 != 0 {
             return invalid(
                 "n_attn_heads",
-                format!(
-                    "must divide dim {} into an even head dim, got {}",
-                    self.dim, self.n_attn_heads
-                ),
+                format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_attn_heads),
             );
         }
         if self.n_attn_heads % self.n_attn_kv_heads != 0 {
             return invalid(
                 "n_attn_kv_heads",
-                format!(
-                    "must divide n_attn_heads {}, got {}",
-                    self.n_attn_heads, self.n_attn_kv_heads
-                ),
+                format!("must divide n_attn_heads {}, got {}", self.n_attn_heads, self.n_attn_kv_heads),
             );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return invalid(
-                "rope_theta",
-                format!("must be a finite number > 1, got {}", self.rope_theta),
-            );
+            return invalid("rope_theta", format!("must be a finite number > 1, got {}", self.rope_theta));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return invalid(
-                "norm_eps",
-                format!("must be a finite number > 0, got {}", self.norm_eps),
-            );
+            return invalid("norm_eps", format!("must be a finite number > 0, got {}", self.norm_eps));
         }
         if self.vocab_size > u32::MAX as usize {
-            return invalid(
-                "vocab_size",
-                format!("must fit in 32 bits, got {}", self.vocab_size),
-            );
+            return invalid("vocab_size", format!("must fit in 32 bits, got {}", self.vocab_size));
         }
         Ok(())
     }
@@ -209,24 +174,16 @@ fn positive(obj: &Map<String, Value>, field: &'static str) -> Result<usize, Conf
     let value = obj.get(field).ok_or(ConfigError::Missing(field))?;
     match value.as_u64() {
         Some(n) if n > 0 && n <= (1 << 40) => Ok(n as usize),
-        _ => Err(ConfigError::Invalid {
-            field,
-            problem: format!("must be a positive integer, got {value}"),
-        }),
+        _ => Err(ConfigError::Invalid { field, problem: format!("must be a positive integer, got {value}") }),
     }
 }
 
-fn optional_float(
-    obj: &Map<String, Value>,
-    field: &'static str,
-    default: f64,
-) -> Result<f64, ConfigError> {
+fn optional_float(obj: &Map<String, Value>, field: &'static str, default: f64) -> Result<f64, ConfigError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(default),
-        Some(value) => value.as_f64().ok_or_else(|| ConfigError::Invalid {
-            field,
-            problem: format!("must be a number, got {value}"),
-        }),
+        Some(value) => value
+            .as_f64()
+            .ok_or_else(|| ConfigError::Invalid { field, problem: format!("must be a number, got {value}") }),
     }
 }
 
@@ -255,28 +212,15 @@ mod tests {
     fn sliding_window_and_null() {
         let mut v = base();
         v["sliding_window"] = json!(7);
-        assert_eq!(
-            ModelConfig::from_json(&v).unwrap().mixer,
-            SelfMixerKind::SlidingWindow { window: 7 }
-        );
+        assert_eq!(ModelConfig::from_json(&v).unwrap().mixer, SelfMixerKind::SlidingWindow { window: 7 });
         v["sliding_window"] = Value::Null;
-        assert_eq!(
-            ModelConfig::from_json(&v).unwrap().mixer,
-            SelfMixerKind::GatedRetention
-        );
+        assert_eq!(ModelConfig::from_json(&v).unwrap().mixer, SelfMixerKind::GatedRetention);
     }
 
     #[test]
     fn errors_name_the_field() {
-        for field in [
-            "dim",
-            "n_layers",
-            "hidden_dim",
-            "n_self_heads",
-            "n_attn_heads",
-            "n_attn_kv_heads",
-            "vocab_size",
-        ] {
+        for field in ["dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size"]
+        {
             let mut v = base();
             v.as_object_mut().unwrap().remove(field);
             let err = ModelConfig::from_json(&v).unwrap_err().to_string();
@@ -288,22 +232,13 @@ mod tests {
         }
         let mut v = base();
         v["n_attn_kv_heads"] = json!(3);
-        assert!(ModelConfig::from_json(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("n_attn_kv_heads"));
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("n_attn_kv_heads"));
         let mut v = base();
         v["rope_theta"] = json!("big");
-        assert!(ModelConfig::from_json(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("rope_theta"));
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("rope_theta"));
         let mut v = base();
         v["sliding_window"] = json!(0);
-        assert!(ModelConfig::from_json(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("sliding_window"));
+        assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("sliding_window"));
         assert!(ModelConfig::from_json(&json!([1, 2])).is_err());
     }
 }

@@ -1,17 +1,25 @@
-//! The single-rank engine: sequences with their caches, and `step`, which advances a batch of
+//! The engine of one rank: sequences with their caches, and `step`, which advances a batch of
 //! sequences by some tokens each (prefill chunks and decode tokens mixed) and returns the logits
 //! asked for. The cross-decoder runs only for rows whose logits are wanted (prefill early exit).
+//!
+//! In a group of P ranks every rank runs the same steps (SPMD). A prefill item's tokens are cut
+//! into one contiguous chunk per rank; each rank runs the self-decoder on its chunk (exchanging
+//! retention states or window halos) and keeps its chunk's K/V: its shard of the global cache.
+//! A decode item is run by every rank on the same token; its K/V is kept by the rank with the
+//! smallest shard. Cross-attention merges every rank's partial over its shard.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
+use crate::comm::{Collective, CommError, SingleRank};
+use crate::cp::{chunk, even_split, validate_split};
 use crate::kernels::cross_attention::KvView;
-use crate::model::{Model, Segment};
+use crate::model::{Model, Segment, Shard};
 
 pub type SeqId = u64;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EngineError {
     #[error("unknown sequence {0}")]
     UnknownSequence(SeqId),
@@ -23,8 +31,14 @@ pub enum EngineError {
     EmptyItem(SeqId),
     #[error("token id {token} is out of the vocabulary (size {vocab})")]
     TokenOutOfRange { token: u32, vocab: usize },
+    #[error("sequence {seq}: {reason}")]
+    BadSplit { seq: SeqId, reason: String },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("rank {rank} cannot take this step: {reason}")]
+    PeerRefused { rank: usize, reason: String },
+    #[error("collective failed, the group must be re-formed: {0}")]
+    Comm(#[from] CommError),
 }
 
 /// Which logits a step item wants back.
@@ -38,10 +52,32 @@ pub enum Logits {
     All,
 }
 
+/// How an item's tokens are spread over the ranks of the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Cut into one contiguous chunk per rank (context-parallel prefill), at the given chunk
+    /// starts or, when `None`, evenly.
+    Sharded(Option<Vec<usize>>),
+    /// Run by every rank (decode); each token's K/V is kept by the rank with the smallest shard.
+    Replicated,
+}
+
 pub struct StepItem<'a> {
     pub seq: SeqId,
     pub tokens: &'a [u32],
     pub logits: Logits,
+    pub placement: Placement,
+}
+
+impl<'a> StepItem<'a> {
+    /// Prompt tokens, cut evenly across the ranks.
+    pub fn prefill(seq: SeqId, tokens: &'a [u32], logits: Logits) -> Self {
+        StepItem { seq, tokens, logits, placement: Placement::Sharded(None) }
+    }
+    /// Generated tokens, run by every rank; their logits come back.
+    pub fn decode(seq: SeqId, tokens: &'a [u32]) -> Self {
+        StepItem { seq, tokens, logits: Logits::Last, placement: Placement::Replicated }
+    }
 }
 
 #[derive(Debug)]
@@ -61,10 +97,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions {
-            block_tokens: 256,
-            cache_budget_bytes: 8 << 30,
-        }
+        EngineOptions { block_tokens: 256, cache_budget_bytes: 8 << 30 }
     }
 }
 
@@ -72,27 +105,54 @@ struct Sequence {
     /// Tokens seen so far: the position of the next token.
     pos: usize,
     self_state: Vec<LayerState>,
+    /// This rank's shard of the sequence's global cache.
     kv: KvSeq,
+    /// Every rank's shard length, so that all ranks agree on who keeps a decode token's K/V.
+    shard_lens: Vec<usize>,
+}
+
+/// Where an item's rows live on this rank for one step.
+struct Placed {
+    /// This rank's tokens of the item.
+    rows: std::ops::Range<usize>,
+    shard: Option<Shard>,
+    /// Per token of the whole item, the rank that keeps its K/V.
+    owners: Vec<usize>,
 }
 
 pub struct Engine {
     model: Arc<Model>,
     pool: BlockPool,
     seqs: HashMap<SeqId, Sequence>,
+    comm: Box<dyn Collective>,
+    /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
+    broken: Option<CommError>,
 }
 
 impl Engine {
+    /// A single-process engine.
     pub fn new(model: Arc<Model>, opts: &EngineOptions) -> Self {
-        let pool = BlockPool::new(
-            opts.block_tokens,
-            model.cfg.kv_dim(),
-            opts.cache_budget_bytes,
-        );
-        Engine {
-            model,
-            pool,
-            seqs: HashMap::new(),
-        }
+        Self::with_group(model, opts, Box::new(SingleRank))
+    }
+
+    /// One rank of a group whose ranks talk through `comm`.
+    pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
+        let pool = BlockPool::new(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes);
+        Engine { model, pool, seqs: HashMap::new(), comm, broken: None }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    pub fn world(&self) -> usize {
+        self.comm.world()
+    }
+    /// The collective failure that broke this rank's group, if any.
+    pub fn broken(&self) -> Option<&CommError> {
+        self.broken.as_ref()
+    }
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -110,6 +170,7 @@ impl Engine {
             pos: 0,
             self_state: self.model.new_self_state(),
             kv: KvSeq::default(),
+            shard_lens: vec![0; self.world()],
         };
         self.seqs.insert(id, seq);
         Ok(())
@@ -132,28 +193,39 @@ impl Engine {
 
     /// Bytes of global cache a sequence holds (whole blocks).
     pub fn sequence_cache_bytes(&self, id: SeqId) -> Option<usize> {
-        self.seqs
-            .get(&id)
-            .map(|s| s.kv.n_blocks() * self.pool.block_bytes())
+        self.seqs.get(&id).map(|s| s.kv.n_blocks() * self.pool.block_bytes())
     }
 
     /// Bytes of self-decoder state a sequence holds (constant in its length).
     pub fn sequence_state_bytes(&self, id: SeqId) -> Option<usize> {
-        self.seqs
-            .get(&id)
-            .map(|s| s.self_state.iter().map(LayerState::bytes).sum())
+        self.seqs.get(&id).map(|s| s.self_state.iter().map(LayerState::bytes).sum())
     }
 
-    /// Advances every item's sequence by its tokens. Either the whole step happens, or (on an
-    /// error) no sequence changes.
+    /// This rank's global-cache rows of a sequence (its shard).
+    pub fn sequence_shard_len(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.kv.len())
+    }
+
+    /// Advances every item's sequence by its tokens. On an error before any collective (a bad
+    /// item, a cache budget exhausted on any rank), no sequence changes on any rank. A failed
+    /// collective leaves the group broken: every later step fails until it is re-formed.
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOutput>, EngineError> {
+        if let Some(e) = &self.broken {
+            return Err(EngineError::Comm(e.clone()));
+        }
         self.validate(items)?;
-        let mut seqs: Vec<Sequence> = items
-            .iter()
-            .map(|it| self.seqs.remove(&it.seq).expect("validated"))
-            .collect();
-        let reserved = reserve_all(&mut seqs, items, &mut self.pool);
-        let result = reserved.map(|()| self.forward(items, &mut seqs));
+        let mut seqs: Vec<Sequence> = items.iter().map(|it| self.seqs.remove(&it.seq).expect("validated")).collect();
+        let placed: Vec<Placed> = items.iter().zip(&seqs).map(|(it, seq)| self.place(it, seq)).collect();
+        let reserved = reserve_all(&mut seqs, &placed, self.comm.rank(), &mut self.pool);
+        let result = self.agree(reserved.err()).and_then(|()| self.forward(items, &placed, &mut seqs));
+        if let Err(e) = &result {
+            if let EngineError::Comm(c) = e {
+                self.broken = Some(c.clone());
+            }
+            for seq in &mut seqs {
+                seq.kv.trim(&mut self.pool);
+            }
+        }
         for (it, seq) in items.iter().zip(seqs) {
             self.seqs.insert(it.seq, seq);
         }
@@ -175,89 +247,188 @@ impl Engine {
             if let Some(&token) = it.tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(EngineError::TokenOutOfRange { token, vocab });
             }
+            if let Placement::Sharded(Some(starts)) = &it.placement {
+                validate_split(starts, it.tokens.len(), self.world())
+                    .map_err(|reason| EngineError::BadSplit { seq: it.seq, reason })?;
+            }
         }
         Ok(())
     }
 
-    fn forward(&mut self, items: &[StepItem], seqs: &mut [Sequence]) -> Vec<StepOutput> {
-        let model = &*self.model;
+    fn place(&self, it: &StepItem, seq: &Sequence) -> Placed {
+        let (rank, world, n) = (self.rank(), self.world(), it.tokens.len());
+        match &it.placement {
+            Placement::Sharded(starts) => {
+                let starts = starts.clone().unwrap_or_else(|| even_split(n, world));
+                let chunk_lens: Vec<usize> = (0..world).map(|r| chunk(&starts, n, r).len()).collect();
+                let owners = (0..world).flat_map(|r| std::iter::repeat_n(r, chunk_lens[r])).collect();
+                Placed { rows: chunk(&starts, n, rank), shard: Some(Shard { rank, chunk_lens }), owners }
+            }
+            Placement::Replicated => {
+                let mut lens = seq.shard_lens.clone();
+                let owners = (0..n)
+                    .map(|_| {
+                        let owner = (0..world).min_by_key(|&r| (lens[r], r)).expect("world >= 1");
+                        lens[owner] += 1;
+                        owner
+                    })
+                    .collect();
+                Placed { rows: 0..n, shard: None, owners }
+            }
+        }
+    }
+
+    /// Every rank says whether it can take the step; all go ahead only if all can.
+    fn agree(&mut self, local: Option<EngineError>) -> Result<(), EngineError> {
+        if self.world() == 1 {
+            return local.map_or(Ok(()), Err);
+        }
+        let flags = self.comm.all_gather(&[if local.is_some() { 1.0 } else { 0.0 }])?;
+        if let Some(e) = local {
+            return Err(e);
+        }
+        match flags.iter().position(|f| f.first() != Some(&0.0)) {
+            Some(rank) => {
+                Err(EngineError::PeerRefused { rank, reason: "its share of the global KV cache is full".into() })
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn forward(
+        &mut self,
+        items: &[StepItem],
+        placed: &[Placed],
+        seqs: &mut [Sequence],
+    ) -> Result<Vec<StepOutput>, EngineError> {
+        let model = Arc::clone(&self.model);
+        let rank = self.rank();
         let mut segments = Vec::with_capacity(items.len());
         let mut positions = Vec::new();
         let mut tokens = Vec::new();
-        for (it, seq) in items.iter().zip(seqs.iter()) {
+        for ((it, p), seq) in items.iter().zip(placed).zip(seqs.iter()) {
             let start = tokens.len();
-            tokens.extend_from_slice(it.tokens);
-            positions.extend(seq.pos..seq.pos + it.tokens.len());
+            tokens.extend_from_slice(&it.tokens[p.rows.clone()]);
+            positions.extend(seq.pos + p.rows.start..seq.pos + p.rows.end);
             segments.push(Segment {
                 rows: start..tokens.len(),
-                start_pos: seq.pos,
+                start_pos: seq.pos + p.rows.start,
+                shard: p.shard.clone(),
             });
         }
         let mut x = model.embed(&tokens);
         let rope = model.self_rope(&positions);
         for layer in 0..model.self_layers.len() {
-            let mut states: Vec<&mut LayerState> =
-                seqs.iter_mut().map(|s| &mut s.self_state[layer]).collect();
-            model.self_layer(layer, &mut x, &segments, &mut states, &rope);
+            let mut states: Vec<&mut LayerState> = seqs.iter_mut().map(|s| &mut s.self_state[layer]).collect();
+            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut *self.comm)?;
         }
         let (k, v) = model.kv_project(&x, &positions);
         let kvd = model.cfg.kv_dim();
-        for (seg, seq) in segments.iter().zip(seqs.iter_mut()) {
-            let r = seg.rows.start * kvd..seg.rows.end * kvd;
-            seq.kv.append(&mut self.pool, &k[r.clone()], &v[r]);
-            seq.pos += seg.rows.len();
+        for (((it, seg), p), seq) in items.iter().zip(&segments).zip(placed).zip(seqs.iter_mut()) {
+            seq.pos += it.tokens.len();
+            for (i, row) in seg.rows.clone().enumerate() {
+                if p.owners[p.rows.start + i] == rank {
+                    let r = row * kvd..(row + 1) * kvd;
+                    seq.kv.append(&mut self.pool, positions[row], &k[r.clone()], &v[r]);
+                }
+            }
+            for &owner in &p.owners {
+                seq.shard_lens[owner] += 1;
+            }
         }
 
-        // Early exit: only rows whose logits are wanted enter the cross-decoder.
+        // Early exit: only rows whose logits are wanted enter the cross-decoder, and every rank
+        // runs it on the same rows (gathered from the ranks that hold them).
         let dim = model.cfg.dim;
-        let views: Vec<KvView> = seqs.iter().map(|s| s.kv.view(&self.pool)).collect();
+        let mut local_rows = Vec::new();
+        for ((it, seg), p) in items.iter().zip(&segments).zip(placed) {
+            let wanted = wanted_rows(it, p);
+            let mine = wanted.start.max(p.rows.start)..wanted.end.min(p.rows.end);
+            if p.shard.is_some() {
+                for i in mine {
+                    local_rows.extend_from_slice(&x[(seg.rows.start + i - p.rows.start) * dim..][..dim]);
+                }
+            }
+        }
+        let gathered = if self.world() > 1 && placed.iter().any(|p| p.shard.is_some()) {
+            self.comm.all_gather(&local_rows)?
+        } else {
+            vec![local_rows]
+        };
+        let mut offsets = vec![0usize; gathered.len()];
         let mut rows_x = Vec::new();
         let mut rows_pos = Vec::new();
-        let mut rows_view = Vec::new();
+        let mut rows_seq = Vec::new();
         let mut counts = Vec::with_capacity(items.len());
-        for (i, (it, seg)) in items.iter().zip(&segments).enumerate() {
-            let rows = match it.logits {
-                Logits::None => seg.rows.end..seg.rows.end,
-                Logits::Last => seg.rows.end - 1..seg.rows.end,
-                Logits::All => seg.rows.clone(),
-            };
-            counts.push(rows.len());
-            for r in rows {
-                rows_x.extend_from_slice(&x[r * dim..(r + 1) * dim]);
-                rows_pos.push(positions[r]);
-                rows_view.push(&views[i]);
+        for (i, ((it, seg), (p, seq))) in items.iter().zip(&segments).zip(placed.iter().zip(seqs.iter())).enumerate() {
+            let wanted = wanted_rows(it, p);
+            counts.push(wanted.len());
+            let first_pos = seq.pos - it.tokens.len();
+            for t in wanted {
+                let row = match &p.shard {
+                    // Rows cut across ranks come from the gathered buffers, in rank order.
+                    Some(shard) => {
+                        let owner = p.owners[t];
+                        let off = offsets[owner];
+                        offsets[owner] += dim;
+                        let _ = shard;
+                        gathered[owner].get(off..off + dim).ok_or(CommError::Protocol {
+                            peer: owner,
+                            reason: "fewer cross-decoder rows than the plan says".into(),
+                        })?
+                    }
+                    None => &x[(seg.rows.start + t) * dim..][..dim],
+                };
+                rows_x.extend_from_slice(row);
+                rows_pos.push(first_pos + t);
+                rows_seq.push(i);
             }
         }
         let logits = if rows_pos.is_empty() {
             Vec::new()
         } else {
-            model.logits(&model.cross_decode(rows_x, &rows_pos, &rows_view))
+            let views: Vec<KvView> = seqs.iter().map(|s| s.kv.view(&self.pool)).collect();
+            let row_views: Vec<&KvView> = rows_seq.iter().map(|&i| &views[i]).collect();
+            let visible: Vec<usize> =
+                rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
+            model.logits(&model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut *self.comm)?)
         };
         let vocab = model.cfg.vocab_size;
         let mut start = 0;
-        items
+        Ok(items
             .iter()
             .zip(counts)
             .map(|(it, n)| {
-                let out = StepOutput {
-                    seq: it.seq,
-                    logits: logits[start * vocab..(start + n) * vocab].to_vec(),
-                };
+                let out = StepOutput { seq: it.seq, logits: logits[start * vocab..(start + n) * vocab].to_vec() };
                 start += n;
                 out
             })
-            .collect()
+            .collect())
+    }
+
+    /// Gives every sequence's blocks back, e.g. when a broken group is re-formed.
+    pub fn clear(&mut self) {
+        for (_, mut seq) in self.seqs.drain() {
+            seq.kv.free(&mut self.pool);
+        }
     }
 }
 
-/// Reserves cache blocks for every item, or (on failure) gives back what this call took.
-fn reserve_all(
-    seqs: &mut [Sequence],
-    items: &[StepItem],
-    pool: &mut BlockPool,
-) -> Result<(), EngineError> {
-    for i in 0..items.len() {
-        if let Err(e) = seqs[i].kv.reserve(pool, items[i].tokens.len()) {
+/// The item's tokens (indices into `it.tokens`) whose logits are wanted.
+fn wanted_rows(it: &StepItem, _p: &Placed) -> std::ops::Range<usize> {
+    let n = it.tokens.len();
+    match it.logits {
+        Logits::None => n..n,
+        Logits::Last => n - 1..n,
+        Logits::All => 0..n,
+    }
+}
+
+/// Reserves cache blocks for this rank's share of every item, or gives back what it took.
+fn reserve_all(seqs: &mut [Sequence], placed: &[Placed], rank: usize, pool: &mut BlockPool) -> Result<(), EngineError> {
+    for i in 0..seqs.len() {
+        let mine = placed[i].owners.iter().filter(|&&o| o == rank).count();
+        if let Err(e) = seqs[i].kv.reserve(pool, mine) {
             for seq in &mut seqs[..i] {
                 seq.kv.trim(pool);
             }

@@ -99,11 +99,7 @@ fn run(
     }
     let vocab = engine.model().cfg.vocab_size;
     let started = Instant::now();
-    let chunk = if params.prompt_logprobs {
-        PROMPT_LOGPROBS_CHUNK
-    } else {
-        params.prefill_chunk.max(1)
-    };
+    let chunk = if params.prompt_logprobs { PROMPT_LOGPROBS_CHUNK } else { params.prefill_chunk.max(1) };
     let mut prompt_logprobs = params.prompt_logprobs.then(|| vec![None]);
     let mut last = Vec::new();
     let mut done = 0;
@@ -114,13 +110,7 @@ fn run(
             (false, true) => Logits::Last,
             (false, false) => Logits::None,
         };
-        let out = engine
-            .step(&[StepItem {
-                seq,
-                tokens: part,
-                logits: want,
-            }])?
-            .remove(0);
+        let out = engine.step(&[StepItem::prefill(seq, part, want)])?.remove(0);
         if let Some(lps) = prompt_logprobs.as_mut() {
             for (i, row) in out.logits.chunks_exact(vocab).enumerate() {
                 if let Some(&next) = prompt.get(done + i + 1) {
@@ -132,10 +122,7 @@ fn run(
         if is_last {
             last = out.logits[out.logits.len() - vocab..].to_vec();
         }
-        progress(Progress {
-            prefilled: done,
-            total: prompt.len(),
-        });
+        progress(Progress { prefilled: done, total: prompt.len() });
     }
     let prefill_seconds = started.elapsed().as_secs_f64();
 
@@ -155,8 +142,7 @@ fn run(
         let token = sampler.sample(&last);
         let lp = log_softmax(&last);
         gen.logprobs.push(lp[token as usize]);
-        gen.top_logprobs
-            .push(top_logprobs(&lp, params.top_logprobs));
+        gen.top_logprobs.push(top_logprobs(&lp, params.top_logprobs));
         gen.tokens.push(token);
         if params.stop_token_ids.contains(&token) {
             gen.finish_reason = FinishReason::Stop;
@@ -165,14 +151,7 @@ fn run(
         if gen.tokens.len() == params.max_tokens {
             break;
         }
-        last = engine
-            .step(&[StepItem {
-                seq,
-                tokens: &[token],
-                logits: Logits::Last,
-            }])?
-            .remove(0)
-            .logits;
+        last = engine.step(&[StepItem::decode(seq, &[token])])?.remove(0).logits;
     }
     let decode_seconds = decode_started.elapsed().as_secs_f64();
     gen.cache_bytes = engine.sequence_cache_bytes(seq).unwrap_or(0);
@@ -182,8 +161,7 @@ fn run(
         prefill_tokens_per_second: prompt.len() as f64 / prefill_seconds.max(1e-9),
         decode_seconds,
         // The first token comes from the prefill's logits; each later one costs a model step.
-        decode_tokens_per_second: gen.tokens.len().saturating_sub(1) as f64
-            / decode_seconds.max(1e-9),
+        decode_tokens_per_second: gen.tokens.len().saturating_sub(1) as f64 / decode_seconds.max(1e-9),
     };
     Ok(gen)
 }

@@ -1,7 +1,9 @@
 //! The YOCO engine: model definition, CPU kernels, caches and generation.
 
 pub mod cache;
+pub mod comm;
 pub mod config;
+pub mod cp;
 pub mod engine;
 pub mod generate;
 pub mod kernels;

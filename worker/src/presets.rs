@@ -109,30 +109,21 @@ impl View for &Lazy {
     fn data(&self) -> Cow<'_, [u8]> {
         let n: usize = self.shape.iter().product();
         let mut bytes = vec![0u8; n * self.dtype.size()];
-        bytes
-            .par_chunks_mut(CHUNK * self.dtype.size())
-            .enumerate()
-            .for_each(|(c, out)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(
-                    self.seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                let normal = match self.init {
-                    Init::Normal(std) => Some(Normal::new(0.0f32, std).expect("std is positive")),
-                    Init::Ones => None,
-                };
-                for slot in out.chunks_exact_mut(self.dtype.size()) {
-                    let v = normal.map_or(1.0, |d| d.sample(&mut rng));
-                    match self.dtype {
-                        StoreDtype::F32 => slot.copy_from_slice(&v.to_le_bytes()),
-                        StoreDtype::Bf16 => {
-                            slot.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes())
-                        }
-                        StoreDtype::F16 => {
-                            slot.copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
-                        }
-                    }
+        bytes.par_chunks_mut(CHUNK * self.dtype.size()).enumerate().for_each(|(c, out)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let normal = match self.init {
+                Init::Normal(std) => Some(Normal::new(0.0f32, std).expect("std is positive")),
+                Init::Ones => None,
+            };
+            for slot in out.chunks_exact_mut(self.dtype.size()) {
+                let v = normal.map_or(1.0, |d| d.sample(&mut rng));
+                match self.dtype {
+                    StoreDtype::F32 => slot.copy_from_slice(&v.to_le_bytes()),
+                    StoreDtype::Bf16 => slot.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    StoreDtype::F16 => slot.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                 }
-            });
+            }
+        });
         Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
@@ -144,11 +135,7 @@ impl View for &Lazy {
 fn tensor_specs(cfg: &ModelConfig, tied: bool) -> Vec<(String, Vec<usize>, Init)> {
     let (d, h, v) = (cfg.dim, cfg.hidden_dim, cfg.vocab_size);
     let lin = |out: usize, inp: usize| (vec![out, inp], Init::Normal(1.0 / (inp as f32).sqrt()));
-    let mut specs = vec![(
-        "embed_tokens.weight".to_string(),
-        vec![v, d],
-        Init::Normal(1.0 / (d as f32).sqrt()),
-    )];
+    let mut specs = vec![("embed_tokens.weight".to_string(), vec![v, d], Init::Normal(1.0 / (d as f32).sqrt()))];
     let mut layer = |p: String, mixer: Vec<(&str, usize)>| {
         specs.push((format!("{p}.mixer_layer_norm.weight"), vec![d], Init::Ones));
         for (name, out) in mixer {
@@ -179,16 +166,9 @@ fn tensor_specs(cfg: &ModelConfig, tied: bool) -> Vec<(String, Vec<usize>, Init)
         layer(format!("self_decoder.layers.{i}"), mixer);
     }
     for j in 0..cfg.n_cross_layers() {
-        layer(
-            format!("cross_decoder.layers.{j}"),
-            vec![("q_proj", d), ("out_proj", d)],
-        );
+        layer(format!("cross_decoder.layers.{j}"), vec![("q_proj", d), ("out_proj", d)]);
     }
-    specs.push((
-        "cross_decoder.kv_layer_norm.weight".into(),
-        vec![d],
-        Init::Ones,
-    ));
+    specs.push(("cross_decoder.kv_layer_norm.weight".into(), vec![d], Init::Ones));
     for name in ["k_proj", "v_proj"] {
         let (shape, init) = lin(cfg.kv_dim(), d);
         specs.push((format!("cross_decoder.{name}.weight"), shape, init));
@@ -215,15 +195,7 @@ pub fn write_random_model(
         .enumerate()
         .map(|(i, (name, shape, init))| {
             let seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
-            (
-                name,
-                Lazy {
-                    shape,
-                    init,
-                    dtype,
-                    seed,
-                },
-            )
+            (name, Lazy { shape, init, dtype, seed })
         })
         .collect();
     let tmp = out.join("model.safetensors.partial");
@@ -246,10 +218,7 @@ mod tests {
         cfg.dim = 64;
         cfg.hidden_dim = 96;
         let dir = tempfile::tempdir().unwrap();
-        for (dtype, tied, window) in [
-            (StoreDtype::F32, false, None),
-            (StoreDtype::Bf16, true, Some(4)),
-        ] {
+        for (dtype, tied, window) in [(StoreDtype::F32, false, None), (StoreDtype::Bf16, true, Some(4))] {
             if let Some(window) = window {
                 cfg.mixer = SelfMixerKind::SlidingWindow { window };
             }

@@ -20,13 +20,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0 }
     }
 }
 
@@ -74,30 +68,20 @@ impl Sampler {
         }
         // Candidates by descending logit (ties: lower id first, so the order is deterministic).
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
         if p.top_k > 0 && p.top_k < idx.len() {
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
             idx.truncate(p.top_k);
         }
         idx.sort_unstable_by(by_logit);
         let max = logits[idx[0] as usize] / p.temperature;
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i as usize] / p.temperature - max) as f64).exp())
-            .collect();
+        let mut probs: Vec<f64> =
+            idx.iter().map(|&i| ((logits[i as usize] / p.temperature - max) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         let mut keep = probs.len();
         if p.min_p > 0.0 {
-            keep = probs
-                .iter()
-                .take_while(|&&q| q >= p.min_p as f64 * probs[0])
-                .count()
-                .max(1);
+            keep = probs.iter().take_while(|&&q| q >= p.min_p as f64 * probs[0]).count().max(1);
         }
         if p.top_p < 1.0 {
             let mut cum = 0.0;
@@ -137,23 +121,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `log softmax(logits)`, computed in f64 for the normaliser.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64
-        + logits
-            .iter()
-            .map(|&v| ((v - max) as f64).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = max as f64 + logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
     logits.iter().map(|&v| (v as f64 - lse) as f32).collect()
 }
 
 /// The k most likely tokens with their log-probabilities, most likely first.
 pub fn top_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    let order = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    };
+    let order = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
     let k = k.min(idx.len());
     if k == 0 {
         return Vec::new();
@@ -171,13 +146,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p: 0.0,
-            seed,
-        }
+        SamplingParams { temperature, top_k, top_p, min_p: 0.0, seed }
     }
 
     #[test]
@@ -219,35 +188,21 @@ mod tests {
         // top_p 0.5 at temperature 1: p(4) ≈ 0.64 ≥ 0.5, so only token 4 remains.
         let mut s = Sampler::new(params(1.0, 0, 0.5, 1));
         assert!((0..500).all(|_| s.sample(&logits) == 4));
-        let mut s = Sampler::new(SamplingParams {
-            min_p: 0.3,
-            ..params(1.0, 0, 1.0, 1)
-        });
+        let mut s = Sampler::new(SamplingParams { min_p: 0.3, ..params(1.0, 0, 1.0, 1) });
         // p(3)/p(4) = e^-1 ≈ 0.37 ≥ 0.3; p(2)/p(4) ≈ 0.14 < 0.3.
         assert!((0..500).all(|_| s.sample(&logits) >= 3));
     }
 
     #[test]
     fn validation_names_the_field() {
-        assert!(params(-1.0, 0, 1.0, 0)
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("temperature"));
+        assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().to_string().contains("temperature"));
         assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
-        assert!(params(1.0, 0, 0.0, 0)
+        assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().to_string().contains("top_p"));
+        assert!(SamplingParams { min_p: 2.0, ..Default::default() }
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("top_p"));
-        assert!(SamplingParams {
-            min_p: 2.0,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .contains("min_p"));
+            .contains("min_p"));
         assert!(params(0.7, 40, 0.9, 0).validate().is_ok());
     }
 }

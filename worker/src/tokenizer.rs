@@ -27,11 +27,8 @@ impl Tokenizer {
     pub fn for_model_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
         if path.exists() {
-            let tok =
-                tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+            let tok = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| TokenizerError::Load { path: path.display().to_string(), reason: e.to_string() })?;
             Ok(Tokenizer::HuggingFace(Box::new(tok)))
         } else {
             Ok(Self::cl100k())
@@ -61,9 +58,9 @@ impl Tokenizer {
     pub fn eos_token(&self) -> Option<u32> {
         match self {
             Tokenizer::Tiktoken(_) => Some(CL100K_EOS),
-            Tokenizer::HuggingFace(t) => ["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>"]
-                .iter()
-                .find_map(|s| t.token_to_id(s)),
+            Tokenizer::HuggingFace(t) => {
+                ["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>"].iter().find_map(|s| t.token_to_id(s))
+            }
         }
     }
 
@@ -72,10 +69,9 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match self {
             Tokenizer::Tiktoken(bpe) => Ok(bpe.encode_ordinary(text)),
-            Tokenizer::HuggingFace(t) => t
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TokenizerError::Encode(e.to_string())),
+            Tokenizer::HuggingFace(t) => {
+                t.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| TokenizerError::Encode(e.to_string()))
+            }
         }
     }
 
@@ -145,10 +141,7 @@ mod tests {
         assert_eq!(tok.decode(&ids), text);
         assert_eq!(tok.encode("hello world").unwrap(), vec![15339, 1917]);
         // 100261 is unused in cl100k, 100287 is YOCO's padding: placeholders, not panics.
-        assert_eq!(
-            tok.decode(&[15339, 100261, 100287]),
-            "hello<|unk:100261|><|unk:100287|>"
-        );
+        assert_eq!(tok.decode(&[15339, 100261, 100287]), "hello<|unk:100261|><|unk:100287|>");
         assert_eq!(tok.decode(&[CL100K_EOS]), "<|endoftext|>");
         // Special-token markup in text is text.
         assert!(tok.encode("<|endoftext|>").unwrap().len() > 1);

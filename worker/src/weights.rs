@@ -12,44 +12,24 @@ use safetensors::{Dtype, SafeTensors};
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     #[error("cannot open {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("no *.safetensors files in {0}")]
     NoFiles(String),
     #[error("{path} is not a valid safetensors file (truncated or corrupt): {reason}")]
     Corrupt { path: String, reason: String },
     #[error("tensor `{name}` appears in both {first} and {second}")]
-    Duplicate {
-        name: String,
-        first: String,
-        second: String,
-    },
+    Duplicate { name: String, first: String, second: String },
     #[error("tensor `{name}` is missing from the checkpoint in {dir}")]
     Missing { name: String, dir: String },
     #[error("tensor `{name}` in {path} has shape {found:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        path: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, path: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("tensor `{name}` in {path} has dtype {dtype}; only F32, BF16 and F16 are supported")]
-    Dtype {
-        name: String,
-        path: String,
-        dtype: String,
-    },
+    Dtype { name: String, path: String, dtype: String },
 }
 
 /// f32 numbers either borrowed from a memory map or owned.
 pub enum WeightData {
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
     Owned(Vec<f32>),
 }
 
@@ -61,15 +41,8 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn from_vec(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor shape and data disagree"
-        );
-        Tensor {
-            shape,
-            data: WeightData::Owned(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape and data disagree");
+        Tensor { shape, data: WeightData::Owned(data) }
     }
 
     pub fn as_slice(&self) -> &[f32] {
@@ -127,10 +100,8 @@ impl WeightFiles {
             // writer truncating them under us is outside what the server can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
             let map = Arc::new(map);
-            let st = SafeTensors::deserialize(&map).map_err(|e| WeightError::Corrupt {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| WeightError::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
             let file_idx = files.len();
             for (name, view) in st.tensors() {
                 let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
@@ -152,11 +123,7 @@ impl WeightFiles {
             }
             files.push((path, map));
         }
-        Ok(WeightFiles {
-            dir: dir.to_path_buf(),
-            files,
-            index,
-        })
+        Ok(WeightFiles { dir: dir.to_path_buf(), files, index })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -174,10 +141,10 @@ impl WeightFiles {
 
     /// Loads `name`, checking that its shape is `expected`.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor, WeightError> {
-        let entry = self.index.get(name).ok_or_else(|| WeightError::Missing {
-            name: name.to_string(),
-            dir: self.dir.display().to_string(),
-        })?;
+        let entry = self
+            .index
+            .get(name)
+            .ok_or_else(|| WeightError::Missing { name: name.to_string(), dir: self.dir.display().to_string() })?;
         let (path, map) = &self.files[entry.file];
         if entry.shape != expected {
             return Err(WeightError::Shape {
@@ -191,29 +158,16 @@ impl WeightFiles {
         let bytes = &map[entry.offset..entry.offset + entry.bytes];
         let data = match entry.dtype {
             Dtype::F32 if entry.offset % 4 == 0 && cfg!(target_endian = "little") => {
-                WeightData::Mapped {
-                    map: map.clone(),
-                    offset: entry.offset,
-                    len,
-                }
+                WeightData::Mapped { map: map.clone(), offset: entry.offset, len }
             }
-            Dtype::F32 => WeightData::Owned(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
+            Dtype::F32 => {
+                WeightData::Owned(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            }
             Dtype::BF16 => WeightData::Owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             ),
             Dtype::F16 => WeightData::Owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             ),
             other => {
                 return Err(WeightError::Dtype {
@@ -223,10 +177,7 @@ impl WeightFiles {
                 })
             }
         };
-        Ok(Tensor {
-            shape: expected.to_vec(),
-            data,
-        })
+        Ok(Tensor { shape: expected.to_vec(), data })
     }
 }
 
@@ -235,28 +186,16 @@ impl WeightFiles {
 fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let corrupt = |reason: String| WeightError::Corrupt {
-            path: index.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(&index).map_err(|source| WeightError::Io {
-            path: index.display().to_string(),
-            source,
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let map = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| corrupt("no `weight_map` object".into()))?;
+        let corrupt = |reason: String| WeightError::Corrupt { path: index.display().to_string(), reason };
+        let text = std::fs::read_to_string(&index)
+            .map_err(|source| WeightError::Io { path: index.display().to_string(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let map = json["weight_map"].as_object().ok_or_else(|| corrupt("no `weight_map` object".into()))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values() {
-            let name = file
-                .as_str()
-                .ok_or_else(|| corrupt(format!("weight_map value {file} is not a file name")))?;
+            let name = file.as_str().ok_or_else(|| corrupt(format!("weight_map value {file} is not a file name")))?;
             if name.contains('/') || name.contains("..") {
-                return Err(corrupt(format!(
-                    "weight_map names a file outside the model directory: {name}"
-                )));
+                return Err(corrupt(format!("weight_map names a file outside the model directory: {name}")));
             }
             if !files.iter().any(|f| f.ends_with(name)) {
                 files.push(dir.join(name));
@@ -265,10 +204,7 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
         return Ok(files);
     }
     Ok(std::fs::read_dir(dir)
-        .map_err(|source| WeightError::Io {
-            path: dir.display().to_string(),
-            source,
-        })?
+        .map_err(|source| WeightError::Io { path: dir.display().to_string(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect())

@@ -18,13 +18,7 @@ fn prompt_logits(name: &str, chunk: usize, block_tokens: usize) -> Vec<f32> {
     engine.add_sequence(7).unwrap();
     let mut logits = Vec::new();
     for part in exp.prompt.chunks(chunk) {
-        let out = engine
-            .step(&[StepItem {
-                seq: 7,
-                tokens: part,
-                logits: Logits::All,
-            }])
-            .unwrap();
+        let out = engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap();
         logits.extend(out[0].logits.iter());
     }
     logits
@@ -54,22 +48,9 @@ fn greedy_decode_matches_reference() {
             let mut last = Vec::new();
             let parts: Vec<&[u32]> = exp.prompt.chunks(chunk).collect();
             for (i, part) in parts.iter().enumerate() {
-                let want = if i + 1 == parts.len() {
-                    Logits::Last
-                } else {
-                    Logits::None
-                };
-                let out = engine
-                    .step(&[StepItem {
-                        seq: 1,
-                        tokens: part,
-                        logits: want,
-                    }])
-                    .unwrap();
-                assert_eq!(
-                    out[0].logits.len(),
-                    if want == Logits::Last { vocab } else { 0 }
-                );
+                let want = if i + 1 == parts.len() { Logits::Last } else { Logits::None };
+                let out = engine.step(&[StepItem::prefill(1, part, want)]).unwrap();
+                assert_eq!(out[0].logits.len(), if want == Logits::Last { vocab } else { 0 });
                 last = out[0].logits.clone();
             }
             for (i, &want_token) in exp.greedy.iter().enumerate() {
@@ -78,13 +59,7 @@ fn greedy_decode_matches_reference() {
                 assert!(err < TOL, "{name} decode step {i}: rel err {err}");
                 let token = argmax(&last);
                 assert_eq!(token, want_token, "{name} greedy token {i}");
-                let out = engine
-                    .step(&[StepItem {
-                        seq: 1,
-                        tokens: &[token],
-                        logits: Logits::Last,
-                    }])
-                    .unwrap();
+                let out = engine.step(&[StepItem::prefill(1, &[token], Logits::Last)]).unwrap();
                 last = out[0].logits.clone();
             }
         }
@@ -98,19 +73,12 @@ fn rope_tables_match_reference_to_two_million_positions() {
     use yoco_worker::kernels::rope::{apply_rope, Rope};
     let bytes = std::fs::read(fixtures().join("rope.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let positions: Vec<usize> = read_tensor_i64(&st, "positions")
-        .into_iter()
-        .map(|p| p as usize)
-        .collect();
+    let positions: Vec<usize> = read_tensor_i64(&st, "positions").into_iter().map(|p| p as usize).collect();
     for (theta, tag) in [(10000.0, "theta10000"), (8e7, "theta8e7")] {
         let table = Rope::new(theta, 16).table(positions.iter().copied());
         for (got, name) in [(&table.cos, "cos"), (&table.sin, "sin")] {
             let want = read_tensor_f32(&st, &format!("{name}_{tag}"));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             // torch's f32 cos/sin are within an ulp or two of the correctly rounded value.
             assert!(worst <= 3e-7, "{name} {tag}: max abs diff {worst}");
         }
@@ -118,11 +86,7 @@ fn rope_tables_match_reference_to_two_million_positions() {
             let mut x = read_tensor_f32(&st, "x");
             apply_rope(&mut x, 1, 16, &table);
             let want = read_tensor_f32(&st, "x_rot_theta10000");
-            let worst = x
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let worst = x.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(worst <= 1e-6, "rotated x: max abs diff {worst}");
         }
     }

@@ -10,13 +10,7 @@ pub enum CacheError {
         "global KV cache budget exhausted: need {needed} more blocks of {block_tokens} tokens, \
          {free} free of {total} ({budget_bytes} bytes budget)"
     )]
-    OutOfBudget {
-        needed: usize,
-        free: usize,
-        total: usize,
-        block_tokens: usize,
-        budget_bytes: usize,
-    },
+    OutOfBudget { needed: usize, free: usize, total: usize, block_tokens: usize, budget_bytes: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,8 +87,7 @@ impl BlockPool {
         if let Some(id) = self.free.pop() {
             return id;
         }
-        self.storage
-            .push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
+        self.storage.push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
         BlockId((self.storage.len() - 1) as u32)
     }
 
@@ -111,11 +104,14 @@ impl BlockPool {
     }
 }
 
-/// One sequence's block table in the global cache: positions `0..len` (of this rank's share).
+/// One sequence's block table in the global cache. On a rank of a context-parallel group it
+/// holds that rank's shard: rows in increasing position order, but not every position.
 #[derive(Debug, Default)]
 pub struct KvSeq {
     blocks: Vec<BlockId>,
     len: usize,
+    /// Runs of consecutive positions: `(first position, first row, rows)`, increasing.
+    extents: Vec<(usize, usize, usize)>,
 }
 
 impl KvSeq {
@@ -146,22 +142,36 @@ impl KvSeq {
         Ok(())
     }
 
-    /// Appends K and V rows (`[n, kv_dim]` each) after [`KvSeq::reserve`] made room.
-    pub fn append(&mut self, pool: &mut BlockPool, keys: &[f32], values: &[f32]) {
+    /// Rows holding positions `<= pos`: the part of this shard a query at `pos` may see.
+    pub fn rows_upto(&self, pos: usize) -> usize {
+        let i = self.extents.partition_point(|&(p0, _, _)| p0 <= pos);
+        match i.checked_sub(1).map(|i| self.extents[i]) {
+            None => 0,
+            Some((p0, row0, n)) => row0 + n.min(pos - p0 + 1),
+        }
+    }
+
+    /// Appends K and V rows (`[n, kv_dim]` each) for positions `first_pos..` after
+    /// [`KvSeq::reserve`] made room. Positions must increase across appends.
+    pub fn append(&mut self, pool: &mut BlockPool, first_pos: usize, keys: &[f32], values: &[f32]) {
         let (bt, kvd) = (pool.block_tokens, pool.kv_dim);
         assert_eq!(keys.len(), values.len());
         let n = keys.len() / kvd;
-        assert!(
-            self.len + n <= self.blocks.len() * bt,
-            "append beyond reserved blocks"
-        );
+        assert!(self.len + n <= self.blocks.len() * bt, "append beyond reserved blocks");
         for r in 0..n {
             let pos = self.len + r;
             let block = pool.block_mut(self.blocks[pos / bt]);
             let j = pos % bt;
             block[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[r * kvd..(r + 1) * kvd]);
-            block[(bt + j) * kvd..(bt + j + 1) * kvd]
-                .copy_from_slice(&values[r * kvd..(r + 1) * kvd]);
+            block[(bt + j) * kvd..(bt + j + 1) * kvd].copy_from_slice(&values[r * kvd..(r + 1) * kvd]);
+        }
+        match self.extents.last_mut() {
+            Some((p0, _, len)) if *p0 + *len == first_pos => *len += n,
+            Some((p0, _, len)) => {
+                assert!(first_pos >= *p0 + *len, "cache positions must increase");
+                self.extents.push((first_pos, self.len, n));
+            }
+            None => self.extents.push((first_pos, 0, n)),
         }
         self.len += n;
     }
@@ -185,12 +195,30 @@ impl KvSeq {
     pub fn free(&mut self, pool: &mut BlockPool) {
         pool.release(self.blocks.drain(..));
         self.len = 0;
+        self.extents.clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_positions_and_visibility() {
+        let mut pool = BlockPool::new(4, 1, 1 << 20);
+        let mut kv = KvSeq::default();
+        // A shard holding positions 10..13, 20..22, 22 (merged), 30.
+        for (pos, n) in [(10, 3), (20, 2), (22, 1), (30, 1)] {
+            kv.reserve(&mut pool, n).unwrap();
+            let rows = vec![pos as f32; n];
+            kv.append(&mut pool, pos, &rows, &rows);
+        }
+        assert_eq!(kv.extents.len(), 3);
+        let expect = [(0, 0), (9, 0), (10, 1), (12, 3), (19, 3), (20, 4), (22, 6), (29, 6), (30, 7), (1000, 7)];
+        for (pos, rows) in expect {
+            assert_eq!(kv.rows_upto(pos), rows, "pos {pos}");
+        }
+    }
 
     #[test]
     fn reserve_is_all_or_nothing_and_blocks_recycle() {
@@ -201,20 +229,10 @@ mod tests {
         a.reserve(&mut pool, 5).unwrap();
         assert_eq!(a.n_blocks(), 2);
         let rows: Vec<f32> = (0..10).map(|v| v as f32).collect();
-        a.append(&mut pool, &rows, &rows);
+        a.append(&mut pool, 0, &rows, &rows);
         let mut b = KvSeq::default();
         let err = b.reserve(&mut pool, 5).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                CacheError::OutOfBudget {
-                    needed: 2,
-                    free: 1,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, CacheError::OutOfBudget { needed: 2, free: 1, .. }), "{err}");
         assert_eq!(b.n_blocks(), 0, "a failed reserve takes nothing");
         a.reserve(&mut pool, 3).unwrap(); // fits in the block it has
         assert_eq!(a.n_blocks(), 2);
@@ -225,10 +243,6 @@ mod tests {
         assert_eq!(pool.used_blocks(), 0);
         b.reserve(&mut pool, 12).unwrap();
         assert_eq!(pool.used_blocks(), 3);
-        assert_eq!(
-            pool.storage.len(),
-            3,
-            "freed blocks are reused, not reallocated"
-        );
+        assert_eq!(pool.storage.len(), 3, "freed blocks are reused, not reallocated");
     }
 }

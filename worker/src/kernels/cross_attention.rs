@@ -68,21 +68,12 @@ pub struct Partial {
 
 impl Partial {
     pub fn empty(shape: CrossShape) -> Self {
-        Partial {
-            o: vec![0.0; shape.q_dim()],
-            m: vec![f32::NEG_INFINITY; shape.heads],
-            l: vec![0.0; shape.heads],
-        }
+        Partial { o: vec![0.0; shape.q_dim()], m: vec![f32::NEG_INFINITY; shape.heads], l: vec![0.0; shape.heads] }
     }
 }
 
 /// Partial attention of the query `q [heads · head_dim]` over cache positions `range`.
-pub fn cross_attention_partial(
-    q: &[f32],
-    shape: CrossShape,
-    kv: &KvView,
-    range: Range<usize>,
-) -> Partial {
+pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range: Range<usize>) -> Partial {
     assert!(range.end <= kv.len, "range beyond the cache");
     assert_eq!(kv.kv_dim, shape.kv_dim());
     let hd = shape.head_dim;
@@ -123,79 +114,90 @@ pub fn cross_attention_partial(
     part
 }
 
-/// Merges partials over disjoint ranges into the normalised attention output `[heads · head_dim]`.
-pub fn lse_merge(parts: &[Partial], shape: CrossShape, out: &mut [f32]) {
+/// Combines partials over disjoint ranges into one partial over their union (exact: each is
+/// rescaled to the common running max).
+pub fn merge_partials<'a>(parts: impl IntoIterator<Item = &'a Partial>, shape: CrossShape) -> Partial {
     let hd = shape.head_dim;
-    out.fill(0.0);
+    let parts: Vec<&Partial> = parts.into_iter().collect();
+    let mut out = Partial::empty(shape);
     for h in 0..shape.heads {
-        let m = parts
-            .iter()
-            .map(|p| p.m[h])
-            .fold(f32::NEG_INFINITY, f32::max);
+        let m = parts.iter().map(|p| p.m[h]).fold(f32::NEG_INFINITY, f32::max);
         if m == f32::NEG_INFINITY {
-            continue; // no keys at all: attention of nothing is zero
+            continue; // no keys in any part
         }
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        let mut l = 0f32;
-        for p in parts {
+        let oh = &mut out.o[h * hd..(h + 1) * hd];
+        for p in &parts {
             let w = (p.m[h] - m).exp();
             if w == 0.0 {
                 continue;
             }
-            l += p.l[h] * w;
+            out.l[h] += p.l[h] * w;
             axpy(w, &p.o[h * hd..(h + 1) * hd], oh);
         }
-        scale_in_place(oh, 1.0 / l);
+        out.m[h] = m;
+    }
+    out
+}
+
+/// The attention output of a partial: `o / l` per head (zero where there were no keys).
+pub fn finalize(part: &Partial, shape: CrossShape, out: &mut [f32]) {
+    let hd = shape.head_dim;
+    for h in 0..shape.heads {
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        if part.l[h] > 0.0 {
+            let inv = 1.0 / part.l[h];
+            for (o, &v) in oh.iter_mut().zip(&part.o[h * hd..(h + 1) * hd]) {
+                *o = v * inv;
+            }
+        } else {
+            oh.fill(0.0);
+        }
     }
 }
 
-/// Causal cross-attention for several query rows: row r (at position `positions[r]`) attends over
-/// positions `0..=positions[r]` of `views[r]`. Long ranges are split across threads.
-pub fn cross_attention(
-    q: &[f32],
-    positions: &[usize],
-    views: &[&KvView],
-    shape: CrossShape,
-    out: &mut [f32],
-) {
+/// Merges partials over disjoint ranges into the normalised attention output `[heads · head_dim]`.
+pub fn lse_merge(parts: &[Partial], shape: CrossShape, out: &mut [f32]) {
+    finalize(&merge_partials(parts, shape), shape, out);
+}
+
+/// Per query row r, the partial attention over the first `visible[r]` positions of `views[r]`,
+/// long ranges split across threads and merged back.
+pub fn cross_attention_partials(q: &[f32], visible: &[usize], views: &[&KvView], shape: CrossShape) -> Vec<Partial> {
     let qd = shape.q_dim();
-    assert_eq!(q.len(), positions.len() * qd);
-    assert_eq!(views.len(), positions.len());
-    assert_eq!(out.len(), q.len());
-    let tasks: Vec<(usize, Range<usize>)> = positions
+    assert_eq!(q.len(), visible.len() * qd);
+    assert_eq!(views.len(), visible.len());
+    let tasks: Vec<(usize, Range<usize>)> = visible
         .iter()
         .enumerate()
-        .flat_map(|(r, &p)| {
-            let end = p + 1;
-            (0..end)
-                .step_by(SPLIT_TOKENS)
-                .map(move |a| (r, a..(a + SPLIT_TOKENS).min(end)))
-        })
+        .flat_map(|(r, &end)| (0..end).step_by(SPLIT_TOKENS).map(move |a| (r, a..(a + SPLIT_TOKENS).min(end))))
         .collect();
     let partials: Vec<Partial> = tasks
         .par_iter()
-        .map(|(r, range)| {
-            cross_attention_partial(&q[r * qd..(r + 1) * qd], shape, views[*r], range.clone())
-        })
+        .map(|(r, range)| cross_attention_partial(&q[r * qd..(r + 1) * qd], shape, views[*r], range.clone()))
         .collect();
     let mut start = 0;
-    for (r, out_row) in out.chunks_exact_mut(qd).enumerate() {
-        let count = tasks[start..]
-            .iter()
-            .take_while(|(row, _)| *row == r)
-            .count();
-        lse_merge(&partials[start..start + count], shape, out_row);
-        start += count;
+    (0..visible.len())
+        .map(|r| {
+            let count = tasks[start..].iter().take_while(|(row, _)| *row == r).count();
+            let merged = merge_partials(&partials[start..start + count], shape);
+            start += count;
+            merged
+        })
+        .collect()
+}
+
+/// Causal cross-attention for several query rows: row r (at position `positions[r]`) attends over
+/// positions `0..=positions[r]` of `views[r]`.
+pub fn cross_attention(q: &[f32], positions: &[usize], views: &[&KvView], shape: CrossShape, out: &mut [f32]) {
+    let visible: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+    let parts = cross_attention_partials(q, &visible, views, shape);
+    for (part, out_row) in parts.iter().zip(out.chunks_exact_mut(shape.q_dim())) {
+        finalize(part, shape, out_row);
     }
 }
 
 /// Plain softmax attention in f64 over explicit K/V rows `[n, kv_dim]`: the reference.
-pub fn cross_attention_reference(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    shape: CrossShape,
-) -> Vec<f32> {
+pub fn cross_attention_reference(q: &[f32], keys: &[f32], values: &[f32], shape: CrossShape) -> Vec<f32> {
     let (hd, kvd) = (shape.head_dim, shape.kv_dim());
     let n = keys.len() / kvd;
     let mut out = vec![0f32; shape.q_dim()];
@@ -203,18 +205,14 @@ pub fn cross_attention_reference(
         let g = h / shape.group();
         let scores: Vec<f64> = (0..n)
             .map(|j| {
-                (0..hd)
-                    .map(|c| q[h * hd + c] as f64 * keys[j * kvd + g * hd + c] as f64)
-                    .sum::<f64>()
+                (0..hd).map(|c| q[h * hd + c] as f64 * keys[j * kvd + g * hd + c] as f64).sum::<f64>()
                     / (hd as f64).sqrt()
             })
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
         for c in 0..hd {
-            let o: f64 = (0..n)
-                .map(|j| (scores[j] - m).exp() / z * values[j * kvd + g * hd + c] as f64)
-                .sum();
+            let o: f64 = (0..n).map(|j| (scores[j] - m).exp() / z * values[j * kvd + g * hd + c] as f64).sum();
             out[h * hd + c] = o as f32;
         }
     }
@@ -235,8 +233,7 @@ mod tests {
                 for j in 0..bt.min(n - b * bt) {
                     let p = b * bt + j;
                     blk[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[p * kvd..(p + 1) * kvd]);
-                    blk[(bt + j) * kvd..(bt + j + 1) * kvd]
-                        .copy_from_slice(&values[p * kvd..(p + 1) * kvd]);
+                    blk[(bt + j) * kvd..(bt + j + 1) * kvd].copy_from_slice(&values[p * kvd..(p + 1) * kvd]);
                 }
                 blk
             })
@@ -245,39 +242,22 @@ mod tests {
 
     #[test]
     fn partials_merged_at_any_cut_match_reference() {
-        let shape = CrossShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-        };
+        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
         let (kvd, n, bt) = (shape.kv_dim(), 103, 16);
         // Large scores stress the running max.
         let q: Vec<f32> = randn(shape.q_dim(), 1).iter().map(|v| v * 6.0).collect();
         let keys = randn(n * kvd, 2);
         let values = randn(n * kvd, 3);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView {
-            blocks: storage.iter().map(|b| b.as_slice()).collect(),
-            block_tokens: bt,
-            kv_dim: kvd,
-            len: n,
-        };
+        let view =
+            KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
         let want = cross_attention_reference(&q, &keys, &values, shape);
-        for cuts in [
-            vec![],
-            vec![1],
-            vec![16],
-            vec![5, 50],
-            vec![15, 16, 17, 102],
-            vec![0, 0, 103],
-        ] {
+        for cuts in [vec![], vec![1], vec![16], vec![5, 50], vec![15, 16, 17, 102], vec![0, 0, 103]] {
             let mut bounds = vec![0];
             bounds.extend(cuts.iter().copied());
             bounds.push(n);
-            let parts: Vec<Partial> = bounds
-                .windows(2)
-                .map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0])))
-                .collect();
+            let parts: Vec<Partial> =
+                bounds.windows(2).map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0]))).collect();
             let mut out = vec![0.0; shape.q_dim()];
             lse_merge(&parts, shape, &mut out);
             assert_close(&out, &want, 1e-5, &format!("cuts {cuts:?}"));
@@ -286,21 +266,13 @@ mod tests {
 
     #[test]
     fn causal_rows_and_long_split() {
-        let shape = CrossShape {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-        };
+        let shape = CrossShape { heads: 2, kv_heads: 1, head_dim: 4 };
         let (kvd, n, bt) = (shape.kv_dim(), 2 * SPLIT_TOKENS + 77, 256);
         let keys = randn(n * kvd, 5);
         let values = randn(n * kvd, 6);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView {
-            blocks: storage.iter().map(|b| b.as_slice()).collect(),
-            block_tokens: bt,
-            kv_dim: kvd,
-            len: n,
-        };
+        let view =
+            KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
         let positions = [0usize, 5, n - 1];
         let q = randn(positions.len() * shape.q_dim(), 7);
         let mut out = vec![0.0; q.len()];

@@ -16,9 +16,6 @@ mod tests {
     #[test]
     fn gathers_and_scales() {
         let table: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        assert_eq!(
-            super::embed(&[2, 0], &table, 4, 0.5),
-            vec![4.0, 4.5, 5.0, 5.5, 0.0, 0.5, 1.0, 1.5]
-        );
+        assert_eq!(super::embed(&[2, 0], &table, 4, 0.5), vec![4.0, 4.5, 5.0, 5.5, 0.0, 0.5, 1.0, 1.5]);
     }
 }

@@ -37,11 +37,8 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
 
 fn matmul_t_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism =
+        if threads > 1 && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts in `matmul_t` guarantee every pointer covers the strided extents below:
     // dst is m×n (row stride n), lhs is m×k (row stride k), rhs is wᵀ, k×n, read with column
     // stride k and row stride 1 from the n×k row-major w.
@@ -122,25 +119,16 @@ mod tests {
 
     #[test]
     fn matches_reference_on_every_path() {
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (1, 37, 130),
-            (3, 64, 65),
-            (8, 100, 7),
-            (9, 33, 17),
-            (64, 96, 80),
-            (200, 256, 300),
-        ] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (1, 37, 130), (3, 64, 65), (8, 100, 7), (9, 33, 17), (64, 96, 80), (200, 256, 300)]
+        {
             let x = randn(m * k, m as u64);
             let w = randn(n * k, n as u64 + 100);
             let got = linear(&x, m, k, &w, n);
             let want = matmul_t_reference(&x, m, k, &w, n);
             // f32 sums of up to 256 terms of O(1) values.
             for (g, r) in got.iter().zip(&want) {
-                assert!(
-                    (g - r).abs() <= 1e-4 * (k as f32).sqrt(),
-                    "m={m} k={k} n={n}: {g} vs {r}"
-                );
+                assert!((g - r).abs() <= 1e-4 * (k as f32).sqrt(), "m={m} k={k} n={n}: {g} vs {r}");
             }
             let _ = assert_close;
         }

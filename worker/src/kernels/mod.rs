@@ -27,14 +27,10 @@ pub(crate) mod testutil {
     /// the floor so that elements near zero are judged against the data's scale.
     pub fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-        let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64)
-            .sqrt() as f32;
+        let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64).sqrt() as f32;
         for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
             let err = (x - y).abs() / (y.abs() + rms + f32::MIN_POSITIVE);
-            assert!(
-                err <= tol && x.is_finite(),
-                "{what}: index {i}: {x} vs {y} (rel err {err} > {tol})"
-            );
+            assert!(err <= tol && x.is_finite(), "{what}: index {i}: {x} vs {y} (rel err {err} > {tol})");
         }
     }
 }

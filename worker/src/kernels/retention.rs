@@ -55,23 +55,14 @@ pub fn retention_chunkwise(
     out: &mut [f32],
 ) {
     let (t_len, h_n, d) = (shape.tokens, shape.heads, shape.head_dim);
-    assert!(
-        q.len() == t_len * h_n * d
-            && k.len() == q.len()
-            && v.len() == q.len()
-            && out.len() == q.len()
-    );
+    assert!(q.len() == t_len * h_n * d && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
     assert_eq!(gamma.len(), t_len * h_n);
     assert_eq!(state.len(), h_n * d * d);
     let per_head: Vec<Vec<f32>> = state
         .par_chunks_mut(d * d)
         .enumerate()
         .map(|(h, s)| {
-            let (qh, kh, vh) = (
-                head_rows(q, shape, h),
-                head_rows(k, shape, h),
-                head_rows(v, shape, h),
-            );
+            let (qh, kh, vh) = (head_rows(q, shape, h), head_rows(k, shape, h), head_rows(v, shape, h));
             let g: Vec<f32> = (0..t_len).map(|t| gamma[t * h_n + h]).collect();
             let mut o = vec![0.0f32; t_len * d];
             for b0 in (0..t_len).step_by(block.max(1)) {
@@ -152,11 +143,7 @@ pub fn retention_recurrent_step(
     let scale = 1.0 / (d as f32).sqrt();
     for h in 0..heads {
         let s = &mut state[h * d * d..(h + 1) * d * d];
-        let (qh, kh, vh) = (
-            &q[h * d..(h + 1) * d],
-            &k[h * d..(h + 1) * d],
-            &v[h * d..(h + 1) * d],
-        );
+        let (qh, kh, vh) = (&q[h * d..(h + 1) * d], &k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
         scale_in_place(s, gamma[h].exp());
         for i in 0..d {
             axpy(kh[i] * scale, vh, &mut s[i * d..(i + 1) * d]);
@@ -169,14 +156,45 @@ pub fn retention_recurrent_step(
     }
 }
 
+/// Per head, the log of the segment's total decay `Σ_t γ_t` (accumulated in f64).
+pub fn retention_log_decay(gamma: &[f32], heads: usize) -> Vec<f64> {
+    let mut out = vec![0f64; heads];
+    for row in gamma.chunks_exact(heads) {
+        for (o, &g) in out.iter_mut().zip(row) {
+            *o += g as f64;
+        }
+    }
+    out
+}
+
+/// Adds the contribution of a state that precedes the segment, `exp(G_t) · q_t S_in`, to
+/// outputs computed from a zero state (`G_t` accumulated from the segment start in f64). This
+/// is how a rank of a context-parallel group corrects its chunk once it knows what came before.
+pub fn retention_add_incoming(q: &[f32], gamma: &[f32], shape: RetentionShape, s_in: &[f32], out: &mut [f32]) {
+    let (h_n, d, w) = (shape.heads, shape.head_dim, shape.width());
+    assert_eq!(s_in.len(), h_n * d * d);
+    let mut g = vec![0f64; h_n];
+    let mut tmp = vec![0f32; d];
+    for t in 0..shape.tokens {
+        for h in 0..h_n {
+            g[h] += gamma[t * h_n + h] as f64;
+            let decay = g[h].exp() as f32;
+            if decay == 0.0 {
+                continue;
+            }
+            let s = &s_in[h * d * d..(h + 1) * d * d];
+            let qh = &q[t * w + h * d..t * w + (h + 1) * d];
+            tmp.fill(0.0);
+            for i in 0..d {
+                axpy(qh[i], &s[i * d..(i + 1) * d], &mut tmp);
+            }
+            axpy(decay, &tmp, &mut out[t * w + h * d..t * w + (h + 1) * d]);
+        }
+    }
+}
+
 /// The parallel form in f64, O(T²): the reference for both fast forms. Starts from a zero state.
-pub fn retention_parallel_reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    gamma: &[f32],
-    shape: RetentionShape,
-) -> Vec<f32> {
+pub fn retention_parallel_reference(q: &[f32], k: &[f32], v: &[f32], gamma: &[f32], shape: RetentionShape) -> Vec<f32> {
     let (t_len, h_n, d, w) = (shape.tokens, shape.heads, shape.head_dim, shape.width());
     let mut out = vec![0.0f32; t_len * w];
     for h in 0..h_n {
@@ -190,9 +208,7 @@ pub fn retention_parallel_reference(
             for j in 0..d {
                 let mut o = 0f64;
                 for s in 0..=t {
-                    let qk: f64 = (0..d)
-                        .map(|i| q[t * w + h * d + i] as f64 * k[s * w + h * d + i] as f64)
-                        .sum();
+                    let qk: f64 = (0..d).map(|i| q[t * w + h * d + i] as f64 * k[s * w + h * d + i] as f64).sum();
                     o += qk / (d as f64).sqrt() * (g[t] - g[s]).exp() * v[s * w + h * d + j] as f64;
                 }
                 out[t * w + h * d + j] = o as f32;
@@ -211,43 +227,24 @@ mod tests {
     fn inputs(shape: RetentionShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let n = shape.tokens * shape.width();
         // Gates from strongly decaying to nearly 1, as trained models have.
-        let gamma = randn(shape.tokens * shape.heads, seed + 3)
-            .iter()
-            .map(|g| log_sigmoid(6.0 * g) / 16.0)
-            .collect();
-        (
-            randn(n, seed),
-            randn(n, seed + 1),
-            randn(n, seed + 2),
-            gamma,
-        )
+        let gamma = randn(shape.tokens * shape.heads, seed + 3).iter().map(|g| log_sigmoid(6.0 * g) / 16.0).collect();
+        (randn(n, seed), randn(n, seed + 1), randn(n, seed + 2), gamma)
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-            .fold(0.0, f32::max)
+        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
     }
 
     #[test]
     fn chunkwise_and_recurrent_match_parallel() {
-        let shape = RetentionShape {
-            tokens: 150,
-            heads: 3,
-            head_dim: 8,
-        };
+        let shape = RetentionShape { tokens: 150, heads: 3, head_dim: 8 };
         let (q, k, v, gamma) = inputs(shape, 10);
         let want = retention_parallel_reference(&q, &k, &v, &gamma, shape);
         for block in [1, 7, 64, 150, 1000] {
             let mut state = vec![0.0; 3 * 64];
             let mut out = vec![0.0; q.len()];
             retention_chunkwise(&q, &k, &v, &gamma, shape, block, &mut state, &mut out);
-            assert!(
-                max_err(&out, &want) < 1e-4,
-                "block {block}: {}",
-                max_err(&out, &want)
-            );
+            assert!(max_err(&out, &want) < 1e-4, "block {block}: {}", max_err(&out, &want));
         }
         let mut state = vec![0.0; 3 * 64];
         let mut out = vec![0.0; q.len()];
@@ -255,31 +252,55 @@ mod tests {
         for t in 0..shape.tokens {
             let r = t * w..(t + 1) * w;
             let g = &gamma[t * 3..(t + 1) * 3];
-            retention_recurrent_step(
-                &q[r.clone()],
-                &k[r.clone()],
-                &v[r.clone()],
-                g,
-                3,
-                8,
-                &mut state,
-                &mut out[r],
-            );
+            retention_recurrent_step(&q[r.clone()], &k[r.clone()], &v[r.clone()], g, 3, 8, &mut state, &mut out[r]);
         }
-        assert!(
-            max_err(&out, &want) < 1e-4,
-            "recurrent: {}",
-            max_err(&out, &want)
+        assert!(max_err(&out, &want) < 1e-4, "recurrent: {}", max_err(&out, &want));
+    }
+
+    #[test]
+    fn zero_state_plus_incoming_correction_equals_carried_state() {
+        let shape = RetentionShape { tokens: 90, heads: 2, head_dim: 8 };
+        let (q, k, v, gamma) = inputs(shape, 30);
+        let w = shape.width();
+        let cut = 37;
+        // Carried: one call over the whole sequence.
+        let mut state = vec![0.0; 2 * 64];
+        let mut want = vec![0.0; q.len()];
+        retention_chunkwise(&q, &k, &v, &gamma, shape, 16, &mut state, &mut want);
+        // Split: the second part from a zero state, then corrected with the first part's state.
+        let first = RetentionShape { tokens: cut, ..shape };
+        let second = RetentionShape { tokens: 90 - cut, ..shape };
+        let mut s1 = vec![0.0; 2 * 64];
+        let mut out = vec![0.0; q.len()];
+        let (a, b) = (0..cut * w, cut * w..90 * w);
+        retention_chunkwise(
+            &q[a.clone()],
+            &k[a.clone()],
+            &v[a.clone()],
+            &gamma[..cut * 2],
+            first,
+            16,
+            &mut s1,
+            &mut out[a],
         );
+        let mut s2 = vec![0.0; 2 * 64];
+        let g2 = &gamma[cut * 2..];
+        retention_chunkwise(&q[b.clone()], &k[b.clone()], &v[b.clone()], g2, second, 16, &mut s2, &mut out[b.clone()]);
+        retention_add_incoming(&q[b.clone()], g2, second, &s1, &mut out[b]);
+        assert!(max_err(&out, &want) < 1e-5, "{}", max_err(&out, &want));
+        // And the final state composes: S = exp(ΣG₂)·S₁ + S₂.
+        let decay = retention_log_decay(g2, 2);
+        for h in 0..2 {
+            for i in 0..64 {
+                let composed = (decay[h].exp() as f32) * s1[h * 64 + i] + s2[h * 64 + i];
+                assert!((composed - state[h * 64 + i]).abs() < 1e-5 * (1.0 + state[h * 64 + i].abs()));
+            }
+        }
     }
 
     #[test]
     fn split_calls_carry_the_state_exactly() {
-        let shape = RetentionShape {
-            tokens: 100,
-            heads: 2,
-            head_dim: 4,
-        };
+        let shape = RetentionShape { tokens: 100, heads: 2, head_dim: 4 };
         let (q, k, v, gamma) = inputs(shape, 20);
         let mut whole_state = vec![0.0; 2 * 16];
         let mut whole = vec![0.0; q.len()];
@@ -289,10 +310,7 @@ mod tests {
             let mut out = vec![0.0; q.len()];
             let w = shape.width();
             for (a, b) in [(0, cut), (cut, 100)] {
-                let part = RetentionShape {
-                    tokens: b - a,
-                    ..shape
-                };
+                let part = RetentionShape { tokens: b - a, ..shape };
                 retention_chunkwise(
                     &q[a * w..b * w],
                     &k[a * w..b * w],

@@ -53,11 +53,6 @@ mod tests {
         assert_close(&got, &want, 1e-5, "rms_norm");
         let plain = rms_norm_new(&x, dim, None, 1e-5);
         let ones = vec![1.0; dim];
-        assert_close(
-            &plain,
-            &rms_norm_new(&x, dim, Some(&ones), 1e-5),
-            0.0,
-            "rms_norm without weight",
-        );
+        assert_close(&plain, &rms_norm_new(&x, dim, Some(&ones), 1e-5), 0.0, "rms_norm without weight");
     }
 }

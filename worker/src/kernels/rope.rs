@@ -23,10 +23,8 @@ impl Rope {
     pub fn new(theta: f64, head_dim: usize) -> Self {
         let n = head_dim / 2;
         let base = theta as f32;
-        let inv_freq = torch_linspace01(n)
-            .into_iter()
-            .map(|e| 1.0f32 / ((base as f64).powf(e as f64) as f32))
-            .collect();
+        let inv_freq =
+            torch_linspace01(n).into_iter().map(|e| 1.0f32 / ((base as f64).powf(e as f64) as f32)).collect();
         Rope { inv_freq }
     }
 
@@ -42,11 +40,7 @@ impl Rope {
 
     pub fn table(&self, positions: impl IntoIterator<Item = usize>) -> RopeTable {
         let half = self.half();
-        let mut table = RopeTable {
-            half,
-            cos: Vec::new(),
-            sin: Vec::new(),
-        };
+        let mut table = RopeTable { half, cos: Vec::new(), sin: Vec::new() };
         for pos in positions {
             for i in 0..half {
                 let a = self.angle(pos, i) as f64;
@@ -67,15 +61,7 @@ fn torch_linspace01(n: usize) -> Vec<f32> {
         _ => {
             let step = 1.0f32 / (n - 1) as f32;
             let halfway = n / 2;
-            (0..n)
-                .map(|i| {
-                    if i < halfway {
-                        step * i as f32
-                    } else {
-                        1.0 - step * (n - 1 - i) as f32
-                    }
-                })
-                .collect()
+            (0..n).map(|i| if i < halfway { step * i as f32 } else { 1.0 - step * (n - 1 - i) as f32 }).collect()
         }
     }
 }
@@ -86,11 +72,7 @@ pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, table: &RopeTa
     let width = n_heads * head_dim;
     let half = head_dim / 2;
     assert_eq!(table.half, half, "rope table built for another head dim");
-    assert_eq!(
-        x.len() / width,
-        table.cos.len() / half.max(1),
-        "rope table rows != x rows"
-    );
+    assert_eq!(x.len() / width, table.cos.len() / half.max(1), "rope table rows != x rows");
     for (r, row) in x.chunks_exact_mut(width).enumerate() {
         let cos = &table.cos[r * half..(r + 1) * half];
         let sin = &table.sin[r * half..(r + 1) * half];
@@ -120,9 +102,7 @@ mod tests {
         let rope = Rope::new(10000.0, 8);
         let positions = [0usize, 1, 17, 999_999];
         let table = rope.table(positions);
-        let x: Vec<f32> = (0..2 * 8 * positions.len())
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
+        let x: Vec<f32> = (0..2 * 8 * positions.len()).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut y = x.clone();
         apply_rope(&mut y, 2, 8, &table);
         for (r, &pos) in positions.iter().enumerate() {

@@ -94,10 +94,7 @@ mod tests {
             let a = randn(n, 1);
             let b = randn(n, 2);
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!(
-                (dot(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                "n={n}"
-            );
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "n={n}");
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
             for i in 0..n {

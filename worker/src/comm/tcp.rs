@@ -1,0 +1,314 @@
+//! The TCP transport: a full mesh of connections between the ranks of a group. Frames carry a
+//! magic number, a per-link sequence number (so that ranks out of step are detected, not
+//! silently mixed up) and a bounded length.
+
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::{Collective, CommError};
+
+const MAGIC: u32 = 0x594F_434F; // "YOCO"
+/// Largest frame a peer may announce (bounds what a corrupt or hostile peer makes us allocate).
+const MAX_FRAME_BYTES: u64 = 8 << 30;
+
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long any single collective waits for a peer.
+    pub timeout: Duration,
+    /// How long to keep trying to reach peers while the group forms.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions { timeout: Duration::from_secs(120), connect_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// The sending half of a link to one peer.
+struct Tx {
+    writer: BufWriter<TcpStream>,
+    sent: u64,
+}
+
+/// The receiving half of a link to one peer.
+struct Rx {
+    reader: BufReader<TcpStream>,
+    received: u64,
+}
+
+pub struct TcpCollective {
+    rank: usize,
+    tx: Vec<Option<Tx>>,
+    rx: Vec<Option<Rx>>,
+    timeout: Duration,
+}
+
+impl TcpCollective {
+    /// Forms the group: rank r accepts connections from higher ranks on `listener` and connects
+    /// to every lower rank at `addrs[j]`. Returns once all links are up.
+    pub fn connect(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        opts: &TcpOptions,
+    ) -> Result<Self, CommError> {
+        let world = addrs.len();
+        if rank >= world {
+            return Err(CommError::Setup(format!("rank {rank} outside a group of {world}")));
+        }
+        let deadline = Instant::now() + opts.connect_timeout;
+        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        for (peer, addr) in addrs.iter().enumerate().take(rank) {
+            let mut stream = loop {
+                match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(peer, %addr, error = %e, "waiting for peer");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(CommError::Setup(format!("cannot reach rank {peer} at {addr}: {e}"))),
+                }
+            };
+            stream.write_all(&hello(rank, world)).map_err(|e| io_err(peer, e))?;
+            streams[peer] = Some(stream);
+        }
+        listener.set_nonblocking(true).map_err(|e| CommError::Setup(e.to_string()))?;
+        while streams.iter().skip(rank + 1).any(Option::is_none) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).map_err(|e| CommError::Setup(e.to_string()))?;
+                    stream.set_read_timeout(Some(opts.connect_timeout)).map_err(|e| CommError::Setup(e.to_string()))?;
+                    let mut buf = [0u8; 16];
+                    stream.read_exact(&mut buf).map_err(|e| CommError::Setup(format!("bad hello: {e}")))?;
+                    let peer = parse_hello(&buf, world)?;
+                    if peer <= rank || streams[peer].is_some() {
+                        return Err(CommError::Setup(format!("unexpected connection from rank {peer}")));
+                    }
+                    streams[peer] = Some(stream);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(CommError::Setup(format!("waiting for higher ranks: {e}"))),
+            }
+        }
+        let mut tx = Vec::with_capacity(world);
+        let mut rx = Vec::with_capacity(world);
+        for (peer, stream) in streams.into_iter().enumerate() {
+            let Some(s) = stream else {
+                tx.push(None);
+                rx.push(None);
+                continue;
+            };
+            s.set_nodelay(true).map_err(|e| io_err(peer, e))?;
+            s.set_read_timeout(Some(opts.timeout)).map_err(|e| io_err(peer, e))?;
+            s.set_write_timeout(Some(opts.timeout)).map_err(|e| io_err(peer, e))?;
+            let reader = BufReader::with_capacity(1 << 20, s.try_clone().map_err(|e| io_err(peer, e))?);
+            rx.push(Some(Rx { reader, received: 0 }));
+            tx.push(Some(Tx { writer: BufWriter::with_capacity(1 << 20, s), sent: 0 }));
+        }
+        Ok(TcpCollective { rank, tx, rx, timeout: opts.timeout })
+    }
+}
+
+fn hello(rank: usize, world: usize) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
+    b[8..12].copy_from_slice(&(world as u32).to_le_bytes());
+    b
+}
+
+fn parse_hello(b: &[u8; 16], world: usize) -> Result<usize, CommError> {
+    let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    if word(0) != MAGIC || word(8) as usize != world {
+        return Err(CommError::Setup("a connection that is not a rank of this group".into()));
+    }
+    Ok(word(4) as usize)
+}
+
+fn io_err(peer: usize, e: std::io::Error) -> CommError {
+    match e.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted => CommError::PeerLost { peer },
+        _ => CommError::Io { peer, reason: e.to_string() },
+    }
+}
+
+fn timeout_or(peer: usize, e: std::io::Error, timeout: Duration) -> CommError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => CommError::Timeout { peer, seconds: timeout.as_secs_f64() },
+        _ => io_err(peer, e),
+    }
+}
+
+fn write_frame(link: &mut Tx, peer: usize, data: &[f32], timeout: Duration) -> Result<(), CommError> {
+    let mut header = [0u8; 20];
+    header[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..12].copy_from_slice(&link.sent.to_le_bytes());
+    header[12..20].copy_from_slice(&((data.len() * 4) as u64).to_le_bytes());
+    let w = &mut link.writer;
+    w.write_all(&header).map_err(|e| timeout_or(peer, e, timeout))?;
+    for chunk in data.chunks(16 * 1024) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_all(&bytes).map_err(|e| timeout_or(peer, e, timeout))?;
+    }
+    w.flush().map_err(|e| timeout_or(peer, e, timeout))?;
+    link.sent += 1;
+    Ok(())
+}
+
+fn read_frame(link: &mut Rx, peer: usize, timeout: Duration) -> Result<Vec<f32>, CommError> {
+    let mut header = [0u8; 20];
+    link.reader.read_exact(&mut header).map_err(|e| timeout_or(peer, e, timeout))?;
+    let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let seq = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
+    let bad = |reason: String| CommError::Protocol { peer, reason };
+    if magic != MAGIC {
+        return Err(bad(format!("bad frame magic {magic:#x}")));
+    }
+    if seq != link.received {
+        return Err(bad(format!("frame {seq} arrived where frame {} was expected (ranks out of step)", link.received)));
+    }
+    if len % 4 != 0 || len > MAX_FRAME_BYTES {
+        return Err(bad(format!("bad frame length {len}")));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    link.reader.read_exact(&mut bytes).map_err(|e| timeout_or(peer, e, timeout))?;
+    link.received += 1;
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+}
+
+fn no_peer(peer: usize) -> CommError {
+    CommError::Protocol { peer, reason: "no such peer".into() }
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.tx.len()
+    }
+
+    fn send(&mut self, to: usize, data: &[f32]) -> Result<(), CommError> {
+        let tx = self.tx.get_mut(to).and_then(Option::as_mut).ok_or(no_peer(to))?;
+        write_frame(tx, to, data, self.timeout)
+    }
+
+    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+        let rx = self.rx.get_mut(from).and_then(Option::as_mut).ok_or(no_peer(from))?;
+        read_frame(rx, from, self.timeout)
+    }
+
+    fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+        let timeout = self.timeout;
+        let (rank, txs, rxs) = (self.rank, &mut self.tx, &mut self.rx);
+        // Writes go out on their own threads while this one reads, so that two ranks sending
+        // large payloads to each other cannot both block on full socket buffers.
+        std::thread::scope(|scope| {
+            let senders: Vec<_> = txs
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(peer, tx)| tx.as_mut().map(|tx| (peer, tx)))
+                .map(|(peer, tx)| scope.spawn(move || write_frame(tx, peer, data, timeout)))
+                .collect();
+            let mut out = Vec::with_capacity(rxs.len());
+            let mut result = Ok(());
+            for (peer, rx) in rxs.iter_mut().enumerate() {
+                match rx {
+                    None => out.push(data.to_vec()),
+                    Some(rx) if result.is_ok() => match read_frame(rx, peer, timeout) {
+                        Ok(v) => out.push(v),
+                        Err(e) => result = Err(e),
+                    },
+                    Some(_) => {}
+                }
+            }
+            for h in senders {
+                let sent = h.join().unwrap_or_else(|_| Err(CommError::Setup("sender thread panicked".into())));
+                if result.is_ok() {
+                    result = sent;
+                }
+            }
+            debug_assert!(result.is_err() || out.len() == rxs.len(), "rank {rank}");
+            result.map(|()| out)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forms a group of `world` ranks on loopback, each on its own thread running `f`.
+    fn group<T: Send>(world: usize, timeout: Duration, f: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let opts = TcpOptions { timeout, connect_timeout: Duration::from_secs(10) };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (addrs, opts, f) = (&addrs, &opts, &f);
+                    s.spawn(move || f(TcpCollective::connect(rank, addrs, l, opts).unwrap()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn collectives_on_four_ranks() {
+        let results = group(4, Duration::from_secs(10), |mut c| {
+            let r = c.rank();
+            // Uneven and large payloads (several MB each way at once).
+            let mine: Vec<f32> = (0..(r * 300_000 + 3)).map(|i| (i + r) as f32).collect();
+            let all = c.all_gather(&mine).unwrap();
+            for (j, part) in all.iter().enumerate() {
+                assert_eq!(part.len(), j * 300_000 + 3);
+                assert_eq!(part[2], (2 + j) as f32);
+            }
+            let mut sum = vec![r as f32; 5];
+            c.all_reduce_sum(&mut sum).unwrap();
+            assert_eq!(sum, vec![6.0; 5]);
+            let mut b = if r == 2 { vec![9.0, 8.0] } else { vec![] };
+            c.broadcast(2, &mut b).unwrap();
+            assert_eq!(b, vec![9.0, 8.0]);
+            if r == 0 {
+                c.send(3, &[1.5]).unwrap();
+            }
+            if r == 3 {
+                assert_eq!(c.recv(0).unwrap(), vec![1.5]);
+            }
+            c.barrier().unwrap();
+            r
+        });
+        assert_eq!(results, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_lost_or_stalled_peer_is_an_error_not_a_hang() {
+        let started = Instant::now();
+        let results = group(3, Duration::from_millis(500), |mut c| match c.rank() {
+            0 => {
+                drop(c); // rank 0 dies
+                None
+            }
+            1 => Some(c.all_gather(&[1.0])),
+            _ => {
+                std::thread::sleep(Duration::from_millis(1500)); // rank 2 stalls
+                Some(c.all_gather(&[2.0]))
+            }
+        });
+        assert!(matches!(results[1], Some(Err(CommError::PeerLost { peer: 0 }))), "{:?}", results[1]);
+        assert!(results[2].as_ref().unwrap().is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
