@@ -22,30 +22,19 @@ pub struct Expected {
 pub fn read_tensor_f32(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 pub fn read_tensor_i64(st: &SafeTensors, name: &str) -> Vec<i64> {
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), Dtype::I64, "{name}");
-    t.data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 pub fn expected(name: &str) -> Expected {
     let bytes = std::fs::read(fixtures().join(format!("{name}.expected.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = |n| {
-        read_tensor_i64(&st, n)
-            .into_iter()
-            .map(|v| v as u32)
-            .collect()
-    };
+    let ids = |n| read_tensor_i64(&st, n).into_iter().map(|v| v as u32).collect();
     Expected {
         prompt: ids("prompt"),
         logits: read_tensor_f32(&st, "logits"),
@@ -59,13 +48,7 @@ pub fn load(name: &str) -> Arc<Model> {
 }
 
 pub fn engine(model: &Arc<Model>, block_tokens: usize) -> Engine {
-    Engine::new(
-        model.clone(),
-        &EngineOptions {
-            block_tokens,
-            cache_budget_bytes: 64 << 20,
-        },
-    )
+    Engine::new(model.clone(), &EngineOptions { block_tokens, cache_budget_bytes: 64 << 20 })
 }
 
 /// Largest |a−b| / (|b| + rms(b)): the relative error with the data's scale as floor.
@@ -74,13 +57,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt() as f32;
     a.iter()
         .zip(b)
-        .map(|(x, y)| {
-            if x.is_finite() {
-                (x - y).abs() / (y.abs() + rms)
-            } else {
-                f32::INFINITY
-            }
-        })
+        .map(|(x, y)| if x.is_finite() { (x - y).abs() / (y.abs() + rms) } else { f32::INFINITY })
         .fold(0.0, f32::max)
 }
 
@@ -92,4 +69,40 @@ pub fn argmax(row: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The small random-model shape the engine-level tests use: the tiny preset narrowed to dim 64,
+/// FFN 96 and a 300-token vocabulary (4 self + 4 cross layers, self head dim 16, MQA).
+pub fn small_config(mixer: yoco_worker::config::SelfMixerKind) -> yoco_worker::config::ModelConfig {
+    let mut cfg = yoco_worker::presets::Preset::Tiny.config();
+    cfg.dim = 64;
+    cfg.hidden_dim = 96;
+    cfg.vocab_size = 300;
+    cfg.mixer = mixer;
+    cfg
+}
+
+/// Writes a random f32 model of `cfg` into `dir` and loads it.
+pub fn random_model(
+    cfg: &yoco_worker::config::ModelConfig,
+    seed: u64,
+    tied: bool,
+    dir: &std::path::Path,
+) -> Arc<Model> {
+    yoco_worker::presets::write_random_model(cfg, yoco_worker::presets::StoreDtype::F32, seed, tied, dir).unwrap();
+    Arc::new(Model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())))
+}
+
+/// `n` reproducible pseudo-random token ids below `vocab`.
+pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            // xorshift64*: enough to spread ids over the vocabulary.
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as u32 % vocab as u32
+        })
+        .collect()
 }
