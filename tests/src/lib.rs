@@ -1,0 +1,129 @@
+//! Helpers for the end-to-end tests: find the `yoco` binary that cargo built beside this test
+//! executable, and run it with a clean environment.
+//!
+//! `cargo test` does not build another package's binaries, so build them first:
+//! `cargo build --release -p yoco && cargo test --release -p yoco-e2e` (`scripts/test.sh` does
+//! this). `YOCO_BIN=/path/to/yoco` overrides the lookup.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::SystemTime;
+
+/// The `yoco` binary of this build profile: `target/<profile>/yoco`, the parent of the `deps`
+/// folder this test executable runs from (so `CARGO_TARGET_DIR` and `--target` are followed).
+pub fn yoco_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("YOCO_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("the test executable lies in target/<profile>/deps");
+    let bin = profile_dir.join(format!("yoco{}", std::env::consts::EXE_SUFFIX));
+    let profile = profile_dir.file_name().unwrap_or_default().to_string_lossy();
+    let flag = match &*profile {
+        "debug" => String::new(),
+        "release" => " --release".to_string(),
+        other => format!(" --profile {other}"),
+    };
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        panic!(
+            "{} does not exist: build it first with `cargo build -p yoco{flag}` \
+             (`cargo test` does not build other packages' binaries; scripts/test.sh does both)",
+            bin.display()
+        );
+    };
+    if let Some(newer) = newer_source(&bin, built) {
+        panic!("{} is older than {}: rebuild it with `cargo build -p yoco{flag}`", bin.display(), newer.display());
+    }
+    bin
+}
+
+/// A source file of the binary that changed after it was built, if any: the files are those cargo
+/// lists in the binary's dep-info (`yoco.d` beside it), the ones whose mtime makes it rebuild.
+fn newer_source(bin: &Path, built: SystemTime) -> Option<PathBuf> {
+    let dep_info = std::fs::read_to_string(bin.with_file_name("yoco.d")).ok()?;
+    // `target: src1 src2 …`, with spaces inside paths escaped as `\ `.
+    let (_, sources) = dep_info.split_once(": ")?;
+    let sources = sources.replace("\\ ", "\0");
+    sources
+        .split_whitespace()
+        .map(|s| PathBuf::from(s.replace('\0', " ")))
+        .find(|path| path.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built))
+}
+
+/// A finished `yoco` run.
+pub struct Run {
+    pub args: Vec<String>,
+    pub output: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// Asserts that the run succeeded and returns it.
+    pub fn ok(self) -> Self {
+        assert!(
+            self.output.status.success(),
+            "yoco {:?} failed ({}):\n{}",
+            self.args,
+            self.output.status,
+            self.stderr()
+        );
+        self.assert_no_panic();
+        self
+    }
+
+    /// Asserts that the run failed cleanly (non-zero exit, no panic) with a message on stderr
+    /// containing every one of `parts`.
+    pub fn fails_with(self, parts: &[&str]) -> Self {
+        assert!(
+            !self.output.status.success(),
+            "yoco {:?} succeeded but should have failed; stdout:\n{}",
+            self.args,
+            self.stdout()
+        );
+        assert!(
+            self.output.status.code().is_some(),
+            "yoco {:?} was killed by a signal ({})",
+            self.args,
+            self.output.status
+        );
+        self.assert_no_panic();
+        let err = self.stderr();
+        for part in parts {
+            assert!(err.contains(part), "yoco {:?}: stderr does not mention {part:?}:\n{err}", self.args);
+        }
+        self
+    }
+
+    fn assert_no_panic(&self) {
+        let err = self.stderr();
+        assert!(!err.contains("panicked"), "yoco {:?} panicked:\n{err}", self.args);
+    }
+
+    /// Stdout parsed as one JSON value.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("yoco {:?}: stdout is not JSON ({e}):\n{}", self.args, self.stdout()))
+    }
+}
+
+/// Runs `yoco args…` with `YOCO_HOME` at `home` and no other `YOCO_*` settings from the caller's
+/// environment, so a developer's configuration cannot change the outcome.
+pub fn yoco(home: &Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(yoco_bin());
+    cmd.args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("YOCO_") {
+            cmd.env_remove(&key);
+        }
+    }
+    // Errors without anyhow's backtrace (a panic still prints its own message).
+    cmd.env("YOCO_HOME", home).env("RUST_LOG", "warn").env("RUST_LIB_BACKTRACE", "0");
+    let output = cmd.output().expect("run yoco");
+    Run { args: args.iter().map(|s| s.to_string()).collect(), output }
+}

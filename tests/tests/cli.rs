@@ -1,0 +1,223 @@
+//! The `yoco` command line, run as a real process: `init-model`, `generate` (JSON output,
+//! seeds, prompt log-probabilities, sliding-window models, the built-in default model) and
+//! clean failures on bad input.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use yoco_e2e::yoco;
+
+/// A tiny model with a 1000-token vocabulary in `home/name`.
+fn init_model(home: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let dir = home.join(name);
+    let out = dir.to_str().unwrap();
+    let mut args = vec!["init-model", "--preset", "tiny", "--vocab-size", "1000"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--out", out]);
+    let run = yoco(home, &args).ok();
+    assert!(run.stderr().contains("wrote tiny"), "{}", run.stderr());
+    dir
+}
+
+fn generate_json(home: &Path, model: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    yoco(home, &args).ok().json()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+fn numbers(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|t| t.as_f64().unwrap()).collect()
+}
+
+#[test]
+fn generate_json_has_the_documented_fields() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    for file in ["params.json", "model.safetensors"] {
+        assert!(model.join(file).is_file(), "{file}");
+    }
+    let out = generate_json(home.path(), &model, &["--prompt-ids", "1,2,3", "--max-tokens", "5"]);
+    assert_eq!(ids(&out["prompt_tokens"]), [1, 2, 3]);
+    let tokens = ids(&out["tokens"]);
+    // The vocabulary (1000) cannot produce cl100k's end-of-text token, so all 5 come.
+    assert_eq!(tokens.len(), 5, "{out}");
+    assert!(tokens.iter().all(|&t| t < 1000));
+    assert_eq!(out["finish_reason"], "length");
+    let logprobs = numbers(&out["logprobs"]);
+    assert_eq!(logprobs.len(), 5);
+    assert!(logprobs.iter().all(|&lp| lp <= 0.0 && lp.is_finite()));
+    assert!(out["top_logprobs"].is_null(), "not asked for: {out}");
+    assert!(out["prompt_logprobs"].is_null(), "not asked for: {out}");
+    assert!(out["text"].is_string());
+    assert!(out["seed"].is_u64());
+    assert_eq!(out["usage"]["prompt_tokens"], 3);
+    assert_eq!(out["usage"]["completion_tokens"], 5);
+    assert_eq!(out["usage"]["total_tokens"], 8);
+    for key in ["prefill_seconds", "prefill_tokens_per_second", "decode_seconds", "decode_tokens_per_second"] {
+        assert!(out["timing"][key].as_f64().unwrap() >= 0.0, "{key}: {out}");
+    }
+    assert_eq!(out["tokenizer"], "tiktoken:cl100k_base");
+    assert!(out["cache"]["bytes_per_token"].as_u64().unwrap() > 0);
+
+    // Greedy (the default) is deterministic whatever the seed, and --logprobs K lists the K
+    // most likely tokens, the chosen one first.
+    let top = generate_json(home.path(), &model, &["--prompt-ids", "1,2,3", "--max-tokens", "5", "--logprobs", "4"]);
+    assert_eq!(ids(&top["tokens"]), tokens);
+    let steps = top["top_logprobs"].as_array().unwrap();
+    assert_eq!(steps.len(), 5);
+    for (i, step) in steps.iter().enumerate() {
+        let alts = step.as_array().unwrap();
+        assert_eq!(alts.len(), 4);
+        assert_eq!(alts[0]["token"].as_u64(), Some(tokens[i]));
+        assert_eq!(alts[0]["logprob"].as_f64(), Some(logprobs[i]));
+        let lps: Vec<f64> = alts.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{step}");
+    }
+
+    // Plain text output: the text on stdout, a summary on stderr.
+    let m = model.to_str().unwrap();
+    let run = yoco(home.path(), &["generate", "--model", m, "--prompt-ids", "1,2,3", "--max-tokens", "5"]).ok();
+    assert_eq!(run.stdout().trim_end_matches('\n'), out["text"].as_str().unwrap());
+    assert!(run.stderr().contains("3 prompt tokens, 5 generated"), "{}", run.stderr());
+}
+
+#[test]
+fn same_seed_same_tokens_other_seed_other_tokens() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let sample = |seed: &str| {
+        let out = generate_json(
+            home.path(),
+            &model,
+            &["--prompt-ids", "5,6,7,8", "--max-tokens", "10", "--temperature", "0.8", "--seed", seed],
+        );
+        assert_eq!(out["seed"].as_u64().unwrap().to_string(), seed);
+        ids(&out["tokens"])
+    };
+    let first = sample("1234");
+    assert_eq!(first.len(), 10);
+    assert_eq!(sample("1234"), first);
+    assert_ne!(sample("1235"), first);
+}
+
+#[test]
+fn prompt_logprobs_are_null_then_numbers() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let out =
+        generate_json(home.path(), &model, &["--prompt-ids", "10,20,30,40", "--max-tokens", "2", "--prompt-logprobs"]);
+    let lps = out["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), 4);
+    assert!(lps[0].is_null());
+    for lp in &lps[1..] {
+        let lp = lp.as_f64().unwrap_or_else(|| panic!("not a number: {out}"));
+        assert!(lp <= 0.0 && lp.is_finite());
+    }
+}
+
+#[test]
+fn sliding_window_models_work() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "swa", &["--sliding-window", "8"]);
+    let params: Value = serde_json::from_str(&std::fs::read_to_string(model.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["sliding_window"], 8);
+    // A prompt longer than the window, prefilled whole and in chunks of 3.
+    let prompt: Vec<String> = (0..20).map(|i| (i * 37 % 1000).to_string()).collect();
+    let prompt = prompt.join(",");
+    let base = ["--prompt-ids", prompt.as_str(), "--max-tokens", "6"];
+    let whole = generate_json(home.path(), &model, &base);
+    assert_eq!(ids(&whole["tokens"]).len(), 6);
+    let mut chunked_args = base.to_vec();
+    chunked_args.extend_from_slice(&["--prefill-chunk", "3"]);
+    let chunked = generate_json(home.path(), &model, &chunked_args);
+    assert_eq!(chunked["tokens"], whole["tokens"]);
+    let mut logprob_args = base.to_vec();
+    logprob_args.push("--prompt-logprobs");
+    let with_logprobs = generate_json(home.path(), &model, &logprob_args);
+    assert_eq!(with_logprobs["tokens"], whole["tokens"]);
+    assert_eq!(with_logprobs["prompt_logprobs"].as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn default_model_is_created_under_yoco_home() {
+    let home = tempfile::tempdir().unwrap();
+    let args = ["generate", "--prompt", "hello", "--max-tokens", "3", "--json"];
+    let first = yoco(home.path(), &args).ok().json();
+    let dir = home.path().join("models/tiny-seed0");
+    assert_eq!(first["model"], dir.display().to_string());
+    assert!(dir.join("params.json").is_file());
+    assert!(dir.join("model.safetensors").is_file());
+    // "hello" is one cl100k token.
+    assert_eq!(ids(&first["prompt_tokens"]), [15339]);
+    let n = ids(&first["tokens"]).len();
+    assert!((1..=3).contains(&n), "{first}");
+    // Nothing half-written is left beside it, and a second run reuses it.
+    let entries: Vec<_> =
+        std::fs::read_dir(home.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, ["tiny-seed0"]);
+    let second = yoco(home.path(), &args).ok().json();
+    assert_eq!(second["tokens"], first["tokens"]);
+}
+
+#[test]
+fn bad_input_fails_with_a_message_and_no_panic() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = init_model(h, "m", &[]);
+    let m = model.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m];
+        args.extend_from_slice(extra);
+        yoco(h, &args)
+    };
+    gen(&["--prompt-ids", "1", "--temperature=-1"]).fails_with(&["temperature", "-1"]);
+    gen(&["--prompt-ids", "1", "--top-p", "0"]).fails_with(&["top_p"]);
+    gen(&["--prompt-ids", "1", "--min-p", "2"]).fails_with(&["min_p"]);
+    gen(&["--prompt-ids", "1,1000"]).fails_with(&["1000", "vocabulary", "size 1000"]);
+    gen(&["--prompt-ids", "1,x"]).fails_with(&["--prompt-ids", "x"]);
+    gen(&["--prompt-ids", "1", "--max-tokens", "many"]).fails_with(&["--max-tokens", "many"]);
+    gen(&["--prompt", ""]).fails_with(&["empty"]);
+    gen(&[]).fails_with(&["--prompt"]);
+    gen(&["--prompt-file", h.join("nope.txt").to_str().unwrap()]).fails_with(&["nope.txt"]);
+    // A budget too small for one cache block.
+    gen(&["--prompt-ids", "1,2", "--cache-mib", "0"]).fails_with(&["cache", "budget"]);
+
+    // A model directory without params.json, and one that does not exist.
+    let empty = h.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = empty.to_str().unwrap();
+    yoco(h, &["generate", "--model", e, "--prompt-ids", "1"]).fails_with(&["params.json", e]);
+    let missing = h.join("missing");
+    yoco(h, &["generate", "--model", missing.to_str().unwrap(), "--prompt-ids", "1"])
+        .fails_with(&["missing", "params.json"]);
+    // params.json but no weights.
+    std::fs::copy(model.join("params.json"), empty.join("params.json")).unwrap();
+    yoco(h, &["generate", "--model", e, "--prompt-ids", "1"]).fails_with(&["safetensors", e]);
+
+    let out = h.join("x");
+    let o = out.to_str().unwrap();
+    yoco(h, &["init-model", "--preset", "huge", "--out", o]).fails_with(&["preset", "huge"]);
+    yoco(h, &["init-model", "--dtype", "f8", "--out", o]).fails_with(&["dtype", "f8"]);
+    yoco(h, &["init-model", "--sliding-window", "0", "--out", o]).fails_with(&["--sliding-window"]);
+    yoco(h, &["init-model", "--vocab-size", "0", "--out", o]).fails_with(&["vocab_size"]);
+    yoco(h, &["init-model", "--rope-theta", "0.5", "--out", o]).fails_with(&["rope_theta"]);
+    yoco(h, &["init-model", "--preset", "tiny"]).fails_with(&["--out"]);
+    assert!(!out.exists(), "a failed init-model writes nothing");
+    yoco(h, &["bench", "--preset", "huge"]).fails_with(&["preset", "huge"]);
+    yoco(h, &["frobnicate"]).fails_with(&["frobnicate"]);
+}
+
+#[test]
+fn help_and_version() {
+    let home = tempfile::tempdir().unwrap();
+    let help = yoco(home.path(), &["--help"]).ok().stdout();
+    for cmd in ["init-model", "generate", "bench"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let version = yoco(home.path(), &["--version"]).ok().stdout();
+    assert!(version.starts_with("yoco "), "{version}");
+}
