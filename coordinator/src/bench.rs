@@ -44,11 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let flops_per_token = prefill_flops_per_token(&cfg);
     let cache_bytes_per_token = cfg.cache_numbers_per_token() * 4;
     if !args.json {
-        println!(
-            "yoco bench: preset {} ({} params), {threads} threads",
-            args.preset,
-            cfg.n_params(false)
-        );
+        println!("yoco bench: preset {} ({} params), {threads} threads", args.preset, cfg.n_params(false));
         println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s");
         println!("global cache: {cache_bytes_per_token} bytes/token (f32)");
         println!(
@@ -70,27 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (i, part) in prompt.chunks(args.prefill_chunk).enumerate() {
             let is_last = (i + 1) * args.prefill_chunk >= n;
             let want = if is_last { Logits::Last } else { Logits::None };
-            last = engine
-                .step(&[StepItem {
-                    seq: 1,
-                    tokens: part,
-                    logits: want,
-                }])?
-                .remove(0)
-                .logits;
+            last = engine.step(&[StepItem::prefill(1, part, want)])?.remove(0).logits;
         }
         let prefill = started.elapsed().as_secs_f64();
         let started = Instant::now();
         for _ in 0..args.decode_tokens {
             let token = argmax(&last);
-            last = engine
-                .step(&[StepItem {
-                    seq: 1,
-                    tokens: &[token],
-                    logits: Logits::Last,
-                }])?
-                .remove(0)
-                .logits;
+            last = engine.step(&[StepItem::decode(1, &[token])])?.remove(0).logits;
         }
         let decode = args.decode_tokens as f64 / started.elapsed().as_secs_f64();
         let gflops = flops_per_token * n as f64 / prefill / 1e9;
@@ -150,10 +132,9 @@ fn prefill_flops_per_token(cfg: &ModelConfig) -> f64 {
     let (proj, mixer) = match cfg.mixer {
         // q,k,v,g,out + gt; per head: q·S and the state update (2·d² each, ×2 for mul+add),
         // and the in-block causal scores and sums (≈ block/2 keys × d × 2 × 2).
-        SelfMixerKind::GatedRetention => (
-            5.0 * d * d + d * heads,
-            heads * (4.0 * hd * hd + 2.0 * RETENTION_BLOCK as f64 * hd),
-        ),
+        SelfMixerKind::GatedRetention => {
+            (5.0 * d * d + d * heads, heads * (4.0 * hd * hd + 2.0 * RETENTION_BLOCK as f64 * hd))
+        }
         SelfMixerKind::SlidingWindow { window } => (4.0 * d * d, heads * 4.0 * window as f64 * hd),
     };
     let per_layer = 2.0 * (proj + 3.0 * d * h) + mixer;

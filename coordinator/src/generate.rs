@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde_json::json;
 use yoco_worker::engine::{Engine, EngineOptions};
-use yoco_worker::generate::{generate, GenerateParams, Progress};
+use yoco_worker::executor::Executor;
+use yoco_worker::generate::{generate, GenerateParams, PlanRunner, Progress};
 use yoco_worker::model::Model;
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
@@ -55,24 +56,29 @@ pub struct Args {
     /// Global KV cache budget in MiB.
     #[arg(long, default_value_t = 8192, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
-    /// Prompt tokens per prefill step.
+    /// Prompt tokens per rank per prefill step.
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
+    /// Run on this many worker processes (context-parallel prefill, sharded cache) instead of
+    /// in this process.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seconds a collective waits for a peer before the group fails.
+    #[arg(long, default_value_t = 120.0)]
+    collective_timeout: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = crate::default_model::resolve(args.model.clone())?;
     let load_started = Instant::now();
-    let model =
-        Arc::new(Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?);
+    let model = Arc::new(Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?);
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     tracing::info!(model = %dir.display(), seconds = load_started.elapsed().as_secs_f64(), "model loaded");
 
     let prompt = match (&args.prompt, &args.prompt_file, &args.prompt_ids) {
         (Some(text), _, _) => tokenizer.encode(text)?,
         (_, Some(path), _) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             tokenizer.encode(&text)?
         }
         (_, _, Some(ids)) => ids.clone(),
@@ -98,20 +104,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampling: sampling.clone(),
         top_logprobs: args.logprobs.unwrap_or(0),
         prompt_logprobs: args.prompt_logprobs,
-        stop_token_ids: if args.ignore_eos {
-            vec![]
-        } else {
-            tokenizer.eos_token().into_iter().collect()
-        },
+        stop_token_ids: if args.ignore_eos { vec![] } else { tokenizer.eos_token().into_iter().collect() },
         prefill_chunk: args.prefill_chunk.max(1),
     };
-    let opts = EngineOptions {
-        cache_budget_bytes: args.cache_mib << 20,
-        ..EngineOptions::default()
+    let mut runner: Box<dyn PlanRunner> = match args.workers {
+        None => {
+            let opts = EngineOptions { cache_budget_bytes: args.cache_mib << 20, ..EngineOptions::default() };
+            Box::new(Executor::new(Engine::new(model.clone(), &opts)))
+        }
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(p) => {
+            let opts = crate::group::GroupOptions {
+                cache_budget_bytes: args.cache_mib << 20,
+                collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout.max(0.001)),
+            };
+            Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
+        }
     };
-    let mut engine = Engine::new(model.clone(), &opts);
-    let mut progress = progress_printer(prompt.len() > params.prefill_chunk);
-    let gen = generate(&mut engine, 0, &prompt, &params, &mut progress)?;
+    let mut progress = progress_printer(prompt.len() > params.prefill_chunk * runner.world());
+    let gen = generate(&mut *runner, 0, &prompt, &params, &mut progress).map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = tokenizer.decode(&gen.tokens);
 
     if !args.json {
@@ -129,14 +140,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let top = |steps: &Vec<Vec<(u32, f32)>>| -> serde_json::Value {
         steps
             .iter()
-            .map(|alts| {
-                alts.iter()
-                    .map(|(t, lp)| json!({"token": t, "logprob": lp}))
-                    .collect::<Vec<_>>()
-            })
+            .map(|alts| alts.iter().map(|(t, lp)| json!({"token": t, "logprob": lp})).collect::<Vec<_>>())
             .collect()
     };
+    let bytes_per_token = model.cfg.cache_numbers_per_token() * 4;
     let out = json!({
+        "workers": runner.world(),
         "model": dir.display().to_string(),
         "tokenizer": tokenizer.name(),
         "prompt_tokens": prompt,
@@ -154,9 +163,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         "timing": gen.timing,
         "cache": {
-            "bytes_per_token": model.cfg.cache_numbers_per_token() * 4,
-            "global_cache_bytes": gen.cache_bytes,
-            "self_state_bytes": gen.state_bytes,
+            "bytes_per_token": bytes_per_token,
+            "global_cache_bytes": gen.shard_tokens.iter().sum::<usize>() * bytes_per_token,
+            "per_rank": gen.shard_tokens.iter().enumerate().map(|(rank, &tokens)| {
+                json!({"rank": rank, "tokens": tokens, "bytes": tokens * bytes_per_token})
+            }).collect::<Vec<_>>(),
         },
     });
     println!("{}", serde_json::to_string(&out)?);

@@ -32,10 +32,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(preset) = Preset::parse(&args.preset) else {
-        bail!(
-            "unknown preset `{}` (expected tiny, small or 3b)",
-            args.preset
-        );
+        bail!("unknown preset `{}` (expected tiny, small or 3b)", args.preset);
     };
     let Some(dtype) = StoreDtype::parse(&args.dtype) else {
         bail!("unknown dtype `{}` (expected f32, bf16 or f16)", args.dtype);
@@ -57,12 +54,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = yoco_worker::config::ModelConfig::from_json(&cfg.to_json())?;
     write_random_model(&cfg, dtype, args.seed, args.tied, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!(
-        "wrote {} ({} parameters, {:?}) to {}",
-        args.preset,
-        cfg.n_params(args.tied),
-        dtype,
-        args.out.display()
-    );
+    eprintln!("wrote {} ({} parameters, {:?}) to {}", args.preset, cfg.n_params(args.tied), dtype, args.out.display());
     Ok(())
 }

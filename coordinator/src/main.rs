@@ -3,16 +3,14 @@
 mod bench;
 mod default_model;
 mod generate;
+mod group;
 mod init_model;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "yoco",
-    version,
-    about = "Serve YOCO (You Only Cache Once) language models"
-)]
+#[command(name = "yoco", version, about = "Serve YOCO (You Only Cache Once) language models")]
 struct Cli {
     /// Worker threads for the engine (default: all cores).
     #[arg(long, global = true, env = "YOCO_THREADS")]
@@ -27,26 +25,25 @@ enum Command {
     InitModel(init_model::Args),
     /// Generate text for one prompt and print it (or JSON with --json).
     Generate(generate::Args),
+    /// Run one rank of a worker group (gRPC `yoco.worker.v1.Worker`).
+    Worker(worker_cmd::Args),
     /// Measure the engine: prefill and decode speed, cache bytes per token, machine peak.
     Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()?;
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     match cli.command {
         Command::InitModel(args) => init_model::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Worker(args) => worker_cmd::run(args),
     }
 }

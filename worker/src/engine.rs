@@ -406,6 +406,15 @@ impl Engine {
             .collect())
     }
 
+    /// Broadcasts `data` from `root` to every rank of the group.
+    pub fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), EngineError> {
+        if let Err(e) = self.comm.broadcast(root, data) {
+            self.broken = Some(e.clone());
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Gives every sequence's blocks back, e.g. when a broken group is re-formed.
     pub fn clear(&mut self) {
         for (_, mut seq) in self.seqs.drain() {

@@ -1,10 +1,31 @@
-//! One request, start to finish, on an engine: prefill in chunks (cross-decoder only for the last
-//! prompt token unless prompt log-probabilities are wanted), then decode token by token.
+//! One request, start to finish, as a sequence of plans: prefill steps that give every rank of
+//! the group one chunk (the cross-decoder only for the last prompt token unless prompt
+//! log-probabilities are wanted), then decode token by token. The same driver runs an
+//! in-process engine or a group of worker processes, through [`PlanRunner`].
 
 use std::time::Instant;
 
-use crate::engine::{Engine, EngineError, Logits, SeqId, StepItem};
-use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
+use crate::engine::SeqId;
+use crate::executor::{DecodeWork, Executor, Plan, PrefillWork, Sampled, SeqResult, SeqSpec};
+use crate::sampling::SamplingParams;
+
+pub type RunError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Something that executes plans on every rank of a group and returns each rank's results.
+pub trait PlanRunner {
+    fn world(&self) -> usize;
+    /// Per rank (in rank order), the results of the plan.
+    fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError>;
+}
+
+impl PlanRunner for Executor {
+    fn world(&self) -> usize {
+        self.engine().world()
+    }
+    fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
+        Ok(vec![self.execute(plan)?])
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -15,7 +36,7 @@ pub struct GenerateParams {
     pub prompt_logprobs: bool,
     /// Generation stops after producing one of these.
     pub stop_token_ids: Vec<u32>,
-    /// Prompt tokens per prefill step (bounds activation memory).
+    /// Prompt tokens per rank per prefill step (bounds activation memory).
     pub prefill_chunk: usize,
 }
 
@@ -32,7 +53,7 @@ impl Default for GenerateParams {
     }
 }
 
-/// Rows of logits per prefill step when every prompt position needs them (`rows × vocab` floats).
+/// Prompt tokens per rank per step when every position needs logits (`rows × vocab` floats).
 const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -61,10 +82,8 @@ pub struct Generation {
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     pub finish_reason: FinishReason,
     pub timing: Timing,
-    /// Global-cache bytes the sequence held at its end (whole blocks).
-    pub cache_bytes: usize,
-    /// Self-decoder state bytes of the sequence (constant in its length).
-    pub state_bytes: usize,
+    /// Per rank, the global-cache rows of the sequence it held at the end.
+    pub shard_tokens: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,61 +92,73 @@ pub struct Progress {
     pub total: usize,
 }
 
-/// Runs one request as sequence `seq` (added here and freed on return, error or not).
+/// Runs one request as sequence `seq`, freed on every rank at the end (error or not).
 pub fn generate(
-    engine: &mut Engine,
+    runner: &mut dyn PlanRunner,
     seq: SeqId,
     prompt: &[u32],
     params: &GenerateParams,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Generation, EngineError> {
-    engine.add_sequence(seq)?;
-    let result = run(engine, seq, prompt, params, progress);
-    engine.free_sequence(seq);
-    result
+) -> Result<Generation, RunError> {
+    let result = run(runner, seq, prompt, params, progress);
+    let freed = runner.run(&Plan { free: vec![seq], ..Plan::default() });
+    let gen = result?;
+    freed?;
+    Ok(gen)
+}
+
+fn only(results: Vec<Vec<SeqResult>>, seq: SeqId) -> Result<(SeqResult, Vec<usize>), RunError> {
+    let shards = results.iter().map(|r| r.iter().find(|x| x.seq == seq).map_or(0, |x| x.shard_tokens)).collect();
+    let mine = results.into_iter().next().and_then(|r| r.into_iter().find(|x| x.seq == seq));
+    Ok((mine.ok_or("the group returned no result for the sequence")?, shards))
 }
 
 fn run(
-    engine: &mut Engine,
+    runner: &mut dyn PlanRunner,
     seq: SeqId,
     prompt: &[u32],
     params: &GenerateParams,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Generation, EngineError> {
+) -> Result<Generation, RunError> {
     if prompt.is_empty() {
-        return Err(EngineError::EmptyItem(seq));
+        return Err("the prompt is empty".into());
     }
-    let vocab = engine.model().cfg.vocab_size;
     let started = Instant::now();
-    let chunk = if params.prompt_logprobs { PROMPT_LOGPROBS_CHUNK } else { params.prefill_chunk.max(1) };
+    let per_rank = if params.prompt_logprobs { PROMPT_LOGPROBS_CHUNK } else { params.prefill_chunk.max(1) };
+    let step_tokens = per_rank * runner.world();
+    let spec = SeqSpec {
+        seq,
+        sampling: params.sampling.clone(),
+        top_logprobs: params.top_logprobs,
+        prompt_logprobs: params.prompt_logprobs,
+    };
+    let mut add = vec![spec];
     let mut prompt_logprobs = params.prompt_logprobs.then(|| vec![None]);
-    let mut last = Vec::new();
+    let mut first: Option<Sampled> = None;
+    let mut shard_tokens = Vec::new();
     let mut done = 0;
-    for part in prompt.chunks(chunk) {
+    for part in prompt.chunks(step_tokens) {
         let is_last = done + part.len() == prompt.len();
-        let want = match (params.prompt_logprobs, is_last) {
-            (true, _) => Logits::All,
-            (false, true) => Logits::Last,
-            (false, false) => Logits::None,
+        let work = PrefillWork {
+            seq,
+            tokens: part.to_vec(),
+            chunk_starts: Vec::new(),
+            sample: is_last,
+            next_token: prompt.get(done + part.len()).copied(),
         };
-        let out = engine.step(&[StepItem::prefill(seq, part, want)])?.remove(0);
+        let plan = Plan { add: std::mem::take(&mut add), prefill: vec![work], ..Plan::default() };
+        let (result, shards) = only(runner.run(&plan)?, seq)?;
         if let Some(lps) = prompt_logprobs.as_mut() {
-            for (i, row) in out.logits.chunks_exact(vocab).enumerate() {
-                if let Some(&next) = prompt.get(done + i + 1) {
-                    lps.push(Some(log_softmax(row)[next as usize]));
-                }
-            }
+            lps.extend(result.prompt_logprobs.iter().map(|&l| Some(l)));
         }
+        first = result.sampled;
+        shard_tokens = shards;
         done += part.len();
-        if is_last {
-            last = out.logits[out.logits.len() - vocab..].to_vec();
-        }
         progress(Progress { prefilled: done, total: prompt.len() });
     }
     let prefill_seconds = started.elapsed().as_secs_f64();
 
     let decode_started = Instant::now();
-    let mut sampler = Sampler::new(params.sampling.clone());
     let mut gen = Generation {
         tokens: Vec::new(),
         logprobs: Vec::new(),
@@ -135,27 +166,27 @@ fn run(
         prompt_logprobs,
         finish_reason: FinishReason::Length,
         timing: Timing::default(),
-        cache_bytes: 0,
-        state_bytes: 0,
+        shard_tokens,
     };
+    let mut next = first;
     while gen.tokens.len() < params.max_tokens {
-        let token = sampler.sample(&last);
-        let lp = log_softmax(&last);
-        gen.logprobs.push(lp[token as usize]);
-        gen.top_logprobs.push(top_logprobs(&lp, params.top_logprobs));
-        gen.tokens.push(token);
-        if params.stop_token_ids.contains(&token) {
+        let sampled = next.take().ok_or("no token was sampled")?;
+        gen.tokens.push(sampled.token);
+        gen.logprobs.push(sampled.logprob);
+        gen.top_logprobs.push(sampled.top_logprobs);
+        if params.stop_token_ids.contains(&sampled.token) {
             gen.finish_reason = FinishReason::Stop;
             break;
         }
         if gen.tokens.len() == params.max_tokens {
             break;
         }
-        last = engine.step(&[StepItem::decode(seq, &[token])])?.remove(0).logits;
+        let plan = Plan { decode: vec![DecodeWork { seq, token: sampled.token }], ..Plan::default() };
+        let (result, shards) = only(runner.run(&plan)?, seq)?;
+        next = result.sampled;
+        gen.shard_tokens = shards;
     }
     let decode_seconds = decode_started.elapsed().as_secs_f64();
-    gen.cache_bytes = engine.sequence_cache_bytes(seq).unwrap_or(0);
-    gen.state_bytes = engine.sequence_state_bytes(seq).unwrap_or(0);
     gen.timing = Timing {
         prefill_seconds,
         prefill_tokens_per_second: prompt.len() as f64 / prefill_seconds.max(1e-9),

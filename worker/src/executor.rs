@@ -1,0 +1,172 @@
+//! Executes one engine step's plan on a rank: sequences to add (with their sampling settings),
+//! prefill chunks, decode tokens, sequences to free. Sampling happens here, identically on every
+//! rank (same logits, same seeded generator); rank 0's tokens are broadcast so that the ranks
+//! can never drift apart even if floating point did.
+
+use std::collections::HashMap;
+
+use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, StepItem};
+use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
+
+/// A new sequence and how to sample it.
+#[derive(Debug, Clone)]
+pub struct SeqSpec {
+    pub seq: SeqId,
+    pub sampling: SamplingParams,
+    pub top_logprobs: usize,
+    pub prompt_logprobs: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrefillWork {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    /// Where each rank's chunk starts; empty for an even cut.
+    pub chunk_starts: Vec<usize>,
+    /// The prompt ends with this step: sample the first generated token.
+    pub sample: bool,
+    /// The prompt token after this step's last one (for its log-probability), if any.
+    pub next_token: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeWork {
+    pub seq: SeqId,
+    pub token: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub add: Vec<SeqSpec>,
+    pub prefill: Vec<PrefillWork>,
+    pub decode: Vec<DecodeWork>,
+    pub free: Vec<SeqId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqResult {
+    pub seq: SeqId,
+    pub sampled: Option<Sampled>,
+    /// Log-probabilities of the prompt tokens after each of this step's tokens (prefill with
+    /// prompt log-probabilities only).
+    pub prompt_logprobs: Vec<f32>,
+    /// This rank's rows of the sequence's global cache.
+    pub shard_tokens: usize,
+}
+
+struct SeqCtl {
+    spec: SeqSpec,
+    sampler: Sampler,
+}
+
+/// The engine of one rank plus each sequence's sampler.
+pub struct Executor {
+    engine: Engine,
+    seqs: HashMap<SeqId, SeqCtl>,
+}
+
+impl Executor {
+    pub fn new(engine: Engine) -> Self {
+        Executor { engine, seqs: HashMap::new() }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Frees sequences (unknown ones are ignored: freeing is idempotent).
+    pub fn free(&mut self, ids: &[SeqId]) {
+        for id in ids {
+            self.seqs.remove(id);
+            self.engine.free_sequence(*id);
+        }
+    }
+
+    pub fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, EngineError> {
+        self.free(&plan.free);
+        for spec in &plan.add {
+            self.engine.add_sequence(spec.seq)?;
+            let sampler = Sampler::new(spec.sampling.clone());
+            self.seqs.insert(spec.seq, SeqCtl { spec: spec.clone(), sampler });
+        }
+        let decode_tokens: Vec<[u32; 1]> = plan.decode.iter().map(|d| [d.token]).collect();
+        let mut items = Vec::new();
+        for p in &plan.prefill {
+            let wants_all = self.seqs.get(&p.seq).is_some_and(|c| c.spec.prompt_logprobs);
+            let logits = match (wants_all, p.sample) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            let starts = (!p.chunk_starts.is_empty()).then(|| p.chunk_starts.clone());
+            items.push(StepItem { seq: p.seq, tokens: &p.tokens, logits, placement: Placement::Sharded(starts) });
+        }
+        for (d, token) in plan.decode.iter().zip(&decode_tokens) {
+            items.push(StepItem::decode(d.seq, token));
+        }
+        let outputs = if items.is_empty() { Vec::new() } else { self.engine.step(&items)? };
+        let vocab = self.engine.model().cfg.vocab_size;
+        let mut results = Vec::with_capacity(outputs.len());
+        for (i, out) in outputs.iter().enumerate() {
+            let ctl = self.seqs.get_mut(&out.seq).ok_or(EngineError::UnknownSequence(out.seq))?;
+            let (sample, prompt_logprobs) = match plan.prefill.get(i) {
+                Some(p) => {
+                    let mut lps = Vec::new();
+                    if ctl.spec.prompt_logprobs {
+                        // Row t predicts token t+1 of the step, the last row the next step's first.
+                        let rows: Vec<&[f32]> = out.logits.chunks_exact(vocab).collect();
+                        let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
+                        for (row, target) in rows.iter().zip(next) {
+                            if let Some(t) = target {
+                                lps.push(log_softmax(row)[t as usize]);
+                            }
+                        }
+                    }
+                    (p.sample, lps)
+                }
+                None => (true, Vec::new()),
+            };
+            let sampled = if sample {
+                let last = &out.logits[out.logits.len() - vocab..];
+                let token = ctl.sampler.sample(last);
+                let lp = log_softmax(last);
+                Some(Sampled {
+                    token,
+                    logprob: lp[token as usize],
+                    top_logprobs: top_logprobs(&lp, ctl.spec.top_logprobs),
+                })
+            } else {
+                None
+            };
+            let shard_tokens = self.engine.sequence_shard_len(out.seq).unwrap_or(0);
+            results.push(SeqResult { seq: out.seq, sampled, prompt_logprobs, shard_tokens });
+        }
+        self.agree_on_tokens(&mut results)?;
+        Ok(results)
+    }
+
+    /// Makes every rank use rank 0's sampled tokens.
+    fn agree_on_tokens(&mut self, results: &mut [SeqResult]) -> Result<(), EngineError> {
+        if self.engine.world() == 1 {
+            return Ok(());
+        }
+        let mut tokens: Vec<f32> = results.iter().filter_map(|r| r.sampled.as_ref()).map(|s| s.token as f32).collect();
+        self.engine.broadcast(0, &mut tokens)?;
+        for (s, t) in results.iter_mut().filter_map(|r| r.sampled.as_mut()).zip(tokens) {
+            // Token ids are below 2^24, so they travel exactly as f32.
+            let t = t as u32;
+            if s.token != t {
+                tracing::warn!(mine = s.token, rank0 = t, "sampled token differed from rank 0's; using rank 0's");
+                s.token = t;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! Between the wire types of `yoco.worker.v1` and the executor's plan and results. Everything a
+//! peer sends is validated here, at the edge.
+
+use yoco_proto::worker::v1 as pb;
+
+use crate::executor::{DecodeWork, Plan, PrefillWork, Sampled, SeqResult, SeqSpec};
+use crate::sampling::SamplingParams;
+
+pub fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
+    pb::Sampling { temperature: s.temperature, top_k: s.top_k as u32, top_p: s.top_p, min_p: s.min_p, seed: s.seed }
+}
+
+fn sampling_from_pb(s: Option<&pb::Sampling>) -> Result<SamplingParams, String> {
+    let s = s.ok_or("a new sequence needs its sampling settings")?;
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        seed: s.seed,
+    };
+    params.validate().map_err(|e| e.to_string())?;
+    Ok(params)
+}
+
+pub fn plan_to_pb(step_id: u64, plan: &Plan) -> pb::StepRequest {
+    pb::StepRequest {
+        step_id,
+        add: plan
+            .add
+            .iter()
+            .map(|s| pb::SequenceSpec {
+                seq_id: s.seq,
+                sampling: Some(sampling_to_pb(&s.sampling)),
+                top_logprobs: s.top_logprobs as u32,
+                prompt_logprobs: s.prompt_logprobs,
+            })
+            .collect(),
+        prefill: plan
+            .prefill
+            .iter()
+            .map(|p| pb::PrefillItem {
+                seq_id: p.seq,
+                tokens: p.tokens.clone(),
+                chunk_starts: p.chunk_starts.iter().map(|&s| s as u32).collect(),
+                sample: p.sample,
+                next_token: p.next_token,
+            })
+            .collect(),
+        decode: plan.decode.iter().map(|d| pb::DecodeItem { seq_id: d.seq, token: d.token }).collect(),
+        free: plan.free.clone(),
+    }
+}
+
+/// Most alternatives a request may ask for per token.
+pub const MAX_TOP_LOGPROBS: u32 = 100;
+
+pub fn plan_from_pb(req: &pb::StepRequest) -> Result<Plan, String> {
+    let add = req
+        .add
+        .iter()
+        .map(|s| {
+            if s.top_logprobs > MAX_TOP_LOGPROBS {
+                return Err(format!("top_logprobs {} exceeds {MAX_TOP_LOGPROBS}", s.top_logprobs));
+            }
+            Ok(SeqSpec {
+                seq: s.seq_id,
+                sampling: sampling_from_pb(s.sampling.as_ref())?,
+                top_logprobs: s.top_logprobs as usize,
+                prompt_logprobs: s.prompt_logprobs,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let prefill = req
+        .prefill
+        .iter()
+        .map(|p| PrefillWork {
+            seq: p.seq_id,
+            tokens: p.tokens.clone(),
+            chunk_starts: p.chunk_starts.iter().map(|&s| s as usize).collect(),
+            sample: p.sample,
+            next_token: p.next_token,
+        })
+        .collect();
+    let decode = req.decode.iter().map(|d| DecodeWork { seq: d.seq_id, token: d.token }).collect();
+    Ok(Plan { add, prefill, decode, free: req.free.clone() })
+}
+
+pub fn result_to_pb(r: &SeqResult) -> pb::SequenceResult {
+    pb::SequenceResult {
+        seq_id: r.seq,
+        token: r.sampled.as_ref().map(|s| s.token),
+        logprob: r.sampled.as_ref().map_or(0.0, |s| s.logprob),
+        top_logprobs: r
+            .sampled
+            .as_ref()
+            .map(|s| s.top_logprobs.iter().map(|&(token, logprob)| pb::TokenLogprob { token, logprob }).collect())
+            .unwrap_or_default(),
+        prompt_logprobs: r.prompt_logprobs.clone(),
+        shard_tokens: r.shard_tokens as u64,
+    }
+}
+
+pub fn result_from_pb(r: &pb::SequenceResult) -> SeqResult {
+    SeqResult {
+        seq: r.seq_id,
+        sampled: r.token.map(|token| Sampled {
+            token,
+            logprob: r.logprob,
+            top_logprobs: r.top_logprobs.iter().map(|t| (t.token, t.logprob)).collect(),
+        }),
+        prompt_logprobs: r.prompt_logprobs.clone(),
+        shard_tokens: r.shard_tokens as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_round_trip_and_bad_sampling_is_refused() {
+        let plan = Plan {
+            add: vec![SeqSpec {
+                seq: 3,
+                sampling: SamplingParams { temperature: 0.5, top_k: 4, top_p: 0.9, min_p: 0.0, seed: 7 },
+                top_logprobs: 2,
+                prompt_logprobs: true,
+            }],
+            prefill: vec![PrefillWork {
+                seq: 3,
+                tokens: vec![1, 2, 3],
+                chunk_starts: vec![0, 2],
+                sample: true,
+                next_token: None,
+            }],
+            decode: vec![DecodeWork { seq: 9, token: 5 }],
+            free: vec![4],
+        };
+        let pb = plan_to_pb(1, &plan);
+        let back = plan_from_pb(&pb).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{plan:?}"));
+        let mut bad = pb.clone();
+        bad.add[0].sampling.as_mut().unwrap().temperature = -1.0;
+        assert!(plan_from_pb(&bad).unwrap_err().contains("temperature"));
+        bad.add[0].sampling = None;
+        assert!(plan_from_pb(&bad).is_err());
+        let mut bad = pb;
+        bad.add[0].top_logprobs = 1000;
+        assert!(plan_from_pb(&bad).unwrap_err().contains("top_logprobs"));
+    }
+}

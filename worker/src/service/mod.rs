@@ -1,0 +1,201 @@
+//! The worker's gRPC service (`yoco.worker.v1.Worker`): one rank of a worker group. The engine
+//! runs on blocking threads; one step at a time.
+
+pub mod convert;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+use yoco_proto::worker::v1 as pb;
+use yoco_proto::worker::v1::worker_server::Worker;
+
+use crate::comm::{TcpCollective, TcpOptions};
+use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::executor::Executor;
+use crate::model::Model;
+
+/// Settings a worker starts with; LoadModel may override them.
+#[derive(Debug, Clone)]
+pub struct WorkerDefaults {
+    pub model_dir: Option<PathBuf>,
+    pub cache_budget_bytes: usize,
+}
+
+struct Loaded {
+    exec: Executor,
+    model_dir: PathBuf,
+    config_json: String,
+    budget: usize,
+}
+
+pub struct WorkerService {
+    defaults: WorkerDefaults,
+    /// The socket peers reach this rank's collective on; kept to re-form the group.
+    collective: TcpListener,
+    state: Arc<Mutex<Option<Loaded>>>,
+    /// The latest Info, answered without waiting for a running step.
+    info: Arc<Mutex<pb::InfoResponse>>,
+}
+
+impl WorkerService {
+    pub fn new(defaults: WorkerDefaults, collective: TcpListener) -> Self {
+        WorkerService {
+            defaults,
+            collective,
+            state: Arc::new(Mutex::new(None)),
+            info: Arc::new(Mutex::new(pb::InfoResponse::default())),
+        }
+    }
+
+    pub fn collective_addr(&self) -> std::io::Result<SocketAddr> {
+        self.collective.local_addr()
+    }
+}
+
+fn info_of(l: &Loaded) -> pb::InfoResponse {
+    let engine = l.exec.engine();
+    pb::InfoResponse {
+        loaded: true,
+        model_dir: l.model_dir.display().to_string(),
+        model_config_json: l.config_json.clone(),
+        rank: engine.rank() as u32,
+        world: engine.world() as u32,
+        cache_capacity_tokens: engine.pool().capacity_tokens() as u64,
+        cache_used_bytes: engine.pool().used_bytes() as u64,
+        cache_budget_bytes: l.budget as u64,
+        sequences: engine.sequences() as u32,
+        broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The one place engine errors become gRPC statuses.
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::Cache(_) | EngineError::PeerRefused { .. } => Status::resource_exhausted(e.to_string()),
+        EngineError::Comm(_) => Status::unavailable(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the data half-written in a way we rely on:
+    // the engine marks itself broken on failures that matter.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(lock(&self.info).clone()))
+    }
+
+    async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {
+        let req = req.into_inner();
+        let (rank, world) = (req.rank as usize, req.world as usize);
+        if world == 0 || rank >= world || req.peer_addrs.len() != world {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} of world {world} with {} peer addresses: need 0 <= rank < world and one address per rank",
+                req.peer_addrs.len()
+            )));
+        }
+        let addrs = req
+            .peer_addrs
+            .iter()
+            .map(|a| a.parse::<SocketAddr>().map_err(|e| Status::invalid_argument(format!("peer address `{a}`: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let model_dir = if req.model_dir.is_empty() {
+            self.defaults
+                .model_dir
+                .clone()
+                .ok_or_else(|| Status::invalid_argument("no model_dir given and none configured"))?
+        } else {
+            PathBuf::from(&req.model_dir)
+        };
+        let budget = if req.cache_budget_bytes == 0 {
+            self.defaults.cache_budget_bytes
+        } else {
+            req.cache_budget_bytes as usize
+        };
+        let block_tokens = if req.block_tokens == 0 { 256 } else { req.block_tokens as usize };
+        if block_tokens > 1 << 16 {
+            return Err(Status::invalid_argument(format!("block_tokens {block_tokens} exceeds 65536")));
+        }
+        let timeout = if req.collective_timeout_seconds > 0.0 { req.collective_timeout_seconds } else { 120.0 };
+        if !timeout.is_finite() || timeout > 86400.0 {
+            return Err(Status::invalid_argument("collective_timeout_seconds must be at most a day"));
+        }
+        let listener = self.collective.try_clone().map_err(|e| Status::internal(e.to_string()))?;
+        let (state, info) = (self.state.clone(), self.info.clone());
+        let started = Instant::now();
+        let span = tracing::info_span!("load_model", rank, world, model = %model_dir.display());
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            // Drop the old group first: its sockets must close before peers re-form.
+            *lock(&state) = None;
+            let model = Model::load(&model_dir).map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let config_json = model.cfg.to_json().to_string();
+            let opts = TcpOptions {
+                timeout: Duration::from_secs_f64(timeout),
+                connect_timeout: Duration::from_secs_f64(timeout),
+            };
+            let comm = TcpCollective::connect(rank, &addrs, listener, &opts)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let engine = Engine::with_group(
+                Arc::new(model),
+                &EngineOptions { block_tokens, cache_budget_bytes: budget },
+                Box::new(comm),
+            );
+            let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
+            let snapshot = info_of(&loaded);
+            *lock(&info) = snapshot.clone();
+            *lock(&state) = Some(loaded);
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded, group formed");
+            Ok(Response::new(pb::LoadModelResponse {
+                info: Some(snapshot),
+                load_seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("load task failed: {e}")))?
+    }
+
+    async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+        let req = req.into_inner();
+        let plan = convert::plan_from_pb(&req).map_err(Status::invalid_argument)?;
+        let (state, info) = (self.state.clone(), self.info.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut guard = lock(&state);
+            let loaded =
+                guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded: call LoadModel first"))?;
+            let result = loaded.exec.execute(&plan);
+            *lock(&info) = info_of(loaded);
+            let results = result.map_err(status)?;
+            Ok(Response::new(pb::StepResponse {
+                step_id: req.step_id,
+                results: results.iter().map(convert::result_to_pb).collect(),
+                cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64,
+                step_seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("step task failed: {e}")))?
+    }
+
+    async fn free(&self, req: Request<pb::FreeRequest>) -> Result<Response<pb::FreeResponse>, Status> {
+        let ids = req.into_inner().seq_ids;
+        let (state, info) = (self.state.clone(), self.info.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&state);
+            let loaded = guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded"))?;
+            loaded.exec.free(&ids);
+            *lock(&info) = info_of(loaded);
+            Ok(Response::new(pb::FreeResponse { cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64 }))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("free task failed: {e}")))?
+    }
+}
