@@ -24,8 +24,9 @@ pub struct GroupOptions {
 }
 
 pub struct LocalGroup {
-    /// Killed when the group is dropped; each also exits when its stdin (held here) closes.
-    children: Vec<Child>,
+    /// Held only to be killed when the group is dropped; each worker also exits when its stdin
+    /// (held here) closes, should this process die without running destructors.
+    _children: Vec<Child>,
     clients: Vec<WorkerClient<Channel>>,
     step_id: u64,
 }
@@ -88,16 +89,11 @@ impl LocalGroup {
         for r in futures_join_all(loads).await {
             r?;
         }
-        Ok(LocalGroup { children, clients, step_id: 0 })
+        Ok(LocalGroup { _children: children, clients, step_id: 0 })
     }
 
     pub fn world(&self) -> usize {
         self.clients.len()
-    }
-
-    /// Process ids of the ranks, in rank order.
-    pub fn pids(&self) -> Vec<Option<u32>> {
-        self.children.iter().map(Child::id).collect()
     }
 
     /// Runs `plan` on every rank at once; each rank's results, in rank order.

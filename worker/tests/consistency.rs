@@ -10,6 +10,7 @@ use common::{engine, random_model, rel_err, small_config, tokens};
 use yoco_worker::cache::CacheError;
 use yoco_worker::config::SelfMixerKind;
 use yoco_worker::engine::{Engine, EngineError, EngineOptions, Logits, SeqId, StepItem};
+use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, FinishReason, GenerateParams};
 use yoco_worker::model::Model;
 use yoco_worker::sampling::{log_softmax, SamplingParams};
@@ -273,21 +274,22 @@ fn failed_steps_change_nothing_and_free_returns_every_block() {
         assert_eq!(e.sequence_len(1), None);
 
         // generate() frees its sequence on error too, and the budget is whole again after.
+        let mut x = Executor::new(e);
         let params = GenerateParams { max_tokens: 200, ..GenerateParams::default() };
-        let err = generate(&mut e, 5, &long, &params, &mut |_| {}).unwrap_err();
-        assert!(matches!(err, EngineError::Cache(_)), "{name}: {err}");
-        assert_eq!(e.sequence_len(5), None);
-        assert_eq!(e.pool().used_blocks(), 0, "{name}");
+        let err = generate(&mut x, 5, &long, &params, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("budget"), "{name}: {err}");
+        assert_eq!(x.engine().sequence_len(5), None);
+        assert_eq!(x.engine().pool().used_blocks(), 0, "{name}");
         let bad = [1, 2, 300];
-        let err = generate(&mut e, 5, &bad, &params, &mut |_| {}).unwrap_err();
-        assert_eq!(err, EngineError::TokenOutOfRange { token: 300, vocab: VOCAB });
-        assert_eq!(e.sequence_len(5), None);
-        let err = generate(&mut e, 5, &[], &params, &mut |_| {}).unwrap_err();
-        assert_eq!(err, EngineError::EmptyItem(5));
-        assert_eq!(e.sequence_len(5), None);
+        let err = generate(&mut x, 5, &bad, &params, &mut |_| {}).unwrap_err();
+        assert_eq!(err.to_string(), EngineError::TokenOutOfRange { token: 300, vocab: VOCAB }.to_string());
+        assert_eq!(x.engine().sequence_len(5), None);
+        let err = generate(&mut x, 5, &[], &params, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        assert_eq!(x.engine().sequence_len(5), None);
         let short = GenerateParams { max_tokens: 4, ..GenerateParams::default() };
-        generate(&mut e, 5, &long, &short, &mut |_| {}).unwrap();
-        assert_eq!(e.pool().used_blocks(), 0, "{name}");
+        generate(&mut x, 5, &long, &short, &mut |_| {}).unwrap();
+        assert_eq!(x.engine().pool().used_blocks(), 0, "{name}");
     }
 
     // A budget too small for a single block: every step fails cleanly.
@@ -317,7 +319,7 @@ fn generate_is_reproducible_and_its_logprobs_match_the_engine() {
     // Longer than generate's prompt-logprobs chunk (256), so that path is chunked too.
     let prompt = tokens(300, VOCAB, 4);
     for (name, model) in &models {
-        let mut e = engine(model, 16);
+        let mut e = Executor::new(engine(model, 16));
         let params = |seed, prompt_logprobs| GenerateParams {
             max_tokens: 12,
             sampling: sampled(0.8, seed),
@@ -325,7 +327,7 @@ fn generate_is_reproducible_and_its_logprobs_match_the_engine() {
             prompt_logprobs,
             ..GenerateParams::default()
         };
-        let run = |e: &mut Engine, p: &GenerateParams| {
+        let run = |e: &mut Executor, p: &GenerateParams| {
             let mut progress = Vec::new();
             let gen = generate(e, 1, &prompt, p, &mut |p| progress.push(p.prefilled)).unwrap();
             assert_eq!(progress.last(), Some(&prompt.len()));
@@ -339,7 +341,7 @@ fn generate_is_reproducible_and_its_logprobs_match_the_engine() {
         assert_eq!(first.tokens, again.tokens, "{name}: same seed");
         assert_eq!(first.logprobs, again.logprobs, "{name}: same seed");
         assert_ne!(first.tokens, other.tokens, "{name}: other seed");
-        assert_eq!(e.pool().used_blocks(), 0);
+        assert_eq!(e.engine().pool().used_blocks(), 0);
 
         // Prompt log-probabilities: log_softmax of the All-logits row before each token.
         let full = full_forward(model, &prompt);

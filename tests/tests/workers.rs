@@ -1,0 +1,137 @@
+//! `yoco generate --workers P`: P real worker processes on loopback, context-parallel prefill and
+//! a position-sharded cache, must print what one process prints; a worker killed mid-prefill or
+//! mid-decode ends the request with an error naming the lost rank, in bounded time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use yoco_e2e::{yoco, yoco_bin};
+
+fn init_model(home: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let dir = home.join(name);
+    let mut args = vec!["init-model", "--preset", "tiny", "--out", dir.to_str().unwrap()];
+    args.extend_from_slice(if extra.contains(&"--vocab-size") { &[] } else { &["--vocab-size", "2000"] });
+    args.extend_from_slice(extra);
+    yoco(home, &args).ok();
+    dir
+}
+
+fn prompt_ids(n: usize) -> String {
+    (0..n).map(|i| ((i * 37 + 11) % 2000).to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()
+}
+
+#[test]
+fn one_to_four_workers_print_what_one_process_prints() {
+    let home = tempfile::tempdir().unwrap();
+    for (name, extra) in [("gret", vec![]), ("swa", vec!["--sliding-window", "8"])] {
+        let model = init_model(home.path(), name, &extra);
+        let ids = prompt_ids(301);
+        // 37 tokens per rank per step: several steps, chunks shorter and longer than the window.
+        let base =
+            ["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &ids, "--max-tokens", "6", "--json"];
+        let run = |more: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(&[
+                "--prefill-chunk",
+                "37",
+                "--temperature",
+                "0.7",
+                "--seed",
+                "5",
+                "--prompt-logprobs",
+            ]);
+            args.extend_from_slice(more);
+            yoco(home.path(), &args).ok().json()
+        };
+        let single = run(&[]);
+        for p in 1..=4 {
+            let workers = p.to_string();
+            let out = run(&["--workers", &workers]);
+            assert_eq!(out["workers"], p);
+            assert_eq!(out["tokens"], single["tokens"], "{name} P={p}");
+            for key in ["logprobs", "prompt_logprobs"] {
+                let (a, b) = (floats(&out[key]), floats(&single[key]));
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        x.is_nan() && y.is_nan() || (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{name} P={p} {key}: {x} vs {y}"
+                    );
+                }
+            }
+            let per_rank: Vec<u64> =
+                out["cache"]["per_rank"].as_array().unwrap().iter().map(|r| r["tokens"].as_u64().unwrap()).collect();
+            assert_eq!(per_rank.len(), p);
+            // Every prompt token and every generated token but the last is in exactly one shard.
+            assert_eq!(per_rank.iter().sum::<u64>(), 301 + 5, "{name} P={p}: {per_rank:?}");
+            let (lo, hi) = (per_rank.iter().min().unwrap(), per_rank.iter().max().unwrap());
+            // Steps of 37·P tokens cut evenly, decode tokens to the smallest shard.
+            assert!(hi - lo <= 37, "{name} P={p}: unbalanced {per_rank:?}");
+        }
+    }
+}
+
+/// Child process ids of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("ps").args(["-o", "pid=", "--ppid", &pid.to_string()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// Starts `yoco generate --workers 2`, kills rank `victim` after `after`, returns (stderr, seconds
+/// from the kill to the exit, exit success).
+fn kill_a_worker(home: &Path, model: &Path, args: &[&str], victim: usize, after: Duration) -> (String, f64, bool) {
+    let mut cmd = Command::new(yoco_bin());
+    cmd.args(["generate", "--model", model.to_str().unwrap(), "--workers", "2", "--collective-timeout", "10"])
+        .args(args)
+        .env("YOCO_HOME", home)
+        .env("RUST_LOG", "warn")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    let workers = loop {
+        let c = children(child.id());
+        if c.len() == 2 || started.elapsed() > Duration::from_secs(30) {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(workers.len(), 2, "workers did not start");
+    std::thread::sleep(after);
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", &workers[victim].to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    (String::from_utf8_lossy(&out.stderr).into_owned(), killed.elapsed().as_secs_f64(), out.status.success())
+}
+
+#[test]
+fn a_killed_worker_fails_the_request_in_bounded_time() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &["--vocab-size", "100288"]);
+    // Mid-prefill: a prompt long enough to take several seconds; mid-decode: a long generation.
+    let long = home.path().join("long.txt");
+    std::fs::write(&long, "the cat sat on the mat. ".repeat(60_000)).unwrap();
+    let long = long.to_str().unwrap();
+    let cases: [(&str, Vec<&str>, usize); 2] = [
+        ("prefill", vec!["--prompt-file", long, "--max-tokens", "1", "--prefill-chunk", "2048"], 1),
+        ("decode", vec!["--prompt-ids", "1,2,3", "--max-tokens", "1000000", "--ignore-eos"], 0),
+    ];
+    for (phase, args, victim) in cases {
+        let (stderr, secs, ok) = kill_a_worker(home.path(), &model, &args, victim, Duration::from_millis(2500));
+        assert!(!ok, "{phase}: the request must fail when a worker dies");
+        assert!(!stderr.contains("panicked"), "{phase}: {stderr}");
+        assert!(
+            stderr.contains(&format!("rank {}", 1 - victim)) || stderr.contains(&format!("rank {victim}")),
+            "{phase}: {stderr}"
+        );
+        assert!(secs < 10.0, "{phase}: took {secs:.1}s after the kill");
+        eprintln!("{phase}: failed {secs:.2}s after the kill: {}", stderr.lines().last().unwrap_or(""));
+    }
+}
