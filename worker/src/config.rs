@@ -96,22 +96,22 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, problem: String| Err(ConfigError::Invalid { field, problem });
-        if self.n_layers % 2 != 0 {
+        if !self.n_layers.is_multiple_of(2) {
             return invalid("n_layers", format!("must be even (self + cross halves), got {}", self.n_layers));
         }
-        if self.dim % self.n_self_heads != 0 || (self.dim / self.n_self_heads) % 2 != 0 {
+        if !self.dim.is_multiple_of(self.n_self_heads) || !(self.dim / self.n_self_heads).is_multiple_of(2) {
             return invalid(
                 "n_self_heads",
                 format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_self_heads),
             );
         }
-        if self.dim % self.n_attn_heads != 0 || (self.dim / self.n_attn_heads) % 2 != 0 {
+        if !self.dim.is_multiple_of(self.n_attn_heads) || !(self.dim / self.n_attn_heads).is_multiple_of(2) {
             return invalid(
                 "n_attn_heads",
                 format!("must divide dim {} into an even head dim, got {}", self.dim, self.n_attn_heads),
             );
         }
-        if self.n_attn_heads % self.n_attn_kv_heads != 0 {
+        if !self.n_attn_heads.is_multiple_of(self.n_attn_kv_heads) {
             return invalid(
                 "n_attn_kv_heads",
                 format!("must divide n_attn_heads {}, got {}", self.n_attn_heads, self.n_attn_kv_heads),
