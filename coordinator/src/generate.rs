@@ -15,6 +15,7 @@ use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model directory (params.json, *.safetensors, optional tokenizer.json); default: the
     /// built-in tiny model.

@@ -7,10 +7,10 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("{path} is not valid JSON: {source}")]
-    Json { path: String, source: serde_json::Error },
+    #[error("cannot read {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{path} is not valid JSON: {error}")]
+    Json { path: String, error: serde_json::Error },
     #[error("params.json: missing field `{0}`")]
     Missing(&'static str),
     #[error("params.json: field `{field}` {problem}")]
@@ -44,9 +44,9 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Io { path: path.display().to_string(), error })?;
         let value: Value = serde_json::from_str(&text)
-            .map_err(|source| ConfigError::Json { path: path.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Json { path: path.display().to_string(), error })?;
         Self::from_json(&value)
     }
 

@@ -124,7 +124,11 @@ fn run(
         return Err("the prompt is empty".into());
     }
     let started = Instant::now();
-    let per_rank = if params.prompt_logprobs { PROMPT_LOGPROBS_CHUNK } else { params.prefill_chunk.max(1) };
+    let per_rank = if params.prompt_logprobs {
+        params.prefill_chunk.clamp(1, PROMPT_LOGPROBS_CHUNK)
+    } else {
+        params.prefill_chunk.max(1)
+    };
     let step_tokens = per_rank * runner.world();
     let spec = SeqSpec {
         seq,

@@ -152,6 +152,16 @@ impl Model {
 
     pub fn from_weights(cfg: ModelConfig, files: &WeightFiles) -> Result<Self, WeightError> {
         let d = cfg.dim;
+        // A checkpoint of the other mixer kind must not load with half its tensors ignored.
+        if let SelfMixerKind::SlidingWindow { .. } = cfg.mixer {
+            let tensor = "self_decoder.layers.0.mixer.g_proj.weight";
+            if files.contains(tensor) {
+                return Err(WeightError::MixerMismatch {
+                    configured: "sliding-window attention",
+                    tensor: tensor.into(),
+                });
+            }
+        }
         let self_layers = (0..cfg.n_self_layers())
             .map(|i| {
                 let p = format!("self_decoder.layers.{i}");

@@ -11,8 +11,12 @@ use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("cannot open {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("cannot open {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{path}: {reason}")]
+    Index { path: String, reason: String },
+    #[error("params.json says the self-decoder uses {configured}, but the checkpoint holds `{tensor}`")]
+    MixerMismatch { configured: &'static str, tensor: String },
     #[error("no *.safetensors files in {0}")]
     NoFiles(String),
     #[error("{path} is not a valid safetensors file (truncated or corrupt): {reason}")]
@@ -85,7 +89,7 @@ impl WeightFiles {
     pub fn open(dir: &Path) -> Result<Self, WeightError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
-            move |source| WeightError::Io { path, source }
+            move |error| WeightError::Io { path, error }
         };
         let mut paths = model_files(dir)?;
         paths.sort();
@@ -186,15 +190,16 @@ impl WeightFiles {
 fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let corrupt = |reason: String| WeightError::Corrupt { path: index.display().to_string(), reason };
+        let corrupt = |reason: String| WeightError::Index { path: index.display().to_string(), reason };
         let text = std::fs::read_to_string(&index)
-            .map_err(|source| WeightError::Io { path: index.display().to_string(), source })?;
+            .map_err(|error| WeightError::Io { path: index.display().to_string(), error })?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         let map = json["weight_map"].as_object().ok_or_else(|| corrupt("no `weight_map` object".into()))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values() {
             let name = file.as_str().ok_or_else(|| corrupt(format!("weight_map value {file} is not a file name")))?;
-            if name.contains('/') || name.contains("..") {
+            let plain = Path::new(name).file_name().is_some_and(|f| f == std::ffi::OsStr::new(name));
+            if !plain {
                 return Err(corrupt(format!("weight_map names a file outside the model directory: {name}")));
             }
             if !files.iter().any(|f| f.ends_with(name)) {
@@ -204,7 +209,7 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
         return Ok(files);
     }
     Ok(std::fs::read_dir(dir)
-        .map_err(|source| WeightError::Io { path: dir.display().to_string(), source })?
+        .map_err(|error| WeightError::Io { path: dir.display().to_string(), error })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect())

@@ -392,3 +392,18 @@ fn tied_model_uses_the_embedding_as_output_projection() {
     let untied = random_model(&small_config(SelfMixerKind::GatedRetention), 3, false, &untied_dir);
     assert!(rel_err(&prompt_logits(&untied), &a) > 0.1);
 }
+
+/// A gated-retention checkpoint under a params.json that says sliding window must not load with
+/// its gates silently ignored.
+#[test]
+fn a_checkpoint_of_the_other_mixer_is_refused() {
+    use yoco_worker::config::SelfMixerKind;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::small_config(SelfMixerKind::GatedRetention);
+    common::random_model(&cfg, 1, false, dir.path());
+    let mut wrong = cfg.clone();
+    wrong.mixer = SelfMixerKind::SlidingWindow { window: 4 };
+    std::fs::write(dir.path().join("params.json"), wrong.to_json().to_string()).unwrap();
+    let err = yoco_worker::model::Model::load(dir.path()).err().expect("must fail").to_string();
+    assert!(err.contains("sliding-window") && err.contains("g_proj"), "{err}");
+}
