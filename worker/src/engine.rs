@@ -342,7 +342,7 @@ impl Engine {
         let dim = model.cfg.dim;
         let mut local_rows = Vec::new();
         for ((it, seg), p) in items.iter().zip(&segments).zip(placed) {
-            let wanted = wanted_rows(it, p);
+            let wanted = wanted_rows(it);
             let mine = wanted.start.max(p.rows.start)..wanted.end.min(p.rows.end);
             if p.shard.is_some() {
                 for i in mine {
@@ -361,17 +361,16 @@ impl Engine {
         let mut rows_seq = Vec::new();
         let mut counts = Vec::with_capacity(items.len());
         for (i, ((it, seg), (p, seq))) in items.iter().zip(&segments).zip(placed.iter().zip(seqs.iter())).enumerate() {
-            let wanted = wanted_rows(it, p);
+            let wanted = wanted_rows(it);
             counts.push(wanted.len());
             let first_pos = seq.pos - it.tokens.len();
             for t in wanted {
                 let row = match &p.shard {
                     // Rows cut across ranks come from the gathered buffers, in rank order.
-                    Some(shard) => {
+                    Some(_) => {
                         let owner = p.owners[t];
                         let off = offsets[owner];
                         offsets[owner] += dim;
-                        let _ = shard;
                         gathered[owner].get(off..off + dim).ok_or(CommError::Protocol {
                             peer: owner,
                             reason: "fewer cross-decoder rows than the plan says".into(),
@@ -424,7 +423,7 @@ impl Engine {
 }
 
 /// The item's tokens (indices into `it.tokens`) whose logits are wanted.
-fn wanted_rows(it: &StepItem, _p: &Placed) -> std::ops::Range<usize> {
+fn wanted_rows(it: &StepItem) -> std::ops::Range<usize> {
     let n = it.tokens.len();
     match it.logits {
         Logits::None => n..n,

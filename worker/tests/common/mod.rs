@@ -61,15 +61,8 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use yoco_worker::sampling::argmax;
 
 /// The small random-model shape the engine-level tests use: the tiny preset narrowed to dim 64,
 /// FFN 96 and a 300-token vocabulary (4 self + 4 cross layers, self head dim 16, MQA).
