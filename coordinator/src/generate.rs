@@ -64,6 +64,10 @@ pub struct Args {
     /// in this process.
     #[arg(long)]
     workers: Option<usize>,
+    /// Collective transport between the workers: tcp, or nccl (rank r on GPU r; needs a build
+    /// with the `cuda` feature).
+    #[arg(long, default_value = "tcp")]
+    transport: String,
     /// Seconds a collective waits for a peer before the group fails.
     #[arg(long, default_value_t = 120.0)]
     collective_timeout: f64,
@@ -118,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let opts = crate::group::GroupOptions {
                 cache_budget_bytes: args.cache_mib << 20,
                 collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout.max(0.001)),
+                transport: args.transport.clone(),
             };
             Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }

@@ -21,6 +21,8 @@ use crate::worker_cmd::MAX_MESSAGE_BYTES;
 pub struct GroupOptions {
     pub cache_budget_bytes: usize,
     pub collective_timeout: Duration,
+    /// `tcp`, or `nccl` (rank r on GPU r).
+    pub transport: String,
 }
 
 pub struct LocalGroup {
@@ -83,6 +85,8 @@ impl LocalGroup {
                 cache_budget_bytes: opts.cache_budget_bytes as u64,
                 block_tokens: 0,
                 collective_timeout_seconds: opts.collective_timeout.as_secs_f64(),
+                transport: opts.transport.clone(),
+                device: rank as u32,
             };
             async move { c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message())) }
         });

@@ -145,3 +145,18 @@ fn a_killed_worker_fails_the_request_in_bounded_time() {
         eprintln!("{phase}: failed {secs:.2}s after the kill: {}", stderr.lines().last().unwrap_or(""));
     }
 }
+
+/// Asking for NCCL where it cannot work (no `cuda` feature, or no GPU) or for an unknown
+/// transport is a clear error from the group, not a hang or a panic.
+#[test]
+fn an_unavailable_transport_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let base = ["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1,2", "--workers", "2"];
+    for (transport, expect) in [("nccl", "NCCL"), ("carrier-pigeon", "carrier-pigeon")] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--transport", transport, "--collective-timeout", "10"]);
+        let run = yoco(home.path(), &args).fails_with(&[expect]);
+        assert!(run.stderr().contains("rank 0"), "{}", run.stderr());
+    }
+}

@@ -2,8 +2,12 @@
 //! between CPU processes, and NCCL between GPUs (the `cuda` feature). Every operation has a
 //! timeout, so a rank that dies or stalls becomes an error on the others, never a hang.
 
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp;
 
+#[cfg(feature = "cuda")]
+pub use nccl::{nccl_available, NcclCollective};
 pub use tcp::{TcpCollective, TcpOptions};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_server::Worker;
 
-use crate::comm::{TcpCollective, TcpOptions};
+use crate::comm::{Collective, CommError, TcpCollective, TcpOptions};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::model::Model;
@@ -86,6 +86,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Tcp,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Nccl {
+        device: usize,
+    },
+}
+
+/// Forms this rank's collective: TCP, or NCCL bootstrapped over TCP.
+fn form_group(
+    rank: usize,
+    addrs: &[SocketAddr],
+    listener: TcpListener,
+    opts: &TcpOptions,
+    transport: Transport,
+) -> Result<Box<dyn Collective>, CommError> {
+    let tcp = TcpCollective::connect(rank, addrs, listener, opts)?;
+    match transport {
+        Transport::Tcp => Ok(Box::new(tcp)),
+        #[cfg(feature = "cuda")]
+        Transport::Nccl { device } => {
+            let mut tcp = tcp;
+            Ok(Box::new(crate::comm::NcclCollective::from_bootstrap(&mut tcp, device, opts.timeout)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Transport::Nccl { .. } => Err(CommError::Setup("built without the `cuda` feature".into())),
+    }
+}
+
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
@@ -127,6 +157,14 @@ impl Worker for WorkerService {
         if !timeout.is_finite() || timeout > 86400.0 {
             return Err(Status::invalid_argument("collective_timeout_seconds must be at most a day"));
         }
+        let transport = match req.transport.as_str() {
+            "" | "tcp" => Transport::Tcp,
+            "nccl" if cfg!(feature = "cuda") => Transport::Nccl { device: req.device as usize },
+            "nccl" => {
+                return Err(Status::failed_precondition("this worker was built without the `cuda` feature: no NCCL"))
+            }
+            other => return Err(Status::invalid_argument(format!("transport `{other}`: expected `tcp` or `nccl`"))),
+        };
         let listener = self.collective.try_clone().map_err(|e| Status::internal(e.to_string()))?;
         let (state, info) = (self.state.clone(), self.info.clone());
         let started = Instant::now();
@@ -141,13 +179,10 @@ impl Worker for WorkerService {
                 timeout: Duration::from_secs_f64(timeout),
                 connect_timeout: Duration::from_secs_f64(timeout),
             };
-            let comm = TcpCollective::connect(rank, &addrs, listener, &opts)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let engine = Engine::with_group(
-                Arc::new(model),
-                &EngineOptions { block_tokens, cache_budget_bytes: budget },
-                Box::new(comm),
-            );
+            let comm =
+                form_group(rank, &addrs, listener, &opts, transport).map_err(|e| Status::unavailable(e.to_string()))?;
+            let engine =
+                Engine::with_group(Arc::new(model), &EngineOptions { block_tokens, cache_budget_bytes: budget }, comm);
             let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             *lock(&info) = snapshot.clone();
