@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("yoco_descriptor.bin"))
-        .compile_protos(&["yoco/worker/v1/worker.proto"], &["."])?;
+        .compile_protos(&["yoco/worker/v1/worker.proto", "yoco/v1/generation.proto"], &["."])?;
     println!("cargo:rerun-if-changed=yoco");
     Ok(())
 }

@@ -1,5 +1,11 @@
 //! yoco's gRPC contracts, generated from the `.proto` files beside this crate.
 
+/// The public API: `yoco.v1.Generation`.
+pub mod v1 {
+    tonic::include_proto!("yoco.v1");
+}
+
+/// The coordinator-worker API: `yoco.worker.v1.Worker`.
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("yoco.worker.v1");
