@@ -40,6 +40,16 @@ pub struct Args {
     top_k: usize,
     #[arg(long, default_value_t = 0.0)]
     min_p: f32,
+    /// Divides the positive logits (multiplies the negative ones) of tokens already in the
+    /// prompt or the output; in (0, 10], 1 is off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtracted from the logits of tokens generated at least once; in [-2, 2], 0 is off.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated; in [-2, 2], 0 is off.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
     /// Seed of the sampler (default: random; printed in the JSON).
     #[arg(long)]
     seed: Option<u64>,
@@ -102,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         top_p: args.top_p,
         min_p: args.min_p,
         seed: args.seed.unwrap_or_else(rand_seed),
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
     };
     sampling.validate()?;
     let params = GenerateParams {

@@ -1,7 +1,7 @@
 //! Executes one engine step's plan on a rank: sequences to add (with their sampling settings),
 //! prefill chunks, decode tokens, sequences to free. Sampling happens here, identically on every
-//! rank (same logits, same seeded generator); rank 0's tokens are broadcast so that the ranks
-//! can never drift apart even if floating point did.
+//! rank (same logits, same seeded generator, same token history for the penalties); rank 0's
+//! tokens are broadcast so that the ranks can never drift apart even if floating point did.
 
 use std::collections::HashMap;
 
@@ -43,6 +43,8 @@ pub struct Plan {
     pub free: Vec<SeqId>,
 }
 
+/// A sampled token. Its log-probabilities are those of the raw model distribution: before the
+/// penalties, the temperature and the filters that chose it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
@@ -112,6 +114,19 @@ impl Executor {
             items.push(StepItem::decode(d.seq, token));
         }
         let outputs = if items.is_empty() { Vec::new() } else { self.engine.step(&items)? };
+        // The step went through, so its tokens join the sequences' histories (for the
+        // penalties) before anything is sampled; a step that failed leaves them as they were.
+        // Every rank receives all of a step's tokens, so every rank keeps the same history.
+        for p in &plan.prefill {
+            if let Some(ctl) = self.seqs.get_mut(&p.seq) {
+                ctl.sampler.observe_prompt(&p.tokens);
+            }
+        }
+        for d in &plan.decode {
+            if let Some(ctl) = self.seqs.get_mut(&d.seq) {
+                ctl.sampler.observe_generated(d.token);
+            }
+        }
         let vocab = self.engine.model().cfg.vocab_size;
         let mut results = Vec::with_capacity(outputs.len());
         for (i, out) in outputs.iter().enumerate() {
@@ -136,6 +151,7 @@ impl Executor {
             let sampled = if sample {
                 let last = &out.logits[out.logits.len() - vocab..];
                 let token = ctl.sampler.sample(last);
+                // Of the raw logits: the penalties steer the choice, not the reported model.
                 let lp = log_softmax(last);
                 Some(Sampled {
                     token,

@@ -1,9 +1,20 @@
-//! Turning logits into tokens: greedy, or temperature with top-k / top-p / min-p filtering, drawn
-//! from a per-request seeded generator so the same seed gives the same tokens (and every rank of
-//! a group draws the same token). Log-probabilities are of the model's raw distribution.
+//! Turning logits into tokens: repetition, presence and frequency penalties from the sequence's
+//! history, then greedy, or temperature with top-k / top-p / min-p filtering, drawn from a
+//! per-request seeded generator so the same seed gives the same tokens (and every rank of a group
+//! draws the same token). Log-probabilities are of the model's raw distribution.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// Highest temperature accepted: far beyond any useful one (the distribution is already flat).
+pub const MAX_TEMPERATURE: f32 = 100.0;
+/// Highest repetition penalty accepted.
+pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+/// Largest magnitude of the presence and frequency penalties (OpenAI's range).
+pub const MAX_ADDITIVE_PENALTY: f32 = 2.0;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SamplingParams {
@@ -16,11 +27,29 @@ pub struct SamplingParams {
     /// Drop tokens less likely than `min_p` × the most likely one's probability; 0 keeps all.
     pub min_p: f32,
     pub seed: u64,
+    /// Divides the positive logit (multiplies the negative one) of every token that appeared in
+    /// the prompt or the output so far; 1 is off. As in vLLM and Hugging Face.
+    pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token generated at least once (prompt tokens do not
+    /// count); 0 is off. As in OpenAI's API.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (prompt tokens do not
+    /// count); 0 is off. As in OpenAI's API.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 }
 
@@ -28,10 +57,18 @@ impl Default for SamplingParams {
 pub enum SamplingError {
     #[error("temperature must be a finite number >= 0, got {0}")]
     Temperature(f32),
+    #[error("temperature {0} exceeds the limit of {max}", max = MAX_TEMPERATURE)]
+    TemperatureTooHigh(f32),
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
     #[error("min_p must be in [0, 1], got {0}")]
     MinP(f32),
+    #[error("repetition_penalty must be a finite number in (0, {max}], got {0}", max = MAX_REPETITION_PENALTY)]
+    RepetitionPenalty(f32),
+    #[error("presence_penalty must be a finite number in [-{max}, {max}], got {0}", max = MAX_ADDITIVE_PENALTY)]
+    PresencePenalty(f32),
+    #[error("frequency_penalty must be a finite number in [-{max}, {max}], got {0}", max = MAX_ADDITIVE_PENALTY)]
+    FrequencyPenalty(f32),
 }
 
 impl SamplingParams {
@@ -39,29 +76,149 @@ impl SamplingParams {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(SamplingError::Temperature(self.temperature));
         }
+        if self.temperature > MAX_TEMPERATURE {
+            return Err(SamplingError::TemperatureTooHigh(self.temperature));
+        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(SamplingError::TopP(self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(SamplingError::MinP(self.min_p));
         }
+        // `contains` is false for NaN; the infinities are outside every range.
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= MAX_REPETITION_PENALTY) {
+            return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        }
+        let additive = -MAX_ADDITIVE_PENALTY..=MAX_ADDITIVE_PENALTY;
+        if !additive.contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
+        }
+        if !additive.contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
         Ok(())
+    }
+
+    fn repetition_on(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
+
+    fn counts_on(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
-/// A request's sampler: its parameters and its random stream.
+/// A set of token ids as a bitset grown to the largest id seen: the vocabulary is not known
+/// until the first logits arrive, and ids are below it (the engine refuses others before the
+/// executor records them), so it stays within `vocab / 8` bytes.
+#[derive(Debug, Default)]
+struct TokenSet {
+    words: Vec<u64>,
+}
+
+impl TokenSet {
+    fn insert(&mut self, token: u32) {
+        let word = (token / 64) as usize;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (token % 64);
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32)) {
+        for (i, &word) in self.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                f(i as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+    }
+}
+
+/// What the penalties need of a sequence's past, and nothing when they are off.
+#[derive(Debug, Default)]
+struct History {
+    /// Tokens of the prompt and the output (repetition penalty on).
+    seen: Option<TokenSet>,
+    /// Times each token was generated (presence or frequency penalty on).
+    generated: Option<HashMap<u32, u32>>,
+}
+
+/// A request's sampler: its parameters, its random stream, and the history its penalties use.
+///
+/// The history is fed by the caller: [`Sampler::observe_prompt`] with every prompt token and
+/// [`Sampler::observe_generated`] with every generated token, before the next [`Sampler::sample`].
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    history: History,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        let history = History {
+            seen: params.repetition_on().then(TokenSet::default),
+            generated: params.counts_on().then(HashMap::new),
+        };
+        Sampler { params, rng, history }
     }
 
+    /// Records prompt tokens (they count for the repetition penalty only).
+    pub fn observe_prompt(&mut self, tokens: &[u32]) {
+        if let Some(seen) = &mut self.history.seen {
+            tokens.iter().for_each(|&t| seen.insert(t));
+        }
+    }
+
+    /// Records a generated token (it counts for every penalty).
+    pub fn observe_generated(&mut self, token: u32) {
+        if let Some(seen) = &mut self.history.seen {
+            seen.insert(token);
+        }
+        if let Some(counts) = &mut self.history.generated {
+            *counts.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// The logits `sample` draws from: `logits` with the penalties of the history applied
+    /// (repetition first, then frequency, then presence, as vLLM does). Borrowed when every
+    /// penalty is off. Ids beyond `logits` are ignored.
+    pub fn penalised<'a>(&self, logits: &'a [f32]) -> Cow<'a, [f32]> {
+        let (seen, generated) = (&self.history.seen, &self.history.generated);
+        if seen.is_none() && generated.is_none() {
+            return Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        if let Some(seen) = seen {
+            let r = self.params.repetition_penalty;
+            seen.for_each(|t| {
+                if let Some(v) = out.get_mut(t as usize) {
+                    *v = if *v > 0.0 { *v / r } else { *v * r };
+                }
+            });
+        }
+        if let Some(counts) = generated {
+            let p = &self.params;
+            for (&t, &n) in counts {
+                if let Some(v) = out.get_mut(t as usize) {
+                    *v -= p.frequency_penalty * n as f32;
+                    *v -= p.presence_penalty;
+                }
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// The next token, from the penalised logits (greedy included). The caller reports
+    /// log-probabilities from the raw `logits`, not from what the penalties made of them.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let logits = self.penalised(logits);
+        self.draw(&logits)
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
@@ -146,7 +303,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, min_p: 0.0, seed }
+        SamplingParams { temperature, top_k, top_p, seed, ..SamplingParams::default() }
     }
 
     #[test]
@@ -193,8 +350,141 @@ mod tests {
         assert!((0..500).all(|_| s.sample(&logits) >= 3));
     }
 
+    /// Tokens the sampler drew before penalties existed, for three settings and fixed logits:
+    /// with the penalties at their defaults nothing may change, history or not.
     #[test]
-    fn validation_names_the_field() {
+    fn defaults_draw_the_same_tokens_as_before_penalties() {
+        let cases: [(SamplingParams, [u32; 24]); 3] = [
+            (
+                SamplingParams::default(),
+                [12, 34, 8, 30, 15, 37, 22, 44, 18, 40, 25, 47, 21, 43, 28, 2, 24, 9, 31, 5, 27, 12, 34, 19],
+            ),
+            (
+                params(0.8, 0, 1.0, 42),
+                [16, 31, 34, 26, 41, 0, 33, 3, 11, 29, 47, 28, 24, 10, 21, 13, 39, 46, 46, 5, 38, 23, 30, 19],
+            ),
+            (
+                SamplingParams { min_p: 0.05, ..params(1.3, 5, 0.9, 7) },
+                [12, 34, 30, 19, 26, 0, 22, 18, 29, 18, 25, 36, 10, 6, 39, 39, 35, 9, 20, 16, 1, 38, 34, 19],
+            ),
+        ];
+        for (p, want) in cases {
+            let mut s = Sampler::new(p.clone());
+            s.observe_prompt(&[12, 34, 8]);
+            assert!(s.history.seen.is_none() && s.history.generated.is_none(), "defaults keep no history");
+            let got: Vec<u32> = (0..24)
+                .map(|step| {
+                    let logits: Vec<f32> =
+                        (0..50).map(|i| ((i as f32) * 1.7 + step as f32 * 0.3).sin() * 3.0).collect();
+                    assert!(matches!(s.penalised(&logits), Cow::Borrowed(_)));
+                    let t = s.sample(&logits);
+                    s.observe_generated(t);
+                    t
+                })
+                .collect();
+            assert_eq!(got, want, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn history_is_kept_only_for_the_penalties_on() {
+        let rep = Sampler::new(SamplingParams { repetition_penalty: 1.1, ..Default::default() });
+        assert!(rep.history.seen.is_some() && rep.history.generated.is_none());
+        for p in [
+            SamplingParams { presence_penalty: 0.5, ..Default::default() },
+            SamplingParams { frequency_penalty: -0.5, ..Default::default() },
+        ] {
+            let mut s = Sampler::new(p);
+            assert!(s.history.seen.is_none());
+            s.observe_prompt(&[1, 2, 3]);
+            assert!(s.history.generated.as_ref().unwrap().is_empty(), "prompt tokens are not counted");
+            s.observe_generated(7);
+            s.observe_generated(7);
+            assert_eq!(s.history.generated.as_ref().unwrap().get(&7), Some(&2));
+        }
+        // The bitset grows to the largest id seen, one word per 64 ids.
+        let mut set = TokenSet::default();
+        set.insert(5);
+        assert_eq!(set.words.len(), 1);
+        for t in [130, 64, 5, 63] {
+            set.insert(t);
+        }
+        assert_eq!(set.words.len(), 3);
+        let mut ids = Vec::new();
+        set.for_each(|t| ids.push(t));
+        assert_eq!(ids, [5, 63, 64, 130]);
+    }
+
+    fn greedy(repetition_penalty: f32, presence_penalty: f32, frequency_penalty: f32) -> Sampler {
+        Sampler::new(SamplingParams { repetition_penalty, presence_penalty, frequency_penalty, ..Default::default() })
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_output() {
+        let logits = [2.0, 1.9, -1.0, -1.1];
+        // From the prompt: 2 / 1.2 ≈ 1.67 < 1.9.
+        let mut s = greedy(1.2, 0.0, 0.0);
+        assert_eq!(s.sample(&logits), 0);
+        s.observe_prompt(&[0]);
+        assert_eq!(s.sample(&logits), 1);
+        assert_eq!(s.penalised(&logits)[..2], [2.0 / 1.2, 1.9]);
+        // From the output, and on negative logits: -1 × 1.2 < -1.1.
+        let negative = [-1.0, -1.1];
+        let mut s = greedy(1.2, 0.0, 0.0);
+        s.observe_generated(0);
+        assert_eq!(s.sample(&negative), 1);
+        // Below 1 it rewards repetition.
+        let mut s = greedy(0.5, 0.0, 0.0);
+        s.observe_prompt(&[1]);
+        assert_eq!(s.sample(&logits), 1);
+        // Ids beyond the logits are ignored.
+        let mut s = greedy(1.2, 0.0, 0.0);
+        s.observe_prompt(&[500]);
+        assert_eq!(s.penalised(&logits)[..], logits);
+    }
+
+    #[test]
+    fn presence_penalty_counts_generated_tokens_once() {
+        let logits = [2.0, 1.9, 0.0];
+        let mut s = greedy(1.0, 0.5, 0.0);
+        s.observe_prompt(&[0, 0, 0]);
+        assert_eq!(s.sample(&logits), 0, "prompt tokens carry no presence penalty");
+        s.observe_generated(0);
+        assert_eq!(s.sample(&logits), 1);
+        s.observe_generated(0);
+        assert_eq!(s.penalised(&logits)[0], 1.5, "once, however many times");
+        // Negative: encourages what was said.
+        let mut s = greedy(1.0, -0.5, 0.0);
+        s.observe_generated(1);
+        assert_eq!(s.sample(&logits), 1);
+    }
+
+    #[test]
+    fn frequency_penalty_grows_with_each_generation() {
+        let logits = [2.0, 1.9, 0.0];
+        let mut s = greedy(1.0, 0.0, 0.06);
+        s.observe_prompt(&[0, 0, 0]);
+        assert_eq!(s.sample(&logits), 0, "prompt tokens carry no frequency penalty");
+        s.observe_generated(0);
+        assert_eq!(s.sample(&logits), 0, "2 - 0.06 > 1.9");
+        s.observe_generated(0);
+        assert_eq!(s.sample(&logits), 1, "2 - 0.12 < 1.9");
+    }
+
+    #[test]
+    fn penalties_apply_before_temperature_and_filters() {
+        // top_k 1 with penalties: the token left is the penalised argmax.
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(1.0, 1, 1.0, 3) });
+        s.observe_prompt(&[2]);
+        assert!((0..50).all(|_| s.sample(&[0.0, 1.0, 1.5]) == 1));
+        // A huge presence penalty removes a token from the support.
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 2.0, ..params(0.05, 0, 1.0, 3) });
+        s.observe_generated(1);
+        assert!((0..200).all(|_| s.sample(&[0.0, 0.5, 0.0]) != 1));
+    }
+
+    #[test]
+    fn validation_names_the_field_and_its_limit() {
         assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().to_string().contains("temperature"));
         assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
         assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().to_string().contains("top_p"));
@@ -204,5 +494,30 @@ mod tests {
             .to_string()
             .contains("min_p"));
         assert!(params(0.7, 40, 0.9, 0).validate().is_ok());
+
+        let err = params(100.5, 0, 1.0, 0).validate().unwrap_err();
+        assert_eq!(err, SamplingError::TemperatureTooHigh(100.5));
+        assert_eq!(err.to_string(), "temperature 100.5 exceeds the limit of 100");
+        assert!(params(f32::INFINITY, 0, 1.0, 0).validate().is_err());
+        assert!(params(MAX_TEMPERATURE, 0, 1.0, 0).validate().is_ok());
+
+        let with = |r: f32, p: f32, f: f32| {
+            SamplingParams { repetition_penalty: r, presence_penalty: p, frequency_penalty: f, ..Default::default() }
+                .validate()
+        };
+        for r in [0.0, -1.0, 10.5, f32::NAN, f32::INFINITY] {
+            assert!(matches!(with(r, 0.0, 0.0), Err(SamplingError::RepetitionPenalty(_))), "{r}");
+        }
+        let msg = with(10.5, 0.0, 0.0).unwrap_err().to_string();
+        assert_eq!(msg, "repetition_penalty must be a finite number in (0, 10], got 10.5");
+        for v in [-2.5, 2.5, f32::NAN, f32::NEG_INFINITY] {
+            let p = with(1.0, v, 0.0).unwrap_err().to_string();
+            assert!(p.starts_with("presence_penalty must be a finite number in [-2, 2]"), "{p}");
+            let f = with(1.0, 0.0, v).unwrap_err().to_string();
+            assert!(f.starts_with("frequency_penalty must be a finite number in [-2, 2]"), "{f}");
+        }
+        for (r, p, f) in [(10.0, 2.0, -2.0), (0.01, -2.0, 2.0), (1.0, 0.0, 0.0)] {
+            assert_eq!(with(r, p, f), Ok(()));
+        }
     }
 }

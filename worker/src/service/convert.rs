@@ -7,7 +7,16 @@ use crate::executor::{DecodeWork, Plan, PrefillWork, Sampled, SeqResult, SeqSpec
 use crate::sampling::SamplingParams;
 
 pub fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
-    pb::Sampling { temperature: s.temperature, top_k: s.top_k as u32, top_p: s.top_p, min_p: s.min_p, seed: s.seed }
+    pb::Sampling {
+        temperature: s.temperature,
+        top_k: s.top_k as u32,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        seed: s.seed,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+    }
 }
 
 fn sampling_from_pb(s: Option<&pb::Sampling>) -> Result<SamplingParams, String> {
@@ -18,6 +27,10 @@ fn sampling_from_pb(s: Option<&pb::Sampling>) -> Result<SamplingParams, String> 
         top_p: s.top_p,
         min_p: s.min_p,
         seed: s.seed,
+        // 0 on the wire is unset (off), not an invalid penalty.
+        repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
     };
     params.validate().map_err(|e| e.to_string())?;
     Ok(params)
@@ -123,7 +136,16 @@ mod tests {
         let plan = Plan {
             add: vec![SeqSpec {
                 seq: 3,
-                sampling: SamplingParams { temperature: 0.5, top_k: 4, top_p: 0.9, min_p: 0.0, seed: 7 },
+                sampling: SamplingParams {
+                    temperature: 0.5,
+                    top_k: 4,
+                    top_p: 0.9,
+                    min_p: 0.0,
+                    seed: 7,
+                    repetition_penalty: 1.3,
+                    presence_penalty: -0.5,
+                    frequency_penalty: 0.25,
+                },
                 top_logprobs: 2,
                 prompt_logprobs: true,
             }],
@@ -143,6 +165,25 @@ mod tests {
         let mut bad = pb.clone();
         bad.add[0].sampling.as_mut().unwrap().temperature = -1.0;
         assert!(plan_from_pb(&bad).unwrap_err().contains("temperature"));
+        let bad_penalty = |f: fn(&mut pb::Sampling)| {
+            let mut bad = pb.clone();
+            f(bad.add[0].sampling.as_mut().unwrap());
+            plan_from_pb(&bad).unwrap_err()
+        };
+        assert!(bad_penalty(|s| s.temperature = 1000.0).contains("temperature"));
+        assert!(bad_penalty(|s| s.repetition_penalty = -1.0).contains("repetition_penalty"));
+        assert!(bad_penalty(|s| s.repetition_penalty = 11.0).contains("repetition_penalty"));
+        assert!(bad_penalty(|s| s.presence_penalty = 2.5).contains("presence_penalty"));
+        assert!(bad_penalty(|s| s.frequency_penalty = f32::NAN).contains("frequency_penalty"));
+        // Unset on the wire: no repetition penalty (1), and the defaults round-trip.
+        let mut unset = pb.clone();
+        unset.add[0].sampling.as_mut().unwrap().repetition_penalty = 0.0;
+        assert_eq!(plan_from_pb(&unset).unwrap().add[0].sampling.repetition_penalty, 1.0);
+        let defaults = SamplingParams::default();
+        let mut wire = sampling_to_pb(&defaults);
+        assert_eq!(sampling_from_pb(Some(&wire)), Ok(defaults.clone()));
+        wire.repetition_penalty = 0.0;
+        assert_eq!(sampling_from_pb(Some(&wire)), Ok(defaults));
         bad.add[0].sampling = None;
         assert!(plan_from_pb(&bad).is_err());
         let mut bad = pb;

@@ -68,6 +68,8 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         cache_budget_bytes: l.budget as u64,
         sequences: engine.sequences() as u32,
         broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
+        // Filled in by Info from the listener.
+        collective_addr: String::new(),
     }
 }
 
@@ -119,7 +121,9 @@ fn form_group(
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        Ok(Response::new(lock(&self.info).clone()))
+        let mut info = lock(&self.info).clone();
+        info.collective_addr = self.collective_addr().map(|a| a.to_string()).unwrap_or_default();
+        Ok(Response::new(info))
     }
 
     async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::LoadModelResponse>, Status> {
@@ -232,5 +236,39 @@ impl Worker for WorkerService {
         })
         .await
         .map_err(|e| Status::internal(format!("free task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plan is checked before anything runs: invalid sampling is refused as such even on a
+    /// worker with no model (which would otherwise answer FAILED_PRECONDITION).
+    #[tokio::test]
+    async fn invalid_sampling_is_invalid_argument_before_anything_runs() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let svc = WorkerService::new(WorkerDefaults { model_dir: None, cache_budget_bytes: 1 << 20 }, listener);
+        let spec = |sampling| pb::SequenceSpec {
+            seq_id: 1,
+            sampling: Some(sampling),
+            top_logprobs: 0,
+            prompt_logprobs: false,
+        };
+        let valid = convert::sampling_to_pb(&crate::sampling::SamplingParams::default());
+        let bad = [
+            pb::Sampling { repetition_penalty: 20.0, ..valid },
+            pb::Sampling { presence_penalty: -3.0, ..valid },
+            pb::Sampling { frequency_penalty: f32::INFINITY, ..valid },
+            pb::Sampling { temperature: 101.0, ..valid },
+        ];
+        for sampling in bad {
+            let req = pb::StepRequest { step_id: 1, add: vec![spec(sampling)], ..Default::default() };
+            let err = svc.step(Request::new(req)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{sampling:?}: {err}");
+        }
+        let req = pb::StepRequest { step_id: 2, add: vec![spec(valid)], ..Default::default() };
+        let err = svc.step(Request::new(req)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     }
 }

@@ -99,3 +99,28 @@ pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The penalties written out plainly from the whole history, as the reference for the sampler's
+/// incremental one: for every token, the repetition penalty if it is in the prompt or the output
+/// (divide a positive logit, multiply a negative one), then the frequency penalty times its
+/// count in the output, then the presence penalty if it is in the output.
+pub fn penalise_reference(
+    logits: &[f32],
+    prompt: &[u32],
+    output: &[u32],
+    p: &yoco_worker::sampling::SamplingParams,
+) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    for (t, v) in out.iter_mut().enumerate() {
+        let t = t as u32;
+        let generated = output.iter().filter(|&&o| o == t).count();
+        if prompt.contains(&t) || generated > 0 {
+            *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+        }
+        if generated > 0 {
+            *v -= p.frequency_penalty * generated as f32;
+            *v -= p.presence_penalty;
+        }
+    }
+    out
+}
