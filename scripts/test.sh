@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, then all tests in release mode (the engine tests are
-# slow unoptimised). Needs only the Rust toolchain with rustfmt and clippy; the golden fixtures
-# are committed, so no Python is needed.
+# slow unoptimised). Needs the Rust toolchain with rustfmt and clippy, and Python 3 for the
+# grpcio client example (installed with apt-get when missing and allowed); the golden fixtures
+# are committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # that forming an NCCL group without a GPU is a clean error on every rank.
 cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
 cargo test -p yoco-worker --features cuda --lib --locked comm::
+# The Python client example (examples/python) is tested against a real server, with grpcio in
+# a virtual environment of its own.
+if ! target/pyenv/bin/python -c "import grpc, grpc_tools, grpc_health" 2>/dev/null; then
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" 2>/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
+  fi
+  rm -rf target/pyenv
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+fi
 # The end-to-end tests (tests/) run target/release/yoco, and `cargo test` does not build
 # another package's binary, so build it first.
 cargo build --release --locked -p yoco

@@ -1,5 +1,5 @@
-//! A worker group of local processes: spawns P `yoco worker` processes on loopback, loads the
-//! model on all of them (which forms their collective), and runs each plan on every rank.
+//! A worker group: P `yoco worker` processes, spawned here on loopback or running elsewhere,
+//! that load the model together (which forms their collective) and run each plan on every rank.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -25,16 +25,89 @@ pub struct GroupOptions {
     pub transport: String,
 }
 
-pub struct LocalGroup {
-    /// Held only to be killed when the group is dropped; each worker also exits when its stdin
-    /// (held here) closes, should this process die without running destructors.
+/// Positions per cache block on every rank.
+pub const BLOCK_TOKENS: usize = 256;
+
+/// Why a step failed. A fatal failure (a lost worker, a failed collective) breaks the group:
+/// every sequence on it is gone. A non-fatal one (a plan a rank refused before running it)
+/// changed nothing on any rank.
+#[derive(Debug, Clone)]
+pub struct StepError {
+    pub fatal: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// One rank as the coordinator sees it after LoadModel.
+#[derive(Debug, Clone)]
+pub struct RankInfo {
+    pub address: String,
+    pub cache_capacity_tokens: usize,
+    pub block_tokens: usize,
+}
+
+/// A formed worker group: P ranks that loaded the model together and run every plan together.
+pub struct WorkerGroup {
+    /// Local workers, held only to be killed when the group is dropped; each also exits when its
+    /// stdin (held here) closes, should this process die without running destructors.
     _children: Vec<Child>,
     clients: Vec<WorkerClient<Channel>>,
+    ranks: Vec<RankInfo>,
+    model_dir: String,
+    config_json: String,
+    transport: String,
     step_id: u64,
 }
 
-impl LocalGroup {
-    pub async fn spawn(world: usize, model_dir: &Path, opts: &GroupOptions) -> anyhow::Result<Self> {
+/// How the coordinator reaches a group's ranks outside of steps (Info answers at once, even
+/// while a step runs).
+#[derive(Clone)]
+pub struct GroupHandle {
+    clients: Vec<WorkerClient<Channel>>,
+    pub ranks: Vec<RankInfo>,
+    pub model_dir: String,
+    pub config_json: String,
+    pub transport: String,
+}
+
+impl GroupHandle {
+    /// Every rank's Info, in rank order.
+    pub async fn info(&self) -> anyhow::Result<Vec<pb::InfoResponse>> {
+        let calls = self.clients.iter().map(|c| {
+            let mut c = c.clone();
+            async move { c.info(pb::InfoRequest {}).await }
+        });
+        futures_join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(rank, r)| r.map(|r| r.into_inner()).map_err(|s| anyhow!("rank {rank}: {}", s.message())))
+            .collect()
+    }
+}
+
+async fn client(addr: &str, rank: usize) -> anyhow::Result<WorkerClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to worker rank {rank} at {addr}"))?;
+    Ok(WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+impl WorkerGroup {
+    /// Spawns `world` local `yoco worker` processes and forms the group.
+    pub async fn spawn_local(world: usize, model_dir: &Path, opts: &GroupOptions) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the yoco binary")?;
         let mut children = Vec::new();
         let mut grpc = Vec::new();
@@ -65,43 +138,96 @@ impl LocalGroup {
         }
         let mut clients = Vec::new();
         for (rank, addr) in grpc.iter().enumerate() {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await
-                .with_context(|| format!("connecting to worker rank {rank} at {addr}"))?;
-            clients.push(
-                WorkerClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            );
+            clients.push(client(addr, rank).await?);
         }
+        Self::form(children, clients, grpc, collective, String::new(), opts).await
+    }
+
+    /// Forms a group of workers that run elsewhere (`yoco worker` processes), given their gRPC
+    /// addresses in rank order. Each loads the model directory it was started with, unless
+    /// `model_dir` names one (as the workers see it).
+    pub async fn connect(addrs: &[String], model_dir: Option<&str>, opts: &GroupOptions) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        let mut collective = Vec::new();
+        for (rank, addr) in addrs.iter().enumerate() {
+            let mut c = client(addr, rank).await?;
+            let info = c.info(pb::InfoRequest {}).await.map_err(|s| anyhow!("worker {addr}: {}", s.message()))?;
+            let collective_addr = info.into_inner().collective_addr;
+            if collective_addr.is_empty() {
+                bail!("worker {addr} did not report its collective address");
+            }
+            collective.push(collective_addr);
+            clients.push(c);
+        }
+        Self::form(Vec::new(), clients, addrs.to_vec(), collective, model_dir.unwrap_or("").to_string(), opts).await
+    }
+
+    async fn form(
+        children: Vec<Child>,
+        clients: Vec<WorkerClient<Channel>>,
+        grpc: Vec<String>,
+        collective: Vec<String>,
+        model_dir: String,
+        opts: &GroupOptions,
+    ) -> anyhow::Result<Self> {
+        let world = clients.len();
         let loads = clients.iter().enumerate().map(|(rank, c)| {
             let mut c = c.clone();
             let req = pb::LoadModelRequest {
-                model_dir: String::new(),
+                model_dir: model_dir.clone(),
                 rank: rank as u32,
                 world: world as u32,
                 peer_addrs: collective.clone(),
                 cache_budget_bytes: opts.cache_budget_bytes as u64,
-                block_tokens: 0,
+                block_tokens: BLOCK_TOKENS as u32,
                 collective_timeout_seconds: opts.collective_timeout.as_secs_f64(),
                 transport: opts.transport.clone(),
                 device: rank as u32,
             };
             async move { c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message())) }
         });
-        for r in futures_join_all(loads).await {
-            r?;
+        let mut ranks = Vec::new();
+        let (mut dir, mut config_json) = (String::new(), String::new());
+        for (r, addr) in futures_join_all(loads).await.into_iter().zip(&grpc) {
+            let info = r?.into_inner().info.unwrap_or_default();
+            ranks.push(RankInfo {
+                address: addr.clone(),
+                cache_capacity_tokens: info.cache_capacity_tokens as usize,
+                block_tokens: BLOCK_TOKENS,
+            });
+            if config_json.is_empty() {
+                (dir, config_json) = (info.model_dir, info.model_config_json);
+            } else if info.model_config_json != config_json {
+                bail!("the workers loaded different models ({dir} and {})", info.model_dir);
+            }
         }
-        Ok(LocalGroup { _children: children, clients, step_id: 0 })
+        Ok(WorkerGroup {
+            _children: children,
+            clients,
+            ranks,
+            model_dir: dir,
+            config_json,
+            transport: if opts.transport.is_empty() { "tcp".into() } else { opts.transport.clone() },
+            step_id: 0,
+        })
     }
 
     pub fn world(&self) -> usize {
         self.clients.len()
     }
 
+    pub fn handle(&self) -> GroupHandle {
+        GroupHandle {
+            clients: self.clients.clone(),
+            ranks: self.ranks.clone(),
+            model_dir: self.model_dir.clone(),
+            config_json: self.config_json.clone(),
+            transport: self.transport.clone(),
+        }
+    }
+
     /// Runs `plan` on every rank at once; each rank's results, in rank order.
-    pub async fn run_plan(&mut self, plan: &Plan) -> anyhow::Result<Vec<Vec<SeqResult>>> {
+    pub async fn run_plan(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
         self.step_id += 1;
         let req = plan_to_pb(self.step_id, plan);
         let calls = self.clients.iter().map(|c| {
@@ -110,13 +236,17 @@ impl LocalGroup {
         });
         let replies = futures_join_all(calls).await;
         // Report every failing rank: the first one alone may only say that a peer was lost.
-        let errors: Vec<String> = replies
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, r)| r.as_ref().err().map(|s| format!("rank {rank}: {} ({:?})", s.message(), s.code())))
-            .collect();
-        if !errors.is_empty() {
-            bail!("worker group step failed: {}", errors.join("; "));
+        let failed: Vec<(usize, &tonic::Status)> =
+            replies.iter().enumerate().filter_map(|(rank, r)| r.as_ref().err().map(|s| (rank, s))).collect();
+        if !failed.is_empty() {
+            use tonic::Code;
+            // A plan refused before it ran is refused by every rank alike; anything else (a rank
+            // unreachable, a collective failed) leaves the ranks out of step.
+            let refused = |s: &tonic::Status| matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted);
+            let fatal = failed.len() != self.world() || failed.iter().any(|(_, s)| !refused(s));
+            let detail: Vec<String> =
+                failed.iter().map(|(rank, s)| format!("rank {rank}: {} ({:?})", s.message(), s.code())).collect();
+            return Err(StepError { fatal, message: format!("worker group step failed: {}", detail.join("; ")) });
         }
         Ok(replies
             .into_iter()
@@ -142,13 +272,13 @@ where
 /// A local group driven synchronously (for the command line).
 pub struct BlockingGroup {
     rt: tokio::runtime::Runtime,
-    group: LocalGroup,
+    group: WorkerGroup,
 }
 
 impl BlockingGroup {
     pub fn spawn(world: usize, model_dir: &Path, opts: &GroupOptions) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let group = rt.block_on(LocalGroup::spawn(world, model_dir, opts))?;
+        let group = rt.block_on(WorkerGroup::spawn_local(world, model_dir, opts))?;
         Ok(BlockingGroup { rt, group })
     }
 }

@@ -1,10 +1,16 @@
 //! `yoco`: the command line of the yoco serving cluster.
 
+mod api;
 mod bench;
+mod client;
 mod default_model;
+mod detok;
 mod generate;
 mod group;
 mod init_model;
+mod request;
+mod scheduler;
+mod serve;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +33,13 @@ enum Command {
     Generate(generate::Args),
     /// Run one rank of a worker group (gRPC `yoco.worker.v1.Worker`).
     Worker(worker_cmd::Args),
+    /// Serve the public gRPC API with a group of local worker processes (default: 2 workers,
+    /// the built-in model, 127.0.0.1:50051).
+    Serve(serve::ServeArgs),
+    /// Serve the public gRPC API for workers started elsewhere (`yoco worker`).
+    Coordinator(serve::CoordinatorArgs),
+    /// Call a running server: generate, tokenize, info.
+    Client(client::Args),
     /// Measure the engine: prefill and decode speed, cache bytes per token, machine peak.
     Bench(bench::Args),
 }
@@ -45,5 +58,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Coordinator(args) => serve::coordinator(args),
+        Command::Client(args) => client::run(args),
     }
 }

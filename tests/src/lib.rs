@@ -5,6 +5,8 @@
 //! `cargo build --release -p yoco && cargo test --release -p yoco-e2e` (`scripts/test.sh` does
 //! this). `YOCO_BIN=/path/to/yoco` overrides the lookup.
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::SystemTime;
@@ -126,4 +128,19 @@ pub fn yoco(home: &Path, args: &[&str]) -> Run {
     cmd.env("YOCO_HOME", home).env("RUST_LOG", "warn").env("RUST_LIB_BACKTRACE", "0");
     let output = cmd.output().expect("run yoco");
     Run { args: args.iter().map(|s| s.to_string()).collect(), output }
+}
+
+/// A Python interpreter with `grpcio` for the client examples: `$YOCO_PYTHON`, else the virtual
+/// environment `scripts/test.sh` makes (`target/pyenv`). Missing, it is an error, not a skip.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("YOCO_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with grpcio: run scripts/test.sh (it makes target/pyenv), or set YOCO_PYTHON to an \
+         interpreter with `pip install -r examples/python/requirements.txt`"
+    );
+    venv
 }

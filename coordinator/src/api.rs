@@ -1,0 +1,187 @@
+//! The public gRPC service `yoco.v1.Generation`: requests are validated here, then handed to
+//! the scheduler; its events stream back to the client.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use yoco_proto::v1 as pb;
+use yoco_proto::v1::generation_server::Generation;
+use yoco_worker::tokenizer::Tokenizer;
+
+use crate::group::GroupHandle;
+use crate::request::{prompt_tokens, validate, Limits};
+use crate::scheduler::Scheduler;
+
+/// Largest request or response message of the public API: a million-token prompt as text or
+/// ids is a few MB.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// What exists once the worker group has formed.
+pub struct Ready {
+    pub scheduler: Scheduler,
+    pub group: GroupHandle,
+    pub limits: Limits,
+    pub cache_bytes_per_token: usize,
+}
+
+pub struct Api {
+    tokenizer: Arc<Tokenizer>,
+    ready: Arc<OnceLock<Ready>>,
+    next_id: AtomicU64,
+}
+
+impl Api {
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        Api { tokenizer, ready: Arc::new(OnceLock::new()), next_id: AtomicU64::new(1) }
+    }
+
+    /// Where the server puts the group once it has formed.
+    pub fn ready_slot(&self) -> Arc<OnceLock<Ready>> {
+        self.ready.clone()
+    }
+
+    fn ready(&self) -> Result<&Ready, Status> {
+        let ready = self
+            .ready
+            .get()
+            .ok_or_else(|| Status::unavailable("the server is starting: the worker group is forming"))?;
+        Ok(ready)
+    }
+
+    fn fresh_id(&self) -> String {
+        format!("gen-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The deadline a client set with the standard `grpc-timeout` header (`<digits><unit>`).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generation for Api {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let deadline = grpc_timeout(request.metadata()).and_then(|d| arrived.checked_add(d));
+        let ready = self.ready()?;
+        let req = request.into_inner();
+        let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
+        // Tokenizing a long text prompt takes a while: off the async threads.
+        let gen = tokio::task::spawn_blocking(move || {
+            let prompt = prompt_tokens(&req, &tokenizer)?;
+            validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
+        let id = gen.id.clone();
+        tracing::info!(request = %id, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens, "request");
+        let events = ready.scheduler.submit(gen)?;
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
+            .map(move |e| e.map(|event| pb::GenerateResponse { request_id: id.clone(), event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let text = request.into_inner().text;
+        let tokenizer = self.tokenizer.clone();
+        let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        Ok(Response::new(pb::TokenizeResponse { ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let ids = request.into_inner().ids;
+        let vocab = self.ready()?.limits.vocab_size;
+        if let Some((i, bad)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(Status::invalid_argument(format!(
+                "ids: id {i} is {bad}, outside the vocabulary (size {vocab})"
+            )));
+        }
+        let tokenizer = self.tokenizer.clone();
+        let text = tokio::task::spawn_blocking(move || tokenizer.decode(&ids))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
+    }
+
+    async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let ready = self.ready()?;
+        let infos = ready.group.info().await.map_err(|e| Status::unavailable(format!("worker group: {e:#}")))?;
+        let cap = ready.scheduler.capacity();
+        let config = ready.scheduler.config();
+        let (running, waiting) = ready.scheduler.load();
+        let ranks = infos
+            .iter()
+            .zip(&ready.group.ranks)
+            .enumerate()
+            .map(|(rank, (info, r))| pb::WorkerRank {
+                rank: rank as u32,
+                address: r.address.clone(),
+                cache_capacity_tokens: info.cache_capacity_tokens,
+                cache_used_bytes: info.cache_used_bytes,
+                sequences: info.sequences,
+            })
+            .collect();
+        Ok(Response::new(pb::ModelInfoResponse {
+            model: ready.group.model_dir.clone(),
+            config_json: ready.group.config_json.clone(),
+            vocab_size: ready.limits.vocab_size as u32,
+            tokenizer: self.tokenizer.name().to_string(),
+            eos_token_id: self.tokenizer.eos_token().filter(|&t| (t as usize) < ready.limits.vocab_size),
+            world: cap.world as u32,
+            ranks,
+            transport: ready.group.transport.clone(),
+            cache_bytes_per_token: ready.cache_bytes_per_token as u64,
+            cache_capacity_tokens: cap.max_request_tokens() as u64,
+            max_request_tokens: ready.limits.max_request_tokens as u64,
+            max_batch_tokens: config.max_batch_tokens as u32,
+            max_queue: config.max_queue as u32,
+            max_running: config.max_running as u32,
+            running: running as u32,
+            waiting: waiting as u32,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (v, d) in
+            [("5S", Duration::from_secs(5)), ("250m", Duration::from_millis(250)), ("2M", Duration::from_secs(120))]
+        {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(d));
+        }
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+}

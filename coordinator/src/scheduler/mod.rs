@@ -1,0 +1,501 @@
+//! The coordinator's scheduler: continuous batching over one worker group.
+//!
+//! Each engine step is one plan for every rank: the decode tokens of all running sequences plus
+//! prefill chunks of admitted prompts, under a token budget, so a long prefill never freezes the
+//! streams of short requests. Prefill chunks go to the prompts with the fewest tokens left
+//! first: a short prompt is done in one step even while a million-token prompt is prefilling,
+//! and the long one takes what budget remains.
+//!
+//! Admission books cache: a request reserves, on every rank, the blocks its prompt + max_tokens
+//! can occupy (see [`budget`]). Requests that do not fit wait in a bounded FIFO queue; beyond it
+//! they are refused. Because of the reservation a step never runs out of cache, so no request
+//! is ever preempted or fails half-way for lack of memory.
+//!
+//! Cancellation (the client dropped its stream, or its deadline passed) is checked before every
+//! step; the sequence is freed on every rank in the next plan.
+
+pub mod budget;
+mod seq;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use yoco_proto::v1::generate_response::Event;
+use yoco_worker::engine::SeqId;
+use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
+use yoco_worker::tokenizer::Tokenizer;
+
+pub use self::budget::Capacity;
+use self::seq::{Active, End, EventSender};
+use crate::group::StepError;
+use crate::request::GenRequest;
+
+/// Executes plans on every rank of a group: a [`crate::group::WorkerGroup`], or an in-process
+/// engine in tests.
+pub trait StepRunner: Send + 'static {
+    fn world(&self) -> usize;
+    /// Per rank, in rank order, the results of the plan.
+    fn run(&mut self, plan: Plan) -> impl Future<Output = Result<Vec<Vec<SeqResult>>, StepError>> + Send;
+}
+
+impl StepRunner for crate::group::WorkerGroup {
+    fn world(&self) -> usize {
+        crate::group::WorkerGroup::world(self)
+    }
+    async fn run(&mut self, plan: Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
+        self.run_plan(&plan).await
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per engine step: one per decoding sequence plus the prefill chunks.
+    pub max_batch_tokens: usize,
+    /// Requests that may wait for admission.
+    pub max_queue: usize,
+    /// Sequences admitted at once (prefilling or decoding).
+    pub max_running: usize,
+    /// Prompt tokens per rank per step for one sequence (bounds activation memory).
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_batch_tokens: 8192, max_queue: 1024, max_running: 256, prefill_chunk: 4096 }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_running == 0 || self.prefill_chunk == 0 {
+            return Err("max running sequences and the prefill chunk must be at least 1".into());
+        }
+        if self.max_batch_tokens <= self.max_running {
+            return Err(format!(
+                "the step token budget ({}) must exceed the running sequences ({}), or prefill could starve",
+                self.max_batch_tokens, self.max_running
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Prompt tokens per rank per step when every position's logits come back (`rows × vocab`).
+const PROMPT_LOGPROBS_CHUNK: usize = 256;
+
+const SERVING: u8 = 0;
+const DRAINING: u8 = 1;
+const DEAD: u8 = 2;
+
+/// What the API sees of the scheduler.
+#[derive(Clone)]
+pub struct Scheduler {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: AtomicU8,
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    config: SchedulerConfig,
+    capacity: Capacity,
+}
+
+enum Cmd {
+    Submit(Box<GenRequest>, EventSender),
+    Drain(Instant),
+}
+
+/// The stream of one request's events; ends after its `Finished` (and error status, if any).
+pub type EventStream = mpsc::UnboundedReceiver<Result<Event, Status>>;
+
+impl Scheduler {
+    /// Starts the scheduling loop over `runner`; it ends when drained or when the group fails.
+    pub fn start<R: StepRunner>(
+        runner: R,
+        tokenizer: Arc<Tokenizer>,
+        capacity: Capacity,
+        config: SchedulerConfig,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            state: AtomicU8::new(SERVING),
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            config,
+            capacity,
+        });
+        let looper = Loop {
+            runner,
+            tokenizer,
+            cmds: rx,
+            shared: shared.clone(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            to_free: Vec::new(),
+            next_seq: 1,
+            reserved: 0,
+            drain_deadline: None,
+        };
+        let task = tokio::spawn(looper.run());
+        (Scheduler { cmds: tx, shared }, task)
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.shared.capacity
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.shared.config
+    }
+
+    /// Requests running and waiting now.
+    pub fn load(&self) -> (usize, usize) {
+        (self.shared.running.load(Ordering::Relaxed), self.shared.waiting.load(Ordering::Relaxed))
+    }
+
+    /// Queues a request; its events come on the returned stream.
+    pub fn submit(&self, req: GenRequest) -> Result<EventStream, Status> {
+        match self.shared.state.load(Ordering::Relaxed) {
+            SERVING => {}
+            DRAINING => return Err(Status::unavailable("the server is shutting down")),
+            _ => return Err(Status::unavailable("the worker group failed; the server cannot generate")),
+        }
+        let limit = self.shared.config.max_queue;
+        if self.shared.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!(
+                "the queue is full: {limit} requests are waiting for cache or batch room; retry later"
+            )));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        if self.cmds.send(Cmd::Submit(Box::new(req), tx)).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::unavailable("the scheduler has stopped"));
+        }
+        Ok(rx)
+    }
+
+    /// Stops taking requests; those in flight may finish until `deadline`, then are cancelled.
+    /// The scheduler's task ends when nothing is left.
+    pub fn drain(&self, timeout: Duration) {
+        let _ = self.shared.state.compare_exchange(SERVING, DRAINING, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.cmds.send(Cmd::Drain(Instant::now() + timeout));
+    }
+}
+
+struct Waiting {
+    req: Box<GenRequest>,
+    tx: EventSender,
+}
+
+struct Loop<R> {
+    runner: R,
+    tokenizer: Arc<Tokenizer>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    shared: Arc<Shared>,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Active>,
+    /// Sequences on the workers to free in the next plan.
+    to_free: Vec<SeqId>,
+    next_seq: SeqId,
+    /// Blocks booked per rank by the active sequences.
+    reserved: usize,
+    drain_deadline: Option<Instant>,
+}
+
+/// What each prefill item of a plan was.
+struct PrefillRef {
+    seq: SeqId,
+    tokens: usize,
+}
+
+impl<R: StepRunner> Loop<R> {
+    async fn run(mut self) {
+        loop {
+            if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() {
+                if self.drain_deadline.is_some() {
+                    break;
+                }
+                match self.cmds.recv().await {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                }
+            }
+            while let Ok(cmd) = self.cmds.try_recv() {
+                self.command(cmd);
+            }
+            self.reap();
+            self.admit();
+            let Some((plan, prefills)) = self.compose() else { continue };
+            let world = self.runner.world();
+            let span = tracing::debug_span!(
+                "step",
+                prefill = plan.prefill.len(),
+                decode = plan.decode.len(),
+                tokens = plan.prefill.iter().map(|p| p.tokens.len()).sum::<usize>() + plan.decode.len()
+            );
+            let result = tracing::Instrument::instrument(self.runner.run(plan.clone()), span).await;
+            match result {
+                Ok(results) if results.len() == world => self.apply(&plan, &prefills, results),
+                Ok(results) => {
+                    self.fail_step(&plan, format!("the group returned {} ranks' results, not {world}", results.len()))
+                }
+                Err(e) if e.fatal => {
+                    self.fail_group(e);
+                    return;
+                }
+                Err(e) => self.fail_step(&plan, e.message),
+            }
+            self.publish();
+        }
+        self.publish();
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit(req, tx) => self.waiting.push_back(Waiting { req, tx }),
+            Cmd::Drain(deadline) => self.drain_deadline = Some(deadline),
+        }
+    }
+
+    fn publish(&self) {
+        self.shared.running.store(self.active.len(), Ordering::Relaxed);
+    }
+
+    /// Drops requests whose client went away or whose deadline passed; past the drain deadline,
+    /// everything.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let draining_over = self.drain_deadline.is_some_and(|d| now >= d);
+        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| now >= d);
+        let shared = &self.shared;
+        self.waiting.retain(|w| {
+            let why = if draining_over {
+                Some("the server shut down before the request started")
+            } else if expired(w.req.deadline) {
+                Some("the request's deadline passed while it waited")
+            } else if w.tx.is_closed() {
+                Some("")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                if !why.is_empty() {
+                    let a = Active::new(0, (*w.req).clone(), w.tx.clone(), 0, 1);
+                    a.finish(&End::Cancelled(why.into()));
+                }
+                tracing::info!(request = %w.req.id, reason = why, "request cancelled while waiting");
+                return false;
+            }
+            true
+        });
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &self.active[i];
+            let why = if draining_over {
+                Some("the server shut down")
+            } else if expired(a.req.deadline) {
+                Some("the request's deadline passed")
+            } else if a.tx.is_closed() {
+                Some("the client went away")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => self.end(i, End::Cancelled(why.into())),
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Moves waiting requests into the batch, in order, while their cache fits.
+    fn admit(&mut self) {
+        let cap = self.shared.capacity;
+        while let Some(w) = self.waiting.front() {
+            let blocks = cap.blocks_for(w.req.prompt.len() + w.req.max_tokens);
+            if blocks > cap.blocks_per_rank {
+                // Validation keeps such requests out; should one get here, it must not block the queue.
+                let w = self.waiting.pop_front().expect("front exists");
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                let status = Status::invalid_argument("the request needs more cache than the group has");
+                Active::new(0, *w.req, w.tx, 0, 1).finish(&End::Error(status));
+                continue;
+            }
+            if self.active.len() >= self.shared.config.max_running || self.reserved + blocks > cap.blocks_per_rank {
+                break;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.reserved += blocks;
+            tracing::info!(request = %w.req.id, seq, prompt_tokens = w.req.prompt.len(), blocks, "admitted");
+            self.active.push(Active::new(seq, *w.req, w.tx, blocks, cap.world));
+        }
+    }
+
+    /// The next step's plan: frees, new sequences, every decode, and prefill chunks under the
+    /// token budget (fewest remaining prompt tokens first).
+    fn compose(&mut self) -> Option<(Plan, Vec<PrefillRef>)> {
+        let world = self.runner.world();
+        let config = &self.shared.config;
+        let mut plan = Plan { free: std::mem::take(&mut self.to_free), ..Plan::default() };
+        for a in self.active.iter_mut().filter(|a| !a.added) {
+            a.added = true;
+            plan.add.push(SeqSpec {
+                seq: a.seq,
+                sampling: a.req.sampling.clone(),
+                top_logprobs: a.req.top_logprobs,
+                prompt_logprobs: a.req.prompt_logprobs,
+            });
+        }
+        for a in &mut self.active {
+            if let Some(token) = a.next.take() {
+                plan.decode.push(DecodeWork { seq: a.seq, token });
+            }
+        }
+        let mut budget = config.max_batch_tokens.saturating_sub(plan.decode.len());
+        let mut order: Vec<usize> = (0..self.active.len()).filter(|&i| self.active[i].remaining_prompt() > 0).collect();
+        order.sort_by_key(|&i| (self.active[i].remaining_prompt(), self.active[i].seq));
+        let mut prefills = Vec::new();
+        for i in order {
+            let a = &mut self.active[i];
+            let per_rank = if a.req.prompt_logprobs {
+                config.prefill_chunk.min(PROMPT_LOGPROBS_CHUNK)
+            } else {
+                config.prefill_chunk
+            };
+            let n = a.remaining_prompt().min(per_rank * world).min(budget);
+            if n == 0 {
+                break;
+            }
+            budget -= n;
+            a.prefill_scheduled();
+            let end = a.prefilled + n;
+            plan.prefill.push(PrefillWork {
+                seq: a.seq,
+                tokens: a.req.prompt[a.prefilled..end].to_vec(),
+                chunk_starts: budget::balanced_starts(&a.shards, n),
+                sample: end == a.req.prompt.len(),
+                next_token: a.req.prompt.get(end).copied(),
+            });
+            prefills.push(PrefillRef { seq: a.seq, tokens: n });
+        }
+        let empty = plan.add.is_empty() && plan.free.is_empty() && plan.prefill.is_empty() && plan.decode.is_empty();
+        (!empty).then_some((plan, prefills))
+    }
+
+    fn index(&self, seq: SeqId) -> Option<usize> {
+        self.active.iter().position(|a| a.seq == seq)
+    }
+
+    /// Hands each sequence its step's results: progress, tokens, or its end.
+    fn apply(&mut self, plan: &Plan, prefills: &[PrefillRef], results: Vec<Vec<SeqResult>>) {
+        let tokenizer = self.tokenizer.clone();
+        let mut ranks = results.into_iter();
+        let rank0 = ranks.next().unwrap_or_default();
+        let others: Vec<Vec<SeqResult>> = ranks.collect();
+        let shard_of =
+            |rank_results: &[SeqResult], seq: SeqId| rank_results.iter().find(|r| r.seq == seq).map(|r| r.shard_tokens);
+        let mut ends = Vec::new();
+        let mut answered = std::collections::HashSet::new();
+        for r in rank0 {
+            let Some(i) = self.index(r.seq) else { continue };
+            answered.insert(r.seq);
+            let a = &mut self.active[i];
+            a.shards[0] = r.shard_tokens;
+            for (rank, rr) in others.iter().enumerate() {
+                if let Some(s) = shard_of(rr, r.seq) {
+                    a.shards[rank + 1] = s;
+                }
+            }
+            let end = match prefills.iter().find(|p| p.seq == r.seq) {
+                Some(p) => a.prefill_done(&tokenizer, p.tokens, &r.prompt_logprobs, r.sampled),
+                None => match r.sampled {
+                    Some(s) => a.token(&tokenizer, s),
+                    None => Some(End::Error(Status::internal("the group sampled no token for a decode step"))),
+                },
+            };
+            if let Some(end) = end {
+                ends.push((r.seq, end));
+            }
+        }
+        // A sequence of the plan without a result would never move again.
+        for seq in plan.prefill.iter().map(|p| p.seq).chain(plan.decode.iter().map(|d| d.seq)) {
+            if !answered.contains(&seq) {
+                ends.push((seq, End::Error(Status::internal("the group returned no result for the sequence"))));
+            }
+        }
+        for (seq, end) in ends {
+            if let Some(i) = self.index(seq) {
+                self.end(i, end);
+            }
+        }
+    }
+
+    /// Ends active request `i`: its final message, its cache freed on every rank.
+    fn end(&mut self, i: usize, end: End) {
+        let a = self.active.swap_remove(i);
+        a.finish(&end);
+        self.reserved -= a.blocks;
+        if a.added {
+            self.to_free.push(a.seq);
+        }
+        match &end {
+            End::Error(status) => {
+                tracing::error!(request = %a.req.id, seq = a.seq, error = %status.message(), "request failed")
+            }
+            _ => {
+                tracing::info!(request = %a.req.id, seq = a.seq, generated = a.generated, end = ?end, "request finished")
+            }
+        }
+    }
+
+    /// A step the ranks refused without changing anything: its requests fail, the rest go on.
+    fn fail_step(&mut self, plan: &Plan, message: String) {
+        tracing::error!(error = %message, "step refused by the group");
+        let seqs: Vec<SeqId> = plan
+            .add
+            .iter()
+            .map(|s| s.seq)
+            .chain(plan.prefill.iter().map(|p| p.seq))
+            .chain(plan.decode.iter().map(|d| d.seq))
+            .collect();
+        // The frees of the plan were applied before the step failed, but freeing is idempotent.
+        self.to_free.extend(&plan.free);
+        for seq in seqs {
+            if let Some(i) = self.index(seq) {
+                self.end(i, End::Error(Status::internal(message.clone())));
+            }
+        }
+    }
+
+    /// The group is broken: every request fails, and no more are taken.
+    fn fail_group(&mut self, e: StepError) {
+        tracing::error!(error = %e.message, "worker group failed; failing every request");
+        self.shared.state.store(DEAD, Ordering::SeqCst);
+        let status = Status::unavailable(e.message.clone());
+        while !self.active.is_empty() {
+            self.end(0, End::Error(status.clone()));
+        }
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            self.command(cmd);
+        }
+        for w in self.waiting.drain(..) {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            Active::new(0, *w.req, w.tx, 0, 1).finish(&End::Error(status.clone()));
+        }
+        self.publish();
+    }
+}

@@ -1,0 +1,212 @@
+//! One admitted request on its way through the group: what it has prefilled and generated, and
+//! the events it sends its client (progress, tokens with their text, the final message).
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+use yoco_proto::v1 as pb;
+use yoco_proto::v1::generate_response::Event;
+use yoco_worker::engine::SeqId;
+use yoco_worker::executor::Sampled;
+use yoco_worker::tokenizer::Tokenizer;
+
+use crate::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use crate::request::GenRequest;
+
+/// Where a request's events go: the gRPC stream (or a test).
+pub type EventSender = UnboundedSender<Result<Event, Status>>;
+
+pub struct Active {
+    pub seq: SeqId,
+    pub req: GenRequest,
+    pub tx: EventSender,
+    /// Cache blocks reserved on every rank for prompt + max_tokens.
+    pub blocks: usize,
+    /// The sequence exists on the workers.
+    pub added: bool,
+    pub prefilled: usize,
+    /// Each rank's rows of the sequence's global cache.
+    pub shards: Vec<usize>,
+    /// The token to feed back in the next decode step.
+    pub next: Option<u32>,
+    pub generated: usize,
+    prompt_logprobs: Vec<f32>,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    prefill_started: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone)]
+pub enum End {
+    Length,
+    StopString(String),
+    StopToken(u32),
+    Cancelled(String),
+    Error(Status),
+}
+
+impl Active {
+    pub fn new(seq: SeqId, req: GenRequest, tx: EventSender, blocks: usize, world: usize) -> Self {
+        let stop = StopMatcher::new(req.stop.clone());
+        Active {
+            seq,
+            req,
+            tx,
+            blocks,
+            added: false,
+            prefilled: 0,
+            shards: vec![0; world],
+            next: None,
+            generated: 0,
+            prompt_logprobs: Vec::new(),
+            detok: IncrementalDetokenizer::default(),
+            stop,
+            prefill_started: None,
+            first_token: None,
+        }
+    }
+
+    pub fn remaining_prompt(&self) -> usize {
+        self.req.prompt.len() - self.prefilled
+    }
+
+    pub fn send(&self, event: Event) {
+        // A closed stream is noticed (and the request cancelled) before the next step.
+        let _ = self.tx.send(Ok(event));
+    }
+
+    pub fn prefill_scheduled(&mut self) {
+        self.prefill_started.get_or_insert_with(Instant::now);
+    }
+
+    /// A prefill step of `n` tokens ran; the first generated token comes with the last one.
+    pub fn prefill_done(
+        &mut self,
+        tok: &Tokenizer,
+        n: usize,
+        logprobs: &[f32],
+        sampled: Option<Sampled>,
+    ) -> Option<End> {
+        self.prefilled += n;
+        self.prompt_logprobs.extend_from_slice(logprobs);
+        if self.prefilled < self.req.prompt.len() {
+            let started = self.prefill_started.unwrap_or_else(Instant::now);
+            self.send(Event::Progress(pb::PrefillProgress {
+                prefilled_tokens: self.prefilled as u64,
+                prompt_tokens: self.req.prompt.len() as u64,
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+            }));
+            return None;
+        }
+        if self.req.prompt_logprobs {
+            let logprobs = std::mem::take(&mut self.prompt_logprobs);
+            self.send(Event::PromptLogprobs(pb::PromptLogprobs { logprobs }));
+        }
+        match sampled {
+            Some(s) => self.token(tok, s),
+            None => Some(End::Error(Status::internal("the group sampled no token at the end of the prompt"))),
+        }
+    }
+
+    /// A generated token: sends it with its text; says whether the request ends with it.
+    pub fn token(&mut self, tok: &Tokenizer, s: Sampled) -> Option<End> {
+        self.first_token.get_or_insert_with(Instant::now);
+        self.generated += 1;
+        let token = pb::Token {
+            id: s.token,
+            logprob: s.logprob,
+            top_logprobs: s
+                .top_logprobs
+                .iter()
+                .map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                .collect(),
+        };
+        // A stop token is in the output, its text is not.
+        if self.req.stop_token_ids.contains(&s.token) {
+            let text = self.flush(tok);
+            self.send(Event::Tokens(pb::TokenChunk { tokens: vec![token], text }));
+            return Some(End::StopToken(s.token));
+        }
+        let delta = self.detok.push(tok, s.token);
+        let (mut text, mut end) = match self.stop.push(&delta) {
+            StopOutcome::Continue(text) => (text, None),
+            StopOutcome::Stopped { text, stop } => (text, Some(End::StopString(stop))),
+        };
+        if end.is_none() && self.generated >= self.req.max_tokens {
+            let rest = self.detok.flush(tok);
+            match self.stop.push(&rest) {
+                StopOutcome::Continue(t) => {
+                    text.push_str(&t);
+                    text.push_str(&self.stop.flush());
+                    end = Some(End::Length);
+                }
+                StopOutcome::Stopped { text: t, stop } => {
+                    text.push_str(&t);
+                    end = Some(End::StopString(stop));
+                }
+            }
+        }
+        self.send(Event::Tokens(pb::TokenChunk { tokens: vec![token], text }));
+        if end.is_none() {
+            self.next = Some(s.token);
+        }
+        end
+    }
+
+    /// Text held back so far, given when generation ends without a stop string.
+    fn flush(&mut self, tok: &Tokenizer) -> String {
+        let rest = self.detok.flush(tok);
+        match self.stop.push(&rest) {
+            StopOutcome::Continue(mut t) => {
+                t.push_str(&self.stop.flush());
+                t
+            }
+            StopOutcome::Stopped { text, .. } => text,
+        }
+    }
+
+    /// Sends the final message (and, for an error, the error status after it).
+    pub fn finish(&self, end: &End) {
+        let now = Instant::now();
+        let arrived = self.req.arrived;
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        let prefill_start = self.prefill_started.unwrap_or(now);
+        let timing = pb::Timing {
+            queue_seconds: secs(arrived, prefill_start),
+            time_to_first_token_seconds: self.first_token.map_or(0.0, |t| secs(arrived, t)),
+            prefill_tokens_per_second: self
+                .first_token
+                .map_or(0.0, |t| self.req.prompt.len() as f64 / secs(prefill_start, t).max(1e-9)),
+            decode_tokens_per_second: self
+                .first_token
+                .map_or(0.0, |t| self.generated.saturating_sub(1) as f64 / secs(t, now).max(1e-9)),
+            total_seconds: secs(arrived, now),
+        };
+        let (reason, matched, error) = match end {
+            End::Length => (pb::FinishReason::Length, None, String::new()),
+            End::StopString(s) => {
+                (pb::FinishReason::Stop, Some(pb::finished::Matched::StopString(s.clone())), String::new())
+            }
+            End::StopToken(t) => (pb::FinishReason::Stop, Some(pb::finished::Matched::StopTokenId(*t)), String::new()),
+            End::Cancelled(why) => (pb::FinishReason::Cancelled, None, why.clone()),
+            End::Error(status) => (pb::FinishReason::Error, None, status.message().to_string()),
+        };
+        self.send(Event::Finished(pb::Finished {
+            reason: reason as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: self.req.prompt.len() as u64,
+                completion_tokens: self.generated as u64,
+            }),
+            timing: Some(timing),
+            seed: self.req.sampling.seed,
+            matched,
+            error,
+        }));
+        if let End::Error(status) = end {
+            let _ = self.tx.send(Err(status.clone()));
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! `yoco serve` (a coordinator with its own local workers) and `yoco coordinator` (a coordinator
+//! for workers started elsewhere): the public gRPC API, health and reflection, the scheduler,
+//! and graceful shutdown.
+//!
+//! The server listens at once and answers health with NOT_SERVING while the worker group forms,
+//! SERVING when it can generate, and NOT_SERVING again while draining or after the group failed.
+//! On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish within the drain
+//! timeout (then cancels them), and exits 0. If the group fails, every request ends with an
+//! error and the process exits non-zero, so that a supervisor restarts it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio_stream::wrappers::TcpListenerStream;
+use yoco_proto::v1::generation_server::GenerationServer;
+use yoco_worker::config::ModelConfig;
+use yoco_worker::tokenizer::Tokenizer;
+
+use crate::api::{Api, Ready, MAX_MESSAGE_BYTES};
+use crate::group::{GroupOptions, WorkerGroup};
+use crate::request::Limits;
+use crate::scheduler::{Capacity, Scheduler, SchedulerConfig};
+
+/// Settings shared by `serve` and `coordinator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address of the public gRPC API (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50051", env = "YOCO_LISTEN")]
+    listen: SocketAddr,
+    /// Global KV cache budget per worker rank, in MiB.
+    #[arg(long, default_value_t = 4096, env = "YOCO_CACHE_MIB")]
+    cache_mib: usize,
+    /// Requests that may wait for admission; beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, env = "YOCO_MAX_QUEUE")]
+    max_queue: usize,
+    /// Tokens per engine step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 8192, env = "YOCO_MAX_BATCH_TOKENS")]
+    max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 256, env = "YOCO_MAX_RUNNING")]
+    max_running: usize,
+    /// Prompt tokens per rank per step for one sequence.
+    #[arg(long, default_value_t = 4096, env = "YOCO_PREFILL_CHUNK")]
+    prefill_chunk: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30.0, env = "YOCO_DRAIN_TIMEOUT")]
+    drain_timeout: f64,
+    /// Seconds a collective waits for a peer before the group fails.
+    #[arg(long, default_value_t = 120.0, env = "YOCO_COLLECTIVE_TIMEOUT")]
+    collective_timeout: f64,
+    /// Collective transport between the workers: tcp, or nccl (needs the `cuda` feature).
+    #[arg(long, default_value = "tcp", env = "YOCO_TRANSPORT")]
+    transport: String,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model directory; default: the built-in tiny model.
+    #[arg(long, env = "YOCO_MODEL")]
+    model: Option<PathBuf>,
+    /// Local worker processes (ranks of the group).
+    #[arg(long, default_value_t = 2, env = "YOCO_WORKERS")]
+    workers: usize,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// gRPC address of each worker (`yoco worker`), in rank order; repeat or comma-separate.
+    #[arg(long = "worker", env = "YOCO_WORKER_ADDRS", value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    /// Directory with the model's tokenizer.json, if it has one (default: cl100k_base).
+    #[arg(long, env = "YOCO_TOKENIZER_DIR")]
+    tokenizer_dir: Option<PathBuf>,
+    /// Model directory the workers should load, as they see it (default: each worker's own
+    /// `--model`).
+    #[arg(long, env = "YOCO_WORKER_MODEL")]
+    worker_model: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    let dir = crate::default_model::resolve(args.model.clone())?;
+    let tokenizer = Tokenizer::for_model_dir(&dir)?;
+    let opts = group_options(&args.server);
+    let workers = args.workers;
+    runtime()?.block_on(run(
+        args.server,
+        tokenizer,
+        async move { WorkerGroup::spawn_local(workers, &dir, &opts).await },
+    ))
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let tokenizer = match &args.tokenizer_dir {
+        Some(dir) => Tokenizer::for_model_dir(dir)?,
+        None => Tokenizer::cl100k(),
+    };
+    let opts = group_options(&args.server);
+    let (workers, model) = (args.workers.clone(), args.worker_model.clone());
+    runtime()?.block_on(run(args.server, tokenizer, async move {
+        WorkerGroup::connect(&workers, model.as_deref(), &opts).await
+    }))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn group_options(a: &ServerArgs) -> GroupOptions {
+    GroupOptions {
+        cache_budget_bytes: a.cache_mib << 20,
+        collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
+        transport: a.transport.clone(),
+    }
+}
+
+async fn run(
+    args: ServerArgs,
+    tokenizer: Tokenizer,
+    form_group: impl std::future::Future<Output = anyhow::Result<WorkerGroup>>,
+) -> anyhow::Result<()> {
+    let config = SchedulerConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue: args.max_queue,
+        max_running: args.max_running,
+        prefill_chunk: args.prefill_chunk,
+    };
+    config.validate().map_err(|e| anyhow!(e))?;
+    let tokenizer = Arc::new(tokenizer);
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<GenerationServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let api = Api::new(tokenizer.clone());
+    let ready = api.ready_slot();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let server = {
+        let stop = stop.clone();
+        let service = GenerationServer::new(api)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.notified().await }),
+        )
+    };
+    // The one line on stdout: where we listen (the port may have been 0).
+    println!("{}", serde_json::json!({"event": "listening", "grpc": addr.to_string(), "pid": std::process::id()}));
+    tracing::info!(%addr, "listening; forming the worker group");
+
+    let mut signal = Box::pin(crate::worker_cmd::shutdown(false));
+    let group = tokio::select! {
+        g = form_group => g.context("forming the worker group")?,
+        _ = &mut signal => {
+            tracing::info!("shut down while the group was forming");
+            stop.notify_one();
+            server.await??;
+            return Ok(());
+        }
+    };
+    let handle = group.handle();
+    let cfg = ModelConfig::from_json(&serde_json::from_str(&handle.config_json)?)?;
+    let world = group.world();
+    let block_tokens = handle.ranks[0].block_tokens;
+    let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
+    let capacity = Capacity { world, blocks_per_rank, block_tokens };
+    let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
+    let (scheduler, mut task) = Scheduler::start(group, tokenizer, capacity, config);
+    let cache_bytes_per_token = cfg.cache_numbers_per_token() * std::mem::size_of::<f32>();
+    let _ = ready.set(Ready { scheduler: scheduler.clone(), group: handle, limits, cache_bytes_per_token });
+    reporter.set_serving::<GenerationServer<Api>>().await;
+    tracing::info!(world, capacity_tokens = capacity.max_request_tokens(), cache_bytes_per_token, "serving");
+
+    let outcome = tokio::select! {
+        _ = &mut signal => {
+            tracing::info!(timeout_seconds = args.drain_timeout, "draining");
+            reporter.set_not_serving::<GenerationServer<Api>>().await;
+            scheduler.drain(Duration::from_secs_f64(args.drain_timeout.clamp(0.0, 86400.0)));
+            (&mut task).await?;
+            Ok(())
+        }
+        r = &mut task => {
+            reporter.set_not_serving::<GenerationServer<Api>>().await;
+            r?;
+            Err(anyhow!("the worker group failed; every request on it ended with an error"))
+        }
+    };
+    // Streams still open get their last messages before the server stops.
+    stop.notify_one();
+    server.await??;
+    tracing::info!("stopped");
+    outcome
+}
