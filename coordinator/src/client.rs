@@ -24,7 +24,7 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Generate text, streaming it as it comes.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Print the token ids of a text.
     Tokenize { text: String },
     /// Print the model, tokenizer, worker group and cache of the server (JSON).
@@ -100,7 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let info = client.model_info(pb::ModelInfoRequest {}).await.map_err(status)?.into_inner();
                 println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
             }
-            Command::Generate(g) => generate(&mut client, g).await?,
+            Command::Generate(g) => generate(&mut client, *g).await?,
         }
         Ok(())
     })

@@ -76,7 +76,7 @@ pub fn validate(
             ),
         ));
     }
-    let s = req.sampling.clone().unwrap_or_default();
+    let s = req.sampling.unwrap_or_default();
     if s.top_k as usize > vocab {
         return Err(invalid("sampling.top_k", format!("{} exceeds the vocabulary size {vocab}", s.top_k)));
     }
