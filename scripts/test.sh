@@ -14,7 +14,7 @@ cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
 cargo test -p yoco-worker --features cuda --lib --locked comm::
 # The Python client example (examples/python) is tested against a real server, with grpcio in
 # a virtual environment of its own.
-if ! target/pyenv/bin/python -c "import grpc, grpc_tools, grpc_health" 2>/dev/null; then
+if ! cmp -s examples/python/requirements.txt target/pyenv/requirements.txt; then
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" 2>/dev/null; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
@@ -22,6 +22,7 @@ if ! target/pyenv/bin/python -c "import grpc, grpc_tools, grpc_health" 2>/dev/nu
   rm -rf target/pyenv
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+  cp examples/python/requirements.txt target/pyenv/requirements.txt
 fi
 # The end-to-end tests (tests/) run target/release/yoco, and `cargo test` does not build
 # another package's binary, so build it first.

@@ -28,15 +28,17 @@ pub struct Ready {
     pub cache_bytes_per_token: usize,
 }
 
+/// The front both APIs (gRPC and HTTP) share: tokenizer, the group once formed, request ids.
+#[derive(Clone)]
 pub struct Api {
     tokenizer: Arc<Tokenizer>,
     ready: Arc<OnceLock<Ready>>,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Api {
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Api { tokenizer, ready: Arc::new(OnceLock::new()), next_id: AtomicU64::new(1) }
+        Api { tokenizer, ready: Arc::new(OnceLock::new()), next_id: Arc::new(AtomicU64::new(1)) }
     }
 
     /// Where the server puts the group once it has formed.
@@ -44,7 +46,32 @@ impl Api {
         self.ready.clone()
     }
 
-    fn ready(&self) -> Result<&Ready, Status> {
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Validates a request and queues it; its id and its events.
+    pub async fn submit(
+        &self,
+        req: pb::GenerateRequest,
+        arrived: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(String, crate::scheduler::EventStream), Status> {
+        let ready = self.ready()?;
+        let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
+        // Tokenizing a long text prompt takes a while: off the async threads.
+        let gen = tokio::task::spawn_blocking(move || {
+            let prompt = prompt_tokens(&req, &tokenizer)?;
+            validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
+        let id = gen.id.clone();
+        tracing::info!(request = %id, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens, "request");
+        Ok((id, ready.scheduler.submit(gen)?))
+    }
+
+    pub fn ready(&self) -> Result<&Ready, Status> {
         let ready = self
             .ready
             .get()
@@ -82,19 +109,7 @@ impl Generation for Api {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         let deadline = grpc_timeout(request.metadata()).and_then(|d| arrived.checked_add(d));
-        let ready = self.ready()?;
-        let req = request.into_inner();
-        let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
-        // Tokenizing a long text prompt takes a while: off the async threads.
-        let gen = tokio::task::spawn_blocking(move || {
-            let prompt = prompt_tokens(&req, &tokenizer)?;
-            validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
-        let id = gen.id.clone();
-        tracing::info!(request = %id, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens, "request");
-        let events = ready.scheduler.submit(gen)?;
+        let (id, events) = self.submit(request.into_inner(), arrived, deadline).await?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
             .map(move |e| e.map(|event| pb::GenerateResponse { request_id: id.clone(), event: Some(event) }));
         Ok(Response::new(Box::pin(stream)))

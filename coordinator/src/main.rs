@@ -8,6 +8,7 @@ mod detok;
 mod generate;
 mod group;
 mod init_model;
+mod openai;
 mod request;
 mod scheduler;
 mod serve;

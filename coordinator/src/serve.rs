@@ -30,6 +30,9 @@ pub struct ServerArgs {
     /// Address of the public gRPC API (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50051", env = "YOCO_LISTEN")]
     listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API, `/health`, `/ready` (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:8000", env = "YOCO_HTTP_LISTEN")]
+    http_listen: SocketAddr,
     /// Global KV cache budget per worker rank, in MiB.
     #[arg(long, default_value_t = 4096, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
@@ -139,6 +142,10 @@ async fn run(
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.http_listen))?;
+    let http_addr = http_listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<GenerationServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -148,6 +155,14 @@ async fn run(
     let api = Api::new(tokenizer.clone());
     let ready = api.ready_slot();
     let stop = Arc::new(tokio::sync::Notify::new());
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    let http = {
+        let stop = http_stop.clone();
+        let app = crate::openai::router(api.clone());
+        tokio::spawn(async move {
+            axum::serve(http_listener, app).with_graceful_shutdown(async move { stop.notified().await }).await
+        })
+    };
     let server = {
         let stop = stop.clone();
         let service = GenerationServer::new(api)
@@ -163,8 +178,11 @@ async fn run(
         )
     };
     // The one line on stdout: where we listen (the port may have been 0).
-    println!("{}", serde_json::json!({"event": "listening", "grpc": addr.to_string(), "pid": std::process::id()}));
-    tracing::info!(%addr, "listening; forming the worker group");
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "grpc": addr.to_string(), "http": http_addr.to_string(), "pid": std::process::id()})
+    );
+    tracing::info!(grpc = %addr, http = %http_addr, "listening; forming the worker group");
 
     let mut signal = Box::pin(crate::worker_cmd::shutdown(false));
     let group = tokio::select! {
@@ -172,7 +190,9 @@ async fn run(
         _ = &mut signal => {
             tracing::info!("shut down while the group was forming");
             stop.notify_one();
+            http_stop.notify_one();
             server.await??;
+            http.await??;
             return Ok(());
         }
     };
@@ -188,6 +208,9 @@ async fn run(
     let _ = ready.set(Ready { scheduler: scheduler.clone(), group: handle, limits, cache_bytes_per_token });
     reporter.set_serving::<GenerationServer<Api>>().await;
     tracing::info!(world, capacity_tokens = capacity.max_request_tokens(), cache_bytes_per_token, "serving");
+    eprintln!(
+        "serving on grpc://{addr} and http://{http_addr}; try:\n  yoco client --addr http://{addr} generate --prompt \"Hello\"\n  curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
+    );
 
     let outcome = tokio::select! {
         _ = &mut signal => {
@@ -205,7 +228,9 @@ async fn run(
     };
     // Streams still open get their last messages before the server stops.
     stop.notify_one();
+    http_stop.notify_one();
     server.await??;
+    http.await??;
     tracing::info!("stopped");
     outcome
 }

@@ -21,8 +21,10 @@ pub const SERVICE: &str = "yoco.v1.Generation";
 /// A running server process; killed when dropped.
 pub struct Server {
     pub child: Child,
-    /// `host:port` of the public API.
+    /// `host:port` of the public gRPC API.
     pub addr: String,
+    /// `host:port` of the HTTP API.
+    pub http: String,
     pub stderr_path: std::path::PathBuf,
 }
 
@@ -51,15 +53,19 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Reads the first stdout line of `child` (a JSON object) and returns `field` of it.
-pub fn ready_line(child: &mut Child, field: &str) -> String {
+/// Reads the first stdout line of `child`, a JSON object.
+pub fn ready_json(child: &mut Child) -> serde_json::Value {
     use std::io::BufRead;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     std::io::BufReader::new(stdout).read_line(&mut line).expect("read the ready line");
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?} is not JSON: {e}"));
-    v[field].as_str().unwrap_or_else(|| panic!("no {field} in {line}")).to_string()
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?} is not JSON: {e}"))
+}
+
+/// `field` of the first stdout line of `child`.
+pub fn ready_line(child: &mut Child, field: &str) -> String {
+    let v = ready_json(child);
+    v[field].as_str().unwrap_or_else(|| panic!("no {field} in {v}")).to_string()
 }
 
 impl Server {
@@ -67,11 +73,12 @@ impl Server {
     /// `args[0]`) and waits until it is SERVING.
     pub async fn start(home: &Path, args: &[&str]) -> Server {
         let mut all = args.to_vec();
-        all.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+        all.extend_from_slice(&["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
         let (mut cmd, stderr_path) = command(home, &all);
         let mut child = cmd.spawn().expect("start yoco");
-        let addr = ready_line(&mut child, "grpc");
-        let server = Server { child, addr, stderr_path };
+        let line = ready_json(&mut child);
+        let field = |k: &str| line[k].as_str().unwrap_or_else(|| panic!("no {k} in {line}")).to_string();
+        let server = Server { addr: field("grpc"), http: field("http"), child, stderr_path };
         server.wait_serving(Duration::from_secs(120)).await;
         server
     }

@@ -361,3 +361,87 @@ async fn the_python_grpcio_client_works() {
     assert_eq!(info["health"], "SERVING");
     assert_eq!(info["world"], 2);
 }
+
+/// `GET path` over plain HTTP/1.1: the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The HTTP API works from the official `openai` Python client: models, a completion equal to
+/// the gRPC one, the same streamed, and an OpenAI-style 400 for a bad field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_client_works() {
+    let python = yoco_e2e::python();
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path());
+    let server = serve(home.path(), &model, &[]).await;
+    assert_eq!(http_get(&server.http, "/health").0, 200);
+    let (code, body) = http_get(&server.http, "/ready");
+    assert_eq!((code, body.contains("true")), (200, true), "{body}");
+    assert_eq!(http_get(&server.http, "/v1/chat/completions").0, 405, "chat is POST only");
+    let ids = prompt(30, 12);
+    let ids_arg = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/openai_client.py");
+    let base = format!("http://{}/v1", server.http);
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["--base-url", &base, "--prompt-ids", &ids_arg, "--max-tokens", "7"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "openai client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let grpc = generate(&mut server.client().await, request(&ids, 7, Default::default())).await.unwrap();
+    assert_eq!(py["model"], "m");
+    assert_eq!(py["text"].as_str().unwrap(), grpc.text);
+    assert_eq!(py["streamed_text"].as_str().unwrap(), grpc.text);
+    assert_eq!(py["finish_reason"], "length");
+    assert_eq!(py["streamed_finish_reason"], "length");
+    assert_eq!(py["usage"]["completion_tokens"], 7);
+    let lps: Vec<f32> = py["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    for (a, b) in lps.iter().zip(&grpc.logprobs) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    assert_eq!(py["error"]["status"], 400);
+    assert!(py["error"]["message"].as_str().unwrap().contains("max_tokens"));
+}
+
+/// Until the worker group has formed, health says NOT_SERVING and `/ready` 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_group_forms() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let home = tempfile::tempdir().unwrap();
+    // A "worker" that accepts connections and never answers: the group never forms.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let worker = silent.local_addr().unwrap().to_string();
+    let args = ["coordinator", "--worker", &worker, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"];
+    let (mut cmd, _) = command(home.path(), &args);
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let line = yoco_e2e::server::ready_json(&mut child.0);
+    let (grpc, http) = (line["grpc"].as_str().unwrap().to_string(), line["http"].as_str().unwrap().to_string());
+    let (code, body) = http_get(&http, "/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("starting"), "{body}");
+    assert_eq!(http_get(&http, "/health").0, 200, "alive while starting");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let status = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: SERVICE.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    let e = yoco_proto::v1::generation_client::GenerationClient::new(channel)
+        .generate(request(&[1, 2], 2, Default::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    drop(silent);
+}

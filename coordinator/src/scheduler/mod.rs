@@ -162,6 +162,11 @@ impl Scheduler {
         (self.shared.running.load(Ordering::Relaxed), self.shared.waiting.load(Ordering::Relaxed))
     }
 
+    /// Whether new requests are taken (not draining, group not failed).
+    pub fn accepting(&self) -> bool {
+        self.shared.state.load(Ordering::Relaxed) == SERVING && !self.cmds.is_closed()
+    }
+
     /// Queues a request; its events come on the returned stream.
     pub fn submit(&self, req: GenRequest) -> Result<EventStream, Status> {
         match self.shared.state.load(Ordering::Relaxed) {
