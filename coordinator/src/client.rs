@@ -172,6 +172,7 @@ async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: G
     let (mut text, mut tokens, mut logprobs, mut top) = (String::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut prompt_logprobs, mut finished, mut request_id) = (None, None, String::new());
     let mut stdout = std::io::stdout();
+    let mut progress_shown = false;
     while let Some(msg) = stream.next().await {
         let msg = match msg {
             Ok(m) => m,
@@ -185,13 +186,19 @@ async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: G
         request_id = msg.request_id;
         match msg.event {
             Some(pb::generate_response::Event::Progress(p)) if !g.json => {
+                let rate = p.prefilled_tokens as f64 / p.elapsed_seconds.max(1e-9);
+                let frac = p.prefilled_tokens as f64 / p.prompt_tokens.max(1) as f64;
+                let eta = (p.prompt_tokens - p.prefilled_tokens.min(p.prompt_tokens)) as f64 / rate.max(1e-9);
+                let bar: String = (0..30).map(|i| if (i as f64) < frac * 30.0 { '#' } else { '.' }).collect();
                 let line = format!(
-                    "prefill {}/{} tokens ({:.0}%), {:.0} tok/s",
+                    "prefill [{bar}] {}/{} tokens ({:.0}%), {:.0} tok/s, ETA {:.0}s",
                     p.prefilled_tokens,
                     p.prompt_tokens,
-                    100.0 * p.prefilled_tokens as f64 / p.prompt_tokens.max(1) as f64,
-                    p.prefilled_tokens as f64 / p.elapsed_seconds.max(1e-9)
+                    100.0 * frac,
+                    rate,
+                    eta
                 );
+                progress_shown = true;
                 if tty {
                     eprint!("\r{line}\x1b[K");
                 } else {
@@ -201,6 +208,9 @@ async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: G
             Some(pb::generate_response::Event::Progress(_)) => {}
             Some(pb::generate_response::Event::PromptLogprobs(p)) => prompt_logprobs = Some(p.logprobs),
             Some(pb::generate_response::Event::Tokens(chunk)) => {
+                if std::mem::take(&mut progress_shown) && tty {
+                    eprintln!();
+                }
                 if !g.json {
                     print!("{}", chunk.text);
                     stdout.flush()?;

@@ -8,6 +8,7 @@ mod detok;
 mod generate;
 mod group;
 mod init_model;
+mod metrics;
 mod openai;
 mod request;
 mod scheduler;
@@ -22,6 +23,10 @@ struct Cli {
     /// Worker threads for the engine (default: all cores).
     #[arg(long, global = true, env = "YOCO_THREADS")]
     threads: Option<usize>,
+    /// Log lines on stderr: `text` (human-readable) or `json` (one object per line). Filter with
+    /// `RUST_LOG`.
+    #[arg(long, global = true, env = "YOCO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,11 +51,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }

@@ -31,6 +31,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(api)
 }
 
@@ -116,6 +117,27 @@ async fn ready(State(api): State<Api>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "starting"}))).into_response()
         }
     }
+}
+
+/// Prometheus text; the per-rank cache gauges are read from the workers at scrape time.
+async fn metrics(State(api): State<Api>) -> Response {
+    use crate::metrics::METRICS;
+    if let Ok(ready) = api.ready() {
+        if let Ok(infos) = ready.group.info().await {
+            let (mut used, mut cap) = (0u64, 0u64);
+            for info in &infos {
+                let rank = info.rank.to_string();
+                METRICS.cache_used_bytes.with_label_values(&[&rank]).set(info.cache_used_bytes as i64);
+                METRICS.cache_capacity_bytes.with_label_values(&[&rank]).set(info.cache_budget_bytes as i64);
+                let frac = info.cache_used_bytes as f64 / info.cache_budget_bytes.max(1) as f64;
+                METRICS.cache_usage.with_label_values(&[&rank]).set(frac);
+                used += info.cache_used_bytes;
+                cap += info.cache_budget_bytes;
+            }
+            METRICS.group_cache_usage.set(used as f64 / cap.max(1) as f64);
+        }
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()).into_response()
 }
 
 async fn chat_completions(State(api): State<Api>) -> ApiError {

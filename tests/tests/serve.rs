@@ -411,6 +411,35 @@ async fn the_openai_python_client_works() {
     }
     assert_eq!(py["error"]["status"], 400);
     assert!(py["error"]["message"].as_str().unwrap().contains("max_tokens"));
+
+    // /metrics is Prometheus text, and its counters moved with the three requests.
+    let (code, text) = http_get(&server.http, "/metrics");
+    assert_eq!(code, 200);
+    let metrics = parse_prometheus(&text);
+    let get = |k: &str| *metrics.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
+    assert_eq!(get("yoco:generation_tokens_total"), 21.0);
+    assert_eq!(get("yoco:prompt_tokens_total"), 90.0);
+    assert_eq!(get("yoco:request_success_total{finished_reason=\"length\"}"), 3.0);
+    assert_eq!(get("yoco:time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(get("yoco:inter_token_latency_seconds_count"), 18.0);
+    for rank in 0..2 {
+        assert!(get(&format!("yoco:cache_capacity_bytes{{rank=\"{rank}\"}}")) > 0.0);
+        assert_eq!(get(&format!("yoco:cache_used_bytes{{rank=\"{rank}\"}}")), 0.0);
+    }
+    assert_eq!(get("yoco:num_requests_running"), 0.0);
+}
+
+/// `name{labels} value` lines of the Prometheus text format; panics on a malformed line.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let bare = name.split('{').next().unwrap();
+        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {line:?}");
+        out.insert(name.to_string(), value);
+    }
+    out
 }
 
 /// Until the worker group has formed, health says NOT_SERVING and `/ready` 503.

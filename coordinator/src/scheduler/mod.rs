@@ -248,7 +248,15 @@ impl<R: StepRunner> Loop<R> {
                 decode = plan.decode.len(),
                 tokens = plan.prefill.iter().map(|p| p.tokens.len()).sum::<usize>() + plan.decode.len()
             );
+            let kind = match (plan.prefill.is_empty(), plan.decode.is_empty()) {
+                (false, false) => "mixed",
+                (false, true) => "prefill",
+                (true, false) => "decode",
+                (true, true) => "free",
+            };
+            let started = Instant::now();
             let result = tracing::Instrument::instrument(self.runner.run(plan.clone()), span).await;
+            crate::metrics::METRICS.step_seconds.with_label_values(&[kind]).observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(results) if results.len() == world => self.apply(&plan, &prefills, results),
                 Ok(results) => {
@@ -274,6 +282,8 @@ impl<R: StepRunner> Loop<R> {
 
     fn publish(&self) {
         self.shared.running.store(self.active.len(), Ordering::Relaxed);
+        crate::metrics::METRICS.running.set(self.active.len() as i64);
+        crate::metrics::METRICS.waiting.set(self.shared.waiting.load(Ordering::Relaxed) as i64);
     }
 
     /// Drops requests whose client went away or whose deadline passed; past the drain deadline,

@@ -12,6 +12,7 @@ use yoco_worker::executor::Sampled;
 use yoco_worker::tokenizer::Tokenizer;
 
 use crate::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use crate::metrics::METRICS;
 use crate::request::GenRequest;
 
 /// Where a request's events go: the gRPC stream (or a test).
@@ -36,6 +37,7 @@ pub struct Active {
     stop: StopMatcher,
     prefill_started: Option<Instant>,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 /// How a request ended.
@@ -66,6 +68,7 @@ impl Active {
             stop,
             prefill_started: None,
             first_token: None,
+            last_token: None,
         }
     }
 
@@ -92,7 +95,10 @@ impl Active {
     ) -> Option<End> {
         self.prefilled += n;
         self.prompt_logprobs.extend_from_slice(logprobs);
+        METRICS.prefill_tokens.inc_by(n as u64);
         if self.prefilled < self.req.prompt.len() {
+            METRICS.prefill_progress.with_label_values(&[&self.req.id]).set(self.prefilled as i64);
+            METRICS.prefill_total.with_label_values(&[&self.req.id]).set(self.req.prompt.len() as i64);
             let started = self.prefill_started.unwrap_or_else(Instant::now);
             self.send(Event::Progress(pb::PrefillProgress {
                 prefilled_tokens: self.prefilled as u64,
@@ -113,7 +119,17 @@ impl Active {
 
     /// A generated token: sends it with its text; says whether the request ends with it.
     pub fn token(&mut self, tok: &Tokenizer, s: Sampled) -> Option<End> {
-        self.first_token.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        match self.last_token {
+            None => {
+                METRICS.time_to_first_token.observe(now.saturating_duration_since(self.req.arrived).as_secs_f64());
+                self.clear_progress();
+            }
+            Some(t) => METRICS.inter_token_latency.observe(now.saturating_duration_since(t).as_secs_f64()),
+        }
+        METRICS.generation_tokens.inc();
+        self.last_token = Some(now);
+        self.first_token.get_or_insert(now);
         self.generated += 1;
         let token = pb::Token {
             id: s.token,
@@ -168,6 +184,11 @@ impl Active {
         }
     }
 
+    fn clear_progress(&self) {
+        let _ = METRICS.prefill_progress.remove_label_values(&[&self.req.id]);
+        let _ = METRICS.prefill_total.remove_label_values(&[&self.req.id]);
+    }
+
     /// Sends the final message (and, for an error, the error status after it).
     pub fn finish(&self, end: &End) {
         let now = Instant::now();
@@ -185,6 +206,12 @@ impl Active {
                 .map_or(0.0, |t| self.generated.saturating_sub(1) as f64 / secs(t, now).max(1e-9)),
             total_seconds: secs(arrived, now),
         };
+        self.clear_progress();
+        METRICS.e2e_latency.observe(timing.total_seconds);
+        if self.prefill_started.is_some() {
+            METRICS.queue_time.observe(timing.queue_seconds);
+        }
+        METRICS.prompt_tokens.inc_by(self.req.prompt.len() as u64);
         let (reason, matched, error) = match end {
             End::Length => (pb::FinishReason::Length, None, String::new()),
             End::StopString(s) => {
@@ -194,6 +221,13 @@ impl Active {
             End::Cancelled(why) => (pb::FinishReason::Cancelled, None, why.clone()),
             End::Error(status) => (pb::FinishReason::Error, None, status.message().to_string()),
         };
+        let label = match end {
+            End::Length => "length",
+            End::StopString(_) | End::StopToken(_) => "stop",
+            End::Cancelled(_) => "abort",
+            End::Error(_) => "error",
+        };
+        METRICS.requests_finished.with_label_values(&[label]).inc();
         self.send(Event::Finished(pb::Finished {
             reason: reason as i32,
             usage: Some(pb::Usage {

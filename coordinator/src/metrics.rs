@@ -1,0 +1,118 @@
+//! Prometheus metrics (`GET /metrics` on the HTTP port), named like vLLM's where they apply, with
+//! a `yoco:` prefix, so existing dashboards carry over. Beyond vLLM's: the global KV cache of
+//! every rank (bytes and fraction) and the live prefill progress of each prompt being prefilled.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub queue_time: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub prefill_tokens: IntCounter,
+    pub requests_finished: IntCounterVec,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub step_seconds: HistogramVec,
+    pub cache_used_bytes: IntGaugeVec,
+    pub cache_capacity_bytes: IntGaugeVec,
+    pub cache_usage: prometheus::GaugeVec,
+    pub group_cache_usage: prometheus::Gauge,
+    pub prefill_progress: IntGaugeVec,
+    pub prefill_total: IntGaugeVec,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str| -> prometheus::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let requests_finished = IntCounterVec::new(
+            Opts::new("yoco:request_success_total", "Requests finished, by finish reason"),
+            &["finished_reason"],
+        )?;
+        registry.register(Box::new(requests_finished.clone()))?;
+        let step_seconds = HistogramVec::new(
+            HistogramOpts::new("yoco:step_seconds", "Engine step time of the worker group (all ranks), by step kind")
+                .buckets(latency_buckets()),
+            &["kind"],
+        )?;
+        registry.register(Box::new(step_seconds.clone()))?;
+        let cache_usage = prometheus::GaugeVec::new(
+            Opts::new("yoco:cache_usage_perc", "Fraction of a rank's global KV cache in use"),
+            &["rank"],
+        )?;
+        registry.register(Box::new(cache_usage.clone()))?;
+        let group_cache_usage =
+            prometheus::Gauge::new("yoco:kv_cache_usage_perc", "Fraction of the group's global KV cache in use")?;
+        registry.register(Box::new(group_cache_usage.clone()))?;
+        Ok(Metrics {
+            time_to_first_token: hist("yoco:time_to_first_token_seconds", "Time from arrival to the first token")?,
+            inter_token_latency: hist("yoco:inter_token_latency_seconds", "Time between consecutive tokens")?,
+            e2e_latency: hist("yoco:e2e_request_latency_seconds", "Time from arrival to the end")?,
+            queue_time: hist("yoco:request_queue_time_seconds", "Time from arrival to the start of prefill")?,
+            prompt_tokens: counter("yoco:prompt_tokens_total", "Prompt tokens of finished requests")?,
+            generation_tokens: counter("yoco:generation_tokens_total", "Generated tokens")?,
+            prefill_tokens: counter("yoco:prefill_tokens_total", "Prompt tokens prefilled (rate: prefill tokens/s)")?,
+            requests_finished,
+            running: gauge("yoco:num_requests_running", "Requests prefilling or decoding")?,
+            waiting: gauge("yoco:num_requests_waiting", "Requests waiting for admission")?,
+            step_seconds,
+            cache_used_bytes: gauge_vec("yoco:cache_used_bytes", "Global KV cache bytes in use on a rank", &["rank"])?,
+            cache_capacity_bytes: gauge_vec("yoco:cache_capacity_bytes", "Global KV cache bytes of a rank", &["rank"])?,
+            cache_usage,
+            group_cache_usage,
+            prefill_progress: gauge_vec(
+                "yoco:prefill_progress_tokens",
+                "Prompt tokens prefilled so far, per request being prefilled",
+                &["request_id"],
+            )?,
+            prefill_total: gauge_vec(
+                "yoco:prefill_prompt_tokens",
+                "Prompt length, per request being prefilled",
+                &["request_id"],
+            )?,
+            registry,
+        })
+    }
+
+    /// Everything, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding our own well-formed metrics into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new().expect("metric definitions are valid"));
