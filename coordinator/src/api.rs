@@ -32,18 +32,24 @@ pub struct Ready {
 #[derive(Clone)]
 pub struct Api {
     tokenizer: Arc<Tokenizer>,
+    chat: Arc<Option<crate::chat::ChatTemplate>>,
     ready: Arc<OnceLock<Ready>>,
     next_id: Arc<AtomicU64>,
 }
 
 impl Api {
-    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        Api { tokenizer, ready: Arc::new(OnceLock::new()), next_id: Arc::new(AtomicU64::new(1)) }
+    pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<crate::chat::ChatTemplate>) -> Self {
+        Api { tokenizer, chat: Arc::new(chat), ready: Arc::new(OnceLock::new()), next_id: Arc::new(AtomicU64::new(1)) }
     }
 
     /// Where the server puts the group once it has formed.
     pub fn ready_slot(&self) -> Arc<OnceLock<Ready>> {
         self.ready.clone()
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&crate::chat::ChatTemplate> {
+        self.chat.as_ref().as_ref()
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {

@@ -2,6 +2,7 @@
 
 mod api;
 mod bench;
+mod chat;
 mod client;
 mod default_model;
 mod detok;

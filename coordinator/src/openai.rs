@@ -1,7 +1,7 @@
 //! The HTTP API beside gRPC (axum): OpenAI-compatible `POST /v1/completions` (streaming as
 //! server-sent events ending in `data: [DONE]`) and `GET /v1/models`, `POST /v1/chat/completions`
-//! (a clear 400 for a model without a chat template), `GET /health` (liveness) and `GET /ready`
-//! (a group is serving).
+//! (with the model's chat template; a clear 400 for a model without one), `GET /health`
+//! (liveness), `GET /ready` (a group is serving) and `GET /metrics` (Prometheus).
 //!
 //! A request is translated into the gRPC `GenerateRequest` and goes through the same validation
 //! and scheduler. While a long prompt prefills, a stream carries its progress as SSE comment
@@ -140,18 +140,179 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()).into_response()
 }
 
-async fn chat_completions(State(api): State<Api>) -> ApiError {
-    let name = model_name(&api).unwrap_or_default();
-    let has_template = api.ready().ok().is_some_and(|r| {
-        let path = std::path::Path::new(&r.group.model_dir).join("tokenizer_config.json");
-        std::fs::read_to_string(path).is_ok_and(|t| t.contains("\"chat_template\""))
-    });
-    let message = if has_template {
-        format!("model `{name}` has a chat template, but rendering chat templates is not supported yet; use /v1/completions")
-    } else {
-        format!("model `{name}` has no chat template (tokenizer_config.json with `chat_template`); use /v1/completions")
+/// `POST /v1/chat/completions`, for a model whose directory has a chat template.
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<crate::chat::Message>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+fn check_model(name: &str, asked: &Option<String>) -> Result<(), ApiError> {
+    match asked {
+        Some(m) if !m.is_empty() && m != name => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            message: format!("the model `{m}` does not exist; this server serves `{name}`"),
+            param: Some("model".into()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn chat_logprobs(tok: &yoco_worker::tokenizer::Tokenizer, tokens: &[pb::Token]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> = t
+                .top_logprobs
+                .iter()
+                .map(|a| json!({"token": tok.decode(&[a.token_id]), "logprob": a.logprob, "bytes": null}))
+                .collect();
+            json!({"token": tok.decode(&[t.id]), "logprob": t.logprob, "bytes": null, "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content})
+}
+
+async fn chat_completions(State(api): State<Api>, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let name = model_name(&api)?;
+    check_model(&name, &req.model)?;
+    let Some(template) = api.chat_template() else {
+        return Err(ApiError::invalid(
+            format!(
+                "model `{name}` has no chat template (tokenizer_config.json with `chat_template`); use /v1/completions"
+            ),
+            Some("messages"),
+        ));
     };
-    ApiError::invalid(message, Some("messages"))
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages: at least one message is needed", Some("messages")));
+    }
+    if req.n.unwrap_or(1) != 1 {
+        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    }
+    let text = template.render(&req.messages).map_err(|e| ApiError::invalid(e, Some("messages")))?;
+    let ids =
+        api.tokenizer().encode_with_special(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let seed = match req.seed {
+        Some(s) if s < 0 => return Err(ApiError::invalid("seed must be >= 0", Some("seed"))),
+        s => s.map(|s| s as u64),
+    };
+    let top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
+    let preq = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
+        max_tokens: Some(req.max_completion_tokens.or(req.max_tokens).unwrap_or(16)),
+        sampling: Some(pb::SamplingParams {
+            temperature: req.temperature.unwrap_or(1.0),
+            top_p: req.top_p,
+            top_k: req.top_k.unwrap_or(0),
+            min_p: req.min_p.unwrap_or(0.0),
+            seed,
+            repetition_penalty: req.repetition_penalty,
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        }),
+        stop: match req.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+        stop_token_ids: Vec::new(),
+        ignore_eos: req.ignore_eos,
+        logprobs: top,
+        prompt_logprobs: false,
+        request_id: String::new(),
+    };
+    let want_logprobs = req.logprobs;
+    let (id, mut events) = api.submit(preq, arrived, None).await?;
+    let id = format!("chatcmpl-{id}");
+    let created = now_unix();
+    let tok = api.tokenizer().clone();
+    if req.stream {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+        let chunk = move |delta: Value, logprobs: Value, finish: Option<&str>| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        };
+        tokio::spawn(async move {
+            let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
+            if !send(chunk(json!({"role": "assistant", "content": ""}), Value::Null, None)) {
+                return;
+            }
+            while let Some(item) = events.recv().await {
+                let ok = match item {
+                    Ok(Event::Progress(p)) => tx
+                        .send(Ok(
+                            SseEvent::default().comment(format!("prefill {}/{}", p.prefilled_tokens, p.prompt_tokens))
+                        ))
+                        .is_ok(),
+                    Ok(Event::Tokens(c)) => {
+                        let lp = if want_logprobs { chat_logprobs(&tok, &c.tokens) } else { Value::Null };
+                        send(chunk(json!({"content": c.text}), lp, None))
+                    }
+                    Ok(Event::Finished(f)) => match finish_reason(&f) {
+                        Some(r) => {
+                            send(chunk(json!({}), Value::Null, Some(r)))
+                                && tx.send(Ok(SseEvent::default().data("[DONE]"))).is_ok()
+                        }
+                        None => send(json!({"error": {"message": f.error, "type": "server_error"}})),
+                    },
+                    _ => true,
+                };
+                if !ok {
+                    return;
+                }
+            }
+        });
+        let sse = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        return Ok(Sse::new(sse).keep_alive(KeepAlive::default()).into_response());
+    }
+    let (mut text, mut tokens, mut finished, mut failure) = (String::new(), Vec::new(), None, None);
+    while let Some(item) = events.recv().await {
+        match item {
+            Ok(Event::Tokens(c)) => {
+                text.push_str(&c.text);
+                tokens.extend(c.tokens);
+            }
+            Ok(Event::Finished(f)) => finished = Some(f),
+            Ok(_) => {}
+            Err(s) => failure = Some(s),
+        }
+    }
+    let f = finished.ok_or_else(|| failure.clone().unwrap_or_else(|| Status::internal("no final message")))?;
+    let Some(reason) = finish_reason(&f) else {
+        return Err(failure.unwrap_or_else(|| Status::cancelled(f.error.clone())).into());
+    };
+    let usage = f.usage.unwrap_or_default();
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": if want_logprobs { chat_logprobs(&tok, &tokens) } else { Value::Null },
+                     "finish_reason": reason}],
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -295,16 +456,7 @@ fn top_json(tok: &yoco_worker::tokenizer::Tokenizer, t: &pb::Token) -> Value {
 async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let name = model_name(&api)?;
-    if let Some(m) = &req.model {
-        if !m.is_empty() && *m != name {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                message: format!("the model `{m}` does not exist; this server serves `{name}`"),
-                param: Some("model".into()),
-            });
-        }
-    }
+    check_model(&name, &req.model)?;
     let (stream, echo, want_logprobs) = (req.stream, req.echo, req.logprobs.is_some());
     let preq = req.into_pb()?;
     let prompt_text = match &preq.prompt {

@@ -20,6 +20,7 @@ use yoco_worker::config::ModelConfig;
 use yoco_worker::tokenizer::Tokenizer;
 
 use crate::api::{Api, Ready, MAX_MESSAGE_BYTES};
+use crate::chat::ChatTemplate;
 use crate::group::{GroupOptions, WorkerGroup};
 use crate::request::Limits;
 use crate::scheduler::{Capacity, Scheduler, SchedulerConfig};
@@ -76,7 +77,8 @@ pub struct CoordinatorArgs {
     /// gRPC address of each worker (`yoco worker`), in rank order; repeat or comma-separate.
     #[arg(long = "worker", env = "YOCO_WORKER_ADDRS", value_delimiter = ',', required = true)]
     workers: Vec<String>,
-    /// Directory with the model's tokenizer.json, if it has one (default: cl100k_base).
+    /// Directory with the model's tokenizer.json and tokenizer_config.json (chat template), if
+    /// it has them (default: cl100k_base, no chat template).
     #[arg(long, env = "YOCO_TOKENIZER_DIR")]
     tokenizer_dir: Option<PathBuf>,
     /// Model directory the workers should load, as they see it (default: each worker's own
@@ -93,13 +95,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let dir = crate::default_model::resolve(args.model.clone())?;
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
+    let chat = ChatTemplate::for_model_dir(&dir)?;
     let opts = group_options(&args.server);
     let workers = args.workers;
-    runtime()?.block_on(run(
-        args.server,
-        tokenizer,
-        async move { WorkerGroup::spawn_local(workers, &dir, &opts).await },
-    ))
+    runtime()?.block_on(run(args.server, tokenizer, chat, async move {
+        WorkerGroup::spawn_local(workers, &dir, &opts).await
+    }))
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -107,9 +108,13 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         Some(dir) => Tokenizer::for_model_dir(dir)?,
         None => Tokenizer::cl100k(),
     };
+    let chat = match &args.tokenizer_dir {
+        Some(dir) => ChatTemplate::for_model_dir(dir)?,
+        None => None,
+    };
     let opts = group_options(&args.server);
     let (workers, model) = (args.workers.clone(), args.worker_model.clone());
-    runtime()?.block_on(run(args.server, tokenizer, async move {
+    runtime()?.block_on(run(args.server, tokenizer, chat, async move {
         WorkerGroup::connect(&workers, model.as_deref(), &opts).await
     }))
 }
@@ -129,6 +134,7 @@ fn group_options(a: &ServerArgs) -> GroupOptions {
 async fn run(
     args: ServerArgs,
     tokenizer: Tokenizer,
+    chat: Option<ChatTemplate>,
     form_group: impl std::future::Future<Output = anyhow::Result<WorkerGroup>>,
 ) -> anyhow::Result<()> {
     let config = SchedulerConfig {
@@ -152,7 +158,7 @@ async fn run(
         .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let api = Api::new(tokenizer.clone());
+    let api = Api::new(tokenizer.clone(), chat);
     let ready = api.ready_slot();
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());

@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--chat", help="also send this as a user message to /v1/chat/completions")
     args = ap.parse_args()
     prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
 
@@ -39,6 +40,25 @@ def main():
         error = None
     except openai.BadRequestError as e:
         error = {"status": e.status_code, "message": e.message}
+    chat = None
+    if args.chat:
+        chat_args = dict(
+            model=model,
+            messages=[{"role": "user", "content": args.chat}],
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+        reply = client.chat.completions.create(**chat_args)
+        streamed_reply = "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat_args, stream=True)
+        )
+        chat = {
+            "content": reply.choices[0].message.content,
+            "role": reply.choices[0].message.role,
+            "finish_reason": reply.choices[0].finish_reason,
+            "streamed": streamed_reply,
+        }
     root = args.base_url.rsplit("/v1", 1)[0]
     ready = json.load(urllib.request.urlopen(f"{root}/ready"))
     print(
@@ -53,6 +73,7 @@ def main():
                 "streamed_finish_reason": finish,
                 "error": error,
                 "ready": ready,
+                "chat": chat,
             }
         )
     )

@@ -380,7 +380,12 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 async fn the_openai_python_client_works() {
     let python = yoco_e2e::python();
     let home = tempfile::tempdir().unwrap();
-    let model = init_model(home.path());
+    // The full cl100k vocabulary, so that chat text tokenizes into it, and a chat template.
+    let model = home.path().join("m");
+    yoco(home.path(), &["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]).ok();
+    let template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+    std::fs::write(model.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string())
+        .unwrap();
     let server = serve(home.path(), &model, &[]).await;
     assert_eq!(http_get(&server.http, "/health").0, 200);
     let (code, body) = http_get(&server.http, "/ready");
@@ -392,7 +397,7 @@ async fn the_openai_python_client_works() {
     let base = format!("http://{}/v1", server.http);
     let out = tokio::process::Command::new(&python)
         .arg(&script)
-        .args(["--base-url", &base, "--prompt-ids", &ids_arg, "--max-tokens", "7"])
+        .args(["--base-url", &base, "--prompt-ids", &ids_arg, "--max-tokens", "7", "--chat", "Hi there"])
         .output()
         .await
         .unwrap();
@@ -411,17 +416,27 @@ async fn the_openai_python_client_works() {
     }
     assert_eq!(py["error"]["status"], 400);
     assert!(py["error"]["message"].as_str().unwrap().contains("max_tokens"));
+    // The chat reply is the completion of the rendered template.
+    let rendered = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text("user: Hi there\nassistant:".into())),
+        ..request(&[], 7, Default::default())
+    };
+    let want = generate(&mut server.client().await, rendered).await.unwrap();
+    assert_eq!(py["chat"]["content"].as_str().unwrap(), want.text);
+    assert_eq!(py["chat"]["streamed"].as_str().unwrap(), want.text);
+    assert_eq!(py["chat"]["role"], "assistant");
 
     // /metrics is Prometheus text, and its counters moved with the three requests.
     let (code, text) = http_get(&server.http, "/metrics");
     assert_eq!(code, 200);
     let metrics = parse_prometheus(&text);
     let get = |k: &str| *metrics.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
-    assert_eq!(get("yoco:generation_tokens_total"), 21.0);
-    assert_eq!(get("yoco:prompt_tokens_total"), 90.0);
-    assert_eq!(get("yoco:request_success_total{finished_reason=\"length\"}"), 3.0);
-    assert_eq!(get("yoco:time_to_first_token_seconds_count"), 3.0);
-    assert_eq!(get("yoco:inter_token_latency_seconds_count"), 18.0);
+    // Completion, streamed completion, gRPC; two chats and their gRPC twin: 6 × 7 tokens.
+    assert_eq!(get("yoco:generation_tokens_total"), 42.0);
+    assert_eq!(get("yoco:request_success_total{finished_reason=\"length\"}"), 6.0);
+    assert_eq!(get("yoco:time_to_first_token_seconds_count"), 6.0);
+    assert_eq!(get("yoco:inter_token_latency_seconds_count"), 36.0);
+    assert!(get("yoco:prompt_tokens_total") >= 90.0);
     for rank in 0..2 {
         assert!(get(&format!("yoco:cache_capacity_bytes{{rank=\"{rank}\"}}")) > 0.0);
         assert_eq!(get(&format!("yoco:cache_used_bytes{{rank=\"{rank}\"}}")), 0.0);

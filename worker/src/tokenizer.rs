@@ -75,6 +75,16 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes text in which special-token markup (`<|endoftext|>`, a chat template's
+    /// `<|im_start|>`) is parsed as those tokens: for text the server itself produced, such as a
+    /// rendered chat template, never for user text on its own.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Tokenizer::Tiktoken(bpe) => Ok(bpe.encode_with_special_tokens(text)),
+            Tokenizer::HuggingFace(_) => self.encode(text),
+        }
+    }
+
     /// The bytes of one token; `None` for ids the tokenizer does not know.
     fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         match self {
@@ -143,8 +153,9 @@ mod tests {
         // 100261 is unused in cl100k, 100287 is YOCO's padding: placeholders, not panics.
         assert_eq!(tok.decode(&[15339, 100261, 100287]), "hello<|unk:100261|><|unk:100287|>");
         assert_eq!(tok.decode(&[CL100K_EOS]), "<|endoftext|>");
-        // Special-token markup in text is text.
+        // Special-token markup in text is text, unless asked.
         assert!(tok.encode("<|endoftext|>").unwrap().len() > 1);
+        assert_eq!(tok.encode_with_special("hello<|endoftext|>").unwrap(), vec![15339, CL100K_EOS]);
     }
 
     #[test]
