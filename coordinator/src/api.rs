@@ -35,16 +35,30 @@ pub struct Api {
     chat: Arc<Option<crate::chat::ChatTemplate>>,
     ready: Arc<OnceLock<Ready>>,
     next_id: Arc<AtomicU64>,
+    /// Log each request's prompt (off: logs carry ids and lengths, never text).
+    log_prompts: bool,
 }
 
 impl Api {
     pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<crate::chat::ChatTemplate>) -> Self {
-        Api { tokenizer, chat: Arc::new(chat), ready: Arc::new(OnceLock::new()), next_id: Arc::new(AtomicU64::new(1)) }
+        Api {
+            tokenizer,
+            chat: Arc::new(chat),
+            ready: Arc::new(OnceLock::new()),
+            next_id: Arc::new(AtomicU64::new(1)),
+            log_prompts: false,
+        }
     }
 
     /// Where the server puts the group once it has formed.
     pub fn ready_slot(&self) -> Arc<OnceLock<Ready>> {
         self.ready.clone()
+    }
+
+    /// Logs every request's prompt (text or ids) at info level.
+    pub fn log_prompts(mut self, on: bool) -> Self {
+        self.log_prompts = on;
+        self
     }
 
     /// The model's chat template, if it has one.
@@ -65,6 +79,15 @@ impl Api {
     ) -> Result<(String, crate::scheduler::EventStream), Status> {
         let ready = self.ready()?;
         let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
+        if self.log_prompts {
+            match &req.prompt {
+                Some(pb::generate_request::Prompt::Text(t)) => tracing::info!(request = %fresh, prompt = %t, "prompt"),
+                Some(pb::generate_request::Prompt::TokenIds(ids)) => {
+                    tracing::info!(request = %fresh, prompt_ids = ?ids.ids, "prompt")
+                }
+                None => {}
+            }
+        }
         // Tokenizing a long text prompt takes a while: off the async threads.
         let gen = tokio::task::spawn_blocking(move || {
             let prompt = prompt_tokens(&req, &tokenizer)?;

@@ -171,6 +171,7 @@ impl WorkerGroup {
         opts: &GroupOptions,
     ) -> anyhow::Result<Self> {
         let world = clients.len();
+        tracing::info!(world, transport = %opts.transport, "loading the model on every rank and forming the group");
         let loads = clients.iter().enumerate().map(|(rank, c)| {
             let mut c = c.clone();
             let req = pb::LoadModelRequest {
@@ -189,7 +190,14 @@ impl WorkerGroup {
         let mut ranks = Vec::new();
         let (mut dir, mut config_json) = (String::new(), String::new());
         for (r, addr) in futures_join_all(loads).await.into_iter().zip(&grpc) {
-            let info = r?.into_inner().info.unwrap_or_default();
+            let loaded = r?.into_inner();
+            let info = loaded.info.unwrap_or_default();
+            tracing::info!(
+                rank = info.rank,
+                seconds = loaded.load_seconds,
+                cache_capacity_tokens = info.cache_capacity_tokens,
+                "rank loaded the model"
+            );
             ranks.push(RankInfo {
                 address: addr.clone(),
                 cache_capacity_tokens: info.cache_capacity_tokens as usize,

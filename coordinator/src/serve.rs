@@ -55,6 +55,9 @@ pub struct ServerArgs {
     /// Seconds a collective waits for a peer before the group fails.
     #[arg(long, default_value_t = 120.0, env = "YOCO_COLLECTIVE_TIMEOUT")]
     collective_timeout: f64,
+    /// Log every request's prompt (by default logs never carry prompt text).
+    #[arg(long, env = "YOCO_LOG_PROMPTS")]
+    log_prompts: bool,
     /// Collective transport between the workers: tcp, or nccl (needs the `cuda` feature).
     #[arg(long, default_value = "tcp", env = "YOCO_TRANSPORT")]
     transport: String,
@@ -158,7 +161,7 @@ async fn run(
         .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let api = Api::new(tokenizer.clone(), chat);
+    let api = Api::new(tokenizer.clone(), chat).log_prompts(args.log_prompts);
     let ready = api.ready_slot();
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());

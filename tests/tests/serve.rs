@@ -439,9 +439,23 @@ async fn the_openai_python_client_works() {
     assert!(get("yoco:prompt_tokens_total") >= 90.0);
     for rank in 0..2 {
         assert!(get(&format!("yoco:cache_capacity_bytes{{rank=\"{rank}\"}}")) > 0.0);
-        assert_eq!(get(&format!("yoco:cache_used_bytes{{rank=\"{rank}\"}}")), 0.0);
+    }
+    // The last request's cache is freed in the step after its final message.
+    let started = Instant::now();
+    loop {
+        let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
+        let used: f64 = (0..2).map(|r| m[&format!("yoco:cache_used_bytes{{rank=\"{r}\"}}")]).sum();
+        if used == 0.0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "cache not freed: {used} bytes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(get("yoco:num_requests_running"), 0.0);
+    // Logs carry request ids, never prompt text (unless --log-prompts).
+    let logs = server.stderr();
+    assert!(logs.contains("request=gen-"), "{logs}");
+    assert!(!logs.contains("Hi there"), "prompt text in the logs:\n{logs}");
 }
 
 /// `name{labels} value` lines of the Prometheus text format; panics on a malformed line.

@@ -15,6 +15,8 @@ pub struct SeqSpec {
     pub sampling: SamplingParams,
     pub top_logprobs: usize,
     pub prompt_logprobs: bool,
+    /// The request's id, for logs.
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +88,9 @@ impl Executor {
     /// Frees sequences (unknown ones are ignored: freeing is idempotent).
     pub fn free(&mut self, ids: &[SeqId]) {
         for id in ids {
-            self.seqs.remove(id);
+            if let Some(ctl) = self.seqs.remove(id) {
+                tracing::debug!(request = %ctl.spec.request_id, seq = id, "sequence freed");
+            }
             self.engine.free_sequence(*id);
         }
     }
@@ -95,6 +99,7 @@ impl Executor {
         self.free(&plan.free);
         for spec in &plan.add {
             self.engine.add_sequence(spec.seq)?;
+            tracing::debug!(request = %spec.request_id, seq = spec.seq, "sequence added");
             let sampler = Sampler::new(spec.sampling.clone());
             self.seqs.insert(spec.seq, SeqCtl { spec: spec.clone(), sampler });
         }

@@ -135,6 +135,7 @@ fn run(
         sampling: params.sampling.clone(),
         top_logprobs: params.top_logprobs,
         prompt_logprobs: params.prompt_logprobs,
+        request_id: String::new(),
     };
     let mut add = vec![spec];
     let mut prompt_logprobs = params.prompt_logprobs.then(|| vec![None]);

@@ -140,7 +140,13 @@ fn a_failed_step_leaves_the_history_as_it_was() {
     let p = penalties(10.0, 2.0, 0.0);
     let prompt = tokens(20, VOCAB, 6);
     let start = Plan {
-        add: vec![SeqSpec { seq: 1, sampling: p.clone(), top_logprobs: 0, prompt_logprobs: false }],
+        add: vec![SeqSpec {
+            seq: 1,
+            sampling: p.clone(),
+            top_logprobs: 0,
+            prompt_logprobs: false,
+            request_id: String::new(),
+        }],
         prefill: vec![PrefillWork {
             seq: 1,
             tokens: prompt.clone(),

@@ -372,6 +372,7 @@ impl<R: StepRunner> Loop<R> {
                 sampling: a.req.sampling.clone(),
                 top_logprobs: a.req.top_logprobs,
                 prompt_logprobs: a.req.prompt_logprobs,
+                request_id: a.req.id.clone(),
             });
         }
         for a in &mut self.active {

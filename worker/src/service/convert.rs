@@ -47,6 +47,7 @@ pub fn plan_to_pb(step_id: u64, plan: &Plan) -> pb::StepRequest {
                 sampling: Some(sampling_to_pb(&s.sampling)),
                 top_logprobs: s.top_logprobs as u32,
                 prompt_logprobs: s.prompt_logprobs,
+                request_id: s.request_id.clone(),
             })
             .collect(),
         prefill: plan
@@ -76,11 +77,15 @@ pub fn plan_from_pb(req: &pb::StepRequest) -> Result<Plan, String> {
             if s.top_logprobs > MAX_TOP_LOGPROBS {
                 return Err(format!("top_logprobs {} exceeds {MAX_TOP_LOGPROBS}", s.top_logprobs));
             }
+            if s.request_id.len() > 256 {
+                return Err(format!("request_id of {} bytes exceeds 256", s.request_id.len()));
+            }
             Ok(SeqSpec {
                 seq: s.seq_id,
                 sampling: sampling_from_pb(s.sampling.as_ref())?,
                 top_logprobs: s.top_logprobs as usize,
                 prompt_logprobs: s.prompt_logprobs,
+                request_id: s.request_id.clone(),
             })
         })
         .collect::<Result<_, String>>()?;
@@ -148,6 +153,7 @@ mod tests {
                 },
                 top_logprobs: 2,
                 prompt_logprobs: true,
+                request_id: "req-3".into(),
             }],
             prefill: vec![PrefillWork {
                 seq: 3,
