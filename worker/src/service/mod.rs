@@ -254,6 +254,7 @@ mod tests {
             sampling: Some(sampling),
             top_logprobs: 0,
             prompt_logprobs: false,
+            request_id: String::new(),
         };
         let valid = convert::sampling_to_pb(&crate::sampling::SamplingParams::default());
         let bad = [
