@@ -256,10 +256,11 @@ impl WorkerGroup {
                 failed.iter().map(|(rank, s)| format!("rank {rank}: {} ({:?})", s.message(), s.code())).collect();
             return Err(StepError { fatal, message: format!("worker group step failed: {}", detail.join("; ")) });
         }
-        Ok(replies
-            .into_iter()
-            .map(|r| r.expect("checked").into_inner().results.iter().map(result_from_pb).collect())
-            .collect())
+        let replies: Vec<pb::StepResponse> = replies.into_iter().map(|r| r.expect("checked").into_inner()).collect();
+        // The slowest rank's time in collectives is the group's.
+        let collective = replies.iter().map(|r| r.collective_seconds).fold(0.0, f64::max);
+        crate::metrics::METRICS.collective_seconds.observe(collective);
+        Ok(replies.iter().map(|r| r.results.iter().map(result_from_pb).collect()).collect())
     }
 }
 

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub running: IntGauge,
     pub waiting: IntGauge,
     pub step_seconds: HistogramVec,
+    pub collective_seconds: Histogram,
     pub cache_used_bytes: IntGaugeVec,
     pub cache_capacity_bytes: IntGaugeVec,
     pub cache_usage: prometheus::GaugeVec,
@@ -88,6 +89,10 @@ impl Metrics {
             running: gauge("yoco:num_requests_running", "Requests prefilling or decoding")?,
             waiting: gauge("yoco:num_requests_waiting", "Requests waiting for admission")?,
             step_seconds,
+            collective_seconds: hist(
+                "yoco:collective_seconds",
+                "Time per step in collectives on the slowest rank (waiting for peers included)",
+            )?,
             cache_used_bytes: gauge_vec("yoco:cache_used_bytes", "Global KV cache bytes in use on a rank", &["rank"])?,
             cache_capacity_bytes: gauge_vec("yoco:cache_capacity_bytes", "Global KV cache bytes of a rank", &["rank"])?,
             cache_usage,

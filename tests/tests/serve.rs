@@ -225,6 +225,23 @@ async fn every_invalid_field_is_named_and_the_server_keeps_serving() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {}", e.message());
         assert!(e.message().contains(field), "{field}: {}", e.message());
     }
+    // The same over HTTP: OpenAI-style 400s naming the field; no chat template, a clear 400.
+    let (code, body) = http_post(&server.http, "/v1/completions", r#"{"prompt": [1, 2], "max_tokens": 0}"#);
+    assert_eq!(code, 400, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["param"], "max_tokens");
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    let (code, body) = http_post(&server.http, "/v1/completions", r#"{"prompt": [1, 2], "temperature": -1}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("temperature"), "{body}");
+    let (code, body) = http_post(&server.http, "/v1/completions", r#"{"prompt": [1], "model": "gpt-4"}"#);
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = http_post(&server.http, "/v1/completions", "{not json");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) =
+        http_post(&server.http, "/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}]}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("no chat template"), "{body}");
     let e = client.detokenize(pb::DetokenizeRequest { ids: vec![VOCAB as u32] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // Still serving, and right.
@@ -364,10 +381,21 @@ async fn the_python_grpcio_client_works() {
 
 /// `GET path` over plain HTTP/1.1: the status code and the body.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+}
+
+/// `POST path` with a JSON body.
+fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n");
+    http(addr, &format!("{head}Content-Length: {}\r\n\r\n{body}", body.len()))
+}
+
+fn http(addr: &str, request: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -452,6 +480,7 @@ async fn the_openai_python_client_works() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(get("yoco:num_requests_running"), 0.0);
+    assert!(get("yoco:collective_seconds_count") >= 6.0 && get("yoco:collective_seconds_sum") > 0.0);
     // Logs carry request ids, never prompt text (unless --log-prompts).
     let logs = server.stderr();
     assert!(logs.contains("request=gen-"), "{logs}");

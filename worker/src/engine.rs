@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
-use crate::comm::{Collective, CommError, SingleRank};
+use crate::comm::{Collective, CommError, SingleRank, Timed};
 use crate::cp::{chunk, even_split, validate_split};
 use crate::kernels::cross_attention::KvView;
 use crate::model::{Model, Segment, Shard};
@@ -124,7 +124,7 @@ pub struct Engine {
     model: Arc<Model>,
     pool: BlockPool,
     seqs: HashMap<SeqId, Sequence>,
-    comm: Box<dyn Collective>,
+    comm: Timed,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
 }
@@ -138,7 +138,12 @@ impl Engine {
     /// One rank of a group whose ranks talk through `comm`.
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
         let pool = BlockPool::new(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes);
-        Engine { model, pool, seqs: HashMap::new(), comm, broken: None }
+        Engine { model, pool, seqs: HashMap::new(), comm: Timed::new(comm), broken: None }
+    }
+
+    /// Seconds spent in collectives (waiting for peers included) since the last call.
+    pub fn take_collective_seconds(&mut self) -> f64 {
+        self.comm.take_spent().as_secs_f64()
     }
 
     pub fn rank(&self) -> usize {
@@ -320,7 +325,7 @@ impl Engine {
         let rope = model.self_rope(&positions);
         for layer in 0..model.self_layers.len() {
             let mut states: Vec<&mut LayerState> = seqs.iter_mut().map(|s| &mut s.self_state[layer]).collect();
-            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut *self.comm)?;
+            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut self.comm)?;
         }
         let (k, v) = model.kv_project(&x, &positions);
         let kvd = model.cfg.kv_dim();
@@ -390,7 +395,7 @@ impl Engine {
             let row_views: Vec<&KvView> = rows_seq.iter().map(|&i| &views[i]).collect();
             let visible: Vec<usize> =
                 rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
-            model.logits(&model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut *self.comm)?)
+            model.logits(&model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut self.comm)?)
         };
         let vocab = model.cfg.vocab_size;
         let mut start = 0;

@@ -85,6 +85,11 @@ impl Executor {
         &self.engine
     }
 
+    /// Seconds spent in collectives since the last call.
+    pub fn take_collective_seconds(&mut self) -> f64 {
+        self.engine.take_collective_seconds()
+    }
+
     /// Frees sequences (unknown ones are ignored: freeing is idempotent).
     pub fn free(&mut self, ids: &[SeqId]) {
         for id in ids {

@@ -5,10 +5,12 @@
 #[cfg(feature = "cuda")]
 mod nccl;
 mod tcp;
+mod timed;
 
 #[cfg(feature = "cuda")]
 pub use nccl::{nccl_available, NcclCollective};
 pub use tcp::{TcpCollective, TcpOptions};
+pub use timed::Timed;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum CommError {

@@ -211,6 +211,7 @@ impl Worker for WorkerService {
             let loaded =
                 guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded: call LoadModel first"))?;
             let result = loaded.exec.execute(&plan);
+            let collective_seconds = loaded.exec.take_collective_seconds();
             *lock(&info) = info_of(loaded);
             let results = result.map_err(status)?;
             Ok(Response::new(pb::StepResponse {
@@ -218,6 +219,7 @@ impl Worker for WorkerService {
                 results: results.iter().map(convert::result_to_pb).collect(),
                 cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64,
                 step_seconds: started.elapsed().as_secs_f64(),
+                collective_seconds,
             }))
         })
         .await
