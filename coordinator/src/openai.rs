@@ -147,16 +147,24 @@ struct ChatRequest {
     messages: Vec<crate::chat::Message>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<u32>,
     #[serde(default)]
     stream: bool,
     n: Option<u32>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// The sampling and stopping fields both endpoints share (OpenAI's, and vLLM's `top_k`,
+/// `min_p`, `repetition_penalty`, `ignore_eos`).
+#[derive(Deserialize)]
+struct Sampling {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     top_k: Option<u32>,
@@ -164,6 +172,41 @@ struct ChatRequest {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     ignore_eos: bool,
+}
+
+impl Sampling {
+    /// A generation request for `prompt` with these settings.
+    fn request(self, prompt: pb::generate_request::Prompt, max_tokens: u32) -> Result<pb::GenerateRequest, ApiError> {
+        let seed = match self.seed {
+            Some(s) if s < 0 => return Err(ApiError::invalid("seed must be >= 0", Some("seed"))),
+            s => s.map(|s| s as u64),
+        };
+        Ok(pb::GenerateRequest {
+            prompt: Some(prompt),
+            max_tokens: Some(max_tokens),
+            sampling: Some(pb::SamplingParams {
+                // OpenAI's default temperature is 1.
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p,
+                top_k: self.top_k.unwrap_or(0),
+                min_p: self.min_p.unwrap_or(0.0),
+                seed,
+                repetition_penalty: self.repetition_penalty,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            }),
+            stop: match self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            },
+            stop_token_ids: Vec::new(),
+            ignore_eos: self.ignore_eos,
+            logprobs: 0,
+            prompt_logprobs: false,
+            request_id: String::new(),
+        })
+    }
 }
 
 fn check_model(name: &str, asked: &Option<String>) -> Result<(), ApiError> {
@@ -214,35 +257,10 @@ async fn chat_completions(State(api): State<Api>, Body(req): Body<ChatRequest>) 
     let text = template.render(&req.messages).map_err(|e| ApiError::invalid(e, Some("messages")))?;
     let ids =
         api.tokenizer().encode_with_special(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let seed = match req.seed {
-        Some(s) if s < 0 => return Err(ApiError::invalid("seed must be >= 0", Some("seed"))),
-        s => s.map(|s| s as u64),
-    };
     let top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
-    let preq = pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
-        max_tokens: Some(req.max_completion_tokens.or(req.max_tokens).unwrap_or(16)),
-        sampling: Some(pb::SamplingParams {
-            temperature: req.temperature.unwrap_or(1.0),
-            top_p: req.top_p,
-            top_k: req.top_k.unwrap_or(0),
-            min_p: req.min_p.unwrap_or(0.0),
-            seed,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-        }),
-        stop: match req.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        },
-        stop_token_ids: Vec::new(),
-        ignore_eos: req.ignore_eos,
-        logprobs: top,
-        prompt_logprobs: false,
-        request_id: String::new(),
-    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(16);
+    let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids });
+    let preq = pb::GenerateRequest { logprobs: top, ..req.sampling.request(prompt, max_tokens)? };
     let want_logprobs = req.logprobs;
     let (id, mut events) = api.submit(preq, arrived, None).await?;
     let id = format!("chatcmpl-{id}");
@@ -339,10 +357,6 @@ struct CompletionRequest {
     model: Option<String>,
     prompt: Prompt,
     max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
     logprobs: Option<u32>,
     #[serde(default)]
     echo: bool,
@@ -350,15 +364,8 @@ struct CompletionRequest {
     stream: bool,
     n: Option<u32>,
     best_of: Option<u32>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    top_k: Option<u32>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    #[serde(default)]
-    ignore_eos: bool,
-    #[allow(dead_code)]
-    user: Option<String>,
+    #[serde(flatten)]
+    sampling: Sampling,
 }
 
 impl CompletionRequest {
@@ -375,35 +382,9 @@ impl CompletionRequest {
             }
             _ => return Err(ApiError::invalid("one prompt per request", Some("prompt"))),
         };
-        let seed = match self.seed {
-            Some(s) if s < 0 => return Err(ApiError::invalid("seed must be >= 0", Some("seed"))),
-            s => s.map(|s| s as u64),
-        };
-        Ok(pb::GenerateRequest {
-            prompt: Some(prompt),
-            max_tokens: Some(self.max_tokens.unwrap_or(16)),
-            sampling: Some(pb::SamplingParams {
-                // OpenAI's default temperature is 1.
-                temperature: self.temperature.unwrap_or(1.0),
-                top_p: self.top_p,
-                top_k: self.top_k.unwrap_or(0),
-                min_p: self.min_p.unwrap_or(0.0),
-                seed,
-                repetition_penalty: self.repetition_penalty,
-                presence_penalty: self.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            }),
-            stop: match self.stop {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s],
-                Some(Stop::Many(v)) => v,
-            },
-            stop_token_ids: Vec::new(),
-            ignore_eos: self.ignore_eos,
-            logprobs: self.logprobs.unwrap_or(0),
-            prompt_logprobs: self.echo && self.logprobs.is_some(),
-            request_id: String::new(),
-        })
+        let (logprobs, prompt_logprobs) = (self.logprobs.unwrap_or(0), self.echo && self.logprobs.is_some());
+        let req = self.sampling.request(prompt, self.max_tokens.unwrap_or(16))?;
+        Ok(pb::GenerateRequest { logprobs, prompt_logprobs, ..req })
     }
 }
 

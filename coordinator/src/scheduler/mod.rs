@@ -291,46 +291,41 @@ impl<R: StepRunner> Loop<R> {
     fn reap(&mut self) {
         let now = Instant::now();
         let draining_over = self.drain_deadline.is_some_and(|d| now >= d);
-        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| now >= d);
-        let shared = &self.shared;
-        self.waiting.retain(|w| {
-            let why = if draining_over {
-                Some("the server shut down before the request started")
-            } else if expired(w.req.deadline) {
-                Some("the request's deadline passed while it waited")
-            } else if w.tx.is_closed() {
-                Some("")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                if !why.is_empty() {
-                    let a = Active::new(0, (*w.req).clone(), w.tx.clone(), 0, 1);
-                    a.finish(&End::Cancelled(why.into()));
-                }
-                tracing::info!(request = %w.req.id, reason = why, "request cancelled while waiting");
-                return false;
-            }
-            true
-        });
-        let mut i = 0;
-        while i < self.active.len() {
-            let a = &self.active[i];
-            let why = if draining_over {
+        let why = |deadline: Option<Instant>, tx: &EventSender| {
+            if draining_over {
                 Some("the server shut down")
-            } else if expired(a.req.deadline) {
+            } else if deadline.is_some_and(|d| now >= d) {
                 Some("the request's deadline passed")
-            } else if a.tx.is_closed() {
+            } else if tx.is_closed() {
                 Some("the client went away")
             } else {
                 None
-            };
-            match why {
-                Some(why) => self.end(i, End::Cancelled(why.into())),
+            }
+        };
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in std::mem::take(&mut self.waiting) {
+            match why(w.req.deadline, &w.tx) {
+                Some(reason) => {
+                    tracing::info!(request = %w.req.id, reason, "request cancelled while waiting");
+                    self.reject(w, End::Cancelled(reason.into()));
+                }
+                None => kept.push_back(w),
+            }
+        }
+        self.waiting = kept;
+        let mut i = 0;
+        while i < self.active.len() {
+            match why(self.active[i].req.deadline, &self.active[i].tx) {
+                Some(reason) => self.end(i, End::Cancelled(reason.into())),
                 None => i += 1,
             }
         }
+    }
+
+    /// Ends a request that was never admitted.
+    fn reject(&self, w: Waiting, end: End) {
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        Active::new(0, *w.req, w.tx, 0, 1).finish(&end);
     }
 
     /// Moves waiting requests into the batch, in order, while their cache fits.
@@ -341,9 +336,7 @@ impl<R: StepRunner> Loop<R> {
             if blocks > cap.blocks_per_rank {
                 // Validation keeps such requests out; should one get here, it must not block the queue.
                 let w = self.waiting.pop_front().expect("front exists");
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                let status = Status::invalid_argument("the request needs more cache than the group has");
-                Active::new(0, *w.req, w.tx, 0, 1).finish(&End::Error(status));
+                self.reject(w, End::Error(Status::invalid_argument("the request needs more cache than the group has")));
                 continue;
             }
             if self.active.len() >= self.shared.config.max_running || self.reserved + blocks > cap.blocks_per_rank {
@@ -508,9 +501,8 @@ impl<R: StepRunner> Loop<R> {
         while let Ok(cmd) = self.cmds.try_recv() {
             self.command(cmd);
         }
-        for w in self.waiting.drain(..) {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            Active::new(0, *w.req, w.tx, 0, 1).finish(&End::Error(status.clone()));
+        for w in std::mem::take(&mut self.waiting) {
+            self.reject(w, End::Error(status.clone()));
         }
         self.publish();
     }
