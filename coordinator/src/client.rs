@@ -2,7 +2,6 @@
 //! comes (prefill progress and a summary on stderr), or prints one JSON object with `--json`.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use serde_json::json;
@@ -34,13 +33,8 @@ enum Command {
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
 struct GenerateArgs {
-    #[arg(long, group = "input")]
-    prompt: Option<String>,
-    #[arg(long, group = "input")]
-    prompt_file: Option<PathBuf>,
-    /// Comma-separated token ids.
-    #[arg(long, group = "input", value_delimiter = ',')]
-    prompt_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    input: crate::prompt_args::PromptArgs,
     #[arg(long)]
     max_tokens: Option<u32>,
     #[arg(long, default_value_t = 0.0)]
@@ -135,14 +129,7 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
 }
 
 async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: GenerateArgs) -> anyhow::Result<()> {
-    let prompt = match (g.prompt, g.prompt_file, g.prompt_ids) {
-        (Some(text), _, _) => pb::generate_request::Prompt::Text(text),
-        (_, Some(path), _) => pb::generate_request::Prompt::Text(
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-        ),
-        (_, _, Some(ids)) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
-        _ => bail!("give the prompt with --prompt, --prompt-file or --prompt-ids"),
-    };
+    let prompt = g.input.read()?;
     let req = pb::GenerateRequest {
         prompt: Some(prompt),
         max_tokens: g.max_tokens,

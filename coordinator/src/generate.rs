@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde_json::json;
+use yoco_proto::v1::generate_request::Prompt;
 use yoco_worker::engine::{Engine, EngineOptions};
 use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, GenerateParams, PlanRunner, Progress};
@@ -21,13 +22,8 @@ pub struct Args {
     /// built-in tiny model.
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
-    #[arg(long, group = "input")]
-    prompt: Option<String>,
-    #[arg(long, group = "input")]
-    prompt_file: Option<PathBuf>,
-    /// Comma-separated token ids.
-    #[arg(long, group = "input", value_delimiter = ',')]
-    prompt_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    input: crate::prompt_args::PromptArgs,
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// 0 is greedy.
@@ -90,14 +86,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     tracing::info!(model = %dir.display(), seconds = load_started.elapsed().as_secs_f64(), "model loaded");
 
-    let prompt = match (&args.prompt, &args.prompt_file, &args.prompt_ids) {
-        (Some(text), _, _) => tokenizer.encode(text)?,
-        (_, Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            tokenizer.encode(&text)?
-        }
-        (_, _, Some(ids)) => ids.clone(),
-        _ => bail!("give the prompt with --prompt, --prompt-file or --prompt-ids"),
+    let prompt = match args.input.read()? {
+        Prompt::Text(text) => tokenizer.encode(&text)?,
+        Prompt::TokenIds(ids) => ids.ids,
     };
     if prompt.is_empty() {
         bail!("the prompt is empty");

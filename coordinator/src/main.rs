@@ -11,6 +11,7 @@ mod group;
 mod init_model;
 mod metrics;
 mod openai;
+mod prompt_args;
 mod request;
 mod scheduler;
 mod serve;

@@ -454,7 +454,6 @@ async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>)
     let tok = api.tokenizer().clone();
     let echo_text = echo.then(|| prompt_text.clone().unwrap_or_else(|| tok.decode(&prompt_ids)));
     if stream {
-        let mut first = echo;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
         let chunk = move |text: String, logprobs: Value, finish: Option<&str>| {
             json!({"id": id, "object": "text_completion", "created": created, "model": name,
@@ -466,15 +465,12 @@ async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>)
             let mut events = events;
             let mut offset = 0;
             let send = |e: SseEvent| tx.send(Ok(e)).is_ok();
-            if first {
-                first = false;
-                let text = echo_text.clone().unwrap_or_default();
+            if let Some(text) = echo_text {
                 offset += text.len();
                 if !send(SseEvent::default().data(chunk(text, Value::Null, None).to_string())) {
                     return;
                 }
             }
-            let _ = first;
             while let Some(item) = events.recv().await {
                 let ok = match item {
                     Ok(Event::Progress(p)) => {

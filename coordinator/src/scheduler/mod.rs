@@ -414,18 +414,17 @@ impl<R: StepRunner> Loop<R> {
         let mut ranks = results.into_iter();
         let rank0 = ranks.next().unwrap_or_default();
         let others: Vec<Vec<SeqResult>> = ranks.collect();
-        let shard_of =
-            |rank_results: &[SeqResult], seq: SeqId| rank_results.iter().find(|r| r.seq == seq).map(|r| r.shard_tokens);
         let mut ends = Vec::new();
         let mut answered = std::collections::HashSet::new();
-        for r in rank0 {
+        // Every rank returns one result per item of the same plan, in the same order.
+        for (k, r) in rank0.into_iter().enumerate() {
             let Some(i) = self.index(r.seq) else { continue };
             answered.insert(r.seq);
             let a = &mut self.active[i];
             a.shards[0] = r.shard_tokens;
             for (rank, rr) in others.iter().enumerate() {
-                if let Some(s) = shard_of(rr, r.seq) {
-                    a.shards[rank + 1] = s;
+                if let Some(x) = rr.get(k).filter(|x| x.seq == r.seq) {
+                    a.shards[rank + 1] = x.shard_tokens;
                 }
             }
             let end = match prefills.iter().find(|p| p.seq == r.seq) {
