@@ -18,11 +18,15 @@ use crate::kernels::cross_attention::KvView;
 use crate::model::{Model, Segment, Shard};
 
 pub type SeqId = u64;
+/// A prefix-cache snapshot: a sequence frozen at a position, to resume other sequences from.
+pub type SnapshotId = u64;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EngineError {
     #[error("unknown sequence {0}")]
     UnknownSequence(SeqId),
+    #[error("unknown prefix-cache snapshot {0}")]
+    UnknownSnapshot(SnapshotId),
     #[error("sequence {0} already exists")]
     DuplicateSequence(SeqId),
     #[error("sequence {0} appears twice in one step")]
@@ -111,6 +115,15 @@ struct Sequence {
     shard_lens: Vec<usize>,
 }
 
+/// What resuming a sequence at a position needs: the self-decoder state there and the global
+/// cache before it (this rank's shard, sharing the blocks of the sequence it was taken from).
+struct Snapshot {
+    pos: usize,
+    self_state: Vec<LayerState>,
+    kv: KvSeq,
+    shard_lens: Vec<usize>,
+}
+
 /// Where an item's rows live on this rank for one step.
 struct Placed {
     /// This rank's tokens of the item.
@@ -124,6 +137,7 @@ pub struct Engine {
     model: Arc<Model>,
     pool: BlockPool,
     seqs: HashMap<SeqId, Sequence>,
+    snapshots: HashMap<SnapshotId, Snapshot>,
     comm: Timed,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
@@ -138,7 +152,14 @@ impl Engine {
     /// One rank of a group whose ranks talk through `comm`.
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
         let pool = BlockPool::new(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes);
-        Engine { model, pool, seqs: HashMap::new(), comm: Timed::new(comm), broken: None }
+        Engine {
+            model,
+            pool,
+            seqs: HashMap::new(),
+            snapshots: HashMap::new(),
+            comm: Timed::new(comm),
+            broken: None,
+        }
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
@@ -179,6 +200,62 @@ impl Engine {
         };
         self.seqs.insert(id, seq);
         Ok(())
+    }
+
+    /// A new sequence that continues from snapshot `from`: it shares the snapshot's cache blocks
+    /// and starts with a copy of its self-decoder state, so its next token is at the snapshot's
+    /// position.
+    pub fn add_sequence_from(&mut self, id: SeqId, from: SnapshotId) -> Result<(), EngineError> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id));
+        }
+        let snap = self.snapshots.get(&from).ok_or(EngineError::UnknownSnapshot(from))?;
+        let seq = Sequence {
+            pos: snap.pos,
+            self_state: snap.self_state.clone(),
+            kv: snap.kv.share(&mut self.pool),
+            shard_lens: snap.shard_lens.clone(),
+        };
+        self.seqs.insert(id, seq);
+        Ok(())
+    }
+
+    /// Saves sequence `seq` as it is now under `id` (replacing an older snapshot of that id).
+    /// The snapshot shares the sequence's cache blocks; only the self-decoder state is copied.
+    pub fn snapshot(&mut self, seq: SeqId, id: SnapshotId) -> Result<(), EngineError> {
+        let s = self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq))?;
+        let snap = Snapshot {
+            pos: s.pos,
+            self_state: s.self_state.clone(),
+            kv: s.kv.share(&mut self.pool),
+            shard_lens: s.shard_lens.clone(),
+        };
+        if let Some(mut old) = self.snapshots.insert(id, snap) {
+            old.kv.free(&mut self.pool);
+        }
+        Ok(())
+    }
+
+    /// Drops a snapshot; its blocks go back to the pool unless sequences still share them.
+    pub fn drop_snapshot(&mut self, id: SnapshotId) -> bool {
+        match self.snapshots.remove(&id) {
+            Some(mut snap) => {
+                snap.kv.free(&mut self.pool);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Snapshots held, and the bytes of self-decoder state they copy.
+    pub fn snapshot_usage(&self) -> (usize, usize) {
+        let bytes = self.snapshots.values().flat_map(|s| &s.self_state).map(LayerState::bytes).sum();
+        (self.snapshots.len(), bytes)
+    }
+
+    /// The position a snapshot resumes at.
+    pub fn snapshot_len(&self, id: SnapshotId) -> Option<usize> {
+        self.snapshots.get(&id).map(|s| s.pos)
     }
 
     /// Frees a sequence and its cache blocks; false if it did not exist.
@@ -419,10 +496,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Gives every sequence's blocks back, e.g. when a broken group is re-formed.
+    /// Gives every sequence's and snapshot's blocks back, e.g. when a broken group is re-formed.
     pub fn clear(&mut self) {
         for (_, mut seq) in self.seqs.drain() {
             seq.kv.free(&mut self.pool);
+        }
+        for (_, mut snap) in self.snapshots.drain() {
+            snap.kv.free(&mut self.pool);
         }
     }
 }

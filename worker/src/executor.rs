@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, StepItem};
+use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, SnapshotId, StepItem};
 use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
 
 /// A new sequence and how to sample it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SeqSpec {
     pub seq: SeqId,
     pub sampling: SamplingParams,
@@ -17,9 +17,14 @@ pub struct SeqSpec {
     pub prompt_logprobs: bool,
     /// The request's id, for logs.
     pub request_id: String,
+    /// Start from this prefix-cache snapshot instead of from nothing.
+    pub resume_from: Option<SnapshotId>,
+    /// The prompt tokens the snapshot already holds, for the repetition penalty's history
+    /// (empty when the penalty is off: nothing else needs them).
+    pub resumed_tokens: Vec<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PrefillWork {
     pub seq: SeqId,
     pub tokens: Vec<u32>,
@@ -29,6 +34,8 @@ pub struct PrefillWork {
     pub sample: bool,
     /// The prompt token after this step's last one (for its log-probability), if any.
     pub next_token: Option<u32>,
+    /// After this step, save the sequence as this prefix-cache snapshot.
+    pub snapshot: Option<SnapshotId>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +50,8 @@ pub struct Plan {
     pub prefill: Vec<PrefillWork>,
     pub decode: Vec<DecodeWork>,
     pub free: Vec<SeqId>,
+    /// Prefix-cache snapshots to drop (before anything else of the step).
+    pub drop_snapshots: Vec<SnapshotId>,
 }
 
 /// A sampled token. Its log-probabilities are those of the raw model distribution: before the
@@ -102,10 +111,19 @@ impl Executor {
 
     pub fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, EngineError> {
         self.free(&plan.free);
+        for &id in &plan.drop_snapshots {
+            self.engine.drop_snapshot(id);
+        }
         for spec in &plan.add {
-            self.engine.add_sequence(spec.seq)?;
-            tracing::debug!(request = %spec.request_id, seq = spec.seq, "sequence added");
-            let sampler = Sampler::new(spec.sampling.clone());
+            let mut sampler = Sampler::new(spec.sampling.clone());
+            match spec.resume_from {
+                Some(snap) => {
+                    self.engine.add_sequence_from(spec.seq, snap)?;
+                    sampler.observe_prompt(&spec.resumed_tokens);
+                }
+                None => self.engine.add_sequence(spec.seq)?,
+            }
+            tracing::debug!(request = %spec.request_id, seq = spec.seq, resume_from = ?spec.resume_from, "sequence added");
             self.seqs.insert(spec.seq, SeqCtl { spec: spec.clone(), sampler });
         }
         let decode_tokens: Vec<[u32; 1]> = plan.decode.iter().map(|d| [d.token]).collect();
@@ -130,6 +148,9 @@ impl Executor {
         for p in &plan.prefill {
             if let Some(ctl) = self.seqs.get_mut(&p.seq) {
                 ctl.sampler.observe_prompt(&p.tokens);
+            }
+            if let Some(id) = p.snapshot {
+                self.engine.snapshot(p.seq, id)?;
             }
         }
         for d in &plan.decode {

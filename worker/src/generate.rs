@@ -135,7 +135,7 @@ fn run(
         sampling: params.sampling.clone(),
         top_logprobs: params.top_logprobs,
         prompt_logprobs: params.prompt_logprobs,
-        request_id: String::new(),
+        ..SeqSpec::default()
     };
     let mut add = vec![spec];
     let mut prompt_logprobs = params.prompt_logprobs.then(|| vec![None]);
@@ -150,6 +150,7 @@ fn run(
             chunk_starts: Vec::new(),
             sample: is_last,
             next_token: prompt.get(done + part.len()).copied(),
+            snapshot: None,
         };
         let plan = Plan { add: std::mem::take(&mut add), prefill: vec![work], ..Plan::default() };
         let (result, shards) = only(runner.run(&plan)?, seq)?;

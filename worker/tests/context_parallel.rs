@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use yoco_worker::comm::{TcpCollective, TcpOptions};
-use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
+use yoco_worker::engine::{Engine, Logits, StepItem};
 use yoco_worker::model::Model;
 
 const TOL: f32 = 1e-4;
@@ -19,29 +16,6 @@ const TOL: f32 = 1e-4;
 struct RunResult {
     logits: Vec<Vec<f32>>,
     shard_rows: Vec<usize>,
-}
-
-/// Runs `script` on a group of `world` ranks (threads + TCP) and returns each rank's result.
-fn run_group(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mut Engine) -> RunResult + Sync)) -> Vec<RunResult> {
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let opts = TcpOptions { timeout: Duration::from_secs(30), connect_timeout: Duration::from_secs(10) };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let (addrs, opts, model) = (&addrs, &opts, model.clone());
-                s.spawn(move || {
-                    let comm = TcpCollective::connect(rank, addrs, l, opts).unwrap();
-                    let eo = EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20 };
-                    let mut engine = Engine::with_group(model, &eo, Box::new(comm));
-                    script(&mut engine)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 /// Prefill `prompt` in steps of `step` tokens (logits of every position), then decode greedily.

@@ -145,14 +145,14 @@ fn a_failed_step_leaves_the_history_as_it_was() {
             sampling: p.clone(),
             top_logprobs: 0,
             prompt_logprobs: false,
-            request_id: String::new(),
+            ..SeqSpec::default()
         }],
         prefill: vec![PrefillWork {
             seq: 1,
             tokens: prompt.clone(),
             chunk_starts: vec![],
             sample: true,
-            next_token: None,
+            ..PrefillWork::default()
         }],
         ..Plan::default()
     };
@@ -164,7 +164,7 @@ fn a_failed_step_leaves_the_history_as_it_was() {
 
     // On `a`, a step that would have fed `second` as generated fails (an unknown sequence)...
     let failing = Plan {
-        prefill: vec![PrefillWork { seq: 99, tokens: vec![1], chunk_starts: vec![], sample: true, next_token: None }],
+        prefill: vec![PrefillWork { seq: 99, tokens: vec![1], sample: true, ..PrefillWork::default() }],
         ..decode(second)
     };
     assert_eq!(a.execute(&failing).unwrap_err(), EngineError::UnknownSequence(99));

@@ -1,6 +1,12 @@
 //! The global KV cache in fixed-size blocks from a pool with a byte budget. A sequence owns a
 //! block table; appending never copies earlier positions, and running out of budget is an
 //! error the caller can act on (queue, reject), never an abort.
+//!
+//! Blocks are reference-counted so that block tables can share them: a prefix-cache snapshot
+//! shares the blocks of the sequence it was taken from, and a sequence resumed from a snapshot
+//! shares the snapshot's. A table only ever writes rows at or past its own length, and a table
+//! made by [`KvSeq::share`] copies its partly filled last block before its first write into it
+//! (copy-on-write), so sharing never changes what another table reads.
 
 use crate::kernels::cross_attention::KvView;
 
@@ -24,6 +30,8 @@ pub struct BlockPool {
     max_blocks: usize,
     budget_bytes: usize,
     storage: Vec<Box<[f32]>>,
+    /// Block tables holding each block (0 for a free block).
+    refs: Vec<u32>,
     free: Vec<BlockId>,
 }
 
@@ -39,6 +47,7 @@ impl BlockPool {
             max_blocks: (budget_bytes / block_bytes).min(u32::MAX as usize),
             budget_bytes,
             storage: Vec::new(),
+            refs: Vec::new(),
             free: Vec::new(),
         }
     }
@@ -84,15 +93,37 @@ impl BlockPool {
     }
 
     fn allocate(&mut self) -> BlockId {
-        if let Some(id) = self.free.pop() {
-            return id;
-        }
-        self.storage.push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
-        BlockId((self.storage.len() - 1) as u32)
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.storage.push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
+                self.refs.push(0);
+                BlockId((self.storage.len() - 1) as u32)
+            }
+        };
+        self.refs[id.0 as usize] = 1;
+        id
     }
 
+    fn retain(&mut self, id: BlockId) {
+        self.refs[id.0 as usize] += 1;
+    }
+
+    /// Drops one table's hold on each block; a block nobody holds goes back to the free list.
     fn release(&mut self, ids: impl IntoIterator<Item = BlockId>) {
-        self.free.extend(ids);
+        for id in ids {
+            let refs = &mut self.refs[id.0 as usize];
+            assert!(*refs > 0, "block {id:?} released more often than it was held");
+            *refs -= 1;
+            if *refs == 0 {
+                self.free.push(id);
+            }
+        }
+    }
+
+    /// Block tables holding a block.
+    pub fn holders(&self, id: BlockId) -> u32 {
+        self.refs[id.0 as usize]
     }
 
     pub fn block(&self, id: BlockId) -> &[f32] {
@@ -112,6 +143,8 @@ pub struct KvSeq {
     len: usize,
     /// Runs of consecutive positions: `(first position, first row, rows)`, increasing.
     extents: Vec<(usize, usize, usize)>,
+    /// The last block is partly filled and shared with another table: copy it before writing.
+    shared_tail: bool,
 }
 
 impl KvSeq {
@@ -125,9 +158,11 @@ impl KvSeq {
         self.blocks.len()
     }
 
-    /// Blocks that appending `tokens` positions would take from the pool.
+    /// Blocks that appending `tokens` positions would take from the pool (a shared last block
+    /// that must be copied first included).
     pub fn blocks_needed(&self, pool: &BlockPool, tokens: usize) -> usize {
-        (self.len + tokens).div_ceil(pool.block_tokens) - self.blocks.len()
+        let copy = usize::from(self.shared_tail && tokens > 0);
+        (self.len + tokens).div_ceil(pool.block_tokens) - self.blocks.len() + copy
     }
 
     /// Takes from the pool every block that appending `tokens` positions needs, or none at all.
@@ -136,10 +171,34 @@ impl KvSeq {
         if !pool.can_allocate(needed) {
             return Err(pool.out_of_budget(needed));
         }
-        for _ in 0..needed {
+        if self.shared_tail && tokens > 0 {
+            let tail = self.blocks.last_mut().expect("a shared tail is a block");
+            let copy = pool.allocate();
+            let (src, dst) = (tail.0 as usize, copy.0 as usize);
+            let data = pool.storage[src].clone();
+            pool.storage[dst].copy_from_slice(&data);
+            pool.release([std::mem::replace(tail, copy)]);
+            self.shared_tail = false;
+        }
+        while self.blocks.len() < (self.len + tokens).div_ceil(pool.block_tokens) {
             self.blocks.push(pool.allocate());
         }
         Ok(())
+    }
+
+    /// A table reading the same rows as this one, sharing its blocks (none is copied now; the
+    /// new table copies a partly filled last block before it writes into it).
+    pub fn share(&self, pool: &mut BlockPool) -> KvSeq {
+        let keep = self.len.div_ceil(pool.block_tokens);
+        for &id in &self.blocks[..keep] {
+            pool.retain(id);
+        }
+        KvSeq {
+            blocks: self.blocks[..keep].to_vec(),
+            len: self.len,
+            extents: self.extents.clone(),
+            shared_tail: self.len % pool.block_tokens != 0,
+        }
     }
 
     /// Rows holding positions `<= pos`: the part of this shard a query at `pos` may see.
@@ -196,6 +255,7 @@ impl KvSeq {
         pool.release(self.blocks.drain(..));
         self.len = 0;
         self.extents.clear();
+        self.shared_tail = false;
     }
 }
 
@@ -244,5 +304,43 @@ mod tests {
         b.reserve(&mut pool, 12).unwrap();
         assert_eq!(pool.used_blocks(), 3);
         assert_eq!(pool.storage.len(), 3, "freed blocks are reused, not reallocated");
+    }
+
+    #[test]
+    fn shared_tables_copy_on_write_and_free_last_holder() {
+        let mut pool = BlockPool::new(4, 1, 1 << 20);
+        let rows = |from: usize, n: usize| (from..from + n).map(|v| v as f32).collect::<Vec<_>>();
+        let mut a = KvSeq::default();
+        a.reserve(&mut pool, 6).unwrap();
+        a.append(&mut pool, 0, &rows(0, 6), &rows(0, 6));
+        // A snapshot of `a` at 6 rows: both blocks shared, the second one half filled.
+        let snap = a.share(&mut pool);
+        assert_eq!(pool.used_blocks(), 2);
+        assert!(a.blocks.iter().all(|&b| pool.holders(b) == 2));
+        // The owner keeps writing past the snapshot's rows, in place.
+        a.reserve(&mut pool, 1).unwrap();
+        a.append(&mut pool, 6, &[100.0], &[100.0]);
+        assert_eq!(pool.used_blocks(), 2, "the writer appends in place");
+        // A sequence resumed from the snapshot copies the shared tail before writing into it.
+        let mut b = snap.share(&mut pool);
+        assert_eq!(b.blocks_needed(&pool, 1), 1, "the copy of the tail counts");
+        b.reserve(&mut pool, 1).unwrap();
+        b.append(&mut pool, 6, &[200.0], &[200.0]);
+        assert_eq!(pool.used_blocks(), 3);
+        assert_eq!(b.blocks[0], a.blocks[0], "full blocks stay shared");
+        assert_ne!(b.blocks[1], a.blocks[1]);
+        let (va, vb, vs) = (a.view(&pool), b.view(&pool), snap.view(&pool));
+        assert_eq!(&va.blocks[1][..3], &[4.0, 5.0, 100.0]);
+        assert_eq!(&vb.blocks[1][..3], &[4.0, 5.0, 200.0]);
+        assert_eq!(&vs.blocks[1][..2], &[4.0, 5.0], "the snapshot's rows are untouched");
+        assert_eq!((va.len, vb.len, vs.len), (7, 7, 6));
+        // Blocks go back only when their last holder lets go.
+        let mut snap = snap;
+        a.free(&mut pool);
+        assert_eq!(pool.used_blocks(), 3);
+        snap.free(&mut pool);
+        assert_eq!(pool.used_blocks(), 2, "a's tail block had only a and the snapshot");
+        b.free(&mut pool);
+        assert_eq!(pool.used_blocks(), 0);
     }
 }

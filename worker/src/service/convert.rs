@@ -48,6 +48,8 @@ pub fn plan_to_pb(step_id: u64, plan: &Plan) -> pb::StepRequest {
                 top_logprobs: s.top_logprobs as u32,
                 prompt_logprobs: s.prompt_logprobs,
                 request_id: s.request_id.clone(),
+                resume_snapshot: s.resume_from,
+                resumed_tokens: s.resumed_tokens.clone(),
             })
             .collect(),
         prefill: plan
@@ -59,10 +61,12 @@ pub fn plan_to_pb(step_id: u64, plan: &Plan) -> pb::StepRequest {
                 chunk_starts: p.chunk_starts.iter().map(|&s| s as u32).collect(),
                 sample: p.sample,
                 next_token: p.next_token,
+                snapshot: p.snapshot,
             })
             .collect(),
         decode: plan.decode.iter().map(|d| pb::DecodeItem { seq_id: d.seq, token: d.token }).collect(),
         free: plan.free.clone(),
+        drop_snapshots: plan.drop_snapshots.clone(),
     }
 }
 
@@ -86,6 +90,8 @@ pub fn plan_from_pb(req: &pb::StepRequest) -> Result<Plan, String> {
                 top_logprobs: s.top_logprobs as usize,
                 prompt_logprobs: s.prompt_logprobs,
                 request_id: s.request_id.clone(),
+                resume_from: s.resume_snapshot,
+                resumed_tokens: s.resumed_tokens.clone(),
             })
         })
         .collect::<Result<_, String>>()?;
@@ -98,10 +104,11 @@ pub fn plan_from_pb(req: &pb::StepRequest) -> Result<Plan, String> {
             chunk_starts: p.chunk_starts.iter().map(|&s| s as usize).collect(),
             sample: p.sample,
             next_token: p.next_token,
+            snapshot: p.snapshot,
         })
         .collect();
     let decode = req.decode.iter().map(|d| DecodeWork { seq: d.seq_id, token: d.token }).collect();
-    Ok(Plan { add, prefill, decode, free: req.free.clone() })
+    Ok(Plan { add, prefill, decode, free: req.free.clone(), drop_snapshots: req.drop_snapshots.clone() })
 }
 
 pub fn result_to_pb(r: &SeqResult) -> pb::SequenceResult {
@@ -154,6 +161,8 @@ mod tests {
                 top_logprobs: 2,
                 prompt_logprobs: true,
                 request_id: "req-3".into(),
+                resume_from: Some(11),
+                resumed_tokens: vec![5, 6],
             }],
             prefill: vec![PrefillWork {
                 seq: 3,
@@ -161,9 +170,11 @@ mod tests {
                 chunk_starts: vec![0, 2],
                 sample: true,
                 next_token: None,
+                snapshot: Some(12),
             }],
             decode: vec![DecodeWork { seq: 9, token: 5 }],
             free: vec![4],
+            drop_snapshots: vec![10],
         };
         let pb = plan_to_pb(1, &plan);
         let back = plan_from_pb(&pb).unwrap();

@@ -67,6 +67,8 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         cache_used_bytes: engine.pool().used_bytes() as u64,
         cache_budget_bytes: l.budget as u64,
         sequences: engine.sequences() as u32,
+        snapshots: engine.snapshot_usage().0 as u32,
+        snapshot_state_bytes: engine.snapshot_usage().1 as u64,
         broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
         // Filled in by Info from the listener.
         collective_addr: String::new(),
@@ -254,9 +256,7 @@ mod tests {
         let spec = |sampling| pb::SequenceSpec {
             seq_id: 1,
             sampling: Some(sampling),
-            top_logprobs: 0,
-            prompt_logprobs: false,
-            request_id: String::new(),
+            ..pb::SequenceSpec::default()
         };
         let valid = convert::sampling_to_pb(&crate::sampling::SamplingParams::default());
         let bad = [

@@ -47,6 +47,32 @@ pub fn load(name: &str) -> Arc<Model> {
     Arc::new(Model::load(&fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")))
 }
 
+/// Runs `script` on a group of `world` ranks (threads talking over real TCP sockets on loopback,
+/// cache blocks of 16 tokens) and returns each rank's result, in rank order.
+pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mut Engine) -> T + Sync)) -> Vec<T> {
+    use std::net::{SocketAddr, TcpListener};
+    use yoco_worker::comm::{TcpCollective, TcpOptions};
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let opts = TcpOptions { timeout: std::time::Duration::from_secs(30), connect_timeout: std::time::Duration::from_secs(10) };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, opts, model) = (&addrs, &opts, model.clone());
+                s.spawn(move || {
+                    let comm = TcpCollective::connect(rank, addrs, l, opts).unwrap();
+                    let eo = EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20 };
+                    let mut engine = Engine::with_group(model, &eo, Box::new(comm));
+                    script(&mut engine)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 pub fn engine(model: &Arc<Model>, block_tokens: usize) -> Engine {
     Engine::new(model.clone(), &EngineOptions { block_tokens, cache_budget_bytes: 64 << 20 })
 }
