@@ -11,6 +11,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The NCCL transport (feature `cuda`) must build and lint without CUDA installed; its test checks
 # that forming an NCCL group without a GPU is a clean error on every rank.
 cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
+bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
 cargo test -p yoco-worker --features cuda --lib --locked comm::
 # The Python client example (examples/python) is tested against a real server, with grpcio in
 # a virtual environment of its own.
