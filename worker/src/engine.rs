@@ -152,14 +152,7 @@ impl Engine {
     /// One rank of a group whose ranks talk through `comm`.
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
         let pool = BlockPool::new(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes);
-        Engine {
-            model,
-            pool,
-            seqs: HashMap::new(),
-            snapshots: HashMap::new(),
-            comm: Timed::new(comm),
-            broken: None,
-        }
+        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), comm: Timed::new(comm), broken: None }
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.

@@ -197,7 +197,7 @@ impl KvSeq {
             blocks: self.blocks[..keep].to_vec(),
             len: self.len,
             extents: self.extents.clone(),
-            shared_tail: self.len % pool.block_tokens != 0,
+            shared_tail: !self.len.is_multiple_of(pool.block_tokens),
         }
     }
 

@@ -253,11 +253,7 @@ mod tests {
     async fn invalid_sampling_is_invalid_argument_before_anything_runs() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let svc = WorkerService::new(WorkerDefaults { model_dir: None, cache_budget_bytes: 1 << 20 }, listener);
-        let spec = |sampling| pb::SequenceSpec {
-            seq_id: 1,
-            sampling: Some(sampling),
-            ..pb::SequenceSpec::default()
-        };
+        let spec = |sampling| pb::SequenceSpec { seq_id: 1, sampling: Some(sampling), ..pb::SequenceSpec::default() };
         let valid = convert::sampling_to_pb(&crate::sampling::SamplingParams::default());
         let bad = [
             pb::Sampling { repetition_penalty: 20.0, ..valid },
