@@ -178,6 +178,7 @@ impl Generation for Api {
         let cap = ready.scheduler.capacity();
         let config = ready.scheduler.config();
         let (running, waiting) = ready.scheduler.load();
+        let prefix = ready.scheduler.prefix_stats();
         let ranks = infos
             .iter()
             .zip(&ready.group.ranks)
@@ -207,7 +208,18 @@ impl Generation for Api {
             max_running: config.max_running as u32,
             running: running as u32,
             waiting: waiting as u32,
+            prefix_cache: prefix.is_some(),
+            prefix_cache_snapshots: prefix.map_or(0, |p| p.snapshots as u32),
+            prefix_cache_blocks: prefix.map_or(0, |p| p.blocks as u64),
         }))
+    }
+
+    async fn flush_prefix_cache(
+        &self,
+        _: Request<pb::FlushPrefixCacheRequest>,
+    ) -> Result<Response<pb::FlushPrefixCacheResponse>, Status> {
+        let (dropped, in_use) = self.ready()?.scheduler.flush_prefix_cache().await?;
+        Ok(Response::new(pb::FlushPrefixCacheResponse { dropped: dropped as u32, in_use: in_use as u32 }))
     }
 }
 

@@ -28,6 +28,8 @@ enum Command {
     Tokenize { text: String },
     /// Print the model, tokenizer, worker group and cache of the server (JSON).
     Info,
+    /// Drop every cached prompt prefix (JSON: snapshots dropped now, and still in use).
+    FlushPrefixCache,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +96,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let info = client.model_info(pb::ModelInfoRequest {}).await.map_err(status)?.into_inner();
                 println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
             }
+            Command::FlushPrefixCache => {
+                let r = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.map_err(status)?.into_inner();
+                println!("{}", json!({"dropped": r.dropped, "in_use": r.in_use}));
+            }
             Command::Generate(g) => generate(&mut client, *g).await?,
         }
         Ok(())
@@ -125,6 +131,9 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
         "max_running": i.max_running,
         "running": i.running,
         "waiting": i.waiting,
+        "prefix_cache": i.prefix_cache,
+        "prefix_cache_snapshots": i.prefix_cache_snapshots,
+        "prefix_cache_blocks": i.prefix_cache_blocks,
     })
 }
 
@@ -245,7 +254,8 @@ async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: G
             },
             "error": f.error,
             "seed": f.seed,
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "cached_prompt_tokens": usage.cached_prompt_tokens},
             "timing": {
                 "queue_seconds": timing.queue_seconds,
                 "time_to_first_token_seconds": timing.time_to_first_token_seconds,
@@ -258,8 +268,9 @@ async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: G
     } else {
         println!();
         eprintln!(
-            "[{} prompt tokens, {} generated ({reason_name}); TTFT {:.3}s, prefill {:.0} tok/s, decode {:.1} tok/s]",
+            "[{} prompt tokens ({} cached), {} generated ({reason_name}); TTFT {:.3}s, prefill {:.0} tok/s, decode {:.1} tok/s]",
             usage.prompt_tokens,
+            usage.cached_prompt_tokens,
             usage.completion_tokens,
             timing.time_to_first_token_seconds,
             timing.prefill_tokens_per_second,

@@ -1,6 +1,7 @@
 //! Prometheus metrics (`GET /metrics` on the HTTP port), named like vLLM's where they apply, with
 //! a `yoco:` prefix, so existing dashboards carry over. Beyond vLLM's: the global KV cache of
-//! every rank (bytes and fraction) and the live prefill progress of each prompt being prefilled.
+//! every rank (bytes and fraction), the live prefill progress of each prompt being prefilled, and
+//! the prefix cache (queries and hits in tokens, like vLLM's, plus snapshots and blocks held).
 
 use std::sync::LazyLock;
 
@@ -29,6 +30,11 @@ pub struct Metrics {
     pub group_cache_usage: prometheus::Gauge,
     pub prefill_progress: IntGaugeVec,
     pub prefill_total: IntGaugeVec,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
+    pub prefix_cache_evictions: IntCounter,
+    pub prefix_cache_snapshots: IntGauge,
+    pub prefix_cache_blocks: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -106,6 +112,20 @@ impl Metrics {
                 "yoco:prefill_prompt_tokens",
                 "Prompt length, per request being prefilled",
                 &["request_id"],
+            )?,
+            prefix_cache_queries: counter(
+                "yoco:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache (hit rate: hits / queries)",
+            )?,
+            prefix_cache_hits: counter(
+                "yoco:prefix_cache_hits_total",
+                "Prompt tokens served from the prefix cache instead of prefilled",
+            )?,
+            prefix_cache_evictions: counter("yoco:prefix_cache_evictions_total", "Prefix-cache snapshots evicted")?,
+            prefix_cache_snapshots: gauge("yoco:prefix_cache_snapshots", "Prefix-cache snapshots held by the group")?,
+            prefix_cache_blocks: gauge(
+                "yoco:prefix_cache_blocks",
+                "Global-cache blocks per rank booked for prefix-cache snapshots (states included)",
             )?,
             registry,
         })

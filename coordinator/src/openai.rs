@@ -32,7 +32,23 @@ pub fn router(api: Api) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .with_state(api)
+}
+
+/// OpenAI's usage object; `cached_tokens` counts the prompt tokens served by the prefix cache.
+fn usage_json(u: &pb::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    })
+}
+
+/// vLLM's admin call of the same name: drops every cached prompt prefix.
+async fn reset_prefix_cache(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let (dropped, in_use) = api.ready()?.scheduler.flush_prefix_cache().await?;
+    Ok(Json(json!({"dropped": dropped, "in_use": in_use})))
 }
 
 /// An OpenAI-style error body with its HTTP status.
@@ -327,8 +343,7 @@ async fn chat_completions(State(api): State<Api>, Body(req): Body<ChatRequest>) 
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "logprobs": if want_logprobs { chat_logprobs(&tok, &tokens) } else { Value::Null },
                      "finish_reason": reason}],
-        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "usage": usage_json(&usage),
     }))
     .into_response())
 }
@@ -555,8 +570,7 @@ async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>)
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": name,
         "choices": [{"text": text, "index": 0, "logprobs": if want_logprobs { lp.json() } else { Value::Null }, "finish_reason": reason}],
-        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "usage": usage_json(&usage),
     }))
     .into_response())
 }

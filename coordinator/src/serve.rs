@@ -23,7 +23,8 @@ use crate::api::{Api, Ready, MAX_MESSAGE_BYTES};
 use crate::chat::ChatTemplate;
 use crate::group::{GroupOptions, WorkerGroup};
 use crate::request::Limits;
-use crate::scheduler::{Capacity, Scheduler, SchedulerConfig};
+use crate::scheduler::prefix::model_seed;
+use crate::scheduler::{Capacity, PrefixConfig, Scheduler, SchedulerConfig};
 
 /// Settings shared by `serve` and `coordinator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -61,6 +62,14 @@ pub struct ServerArgs {
     /// Collective transport between the workers: tcp, or nccl (needs the `cuda` feature).
     #[arg(long, default_value = "tcp", env = "YOCO_TRANSPORT")]
     transport: String,
+    /// Turn the prefix cache off (on by default: requests sharing a prompt prefix with an
+    /// earlier one resume from the workers' snapshot of it instead of prefilling it again).
+    #[arg(long, env = "YOCO_NO_PREFIX_CACHE")]
+    no_prefix_cache: bool,
+    /// Inside long prompts, keep a prefix-cache snapshot every this many tokens (rounded up to
+    /// whole cache blocks); each prompt's end is always snapshotted.
+    #[arg(long, default_value_t = 8192, env = "YOCO_PREFIX_SNAPSHOT_INTERVAL")]
+    prefix_snapshot_interval: usize,
 }
 
 #[derive(clap::Args)]
@@ -140,11 +149,16 @@ async fn run(
     chat: Option<ChatTemplate>,
     form_group: impl std::future::Future<Output = anyhow::Result<WorkerGroup>>,
 ) -> anyhow::Result<()> {
-    let config = SchedulerConfig {
+    let mut config = SchedulerConfig {
         max_batch_tokens: args.max_batch_tokens,
         max_queue: args.max_queue,
         max_running: args.max_running,
         prefill_chunk: args.prefill_chunk,
+        prefix: PrefixConfig {
+            enabled: !args.no_prefix_cache,
+            snapshot_interval: args.prefix_snapshot_interval,
+            ..PrefixConfig::default()
+        },
     };
     config.validate().map_err(|e| anyhow!(e))?;
     let tokenizer = Arc::new(tokenizer);
@@ -212,8 +226,14 @@ async fn run(
     let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
     let capacity = Capacity { world, blocks_per_rank, block_tokens };
     let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
-    let (scheduler, mut task) = Scheduler::start(group, tokenizer, capacity, config);
     let cache_bytes_per_token = cfg.cache_numbers_per_token() * std::mem::size_of::<f32>();
+    // The cached states depend on the model; a snapshot's self-decoder state is kept on every
+    // rank, outside the cache blocks, and is booked as that many blocks so that admission
+    // bounds it too.
+    config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
+    let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
+    config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
+    let (scheduler, mut task) = Scheduler::start(group, tokenizer, capacity, config);
     let _ = ready.set(Ready { scheduler: scheduler.clone(), group: handle, limits, cache_bytes_per_token });
     reporter.set_serving::<GenerationServer<Api>>().await;
     tracing::info!(world, capacity_tokens = capacity.max_request_tokens(), cache_bytes_per_token, "serving");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio_stream::StreamExt;
+use yoco_e2e::http::{http_get, http_post, parse_prometheus};
 use yoco_e2e::server::{command, drain, generate, ids_prompt, ready_line, Outcome, Server, SERVICE};
 use yoco_e2e::yoco;
 use yoco_proto::v1 as pb;
@@ -166,6 +167,10 @@ async fn cancelling_mid_stream_frees_the_sequence_on_every_rank() {
         if now == baseline && seqs == 0 {
             break;
         }
+        // The prefix cache keeps snapshots of the prompt: the sequence is freed, they are not.
+        if seqs == 0 {
+            client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
+        }
         assert!(started.elapsed() < Duration::from_secs(10), "not freed: {now:?}, {seqs} sequences");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -179,6 +184,7 @@ async fn cancelling_mid_stream_frees_the_sequence_on_every_rank() {
     }
     let started = Instant::now();
     while cache_used(&mut client).await != (baseline.clone(), 0) {
+        client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(10), "deadline did not free the sequence");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -379,29 +385,6 @@ async fn the_python_grpcio_client_works() {
     assert_eq!(info["world"], 2);
 }
 
-/// `GET path` over plain HTTP/1.1: the status code and the body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
-}
-
-/// `POST path` with a JSON body.
-fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let head =
-        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n");
-    http(addr, &format!("{head}Content-Length: {}\r\n\r\n{body}", body.len()))
-}
-
-fn http(addr: &str, request: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
 /// The HTTP API works from the official `openai` Python client: models, a completion equal to
 /// the gRPC one, the same streamed, and an OpenAI-style 400 for a bad field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,7 +451,10 @@ async fn the_openai_python_client_works() {
     for rank in 0..2 {
         assert!(get(&format!("yoco:cache_capacity_bytes{{rank=\"{rank}\"}}")) > 0.0);
     }
-    // The last request's cache is freed in the step after its final message.
+    // The last request's cache is freed in the step after its final message; what the prefix
+    // cache kept of the prompts goes with a reset (vLLM's admin call).
+    let (code, body) = http_post(&server.http, "/reset_prefix_cache", "");
+    assert_eq!(code, 200, "{body}");
     let started = Instant::now();
     loop {
         let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
@@ -485,19 +471,6 @@ async fn the_openai_python_client_works() {
     let logs = server.stderr();
     assert!(logs.contains("request=gen-"), "{logs}");
     assert!(!logs.contains("Hi there"), "prompt text in the logs:\n{logs}");
-}
-
-/// `name{labels} value` lines of the Prometheus text format; panics on a malformed line.
-fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
-    let mut out = std::collections::HashMap::new();
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        let bare = name.split('{').next().unwrap();
-        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {line:?}");
-        out.insert(name.to_string(), value);
-    }
-    out
 }
 
 /// Until the worker group has formed, health says NOT_SERVING and `/ready` 503.

@@ -151,6 +151,16 @@ impl ModelConfig {
     pub fn cache_numbers_per_token(&self) -> usize {
         2 * self.kv_dim()
     }
+    /// Numbers of self-decoder state one sequence keeps at most, whatever its length: a d×d
+    /// state per head and layer for gated retention, the last W−1 keys and values per layer for
+    /// the sliding window.
+    pub fn self_state_numbers(&self) -> usize {
+        let per_layer = match self.mixer {
+            SelfMixerKind::GatedRetention => self.n_self_heads * self.self_head_dim() * self.self_head_dim(),
+            SelfMixerKind::SlidingWindow { window } => 2 * window.saturating_sub(1) * self.dim,
+        };
+        self.n_self_layers() * per_layer
+    }
     /// Parameters of the model, counting a tied output projection once.
     pub fn n_params(&self, tied: bool) -> usize {
         let (d, h) = (self.dim, self.hidden_dim);

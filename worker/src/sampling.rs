@@ -99,7 +99,8 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn repetition_on(&self) -> bool {
+    /// The repetition penalty is on: it reads the prompt's tokens, not only the generated ones.
+    pub fn repetition_on(&self) -> bool {
         self.repetition_penalty != 1.0
     }
 

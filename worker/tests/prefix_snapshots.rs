@@ -40,6 +40,9 @@ fn script<'a>(a: &'a [u32], b: &'a [u32]) -> impl Fn(&mut Engine) -> Out + Sync 
         e.snapshot(1, 200).unwrap();
         // Sequence 1 goes on writing after its snapshots (into the blocks they share).
         run(e, 1, &a[32..], 16, 3);
+        let full_state = 4 * e.model().cfg.self_state_numbers();
+        assert_eq!(e.sequence_state_bytes(1), Some(full_state), "the config's state size is the engine's");
+        assert_eq!(e.snapshot_usage(), (2, 2 * full_state));
         // Fresh: `b` (same first 32 tokens as `a`) from nothing.
         e.add_sequence(2).unwrap();
         let fresh = run(e, 2, b, 16, 4);

@@ -19,6 +19,13 @@ impl Capacity {
         tokens.div_ceil(self.world).div_ceil(self.block_tokens)
     }
 
+    /// Blocks full on every rank of a snapshot whose ranks hold `shards` rows: what a sequence
+    /// resumed from it shares instead of booking (a partial last block is copied on its first
+    /// write, so it is booked).
+    pub fn shared_blocks(&self, shards: &[usize]) -> usize {
+        shards.iter().map(|n| n / self.block_tokens).min().unwrap_or(0)
+    }
+
     /// The longest request (prompt + max_tokens) the group can hold on its own.
     pub fn max_request_tokens(&self) -> usize {
         self.blocks_per_rank * self.block_tokens * self.world

@@ -13,8 +13,15 @@
 //!
 //! Cancellation (the client dropped its stream, or its deadline passed) is checked before every
 //! step; the sequence is freed on every rank in the next plan.
+//!
+//! With the prefix cache (see [`prefix`]) a request resumes from the workers' latest snapshot of
+//! its prompt's longest cached prefix: only the rest is prefilled and booked, and prefill chunks
+//! stop at the points where new snapshots are taken.
 
 pub mod budget;
+pub mod prefix;
+#[cfg(test)]
+mod prefix_tests;
 mod seq;
 #[cfg(test)]
 mod tests;
@@ -25,14 +32,16 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use yoco_proto::v1::generate_response::Event;
-use yoco_worker::engine::SeqId;
+use yoco_worker::engine::{SeqId, SnapshotId};
 use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::tokenizer::Tokenizer;
 
 pub use self::budget::Capacity;
+use self::prefix::{Hash, PrefixCache};
+pub use self::prefix::{PrefixConfig, PrefixStats};
 use self::seq::{Active, End, EventSender};
 use crate::group::StepError;
 use crate::request::GenRequest;
@@ -64,11 +73,18 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Prompt tokens per rank per step for one sequence (bounds activation memory).
     pub prefill_chunk: usize,
+    pub prefix: PrefixConfig,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_batch_tokens: 8192, max_queue: 1024, max_running: 256, prefill_chunk: 4096 }
+        SchedulerConfig {
+            max_batch_tokens: 8192,
+            max_queue: 1024,
+            max_running: 256,
+            prefill_chunk: 4096,
+            prefix: PrefixConfig::default(),
+        }
     }
 }
 
@@ -76,6 +92,9 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_running == 0 || self.prefill_chunk == 0 {
             return Err("max running sequences and the prefill chunk must be at least 1".into());
+        }
+        if self.prefix.enabled && self.prefix.snapshot_interval == 0 {
+            return Err("the prefix-cache snapshot interval must be at least one block".into());
         }
         if self.max_batch_tokens <= self.max_running {
             return Err(format!(
@@ -107,11 +126,14 @@ struct Shared {
     running: AtomicUsize,
     config: SchedulerConfig,
     capacity: Capacity,
+    prefix_snapshots: AtomicUsize,
+    prefix_blocks: AtomicUsize,
 }
 
 enum Cmd {
-    Submit(Box<GenRequest>, EventSender),
+    Submit(Box<GenRequest>, EventSender, Vec<Hash>),
     Drain(Instant),
+    FlushPrefix(oneshot::Sender<(usize, usize)>),
 }
 
 /// The stream of one request's events; ends after its `Finished` (and error status, if any).
@@ -130,10 +152,18 @@ impl Scheduler {
             state: AtomicU8::new(SERVING),
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            prefix_snapshots: AtomicUsize::new(0),
+            prefix_blocks: AtomicUsize::new(0),
             config,
             capacity,
         });
+        let prefix = shared.config.prefix.enabled.then(|| {
+            let mut cfg = shared.config.prefix.clone();
+            cfg.snapshot_interval = cfg.snapshot_interval.div_ceil(capacity.block_tokens) * capacity.block_tokens;
+            PrefixCache::new(capacity, cfg)
+        });
         let looper = Loop {
+            prefix,
             runner,
             tokenizer,
             cmds: rx,
@@ -162,6 +192,21 @@ impl Scheduler {
         (self.shared.running.load(Ordering::Relaxed), self.shared.waiting.load(Ordering::Relaxed))
     }
 
+    /// The prefix cache's snapshots and blocks per rank, if it is on.
+    pub fn prefix_stats(&self) -> Option<PrefixStats> {
+        self.shared.config.prefix.enabled.then(|| PrefixStats {
+            snapshots: self.shared.prefix_snapshots.load(Ordering::Relaxed),
+            blocks: self.shared.prefix_blocks.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Drops every cached prefix; returns the snapshots dropped now and those still in use.
+    pub async fn flush_prefix_cache(&self) -> Result<(usize, usize), Status> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::FlushPrefix(tx)).map_err(|_| Status::unavailable("the scheduler has stopped"))?;
+        rx.await.map_err(|_| Status::unavailable("the scheduler has stopped"))
+    }
+
     /// Whether new requests are taken (not draining, group not failed).
     pub fn accepting(&self) -> bool {
         self.shared.state.load(Ordering::Relaxed) == SERVING && !self.cmds.is_closed()
@@ -181,8 +226,14 @@ impl Scheduler {
                 "the queue is full: {limit} requests are waiting for cache or batch room; retry later"
             )));
         }
+        // Hashing a long prompt takes a while (about 10 ms per million tokens): here, on the
+        // caller's task, not in the scheduling loop.
+        let hashes = match &self.shared.config.prefix {
+            p if p.enabled => prefix::block_hashes(&p.seed, &req.prompt, self.shared.capacity.block_tokens),
+            _ => Vec::new(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        if self.cmds.send(Cmd::Submit(Box::new(req), tx)).is_err() {
+        if self.cmds.send(Cmd::Submit(Box::new(req), tx, hashes)).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Status::unavailable("the scheduler has stopped"));
         }
@@ -200,6 +251,7 @@ impl Scheduler {
 struct Waiting {
     req: Box<GenRequest>,
     tx: EventSender,
+    hashes: Vec<Hash>,
 }
 
 struct Loop<R> {
@@ -215,18 +267,22 @@ struct Loop<R> {
     /// Blocks booked per rank by the active sequences.
     reserved: usize,
     drain_deadline: Option<Instant>,
+    prefix: Option<PrefixCache>,
 }
 
 /// What each prefill item of a plan was.
 struct PrefillRef {
     seq: SeqId,
     tokens: usize,
+    /// The snapshot taken after it, and its position.
+    snapshot: Option<(SnapshotId, usize)>,
 }
 
 impl<R: StepRunner> Loop<R> {
     async fn run(mut self) {
         loop {
-            if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() {
+            let drops = self.prefix.as_ref().is_some_and(PrefixCache::has_drops);
+            if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() && !drops {
                 if self.drain_deadline.is_some() {
                     break;
                 }
@@ -275,12 +331,24 @@ impl<R: StepRunner> Loop<R> {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Submit(req, tx) => self.waiting.push_back(Waiting { req, tx }),
+            Cmd::Submit(req, tx, hashes) => self.waiting.push_back(Waiting { req, tx, hashes }),
             Cmd::Drain(deadline) => self.drain_deadline = Some(deadline),
+            Cmd::FlushPrefix(reply) => {
+                let outcome = self.prefix.as_mut().map_or((0, 0), PrefixCache::flush);
+                tracing::info!(dropped = outcome.0, in_use = outcome.1, "prefix cache flushed");
+                let _ = reply.send(outcome);
+            }
         }
     }
 
     fn publish(&self) {
+        if let Some(p) = &self.prefix {
+            let stats = p.stats();
+            self.shared.prefix_snapshots.store(stats.snapshots, Ordering::Relaxed);
+            self.shared.prefix_blocks.store(stats.blocks, Ordering::Relaxed);
+            crate::metrics::METRICS.prefix_cache_snapshots.set(stats.snapshots as i64);
+            crate::metrics::METRICS.prefix_cache_blocks.set(stats.blocks as i64);
+        }
         self.shared.running.store(self.active.len(), Ordering::Relaxed);
         crate::metrics::METRICS.running.set(self.active.len() as i64);
         crate::metrics::METRICS.waiting.set(self.shared.waiting.load(Ordering::Relaxed) as i64);
@@ -325,30 +393,69 @@ impl<R: StepRunner> Loop<R> {
     /// Ends a request that was never admitted.
     fn reject(&self, w: Waiting, end: End) {
         self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-        Active::new(0, *w.req, w.tx, 0, 1).finish(&end);
+        Active::new(0, *w.req, w.tx, 0, 1, Vec::new()).finish(&end);
     }
 
-    /// Moves waiting requests into the batch, in order, while their cache fits.
+    /// Moves waiting requests into the batch, in order, while their cache fits (evicting cached
+    /// prefixes nothing uses when that makes room).
     fn admit(&mut self) {
         let cap = self.shared.capacity;
         while let Some(w) = self.waiting.front() {
-            let blocks = cap.blocks_for(w.req.prompt.len() + w.req.max_tokens);
-            if blocks > cap.blocks_per_rank {
+            let total = w.req.prompt.len() + w.req.max_tokens;
+            if cap.blocks_for(total) > cap.blocks_per_rank {
                 // Validation keeps such requests out; should one get here, it must not block the queue.
                 let w = self.waiting.pop_front().expect("front exists");
                 self.reject(w, End::Error(Status::invalid_argument("the request needs more cache than the group has")));
                 continue;
             }
-            if self.active.len() >= self.shared.config.max_running || self.reserved + blocks > cap.blocks_per_rank {
+            if self.active.len() >= self.shared.config.max_running {
                 break;
+            }
+            // Prompt log-probabilities need every prompt position's logits: no resuming.
+            let hit = match &mut self.prefix {
+                Some(p) if !w.req.prompt_logprobs => p.lookup(&w.hashes, w.req.prompt.len()),
+                _ => None,
+            };
+            // The blocks wholly before the snapshot's position are shared, not booked again.
+            let blocks = cap.blocks_for(total) - hit.as_ref().map_or(0, |h| cap.shared_blocks(&h.shards));
+            let held = self.prefix.as_ref().map_or(0, PrefixCache::held_blocks);
+            let over = (self.reserved + held + blocks).saturating_sub(cap.blocks_per_rank);
+            if over > 0 {
+                let Some(p) = self.prefix.as_mut() else { break };
+                if let Some(h) = &hit {
+                    p.pin(h.snap);
+                }
+                let room = p.evictable() >= over;
+                if room {
+                    p.evict(over);
+                }
+                if let Some(h) = &hit {
+                    p.unpin(h.snap);
+                }
+                if !room {
+                    break;
+                }
             }
             let w = self.waiting.pop_front().expect("front exists");
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             let seq = self.next_seq;
             self.next_seq += 1;
             self.reserved += blocks;
-            tracing::info!(request = %w.req.id, seq, prompt_tokens = w.req.prompt.len(), blocks, "admitted");
-            self.active.push(Active::new(seq, *w.req, w.tx, blocks, cap.world));
+            let cached = hit.as_ref().map_or(0, |h| h.pos);
+            if let Some(p) = &mut self.prefix {
+                if let Some(h) = &hit {
+                    p.pin(h.snap);
+                }
+                let metrics = &crate::metrics::METRICS;
+                metrics.prefix_cache_queries.inc_by(w.req.prompt.len() as u64);
+                metrics.prefix_cache_hits.inc_by(cached as u64);
+            }
+            tracing::info!(request = %w.req.id, seq, prompt_tokens = w.req.prompt.len(), cached, blocks, "admitted");
+            let mut a = Active::new(seq, *w.req, w.tx, blocks, cap.world, w.hashes);
+            if let Some(h) = hit {
+                a.resume_from(h.snap, h.pos, h.shards);
+            }
+            self.active.push(a);
         }
     }
 
@@ -357,15 +464,26 @@ impl<R: StepRunner> Loop<R> {
     fn compose(&mut self) -> Option<(Plan, Vec<PrefillRef>)> {
         let world = self.runner.world();
         let config = &self.shared.config;
-        let mut plan = Plan { free: std::mem::take(&mut self.to_free), ..Plan::default() };
+        let mut plan = Plan {
+            free: std::mem::take(&mut self.to_free),
+            drop_snapshots: self.prefix.as_mut().map(PrefixCache::take_drops).unwrap_or_default(),
+            ..Plan::default()
+        };
         for a in self.active.iter_mut().filter(|a| !a.added) {
             a.added = true;
+            // Only the repetition penalty looks at prompt tokens the sequence did not prefill.
+            let resumed_tokens = match a.head {
+                Some(_) if a.req.sampling.repetition_on() => a.req.prompt[..a.cached].to_vec(),
+                _ => Vec::new(),
+            };
             plan.add.push(SeqSpec {
                 seq: a.seq,
                 sampling: a.req.sampling.clone(),
                 top_logprobs: a.req.top_logprobs,
                 prompt_logprobs: a.req.prompt_logprobs,
                 request_id: a.req.id.clone(),
+                resume_from: a.head.filter(|_| a.cached > 0),
+                resumed_tokens,
             });
         }
         for a in &mut self.active {
@@ -384,9 +502,21 @@ impl<R: StepRunner> Loop<R> {
             } else {
                 config.prefill_chunk
             };
-            let n = a.remaining_prompt().min(per_rank * world).min(budget);
+            let mut n = a.remaining_prompt().min(per_rank * world).min(budget);
             if n == 0 {
                 break;
+            }
+            // A chunk ends where the next snapshot is due.
+            let mut snapshot = None;
+            if let Some(p) = &mut self.prefix {
+                if let Some(point) = p.next_point(&a.hashes, a.prefilled, a.req.prompt.len()) {
+                    if point <= a.prefilled + n {
+                        if let Some(id) = p.plan_snapshot(self.reserved) {
+                            n = point - a.prefilled;
+                            snapshot = Some((id, point));
+                        }
+                    }
+                }
             }
             budget -= n;
             a.prefill_scheduled();
@@ -397,10 +527,15 @@ impl<R: StepRunner> Loop<R> {
                 chunk_starts: budget::balanced_starts(&a.shards, n),
                 sample: end == a.req.prompt.len(),
                 next_token: a.req.prompt.get(end).copied(),
+                snapshot: snapshot.map(|(id, _)| id),
             });
-            prefills.push(PrefillRef { seq: a.seq, tokens: n });
+            prefills.push(PrefillRef { seq: a.seq, tokens: n, snapshot });
         }
-        let empty = plan.add.is_empty() && plan.free.is_empty() && plan.prefill.is_empty() && plan.decode.is_empty();
+        let empty = plan.add.is_empty()
+            && plan.free.is_empty()
+            && plan.prefill.is_empty()
+            && plan.decode.is_empty()
+            && plan.drop_snapshots.is_empty();
         (!empty).then_some((plan, prefills))
     }
 
@@ -411,6 +546,7 @@ impl<R: StepRunner> Loop<R> {
     /// Hands each sequence its step's results: progress, tokens, or its end.
     fn apply(&mut self, plan: &Plan, prefills: &[PrefillRef], results: Vec<Vec<SeqResult>>) {
         let tokenizer = self.tokenizer.clone();
+        let cap_block = self.shared.capacity.block_tokens;
         let mut ranks = results.into_iter();
         let rank0 = ranks.next().unwrap_or_default();
         let others: Vec<Vec<SeqResult>> = ranks.collect();
@@ -428,7 +564,15 @@ impl<R: StepRunner> Loop<R> {
                 }
             }
             let end = match prefills.iter().find(|p| p.seq == r.seq) {
-                Some(p) => a.prefill_done(&tokenizer, p.tokens, &r.prompt_logprobs, r.sampled),
+                Some(p) => {
+                    if let (Some((id, pos)), Some(cache)) = (p.snapshot, self.prefix.as_mut()) {
+                        let hash = a.hashes[pos / cap_block - 1];
+                        cache.insert(id, pos, hash, a.shards.clone(), a.head);
+                        a.head = Some(id);
+                        a.made.push(id);
+                    }
+                    a.prefill_done(&tokenizer, p.tokens, &r.prompt_logprobs, r.sampled)
+                }
                 None => match r.sampled {
                     Some(s) => a.token(&tokenizer, s),
                     None => Some(End::Error(Status::internal("the group sampled no token for a decode step"))),
@@ -456,6 +600,9 @@ impl<R: StepRunner> Loop<R> {
         let a = self.active.swap_remove(i);
         a.finish(&end);
         self.reserved -= a.blocks;
+        if let Some(p) = &mut self.prefix {
+            p.sequence_ended(a.head, &a.made);
+        }
         if a.added {
             self.to_free.push(a.seq);
         }
@@ -481,6 +628,11 @@ impl<R: StepRunner> Loop<R> {
             .collect();
         // The frees of the plan were applied before the step failed, but freeing is idempotent.
         self.to_free.extend(&plan.free);
+        // Likewise the snapshot drops (ids are never reused); snapshots the step was to take
+        // may exist on some ranks, so they are dropped too.
+        if let Some(p) = &mut self.prefix {
+            p.discard(plan.prefill.iter().filter_map(|w| w.snapshot).chain(plan.drop_snapshots.iter().copied()));
+        }
         for seq in seqs {
             if let Some(i) = self.index(seq) {
                 self.end(i, End::Error(Status::internal(message.clone())));

@@ -7,10 +7,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 use yoco_proto::v1 as pb;
 use yoco_proto::v1::generate_response::Event;
-use yoco_worker::engine::SeqId;
+use yoco_worker::engine::{SeqId, SnapshotId};
 use yoco_worker::executor::Sampled;
 use yoco_worker::tokenizer::Tokenizer;
 
+use super::prefix::Hash;
 use crate::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 use crate::metrics::METRICS;
 use crate::request::GenRequest;
@@ -27,6 +28,14 @@ pub struct Active {
     /// The sequence exists on the workers.
     pub added: bool,
     pub prefilled: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached: usize,
+    /// Chained hashes of the prompt's full blocks (prefix cache on).
+    pub hashes: Vec<Hash>,
+    /// The snapshot this sequence resumed from or took last (it pins it).
+    pub head: Option<SnapshotId>,
+    /// Snapshots this sequence took.
+    pub made: Vec<SnapshotId>,
     /// Each rank's rows of the sequence's global cache.
     pub shards: Vec<usize>,
     /// The token to feed back in the next decode step.
@@ -51,7 +60,7 @@ pub enum End {
 }
 
 impl Active {
-    pub fn new(seq: SeqId, req: GenRequest, tx: EventSender, blocks: usize, world: usize) -> Self {
+    pub fn new(seq: SeqId, req: GenRequest, tx: EventSender, blocks: usize, world: usize, hashes: Vec<Hash>) -> Self {
         let stop = StopMatcher::new(req.stop.clone());
         Active {
             seq,
@@ -60,6 +69,10 @@ impl Active {
             blocks,
             added: false,
             prefilled: 0,
+            cached: 0,
+            hashes,
+            head: None,
+            made: Vec::new(),
             shards: vec![0; world],
             next: None,
             generated: 0,
@@ -70,6 +83,14 @@ impl Active {
             first_token: None,
             last_token: None,
         }
+    }
+
+    /// Starts from snapshot `snap` of the prompt's first `pos` tokens (shards: each rank's rows).
+    pub fn resume_from(&mut self, snap: SnapshotId, pos: usize, shards: Vec<usize>) {
+        self.head = Some(snap);
+        self.cached = pos;
+        self.prefilled = pos;
+        self.shards = shards;
     }
 
     pub fn remaining_prompt(&self) -> usize {
@@ -233,6 +254,7 @@ impl Active {
             usage: Some(pb::Usage {
                 prompt_tokens: self.req.prompt.len() as u64,
                 completion_tokens: self.generated as u64,
+                cached_prompt_tokens: self.cached as u64,
             }),
             timing: Some(timing),
             seed: self.req.sampling.seed,

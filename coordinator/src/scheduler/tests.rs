@@ -21,9 +21,14 @@ use crate::request::GenRequest;
 
 const BLOCK: usize = 16;
 
-fn model() -> Arc<Model> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/gret");
+/// A golden-test fixture model: `gret` (gated retention) or `swa` (sliding window).
+pub(super) fn fixture(name: &str) -> Arc<Model> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures").join(name);
     Arc::new(Model::load(&dir).unwrap())
+}
+
+fn model() -> Arc<Model> {
+    fixture("gret")
 }
 
 /// One in-process rank; fails every step from `fail_from` on (a lost group).
@@ -49,15 +54,23 @@ impl StepRunner for InProcess {
     }
 }
 
-struct Setup {
-    model: Arc<Model>,
-    exec: Arc<Mutex<Executor>>,
-    scheduler: Scheduler,
-    task: tokio::task::JoinHandle<()>,
+pub(super) struct Setup {
+    pub model: Arc<Model>,
+    pub exec: Arc<Mutex<Executor>>,
+    pub scheduler: Scheduler,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 fn start(config: SchedulerConfig, cache_blocks: usize, fail_from: Option<usize>) -> Setup {
-    let model = model();
+    start_model(model(), config, cache_blocks, fail_from)
+}
+
+pub(super) fn start_model(
+    model: Arc<Model>,
+    config: SchedulerConfig,
+    cache_blocks: usize,
+    fail_from: Option<usize>,
+) -> Setup {
     let kv = model.cfg.kv_dim();
     let opts = EngineOptions { block_tokens: BLOCK, cache_budget_bytes: cache_blocks * 2 * BLOCK * kv * 4 };
     let exec = Arc::new(Mutex::new(Executor::new(Engine::new(model.clone(), &opts))));
@@ -67,11 +80,11 @@ fn start(config: SchedulerConfig, cache_blocks: usize, fail_from: Option<usize>)
     Setup { model, exec, scheduler, task }
 }
 
-fn prompt(n: usize, salt: usize) -> Vec<u32> {
+pub(super) fn prompt(n: usize, salt: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 31 + salt * 7 + 3) % 90) as u32).collect()
 }
 
-fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenRequest {
+pub(super) fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenRequest {
     GenRequest {
         id: "t".into(),
         prompt,
@@ -87,20 +100,20 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
 }
 
 #[derive(Debug, Default)]
-struct Outcome {
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
+pub(super) struct Outcome {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
     text: String,
     progress: Vec<u64>,
-    finished: Option<pb::Finished>,
-    error: Option<tonic::Status>,
+    pub finished: Option<pb::Finished>,
+    pub error: Option<tonic::Status>,
     /// When the first token came.
     first_token: Option<Instant>,
     /// When the prefill progress last said a step ended.
     last_progress: Option<Instant>,
 }
 
-async fn collect(mut rx: EventStream) -> Outcome {
+pub(super) async fn collect(mut rx: EventStream) -> Outcome {
     let mut o = Outcome::default();
     while let Some(item) = rx.recv().await {
         match item {
@@ -128,21 +141,27 @@ fn reason(o: &Outcome) -> pb::FinishReason {
 
 /// The request alone on a fresh engine, through the plain driver.
 fn alone(model: &Arc<Model>, req: &GenRequest) -> Vec<u32> {
+    alone_generation(model, req).tokens
+}
+
+/// The same, with the log-probabilities (prompt ones too when the request asks).
+pub(super) fn alone_generation(model: &Arc<Model>, req: &GenRequest) -> yoco_worker::generate::Generation {
     let mut exec = Executor::new(Engine::new(model.clone(), &EngineOptions::default()));
     let params = GenerateParams {
         max_tokens: req.max_tokens,
         sampling: req.sampling.clone(),
         stop_token_ids: req.stop_token_ids.clone(),
+        prompt_logprobs: req.prompt_logprobs,
         ..GenerateParams::default()
     };
-    generate(&mut exec, 1, &req.prompt, &params, &mut |_| {}).unwrap().tokens
+    generate(&mut exec, 1, &req.prompt, &params, &mut |_| {}).unwrap()
 }
 
-fn sequences(s: &Setup) -> usize {
+pub(super) fn sequences(s: &Setup) -> usize {
     s.exec.lock().unwrap().engine().sequences()
 }
 
-async fn wait_until(mut f: impl FnMut() -> bool) {
+pub(super) async fn wait_until(mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < Duration::from_secs(30), "condition not reached");
@@ -183,7 +202,9 @@ async fn concurrent_requests_get_the_tokens_each_gets_alone() {
     s.task.await.unwrap();
 }
 
-async fn futures_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+pub(super) async fn futures_all<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -233,6 +254,9 @@ async fn a_dropped_stream_frees_its_sequence() {
     assert!(s.exec.lock().unwrap().engine().pool().used_blocks() > 0);
     drop(rx);
     wait_until(|| sequences(&s) == 0).await;
+    // What is left is the prefix cache's snapshot of the prompt; flushed, nothing is held.
+    assert_eq!(s.scheduler.flush_prefix_cache().await.unwrap(), (1, 0));
+    wait_until(|| s.exec.lock().unwrap().engine().snapshot_usage().0 == 0).await;
     assert_eq!(s.exec.lock().unwrap().engine().pool().used_blocks(), 0);
     assert_eq!(s.scheduler.load(), (0, 0));
 }

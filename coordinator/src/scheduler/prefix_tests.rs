@@ -1,0 +1,160 @@
+//! The prefix cache through the scheduler and a real engine: a request resumed from a snapshot
+//! gives the tokens and log-probabilities it gives without the cache (greedy, seeded sampling,
+//! penalties; both mixers), and a small cache budget evicts snapshots instead of refusing or
+//! overcommitting. Chunk boundaries differ between the cached and the fresh run, so
+//! log-probabilities agree to f32 rounding (1e-4 absolute), tokens exactly.
+
+use std::sync::Arc;
+
+use yoco_worker::model::Model;
+use yoco_worker::sampling::SamplingParams;
+
+use super::tests::{
+    alone_generation, collect, fixture, futures_all, prompt, request, sequences, start_model, wait_until, Outcome,
+};
+use super::*;
+use crate::request::GenRequest;
+
+const TOL: f32 = 1e-4;
+
+fn config(enabled: bool) -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch_tokens: 256,
+        prefill_chunk: 64,
+        prefix: PrefixConfig { enabled, snapshot_interval: 32, ..PrefixConfig::default() },
+        ..SchedulerConfig::default()
+    }
+}
+
+fn cached(o: &Outcome) -> u64 {
+    o.finished.as_ref().expect("finished").usage.expect("usage").cached_prompt_tokens
+}
+
+fn assert_same(model: &Arc<Model>, req: &GenRequest, o: &Outcome, what: &str) {
+    assert!(o.error.is_none(), "{what}: {:?}", o.error);
+    let want = alone_generation(model, req);
+    assert_eq!(o.tokens, want.tokens, "{what}: tokens");
+    assert_eq!(o.logprobs.len(), want.logprobs.len(), "{what}");
+    for (i, (a, b)) in o.logprobs.iter().zip(&want.logprobs).enumerate() {
+        assert!((a - b).abs() <= TOL, "{what}: logprob {i}: {a} vs {b}");
+    }
+}
+
+fn join(a: &[u32], b: &[u32]) -> Vec<u32> {
+    a.iter().chain(b).copied().collect()
+}
+
+async fn cached_requests_match_fresh_ones(mixer: &str) {
+    let model = fixture(mixer);
+    let s = start_model(model.clone(), config(true), 1000, None);
+    let base = prompt(100, 1);
+    let greedy = SamplingParams::default();
+    let seeded = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 5, ..SamplingParams::default() };
+    let penalised = SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.5, ..SamplingParams::default() };
+    // (what, request, the prompt tokens it should resume at). Snapshots come every 32 tokens and
+    // at a prompt's last block boundary before its last token.
+    let cases: Vec<(&str, GenRequest, u64)> = vec![
+        ("first", request(base.clone(), 6, greedy.clone()), 0),
+        ("exact repeat", request(base.clone(), 6, greedy.clone()), 96),
+        ("seeded repeat", request(base.clone(), 6, seeded), 96),
+        ("penalties on a repeat", request(base.clone(), 6, penalised), 96),
+        // Shares 70 tokens: the match ends inside block 4, the snapshot at 64 is used.
+        ("shared prefix, match inside a block", request(join(&base[..70], &prompt(30, 9)), 6, greedy.clone()), 64),
+        // Shares 50: blocks 0-2 match, but the latest snapshot in them is at 32.
+        ("match past the last snapshot", request(join(&base[..50], &prompt(20, 8)), 6, greedy.clone()), 32),
+        ("longer prompt", request(join(&base, &prompt(60, 7)), 6, greedy.clone()), 96),
+        ("its repeat", request(join(&base, &prompt(60, 7)), 6, greedy.clone()), 144),
+        ("unrelated", request(prompt(40, 3), 6, greedy.clone()), 0),
+    ];
+    for (what, req, want_cached) in &cases {
+        let o = collect(s.scheduler.submit(req.clone()).unwrap()).await;
+        assert_same(&model, req, &o, &format!("{mixer}: {what}"));
+        assert_eq!(cached(&o), *want_cached, "{mixer}: {what}: cached prompt tokens");
+    }
+    // Prompt log-probabilities need every position's logits: never resumed, and the same.
+    let mut req = request(base.clone(), 3, SamplingParams::default());
+    req.prompt_logprobs = true;
+    let mut rx = s.scheduler.submit(req.clone()).unwrap();
+    let mut plps = Vec::new();
+    let mut o = Outcome::default();
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(Event::PromptLogprobs(p)) => plps.extend(p.logprobs),
+            Ok(Event::Tokens(c)) => {
+                o.tokens.extend(c.tokens.iter().map(|t| t.id));
+                o.logprobs.extend(c.tokens.iter().map(|t| t.logprob));
+            }
+            Ok(Event::Finished(f)) => o.finished = Some(f),
+            Ok(_) => {}
+            Err(e) => o.error = Some(e),
+        }
+    }
+    assert_same(&model, &req, &o, "prompt logprobs");
+    assert_eq!(cached(&o), 0);
+    let want: Vec<f32> = alone_generation(&model, &req).prompt_logprobs.unwrap().into_iter().flatten().collect();
+    assert_eq!(plps.len(), want.len());
+    assert!(plps.iter().zip(&want).all(|(a, b)| (a - b).abs() <= TOL));
+
+    // The cache on is the cache off, request for request.
+    let off = start_model(model.clone(), config(false), 1000, None);
+    for (what, req, _) in &cases {
+        let o = collect(off.scheduler.submit(req.clone()).unwrap()).await;
+        assert_eq!(cached(&o), 0, "{what}: the cache is off");
+        assert_same(&model, req, &o, &format!("{mixer}, cache off: {what}"));
+    }
+    assert_eq!(off.exec.lock().unwrap().engine().snapshot_usage().0, 0, "the cache off takes no snapshots");
+
+    // Flushed, the workers hold nothing and the next repeat prefills from the start.
+    wait_until(|| sequences(&s) == 0).await;
+    let (dropped, in_use) = s.scheduler.flush_prefix_cache().await.unwrap();
+    assert!(dropped > 0 && in_use == 0, "{dropped} {in_use}");
+    wait_until(|| s.exec.lock().unwrap().engine().snapshot_usage().0 == 0).await;
+    assert_eq!(s.exec.lock().unwrap().engine().pool().used_blocks(), 0);
+    let o = collect(s.scheduler.submit(cases[0].1.clone()).unwrap()).await;
+    assert_eq!(cached(&o), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_requests_match_fresh_ones_gated_retention() {
+    cached_requests_match_fresh_ones("gret").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_requests_match_fresh_ones_sliding_window() {
+    cached_requests_match_fresh_ones("swa").await;
+}
+
+/// 30 blocks of 16 tokens hold three requests at a time but not the snapshots of all: old ones
+/// are evicted while requests run, every request gets its own answer, none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_budget_evicts_and_every_answer_stays_right() {
+    let model = fixture("gret");
+    let s = start_model(model.clone(), config(true), 30, None);
+    let families: Vec<Vec<u32>> = (0..4).map(|f| prompt(90, 20 + f)).collect();
+    let reqs: Vec<GenRequest> = (0..16)
+        .map(|i| {
+            let tail = prompt(5 + (i * 7) % 40, 40 + i);
+            request(join(&families[i % 4], &tail), 8, SamplingParams::default())
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    // Two waves: the second finds some of the first's snapshots, and evicts others.
+    for wave in reqs.chunks(8) {
+        let streams: Vec<_> = wave.iter().map(|r| s.scheduler.submit(r.clone()).unwrap()).collect();
+        outcomes.extend(futures_all(streams.into_iter().map(collect)).await);
+    }
+    for (i, (r, o)) in reqs.iter().zip(&outcomes).enumerate() {
+        assert_same(&model, r, o, &format!("request {i}"));
+    }
+    assert!(outcomes.iter().any(|o| cached(o) > 0), "some request found a cached prefix");
+    let exec = s.exec.clone();
+    wait_until(|| sequences(&s) == 0).await;
+    let stats = s.scheduler.prefix_stats().unwrap();
+    assert!(stats.blocks <= 30, "{stats:?}");
+    // Made: at 32, 64 and 80 or more for each request; held: what 30 blocks allow.
+    let held = exec.lock().unwrap().engine().snapshot_usage().0;
+    assert!(held < 16 * 3, "snapshots were evicted: {held} held");
+    assert!(exec.lock().unwrap().engine().pool().used_blocks() <= 30);
+    s.scheduler.flush_prefix_cache().await.unwrap();
+    wait_until(|| exec.lock().unwrap().engine().pool().used_blocks() == 0).await;
+}
