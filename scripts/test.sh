@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, then all tests in release mode (the engine tests are
-# slow unoptimised). Needs the Rust toolchain with rustfmt and clippy, and Python 3 for the
-# grpcio client example (installed with apt-get when missing and allowed); the golden fixtures
-# are committed.
+# slow unoptimised). Needs the Rust toolchain with rustfmt and clippy; installs with apt-get what
+# is missing: Python 3's venv for the grpcio client example, and etcd-server for the membership
+# tests. The golden fixtures are committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +12,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # that forming an NCCL group without a GPU is a clean error on every rank.
 cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
 bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
-cargo test -p yoco-worker --features cuda --lib --locked comm::
+# (In release mode, so that it shares the dependencies of the release build below.)
+cargo test -p yoco-worker --features cuda --lib --release --locked comm::
+# The membership tests run a real etcd server: Debian's etcd-server.
+if ! command -v etcd >/dev/null 2>&1 && [ -z "${YOCO_TEST_ETCD:-}" ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+fi
 # The Python client example (examples/python) is tested against a real server, with grpcio in
 # a virtual environment of its own.
 if ! cmp -s examples/python/requirements.txt target/pyenv/requirements.txt; then

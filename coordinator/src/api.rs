@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_stream::{Stream, StreamExt};
@@ -12,28 +12,19 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_server::Generation;
 use yoco_worker::tokenizer::Tokenizer;
 
-use crate::group::GroupHandle;
-use crate::request::{prompt_tokens, validate, Limits};
-use crate::scheduler::Scheduler;
+use crate::request::{prompt_tokens, validate};
+use crate::router::{Ready, Router};
 
 /// Largest request or response message of the public API: a million-token prompt as text or
 /// ids is a few MB.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// What exists once the worker group has formed.
-pub struct Ready {
-    pub scheduler: Scheduler,
-    pub group: GroupHandle,
-    pub limits: Limits,
-    pub cache_bytes_per_token: usize,
-}
-
-/// The front both APIs (gRPC and HTTP) share: tokenizer, the group once formed, request ids.
+/// The front both APIs (gRPC and HTTP) share: tokenizer, the serving groups, request ids.
 #[derive(Clone)]
 pub struct Api {
     tokenizer: Arc<Tokenizer>,
     chat: Arc<Option<crate::chat::ChatTemplate>>,
-    ready: Arc<OnceLock<Ready>>,
+    router: Arc<Router>,
     next_id: Arc<AtomicU64>,
     /// Log each request's prompt (off: logs carry ids and lengths, never text).
     log_prompts: bool,
@@ -44,15 +35,15 @@ impl Api {
         Api {
             tokenizer,
             chat: Arc::new(chat),
-            ready: Arc::new(OnceLock::new()),
+            router: Arc::new(Router::default()),
             next_id: Arc::new(AtomicU64::new(1)),
             log_prompts: false,
         }
     }
 
-    /// Where the server puts the group once it has formed.
-    pub fn ready_slot(&self) -> Arc<OnceLock<Ready>> {
-        self.ready.clone()
+    /// Where the server puts the groups as they form (and takes them out as they go).
+    pub fn router(&self) -> Arc<Router> {
+        self.router.clone()
     }
 
     /// Logs every request's prompt (text or ids) at info level.
@@ -77,7 +68,7 @@ impl Api {
         arrived: Instant,
         deadline: Option<Instant>,
     ) -> Result<(String, crate::scheduler::EventStream), Status> {
-        let ready = self.ready()?;
+        let ready = self.router.route().ok_or_else(no_group)?;
         let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
         if self.log_prompts {
             match &req.prompt {
@@ -96,21 +87,48 @@ impl Api {
         .await
         .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
         let id = gen.id.clone();
-        tracing::info!(request = %id, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens, "request");
+        tracing::info!(
+            request = %id, group = %ready.name, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens,
+            "request"
+        );
         Ok((id, ready.scheduler.submit(gen)?))
     }
 
-    pub fn ready(&self) -> Result<&Ready, Status> {
-        let ready = self
-            .ready
-            .get()
-            .ok_or_else(|| Status::unavailable("the server is starting: the worker group is forming"))?;
-        Ok(ready)
+    /// The group the next request would go to.
+    pub fn ready(&self) -> Result<Arc<Ready>, Status> {
+        self.router.pick().ok_or_else(no_group)
+    }
+
+    /// Drops every group's cached prefixes; the snapshots dropped now and still in use.
+    pub async fn flush_prefix_cache(&self) -> Result<(usize, usize), Status> {
+        let (mut dropped, mut in_use) = (0, 0);
+        for g in self.router.all() {
+            let (d, u) = g.scheduler.flush_prefix_cache().await?;
+            (dropped, in_use) = (dropped + d, in_use + u);
+        }
+        Ok((dropped, in_use))
     }
 
     fn fresh_id(&self) -> String {
         format!("gen-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
+}
+
+fn group_status(g: &Ready) -> pb::GroupStatus {
+    let (running, waiting) = g.scheduler.load();
+    pb::GroupStatus {
+        name: g.name.clone(),
+        world: g.group.ranks.len() as u32,
+        accepting: g.scheduler.accepting(),
+        running: running as u32,
+        waiting: waiting as u32,
+        routed: g.routed.load(Ordering::Relaxed),
+        addresses: g.group.ranks.iter().map(|r| r.address.clone()).collect(),
+    }
+}
+
+fn no_group() -> Status {
+    Status::unavailable("the server is starting: no worker group has formed yet, or none is serving")
 }
 
 /// The deadline a client set with the standard `grpc-timeout` header (`<digits><unit>`).
@@ -211,6 +229,7 @@ impl Generation for Api {
             prefix_cache: prefix.is_some(),
             prefix_cache_snapshots: prefix.map_or(0, |p| p.snapshots as u32),
             prefix_cache_blocks: prefix.map_or(0, |p| p.blocks as u64),
+            groups: self.router.all().iter().map(|g| group_status(g)).collect(),
         }))
     }
 
@@ -218,7 +237,7 @@ impl Generation for Api {
         &self,
         _: Request<pb::FlushPrefixCacheRequest>,
     ) -> Result<Response<pb::FlushPrefixCacheResponse>, Status> {
-        let (dropped, in_use) = self.ready()?.scheduler.flush_prefix_cache().await?;
+        let (dropped, in_use) = self.flush_prefix_cache().await?;
         Ok(Response::new(pb::FlushPrefixCacheResponse { dropped: dropped as u32, in_use: in_use as u32 }))
     }
 }

@@ -30,6 +30,8 @@ enum Command {
     Info,
     /// Drop every cached prompt prefix (JSON: snapshots dropped now, and still in use).
     FlushPrefixCache,
+    /// Benchmark: one long document, then questions about it (time to first token of each).
+    BenchPrefix(crate::bench_prefix::Args),
 }
 
 #[derive(clap::Args)]
@@ -100,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let r = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.map_err(status)?.into_inner();
                 println!("{}", json!({"dropped": r.dropped, "in_use": r.in_use}));
             }
+            Command::BenchPrefix(b) => crate::bench_prefix::run(&mut client, b).await?,
             Command::Generate(g) => generate(&mut client, *g).await?,
         }
         Ok(())
@@ -134,6 +137,10 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
         "prefix_cache": i.prefix_cache,
         "prefix_cache_snapshots": i.prefix_cache_snapshots,
         "prefix_cache_blocks": i.prefix_cache_blocks,
+        "groups": i.groups.iter().map(|g| json!({
+            "name": g.name, "world": g.world, "accepting": g.accepting, "running": g.running,
+            "waiting": g.waiting, "routed": g.routed, "addresses": g.addresses,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -64,6 +64,8 @@ pub struct WorkerGroup {
     config_json: String,
     transport: String,
     step_id: u64,
+    /// For errors: `local`, or the group's name in etcd.
+    name: String,
 }
 
 /// How the coordinator reaches a group's ranks outside of steps (Info answers at once, even
@@ -117,6 +119,8 @@ impl WorkerGroup {
                 .args(["worker", "--exit-on-stdin-close", "--model"])
                 .arg(model_dir)
                 .env("YOCO_THREADS", std::env::var("YOCO_WORKER_THREADS").unwrap_or_else(|_| "1".into()))
+                // Local workers belong to this process alone, not to a cluster in etcd.
+                .env_remove("YOCO_ETCD")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -144,15 +148,24 @@ impl WorkerGroup {
     }
 
     /// Forms a group of workers that run elsewhere (`yoco worker` processes), given their gRPC
-    /// addresses in rank order. Each loads the model directory it was started with, unless
-    /// `model_dir` names one (as the workers see it).
-    pub async fn connect(addrs: &[String], model_dir: Option<&str>, opts: &GroupOptions) -> anyhow::Result<Self> {
+    /// addresses in rank order, and their collective addresses if known (else each reports its
+    /// own). Each loads the model directory it was started with, unless `model_dir` names one
+    /// (as the workers see it).
+    pub async fn connect(
+        addrs: &[String],
+        collective_addrs: Option<&[String]>,
+        model_dir: Option<&str>,
+        opts: &GroupOptions,
+    ) -> anyhow::Result<Self> {
         let mut clients = Vec::new();
         let mut collective = Vec::new();
         for (rank, addr) in addrs.iter().enumerate() {
             let mut c = client(addr, rank).await?;
             let info = c.info(pb::InfoRequest {}).await.map_err(|s| anyhow!("worker {addr}: {}", s.message()))?;
-            let collective_addr = info.into_inner().collective_addr;
+            let collective_addr = match collective_addrs.and_then(|a| a.get(rank)) {
+                Some(a) => a.clone(),
+                None => info.into_inner().collective_addr,
+            };
             if collective_addr.is_empty() {
                 bail!("worker {addr} did not report its collective address");
             }
@@ -217,11 +230,18 @@ impl WorkerGroup {
             config_json,
             transport: if opts.transport.is_empty() { "tcp".into() } else { opts.transport.clone() },
             step_id: 0,
+            name: "local".into(),
         })
     }
 
     pub fn world(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Names the group in its errors.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
     }
 
     pub fn handle(&self) -> GroupHandle {
@@ -254,7 +274,8 @@ impl WorkerGroup {
             let fatal = failed.len() != self.world() || failed.iter().any(|(_, s)| !refused(s));
             let detail: Vec<String> =
                 failed.iter().map(|(rank, s)| format!("rank {rank}: {} ({:?})", s.message(), s.code())).collect();
-            return Err(StepError { fatal, message: format!("worker group step failed: {}", detail.join("; ")) });
+            let message = format!("worker group {} step failed: {}", self.name, detail.join("; "));
+            return Err(StepError { fatal, message });
         }
         let replies: Vec<pb::StepResponse> = replies.into_iter().map(|r| r.expect("checked").into_inner()).collect();
         // The slowest rank's time in collectives is the group's.

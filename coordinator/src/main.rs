@@ -2,17 +2,21 @@
 
 mod api;
 mod bench;
+mod bench_prefix;
 mod chat;
 mod client;
+mod cluster;
 mod default_model;
 mod detok;
 mod generate;
 mod group;
 mod init_model;
+mod membership;
 mod metrics;
 mod openai;
 mod prompt_args;
 mod request;
+mod router;
 mod scheduler;
 mod serve;
 mod worker_cmd;

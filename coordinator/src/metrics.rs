@@ -77,11 +77,13 @@ impl Metrics {
         registry.register(Box::new(step_seconds.clone()))?;
         let cache_usage = prometheus::GaugeVec::new(
             Opts::new("yoco:cache_usage_perc", "Fraction of a rank's global KV cache in use"),
-            &["rank"],
+            &["group", "rank"],
         )?;
         registry.register(Box::new(cache_usage.clone()))?;
-        let group_cache_usage =
-            prometheus::Gauge::new("yoco:kv_cache_usage_perc", "Fraction of the group's global KV cache in use")?;
+        let group_cache_usage = prometheus::Gauge::new(
+            "yoco:kv_cache_usage_perc",
+            "Fraction of the serving groups' global KV cache in use",
+        )?;
         registry.register(Box::new(group_cache_usage.clone()))?;
         Ok(Metrics {
             time_to_first_token: hist("yoco:time_to_first_token_seconds", "Time from arrival to the first token")?,
@@ -99,8 +101,16 @@ impl Metrics {
                 "yoco:collective_seconds",
                 "Time per step in collectives on the slowest rank (waiting for peers included)",
             )?,
-            cache_used_bytes: gauge_vec("yoco:cache_used_bytes", "Global KV cache bytes in use on a rank", &["rank"])?,
-            cache_capacity_bytes: gauge_vec("yoco:cache_capacity_bytes", "Global KV cache bytes of a rank", &["rank"])?,
+            cache_used_bytes: gauge_vec(
+                "yoco:cache_used_bytes",
+                "Global KV cache bytes in use on a rank",
+                &["group", "rank"],
+            )?,
+            cache_capacity_bytes: gauge_vec(
+                "yoco:cache_capacity_bytes",
+                "Global KV cache bytes of a rank",
+                &["group", "rank"],
+            )?,
             cache_usage,
             group_cache_usage,
             prefill_progress: gauge_vec(
@@ -122,10 +132,13 @@ impl Metrics {
                 "Prompt tokens served from the prefix cache instead of prefilled",
             )?,
             prefix_cache_evictions: counter("yoco:prefix_cache_evictions_total", "Prefix-cache snapshots evicted")?,
-            prefix_cache_snapshots: gauge("yoco:prefix_cache_snapshots", "Prefix-cache snapshots held by the group")?,
+            prefix_cache_snapshots: gauge(
+                "yoco:prefix_cache_snapshots",
+                "Prefix-cache snapshots held by the serving groups",
+            )?,
             prefix_cache_blocks: gauge(
                 "yoco:prefix_cache_blocks",
-                "Global-cache blocks per rank booked for prefix-cache snapshots (states included)",
+                "Global-cache blocks per rank booked for prefix-cache snapshots (states included), summed over groups",
             )?,
             registry,
         })

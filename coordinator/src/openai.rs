@@ -47,7 +47,7 @@ fn usage_json(u: &pb::Usage) -> Value {
 
 /// vLLM's admin call of the same name: drops every cached prompt prefix.
 async fn reset_prefix_cache(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
-    let (dropped, in_use) = api.ready()?.scheduler.flush_prefix_cache().await?;
+    let (dropped, in_use) = api.flush_prefix_cache().await?;
     Ok(Json(json!({"dropped": dropped, "in_use": in_use})))
 }
 
@@ -138,21 +138,25 @@ async fn ready(State(api): State<Api>) -> Response {
 /// Prometheus text; the per-rank cache gauges are read from the workers at scrape time.
 async fn metrics(State(api): State<Api>) -> Response {
     use crate::metrics::METRICS;
-    if let Ok(ready) = api.ready() {
-        if let Ok(infos) = ready.group.info().await {
-            let (mut used, mut cap) = (0u64, 0u64);
-            for info in &infos {
-                let rank = info.rank.to_string();
-                METRICS.cache_used_bytes.with_label_values(&[&rank]).set(info.cache_used_bytes as i64);
-                METRICS.cache_capacity_bytes.with_label_values(&[&rank]).set(info.cache_budget_bytes as i64);
-                let frac = info.cache_used_bytes as f64 / info.cache_budget_bytes.max(1) as f64;
-                METRICS.cache_usage.with_label_values(&[&rank]).set(frac);
-                used += info.cache_used_bytes;
-                cap += info.cache_budget_bytes;
-            }
-            METRICS.group_cache_usage.set(used as f64 / cap.max(1) as f64);
+    let (mut used, mut cap, mut snapshots, mut blocks) = (0u64, 0u64, 0, 0);
+    for ready in api.router().all() {
+        if let Some(p) = ready.scheduler.prefix_stats() {
+            (snapshots, blocks) = (snapshots + p.snapshots, blocks + p.blocks);
+        }
+        let Ok(infos) = ready.group.info().await else { continue };
+        for info in &infos {
+            let labels = [ready.name.as_str(), &info.rank.to_string()];
+            METRICS.cache_used_bytes.with_label_values(&labels).set(info.cache_used_bytes as i64);
+            METRICS.cache_capacity_bytes.with_label_values(&labels).set(info.cache_budget_bytes as i64);
+            let frac = info.cache_used_bytes as f64 / info.cache_budget_bytes.max(1) as f64;
+            METRICS.cache_usage.with_label_values(&labels).set(frac);
+            used += info.cache_used_bytes;
+            cap += info.cache_budget_bytes;
         }
     }
+    METRICS.group_cache_usage.set(used as f64 / cap.max(1) as f64);
+    METRICS.prefix_cache_snapshots.set(snapshots as i64);
+    METRICS.prefix_cache_blocks.set(blocks as i64);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()).into_response()
 }
 

@@ -5,11 +5,15 @@
 //! The server listens at once and answers health with NOT_SERVING while the worker group forms,
 //! SERVING when it can generate, and NOT_SERVING again while draining or after the group failed.
 //! On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish within the drain
-//! timeout (then cancels them), and exits 0. If the group fails, every request ends with an
-//! error and the process exits non-zero, so that a supervisor restarts it.
+//! timeout (then cancels them), and exits 0. A static group (`serve`, `coordinator --worker`)
+//! that fails ends every request with an error and the process exits non-zero, so that a
+//! supervisor restarts it; with `--etcd` (see [`crate::cluster`]) groups come and go while the
+//! coordinator keeps serving with the others.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,10 +23,14 @@ use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
 use yoco_worker::tokenizer::Tokenizer;
 
-use crate::api::{Api, Ready, MAX_MESSAGE_BYTES};
+use crate::api::{Api, MAX_MESSAGE_BYTES};
 use crate::chat::ChatTemplate;
+use crate::cluster::ClusterConfig;
 use crate::group::{GroupOptions, WorkerGroup};
+use crate::membership::etcd::EtcdConfig;
+use crate::membership::Keys;
 use crate::request::Limits;
+use crate::router::Ready;
 use crate::scheduler::prefix::model_seed;
 use crate::scheduler::{Capacity, PrefixConfig, Scheduler, SchedulerConfig};
 
@@ -87,8 +95,25 @@ pub struct ServeArgs {
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
     /// gRPC address of each worker (`yoco worker`), in rank order; repeat or comma-separate.
-    #[arg(long = "worker", env = "YOCO_WORKER_ADDRS", value_delimiter = ',', required = true)]
+    /// Without `--etcd`, these are the one static group.
+    #[arg(
+        long = "worker",
+        env = "YOCO_WORKER_ADDRS",
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     workers: Vec<String>,
+    /// etcd endpoints (comma-separated): the worker groups come from membership there, several
+    /// groups serve as replicas, and lost ranks take their group out of service.
+    #[arg(long, env = "YOCO_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name: the keys live under `/yoco/<cluster>/`.
+    #[arg(long, default_value = "default", env = "YOCO_CLUSTER")]
+    cluster: String,
+    /// Seconds this coordinator's etcd lease (its group ownership) outlives its last renewal.
+    #[arg(long, default_value_t = 10, env = "YOCO_LEASE_TTL")]
+    lease_ttl: u64,
     /// Directory with the model's tokenizer.json and tokenizer_config.json (chat template), if
     /// it has them (default: cl100k_base, no chat template).
     #[arg(long, env = "YOCO_TOKENIZER_DIR")]
@@ -101,6 +126,14 @@ pub struct CoordinatorArgs {
     server: ServerArgs,
 }
 
+/// Where the worker groups come from.
+enum Groups {
+    /// One group, formed once; if it fails the process exits non-zero.
+    Static(Pin<Box<dyn Future<Output = anyhow::Result<WorkerGroup>> + Send>>),
+    /// Every group registered in etcd, formed and re-formed as membership changes.
+    Etcd(Box<ClusterConfig>),
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
@@ -110,9 +143,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let chat = ChatTemplate::for_model_dir(&dir)?;
     let opts = group_options(&args.server);
     let workers = args.workers;
-    runtime()?.block_on(run(args.server, tokenizer, chat, async move {
-        WorkerGroup::spawn_local(workers, &dir, &opts).await
-    }))
+    let form = Box::pin(async move { WorkerGroup::spawn_local(workers, &dir, &opts).await });
+    runtime()?.block_on(run(args.server, tokenizer, chat, Groups::Static(form)))
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -126,9 +158,69 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     let opts = group_options(&args.server);
     let (workers, model) = (args.workers.clone(), args.worker_model.clone());
-    runtime()?.block_on(run(args.server, tokenizer, chat, async move {
-        WorkerGroup::connect(&workers, model.as_deref(), &opts).await
-    }))
+    let groups = if args.etcd.is_empty() {
+        Groups::Static(Box::pin(async move { WorkerGroup::connect(&workers, None, model.as_deref(), &opts).await }))
+    } else {
+        if args.lease_ttl == 0 || args.lease_ttl > 3600 {
+            anyhow::bail!("--lease-ttl must be 1 to 3600 seconds");
+        }
+        Groups::Etcd(Box::new(ClusterConfig {
+            etcd: EtcdConfig { endpoints: args.etcd.clone(), lease_ttl: args.lease_ttl },
+            keys: Keys::new(&args.cluster).map_err(|e| anyhow!(e))?,
+            id: crate::cluster::coordinator_id(),
+            model_dir: model,
+            group_options: opts,
+            drain_timeout: drain_timeout(&args.server),
+        }))
+    };
+    runtime()?.block_on(run(args.server, tokenizer, chat, groups))
+}
+
+fn drain_timeout(a: &ServerArgs) -> Duration {
+    Duration::from_secs_f64(a.drain_timeout.clamp(0.0, 86400.0))
+}
+
+/// Turns formed worker groups into serving ones: a scheduler each, sized by the group's cache.
+pub struct GroupStarter {
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+}
+
+impl GroupStarter {
+    pub fn start(&self, name: &str, group: WorkerGroup) -> anyhow::Result<(Ready, tokio::task::JoinHandle<()>)> {
+        let handle = group.handle();
+        let cfg = ModelConfig::from_json(&serde_json::from_str(&handle.config_json)?)?;
+        let world = group.world();
+        let block_tokens = handle.ranks[0].block_tokens;
+        let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
+        let capacity = Capacity { world, blocks_per_rank, block_tokens };
+        let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
+        let cache_bytes_per_token = cfg.cache_numbers_per_token() * std::mem::size_of::<f32>();
+        let mut config = self.config.clone();
+        // The cached states depend on the model; a snapshot's self-decoder state is kept on
+        // every rank, outside the cache blocks, and is booked as that many blocks so that
+        // admission bounds it too.
+        config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
+        let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
+        config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
+        let (scheduler, task) = Scheduler::start(group.named(name), self.tokenizer.clone(), capacity, config);
+        tracing::info!(
+            group = name,
+            world,
+            capacity_tokens = capacity.max_request_tokens(),
+            cache_bytes_per_token,
+            "group serving"
+        );
+        let ready = Ready {
+            name: name.to_string(),
+            scheduler,
+            group: handle,
+            limits,
+            cache_bytes_per_token,
+            routed: Default::default(),
+        };
+        Ok((ready, task))
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -143,13 +235,8 @@ fn group_options(a: &ServerArgs) -> GroupOptions {
     }
 }
 
-async fn run(
-    args: ServerArgs,
-    tokenizer: Tokenizer,
-    chat: Option<ChatTemplate>,
-    form_group: impl std::future::Future<Output = anyhow::Result<WorkerGroup>>,
-) -> anyhow::Result<()> {
-    let mut config = SchedulerConfig {
+async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>, groups: Groups) -> anyhow::Result<()> {
+    let config = SchedulerConfig {
         max_batch_tokens: args.max_batch_tokens,
         max_queue: args.max_queue,
         max_running: args.max_running,
@@ -176,7 +263,6 @@ async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let api = Api::new(tokenizer.clone(), chat).log_prompts(args.log_prompts);
-    let ready = api.ready_slot();
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());
     let http = {
@@ -188,7 +274,7 @@ async fn run(
     };
     let server = {
         let stop = stop.clone();
-        let service = GenerationServer::new(api)
+        let service = GenerationServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         tokio::spawn(
@@ -205,55 +291,12 @@ async fn run(
         "{}",
         serde_json::json!({"event": "listening", "grpc": addr.to_string(), "http": http_addr.to_string(), "pid": std::process::id()})
     );
-    tracing::info!(grpc = %addr, http = %http_addr, "listening; forming the worker group");
-
-    let mut signal = Box::pin(crate::worker_cmd::shutdown(false));
-    let group = tokio::select! {
-        g = form_group => g.context("forming the worker group")?,
-        _ = &mut signal => {
-            tracing::info!("shut down while the group was forming");
-            stop.notify_one();
-            http_stop.notify_one();
-            server.await??;
-            http.await??;
-            return Ok(());
-        }
-    };
-    let handle = group.handle();
-    let cfg = ModelConfig::from_json(&serde_json::from_str(&handle.config_json)?)?;
-    let world = group.world();
-    let block_tokens = handle.ranks[0].block_tokens;
-    let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
-    let capacity = Capacity { world, blocks_per_rank, block_tokens };
-    let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
-    let cache_bytes_per_token = cfg.cache_numbers_per_token() * std::mem::size_of::<f32>();
-    // The cached states depend on the model; a snapshot's self-decoder state is kept on every
-    // rank, outside the cache blocks, and is booked as that many blocks so that admission
-    // bounds it too.
-    config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
-    let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
-    config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
-    let (scheduler, mut task) = Scheduler::start(group, tokenizer, capacity, config);
-    let _ = ready.set(Ready { scheduler: scheduler.clone(), group: handle, limits, cache_bytes_per_token });
-    reporter.set_serving::<GenerationServer<Api>>().await;
-    tracing::info!(world, capacity_tokens = capacity.max_request_tokens(), cache_bytes_per_token, "serving");
-    eprintln!(
-        "serving on grpc://{addr} and http://{http_addr}; try:\n  yoco client --addr http://{addr} generate --prompt \"Hello\"\n  curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
-    );
-
-    let outcome = tokio::select! {
-        _ = &mut signal => {
-            tracing::info!(timeout_seconds = args.drain_timeout, "draining");
-            reporter.set_not_serving::<GenerationServer<Api>>().await;
-            scheduler.drain(Duration::from_secs_f64(args.drain_timeout.clamp(0.0, 86400.0)));
-            (&mut task).await?;
-            Ok(())
-        }
-        r = &mut task => {
-            reporter.set_not_serving::<GenerationServer<Api>>().await;
-            r?;
-            Err(anyhow!("the worker group failed; every request on it ended with an error"))
-        }
+    tracing::info!(grpc = %addr, http = %http_addr, "listening; forming the worker groups");
+    let starter = GroupStarter { tokenizer, config };
+    let signal = crate::worker_cmd::shutdown(false);
+    let outcome = match groups {
+        Groups::Static(form) => serve_static(&args, form, &starter, &api, &reporter, signal, addr, http_addr).await,
+        Groups::Etcd(cfg) => crate::cluster::run(*cfg, starter, &api, reporter.clone(), signal).await,
     };
     // Streams still open get their last messages before the server stops.
     stop.notify_one();
@@ -262,4 +305,47 @@ async fn run(
     http.await??;
     tracing::info!("stopped");
     outcome
+}
+
+/// One group for the life of the process: serve until a signal (drain) or its failure (exit
+/// non-zero, so that a supervisor restarts us).
+#[allow(clippy::too_many_arguments)]
+async fn serve_static(
+    args: &ServerArgs,
+    form: Pin<Box<dyn Future<Output = anyhow::Result<WorkerGroup>> + Send>>,
+    starter: &GroupStarter,
+    api: &Api,
+    reporter: &tonic_health::server::HealthReporter,
+    signal: impl Future<Output = ()>,
+    addr: SocketAddr,
+    http_addr: SocketAddr,
+) -> anyhow::Result<()> {
+    tokio::pin!(signal);
+    let group = tokio::select! {
+        g = form => g.context("forming the worker group")?,
+        _ = &mut signal => {
+            tracing::info!("shut down while the group was forming");
+            return Ok(());
+        }
+    };
+    let (ready, mut task) = starter.start("local", group)?;
+    let scheduler = api.router().insert(ready).scheduler.clone();
+    reporter.set_serving::<GenerationServer<Api>>().await;
+    eprintln!(
+        "serving on grpc://{addr} and http://{http_addr}; try:\n  yoco client --addr http://{addr} generate --prompt \"Hello\"\n  curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
+    );
+    tokio::select! {
+        _ = &mut signal => {
+            tracing::info!(timeout_seconds = args.drain_timeout, "draining");
+            reporter.set_not_serving::<GenerationServer<Api>>().await;
+            scheduler.drain(drain_timeout(args));
+            (&mut task).await?;
+            Ok(())
+        }
+        r = &mut task => {
+            reporter.set_not_serving::<GenerationServer<Api>>().await;
+            r?;
+            Err(anyhow!("the worker group failed; every request on it ended with an error"))
+        }
+    }
 }

@@ -8,6 +8,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use yoco_proto::worker::v1::worker_server::WorkerServer;
 use yoco_worker::service::{WorkerDefaults, WorkerService};
 
+use crate::membership::etcd::{self, revoke, EtcdConfig, LeaseWatch};
+use crate::membership::{valid_name, Keys, RankEntry, MAX_WORLD};
+
 /// Largest gRPC message a worker accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -28,6 +31,38 @@ pub struct Args {
     /// Exit when standard input closes (a local parent that spawned us has gone).
     #[arg(long)]
     exit_on_stdin_close: bool,
+    #[command(flatten)]
+    membership: Membership,
+}
+
+/// Registration in etcd, for coordinators that find their groups there.
+#[derive(clap::Args)]
+struct Membership {
+    /// etcd endpoints (comma-separated): register this rank there under a lease.
+    #[arg(long, env = "YOCO_ETCD", value_delimiter = ',', requires_all = ["group", "rank", "world"])]
+    etcd: Vec<String>,
+    /// Cluster name: the keys live under `/yoco/<cluster>/`.
+    #[arg(long, default_value = "default", env = "YOCO_CLUSTER")]
+    cluster: String,
+    /// Worker group this rank belongs to.
+    #[arg(long, env = "YOCO_GROUP")]
+    group: Option<String>,
+    /// This rank's index in its group (0..world).
+    #[arg(long, env = "YOCO_RANK")]
+    rank: Option<usize>,
+    /// Ranks in the group.
+    #[arg(long, env = "YOCO_WORLD")]
+    world: Option<usize>,
+    /// IP address peers and coordinators reach this worker at, when it listens on 0.0.0.0 (the
+    /// pod IP, on Kubernetes).
+    #[arg(long, env = "YOCO_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
+    /// Seconds the registration outlives this process: how quickly its loss is noticed.
+    #[arg(long, default_value_t = 10, env = "YOCO_LEASE_TTL")]
+    lease_ttl: u64,
+    /// Device named in the registration (`cpu`, or `cuda:<n>`).
+    #[arg(long, default_value = "cpu", env = "YOCO_DEVICE")]
+    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -49,6 +84,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         serde_json::json!({"event": "ready", "grpc": grpc_addr.to_string(), "collective": collective_addr.to_string(), "pid": std::process::id()})
     );
     tracing::info!(grpc = %grpc_addr, collective = %collective_addr, "worker ready");
+    let registration = register(&args, grpc_addr, collective_addr)?;
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -57,8 +93,54 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .add_service(server)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown(args.exit_on_stdin_close))
         .await?;
+    // Leaving cleanly: the registration goes at once instead of when its lease expires.
+    if let Some((cfg, lease)) = registration {
+        if let Some(id) = *lease.borrow() {
+            revoke(&cfg, id).await;
+        }
+    }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Registers this rank in etcd (with `--etcd`); the registration and its live lease.
+fn register(args: &Args, grpc: SocketAddr, collective: SocketAddr) -> anyhow::Result<Option<(EtcdConfig, LeaseWatch)>> {
+    let m = &args.membership;
+    if m.etcd.is_empty() {
+        return Ok(None);
+    }
+    let (Some(group), Some(rank), Some(world)) = (&m.group, m.rank, m.world) else {
+        anyhow::bail!("--etcd needs --group, --rank and --world");
+    };
+    if !valid_name(group) {
+        anyhow::bail!("--group `{group}`: use 1 to 63 letters, digits, `-`, `_` or `.`");
+    }
+    if world == 0 || world > MAX_WORLD || rank >= world {
+        anyhow::bail!("--rank {rank} --world {world}: need rank < world <= {MAX_WORLD}");
+    }
+    if m.lease_ttl == 0 || m.lease_ttl > 3600 {
+        anyhow::bail!("--lease-ttl must be 1 to 3600 seconds");
+    }
+    let keys = Keys::new(&m.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    let advertised = |a: SocketAddr| match m.advertise {
+        Some(ip) => SocketAddr::new(ip, a.port()),
+        None => a,
+    };
+    let (grpc, collective) = (advertised(grpc), advertised(collective));
+    if grpc.ip().is_unspecified() {
+        anyhow::bail!("listening on {grpc}: give --advertise with the address peers reach this worker at");
+    }
+    let entry = RankEntry {
+        grpc: grpc.to_string(),
+        collective: collective.to_string(),
+        world,
+        device: m.device.clone(),
+        cache_mib: args.cache_mib,
+        pid: std::process::id(),
+    };
+    let cfg = EtcdConfig { endpoints: m.etcd.clone(), lease_ttl: m.lease_ttl };
+    let lease = etcd::register(cfg.clone(), keys.rank(group, rank), serde_json::to_string(&entry)?);
+    Ok(Some((cfg, lease)))
 }
 
 /// Resolves on SIGTERM, Ctrl-C, or (when asked) the end of standard input.

@@ -16,14 +16,19 @@ pub fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
 }
 
 pub fn http(addr: &str, request: &str) -> (u16, String) {
+    try_http(addr, request).unwrap_or_else(|e| panic!("HTTP to {addr}: {e}"))
+}
+
+/// [`http`], with connection errors returned.
+pub fn try_http(addr: &str, request: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out)?;
     let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    Ok((code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
 /// `name{labels} value` lines of the Prometheus text format; panics on a malformed line.

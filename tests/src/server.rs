@@ -72,15 +72,20 @@ impl Server {
     /// Starts `yoco serve --listen 127.0.0.1:0 args…` (or another subcommand given as
     /// `args[0]`) and waits until it is SERVING.
     pub async fn start(home: &Path, args: &[&str]) -> Server {
+        let server = Self::spawn(home, args);
+        server.wait_serving(Duration::from_secs(120)).await;
+        server
+    }
+
+    /// Like [`Server::start`], without waiting for SERVING (it may be NOT_SERVING for long).
+    pub fn spawn(home: &Path, args: &[&str]) -> Server {
         let mut all = args.to_vec();
         all.extend_from_slice(&["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
         let (mut cmd, stderr_path) = command(home, &all);
         let mut child = cmd.spawn().expect("start yoco");
         let line = ready_json(&mut child);
         let field = |k: &str| line[k].as_str().unwrap_or_else(|| panic!("no {k} in {line}")).to_string();
-        let server = Server { addr: field("grpc"), http: field("http"), child, stderr_path };
-        server.wait_serving(Duration::from_secs(120)).await;
-        server
+        Server { addr: field("grpc"), http: field("http"), child, stderr_path }
     }
 
     pub fn stderr(&self) -> String {

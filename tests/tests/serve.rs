@@ -449,7 +449,7 @@ async fn the_openai_python_client_works() {
     assert_eq!(get("yoco:inter_token_latency_seconds_count"), 36.0);
     assert!(get("yoco:prompt_tokens_total") >= 90.0);
     for rank in 0..2 {
-        assert!(get(&format!("yoco:cache_capacity_bytes{{rank=\"{rank}\"}}")) > 0.0);
+        assert!(get(&format!("yoco:cache_capacity_bytes{{group=\"local\",rank=\"{rank}\"}}")) > 0.0);
     }
     // The last request's cache is freed in the step after its final message; what the prefix
     // cache kept of the prompts goes with a reset (vLLM's admin call).
@@ -458,7 +458,7 @@ async fn the_openai_python_client_works() {
     let started = Instant::now();
     loop {
         let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
-        let used: f64 = (0..2).map(|r| m[&format!("yoco:cache_used_bytes{{rank=\"{r}\"}}")]).sum();
+        let used: f64 = (0..2).map(|r| m[&format!("yoco:cache_used_bytes{{group=\"local\",rank=\"{r}\"}}")]).sum();
         if used == 0.0 {
             break;
         }

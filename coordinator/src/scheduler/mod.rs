@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 use yoco_proto::v1::generate_response::Event;
 use yoco_worker::engine::{SeqId, SnapshotId};
@@ -118,6 +118,7 @@ const DEAD: u8 = 2;
 pub struct Scheduler {
     cmds: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
+    abort: Arc<watch::Sender<Option<String>>>,
 }
 
 struct Shared {
@@ -175,8 +176,9 @@ impl Scheduler {
             reserved: 0,
             drain_deadline: None,
         };
-        let task = tokio::spawn(looper.run());
-        (Scheduler { cmds: tx, shared }, task)
+        let (abort, aborted) = watch::channel(None);
+        let task = tokio::spawn(looper.run(aborted));
+        (Scheduler { cmds: tx, shared, abort: Arc::new(abort) }, task)
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -246,6 +248,20 @@ impl Scheduler {
         let _ = self.shared.state.compare_exchange(SERVING, DRAINING, Ordering::SeqCst, Ordering::SeqCst);
         let _ = self.cmds.send(Cmd::Drain(Instant::now() + timeout));
     }
+
+    /// The group is gone (a rank's membership lapsed): every request ends at once with
+    /// UNAVAILABLE and `reason`, even while a step is in flight, and the scheduler stops.
+    pub fn abort(&self, reason: String) {
+        self.shared.state.store(DEAD, Ordering::SeqCst);
+        self.abort.send_replace(Some(reason));
+    }
+}
+
+/// Resolves once the scheduler is aborted (never, if it cannot be any more).
+async fn aborted_with(rx: &mut watch::Receiver<Option<String>>) {
+    if rx.wait_for(Option::is_some).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 struct Waiting {
@@ -279,16 +295,23 @@ struct PrefillRef {
 }
 
 impl<R: StepRunner> Loop<R> {
-    async fn run(mut self) {
+    async fn run(mut self, mut aborted: watch::Receiver<Option<String>>) {
         loop {
+            if let Some(reason) = aborted.borrow_and_update().clone() {
+                self.fail_group(StepError { fatal: true, message: reason });
+                return;
+            }
             let drops = self.prefix.as_ref().is_some_and(PrefixCache::has_drops);
             if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() && !drops {
                 if self.drain_deadline.is_some() {
                     break;
                 }
-                match self.cmds.recv().await {
-                    Some(cmd) => self.command(cmd),
-                    None => break,
+                tokio::select! {
+                    cmd = self.cmds.recv() => match cmd {
+                        Some(cmd) => self.command(cmd),
+                        None => break,
+                    },
+                    _ = aborted_with(&mut aborted) => continue,
                 }
             }
             while let Ok(cmd) = self.cmds.try_recv() {
@@ -311,7 +334,12 @@ impl<R: StepRunner> Loop<R> {
                 (true, true) => "free",
             };
             let started = Instant::now();
-            let result = tracing::Instrument::instrument(self.runner.run(plan.clone()), span).await;
+            let step = tracing::Instrument::instrument(self.runner.run(plan.clone()), span);
+            let result = tokio::select! {
+                r = step => r,
+                // The step may never end (a rank is gone): abandon it with the group.
+                _ = aborted_with(&mut aborted) => continue,
+            };
             crate::metrics::METRICS.step_seconds.with_label_values(&[kind]).observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(results) if results.len() == world => self.apply(&plan, &prefills, results),
@@ -346,8 +374,6 @@ impl<R: StepRunner> Loop<R> {
             let stats = p.stats();
             self.shared.prefix_snapshots.store(stats.snapshots, Ordering::Relaxed);
             self.shared.prefix_blocks.store(stats.blocks, Ordering::Relaxed);
-            crate::metrics::METRICS.prefix_cache_snapshots.set(stats.snapshots as i64);
-            crate::metrics::METRICS.prefix_cache_blocks.set(stats.blocks as i64);
         }
         self.shared.running.store(self.active.len(), Ordering::Relaxed);
         crate::metrics::METRICS.running.set(self.active.len() as i64);

@@ -1,0 +1,131 @@
+//! `yoco client bench-prefix`: the prefix cache's workload against a running server. One long
+//! document, then questions about it, one after another: time to first token of each request,
+//! the prompt tokens the cache served, and the speed-up of the later requests over the first.
+//! Run it against a server with the cache and one with `--no-prefix-cache` to compare.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use yoco_proto::v1 as pb;
+use yoco_proto::v1::generation_client::GenerationClient;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Tokens of the shared document.
+    #[arg(long, default_value_t = 262_144)]
+    doc_tokens: usize,
+    /// Questions asked after it (each a different suffix).
+    #[arg(long, default_value_t = 10)]
+    questions: usize,
+    /// Tokens of each question.
+    #[arg(long, default_value_t = 32)]
+    question_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 4)]
+    max_tokens: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Token ids spread over the vocabulary (deterministic, so runs compare).
+fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt as u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+struct Measured {
+    ttft: f64,
+    cached: u64,
+    prompt: u64,
+}
+
+async fn one(client: &mut GenerationClient<Channel>, ids: Vec<u32>, max_tokens: u32) -> anyhow::Result<Measured> {
+    let req = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let mut ttft = None;
+    let mut finished = None;
+    while let Some(msg) = stream.next().await {
+        match msg.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.event {
+            Some(pb::generate_response::Event::Tokens(_)) => {
+                ttft.get_or_insert(started.elapsed().as_secs_f64());
+            }
+            Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    let f = finished.context("the stream ended without a final message")?;
+    if !f.error.is_empty() {
+        bail!("the request failed: {}", f.error);
+    }
+    let usage = f.usage.unwrap_or_default();
+    Ok(Measured {
+        ttft: ttft.context("no token came")?,
+        cached: usage.cached_prompt_tokens,
+        prompt: usage.prompt_tokens,
+    })
+}
+
+pub async fn run(client: &mut GenerationClient<Channel>, args: Args) -> anyhow::Result<()> {
+    let info = client.model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let info = info.into_inner();
+    let vocab = info.vocab_size as usize;
+    let doc = tokens(args.doc_tokens, 0, vocab);
+    let mut rows = Vec::new();
+    if !args.json {
+        println!(
+            "bench-prefix: {}-token document, {} questions of {} tokens; {} ranks, prefix cache {}",
+            args.doc_tokens,
+            args.questions,
+            args.question_tokens,
+            info.world,
+            if info.prefix_cache { "on" } else { "off" }
+        );
+        println!("{:>8} {:>12} {:>14} {:>10}", "request", "TTFT s", "cached tokens", "prompt tok/s");
+    }
+    for q in 0..args.questions {
+        let mut ids = doc.clone();
+        ids.extend(tokens(args.question_tokens, q + 1, vocab));
+        let m = one(client, ids, args.max_tokens).await?;
+        let rate = m.prompt as f64 / m.ttft;
+        if !args.json {
+            println!("{:>8} {:>12.3} {:>14} {:>10.0}", q + 1, m.ttft, m.cached, rate);
+        }
+        rows.push(m);
+    }
+    let first = rows.first().map_or(0.0, |r| r.ttft);
+    let later: Vec<f64> = rows.iter().skip(1).map(|r| r.ttft).collect();
+    let later_mean = later.iter().sum::<f64>() / later.len().max(1) as f64;
+    if args.json {
+        let out = json!({
+            "doc_tokens": args.doc_tokens, "questions": args.questions, "world": info.world,
+            "prefix_cache": info.prefix_cache,
+            "ttft_seconds": rows.iter().map(|r| r.ttft).collect::<Vec<_>>(),
+            "cached_tokens": rows.iter().map(|r| r.cached).collect::<Vec<_>>(),
+            "first_ttft_seconds": first, "later_mean_ttft_seconds": later_mean,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "first TTFT {first:.3}s; later requests {later_mean:.3}s on average ({:.1}x faster)",
+            first / later_mean.max(1e-9)
+        );
+    }
+    Ok(())
+}
