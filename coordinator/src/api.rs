@@ -12,7 +12,9 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_server::Generation;
 use yoco_worker::tokenizer::Tokenizer;
 
-use crate::request::{prompt_tokens, validate};
+use crate::auth::KeyId;
+use crate::limits::{RequestLimits, StreamCounts};
+use crate::request::{prompt_tokens, validate, GenRequest};
 use crate::router::{Ready, Router};
 
 /// Largest request or response message of the public API: a million-token prompt as text or
@@ -28,6 +30,8 @@ pub struct Api {
     next_id: Arc<AtomicU64>,
     /// Log each request's prompt (off: logs carry ids and lengths, never text).
     log_prompts: bool,
+    limits: Arc<RequestLimits>,
+    streams: Arc<StreamCounts>,
 }
 
 impl Api {
@@ -38,7 +42,15 @@ impl Api {
             router: Arc::new(Router::default()),
             next_id: Arc::new(AtomicU64::new(1)),
             log_prompts: false,
+            limits: Arc::default(),
+            streams: Arc::default(),
         }
+    }
+
+    /// Server-wide request limits.
+    pub fn request_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = Arc::new(limits);
+        self
     }
 
     /// Where the server puts the groups as they form (and takes them out as they go).
@@ -61,13 +73,20 @@ impl Api {
         &self.tokenizer
     }
 
-    /// Validates a request and queues it; its id and its events.
+    /// Validates a request and queues it; its id and its events. `caller` is the API key that
+    /// passed the check, if keys are on.
     pub async fn submit(
         &self,
         req: pb::GenerateRequest,
         arrived: Instant,
         deadline: Option<Instant>,
+        caller: Option<KeyId>,
     ) -> Result<(String, crate::scheduler::EventStream), Status> {
+        let slot = match (caller, self.limits.max_streams_per_key) {
+            (Some(key), Some(limit)) => Some(Arc::new(self.streams.open(key, limit)?)),
+            _ => None,
+        };
+        let deadline = self.limits.deadline(arrived, deadline);
         let ready = self.router.route().ok_or_else(no_group)?;
         let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
         if self.log_prompts {
@@ -86,6 +105,8 @@ impl Api {
         })
         .await
         .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
+        self.limits.check_prompt(gen.prompt.len())?;
+        let gen = GenRequest { _slot: slot, ..gen };
         let id = gen.id.clone();
         tracing::info!(
             request = %id, group = %ready.name, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens,
@@ -156,7 +177,8 @@ impl Generation for Api {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         let deadline = grpc_timeout(request.metadata()).and_then(|d| arrived.checked_add(d));
-        let (id, events) = self.submit(request.into_inner(), arrived, deadline).await?;
+        let caller = request.extensions().get::<KeyId>().copied();
+        let (id, events) = self.submit(request.into_inner(), arrived, deadline, caller).await?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
             .map(move |e| e.map(|event| pb::GenerateResponse { request_id: id.clone(), event: Some(event) }));
         Ok(Response::new(Box::pin(stream)))

@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde_json::json;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use yoco_proto::v1 as pb;
-use yoco_proto::v1::generation_client::GenerationClient;
+
+use crate::client::Client;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +50,7 @@ struct Measured {
     prompt: u64,
 }
 
-async fn one(client: &mut GenerationClient<Channel>, ids: Vec<u32>, max_tokens: u32) -> anyhow::Result<Measured> {
+async fn one(client: &mut Client, ids: Vec<u32>, max_tokens: u32) -> anyhow::Result<Measured> {
     let req = pb::GenerateRequest {
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
         max_tokens: Some(max_tokens),
@@ -82,7 +82,7 @@ async fn one(client: &mut GenerationClient<Channel>, ids: Vec<u32>, max_tokens: 
     })
 }
 
-pub async fn run(client: &mut GenerationClient<Channel>, args: Args) -> anyhow::Result<()> {
+pub async fn run(client: &mut Client, args: Args) -> anyhow::Result<()> {
     let info = client.model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let info = info.into_inner();
     let vocab = info.vocab_size as usize;

@@ -16,6 +16,9 @@ pub struct Args {
     /// Server address.
     #[arg(long, default_value = "http://127.0.0.1:50051", env = "YOCO_ADDR", global = true)]
     addr: String,
+    /// API key, sent as `authorization: Bearer <key>` (a server with keys needs one).
+    #[arg(long, env = "YOCO_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +89,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .connect()
             .await
             .with_context(|| format!("connecting to {}", args.addr))?;
-        let mut client = GenerationClient::new(channel)
+        let auth = match &args.api_key {
+            Some(k) => Some(format!("Bearer {k}").parse().context("--api-key: not a valid header value")?),
+            None => None,
+        };
+        let mut client = GenerationClient::with_interceptor(channel, Auth(auth))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         match args.command {
@@ -108,6 +115,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Adds the API key to every call.
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The public API's client, with the API key.
+pub type Client = GenerationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
@@ -144,7 +167,7 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
     })
 }
 
-async fn generate(client: &mut GenerationClient<tonic::transport::Channel>, g: GenerateArgs) -> anyhow::Result<()> {
+async fn generate(client: &mut Client, g: GenerateArgs) -> anyhow::Result<()> {
     let prompt = g.input.read()?;
     let req = pb::GenerateRequest {
         prompt: Some(prompt),

@@ -1,6 +1,7 @@
 //! `yoco`: the command line of the yoco serving cluster.
 
 mod api;
+mod auth;
 mod bench;
 mod bench_prefix;
 mod chat;
@@ -11,6 +12,7 @@ mod detok;
 mod generate;
 mod group;
 mod init_model;
+mod limits;
 mod membership;
 mod metrics;
 mod openai;

@@ -8,6 +8,7 @@
 //! lines (`: prefill 40960/1048576`), which clients ignore and people can watch with curl.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -23,17 +24,43 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generate_response::Event;
 
 use crate::api::Api;
+use crate::auth::{ApiKeys, KeyId};
 
-pub fn router(api: Api) -> Router {
-    Router::new()
+/// The HTTP API; with `keys`, every route but the health probes needs an API key.
+pub fn router(api: Api, keys: Option<Arc<ApiKeys>>) -> Router {
+    let guarded = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/reset_prefix_cache", post(reset_prefix_cache))
-        .with_state(api)
+        .route("/reset_prefix_cache", post(reset_prefix_cache));
+    let guarded = match keys {
+        Some(keys) => guarded.route_layer(axum::middleware::from_fn_with_state(keys, require_key)),
+        None => guarded,
+    };
+    Router::new().route("/health", get(|| async { "ok" })).route("/ready", get(ready)).merge(guarded).with_state(api)
+}
+
+/// 401 with OpenAI's body for a missing or wrong key; nothing else is said.
+async fn require_key(
+    State(keys): State<Arc<ApiKeys>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match keys.check(header) {
+        Some(id) => {
+            req.extensions_mut().insert(id);
+            next.run(req).await
+        }
+        None => ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "invalid_request_error",
+            message: "invalid or missing API key (send `Authorization: Bearer <key>`)".into(),
+            param: None,
+        }
+        .into_response(),
+    }
 }
 
 /// OpenAI's usage object; `cached_tokens` counts the prompt tokens served by the prefix cache.
@@ -256,7 +283,11 @@ fn chat_logprobs(tok: &yoco_worker::tokenizer::Tokenizer, tokens: &[pb::Token]) 
     json!({"content": content})
 }
 
-async fn chat_completions(State(api): State<Api>, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<KeyId>>,
+    Body(req): Body<ChatRequest>,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let name = model_name(&api)?;
     check_model(&name, &req.model)?;
@@ -282,7 +313,7 @@ async fn chat_completions(State(api): State<Api>, Body(req): Body<ChatRequest>) 
     let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids });
     let preq = pb::GenerateRequest { logprobs: top, ..req.sampling.request(prompt, max_tokens)? };
     let want_logprobs = req.logprobs;
-    let (id, mut events) = api.submit(preq, arrived, None).await?;
+    let (id, mut events) = api.submit(preq, arrived, None, caller.map(|c| c.0)).await?;
     let id = format!("chatcmpl-{id}");
     let created = now_unix();
     let tok = api.tokenizer().clone();
@@ -453,7 +484,11 @@ fn top_json(tok: &yoco_worker::tokenizer::Tokenizer, t: &pb::Token) -> Value {
     Value::Object(m)
 }
 
-async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>) -> Result<Response, ApiError> {
+async fn completions(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<KeyId>>,
+    Body(req): Body<CompletionRequest>,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let name = model_name(&api)?;
     check_model(&name, &req.model)?;
@@ -467,7 +502,7 @@ async fn completions(State(api): State<Api>, Body(req): Body<CompletionRequest>)
         Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
         _ => Vec::new(),
     };
-    let (id, events) = api.submit(preq, arrived, None).await?;
+    let (id, events) = api.submit(preq, arrived, None, caller.map(|c| c.0)).await?;
     let id = format!("cmpl-{id}");
     let created = now_unix();
     let tok = api.tokenizer().clone();

@@ -38,6 +38,8 @@ pub struct GenRequest {
     pub prompt_logprobs: bool,
     pub arrived: Instant,
     pub deadline: Option<Instant>,
+    /// The caller's API-key stream slot, held for as long as the request lives.
+    pub _slot: Option<std::sync::Arc<crate::limits::StreamSlot>>,
 }
 
 fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
@@ -132,6 +134,7 @@ pub fn validate(
         prompt_logprobs: req.prompt_logprobs,
         arrived,
         deadline,
+        _slot: None,
     })
 }
 

@@ -19,14 +19,17 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
 use yoco_worker::tokenizer::Tokenizer;
 
 use crate::api::{Api, MAX_MESSAGE_BYTES};
+use crate::auth::ApiKeys;
 use crate::chat::ChatTemplate;
 use crate::cluster::ClusterConfig;
 use crate::group::{GroupOptions, WorkerGroup};
+use crate::limits::RequestLimits;
 use crate::membership::etcd::EtcdConfig;
 use crate::membership::Keys;
 use crate::request::Limits;
@@ -78,6 +81,21 @@ pub struct ServerArgs {
     /// whole cache blocks); each prompt's end is always snapshotted.
     #[arg(long, default_value_t = 8192, env = "YOCO_PREFIX_SNAPSHOT_INTERVAL")]
     prefix_snapshot_interval: usize,
+    /// File of API keys, one per line (re-read when it changes): every public endpoint but the
+    /// health probes then needs `authorization: Bearer <key>`. Keys may also come, comma-
+    /// separated, in the environment variable YOCO_API_KEYS.
+    #[arg(long, env = "YOCO_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Streams one API key may have open at once (0: no limit); beyond, RESOURCE_EXHAUSTED / 429.
+    #[arg(long, default_value_t = 0, env = "YOCO_MAX_STREAMS_PER_KEY")]
+    max_streams_per_key: usize,
+    /// Longest prompt in tokens (0: what the cache holds).
+    #[arg(long, default_value_t = 0, env = "YOCO_MAX_PROMPT_TOKENS")]
+    max_prompt_tokens: usize,
+    /// Seconds a request may take in all, queueing included (0: no limit); a client's shorter
+    /// `grpc-timeout` wins. Past it, the request is cancelled.
+    #[arg(long, default_value_t = 0.0, env = "YOCO_REQUEST_TIMEOUT")]
+    request_timeout: f64,
 }
 
 #[derive(clap::Args)]
@@ -262,12 +280,25 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let api = Api::new(tokenizer.clone(), chat).log_prompts(args.log_prompts);
+    let keys = ApiKeys::new(args.api_key_file.clone(), std::env::var("YOCO_API_KEYS").ok().as_deref())?;
+    if keys.is_some() {
+        tracing::info!("API keys required on the public endpoints (health probes excepted)");
+    }
+    let limits = RequestLimits {
+        max_prompt_tokens: (args.max_prompt_tokens > 0).then_some(args.max_prompt_tokens),
+        request_timeout: (args.request_timeout > 0.0)
+            .then(|| Duration::from_secs_f64(args.request_timeout.min(30.0 * 86400.0))),
+        max_streams_per_key: (args.max_streams_per_key > 0).then_some(args.max_streams_per_key),
+    };
+    if limits.max_streams_per_key.is_some() && keys.is_none() {
+        anyhow::bail!("--max-streams-per-key counts streams per API key: give --api-key-file or YOCO_API_KEYS");
+    }
+    let api = Api::new(tokenizer.clone(), chat).log_prompts(args.log_prompts).request_limits(limits);
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());
     let http = {
         let stop = http_stop.clone();
-        let app = crate::openai::router(api.clone());
+        let app = crate::openai::router(api.clone(), keys.clone());
         tokio::spawn(async move {
             axum::serve(http_listener, app).with_graceful_shutdown(async move { stop.notified().await }).await
         })
@@ -277,12 +308,13 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         let service = GenerationServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let guard = crate::auth::grpc_interceptor(keys);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(health)
-                .add_service(reflection)
-                .add_service(service)
+                .add_service(InterceptedService::new(reflection, guard.clone()))
+                .add_service(InterceptedService::new(service, guard))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.notified().await }),
         )
     };

@@ -623,7 +623,7 @@ impl<R: StepRunner> Loop<R> {
 
     /// Ends active request `i`: its final message, its cache freed on every rank.
     fn end(&mut self, i: usize, end: End) {
-        let a = self.active.swap_remove(i);
+        let mut a = self.active.swap_remove(i);
         a.finish(&end);
         self.reserved -= a.blocks;
         if let Some(p) = &mut self.prefix {

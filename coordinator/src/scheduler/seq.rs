@@ -211,7 +211,9 @@ impl Active {
     }
 
     /// Sends the final message (and, for an error, the error status after it).
-    pub fn finish(&self, end: &End) {
+    pub fn finish(&mut self, end: &End) {
+        // The caller may open its next stream as soon as it reads the final message.
+        self.req._slot = None;
         let now = Instant::now();
         let arrived = self.req.arrived;
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();

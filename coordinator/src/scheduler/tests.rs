@@ -96,6 +96,7 @@ pub(super) fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingPar
         prompt_logprobs: false,
         arrived: Instant::now(),
         deadline: None,
+        _slot: None,
     }
 }
 
