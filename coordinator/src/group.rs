@@ -27,6 +27,8 @@ pub struct GroupOptions {
 
 /// Positions per cache block on every rank.
 pub const BLOCK_TOKENS: usize = 256;
+/// After one rank failed a step, how long the others' answers are awaited (to name them).
+const ERROR_GRACE: Duration = Duration::from_millis(500);
 
 /// Why a step failed. A fatal failure (a lost worker, a failed collective) breaks the group:
 /// every sequence on it is gone. A non-fatal one (a plan a rank refused before running it)
@@ -66,6 +68,10 @@ pub struct WorkerGroup {
     step_id: u64,
     /// For errors: `local`, or the group's name in etcd.
     name: String,
+    /// A step that no rank ends in this time fails (a rank alone, or all of them, stalled): a
+    /// step's compute is bounded by its token budget, so this is generous.
+    step_timeout: Duration,
+    collective_timeout: Duration,
 }
 
 /// How the coordinator reaches a group's ranks outside of steps (Info answers at once, even
@@ -231,6 +237,8 @@ impl WorkerGroup {
             transport: if opts.transport.is_empty() { "tcp".into() } else { opts.transport.clone() },
             step_id: 0,
             name: "local".into(),
+            step_timeout: (opts.collective_timeout * 2).max(Duration::from_secs(600)),
+            collective_timeout: opts.collective_timeout,
         })
     }
 
@@ -255,29 +263,69 @@ impl WorkerGroup {
     }
 
     /// Runs `plan` on every rank at once; each rank's results, in rank order.
+    ///
+    /// The ranks of a step end within a collective round of each other (they meet in the
+    /// step's collectives), so a rank still silent a collective timeout after another answered
+    /// has stalled. A rank that fails the step for any reason but a refusal (a lost peer, a
+    /// collective that timed out on a stalled peer) ends it sooner: the others' answers are
+    /// awaited only for [`ERROR_GRACE`] more, to name them in the error. A step no rank answers
+    /// within the step timeout fails too (every rank stalled, or a group of one).
     pub async fn run_plan(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
+        use tonic::Code;
         self.step_id += 1;
         let req = plan_to_pb(self.step_id, plan);
-        let calls = self.clients.iter().map(|c| {
+        let mut calls = tokio::task::JoinSet::new();
+        for (rank, c) in self.clients.iter().enumerate() {
             let (mut c, req) = (c.clone(), req.clone());
-            async move { c.step(req).await }
-        });
-        let replies = futures_join_all(calls).await;
-        // Report every failing rank: the first one alone may only say that a peer was lost.
-        let failed: Vec<(usize, &tonic::Status)> =
-            replies.iter().enumerate().filter_map(|(rank, r)| r.as_ref().err().map(|s| (rank, s))).collect();
-        if !failed.is_empty() {
-            use tonic::Code;
-            // A plan refused before it ran is refused by every rank alike; anything else (a rank
-            // unreachable, a collective failed) leaves the ranks out of step.
-            let refused = |s: &tonic::Status| matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted);
-            let fatal = failed.len() != self.world() || failed.iter().any(|(_, s)| !refused(s));
-            let detail: Vec<String> =
+            calls.spawn(async move { (rank, c.step(req).await) });
+        }
+        // A plan refused before it ran is refused by every rank alike; anything else (a rank
+        // unreachable, a collective failed) leaves the ranks out of step.
+        let refused = |s: &tonic::Status| matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted);
+        let mut replies: Vec<Option<Result<pb::StepResponse, tonic::Status>>> = vec![None; self.world()];
+        let mut deadline = tokio::time::Instant::now() + self.step_timeout;
+        let mut broken = false;
+        loop {
+            match tokio::time::timeout_at(deadline, calls.join_next()).await {
+                Ok(Some(Ok((rank, r)))) => {
+                    let now = tokio::time::Instant::now();
+                    deadline = deadline.min(now + self.collective_timeout);
+                    if r.as_ref().is_err_and(|s| !refused(s)) && !broken {
+                        broken = true;
+                        deadline = deadline.min(now + ERROR_GRACE);
+                    }
+                    replies[rank] = Some(r.map(tonic::Response::into_inner));
+                }
+                Ok(Some(Err(e))) => return Err(StepError { fatal: true, message: format!("step task failed: {e}") }),
+                Ok(None) => break,
+                Err(_) => break,
+            }
+        }
+        calls.abort_all();
+        let silent: Vec<usize> = (0..self.world()).filter(|&r| replies[r].is_none()).collect();
+        let failed: Vec<(usize, &tonic::Status)> = replies
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, r)| r.as_ref().and_then(|r| r.as_ref().err()).map(|s| (rank, s)))
+            .collect();
+        if !failed.is_empty() || !silent.is_empty() {
+            // Report every failing rank: the first one alone may only say that a peer was lost.
+            let fatal = !silent.is_empty() || failed.len() != self.world() || failed.iter().any(|(_, s)| !refused(s));
+            let mut detail: Vec<String> =
                 failed.iter().map(|(rank, s)| format!("rank {rank}: {} ({:?})", s.message(), s.code())).collect();
+            let waited = match (broken, silent.len() == self.world()) {
+                (true, _) => format!("{ERROR_GRACE:?} of another rank's failure"),
+                (false, false) => {
+                    format!("the collective timeout ({:?}) of the other ranks' answers", self.collective_timeout)
+                }
+                (false, true) => format!("the step timeout ({:?})", self.step_timeout),
+            };
+            detail
+                .extend(silent.iter().map(|r| format!("rank {r}: no answer within {waited} (stalled or unreachable)")));
             let message = format!("worker group {} step failed: {}", self.name, detail.join("; "));
             return Err(StepError { fatal, message });
         }
-        let replies: Vec<pb::StepResponse> = replies.into_iter().map(|r| r.expect("checked").into_inner()).collect();
+        let replies: Vec<pb::StepResponse> = replies.into_iter().flatten().map(|r| r.expect("checked")).collect();
         // The slowest rank's time in collectives is the group's.
         let collective = replies.iter().map(|r| r.collective_seconds).fold(0.0, f64::max);
         crate::metrics::METRICS.collective_seconds.observe(collective);

@@ -92,11 +92,19 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Starts `yoco generate --workers 2`, kills rank `victim` after `after`, returns (stderr, seconds
-/// from the kill to the exit, exit success).
-fn kill_a_worker(home: &Path, model: &Path, args: &[&str], victim: usize, after: Duration) -> (String, f64, bool) {
+/// Starts `yoco generate --workers 2`, sends `signal` (`KILL`, or `STOP` for a rank that stalls)
+/// to rank `victim` after `after`, returns (stderr, seconds from the signal to the exit, exit
+/// success).
+fn signal_a_worker(
+    home: &Path,
+    model: &Path,
+    args: &[&str],
+    victim: usize,
+    after: Duration,
+    signal: &str,
+) -> (String, f64, bool) {
     let mut cmd = Command::new(yoco_bin());
-    cmd.args(["generate", "--model", model.to_str().unwrap(), "--workers", "2", "--collective-timeout", "10"])
+    cmd.args(["generate", "--model", model.to_str().unwrap(), "--workers", "2"])
         .args(args)
         .env("YOCO_HOME", home)
         .env("RUST_LOG", "warn")
@@ -116,9 +124,26 @@ fn kill_a_worker(home: &Path, model: &Path, args: &[&str], victim: usize, after:
     std::thread::sleep(after);
     let killed = Instant::now();
     // The shell's builtin kill: no procps needed.
-    Command::new("sh").args(["-c", &format!("kill -9 {}", workers[victim])]).status().unwrap();
+    Command::new("sh").args(["-c", &format!("kill -{signal} {}", workers[victim])]).status().unwrap();
     let out = child.wait_with_output().unwrap();
+    // A stopped worker outlives its parent's kill-on-exit only until this.
+    Command::new("sh").args(["-c", &format!("kill -9 {} 2>/dev/null", workers[victim])]).status().unwrap();
     (String::from_utf8_lossy(&out.stderr).into_owned(), killed.elapsed().as_secs_f64(), out.status.success())
+}
+
+/// A rank that stops answering (SIGSTOP: alive, silent) is found by its peers' collective
+/// timeout; the step fails then, without waiting for the silent rank.
+#[test]
+fn a_stalled_worker_fails_the_request_in_bounded_time() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let args = ["--prompt-ids", "1,2,3", "--max-tokens", "1000000", "--ignore-eos", "--collective-timeout", "2"];
+    let (stderr, secs, ok) = signal_a_worker(home.path(), &model, &args, 1, Duration::from_millis(1500), "STOP");
+    assert!(!ok, "the request must fail when a worker stalls");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("rank 1"), "the error should name the stalled rank: {stderr}");
+    assert!(secs < 2.0 + 4.0, "took {secs:.1}s after the stall (collective timeout 2 s)");
+    eprintln!("stalled: failed {secs:.2}s after SIGSTOP: {}", stderr.lines().last().unwrap_or(""));
 }
 
 #[test]
@@ -134,7 +159,10 @@ fn a_killed_worker_fails_the_request_in_bounded_time() {
         ("decode", vec!["--prompt-ids", "1,2,3", "--max-tokens", "1000000", "--ignore-eos"], 0),
     ];
     for (phase, args, victim) in cases {
-        let (stderr, secs, ok) = kill_a_worker(home.path(), &model, &args, victim, Duration::from_millis(2500));
+        let mut args = args;
+        args.extend(["--collective-timeout", "10"]);
+        let (stderr, secs, ok) =
+            signal_a_worker(home.path(), &model, &args, victim, Duration::from_millis(2500), "KILL");
         assert!(!ok, "{phase}: the request must fail when a worker dies");
         assert!(!stderr.contains("panicked"), "{phase}: {stderr}");
         assert!(

@@ -364,6 +364,8 @@ impl<R: StepRunner> Loop<R> {
             Cmd::FlushPrefix(reply) => {
                 let outcome = self.prefix.as_mut().map_or((0, 0), PrefixCache::flush);
                 tracing::info!(dropped = outcome.0, in_use = outcome.1, "prefix cache flushed");
+                // Before the workers free anything: what they report never runs ahead of this.
+                self.publish();
                 let _ = reply.send(outcome);
             }
         }
