@@ -146,3 +146,16 @@ pub fn python() -> PathBuf {
     );
     venv
 }
+
+/// A `tiny` preset model with random weights and a `vocab`-token vocabulary in `home/m`.
+pub fn init_tiny_model(home: &Path, vocab: usize) -> PathBuf {
+    let dir = home.join("m");
+    let vocab = vocab.to_string();
+    yoco(home, &["init-model", "--preset", "tiny", "--vocab-size", &vocab, "--out", dir.to_str().unwrap()]).ok();
+    dir
+}
+
+/// `n` prompt token ids below `vocab`, different for each `salt`.
+pub fn prompt_ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + salt * 101 + 11) % vocab) as u32).collect()
+}

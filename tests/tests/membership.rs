@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use yoco_e2e::etcd::Etcd;
 use yoco_e2e::server::{drain, generate, ids_prompt, Server};
-use yoco_e2e::{yoco, yoco_bin};
+use yoco_e2e::yoco_bin;
 use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_client::GenerationClient;
 
@@ -21,10 +21,7 @@ const VOCAB: usize = 2000;
 const TTL: &str = "2";
 
 fn init_model(home: &Path) -> PathBuf {
-    let dir = home.join("m");
-    let vocab = VOCAB.to_string();
-    yoco(home, &["init-model", "--preset", "tiny", "--vocab-size", &vocab, "--out", dir.to_str().unwrap()]).ok();
-    dir
+    yoco_e2e::init_tiny_model(home, VOCAB)
 }
 
 /// A `yoco worker` registered as rank `rank` of `group`; killed when dropped.
@@ -71,7 +68,7 @@ async fn coordinator(home: &Path, etcd: &Etcd) -> Server {
 }
 
 fn request(salt: u32, max_tokens: u32) -> pb::GenerateRequest {
-    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + salt * 101 + 11) % VOCAB as u32).collect();
+    let ids = yoco_e2e::prompt_ids(40, salt as usize, VOCAB);
     pb::GenerateRequest {
         prompt: ids_prompt(&ids),
         max_tokens: Some(max_tokens),

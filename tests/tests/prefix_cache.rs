@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use yoco_e2e::http::{http_get, http_post, parse_prometheus};
 use yoco_e2e::server::{generate, ids_prompt, Outcome, Server};
-use yoco_e2e::yoco;
 use yoco_proto::v1 as pb;
 
 const VOCAB: usize = 2000;
@@ -16,14 +15,11 @@ const VOCAB: usize = 2000;
 const BLOCK: u64 = 256;
 
 fn init_model(home: &Path) -> PathBuf {
-    let dir = home.join("m");
-    let vocab = VOCAB.to_string();
-    yoco(home, &["init-model", "--preset", "tiny", "--vocab-size", &vocab, "--out", dir.to_str().unwrap()]).ok();
-    dir
+    yoco_e2e::init_tiny_model(home, VOCAB)
 }
 
 fn prompt(n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 37 + salt * 101 + 11) % VOCAB) as u32).collect()
+    yoco_e2e::prompt_ids(n, salt, VOCAB)
 }
 
 fn join(a: &[u32], b: &[u32]) -> Vec<u32> {

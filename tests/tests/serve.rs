@@ -17,14 +17,11 @@ use yoco_proto::v1 as pb;
 const VOCAB: usize = 2000;
 
 fn init_model(home: &Path) -> PathBuf {
-    let dir = home.join("m");
-    let vocab = VOCAB.to_string();
-    yoco(home, &["init-model", "--preset", "tiny", "--vocab-size", &vocab, "--out", dir.to_str().unwrap()]).ok();
-    dir
+    yoco_e2e::init_tiny_model(home, VOCAB)
 }
 
 fn prompt(n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 37 + salt * 101 + 11) % VOCAB) as u32).collect()
+    yoco_e2e::prompt_ids(n, salt, VOCAB)
 }
 
 fn request(ids: &[u32], max_tokens: u32, sampling: pb::SamplingParams) -> pb::GenerateRequest {
