@@ -28,7 +28,7 @@ pub struct Args {
     decode_tokens: usize,
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
-    /// Concurrent sequences for the batched decode runs (empty: none).
+    /// Concurrent sequences for the batched decode runs (0: none).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
     /// Context of each sequence in the batched decode runs.
@@ -55,7 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // What one decode token reads: every weight but the embedding table (one row of it), and
     // the global cache once per cross-decoder layer.
     let weight_bytes = (cfg.n_params(false) - cfg.vocab_size * cfg.dim) * 4;
-    let read_per_token = |context: usize| (weight_bytes + cfg.n_cross_layers() * context * cache_bytes_per_token) as f64;
+    let read_per_token =
+        |context: usize| (weight_bytes + cfg.n_cross_layers() * context * cache_bytes_per_token) as f64;
     if !args.json {
         println!("yoco bench: preset {} ({} params), {threads} threads", args.preset, cfg.n_params(false));
         println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s; memory read (1 GiB) = {bandwidth:.1} GB/s");
@@ -142,7 +143,7 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize) -> anyhow::Result<Vec<(usize, f64)>> {
     let mut out = Vec::new();
     let steps = args.decode_tokens.max(4);
-    for &b in &args.batches {
+    for &b in args.batches.iter().filter(|&&b| b > 0) {
         let opts = EngineOptions {
             cache_budget_bytes: b * (args.batch_context + steps + 512) * cache_bytes_per_token * 2,
             ..Default::default()
@@ -151,7 +152,8 @@ fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize)
         let mut last = Vec::new();
         for s in 0..b as u64 {
             engine.add_sequence(s)?;
-            let prompt: Vec<u32> = (0..args.batch_context).map(|i| ((i * 7919 + s as usize * 13) % 50000) as u32).collect();
+            let prompt: Vec<u32> =
+                (0..args.batch_context).map(|i| ((i * 7919 + s as usize * 13) % 50000) as u32).collect();
             for (i, part) in prompt.chunks(args.prefill_chunk).enumerate() {
                 let want = if (i + 1) * args.prefill_chunk >= prompt.len() { Logits::Last } else { Logits::None };
                 let logits = engine.step(&[StepItem::prefill(s, part, want)])?.remove(0).logits;
