@@ -1,8 +1,9 @@
 //! Membership through a real etcd server: `yoco worker --etcd` processes register their ranks,
 //! `yoco coordinator --etcd` forms the groups it finds and routes requests over them. A killed
 //! rank takes only its group out of service, with UNAVAILABLE naming the rank, in bounded time;
-//! its restart re-forms the group; an etcd restart changes nothing for the clients; a second
-//! coordinator shares the groups and takes over those of one that died.
+//! its restart re-forms the group, and the surviving group holds no cache afterwards; an etcd
+//! restart changes nothing for the clients; a second coordinator shares the groups and takes
+//! over those of one that died; a restarted coordinator serves its groups again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -166,6 +167,16 @@ async fn two_groups_share_the_load_and_a_lost_rank_takes_out_only_its_group() {
         }
     }
     assert_eq!((failed, finished), (2, 2), "g1's requests fail, g0's finish");
+    // Nothing leaks on the surviving group: its ranks hold no sequence and no cache.
+    let started = Instant::now();
+    loop {
+        let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        if info.groups.len() == 1 && info.ranks.iter().all(|r| r.cache_used_bytes == 0 && r.sequences == 0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "g0 still holds: {:?}", info.ranks);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The coordinator stays up and serves with g0 alone.
     wait_groups(&mut client, &["g0"], Duration::from_secs(10)).await;
     assert_eq!(server.health().await, Some(ServingStatus::Serving));
@@ -235,4 +246,32 @@ async fn coordinators_share_the_groups_and_take_over_a_dead_ones() {
     drop(a);
     wait_groups(&mut cb, &["g0", "g1"], Duration::from_secs(2 + 15)).await;
     assert_eq!(generate(&mut cb, request(2, 4)).await.unwrap().reason(), pb::FinishReason::Length);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_finds_its_groups_again() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path());
+    let etcd = Etcd::start(home.path());
+    let _g0 = Worker::start(home.path(), &model, &etcd, "g0", 0, 1);
+    let first = coordinator(home.path(), &etcd).await;
+    let mut client = first.client().await;
+    assert_eq!(generate(&mut client, request(1, 4)).await.unwrap().reason(), pb::FinishReason::Length);
+    // Killed mid-stream: the stream breaks off with an error and new calls get UNAVAILABLE, so
+    // the client can retry elsewhere.
+    let stream = started_stream(&mut client, 2).await;
+    drop(first);
+    let o = drain(stream).await;
+    assert!(o.status.is_some() && o.finished.is_none(), "the stream should break off: {o:?}");
+    let e = client.model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // A new coordinator takes the group over once the dead one's lease is gone; the worker
+    // keeps its registration and the cache it held for the lost request is freed by the re-form.
+    let second = coordinator(home.path(), &etcd).await;
+    let mut client = second.client().await;
+    wait_groups(&mut client, &["g0"], Duration::from_secs(30)).await;
+    let o = generate(&mut client, request(1, 4)).await.unwrap();
+    assert_eq!(o.reason(), pb::FinishReason::Length);
+    let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+    assert!(info.ranks.iter().all(|r| r.cache_used_bytes == 0 && r.sequences == 0), "{:?}", info.ranks);
 }
