@@ -38,7 +38,14 @@ pub fn router(api: Api, keys: Option<Arc<ApiKeys>>) -> Router {
         Some(keys) => guarded.route_layer(axum::middleware::from_fn_with_state(keys, require_key)),
         None => guarded,
     };
-    Router::new().route("/health", get(|| async { "ok" })).route("/ready", get(ready)).merge(guarded).with_state(api)
+    // Request bodies up to the gRPC API's message size: a million-token prompt is several MB
+    // (axum's default would refuse anything over 2 MB).
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .merge(guarded)
+        .layer(axum::extract::DefaultBodyLimit::max(crate::api::MAX_MESSAGE_BYTES))
+        .with_state(api)
 }
 
 /// 401 with OpenAI's body for a missing or wrong key; nothing else is said.
@@ -127,6 +134,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
+            // 413 for a body over the limit, 400 for one that is not the schema's JSON.
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                kind: "invalid_request_error",
+                message: format!("the request body exceeds {} MiB", crate::api::MAX_MESSAGE_BYTES >> 20),
+                param: None,
+            }),
             Err(e) => Err(ApiError::invalid(e.body_text(), None)),
         }
     }

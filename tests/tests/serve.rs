@@ -241,6 +241,13 @@ async fn every_invalid_field_is_named_and_the_server_keeps_serving() {
     assert_eq!(code, 404, "{body}");
     let (code, body) = http_post(&server.http, "/v1/completions", "{not json");
     assert_eq!(code, 400, "{body}");
+    // A body of several MB (a long prompt) is read, not refused by size: here its 1.2M tokens
+    // are more than this small cache holds, which validation says.
+    let long = format!(r#"{{"prompt": [{}1], "max_tokens": 1}}"#, "1,".repeat(1_200_000));
+    assert!(long.len() > 2 << 20);
+    let (code, body) = http_post(&server.http, "/v1/completions", &long);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("cache capacity"), "{body}");
     let (code, body) =
         http_post(&server.http, "/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}]}"#);
     assert_eq!(code, 400, "{body}");
