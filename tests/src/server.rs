@@ -79,9 +79,16 @@ impl Server {
 
     /// Like [`Server::start`], without waiting for SERVING (it may be NOT_SERVING for long).
     pub fn spawn(home: &Path, args: &[&str]) -> Server {
+        Self::spawn_with_env(home, args, &[])
+    }
+
+    /// Like [`Server::spawn`], with these variables set (the `YOCO_*` ones of the caller are not
+    /// passed on, these are).
+    pub fn spawn_with_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut all = args.to_vec();
         all.extend_from_slice(&["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
         let (mut cmd, stderr_path) = command(home, &all);
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("start yoco");
         let line = ready_json(&mut child);
         let field = |k: &str| line[k].as_str().unwrap_or_else(|| panic!("no {k} in {line}")).to_string();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 use yoco_e2e::http::http;
-use yoco_e2e::server::{command, ids_prompt, Server};
+use yoco_e2e::server::{ids_prompt, Server};
 use yoco_e2e::yoco;
 use yoco_proto::v1 as pb;
 
@@ -35,19 +35,7 @@ async fn start(home: &Path, keys: &Path) -> Server {
     let args =
         ["serve", "--model", model.to_str().unwrap(), "--workers", "1", "--api-key-file", keys.to_str().unwrap()];
     let limits = ["--max-streams-per-key", "1", "--max-prompt-tokens", "100", "--request-timeout", "3"];
-    // YOCO_API_KEYS must reach the server: Server::start clears YOCO_* from the environment, so
-    // start it by hand through the same helper.
-    let (mut cmd, stderr_path) =
-        command(home, &[&args[..], &limits, &["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]].concat());
-    cmd.env("YOCO_API_KEYS", "env-key");
-    let mut child = cmd.spawn().unwrap();
-    let line = yoco_e2e::server::ready_json(&mut child);
-    let server = Server {
-        addr: line["grpc"].as_str().unwrap().into(),
-        http: line["http"].as_str().unwrap().into(),
-        child,
-        stderr_path,
-    };
+    let server = Server::spawn_with_env(home, &[&args[..], &limits].concat(), &[("YOCO_API_KEYS", "env-key")]);
     server.wait_serving(Duration::from_secs(60)).await;
     server
 }
