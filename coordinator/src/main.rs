@@ -1,29 +1,7 @@
 //! `yoco`: the command line of the yoco serving cluster.
 
-mod api;
-mod auth;
-mod bench;
-mod bench_prefix;
-mod chat;
-mod client;
-mod cluster;
-mod default_model;
-mod detok;
-mod generate;
-mod group;
-mod init_model;
-mod limits;
-mod membership;
-mod metrics;
-mod openai;
-mod prompt_args;
-mod request;
-mod router;
-mod scheduler;
-mod serve;
-mod worker_cmd;
-
 use clap::{Parser, Subcommand};
+use yoco::{bench, client, generate, init_model, serve, worker_cmd};
 
 #[derive(Parser)]
 #[command(name = "yoco", version, about = "Serve YOCO (You Only Cache Once) language models")]
