@@ -13,9 +13,18 @@ use crate::api::MAX_MESSAGE_BYTES;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Server address.
+    /// Server address: `http://` for plaintext, `https://` for TLS.
     #[arg(long, default_value = "http://127.0.0.1:50051", env = "YOCO_ADDR", global = true)]
     addr: String,
+    /// PEM CA certificates to verify an `https://` server with (default: the Web PKI roots).
+    #[arg(long, env = "YOCO_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for servers that require one (mutual TLS); with --tls-key.
+    #[arg(long, env = "YOCO_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "YOCO_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// API key, sent as `authorization: Bearer <key>` (a server with keys needs one).
     #[arg(long, env = "YOCO_API_KEY", global = true, hide_env_values = true)]
     api_key: Option<String>,
@@ -85,10 +94,7 @@ struct GenerateArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
+        let channel = endpoint(&args)?.connect().await.with_context(|| format!("connecting to {}", args.addr))?;
         let auth = match &args.api_key {
             Some(k) => Some(format!("Bearer {k}").parse().context("--api-key: not a valid header value")?),
             None => None,
@@ -114,6 +120,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The server's endpoint, with TLS for `https://` addresses.
+fn endpoint(args: &Args) -> anyhow::Result<tonic::transport::Endpoint> {
+    let endpoint = tonic::transport::Endpoint::from_shared(args.addr.clone())?;
+    if !args.addr.starts_with("https://") {
+        if args.tls_ca.is_some() || args.tls_cert.is_some() {
+            bail!("--tls-ca and --tls-cert need an https:// --addr");
+        }
+        return Ok(endpoint);
+    }
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match &args.tls_ca {
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+        None => tls.with_webpki_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(endpoint.tls_config(tls)?)
 }
 
 /// Adds the API key to every call.

@@ -127,6 +127,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cache_budget_bytes: args.cache_mib << 20,
                 collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout.max(0.001)),
                 transport: args.transport.clone(),
+                tls: None,
+                allow_plaintext: false,
             };
             Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }

@@ -23,6 +23,9 @@ pub struct GroupOptions {
     pub collective_timeout: Duration,
     /// `tcp`, or `nccl` (rank r on GPU r).
     pub transport: String,
+    /// Mutual TLS to the workers; without it, plaintext (refused off loopback unless allowed).
+    pub tls: Option<crate::tls::WorkerTls>,
+    pub allow_plaintext: bool,
 }
 
 /// Positions per cache block on every rank.
@@ -101,8 +104,8 @@ impl GroupHandle {
     }
 }
 
-async fn client(addr: &str, rank: usize) -> anyhow::Result<WorkerClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+async fn client(addr: &str, rank: usize, opts: &GroupOptions) -> anyhow::Result<WorkerClient<Channel>> {
+    let channel = crate::tls::worker_endpoint(addr, opts.tls.as_ref(), opts.allow_plaintext)?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .connect()
@@ -148,7 +151,7 @@ impl WorkerGroup {
         }
         let mut clients = Vec::new();
         for (rank, addr) in grpc.iter().enumerate() {
-            clients.push(client(addr, rank).await?);
+            clients.push(client(addr, rank, opts).await?);
         }
         Self::form(children, clients, grpc, collective, String::new(), opts).await
     }
@@ -166,7 +169,7 @@ impl WorkerGroup {
         let mut clients = Vec::new();
         let mut collective = Vec::new();
         for (rank, addr) in addrs.iter().enumerate() {
-            let mut c = client(addr, rank).await?;
+            let mut c = client(addr, rank, opts).await?;
             let info = c.info(pb::InfoRequest {}).await.map_err(|s| anyhow!("worker {addr}: {}", s.message()))?;
             let collective_addr = match collective_addrs.and_then(|a| a.get(rank)) {
                 Some(a) => a.clone(),

@@ -22,4 +22,5 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod serve;
+pub mod tls;
 pub mod worker_cmd;

@@ -1,7 +1,7 @@
 //! `yoco`: the command line of the yoco serving cluster.
 
 use clap::{Parser, Subcommand};
-use yoco::{bench, client, generate, init_model, serve, worker_cmd};
+use yoco::{bench, client, generate, init_model, serve, tls, worker_cmd};
 
 #[derive(Parser)]
 #[command(name = "yoco", version, about = "Serve YOCO (You Only Cache Once) language models")]
@@ -32,6 +32,9 @@ enum Command {
     Coordinator(serve::CoordinatorArgs),
     /// Call a running server: generate, tokenize, info.
     Client(client::Args),
+    /// Write a private CA, and server and client certificates it signs (PEM), for TLS and
+    /// mutual TLS in development clusters and tests.
+    Certs(tls::CertsArgs),
     /// Measure the engine: prefill and decode speed, cache bytes per token, machine peak.
     Bench(bench::Args),
 }
@@ -54,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::InitModel(args) => init_model::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Certs(args) => tls::write_certs(args),
         Command::Worker(args) => worker_cmd::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::Coordinator(args) => serve::coordinator(args),

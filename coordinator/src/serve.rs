@@ -36,6 +36,7 @@ use crate::request::Limits;
 use crate::router::Ready;
 use crate::scheduler::prefix::model_seed;
 use crate::scheduler::{Capacity, PrefixConfig, Scheduler, SchedulerConfig};
+use crate::tls::{ServerTlsArgs, WorkerTls, WorkerTlsArgs};
 
 /// Settings shared by `serve` and `coordinator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -96,6 +97,12 @@ pub struct ServerArgs {
     /// `grpc-timeout` wins. Past it, the request is cancelled.
     #[arg(long, default_value_t = 0.0, env = "YOCO_REQUEST_TIMEOUT")]
     request_timeout: f64,
+    /// Also serve gRPC health (grpc.health.v1, nothing else) in plaintext here: for probes that
+    /// cannot do TLS, such as the kubelet's.
+    #[arg(long, env = "YOCO_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +148,8 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "YOCO_WORKER_MODEL")]
     worker_model: Option<String>,
     #[command(flatten)]
+    worker_tls: WorkerTlsArgs,
+    #[command(flatten)]
     server: ServerArgs,
 }
 
@@ -159,7 +168,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dir = crate::default_model::resolve(args.model.clone())?;
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     let chat = ChatTemplate::for_model_dir(&dir)?;
-    let opts = group_options(&args.server);
+    let opts = group_options(&args.server, None);
     let workers = args.workers;
     let form = Box::pin(async move { WorkerGroup::spawn_local(workers, &dir, &opts).await });
     runtime()?.block_on(run(args.server, tokenizer, chat, Groups::Static(form)))
@@ -174,7 +183,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         Some(dir) => ChatTemplate::for_model_dir(dir)?,
         None => None,
     };
-    let opts = group_options(&args.server);
+    let opts = group_options(&args.server, args.worker_tls.client_config()?);
     let (workers, model) = (args.workers.clone(), args.worker_model.clone());
     let groups = if args.etcd.is_empty() {
         Groups::Static(Box::pin(async move { WorkerGroup::connect(&workers, None, model.as_deref(), &opts).await }))
@@ -245,8 +254,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-fn group_options(a: &ServerArgs) -> GroupOptions {
+fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
     GroupOptions {
+        tls,
+        allow_plaintext: a.tls.allow_plaintext,
         cache_budget_bytes: a.cache_mib << 20,
         collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
         transport: a.transport.clone(),
@@ -266,6 +277,9 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         },
     };
     config.validate().map_err(|e| anyhow!(e))?;
+    // Certificates are read, and plaintext off loopback refused, before anything listens.
+    let grpc_tls = args.tls.for_listener(args.listen, "the gRPC API", &[b"h2"])?;
+    let http_tls = args.tls.for_listener(args.http_listen, "the HTTP API", &[b"http/1.1"])?;
     let tokenizer = Arc::new(tokenizer);
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -299,9 +313,29 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     let http = {
         let stop = http_stop.clone();
         let app = crate::openai::router(api.clone(), keys.clone());
-        tokio::spawn(async move {
-            axum::serve(http_listener, app).with_graceful_shutdown(async move { stop.notified().await }).await
-        })
+        let stopped = async move { stop.notified().await };
+        match http_tls {
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(http_listener, tls)?;
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+            None => tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped).await }),
+        }
+    };
+    let health_server = match args.health_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
+            let stop = stop.clone();
+            let health = health.clone();
+            let local = l.local_addr()?;
+            let task = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move { stop.notified().await }),
+            );
+            Some((local, task))
+        }
+        None => None,
     };
     let server = {
         let stop = stop.clone();
@@ -309,25 +343,41 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let guard = crate::auth::grpc_interceptor(keys);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(health)
-                .add_service(InterceptedService::new(reflection, guard.clone()))
-                .add_service(InterceptedService::new(service, guard))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.notified().await }),
-        )
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health)
+            .add_service(InterceptedService::new(reflection, guard.clone()))
+            .add_service(InterceptedService::new(service, guard));
+        let stopped = async move { stop.notified().await };
+        match grpc_tls {
+            Some(tls) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(crate::tls::incoming_stream(listener, tls), stopped))
+            }
+            None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)),
+        }
     };
     // The one line on stdout: where we listen (the port may have been 0).
+    let tls = args.tls.tls_cert.is_some();
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "grpc": addr.to_string(), "http": http_addr.to_string(), "pid": std::process::id()})
+        serde_json::json!({
+            "event": "listening",
+            "grpc": addr.to_string(),
+            "http": http_addr.to_string(),
+            "health": health_server.as_ref().map(|(a, _)| a.to_string()),
+            "tls": tls,
+            "pid": std::process::id(),
+        })
     );
     tracing::info!(grpc = %addr, http = %http_addr, "listening; forming the worker groups");
     let starter = GroupStarter { tokenizer, config };
     let signal = crate::worker_cmd::shutdown(false);
     let outcome = match groups {
-        Groups::Static(form) => serve_static(&args, form, &starter, &api, &reporter, signal, addr, http_addr).await,
+        Groups::Static(form) => {
+            let (scheme, http_scheme) = if tls { ("https", "https") } else { ("http", "http") };
+            let urls = (format!("{scheme}://{addr}"), format!("{http_scheme}://{http_addr}"));
+            serve_static(&args, form, &starter, &api, &reporter, signal, urls).await
+        }
         Groups::Etcd(cfg) => crate::cluster::run(*cfg, starter, &api, reporter.clone(), signal).await,
     };
     // Streams still open get their last messages before the server stops.
@@ -335,6 +385,9 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     http_stop.notify_one();
     server.await??;
     http.await??;
+    if let Some((_, task)) = health_server {
+        task.await??;
+    }
     tracing::info!("stopped");
     outcome
 }
@@ -349,8 +402,7 @@ async fn serve_static(
     api: &Api,
     reporter: &tonic_health::server::HealthReporter,
     signal: impl Future<Output = ()>,
-    addr: SocketAddr,
-    http_addr: SocketAddr,
+    (grpc_url, http_url): (String, String),
 ) -> anyhow::Result<()> {
     tokio::pin!(signal);
     let group = tokio::select! {
@@ -364,7 +416,7 @@ async fn serve_static(
     let scheduler = api.router().insert(ready).scheduler.clone();
     reporter.set_serving::<GenerationServer<Api>>().await;
     eprintln!(
-        "serving on grpc://{addr} and http://{http_addr}; try:\n  yoco client --addr http://{addr} generate --prompt \"Hello\"\n  curl http://{http_addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
+        "serving on {grpc_url} (gRPC) and {http_url} (HTTP); try:\n  yoco client --addr {grpc_url} generate --prompt \"Hello\"\n  curl {http_url}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'"
     );
     tokio::select! {
         _ = &mut signal => {

@@ -10,6 +10,7 @@ use yoco_worker::service::{WorkerDefaults, WorkerService};
 
 use crate::membership::etcd::{self, revoke, EtcdConfig, LeaseWatch};
 use crate::membership::{valid_name, Keys, RankEntry, MAX_WORLD};
+use crate::tls::ServerTlsArgs;
 
 /// Largest gRPC message a worker accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -31,6 +32,15 @@ pub struct Args {
     /// Exit when standard input closes (a local parent that spawned us has gone).
     #[arg(long)]
     exit_on_stdin_close: bool,
+    /// Also serve gRPC health (grpc.health.v1, nothing else) in plaintext here: for probes that
+    /// cannot do TLS, such as the kubelet's.
+    #[arg(long, env = "YOCO_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// TLS on the worker's gRPC; it then requires --tls-client-ca (mutual TLS: only coordinators
+    /// holding a certificate that CA signed may drive it). `--allow-plaintext` also covers the
+    /// collective, which is never encrypted (like NCCL) and so is refused off loopback without it.
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     #[command(flatten)]
     membership: Membership,
 }
@@ -71,6 +81,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    if args.tls.tls_cert.is_some() && args.tls.tls_client_ca.is_none() {
+        anyhow::bail!(
+            "a worker with TLS needs --tls-client-ca: only coordinators holding a certificate it signed may drive it"
+        );
+    }
+    let tls = args.tls.for_listener(args.listen, "the worker's gRPC", &[b"h2"])?;
+    if !args.collective_listen.ip().is_loopback() && !args.tls.allow_plaintext {
+        anyhow::bail!(
+            "the collective (worker-to-worker TCP, like NCCL) is not encrypted: listening on {}, which is not \
+             loopback, needs --allow-plaintext; keep it on a network only the group's workers reach (deploy/k8s \
+             does so with a NetworkPolicy)",
+            args.collective_listen
+        );
+    }
     let grpc = tokio::net::TcpListener::bind(args.listen).await?;
     let collective = std::net::TcpListener::bind(args.collective_listen)?;
     let defaults = WorkerDefaults { model_dir: args.model.clone(), cache_budget_bytes: args.cache_mib << 20 };
@@ -88,11 +112,30 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown(args.exit_on_stdin_close))
-        .await?;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let health_server = match args.health_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at).await?;
+            tracing::info!(health = %l.local_addr()?, "plaintext health endpoint");
+            let (stop, health) = (stop.clone(), health.clone());
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move { stop.notified().await }),
+            ))
+        }
+        None => None,
+    };
+    let router = tonic::transport::Server::builder().add_service(health).add_service(server);
+    let stopped = shutdown(args.exit_on_stdin_close);
+    match tls {
+        Some(cfg) => router.serve_with_incoming_shutdown(crate::tls::incoming_stream(grpc, cfg), stopped).await?,
+        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped).await?,
+    }
+    stop.notify_one();
+    if let Some(task) = health_server {
+        task.await??;
+    }
     // Leaving cleanly: the registration goes at once instead of when its lease expires.
     if let Some((cfg, lease)) = registration {
         if let Some(id) = *lease.borrow() {
