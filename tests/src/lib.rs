@@ -5,6 +5,7 @@
 //! `cargo build --release -p yoco && cargo test --release -p yoco-e2e` (`scripts/test.sh` does
 //! this). `YOCO_BIN=/path/to/yoco` overrides the lookup.
 
+pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod server;

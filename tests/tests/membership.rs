@@ -6,15 +6,14 @@
 //! over those of one that died; a restarted coordinator serves its groups again.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
+use yoco_e2e::cluster::{groups, wait_groups, Worker};
 use yoco_e2e::etcd::Etcd;
 use yoco_e2e::server::{drain, generate, ids_prompt, Server};
-use yoco_e2e::yoco_bin;
 use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_client::GenerationClient;
 
@@ -23,45 +22,6 @@ const TTL: &str = "2";
 
 fn init_model(home: &Path) -> PathBuf {
     yoco_e2e::init_tiny_model(home, VOCAB)
-}
-
-/// A `yoco worker` registered as rank `rank` of `group`; killed when dropped.
-struct Worker(Child);
-
-impl Worker {
-    fn start(home: &Path, model: &Path, etcd: &Etcd, group: &str, rank: usize, world: usize) -> Worker {
-        let log = std::fs::File::create(home.join(format!("worker-{group}-{rank}-{}.log", unique()))).unwrap();
-        let child = Command::new(yoco_bin())
-            .args(["worker", "--model", model.to_str().unwrap(), "--cache-mib", "256"])
-            .args(["--etcd", &etcd.endpoint, "--cluster", "t", "--group", group, "--lease-ttl", TTL])
-            .args(["--rank", &rank.to_string(), "--world", &world.to_string()])
-            .env("YOCO_THREADS", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Worker(child)
-    }
-
-    fn kill9(&mut self) {
-        Command::new("sh").args(["-c", &format!("kill -9 {}", self.0.id())]).status().unwrap();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 async fn coordinator(home: &Path, etcd: &Etcd) -> Server {
@@ -75,24 +35,6 @@ fn request(salt: u32, max_tokens: u32) -> pb::GenerateRequest {
         max_tokens: Some(max_tokens),
         ignore_eos: true,
         ..Default::default()
-    }
-}
-
-async fn groups(client: &mut GenerationClient<Channel>) -> Vec<pb::GroupStatus> {
-    client.model_info(pb::ModelInfoRequest {}).await.map(|r| r.into_inner().groups).unwrap_or_default()
-}
-
-/// Waits until the coordinator serves exactly the groups `names` (all accepting).
-async fn wait_groups(client: &mut GenerationClient<Channel>, names: &[&str], limit: Duration) {
-    let started = Instant::now();
-    loop {
-        let g = groups(client).await;
-        if g.iter().map(|g| g.name.as_str()).eq(names.iter().copied()) && g.iter().all(|g| g.accepting) {
-            return;
-        }
-        let seen: Vec<(String, bool)> = g.iter().map(|g| (g.name.clone(), g.accepting)).collect();
-        assert!(started.elapsed() < limit, "groups {seen:?}, waiting for {names:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
