@@ -9,19 +9,27 @@ pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod server;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
 /// The `yoco` binary of this build profile: `target/<profile>/yoco`, the parent of the `deps`
-/// folder this test executable runs from (so `CARGO_TARGET_DIR` and `--target` are followed).
+/// folder this test executable runs from, or the folder of this crate's own binary (so
+/// `CARGO_TARGET_DIR` and `--target` are followed).
 pub fn yoco_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("YOCO_BIN") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("the test executable's path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("the test executable lies in target/<profile>/deps");
+    // Tests run from target/<profile>/deps, this crate's binaries (`soak`) from target/<profile>.
+    let dir = exe.parent().expect("the executable lies in a folder");
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().expect("the test executable lies in target/<profile>/deps")
+    } else {
+        dir
+    };
     let bin = profile_dir.join(format!("yoco{}", std::env::consts::EXE_SUFFIX));
     let profile = profile_dir.file_name().unwrap_or_default().to_string_lossy();
     let flag = match &*profile {
