@@ -93,8 +93,8 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let chain = certs(cert, "TLS certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(&read(key, "TLS key")?)
-        .map_err(|e| anyhow!("TLS key {}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read(key, "TLS key")?).map_err(|e| anyhow!("TLS key {}: {e}", key.display()))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -342,10 +342,7 @@ pub fn write_certs(args: CertsArgs) -> anyhow::Result<()> {
     for (name, text) in files.iter().zip(contents) {
         write_private(&args.out.join(name), &text)?;
     }
-    println!(
-        "{}",
-        serde_json::json!({"dir": args.out.display().to_string(), "names": args.name, "files": files})
-    );
+    println!("{}", serde_json::json!({"dir": args.out.display().to_string(), "names": args.name, "files": files}));
     Ok(())
 }
 
