@@ -17,6 +17,14 @@ WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
                   "StorageClass", "PriorityClass", "RuntimeClass"}
 WORKER_GRPC_PORT = 50061
+# Plaintext gRPC health only (the kubelet's probes cannot do TLS); the APIs take TLS.
+WORKER_HEALTH_PORT = 50063
+COORDINATOR_HEALTH_PORT = 50052
+TLS_ENV = {
+    "coordinator": ("YOCO_TLS_CERT", "YOCO_TLS_KEY", "YOCO_WORKER_TLS_CA", "YOCO_WORKER_TLS_CERT",
+                    "YOCO_WORKER_TLS_KEY"),
+    "worker": ("YOCO_TLS_CERT", "YOCO_TLS_KEY", "YOCO_TLS_CLIENT_CA"),
+}
 
 
 class Report:
@@ -88,6 +96,21 @@ def check_container(r, where, pod_spec, c, require_tag):
         tag = image.rsplit("/", 1)[-1]
         if "@" not in tag and (":" not in tag or tag.endswith(":latest")):
             r.fail(name, f"image {image!r} has no pinned tag")
+
+
+def check_tls(r, where, pod_spec, c, role):
+    """Every TLS file the container is pointed at lies on a mounted Secret volume."""
+    env = env_map(c)
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    for var in TLS_ENV[role]:
+        path = (env.get(var) or {}).get("value")
+        if not path:
+            r.fail(where, f"{var} is not set: the {role} would serve or connect in plaintext")
+            continue
+        mount = next((name for at, name in mounts.items() if path.startswith(at.rstrip("/") + "/")), None)
+        if mount is None or "secret" not in volumes.get(mount, {}):
+            r.fail(where, f"{var}={path} is not on a mounted Secret")
 
 
 def check_manifests(path, profile, external_etcd):
@@ -201,8 +224,9 @@ def check_manifests(path, profile, external_etcd):
         if not shm or (vols.get(shm[0]["name"], {}).get("emptyDir") or {}).get("medium") != "Memory":
             r.fail(where, "/dev/shm is not a memory-backed emptyDir")
         for probe in ("livenessProbe", "readinessProbe"):
-            if (c.get(probe) or {}).get("grpc", {}).get("port") != WORKER_GRPC_PORT:
-                r.fail(where, f"{probe} is not a gRPC probe on {WORKER_GRPC_PORT}")
+            if (c.get(probe) or {}).get("grpc", {}).get("port") != WORKER_HEALTH_PORT:
+                r.fail(where, f"{probe} is not a gRPC probe on the health port {WORKER_HEALTH_PORT}")
+        check_tls(r, where, tpl["spec"], c, "worker")
         gpus = int((c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))
         if profile == "gpu" and gpus < 1:
             r.fail(where, "worker requests no nvidia.com/gpu in the gpu profile")
@@ -224,8 +248,10 @@ def check_manifests(path, profile, external_etcd):
         if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") != "coordinator":
             continue
         for c in o["spec"]["template"]["spec"]["containers"]:
-            if "grpc" not in (c.get("readinessProbe") or {}) or "grpc" not in (c.get("livenessProbe") or {}):
-                r.fail(ident(o), "coordinator probes are not gRPC health probes")
+            for probe in ("livenessProbe", "readinessProbe"):
+                if (c.get(probe) or {}).get("grpc", {}).get("port") != COORDINATOR_HEALTH_PORT:
+                    r.fail(ident(o), f"{probe} is not a gRPC probe on the health port {COORDINATOR_HEALTH_PORT}")
+            check_tls(r, ident(o), o["spec"]["template"]["spec"], c, "coordinator")
 
     # etcd: bundled and consistent, or external and configured.
     etcd = by_kind.get("StatefulSet", {}).get("etcd")
