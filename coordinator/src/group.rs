@@ -207,12 +207,21 @@ impl WorkerGroup {
                 transport: opts.transport.clone(),
                 device: rank as u32,
             };
-            async move { c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message())) }
+            async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });
+        // The first rank to fail fails the formation at once: the others would wait for it at
+        // their collective until its timeout. Dropping the set cancels their LoadModel calls,
+        // which makes each of those workers give up its half-formed group.
+        let mut calls: tokio::task::JoinSet<_> = loads.collect();
+        let mut loaded = vec![None; world];
+        while let Some(joined) = calls.join_next().await {
+            let (rank, r) = joined.map_err(|e| anyhow!("LoadModel task: {e}"))?;
+            loaded[rank] = Some(r?.into_inner());
+        }
         let mut ranks = Vec::new();
         let (mut dir, mut config_json) = (String::new(), String::new());
-        for (r, addr) in futures_join_all(loads).await.into_iter().zip(&grpc) {
-            let loaded = r?.into_inner();
+        for (loaded, addr) in loaded.into_iter().zip(&grpc) {
+            let loaded = loaded.ok_or_else(|| anyhow!("a rank's LoadModel went missing"))?;
             let info = loaded.info.unwrap_or_default();
             tracing::info!(
                 rank = info.rank,

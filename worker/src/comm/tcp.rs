@@ -4,6 +4,8 @@
 
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Collective, CommError};
@@ -18,11 +20,23 @@ pub struct TcpOptions {
     pub timeout: Duration,
     /// How long to keep trying to reach peers while the group forms.
     pub connect_timeout: Duration,
+    /// Set by someone else to give up forming the group (a newer LoadModel, or the coordinator
+    /// cancelled this one); checked between attempts.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { timeout: Duration::from_secs(120), connect_timeout: Duration::from_secs(60) }
+        TcpOptions { timeout: Duration::from_secs(120), connect_timeout: Duration::from_secs(60), cancel: None }
+    }
+}
+
+impl TcpOptions {
+    fn check_cancelled(&self) -> Result<(), CommError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Acquire) => Err(CommError::Setup("forming the group was cancelled".into())),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -62,6 +76,7 @@ impl TcpCollective {
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
             let mut stream = loop {
+                opts.check_cancelled()?;
                 match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
@@ -76,6 +91,7 @@ impl TcpCollective {
         }
         listener.set_nonblocking(true).map_err(|e| CommError::Setup(e.to_string()))?;
         while streams.iter().skip(rank + 1).any(Option::is_none) {
+            opts.check_cancelled()?;
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     stream.set_nonblocking(false).map_err(|e| CommError::Setup(e.to_string()))?;
@@ -250,7 +266,7 @@ pub(crate) mod tests {
     pub(crate) fn group<T: Send>(world: usize, timeout: Duration, f: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
         let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let opts = TcpOptions { timeout, connect_timeout: Duration::from_secs(10) };
+        let opts = TcpOptions { timeout, connect_timeout: Duration::from_secs(10), cancel: None };
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()

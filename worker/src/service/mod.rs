@@ -5,6 +5,7 @@ pub mod convert;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,21 @@ pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
     /// The latest Info, answered without waiting for a running step.
     info: Arc<Mutex<pb::InfoResponse>>,
+    /// The cancel flag of the LoadModel in progress: a newer one, or the coordinator dropping
+    /// the call, sets it, so that a group half-formed with a lost rank is given up at once
+    /// instead of at its collective timeout.
+    loading: Arc<Mutex<Option<Arc<AtomicBool>>>>,
+    /// Held for the whole of a load: two loads never accept peers on the same socket at once.
+    load_lock: Arc<Mutex<()>>,
+}
+
+/// Sets a load's cancel flag when its call ends, whether it finished or was dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 impl WorkerService {
@@ -47,6 +63,8 @@ impl WorkerService {
             collective,
             state: Arc::new(Mutex::new(None)),
             info: Arc::new(Mutex::new(pb::InfoResponse::default())),
+            loading: Arc::new(Mutex::new(None)),
+            load_lock: Arc::new(Mutex::new(())),
         }
     }
 
@@ -173,26 +191,51 @@ impl Worker for WorkerService {
         };
         let listener = self.collective.try_clone().map_err(|e| Status::internal(e.to_string()))?;
         let (state, info) = (self.state.clone(), self.info.clone());
+        let cancel = Arc::new(AtomicBool::new(false));
+        if let Some(previous) = lock(&self.loading).replace(cancel.clone()) {
+            previous.store(true, Ordering::Release);
+        }
+        let _cancel_on_drop = CancelOnDrop(cancel.clone());
+        let load_lock = self.load_lock.clone();
         let started = Instant::now();
         let span = tracing::info_span!("load_model", rank, world, model = %model_dir.display());
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
+            let _exclusive = lock(&load_lock);
+            let cancelled = || {
+                cancel.load(Ordering::Acquire).then(|| {
+                    tracing::info!("load cancelled (a newer LoadModel, or the coordinator gave up)");
+                    Status::cancelled("LoadModel cancelled: superseded, or the coordinator gave up on the group")
+                })
+            };
+            if let Some(s) = cancelled() {
+                return Err(s);
+            }
+            tracing::info!("loading the model and forming the group");
             // Drop the old group first: its sockets must close before peers re-form.
             *lock(&state) = None;
+            *lock(&info) = pb::InfoResponse::default();
             let model = Model::load(&model_dir).map_err(|e| Status::failed_precondition(e.to_string()))?;
             let config_json = model.cfg.to_json().to_string();
             let opts = TcpOptions {
                 timeout: Duration::from_secs_f64(timeout),
                 connect_timeout: Duration::from_secs_f64(timeout),
+                cancel: Some(cancel.clone()),
             };
-            let comm =
-                form_group(rank, &addrs, listener, &opts, transport).map_err(|e| Status::unavailable(e.to_string()))?;
+            let comm = form_group(rank, &addrs, listener, &opts, transport).map_err(|e| match cancelled() {
+                Some(s) => s,
+                None => Status::unavailable(e.to_string()),
+            })?;
             let engine =
                 Engine::with_group(Arc::new(model), &EngineOptions { block_tokens, cache_budget_bytes: budget }, comm);
             let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
+            let mut slot = lock(&state);
+            if let Some(s) = cancelled() {
+                return Err(s);
+            }
             *lock(&info) = snapshot.clone();
-            *lock(&state) = Some(loaded);
+            *slot = Some(loaded);
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded, group formed");
             Ok(Response::new(pb::LoadModelResponse {
                 info: Some(snapshot),

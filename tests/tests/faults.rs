@@ -1,0 +1,79 @@
+//! Faults while a group forms: a rank that fails or dies during LoadModel fails the formation at
+//! once (not at the other ranks' collective timeout), the other ranks give up their half-formed
+//! group, and the group serves as soon as the rank is back. Afterwards no rank holds cache.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use yoco_e2e::cluster::{wait_groups, Worker};
+use yoco_e2e::etcd::Etcd;
+use yoco_e2e::server::{generate, ids_prompt, Server};
+use yoco_proto::v1 as pb;
+use yoco_proto::worker::v1 as wpb;
+use yoco_proto::worker::v1::worker_client::WorkerClient;
+
+const VOCAB: usize = 2000;
+
+fn request(salt: usize) -> pb::GenerateRequest {
+    let ids = yoco_e2e::prompt_ids(300, salt, VOCAB);
+    pb::GenerateRequest { prompt: ids_prompt(&ids), max_tokens: Some(8), ignore_eos: true, ..Default::default() }
+}
+
+async fn worker_info(addr: &str) -> wpb::InfoResponse {
+    let mut c = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
+    c.info(wpb::InfoRequest {}).await.unwrap().into_inner()
+}
+
+/// Waits until `log` (a file being written) contains `needle`.
+async fn wait_log(log: impl Fn() -> String, needle: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while !log().contains(needle) {
+        assert!(started.elapsed() < limit, "no {needle:?} within {limit:?}:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_lost_while_the_group_forms_fails_it_at_once_and_it_forms_when_back() {
+    let home = tempfile::tempdir().unwrap();
+    let model = yoco_e2e::init_tiny_model(home.path(), VOCAB);
+    let etcd = Etcd::start(home.path());
+    // Rank 1 cannot load its model: every LoadModel fails on it, while rank 0 loads and waits for
+    // rank 1 at the collective (for the default collective timeout of 120 s, were it not told).
+    let missing = home.path().join("no-such-model");
+    let w0 = Worker::start(home.path(), &model, &etcd, "g0", 0, 2);
+    let mut w1 = Worker::start(home.path(), Path::new(&missing), &etcd, "g0", 1, 2);
+    let server = Server::spawn(home.path(), &["coordinator", "--etcd", &etcd.endpoint, "--cluster", "t", "--lease-ttl", "2"]);
+    let took = wait_log(|| server.stderr(), "worker group did not form; retrying", Duration::from_secs(30)).await;
+    assert!(server.stderr().contains("rank 1"), "{}", server.stderr());
+    // Every retry is cancelled on rank 0 too (the coordinator dropped its call), not left to
+    // block the socket the next attempt forms on.
+    wait_log(|| w0.stderr(), "load cancelled", Duration::from_secs(10)).await;
+    eprintln!("formation failed after {took:?}");
+
+    // Rank 1 dies and comes back with the model: the group forms, in a few seconds.
+    w1.kill9();
+    let back = Instant::now();
+    let _w1 = Worker::start(home.path(), &model, &etcd, "g0", 1, 2);
+    let mut client = server.client().await;
+    wait_groups(&mut client, &["g0"], Duration::from_secs(20)).await;
+    eprintln!("group serving {:?} after the rank came back", back.elapsed());
+    let o = generate(&mut client, request(1)).await.unwrap();
+    assert_eq!(o.reason(), pb::FinishReason::Length, "{:?}", o.status);
+
+    // No rank holds any cache once its requests ended and the prefix cache is flushed.
+    let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
+    let flushed = Instant::now();
+    for addr in [&w0.grpc, &_w1.grpc] {
+        loop {
+            let info = worker_info(addr).await;
+            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
+                break;
+            }
+            // The flush reaches the ranks with the scheduler's next step, at once.
+            assert!(flushed.elapsed() < Duration::from_secs(10), "{addr} still holds cache: {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
