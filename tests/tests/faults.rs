@@ -44,7 +44,8 @@ async fn a_rank_lost_while_the_group_forms_fails_it_at_once_and_it_forms_when_ba
     let missing = home.path().join("no-such-model");
     let w0 = Worker::start(home.path(), &model, &etcd, "g0", 0, 2);
     let mut w1 = Worker::start(home.path(), Path::new(&missing), &etcd, "g0", 1, 2);
-    let server = Server::spawn(home.path(), &["coordinator", "--etcd", &etcd.endpoint, "--cluster", "t", "--lease-ttl", "2"]);
+    let server =
+        Server::spawn(home.path(), &["coordinator", "--etcd", &etcd.endpoint, "--cluster", "t", "--lease-ttl", "2"]);
     let took = wait_log(|| server.stderr(), "worker group did not form; retrying", Duration::from_secs(30)).await;
     assert!(server.stderr().contains("rank 1"), "{}", server.stderr());
     // Every retry is cancelled on rank 0 too (the coordinator dropped its call), not left to
@@ -73,6 +74,76 @@ async fn a_rank_lost_while_the_group_forms_fails_it_at_once_and_it_forms_when_ba
             }
             // The flush reaches the ranks with the scheduler's next step, at once.
             assert!(flushed.elapsed() < Duration::from_secs(10), "{addr} still holds cache: {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends `signal` to `pid` with the shell's builtin kill (no procps needed).
+fn signal(pid: u32, signal: &str) {
+    std::process::Command::new("sh").args(["-c", &format!("kill -{signal} {pid}")]).status().unwrap();
+}
+
+/// A rank that stalls (SIGSTOP: alive, silent) while its group decodes: the request fails in
+/// bounded time naming it, the group leaves service, and when the rank resumes (SIGCONT: its
+/// lease lapsed meanwhile, so it registers again) the group re-forms and serves; afterwards no
+/// rank holds cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_rank_takes_its_group_out_and_it_re_forms_when_the_rank_resumes() {
+    let home = tempfile::tempdir().unwrap();
+    let model = yoco_e2e::init_tiny_model(home.path(), VOCAB);
+    let etcd = Etcd::start(home.path());
+    let w: Vec<Worker> = (0..2).map(|r| Worker::start(home.path(), &model, &etcd, "g0", r, 2)).collect();
+    let args =
+        ["coordinator", "--etcd", &etcd.endpoint, "--cluster", "t", "--lease-ttl", "2", "--collective-timeout", "2"];
+    let server = Server::start(home.path(), &args).await;
+    let mut client = server.client().await;
+    wait_groups(&mut client, &["g0"], Duration::from_secs(30)).await;
+
+    let long = pb::GenerateRequest { max_tokens: Some(100_000), ..request(2) };
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    // Once it decodes, rank 1 stops.
+    use tokio_stream::StreamExt;
+    loop {
+        let msg = stream.next().await.expect("stream ended early").unwrap();
+        if matches!(msg.event, Some(pb::generate_response::Event::Tokens(_))) {
+            break;
+        }
+    }
+    signal(w[1].pid(), "STOP");
+    let stopped = Instant::now();
+    let outcome = yoco_e2e::server::drain(stream).await;
+    let failed_after = stopped.elapsed();
+    let status = outcome.status.expect("the request must fail");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("rank 1"), "{status:?}");
+    // The collective timeout (2 s) on rank 0, then the coordinator's grace: well under 10 s.
+    assert!(failed_after < Duration::from_secs(10), "failed after {failed_after:?}");
+
+    // Resumed after its lease lapsed: it registers again and the group re-forms.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(w[1].pid(), "CONT");
+    let resumed = Instant::now();
+    let started = Instant::now();
+    loop {
+        let last = match generate(&mut client, request(3)).await {
+            Ok(o) if o.reason() == pb::FinishReason::Length => break,
+            Ok(o) => format!("{:?}", o.status),
+            Err(s) => format!("{s:?}"),
+        };
+        assert!(started.elapsed() < Duration::from_secs(30), "g0 did not serve again: {last}\n{}", server.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("failed {failed_after:?} after the stop; serving {:?} after the resume", resumed.elapsed());
+    let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
+    let flushed = Instant::now();
+    for worker in &w {
+        loop {
+            let info = worker_info(&worker.grpc).await;
+            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
+                break;
+            }
+            assert!(flushed.elapsed() < Duration::from_secs(10), "{} still holds cache: {info:?}", worker.grpc);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
