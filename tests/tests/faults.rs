@@ -148,3 +148,65 @@ async fn a_stalled_rank_takes_its_group_out_and_it_re_forms_when_the_rank_resume
         }
     }
 }
+
+/// A rank killed while a long prompt prefills (context-parallel over both ranks): the request
+/// fails naming it, another request on the other group is untouched, and once the rank is back
+/// its group serves again; afterwards no rank of either group holds cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_killed_mid_prefill_fails_only_its_requests() {
+    use tokio_stream::StreamExt;
+    let home = tempfile::tempdir().unwrap();
+    let model = yoco_e2e::init_tiny_model(home.path(), VOCAB);
+    let etcd = Etcd::start(home.path());
+    let mut w: Vec<Worker> = ["g0", "g1"]
+        .iter()
+        .flat_map(|g| (0..2).map(move |r| (*g, r)))
+        .map(|(g, r)| Worker::start(home.path(), &model, &etcd, g, r, 2))
+        .collect();
+    let args =
+        ["coordinator", "--etcd", &etcd.endpoint, "--cluster", "t", "--lease-ttl", "2", "--prefill-chunk", "1024"];
+    let server = Server::start(home.path(), &args).await;
+    let mut client = server.client().await;
+    wait_groups(&mut client, &["g0", "g1"], Duration::from_secs(30)).await;
+
+    let long = |salt| {
+        let ids = yoco_e2e::prompt_ids(80_000, salt, VOCAB);
+        pb::GenerateRequest { prompt: ids_prompt(&ids), max_tokens: Some(4), ignore_eos: true, ..Default::default() }
+    };
+    // `a` prefills on one group (found from the ranks' Info), then `b` on the other (the router
+    // takes the least-loaded group).
+    let first_progress = |mut s: tonic::Streaming<pb::GenerateResponse>| async move {
+        loop {
+            let msg = s.next().await.expect("stream ended early").unwrap();
+            if matches!(msg.event, Some(pb::generate_response::Event::Progress(_))) {
+                return s;
+            }
+        }
+    };
+    let a = first_progress(client.clone().generate(long(10)).await.unwrap().into_inner()).await;
+    let a_on_g0 = worker_info(&w[0].grpc).await.sequences > 0;
+    let b = first_progress(client.clone().generate(long(11)).await.unwrap().into_inner()).await;
+    let (victim, group) = if a_on_g0 { (1, "g0") } else { (3, "g1") };
+    w[victim].kill9();
+    let (a, b) = tokio::join!(yoco_e2e::server::drain(a), yoco_e2e::server::drain(b));
+    assert!(a.tokens.is_empty(), "the kill was meant to land mid-prefill");
+    let status = a.status.expect("the request on the killed group must fail");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("rank"), "{status:?}");
+    assert_eq!(b.reason(), pb::FinishReason::Length, "the other group's request: {:?}", b.status);
+
+    w[victim] = Worker::start(home.path(), &model, &etcd, group, 1, 2);
+    wait_groups(&mut client, &["g0", "g1"], Duration::from_secs(30)).await;
+    let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
+    let flushed = Instant::now();
+    for worker in &w {
+        loop {
+            let info = worker_info(&worker.grpc).await;
+            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
+                break;
+            }
+            assert!(flushed.elapsed() < Duration::from_secs(10), "{} still holds cache: {info:?}", worker.grpc);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
