@@ -4,7 +4,7 @@
 
 #[cfg(feature = "cuda")]
 mod nccl;
-mod tcp;
+pub(crate) mod tcp;
 mod timed;
 
 #[cfg(feature = "cuda")]

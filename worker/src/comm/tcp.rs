@@ -13,6 +13,8 @@ use super::{Collective, CommError};
 const MAGIC: u32 = 0x594F_434F; // "YOCO"
 /// Largest frame a peer may announce (bounds what a corrupt or hostile peer makes us allocate).
 const MAX_FRAME_BYTES: u64 = 8 << 30;
+/// A frame's payload is read this much at a time.
+const READ_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
@@ -129,7 +131,7 @@ impl TcpCollective {
     }
 }
 
-fn hello(rank: usize, world: usize) -> [u8; 16] {
+pub(crate) fn hello(rank: usize, world: usize) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&MAGIC.to_le_bytes());
     b[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
@@ -137,7 +139,7 @@ fn hello(rank: usize, world: usize) -> [u8; 16] {
     b
 }
 
-fn parse_hello(b: &[u8; 16], world: usize) -> Result<usize, CommError> {
+pub(crate) fn parse_hello(b: &[u8; 16], world: usize) -> Result<usize, CommError> {
     let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     if word(0) != MAGIC || word(8) as usize != world {
         return Err(CommError::Setup("a connection that is not a rank of this group".into()));
@@ -163,24 +165,41 @@ fn timeout_or(peer: usize, e: std::io::Error, timeout: Duration) -> CommError {
 }
 
 fn write_frame(link: &mut Tx, peer: usize, data: &[f32], timeout: Duration) -> Result<(), CommError> {
-    let mut header = [0u8; 20];
-    header[..4].copy_from_slice(&MAGIC.to_le_bytes());
-    header[4..12].copy_from_slice(&link.sent.to_le_bytes());
-    header[12..20].copy_from_slice(&((data.len() * 4) as u64).to_le_bytes());
-    let w = &mut link.writer;
-    w.write_all(&header).map_err(|e| timeout_or(peer, e, timeout))?;
-    for chunk in data.chunks(16 * 1024) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.write_all(&bytes).map_err(|e| timeout_or(peer, e, timeout))?;
-    }
-    w.flush().map_err(|e| timeout_or(peer, e, timeout))?;
+    write_frame_to(&mut link.writer, link.sent, data).map_err(|e| timeout_or(peer, e, timeout))?;
     link.sent += 1;
     Ok(())
 }
 
-fn read_frame(link: &mut Rx, peer: usize, timeout: Duration) -> Result<Vec<f32>, CommError> {
+/// Writes frame number `seq` carrying `data` to `w`, and flushes it.
+pub(crate) fn write_frame_to(w: &mut impl Write, seq: u64, data: &[f32]) -> std::io::Result<()> {
     let mut header = [0u8; 20];
-    link.reader.read_exact(&mut header).map_err(|e| timeout_or(peer, e, timeout))?;
+    header[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..12].copy_from_slice(&seq.to_le_bytes());
+    header[12..20].copy_from_slice(&((data.len() * 4) as u64).to_le_bytes());
+    w.write_all(&header)?;
+    for chunk in data.chunks(16 * 1024) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_all(&bytes)?;
+    }
+    w.flush()
+}
+
+fn read_frame(link: &mut Rx, peer: usize, timeout: Duration) -> Result<Vec<f32>, CommError> {
+    let data = read_frame_from(&mut link.reader, link.received, peer, timeout)?;
+    link.received += 1;
+    Ok(data)
+}
+
+/// Reads one frame from `r`, which must be frame number `expected_seq` of the link to `peer`
+/// (`timeout` only words the error of a read that timed out).
+pub(crate) fn read_frame_from(
+    r: &mut impl Read,
+    expected_seq: u64,
+    peer: usize,
+    timeout: Duration,
+) -> Result<Vec<f32>, CommError> {
+    let mut header = [0u8; 20];
+    r.read_exact(&mut header).map_err(|e| timeout_or(peer, e, timeout))?;
     let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
     let seq = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
     let len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
@@ -188,16 +207,27 @@ fn read_frame(link: &mut Rx, peer: usize, timeout: Duration) -> Result<Vec<f32>,
     if magic != MAGIC {
         return Err(bad(format!("bad frame magic {magic:#x}")));
     }
-    if seq != link.received {
-        return Err(bad(format!("frame {seq} arrived where frame {} was expected (ranks out of step)", link.received)));
+    if seq != expected_seq {
+        return Err(bad(format!("frame {seq} arrived where frame {expected_seq} was expected (ranks out of step)")));
     }
     if len % 4 != 0 || len > MAX_FRAME_BYTES {
         return Err(bad(format!("bad frame length {len}")));
     }
-    let mut bytes = vec![0u8; len as usize];
-    link.reader.read_exact(&mut bytes).map_err(|e| timeout_or(peer, e, timeout))?;
-    link.received += 1;
-    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+    // The announced length is only a bound: memory grows with the bytes that arrive, so that a
+    // header announcing gigabytes followed by nothing costs one chunk, not the announced size.
+    let (len, n) = (len as usize, len as usize / 4);
+    let mut buf = vec![0u8; len.min(READ_CHUNK_BYTES)];
+    let mut out: Vec<f32> = Vec::new();
+    while out.len() < n {
+        let take = (4 * (n - out.len())).min(buf.len());
+        r.read_exact(&mut buf[..take]).map_err(|e| timeout_or(peer, e, timeout))?;
+        if out.capacity() - out.len() < take / 4 {
+            // Doubling (amortised O(1) per number) but never past the announced length.
+            out.reserve_exact(out.capacity().max(take / 4).min(n - out.len()));
+        }
+        out.extend(buf[..take].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))));
+    }
+    Ok(out)
 }
 
 fn no_peer(peer: usize) -> CommError {
@@ -307,6 +337,32 @@ pub(crate) mod tests {
             r
         });
         assert_eq!(results, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_frame_header_announcing_gigabytes_allocates_only_what_arrives() {
+        let read = |wire: &[u8], seq| read_frame_from(&mut std::io::Cursor::new(wire), seq, 1, Duration::from_secs(1));
+        // A header announcing the largest frame allowed (8 GiB), then 4000 bytes and the end.
+        let mut wire = Vec::new();
+        write_frame_to(&mut wire, 0, &[1.0; 1000]).unwrap();
+        wire[12..20].copy_from_slice(&MAX_FRAME_BYTES.to_le_bytes());
+        let (result, largest) = crate::test_alloc::largest_allocation(|| read(&wire, 0));
+        assert_eq!(result, Err(CommError::PeerLost { peer: 1 }));
+        assert!(largest <= READ_CHUNK_BYTES, "a 20-byte header made the reader allocate {largest} bytes");
+        // One byte more than allowed is refused before reading anything.
+        wire[12..20].copy_from_slice(&(MAX_FRAME_BYTES + 4).to_le_bytes());
+        assert!(matches!(read(&wire, 0), Err(CommError::Protocol { peer: 1, .. })));
+        // Frames of several chunks (and empty ones) still arrive whole, in sequence.
+        let data: Vec<f32> = (0..(3 * READ_CHUNK_BYTES / 4 + 5)).map(|i| i as f32).collect();
+        let mut wire = Vec::new();
+        write_frame_to(&mut wire, 0, &data).unwrap();
+        write_frame_to(&mut wire, 1, &[]).unwrap();
+        let mut r = std::io::Cursor::new(wire.as_slice());
+        let (got, largest) = crate::test_alloc::largest_allocation(|| read_frame_from(&mut r, 0, 1, Duration::ZERO));
+        assert_eq!(got.unwrap(), data);
+        assert!(largest <= 4 * data.len(), "{largest} bytes for a {}-byte frame", 4 * data.len());
+        assert_eq!(read_frame_from(&mut r, 1, 1, Duration::ZERO), Ok(vec![]));
+        assert_eq!(read_frame_from(&mut r, 2, 1, Duration::ZERO), Err(CommError::PeerLost { peer: 1 }));
     }
 
     #[test]
