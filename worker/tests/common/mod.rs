@@ -54,8 +54,11 @@ pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mu
     use yoco_worker::comm::{TcpCollective, TcpOptions};
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let opts =
-        TcpOptions { timeout: std::time::Duration::from_secs(30), connect_timeout: std::time::Duration::from_secs(10) };
+    let opts = TcpOptions {
+        timeout: std::time::Duration::from_secs(30),
+        connect_timeout: std::time::Duration::from_secs(10),
+        cancel: None,
+    };
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
