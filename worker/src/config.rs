@@ -15,7 +15,14 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("params.json: field `{field}` {problem}")]
     Invalid { field: &'static str, problem: String },
+    #[error("params.json: the shape makes {what} larger than {MAX_SIZE_BYTES} bytes (or overflow)")]
+    TooLarge { what: &'static str },
 }
+
+/// Most bytes any size derived from the shape may come to (the weights, one sequence's
+/// self-decoder state): far beyond any model a group can hold, and small enough that what
+/// callers multiply these sizes by (tokens, blocks, layers) stays far from overflow.
+pub const MAX_SIZE_BYTES: usize = 1 << 50;
 
 /// Which constant-size mixer the self-decoder uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -45,8 +52,13 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| ConfigError::Io { path: path.display().to_string(), error })?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|error| ConfigError::Json { path: path.display().to_string(), error })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses the text of a `params.json`; `origin` (its path) words the errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|error| ConfigError::Json { path: origin.to_string(), error })?;
         Self::from_json(&value)
     }
 
@@ -126,6 +138,15 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize {
             return invalid("vocab_size", format!("must fit in 32 bits, got {}", self.vocab_size));
         }
+        // Each field is bounded on its own, but their products need not be: a hostile or corrupt
+        // params.json must be this error, not an overflow where the sizes are used.
+        let bytes = |numbers: Option<usize>| numbers.and_then(|n| n.checked_mul(4)).filter(|&b| b <= MAX_SIZE_BYTES);
+        if bytes(self.checked_n_params(false)).is_none() {
+            return Err(ConfigError::TooLarge { what: "the weights" });
+        }
+        if bytes(self.checked_self_state_numbers()).is_none() {
+            return Err(ConfigError::TooLarge { what: "one sequence's self-decoder state" });
+        }
         Ok(())
     }
 
@@ -155,28 +176,38 @@ impl ModelConfig {
     /// state per head and layer for gated retention, the last W−1 keys and values per layer for
     /// the sliding window.
     pub fn self_state_numbers(&self) -> usize {
+        self.checked_self_state_numbers().expect("a validated shape bounds the self-decoder state")
+    }
+    fn checked_self_state_numbers(&self) -> Option<usize> {
         let per_layer = match self.mixer {
-            SelfMixerKind::GatedRetention => self.n_self_heads * self.self_head_dim() * self.self_head_dim(),
-            SelfMixerKind::SlidingWindow { window } => 2 * window.saturating_sub(1) * self.dim,
+            SelfMixerKind::GatedRetention => {
+                self.n_self_heads.checked_mul(self.self_head_dim())?.checked_mul(self.self_head_dim())?
+            }
+            SelfMixerKind::SlidingWindow { window } => {
+                window.saturating_sub(1).checked_mul(2)?.checked_mul(self.dim)?
+            }
         };
-        self.n_self_layers() * per_layer
+        self.n_self_layers().checked_mul(per_layer)
     }
     /// Parameters of the model, counting a tied output projection once.
     pub fn n_params(&self, tied: bool) -> usize {
+        self.checked_n_params(tied).expect("a validated shape bounds the parameter count")
+    }
+    fn checked_n_params(&self, tied: bool) -> Option<usize> {
         let (d, h) = (self.dim, self.hidden_dim);
-        let ffn = 3 * d * h + 2 * d;
+        let dd = d.checked_mul(d)?;
+        let ffn = d.checked_mul(h)?.checked_mul(3)?.checked_add(2 * d)?;
         let self_mixer = match self.mixer {
-            SelfMixerKind::GatedRetention => 5 * d * d + self.n_self_heads * d,
-            SelfMixerKind::SlidingWindow { .. } => 4 * d * d,
+            SelfMixerKind::GatedRetention => dd.checked_mul(5)?.checked_add(self.n_self_heads.checked_mul(d)?)?,
+            SelfMixerKind::SlidingWindow { .. } => dd.checked_mul(4)?,
         };
-        let cross_mixer = 2 * d * d;
-        let embed = self.vocab_size * d * if tied { 1 } else { 2 };
-        embed
-            + self.n_self_layers() * (self_mixer + ffn)
-            + self.n_cross_layers() * (cross_mixer + ffn)
-            + d
-            + 2 * self.kv_dim() * d
-            + d
+        let cross_mixer = dd.checked_mul(2)?;
+        let embed = self.vocab_size.checked_mul(d)?.checked_mul(if tied { 1 } else { 2 })?;
+        let self_layers = self.n_self_layers().checked_mul(self_mixer.checked_add(ffn)?)?;
+        let cross_layers = self.n_cross_layers().checked_mul(cross_mixer.checked_add(ffn)?)?;
+        // Two norms of `d` and the cross-decoder's K and V projections.
+        let kv = self.kv_dim().checked_mul(d)?.checked_mul(2)?;
+        embed.checked_add(self_layers)?.checked_add(cross_layers)?.checked_add(kv)?.checked_add(2 * d)
     }
 }
 
@@ -250,5 +281,37 @@ mod tests {
         v["sliding_window"] = json!(0);
         assert!(ModelConfig::from_json(&v).unwrap_err().to_string().contains("sliding_window"));
         assert!(ModelConfig::from_json(&json!([1, 2])).is_err());
+    }
+
+    /// Fields within their own bounds whose products overflowed (a panic in checked builds, a
+    /// wrapped size in release ones) where the coordinator sizes caches from a worker's config.
+    #[test]
+    fn shapes_too_large_to_size_are_errors_not_overflows() {
+        let huge = 1u64 << 40;
+        let mut v = base();
+        v["dim"] = json!(huge);
+        v["hidden_dim"] = json!(huge);
+        v["n_self_heads"] = json!(huge / 2);
+        v["n_attn_heads"] = json!(huge / 2);
+        let err = ModelConfig::from_json(&v).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { what: "the weights" }), "{err}");
+        let mut v = base();
+        v["dim"] = json!(4096);
+        v["sliding_window"] = json!(huge);
+        let err = ModelConfig::from_json(&v).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { what: "one sequence's self-decoder state" }), "{err}");
+        // YOCO-3B's shape, with its padded vocabulary, is nowhere near the limit.
+        let big = crate::presets::Preset::ThreeB.config();
+        let cfg = ModelConfig::from_json(&big.to_json()).unwrap();
+        assert_eq!(cfg.n_params(false), big.n_params(false));
+        assert!(cfg.n_params(false) * 4 < MAX_SIZE_BYTES >> 10);
+    }
+
+    #[test]
+    fn parses_text_and_names_its_origin() {
+        let text = serde_json::to_string(&base()).unwrap();
+        assert_eq!(ModelConfig::parse(&text, "x/params.json").unwrap(), ModelConfig::from_json(&base()).unwrap());
+        let err = ModelConfig::parse("{\"dim\": ", "x/params.json").unwrap_err().to_string();
+        assert!(err.contains("x/params.json") && err.contains("not valid JSON"), "{err}");
     }
 }
