@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,9 +32,25 @@ pub enum WeightError {
     Dtype { name: String, path: String, dtype: String },
 }
 
-/// f32 numbers either borrowed from a memory map or owned.
+/// The bytes of one tensor file: memory-mapped, or already in memory (tests, fuzzing).
+pub enum FileBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// f32 numbers either borrowed from a tensor file's bytes (a memory map) or owned.
 pub enum WeightData {
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped { map: Arc<FileBytes>, offset: usize, len: usize },
     Owned(Vec<f32>),
 }
 
@@ -54,8 +71,8 @@ impl Tensor {
             WeightData::Owned(v) => v,
             WeightData::Mapped { map, offset, len } => {
                 let bytes = &map[*offset..*offset + len * 4];
-                // SAFETY: `offset` was checked to be 4-byte aligned (the map itself is page
-                // aligned), the range lies inside the map, and every bit pattern is a valid f32.
+                // SAFETY: the address `map + offset` was checked to be aligned for f32, the
+                // range lies inside the map, and every bit pattern is a valid f32.
                 unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), *len) }
             }
         }
@@ -81,7 +98,7 @@ struct Entry {
 /// The tensors of a model directory, indexed by name.
 pub struct WeightFiles {
     dir: PathBuf,
-    files: Vec<(PathBuf, Arc<Mmap>)>,
+    files: Vec<(PathBuf, Arc<FileBytes>)>,
     index: HashMap<String, Entry>,
 }
 
@@ -96,42 +113,65 @@ impl WeightFiles {
         if paths.is_empty() {
             return Err(WeightError::NoFiles(dir.display().to_string()));
         }
-        let mut files = Vec::new();
-        let mut index: HashMap<String, Entry> = HashMap::new();
+        let mut weights = WeightFiles { dir: dir.to_path_buf(), files: Vec::new(), index: HashMap::new() };
         for path in paths {
             let file = File::open(&path).map_err(io(&path))?;
             // SAFETY: the model files are treated as read-only for the life of the process; a
             // writer truncating them under us is outside what the server can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let map = Arc::new(map);
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| WeightError::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
-            let file_idx = files.len();
-            for (name, view) in st.tensors() {
-                let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
-                if let Some(prev) = index.get(&name) {
-                    return Err(WeightError::Duplicate {
-                        name,
-                        first: files_path(&files, prev.file),
-                        second: path.display().to_string(),
-                    });
-                }
-                let entry = Entry {
-                    file: file_idx,
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    offset,
-                    bytes: view.data().len(),
-                };
-                index.insert(name, entry);
-            }
-            files.push((path, map));
+            weights.add(path, FileBytes::Mapped(map))?;
         }
-        Ok(WeightFiles { dir: dir.to_path_buf(), files, index })
+        Ok(weights)
+    }
+
+    /// Tensor files already in memory, as if they were the files of `dir` (the same checks as
+    /// [`WeightFiles::open`], without the file system).
+    pub fn from_bytes(dir: &Path, files: Vec<(PathBuf, Vec<u8>)>) -> Result<Self, WeightError> {
+        if files.is_empty() {
+            return Err(WeightError::NoFiles(dir.display().to_string()));
+        }
+        let mut weights = WeightFiles { dir: dir.to_path_buf(), files: Vec::new(), index: HashMap::new() };
+        for (path, bytes) in files {
+            weights.add(path, FileBytes::Owned(bytes))?;
+        }
+        Ok(weights)
+    }
+
+    /// Parses one file's safetensors header and indexes its tensors.
+    fn add(&mut self, path: PathBuf, bytes: FileBytes) -> Result<(), WeightError> {
+        let map = Arc::new(bytes);
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| WeightError::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
+        let file_idx = self.files.len();
+        for (name, view) in st.tensors() {
+            let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            if let Some(prev) = self.index.get(&name) {
+                return Err(WeightError::Duplicate {
+                    name,
+                    first: files_path(&self.files, prev.file),
+                    second: path.display().to_string(),
+                });
+            }
+            let entry = Entry {
+                file: file_idx,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                offset,
+                bytes: view.data().len(),
+            };
+            self.index.insert(name, entry);
+        }
+        self.files.push((path, map));
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    /// The shape of tensor `name` as the checkpoint stores it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|e| e.shape.as_slice())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -161,7 +201,10 @@ impl WeightFiles {
         let len: usize = expected.iter().product();
         let bytes = &map[entry.offset..entry.offset + entry.bytes];
         let data = match entry.dtype {
-            Dtype::F32 if entry.offset % 4 == 0 && cfg!(target_endian = "little") => {
+            Dtype::F32
+                if (map.as_ptr() as usize + entry.offset).is_multiple_of(std::mem::align_of::<f32>())
+                    && cfg!(target_endian = "little") =>
+            {
                 WeightData::Mapped { map: map.clone(), offset: entry.offset, len }
             }
             Dtype::F32 => {
@@ -190,23 +233,9 @@ impl WeightFiles {
 fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let corrupt = |reason: String| WeightError::Index { path: index.display().to_string(), reason };
         let text = std::fs::read_to_string(&index)
             .map_err(|error| WeightError::Io { path: index.display().to_string(), error })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let map = json["weight_map"].as_object().ok_or_else(|| corrupt("no `weight_map` object".into()))?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for file in map.values() {
-            let name = file.as_str().ok_or_else(|| corrupt(format!("weight_map value {file} is not a file name")))?;
-            let plain = Path::new(name).file_name().is_some_and(|f| f == std::ffi::OsStr::new(name));
-            if !plain {
-                return Err(corrupt(format!("weight_map names a file outside the model directory: {name}")));
-            }
-            if !files.iter().any(|f| f.ends_with(name)) {
-                files.push(dir.join(name));
-            }
-        }
-        return Ok(files);
+        return files_of_index(dir, &index, &text);
     }
     Ok(std::fs::read_dir(dir)
         .map_err(|error| WeightError::Io { path: dir.display().to_string(), error })?
@@ -215,6 +244,104 @@ fn model_files(dir: &Path) -> Result<Vec<PathBuf>, WeightError> {
         .collect())
 }
 
-fn files_path(files: &[(PathBuf, Arc<Mmap>)], idx: usize) -> String {
+/// The files that the text of `model.safetensors.index.json` (at `index`) names, inside `dir`.
+pub fn files_of_index(dir: &Path, index: &Path, text: &str) -> Result<Vec<PathBuf>, WeightError> {
+    let corrupt = |reason: String| WeightError::Index { path: index.display().to_string(), reason };
+    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    let map = json["weight_map"].as_object().ok_or_else(|| corrupt("no `weight_map` object".into()))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for file in map.values() {
+        let name = file.as_str().ok_or_else(|| corrupt(format!("weight_map value {file} is not a file name")))?;
+        let plain = Path::new(name).file_name().is_some_and(|f| f == std::ffi::OsStr::new(name));
+        if !plain {
+            return Err(corrupt(format!("weight_map names a file outside the model directory: {name}")));
+        }
+        if !files.iter().any(|f| f.ends_with(name)) {
+            files.push(dir.join(name));
+        }
+    }
+    Ok(files)
+}
+
+fn files_path(files: &[(PathBuf, Arc<FileBytes>)], idx: usize) -> String {
     files[idx].0.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+
+    fn file(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let views: Vec<(&str, TensorView)> = tensors
+            .iter()
+            .map(|(name, dtype, shape, data)| (*name, TensorView::new(*dtype, shape.clone(), data).unwrap()))
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn files_in_memory_load_like_mapped_ones() {
+        let half: Vec<u8> = [1.0f32, -2.0, 0.5].iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let bytes = file(&[
+            ("a", Dtype::F16, vec![3], half),
+            ("b", Dtype::F32, vec![2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+            ("c", Dtype::I32, vec![1], vec![0; 4]),
+        ]);
+        let dir = Path::new("/models/m");
+        let w = WeightFiles::from_bytes(dir, vec![(dir.join("model.safetensors"), bytes)]).unwrap();
+        assert_eq!(w.shape("b"), Some(&[2, 2][..]));
+        assert_eq!(w.get("a", &[3]).unwrap().as_slice(), &[1.0, -2.0, 0.5]);
+        assert_eq!(w.get("b", &[2, 2]).unwrap().as_slice(), &[1.0, 2.0, 3.0, 4.0]);
+        // f32 data at an aligned address is used in place.
+        assert_eq!(w.get("b", &[2, 2]).unwrap().owned_bytes(), 0);
+        assert!(matches!(w.get("b", &[4]), Err(WeightError::Shape { .. })));
+        assert!(matches!(w.get("c", &[1]), Err(WeightError::Dtype { .. })));
+        assert!(matches!(w.get("d", &[1]), Err(WeightError::Missing { .. })));
+    }
+
+    #[test]
+    fn misaligned_f32_data_is_copied_not_cast() {
+        // Written by hand (the safetensors writer aligns): three f16 numbers, then an f32 at an
+        // offset of 6 bytes from the data's start.
+        let header = r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,6]},"b":{"dtype":"F32","shape":[1],"data_offsets":[6,10]}}"#;
+        let mut header = header.as_bytes().to_vec();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(&header);
+        bytes.extend([0u8; 6]);
+        bytes.extend(2.5f32.to_le_bytes());
+        let dir = Path::new("/models/m");
+        let w = WeightFiles::from_bytes(dir, vec![(dir.join("model.safetensors"), bytes)]).unwrap();
+        let t = w.get("b", &[1]).unwrap();
+        assert_eq!(t.as_slice(), &[2.5]);
+        assert_eq!(t.owned_bytes(), 4);
+    }
+
+    #[test]
+    fn corrupt_and_duplicate_files_are_errors() {
+        let dir = Path::new("/models/m");
+        let one = file(&[("x", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+        let files = vec![(dir.join("a.safetensors"), one.clone()), (dir.join("b.safetensors"), one.clone())];
+        assert!(matches!(WeightFiles::from_bytes(dir, files), Err(WeightError::Duplicate { .. })));
+        let truncated = vec![(dir.join("a.safetensors"), one[..one.len() - 1].to_vec())];
+        assert!(matches!(WeightFiles::from_bytes(dir, truncated), Err(WeightError::Corrupt { .. })));
+        assert!(matches!(WeightFiles::from_bytes(dir, vec![]), Err(WeightError::NoFiles(_))));
+    }
+
+    #[test]
+    fn the_shard_index_names_files_inside_the_directory() {
+        let (dir, index) = (Path::new("/m"), Path::new("/m/model.safetensors.index.json"));
+        let text = r#"{"weight_map": {"a": "one.safetensors", "b": "two.safetensors", "c": "one.safetensors"}}"#;
+        let files = files_of_index(dir, index, text).unwrap();
+        assert_eq!(files, vec![dir.join("one.safetensors"), dir.join("two.safetensors")]);
+        for bad in [r#"{"weight_map": {"a": "../x.safetensors"}}"#, r#"{"weight_map": {"a": 3}}"#, "[1]", "{"] {
+            assert!(matches!(files_of_index(dir, index, bad), Err(WeightError::Index { .. })), "{bad}");
+        }
+    }
 }
