@@ -185,6 +185,7 @@ fn an_unavailable_transport_is_a_clear_error() {
         let mut args = base.to_vec();
         args.extend_from_slice(&["--transport", transport, "--collective-timeout", "10"]);
         let run = yoco(home.path(), &args).fails_with(&[expect]);
-        assert!(run.stderr().contains("rank 0"), "{}", run.stderr());
+        // Every rank refuses it; the first refusal ends the formation and names its rank.
+        assert!(run.stderr().contains("rank 0") || run.stderr().contains("rank 1"), "{}", run.stderr());
     }
 }
