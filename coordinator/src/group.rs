@@ -193,7 +193,10 @@ impl WorkerGroup {
         opts: &GroupOptions,
     ) -> anyhow::Result<Self> {
         let world = clients.len();
-        tracing::info!(world, transport = %opts.transport, "loading the model on every rank and forming the group");
+        // Names this attempt in the ranks' collective hellos, so that a rank of a stale attempt
+        // (one a failed formation left behind) is never taken into this one.
+        let formation = rand::random::<u32>();
+        tracing::info!(world, formation, transport = %opts.transport, "loading the model on every rank and forming the group");
         let loads = clients.iter().enumerate().map(|(rank, c)| {
             let mut c = c.clone();
             let req = pb::LoadModelRequest {
@@ -206,6 +209,7 @@ impl WorkerGroup {
                 collective_timeout_seconds: opts.collective_timeout.as_secs_f64(),
                 transport: opts.transport.clone(),
                 device: rank as u32,
+                formation,
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });

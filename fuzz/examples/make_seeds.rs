@@ -114,7 +114,7 @@ fn main() {
     fuzzing::write_frame(&mut frames, 1, &[]).unwrap();
     fuzzing::write_frame(&mut frames, 2, &[0.25; 8]).unwrap();
     add("collective_frames", "stream", [&[0u8][..], &frames].concat());
-    add("collective_frames", "hello", [&[1u8, 4][..], &fuzzing::hello(2, 4)].concat());
+    add("collective_frames", "hello", [&[1u8, 4][..], &fuzzing::hello(2, 4, 7), &7u32.to_le_bytes()].concat());
     // (Any bytes are a list of frames to write for the round trip; these are a stream's.)
     add("collective_frames", "round-trip", [&[2u8][..], &frames].concat());
 

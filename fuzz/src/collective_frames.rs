@@ -39,9 +39,12 @@ fn hello(bytes: &[u8]) {
     let Some((&world, rest)) = bytes.split_first() else { return };
     let world = world as usize;
     let Some(b) = rest.first_chunk::<16>() else { return };
-    if let Ok(rank) = fuzzing::parse_hello(b, world) {
-        // The rank is only read; the caller checks its range.
-        assert_eq!(fuzzing::parse_hello(&fuzzing::hello(rank, world), world), Ok(rank));
+    // The attempt this rank forms, from the 4 bytes after the hello (0 when absent).
+    let formation = rest.get(16..20).map_or(0, |f| u32::from_le_bytes(f.try_into().expect("4 bytes")));
+    if let Ok(rank) = fuzzing::parse_hello(b, world, formation) {
+        // An accepted hello names a rank of the group, and is what that rank would send.
+        assert!(rank < world, "rank {rank} of {world}");
+        assert_eq!(fuzzing::hello(rank, world, formation), *b);
     }
 }
 

@@ -41,13 +41,14 @@ pub mod fuzzing {
         tcp::write_frame_to(w, seq, data)
     }
 
-    /// The rank a connecting peer's 16-byte hello names, in a group of `world`.
-    pub fn parse_hello(hello: &[u8; 16], world: usize) -> Result<usize, CommError> {
-        tcp::parse_hello(hello, world)
+    /// The rank a connecting peer's 16-byte hello names, in a group of `world` formed as
+    /// attempt `formation`.
+    pub fn parse_hello(hello: &[u8; 16], world: usize, formation: u32) -> Result<usize, CommError> {
+        tcp::parse_hello(hello, world, formation)
     }
 
-    /// The hello that rank `rank` of a group of `world` sends.
-    pub fn hello(rank: usize, world: usize) -> [u8; 16] {
-        tcp::hello(rank, world)
+    /// The hello that rank `rank` of a group of `world` sends in attempt `formation`.
+    pub fn hello(rank: usize, world: usize, formation: u32) -> [u8; 16] {
+        tcp::hello(rank, world, formation)
     }
 }

@@ -204,7 +204,11 @@ impl PlanRunner for ThreadGroup {
 fn with_group<R>(model: &Arc<Model>, world: usize, f: impl FnOnce(&mut ThreadGroup) -> R) -> R {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let opts = TcpOptions { timeout: Duration::from_secs(30), connect_timeout: Duration::from_secs(10), cancel: None };
+    let opts = TcpOptions {
+        timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(10),
+        ..TcpOptions::default()
+    };
     std::thread::scope(|s| {
         let mut group = ThreadGroup { plans: Vec::new(), results: Vec::new(), log: Vec::new() };
         for (rank, listener) in listeners.into_iter().enumerate() {

@@ -25,11 +25,19 @@ pub struct TcpOptions {
     /// Set by someone else to give up forming the group (a newer LoadModel, or the coordinator
     /// cancelled this one); checked between attempts.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// This attempt to form the group: the hellos of every rank carry it, and a connection
+    /// with another (a stale attempt's) is dropped.
+    pub formation: u32,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { timeout: Duration::from_secs(120), connect_timeout: Duration::from_secs(60), cancel: None }
+        TcpOptions {
+            timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(60),
+            cancel: None,
+            formation: 0,
+        }
     }
 }
 
@@ -88,7 +96,7 @@ impl TcpCollective {
                     Err(e) => return Err(CommError::Setup(format!("cannot reach rank {peer} at {addr}: {e}"))),
                 }
             };
-            stream.write_all(&hello(rank, world)).map_err(|e| io_err(peer, e))?;
+            stream.write_all(&hello(rank, world, opts.formation)).map_err(|e| io_err(peer, e))?;
             streams[peer] = Some(stream);
         }
         listener.set_nonblocking(true).map_err(|e| CommError::Setup(e.to_string()))?;
@@ -97,10 +105,23 @@ impl TcpCollective {
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     stream.set_nonblocking(false).map_err(|e| CommError::Setup(e.to_string()))?;
-                    stream.set_read_timeout(Some(opts.connect_timeout)).map_err(|e| CommError::Setup(e.to_string()))?;
+                    // A connection that sends no hello holds up the group only briefly.
+                    stream
+                        .set_read_timeout(Some(opts.connect_timeout.min(Duration::from_secs(5))))
+                        .map_err(|e| CommError::Setup(e.to_string()))?;
                     let mut buf = [0u8; 16];
-                    stream.read_exact(&mut buf).map_err(|e| CommError::Setup(format!("bad hello: {e}")))?;
-                    let peer = parse_hello(&buf, world)?;
+                    if let Err(e) = stream.read_exact(&mut buf) {
+                        tracing::warn!(error = %e, "dropped a collective connection that sent no hello");
+                        continue;
+                    }
+                    let peer = match parse_hello(&buf, world, opts.formation) {
+                        Ok(peer) => peer,
+                        // A stale attempt's rank, or not a rank at all: not a reason to fail.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dropped a collective connection");
+                            continue;
+                        }
+                    };
                     if peer <= rank || streams[peer].is_some() {
                         return Err(CommError::Setup(format!("unexpected connection from rank {peer}")));
                     }
@@ -131,18 +152,28 @@ impl TcpCollective {
     }
 }
 
-pub(crate) fn hello(rank: usize, world: usize) -> [u8; 16] {
+pub(crate) fn hello(rank: usize, world: usize, formation: u32) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&MAGIC.to_le_bytes());
     b[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
     b[8..12].copy_from_slice(&(world as u32).to_le_bytes());
+    b[12..16].copy_from_slice(&formation.to_le_bytes());
     b
 }
 
-pub(crate) fn parse_hello(b: &[u8; 16], world: usize) -> Result<usize, CommError> {
+/// The rank a peer's hello names; an error unless it is a rank of this group (same world) and
+/// of this attempt to form it.
+pub(crate) fn parse_hello(b: &[u8; 16], world: usize, formation: u32) -> Result<usize, CommError> {
     let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-    if word(0) != MAGIC || word(8) as usize != world {
+    if word(0) != MAGIC || word(8) as usize != world || word(4) as usize >= world {
         return Err(CommError::Setup("a connection that is not a rank of this group".into()));
+    }
+    if word(12) != formation {
+        return Err(CommError::Setup(format!(
+            "a connection from rank {} of another attempt to form the group ({} instead of {formation})",
+            word(4),
+            word(12)
+        )));
     }
     Ok(word(4) as usize)
 }
@@ -296,7 +327,7 @@ pub(crate) mod tests {
     pub(crate) fn group<T: Send>(world: usize, timeout: Duration, f: impl Fn(TcpCollective) -> T + Sync) -> Vec<T> {
         let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let opts = TcpOptions { timeout, connect_timeout: Duration::from_secs(10), cancel: None };
+        let opts = TcpOptions { timeout, connect_timeout: Duration::from_secs(10), cancel: None, formation: 0 };
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
@@ -363,6 +394,37 @@ pub(crate) mod tests {
         assert!(largest <= 4 * data.len(), "{largest} bytes for a {}-byte frame", 4 * data.len());
         assert_eq!(read_frame_from(&mut r, 1, 1, Duration::ZERO), Ok(vec![]));
         assert_eq!(read_frame_from(&mut r, 2, 1, Duration::ZERO), Err(CommError::PeerLost { peer: 1 }));
+    }
+
+    /// Connections from a stale attempt to form the group, or naming a rank outside it, are
+    /// dropped (not taken in, not a panic), and the group of this attempt still forms.
+    #[test]
+    fn stale_and_foreign_hellos_are_dropped() {
+        let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let opts = TcpOptions {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            cancel: None,
+            formation: 5,
+        };
+        for stray in [hello(1, 2, 4), hello(7, 2, 5), [0xAB; 16]] {
+            let mut s = TcpStream::connect(addrs[0]).unwrap();
+            s.write_all(&stray).unwrap();
+            std::mem::forget(s); // held open, as a stale rank would
+        }
+        let mut listeners = listeners.into_iter();
+        let (l0, l1) = (listeners.next().unwrap(), listeners.next().unwrap());
+        std::thread::scope(|scope| {
+            let (addrs, opts) = (&addrs, &opts);
+            let r1 = scope.spawn(move || TcpCollective::connect(1, addrs, l1, opts).map(|mut c| c.all_gather(&[1.0])));
+            let mut c0 = TcpCollective::connect(0, addrs, l0, opts).unwrap();
+            assert_eq!(c0.all_gather(&[0.0]).unwrap(), vec![vec![0.0], vec![1.0]]);
+            assert!(r1.join().unwrap().unwrap().is_ok());
+        });
+        assert!(parse_hello(&hello(1, 2, 4), 2, 5).is_err());
+        assert!(parse_hello(&hello(2, 2, 5), 2, 5).is_err());
+        assert_eq!(parse_hello(&hello(1, 2, 5), 2, 5).unwrap(), 1);
     }
 
     #[test]

@@ -191,6 +191,7 @@ impl Worker for WorkerService {
         };
         let listener = self.collective.try_clone().map_err(|e| Status::internal(e.to_string()))?;
         let (state, info) = (self.state.clone(), self.info.clone());
+        let formation = req.formation;
         let cancel = Arc::new(AtomicBool::new(false));
         if let Some(previous) = lock(&self.loading).replace(cancel.clone()) {
             previous.store(true, Ordering::Release);
@@ -221,6 +222,7 @@ impl Worker for WorkerService {
                 timeout: Duration::from_secs_f64(timeout),
                 connect_timeout: Duration::from_secs_f64(timeout),
                 cancel: Some(cancel.clone()),
+                formation,
             };
             let comm = form_group(rank, &addrs, listener, &opts, transport).map_err(|e| match cancelled() {
                 Some(s) => s,

@@ -57,7 +57,7 @@ pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mu
     let opts = TcpOptions {
         timeout: std::time::Duration::from_secs(30),
         connect_timeout: std::time::Duration::from_secs(10),
-        cancel: None,
+        ..TcpOptions::default()
     };
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
