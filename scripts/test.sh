@@ -35,3 +35,7 @@ fi
 # another package's binary, so build it first.
 cargo build --release --locked -p yoco
 cargo test --workspace --release --locked
+# Fuzzing for a bounded time (cargo-fuzz, libFuzzer with AddressSanitizer; 20 s per target):
+# request validation, worker Step messages, collective frames, params.json, safetensors and
+# tokenizer input must not panic, hang or allocate without bound.
+bash scripts/fuzz.sh
