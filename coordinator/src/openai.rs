@@ -305,23 +305,30 @@ async fn chat_completions(
     let arrived = Instant::now();
     let name = model_name(&api)?;
     check_model(&name, &req.model)?;
-    let Some(template) = api.chat_template() else {
+    if api.chat_template().is_none() {
         return Err(ApiError::invalid(
             format!(
                 "model `{name}` has no chat template (tokenizer_config.json with `chat_template`); use /v1/completions"
             ),
             Some("messages"),
         ));
-    };
+    }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages: at least one message is needed", Some("messages")));
     }
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
     }
-    let text = template.render(&req.messages).map_err(|e| ApiError::invalid(e, Some("messages")))?;
-    let ids =
-        api.tokenizer().encode_with_special(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    // Rendering and tokenizing a long conversation takes a while: off the async threads, so
+    // that other requests are not held up.
+    let (api2, messages) = (api.clone(), req.messages.clone());
+    let ids = tokio::task::spawn_blocking(move || {
+        let template = api2.chat_template().ok_or_else(|| ApiError::invalid("no chat template", Some("messages")))?;
+        let text = template.render(&messages).map_err(|e| ApiError::invalid(e, Some("messages")))?;
+        api2.tokenizer().encode_with_special(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+    })
+    .await
+    .map_err(|e| ApiError::from(Status::internal(format!("tokenizing task: {e}"))))??;
     let top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(16);
     let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids });
