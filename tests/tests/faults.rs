@@ -24,6 +24,22 @@ async fn worker_info(addr: &str) -> wpb::InfoResponse {
     c.info(wpb::InfoRequest {}).await.unwrap().into_inner()
 }
 
+/// Waits until every worker at `addrs` holds no cache, sequence or snapshot (after a prefix-cache
+/// flush, which reaches the ranks with the scheduler's next step, at once).
+async fn wait_no_cache<'a>(addrs: impl IntoIterator<Item = &'a String>) {
+    let flushed = Instant::now();
+    for addr in addrs {
+        loop {
+            let info = worker_info(addr).await;
+            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
+                break;
+            }
+            assert!(flushed.elapsed() < Duration::from_secs(10), "{addr} still holds cache: {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// Waits until `log` (a file being written) contains `needle`.
 async fn wait_log(log: impl Fn() -> String, needle: &str, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -65,18 +81,7 @@ async fn a_rank_lost_while_the_group_forms_fails_it_at_once_and_it_forms_when_ba
 
     // No rank holds any cache once its requests ended and the prefix cache is flushed.
     let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
-    let flushed = Instant::now();
-    for addr in [&w0.grpc, &_w1.grpc] {
-        loop {
-            let info = worker_info(addr).await;
-            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
-                break;
-            }
-            // The flush reaches the ranks with the scheduler's next step, at once.
-            assert!(flushed.elapsed() < Duration::from_secs(10), "{addr} still holds cache: {info:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_no_cache([&w0.grpc, &_w1.grpc]).await;
 }
 
 /// Sends `signal` to `pid` with the shell's builtin kill (no procps needed).
@@ -136,17 +141,7 @@ async fn a_stalled_rank_takes_its_group_out_and_it_re_forms_when_the_rank_resume
     }
     eprintln!("failed {failed_after:?} after the stop; serving {:?} after the resume", resumed.elapsed());
     let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
-    let flushed = Instant::now();
-    for worker in &w {
-        loop {
-            let info = worker_info(&worker.grpc).await;
-            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
-                break;
-            }
-            assert!(flushed.elapsed() < Duration::from_secs(10), "{} still holds cache: {info:?}", worker.grpc);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_no_cache(w.iter().map(|w| &w.grpc)).await;
 }
 
 /// A rank killed while a long prompt prefills (context-parallel over both ranks): the request
@@ -198,15 +193,5 @@ async fn a_rank_killed_mid_prefill_fails_only_its_requests() {
     w[victim] = Worker::start(home.path(), &model, &etcd, group, 1, 2);
     wait_groups(&mut client, &["g0", "g1"], Duration::from_secs(30)).await;
     let _ = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.unwrap();
-    let flushed = Instant::now();
-    for worker in &w {
-        loop {
-            let info = worker_info(&worker.grpc).await;
-            if (info.cache_used_bytes, info.sequences, info.snapshots) == (0, 0, 0) {
-                break;
-            }
-            assert!(flushed.elapsed() < Duration::from_secs(10), "{} still holds cache: {info:?}", worker.grpc);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_no_cache(w.iter().map(|w| &w.grpc)).await;
 }
