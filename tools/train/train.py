@@ -1,0 +1,247 @@
+"""Trains yoco's built-in model: a small YOCO (gated retention) on Debian-packaged English text
+mixed with a synthetic passkey-retrieval task, on the CPU.
+
+    python tools/train/prepare_data.py --out target/train-data
+    python tools/train/train.py --data target/train-data --out target/yoco-tiny-text
+
+Every random choice (initial weights, batches, passkeys, position skips) comes from one
+recorded seed; the run is a fixed number of steps, so it is reproducible on one machine (up to
+the float reduction order of the BLAS build and thread count, which `train_log.json` records).
+
+The batch mix:
+* text: a random window of the training token stream (documents joined by <|endoftext|>);
+* passkey: filler (either the classic "The grass is green..." sentences or real text) with
+  "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a random depth, ending with
+  "What is the pass key? The pass key is NNNNN." The answer digits get extra loss weight.
+
+Positions skip (PoSE, Zhu et al. 2023): in a share of the sequences the position ids jump by
+random gaps, so that in training the rotary embedding already sees query-key distances up to
+`--max-position` although sequences are `--seq` tokens long. yoco serves with contiguous
+positions; the model only has to have met such distances.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from model import Yoco, check_against_reference
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+def config(vocab):
+    return {
+        "dim": 256,
+        "n_layers": 4,
+        "hidden_dim": 768,
+        "n_self_heads": 4,
+        "n_attn_heads": 4,
+        "n_attn_kv_heads": 2,
+        "vocab_size": vocab,
+        "rope_theta": 1.0e7,
+        "norm_eps": 1e-5,
+    }
+
+
+class Batches:
+    def __init__(self, data_dir, tok, seq, rng, max_position, passkey_share, pose_share):
+        self.tok, self.seq, self.rng = tok, seq, rng
+        self.max_position, self.passkey_share, self.pose_share = max_position, passkey_share, pose_share
+        eos = tok.token_to_id("<|endoftext|>")
+        with open(os.path.join(data_dir, "train.jsonl"), encoding="utf-8") as f:
+            docs = [json.loads(line) for line in f]
+        ids = []
+        for enc in tok.encode_batch(docs):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        self.stream = torch.tensor(ids, dtype=torch.long)
+        self.filler = tok.encode(FILLER * 8).ids
+        self.question = tok.encode(" " + QUESTION).ids
+
+    def text(self):
+        start = self.rng.randrange(0, len(self.stream) - self.seq - 1)
+        return self.stream[start : start + self.seq].tolist(), None
+
+    def passkey(self):
+        key = "".join(self.rng.choice("0123456789") for _ in range(5))
+        needle = self.tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ").ids
+        answer = self.tok.encode(" " + key + ".").ids
+        tail = self.question + answer
+        n_fill = self.seq - len(needle) - len(tail)
+        if self.rng.random() < 0.5:
+            reps = n_fill // len(self.filler) + 1
+            fill = (self.filler * reps)[:n_fill]
+        else:
+            fill, _ = self.text()
+            fill = fill[:n_fill]
+        at = self.rng.randrange(0, n_fill + 1)
+        tokens = fill[:at] + needle + fill[at:] + tail
+        weights = [1.0] * len(tokens)
+        first = len(tokens) - len(answer)
+        for i in range(first, first + 5):
+            weights[i] = 20.0  # the answer's first 5 tokens: the space and 4 of the 5 digits
+        return tokens, weights
+
+    def positions(self):
+        """0..seq-1, or (PoSE) the same with a few random jumps, spanning up to max_position."""
+        if self.rng.random() >= self.pose_share:
+            return list(range(self.seq))
+        span = int(math.exp(self.rng.uniform(math.log(self.seq), math.log(self.max_position))))
+        cuts = sorted(self.rng.sample(range(1, self.seq), self.rng.randint(1, 3)))
+        extra = span - self.seq
+        gaps = sorted(self.rng.randint(0, extra) for _ in cuts)
+        gaps = [b - a for a, b in zip([0] + gaps[:-1], gaps)]
+        pos, offset, ci = [], 0, 0
+        for t in range(self.seq):
+            if ci < len(cuts) and t == cuts[ci]:
+                offset += gaps[ci]
+                ci += 1
+            pos.append(t + offset)
+        return pos
+
+    def batch(self, size):
+        toks, wts, poss = [], [], []
+        for _ in range(size):
+            t, w = self.passkey() if self.rng.random() < self.passkey_share else self.text()
+            toks.append(t)
+            wts.append(w if w is not None else [1.0] * self.seq)
+            poss.append(self.positions())
+        return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss)
+
+
+def loss_fn(model, tokens, weights, positions):
+    logits = model(tokens[:, :-1], positions[:, :-1])
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (nll * w).sum() / w.sum(), nll.mean()
+
+
+@torch.no_grad()
+def heldout_loss(model, data_dir, tok, seq):
+    with open(os.path.join(data_dir, "heldout.jsonl"), encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = []
+    for enc in tok.encode_batch(docs):
+        ids.extend(enc.ids + [eos])
+    n = (len(ids) - 1) // seq
+    total, count = 0.0, 0
+    for i in range(0, n, 8):
+        rows = torch.tensor([ids[j * seq : j * seq + seq + 1] for j in range(i, min(n, i + 8))])
+        logits = model(rows[:, :-1], torch.arange(seq).expand(rows.shape[0], seq))
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum").item()
+        count += rows[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def passkey_accuracy(model, batches, n):
+    """Greedy next-digit accuracy on fresh passkey sequences (unskipped positions)."""
+    hits = 0
+    for _ in range(n):
+        tokens, weights = batches.passkey()
+        t = torch.tensor([tokens])
+        logits = model(t[:, :-1], torch.arange(len(tokens) - 1)[None])[0]
+        idx = [i for i, w in enumerate(weights) if w > 1.0]
+        pred = logits[[i - 1 for i in idx]].argmax(-1)
+        hits += int(torch.equal(pred, t[0, idx]))
+    return hits / n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=20261201)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--max-position", type=int, default=1 << 20)
+    ap.add_argument("--passkey-share", type=float, default=0.3)
+    ap.add_argument("--pose-share", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=250)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tok = Tokenizer.from_file(os.path.join(args.data, "tokenizer.json"))
+    cfg = config(tok.get_vocab_size())
+    model = Yoco(cfg)
+    model.init_weights(torch.Generator().manual_seed(args.seed))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f} M parameters, {json.dumps(cfg)}", flush=True)
+    err = check_against_reference(model, torch.randint(0, cfg["vocab_size"], (150,), generator=torch.Generator().manual_seed(1)))
+    print(f"batched model vs reference (float64): max |logit diff| {err:.2e}", flush=True)
+    assert err < 1e-9, err
+
+    batches = Batches(args.data, tok, args.seq + 1, rng, args.max_position, args.passkey_share, args.pose_share)
+    print(f"train stream: {len(batches.stream)} tokens", flush=True)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() == 1 or name == "embed_tokens.weight" else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    log = {"args": vars(args), "config": cfg, "n_params": n_params, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "steps": []}
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        tokens, weights, positions = batches.batch(args.batch)
+        loss, lm = loss_fn(model, tokens, weights, positions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            tps = (step + 1) * args.batch * args.seq / el
+            print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} lr {lr_at(step):.2e} "
+                  f"{el:.0f}s {tps:.0f} tok/s", flush=True)
+            log["steps"].append({"step": step, "loss": loss.item(), "lm": lm.item(), "elapsed_s": el})
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            model.eval()
+            held = heldout_loss(model, args.data, tok, args.seq)
+            acc = passkey_accuracy(model, batches, 32)
+            model.train()
+            print(f"eval step {step}: heldout loss {held:.4f} (ppl {math.exp(held):.2f}), "
+                  f"passkey@{args.seq} {acc:.2f}", flush=True)
+            log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc})
+            save(model, tok, cfg, args.out, log)
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def save(model, tok, cfg, out, log):
+    save_file(model.state_dict_official(), os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out, "params.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
