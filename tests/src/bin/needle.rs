@@ -81,7 +81,7 @@ async fn run(lengths: &[usize], trials: usize, workers: usize, model: Option<Str
     let home = tempfile::tempdir().unwrap();
     let longest = *lengths.iter().max().unwrap();
     // 1 KiB of cache per token for the default model, split over the ranks, with room to spare.
-    let cache_mib = (longest * 2048 / workers >> 20).max(256).to_string();
+    let cache_mib = ((longest * 2048 / workers) >> 20).max(256).to_string();
     let workers_arg = workers.to_string();
     let mut args = vec!["serve", "--workers", &workers_arg, "--cache-mib", &cache_mib];
     if let Some(m) = &model {
@@ -151,9 +151,9 @@ fn parse_len(s: &str) -> Option<usize> {
 }
 
 fn fmt_len(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}M", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
         format!("{}K", n >> 10)
     } else {
         n.to_string()
