@@ -19,7 +19,7 @@ use yoco_worker::tokenizer::Tokenizer;
 #[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model directory (params.json, *.safetensors, optional tokenizer.json); default: the
-    /// built-in tiny model.
+    /// built-in default model (trained by tools/train/).
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
     #[command(flatten)]

@@ -1,4 +1,5 @@
-//! `yoco init-model`: a model directory with random weights of a preset's shape.
+//! `yoco init-model`: a model directory with random weights of a preset's shape, or the
+//! built-in (trained) default model.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,8 @@ use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// tiny (the built-in default model), small, or 3b (YOCO-3B's shape).
+    /// Random weights of this shape: tiny, small, or 3b (YOCO-3B's shape); or `default`: the
+    /// built-in trained model (the one `serve` and `generate` use without --model), as it is.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Use sliding-window attention with this window instead of gated retention.
@@ -31,8 +33,16 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.preset == "default" {
+        if args.sliding_window.is_some() || args.vocab_size.is_some() || args.rope_theta.is_some() || args.tied {
+            bail!("--preset default is the trained model as it is: no shape options");
+        }
+        crate::default_model::write_files(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+        eprintln!("wrote the built-in default model to {}", args.out.display());
+        return Ok(());
+    }
     let Some(preset) = Preset::parse(&args.preset) else {
-        bail!("unknown preset `{}` (expected tiny, small or 3b)", args.preset);
+        bail!("unknown preset `{}` (expected tiny, small, 3b or default)", args.preset);
     };
     let Some(dtype) = StoreDtype::parse(&args.dtype) else {
         bail!("unknown dtype `{}` (expected f32, bf16 or f16)", args.dtype);

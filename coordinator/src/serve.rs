@@ -107,7 +107,7 @@ pub struct ServerArgs {
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Model directory; default: the built-in tiny model.
+    /// Model directory; default: the built-in default model (trained by tools/train/).
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
     /// Local worker processes (ranks of the group).

@@ -145,22 +145,40 @@ fn sliding_window_models_work() {
 #[test]
 fn default_model_is_created_under_yoco_home() {
     let home = tempfile::tempdir().unwrap();
-    let args = ["generate", "--prompt", "hello", "--max-tokens", "3", "--json"];
+    // The fixture PyTorch's reference wrote for this model (tools/train/evaluate.py).
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/default_model.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let c = &fixture["continuations"][0];
+    let want = ids(&c["greedy_ids"]);
+    let n = want.len().to_string();
+    let args = ["generate", "--prompt", c["prompt"].as_str().unwrap(), "--max-tokens", &n, "--ignore-eos", "--json"];
     let first = yoco(home.path(), &args).ok().json();
-    let dir = home.path().join("models/tiny-seed0");
+    let entries: Vec<_> = std::fs::read_dir(home.path().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    // One directory, named by the model's hash; nothing half-written beside it.
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].starts_with("yoco-tiny-text-"), "{entries:?}");
+    let dir = home.path().join("models").join(&entries[0]);
     assert_eq!(first["model"], dir.display().to_string());
-    assert!(dir.join("params.json").is_file());
-    assert!(dir.join("model.safetensors").is_file());
-    // "hello" is one cl100k token.
-    assert_eq!(ids(&first["prompt_tokens"]), [15339]);
-    let n = ids(&first["tokens"]).len();
-    assert!((1..=3).contains(&n), "{first}");
-    // Nothing half-written is left beside it, and a second run reuses it.
-    let entries: Vec<_> =
-        std::fs::read_dir(home.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries, ["tiny-seed0"]);
+    for file in ["params.json", "model.safetensors", "tokenizer.json", "training.json"] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    // The trained tokenizer and the single-process engine: PyTorch's greedy tokens.
+    assert_eq!(ids(&first["prompt_tokens"]), ids(&c["prompt_ids"]));
+    assert_eq!(ids(&first["tokens"]), want, "{first}");
+    // A second run reuses the directory.
     let second = yoco(home.path(), &args).ok().json();
     assert_eq!(second["tokens"], first["tokens"]);
+    assert_eq!(std::fs::read_dir(home.path().join("models")).unwrap().count(), 1);
+
+    // `init-model --preset default` writes the same files.
+    let out = home.path().join("copy");
+    yoco(home.path(), &["init-model", "--preset", "default", "--out", out.to_str().unwrap()]).ok();
+    for file in ["params.json", "model.safetensors", "tokenizer.json"] {
+        assert_eq!(std::fs::read(out.join(file)).unwrap(), std::fs::read(dir.join(file)).unwrap(), "{file}");
+    }
 }
 
 #[test]

@@ -29,14 +29,18 @@ def main():
     with open(os.path.join(args.run, "train_log.json")) as f:
         log = json.load(f)
     evals = [s for s in log["steps"] if "heldout_loss" in s]
+    phases, p = [], log
+    while p is not None:
+        phases.insert(0, {"args": p["args"], "evals": [s for s in p["steps"] if "heldout_loss" in s],
+                          "seconds": p["steps"][-1]["elapsed_s"]})
+        p = p.get("previous_phase")
     record = {
         "trained_by": "tools/train/train.py",
-        "args": log["args"],
+        "phases": phases,
         "torch": log["torch"],
         "threads": log["threads"],
         "n_params": log["n_params"],
         "final": evals[-1] if evals else log["steps"][-1],
-        "evals": evals,
         "model_sha256": hashlib.sha256(open(os.path.join(args.out, "model.safetensors"), "rb").read()).hexdigest(),
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:

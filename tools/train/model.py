@@ -175,6 +175,11 @@ class Yoco(nn.Module):
             out[name] = p.detach().clone().contiguous()
         return out
 
+    def load_official(self, weights):
+        """Loads a checkpoint written by `state_dict_official`."""
+        self.load_state_dict({k.removesuffix(".weight") if k.endswith("layer_norm.weight") else k: v
+                              for k, v in weights.items()})
+
     def forward(self, tokens, positions):
         """tokens, positions [B, T] (positions increasing along T) -> logits [B, T, vocab]."""
         cfg = self.cfg

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from model import Yoco, check_against_reference
@@ -53,10 +53,14 @@ def config(vocab):
 
 
 class Batches:
-    def __init__(self, data_dir, tok, seq, rng, max_position, passkey_share, pose_share):
+    def __init__(self, data_dir, tok, seq, rng, max_position, passkey_share, pose_share, passkey_min=None):
         self.tok, self.seq, self.rng = tok, seq, rng
+        self.passkey_min = passkey_min or seq
+        self.answer_weight = 20.0
+        self.key_digits_max = 5
+        self.copy_share = 0.0
         self.max_position, self.passkey_share, self.pose_share = max_position, passkey_share, pose_share
-        eos = tok.token_to_id("<|endoftext|>")
+        self.eos = eos = tok.token_to_id("<|endoftext|>")
         with open(os.path.join(data_dir, "train.jsonl"), encoding="utf-8") as f:
             docs = [json.loads(line) for line in f]
         ids = []
@@ -72,11 +76,18 @@ class Batches:
         return self.stream[start : start + self.seq].tolist(), None
 
     def passkey(self):
-        key = "".join(self.rng.choice("0123456789") for _ in range(5))
+        n_digits = 5 if self.key_digits_max <= 5 else self.rng.randint(5, self.key_digits_max)
+        key = "".join(self.rng.choice("0123456789") for _ in range(n_digits))
         needle = self.tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ").ids
         answer = self.tok.encode(" " + key + ".").ids
         tail = self.question + answer
-        n_fill = self.seq - len(needle) - len(tail)
+        length = self.seq
+        if self.passkey_min < self.seq:
+            # a shorter task (log-uniform length) after a stretch of text: short retrievals teach
+            # the mechanism sooner, and it carries to long ones
+            length = int(math.exp(self.rng.uniform(math.log(self.passkey_min), math.log(self.seq))))
+            length = max(length, len(needle) + len(tail) + 8)
+        n_fill = length - len(needle) - len(tail)
         if self.rng.random() < 0.5:
             reps = n_fill // len(self.filler) + 1
             fill = (self.filler * reps)[:n_fill]
@@ -85,10 +96,33 @@ class Batches:
             fill = fill[:n_fill]
         at = self.rng.randrange(0, n_fill + 1)
         tokens = fill[:at] + needle + fill[at:] + tail
+        if length < self.seq:
+            text, _ = self.text()
+            tokens = text[: self.seq - length - 1] + [self.eos] + tokens
         weights = [1.0] * len(tokens)
         first = len(tokens) - len(answer)
-        for i in range(first, first + 5):
-            weights[i] = 20.0  # the answer's first 5 tokens: the space and 4 of the 5 digits
+        # the answer's tokens but its final ".": the space and the digits (with --key-digits-max;
+        # without, the first 5: the space and 4 of the 5 digits, as the shipped first phase ran)
+        n_weighted = len(answer) - 1 if self.key_digits_max > 5 else 5
+        for i in range(first, first + n_weighted):
+            weights[i] = self.answer_weight
+        return tokens, weights
+
+    def copy(self):
+        """A random digit string, filler or text, then the same string again, supervised: dense
+        practice of the look-back-and-copy (induction) that passkey retrieval needs."""
+        digits = [self.tok.token_to_id(str(d)) for d in range(10)]
+        space = self.tok.token_to_id("\u0120")
+        s = [self.rng.choice(digits) for _ in range(self.rng.randint(8, min(48, (self.seq - 4) // 3)))]
+        gap = int(math.exp(self.rng.uniform(0, math.log(min(self.seq // 2, self.seq - 3 - 2 * len(s))))))
+        if self.rng.random() < 0.5:
+            fill = (self.filler * (gap // len(self.filler) + 1))[:gap]
+        else:
+            fill = self.text()[0][:gap]
+        task = [space] + s + fill + [space] + s
+        text, _ = self.text()
+        tokens = (text[: self.seq - len(task) - 1] + [self.eos] + task)[: self.seq]
+        weights = [1.0] * (len(tokens) - len(s)) + [self.answer_weight] * len(s)
         return tokens, weights
 
     def positions(self):
@@ -111,7 +145,13 @@ class Batches:
     def batch(self, size):
         toks, wts, poss = [], [], []
         for _ in range(size):
-            t, w = self.passkey() if self.rng.random() < self.passkey_share else self.text()
+            r = self.rng.random()
+            if r < self.passkey_share:
+                t, w = self.passkey()
+            elif r < self.passkey_share + self.copy_share:
+                t, w = self.copy()
+            else:
+                t, w = self.text()
             toks.append(t)
             wts.append(w if w is not None else [1.0] * self.seq)
             poss.append(self.positions())
@@ -145,8 +185,10 @@ def heldout_loss(model, data_dir, tok, seq):
 
 @torch.no_grad()
 def passkey_accuracy(model, batches, n):
-    """Greedy next-digit accuracy on fresh passkey sequences (unskipped positions)."""
-    hits = 0
+    """Greedy next-digit accuracy on fresh passkey sequences of the full length (unskipped
+    positions)."""
+    hits, short, digits = 0, batches.passkey_min, batches.key_digits_max
+    batches.passkey_min, batches.key_digits_max = batches.seq, 5
     for _ in range(n):
         tokens, weights = batches.passkey()
         t = torch.tensor([tokens])
@@ -154,6 +196,7 @@ def passkey_accuracy(model, batches, n):
         idx = [i for i, w in enumerate(weights) if w > 1.0]
         pred = logits[[i - 1 for i in idx]].argmax(-1)
         hits += int(torch.equal(pred, t[0, idx]))
+    batches.passkey_min, batches.key_digits_max = short, digits
     return hits / n
 
 
@@ -170,8 +213,19 @@ def main():
     ap.add_argument("--max-position", type=int, default=1 << 20)
     ap.add_argument("--passkey-share", type=float, default=0.3)
     ap.add_argument("--pose-share", type=float, default=0.5)
+    ap.add_argument("--passkey-min", type=int, default=None,
+                    help="passkey tasks of log-uniform length from this to --seq, after text (default: all --seq long)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--key-digits-max", type=int, default=5,
+                    help="passkeys of 5 to this many digits in training (evaluation keeps 5)")
+    ap.add_argument("--copy-share", type=float, default=0.0,
+                    help="share of the batch that is the copy task (a digit string repeated after filler)")
+    ap.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of the passkey answer")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps of the --steps schedule (the shipped run's first phase)")
+    ap.add_argument("--init", help="start from this run's model.safetensors instead of random weights "
+                    "(a second phase; the first phase's training.json is kept beside it)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -181,13 +235,19 @@ def main():
     cfg = config(tok.get_vocab_size())
     model = Yoco(cfg)
     model.init_weights(torch.Generator().manual_seed(args.seed))
+    if args.init:
+        model.load_official(load_file(args.init))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {json.dumps(cfg)}", flush=True)
     err = check_against_reference(model, torch.randint(0, cfg["vocab_size"], (150,), generator=torch.Generator().manual_seed(1)))
     print(f"batched model vs reference (float64): max |logit diff| {err:.2e}", flush=True)
     assert err < 1e-9, err
 
-    batches = Batches(args.data, tok, args.seq + 1, rng, args.max_position, args.passkey_share, args.pose_share)
+    batches = Batches(args.data, tok, args.seq + 1, rng, args.max_position, args.passkey_share, args.pose_share,
+                      args.passkey_min)
+    batches.answer_weight = args.answer_weight
+    batches.key_digits_max = args.key_digits_max
+    batches.copy_share = args.copy_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -205,9 +265,13 @@ def main():
 
     log = {"args": vars(args), "config": cfg, "n_params": n_params, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "steps": []}
+    if args.init:
+        with open(os.path.join(os.path.dirname(os.path.abspath(args.init)), "train_log.json")) as f:
+            log["previous_phase"] = json.load(f)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    for step in range(args.steps):
+    last = min(args.steps, args.stop_after or args.steps) - 1
+    for step in range(last + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         tokens, weights, positions = batches.batch(args.batch)
@@ -216,13 +280,13 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 10 == 0 or step == last:
             el = time.time() - t0
             tps = (step + 1) * args.batch * args.seq / el
             print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} lr {lr_at(step):.2e} "
                   f"{el:.0f}s {tps:.0f} tok/s", flush=True)
             log["steps"].append({"step": step, "loss": loss.item(), "lm": lm.item(), "elapsed_s": el})
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+        if (step + 1) % args.eval_every == 0 or step == last:
             model.eval()
             held = heldout_loss(model, args.data, tok, args.seq)
             acc = passkey_accuracy(model, batches, 32)
