@@ -14,7 +14,7 @@ use crate::config::{ModelConfig, SelfMixerKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
-    /// The built-in default model: dim 256, 8 layers, gated retention.
+    /// dim 256, 8 layers, gated retention (the built-in default model before one was trained).
     Tiny,
     Small,
     /// YOCO-3B's shape.
