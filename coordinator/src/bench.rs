@@ -10,11 +10,12 @@ use anyhow::bail;
 use serde_json::json;
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
 use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
+use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::kernels::matmul::matmul_t;
 use yoco_worker::kernels::retention::RETENTION_BLOCK;
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
-use yoco_worker::sampling::argmax;
+use yoco_worker::sampling::{argmax, log_softmax};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,6 +35,12 @@ pub struct Args {
     /// Context of each sequence in the batched decode runs.
     #[arg(long, default_value_t = 4096)]
     batch_context: usize,
+    /// Cache data types compared on the built-in trained model (empty: skip).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
+    cache_dtypes: Vec<CacheDtype>,
+    /// Context of the cache data-type comparison.
+    #[arg(long, default_value_t = 16384)]
+    dtype_context: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -117,6 +124,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{b:>9} {rate:>12.1} {:>11.1}x", rate / one);
         }
     }
+    let dtypes = cache_dtypes(&args)?;
+    if !args.json && !dtypes.is_empty() {
+        println!(
+            "global cache data types on the built-in model at {} tokens of context (log-probabilities of the last {} prompt tokens against f32):",
+            args.dtype_context, DTYPE_SCORED
+        );
+        println!(
+            "{:>6} {:>10} {:>12} {:>14} {:>14} {:>12}",
+            "dtype", "bytes/tok", "decode tok/s", "max |Δlogp|", "mean |Δlogp|", "same argmax"
+        );
+        for d in &dtypes {
+            println!(
+                "{:>6} {:>10} {:>12.1} {:>14.2e} {:>14.2e} {:>11.1}%",
+                d.dtype.name(),
+                d.bytes_per_token,
+                d.decode_tokens_per_second,
+                d.max_abs_logprob_diff,
+                d.mean_abs_logprob_diff,
+                100.0 * d.argmax_agreement
+            );
+        }
+    }
     if args.json {
         let out = json!({
             "preset": args.preset, "threads": threads, "gemm_gflops_2048": peak, "read_gbps": bandwidth,
@@ -124,6 +153,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "prefill_flops_per_token": flops_per_token, "runs": rows,
             "batched_decode": batched.iter().map(|(b, r)| json!({
                 "sequences": b, "context": args.batch_context, "tokens_per_second": r,
+            })).collect::<Vec<_>>(),
+            "cache_dtypes": dtypes.iter().map(|d| json!({
+                "dtype": d.dtype.name(), "context": args.dtype_context, "bytes_per_token": d.bytes_per_token,
+                "decode_tokens_per_second": d.decode_tokens_per_second,
+                "max_abs_logprob_diff_vs_f32": d.max_abs_logprob_diff,
+                "mean_abs_logprob_diff_vs_f32": d.mean_abs_logprob_diff,
+                "argmax_agreement_vs_f32": d.argmax_agreement,
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -170,6 +206,79 @@ fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize)
             last = outs.iter().map(|o| argmax(&o.logits)).collect();
         }
         out.push((b, (b * steps) as f64 / started.elapsed().as_secs_f64()));
+    }
+    Ok(out)
+}
+
+/// Prompt positions whose log-probabilities the data-type comparison scores.
+const DTYPE_SCORED: usize = 512;
+
+struct DtypeRun {
+    dtype: CacheDtype,
+    bytes_per_token: usize,
+    decode_tokens_per_second: f64,
+    max_abs_logprob_diff: f64,
+    mean_abs_logprob_diff: f64,
+    argmax_agreement: f64,
+}
+
+/// Each cache data type on the built-in trained model (real weights, so the log-probabilities
+/// are peaked as in use): a prompt of `dtype_context` tokens whose last [`DTYPE_SCORED`]
+/// positions are scored (each reads the whole cache before it), compared with the f32 cache,
+/// then decode speed at that context.
+fn cache_dtypes(args: &Args) -> anyhow::Result<Vec<DtypeRun>> {
+    if args.cache_dtypes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = crate::default_model::resolve(None)?;
+    let model = Arc::new(Model::load(&dir)?);
+    let n = args.dtype_context.max(DTYPE_SCORED + 1);
+    let vocab = model.cfg.vocab_size as u32;
+    // A fixed pseudo-random walk over the vocabulary: no tokenizer or text needed.
+    let prompt: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 + 12345) % vocab as u64) as u32).collect();
+    let scored_from = n - DTYPE_SCORED;
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    let mut order = args.cache_dtypes.clone();
+    order.sort_by_key(|d| *d != CacheDtype::F32); // f32 first: the others compare with it
+    order.dedup();
+    let mut out = Vec::new();
+    for dtype in order {
+        let bytes_per_token = model.cfg.cache_numbers_per_token() * dtype.bytes();
+        let opts = EngineOptions {
+            cache_budget_bytes: (n + args.decode_tokens + 1024) * bytes_per_token * 2,
+            cache_dtype: dtype,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(model.clone(), &opts);
+        engine.add_sequence(1)?;
+        for part in prompt[..scored_from].chunks(args.prefill_chunk) {
+            engine.step(&[StepItem::prefill(1, part, Logits::None)])?;
+        }
+        let logits = engine.step(&[StepItem::prefill(1, &prompt[scored_from..], Logits::All)])?.remove(0).logits;
+        let rows: Vec<Vec<f32>> = logits.chunks_exact(vocab as usize).map(log_softmax).collect();
+        let mut last = rows.last().map(|r| argmax(r)).unwrap_or(0);
+        let started = Instant::now();
+        for _ in 0..args.decode_tokens {
+            last = argmax(&engine.step(&[StepItem::decode(1, &[last])])?.remove(0).logits);
+        }
+        let decode_tokens_per_second = args.decode_tokens as f64 / started.elapsed().as_secs_f64();
+        let reference = reference.get_or_insert_with(|| rows.clone());
+        let (mut max, mut sum, mut same) = (0f64, 0f64, 0usize);
+        for (r, (row, want)) in rows.iter().zip(reference.iter()).enumerate() {
+            // The log-probability of the prompt's next token (the last row scores the argmax).
+            let next = prompt.get(scored_from + r + 1).map_or_else(|| argmax(want), |&t| t) as usize;
+            let diff = (row[next] as f64 - want[next] as f64).abs();
+            (max, sum) = (max.max(diff), sum + diff);
+            same += usize::from(argmax(row) == argmax(want));
+        }
+        out.push(DtypeRun {
+            dtype,
+            bytes_per_token,
+            decode_tokens_per_second,
+            max_abs_logprob_diff: max,
+            mean_abs_logprob_diff: sum / rows.len() as f64,
+            argmax_agreement: same as f64 / rows.len() as f64,
+        });
     }
     Ok(out)
 }

@@ -11,6 +11,7 @@ use yoco_proto::v1::generate_request::Prompt;
 use yoco_worker::engine::{Engine, EngineOptions};
 use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, GenerateParams, PlanRunner, Progress};
+use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::model::Model;
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
@@ -63,6 +64,9 @@ pub struct Args {
     /// Global KV cache budget in MiB.
     #[arg(long, default_value_t = 8192, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
+    /// Element type of the global KV cache: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", env = "YOCO_CACHE_DTYPE")]
+    cache_dtype: CacheDtype,
     /// Prompt tokens per rank per prefill step.
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
@@ -118,13 +122,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut runner: Box<dyn PlanRunner> = match args.workers {
         None => {
-            let opts = EngineOptions { cache_budget_bytes: args.cache_mib << 20, ..EngineOptions::default() };
+            let opts = EngineOptions {
+                cache_budget_bytes: args.cache_mib << 20,
+                cache_dtype: args.cache_dtype,
+                ..EngineOptions::default()
+            };
             Box::new(Executor::new(Engine::new(model.clone(), &opts)))
         }
         Some(0) => bail!("--workers must be at least 1"),
         Some(p) => {
             let opts = crate::group::GroupOptions {
                 cache_budget_bytes: args.cache_mib << 20,
+                cache_dtype: args.cache_dtype,
                 collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout.max(0.001)),
                 transport: args.transport.clone(),
                 tls: None,
@@ -155,7 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|alts| alts.iter().map(|(t, lp)| json!({"token": t, "logprob": lp})).collect::<Vec<_>>())
             .collect()
     };
-    let bytes_per_token = model.cfg.cache_numbers_per_token() * 4;
+    let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
     let out = json!({
         "workers": runner.world(),
         "model": dir.display().to_string(),
@@ -175,6 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         "timing": gen.timing,
         "cache": {
+            "dtype": args.cache_dtype.name(),
             "bytes_per_token": bytes_per_token,
             "global_cache_bytes": gen.shard_tokens.iter().sum::<usize>() * bytes_per_token,
             "per_rank": gen.shard_tokens.iter().enumerate().map(|(rank, &tokens)| {

@@ -13,6 +13,7 @@ use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_client::WorkerClient;
 use yoco_worker::executor::{Plan, SeqResult};
 use yoco_worker::generate::{PlanRunner, RunError};
+use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
 
 use crate::worker_cmd::MAX_MESSAGE_BYTES;
@@ -20,6 +21,8 @@ use crate::worker_cmd::MAX_MESSAGE_BYTES;
 #[derive(Debug, Clone)]
 pub struct GroupOptions {
     pub cache_budget_bytes: usize,
+    /// Element type of every rank's global KV cache.
+    pub cache_dtype: CacheDtype,
     pub collective_timeout: Duration,
     /// `tcp`, or `nccl` (rank r on GPU r).
     pub transport: String,
@@ -56,6 +59,7 @@ pub struct RankInfo {
     pub address: String,
     pub cache_capacity_tokens: usize,
     pub block_tokens: usize,
+    pub cache_dtype: CacheDtype,
 }
 
 /// A formed worker group: P ranks that loaded the model together and run every plan together.
@@ -210,6 +214,7 @@ impl WorkerGroup {
                 transport: opts.transport.clone(),
                 device: rank as u32,
                 formation,
+                cache_dtype: opts.cache_dtype.name().to_string(),
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });
@@ -233,10 +238,17 @@ impl WorkerGroup {
                 cache_capacity_tokens = info.cache_capacity_tokens,
                 "rank loaded the model"
             );
+            // A worker too old to name its cache type runs f32.
+            let dtype = if info.cache_dtype.is_empty() { "f32" } else { info.cache_dtype.as_str() };
+            let cache_dtype = dtype.parse::<CacheDtype>().map_err(|e| anyhow!("rank {}: {e}", info.rank))?;
+            if cache_dtype != opts.cache_dtype {
+                bail!("rank {} keeps its cache in {cache_dtype}, not the {} asked for", info.rank, opts.cache_dtype);
+            }
             ranks.push(RankInfo {
                 address: addr.clone(),
                 cache_capacity_tokens: info.cache_capacity_tokens as usize,
                 block_tokens: BLOCK_TOKENS,
+                cache_dtype,
             });
             if config_json.is_empty() {
                 (dir, config_json) = (info.model_dir, info.model_config_json);

@@ -22,6 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
+use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::tokenizer::Tokenizer;
 
 use crate::api::{Api, MAX_MESSAGE_BYTES};
@@ -50,6 +51,10 @@ pub struct ServerArgs {
     /// Global KV cache budget per worker rank, in MiB.
     #[arg(long, default_value_t = 4096, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
+    /// Element type of the global KV cache: f32, bf16 or f16 (half the bytes per token; the
+    /// kernels compute in f32).
+    #[arg(long, default_value = "f32", env = "YOCO_CACHE_DTYPE")]
+    cache_dtype: CacheDtype,
     /// Requests that may wait for admission; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024, env = "YOCO_MAX_QUEUE")]
     max_queue: usize,
@@ -222,7 +227,7 @@ impl GroupStarter {
         let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
         let capacity = Capacity { world, blocks_per_rank, block_tokens };
         let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
-        let cache_bytes_per_token = cfg.cache_numbers_per_token() * std::mem::size_of::<f32>();
+        let cache_bytes_per_token = cfg.cache_numbers_per_token() * handle.ranks[0].cache_dtype.bytes();
         let mut config = self.config.clone();
         // The cached states depend on the model; a snapshot's self-decoder state is kept on
         // every rank, outside the cache blocks, and is booked as that many blocks so that
@@ -259,6 +264,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         tls,
         allow_plaintext: a.tls.allow_plaintext,
         cache_budget_bytes: a.cache_mib << 20,
+        cache_dtype: a.cache_dtype,
         collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
         transport: a.transport.clone(),
     }

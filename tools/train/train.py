@@ -70,6 +70,9 @@ class Batches:
         self.stream = torch.tensor(ids, dtype=torch.long)
         self.filler = tok.encode(FILLER * 8).ids
         self.question = tok.encode(" " + QUESTION).ids
+        # word tokens ("Ġword", letters only) for the recall task's names
+        self.words = [i for t, i in tok.get_vocab().items() if t.startswith("\u0120") and t[1:].isalpha() and len(t) > 3]
+        self.recall_share = 0.0
 
     def text(self):
         start = self.rng.randrange(0, len(self.stream) - self.seq - 1)
@@ -125,6 +128,49 @@ class Batches:
         weights = [1.0] * (len(tokens) - len(s)) + [self.answer_weight] * len(s)
         return tokens, weights
 
+    def recall(self):
+        """Multi-query associative recall: a few "names" (two random word tokens each) are given
+        digit strings amid filler or text; later the names come again in a shuffled order, each
+        followed by its digits, which are supervised. The passkey task is one such pair with the
+        name "pass key is"; here many names and gaps of every length make the look-up (a
+        query matching the tokens before a cached value) the only way to the answer."""
+        digits = [self.tok.token_to_id(str(d)) for d in range(10)]
+        pairs, budget = [], self.seq
+        while True:
+            name = [self.rng.choice(self.words) for _ in range(2)]
+            value = [self.rng.choice(digits) for _ in range(self.rng.randint(3, 8))]
+            cost = 2 * (len(name) + len(value)) + 2
+            if budget - cost < self.seq // 4 or len(pairs) == 8:
+                break
+            pairs.append((name, value))
+            budget -= cost
+        if not pairs:
+            return self.text()
+        fill = self.filler * (budget // len(self.filler) + 1) if self.rng.random() < 0.5 else None
+        if fill is None:
+            fill = self.text()[0]
+        fill = fill[:budget]
+        # cut the filler into 2 * len(pairs) + 1 pieces: before each statement and each question
+        cuts = sorted(self.rng.randrange(0, len(fill) + 1) for _ in range(2 * len(pairs)))
+        pieces = [fill[a:b] for a, b in zip([0] + cuts, cuts + [len(fill)])]
+        order = list(range(len(pairs)))
+        self.rng.shuffle(order)
+        tokens, weights = [], []
+        for i, (name, value) in enumerate(pairs):
+            tokens += pieces[i] + name + value
+            weights += [1.0] * (len(pieces[i]) + len(name) + len(value))
+        for j, i in enumerate(order):
+            name, value = pairs[i]
+            piece = pieces[len(pairs) + j]
+            tokens += piece + name + value
+            weights += [1.0] * (len(piece) + len(name)) + [self.answer_weight] * len(value)
+        tokens, weights = tokens[: self.seq], weights[: self.seq]
+        pad = self.seq - len(tokens)
+        if pad:
+            tokens = self.text()[0][:pad] + tokens
+            weights = [1.0] * pad + weights
+        return tokens, weights
+
     def positions(self):
         """0..seq-1, or (PoSE) the same with a few random jumps, spanning up to max_position."""
         if self.rng.random() >= self.pose_share:
@@ -150,6 +196,8 @@ class Batches:
                 t, w = self.passkey()
             elif r < self.passkey_share + self.copy_share:
                 t, w = self.copy()
+            elif r < self.passkey_share + self.copy_share + self.recall_share:
+                t, w = self.recall()
             else:
                 t, w = self.text()
             toks.append(t)
@@ -162,7 +210,9 @@ def loss_fn(model, tokens, weights, positions):
     logits = model(tokens[:, :-1], positions[:, :-1])
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
     w = weights[:, 1:].reshape(-1)
-    return (nll * w).sum() / w.sum(), nll.mean()
+    sup = w > 1.0
+    acc = (logits.reshape(-1, logits.shape[-1])[sup].argmax(-1) == tokens[:, 1:].reshape(-1)[sup]).float().mean()
+    return (nll * w).sum() / w.sum(), nll.mean(), acc
 
 
 @torch.no_grad()
@@ -184,10 +234,11 @@ def heldout_loss(model, data_dir, tok, seq):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, batches, n):
-    """Greedy next-digit accuracy on fresh passkey sequences of the full length (unskipped
-    positions)."""
-    hits, short, digits = 0, batches.passkey_min, batches.key_digits_max
+def passkey_accuracy(model, batches, n, length=None):
+    """Greedy accuracy (all five digits right) on fresh passkey sequences of `length` tokens
+    (default: the training length; positions not skipped)."""
+    hits, short, digits, seq = 0, batches.passkey_min, batches.key_digits_max, batches.seq
+    batches.seq = length or seq
     batches.passkey_min, batches.key_digits_max = batches.seq, 5
     for _ in range(n):
         tokens, weights = batches.passkey()
@@ -196,7 +247,7 @@ def passkey_accuracy(model, batches, n):
         idx = [i for i, w in enumerate(weights) if w > 1.0]
         pred = logits[[i - 1 for i in idx]].argmax(-1)
         hits += int(torch.equal(pred, t[0, idx]))
-    batches.passkey_min, batches.key_digits_max = short, digits
+    batches.passkey_min, batches.key_digits_max, batches.seq = short, digits, seq
     return hits / n
 
 
@@ -221,6 +272,10 @@ def main():
                     help="passkeys of 5 to this many digits in training (evaluation keeps 5)")
     ap.add_argument("--copy-share", type=float, default=0.0,
                     help="share of the batch that is the copy task (a digit string repeated after filler)")
+    ap.add_argument("--recall-share", type=float, default=0.0,
+                    help="share of the batch that is multi-query associative recall (names and digit strings)")
+    ap.add_argument("--eval-passkey-lengths", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also evaluate passkey retrieval at these lengths (comma-separated)")
     ap.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of the passkey answer")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this many steps of the --steps schedule (the shipped run's first phase)")
@@ -248,6 +303,7 @@ def main():
     batches.answer_weight = args.answer_weight
     batches.key_digits_max = args.key_digits_max
     batches.copy_share = args.copy_share
+    batches.recall_share = args.recall_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -266,8 +322,12 @@ def main():
     log = {"args": vars(args), "config": cfg, "n_params": n_params, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "steps": []}
     if args.init:
-        with open(os.path.join(os.path.dirname(os.path.abspath(args.init)), "train_log.json")) as f:
-            log["previous_phase"] = json.load(f)
+        here = os.path.dirname(os.path.abspath(args.init))
+        for name in ("train_log.json", "training.json"):  # a run's directory, or an exported model
+            if os.path.exists(os.path.join(here, name)):
+                with open(os.path.join(here, name)) as f:
+                    log["previous_phase"] = json.load(f)
+                break
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     last = min(args.steps, args.stop_after or args.steps) - 1
@@ -275,7 +335,7 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         tokens, weights, positions = batches.batch(args.batch)
-        loss, lm = loss_fn(model, tokens, weights, positions)
+        loss, lm, acc = loss_fn(model, tokens, weights, positions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -283,17 +343,21 @@ def main():
         if step % 10 == 0 or step == last:
             el = time.time() - t0
             tps = (step + 1) * args.batch * args.seq / el
-            print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} lr {lr_at(step):.2e} "
+            print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} answer-acc {acc.item():.3f} lr {lr_at(step):.2e} "
                   f"{el:.0f}s {tps:.0f} tok/s", flush=True)
-            log["steps"].append({"step": step, "loss": loss.item(), "lm": lm.item(), "elapsed_s": el})
+            log["steps"].append({"step": step, "loss": loss.item(), "lm": lm.item(), "answer_acc": acc.item(),
+                                 "elapsed_s": el})
         if (step + 1) % args.eval_every == 0 or step == last:
             model.eval()
             held = heldout_loss(model, args.data, tok, args.seq)
             acc = passkey_accuracy(model, batches, 32)
+            long = {n: passkey_accuracy(model, batches, 16, n + 1) for n in args.eval_passkey_lengths}
             model.train()
             print(f"eval step {step}: heldout loss {held:.4f} (ppl {math.exp(held):.2f}), "
-                  f"passkey@{args.seq} {acc:.2f}", flush=True)
-            log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc})
+                  f"passkey@{args.seq} {acc:.2f}" + "".join(f", passkey@{n} {a:.2f}" for n, a in long.items()),
+                  flush=True)
+            log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc,
+                                     "passkey_acc_at": {str(n): a for n, a in long.items()}})
             save(model, tok, cfg, args.out, log)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 

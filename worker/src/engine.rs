@@ -15,6 +15,7 @@ use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
 use crate::comm::{Collective, CommError, SingleRank, Timed};
 use crate::cp::{chunk, even_split, validate_split};
 use crate::kernels::cross_attention::KvView;
+use crate::kernels::kv_block::CacheDtype;
 use crate::model::{Model, Segment, Shard};
 
 pub type SeqId = u64;
@@ -97,11 +98,13 @@ pub struct EngineOptions {
     pub block_tokens: usize,
     /// Bytes the global KV cache may use.
     pub cache_budget_bytes: usize,
+    /// Element type of the global KV cache (computation stays f32).
+    pub cache_dtype: CacheDtype,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { block_tokens: 256, cache_budget_bytes: 8 << 30 }
+        EngineOptions { block_tokens: 256, cache_budget_bytes: 8 << 30, cache_dtype: CacheDtype::F32 }
     }
 }
 
@@ -151,7 +154,8 @@ impl Engine {
 
     /// One rank of a group whose ranks talk through `comm`.
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
-        let pool = BlockPool::new(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes);
+        let pool =
+            BlockPool::with_dtype(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
         Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), comm: Timed::new(comm), broken: None }
     }
 

@@ -217,7 +217,7 @@ fn failed_steps_change_nothing_and_free_returns_every_block() {
     let kv_dim = small_config(SelfMixerKind::GatedRetention).kv_dim();
     // Blocks of 16 positions; the budget holds 4 of them.
     let block_bytes = 2 * 16 * kv_dim * 4;
-    let opts = EngineOptions { block_tokens: 16, cache_budget_bytes: 4 * block_bytes };
+    let opts = EngineOptions { block_tokens: 16, cache_budget_bytes: 4 * block_bytes, ..EngineOptions::default() };
     let (a, b) = (tokens(20, VOCAB, 7), tokens(16, VOCAB, 8));
     for (name, model) in &models {
         // Sequence 1 holds 20 positions (2 blocks), sequence 2 exactly 16 (1 full block).
@@ -294,7 +294,10 @@ fn failed_steps_change_nothing_and_free_returns_every_block() {
 
     // A budget too small for a single block: every step fails cleanly.
     let model = &models[0].1;
-    let mut e = Engine::new(model.clone(), &EngineOptions { block_tokens: 16, cache_budget_bytes: block_bytes - 1 });
+    let mut e = Engine::new(
+        model.clone(),
+        &EngineOptions { block_tokens: 16, cache_budget_bytes: block_bytes - 1, ..EngineOptions::default() },
+    );
     assert_eq!(e.pool().total_blocks(), 0);
     e.add_sequence(1).unwrap();
     let err = step_err(&mut e, 1, &[1]);

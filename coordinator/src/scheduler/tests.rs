@@ -72,7 +72,11 @@ pub(super) fn start_model(
     fail_from: Option<usize>,
 ) -> Setup {
     let kv = model.cfg.kv_dim();
-    let opts = EngineOptions { block_tokens: BLOCK, cache_budget_bytes: cache_blocks * 2 * BLOCK * kv * 4 };
+    let opts = EngineOptions {
+        block_tokens: BLOCK,
+        cache_budget_bytes: cache_blocks * 2 * BLOCK * kv * 4,
+        ..EngineOptions::default()
+    };
     let exec = Arc::new(Mutex::new(Executor::new(Engine::new(model.clone(), &opts))));
     let runner = InProcess { exec: exec.clone(), steps: 0, fail_from };
     let capacity = Capacity { world: 1, blocks_per_rank: cache_blocks, block_tokens: BLOCK };

@@ -9,6 +9,7 @@
 //! (copy-on-write), so sharing never changes what another table reads.
 
 use crate::kernels::cross_attention::KvView;
+use crate::kernels::kv_block::{Block, BlockRef, CacheDtype};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CacheError {
@@ -29,23 +30,30 @@ pub struct BlockPool {
     kv_dim: usize,
     max_blocks: usize,
     budget_bytes: usize,
-    storage: Vec<Box<[f32]>>,
+    dtype: CacheDtype,
+    storage: Vec<Block>,
     /// Block tables holding each block (0 for a free block).
     refs: Vec<u32>,
     free: Vec<BlockId>,
 }
 
 impl BlockPool {
-    /// A pool of blocks of `block_tokens` positions, each row `kv_dim` wide for K and for V,
+    /// A pool of f32 blocks of `block_tokens` positions, each row `kv_dim` wide for K and for V,
     /// holding at most `budget_bytes`.
     pub fn new(block_tokens: usize, kv_dim: usize, budget_bytes: usize) -> Self {
+        Self::with_dtype(block_tokens, kv_dim, budget_bytes, CacheDtype::F32)
+    }
+
+    /// The same with elements of `dtype`: a half-precision pool holds twice the positions.
+    pub fn with_dtype(block_tokens: usize, kv_dim: usize, budget_bytes: usize, dtype: CacheDtype) -> Self {
         assert!(block_tokens > 0 && kv_dim > 0);
-        let block_bytes = 2 * block_tokens * kv_dim * std::mem::size_of::<f32>();
+        let block_bytes = 2 * block_tokens * kv_dim * dtype.bytes();
         BlockPool {
             block_tokens,
             kv_dim,
             max_blocks: (budget_bytes / block_bytes).min(u32::MAX as usize),
             budget_bytes,
+            dtype,
             storage: Vec::new(),
             refs: Vec::new(),
             free: Vec::new(),
@@ -59,7 +67,10 @@ impl BlockPool {
         self.kv_dim
     }
     pub fn block_bytes(&self) -> usize {
-        2 * self.block_tokens * self.kv_dim * std::mem::size_of::<f32>()
+        2 * self.block_tokens * self.kv_dim * self.dtype.bytes()
+    }
+    pub fn dtype(&self) -> CacheDtype {
+        self.dtype
     }
     pub fn total_blocks(&self) -> usize {
         self.max_blocks
@@ -96,7 +107,7 @@ impl BlockPool {
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
-                self.storage.push(vec![0.0; 2 * self.block_tokens * self.kv_dim].into_boxed_slice());
+                self.storage.push(Block::zeros(self.dtype, 2 * self.block_tokens * self.kv_dim));
                 self.refs.push(0);
                 BlockId((self.storage.len() - 1) as u32)
             }
@@ -126,11 +137,11 @@ impl BlockPool {
         self.refs[id.0 as usize]
     }
 
-    pub fn block(&self, id: BlockId) -> &[f32] {
-        &self.storage[id.0 as usize]
+    pub fn block(&self, id: BlockId) -> BlockRef<'_> {
+        self.storage[id.0 as usize].as_ref()
     }
 
-    fn block_mut(&mut self, id: BlockId) -> &mut [f32] {
+    fn block_mut(&mut self, id: BlockId) -> &mut Block {
         &mut self.storage[id.0 as usize]
     }
 }
@@ -175,8 +186,7 @@ impl KvSeq {
             let tail = self.blocks.last_mut().expect("a shared tail is a block");
             let copy = pool.allocate();
             let (src, dst) = (tail.0 as usize, copy.0 as usize);
-            let data = pool.storage[src].clone();
-            pool.storage[dst].copy_from_slice(&data);
+            pool.storage[dst] = pool.storage[src].clone();
             pool.release([std::mem::replace(tail, copy)]);
             self.shared_tail = false;
         }
@@ -221,8 +231,8 @@ impl KvSeq {
             let pos = self.len + r;
             let block = pool.block_mut(self.blocks[pos / bt]);
             let j = pos % bt;
-            block[j * kvd..(j + 1) * kvd].copy_from_slice(&keys[r * kvd..(r + 1) * kvd]);
-            block[(bt + j) * kvd..(bt + j + 1) * kvd].copy_from_slice(&values[r * kvd..(r + 1) * kvd]);
+            block.write(j * kvd, &keys[r * kvd..(r + 1) * kvd]);
+            block.write((bt + j) * kvd, &values[r * kvd..(r + 1) * kvd]);
         }
         match self.extents.last_mut() {
             Some((p0, _, len)) if *p0 + *len == first_pos => *len += n,
@@ -263,6 +273,11 @@ impl KvSeq {
 mod tests {
     use super::*;
 
+    /// The first `n` elements of block `b` of a view, as f32.
+    fn head(view: &KvView, b: usize, n: usize) -> Vec<f32> {
+        (0..n).map(|i| view.blocks[b].get(i)).collect()
+    }
+
     #[test]
     fn shard_positions_and_visibility() {
         let mut pool = BlockPool::new(4, 1, 1 << 20);
@@ -298,7 +313,7 @@ mod tests {
         assert_eq!(a.n_blocks(), 2);
         let view = a.view(&pool);
         assert_eq!(view.len, 5);
-        assert_eq!(&view.blocks[1][..2], &[8.0, 9.0]);
+        assert_eq!(head(&view, 1, 2), [8.0, 9.0]);
         a.free(&mut pool);
         assert_eq!(pool.used_blocks(), 0);
         b.reserve(&mut pool, 12).unwrap();
@@ -330,9 +345,9 @@ mod tests {
         assert_eq!(b.blocks[0], a.blocks[0], "full blocks stay shared");
         assert_ne!(b.blocks[1], a.blocks[1]);
         let (va, vb, vs) = (a.view(&pool), b.view(&pool), snap.view(&pool));
-        assert_eq!(&va.blocks[1][..3], &[4.0, 5.0, 100.0]);
-        assert_eq!(&vb.blocks[1][..3], &[4.0, 5.0, 200.0]);
-        assert_eq!(&vs.blocks[1][..2], &[4.0, 5.0], "the snapshot's rows are untouched");
+        assert_eq!(head(&va, 1, 3), [4.0, 5.0, 100.0]);
+        assert_eq!(head(&vb, 1, 3), [4.0, 5.0, 200.0]);
+        assert_eq!(head(&vs, 1, 2), [4.0, 5.0], "the snapshot's rows are untouched");
         assert_eq!((va.len, vb.len, vs.len), (7, 7, 6));
         // Blocks go back only when their last holder lets go.
         let mut snap = snap;

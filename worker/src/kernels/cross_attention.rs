@@ -8,6 +8,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::kv_block::BlockRef;
 use super::simd::{axpy, dot, scale_in_place};
 
 /// Positions per parallel task when one query attends over a long cache.
@@ -36,22 +37,23 @@ impl CrossShape {
 /// `[K rows; V rows]` (`2 × block_tokens × kv_dim`), covering positions `0..len`.
 #[derive(Clone)]
 pub struct KvView<'a> {
-    pub blocks: Vec<&'a [f32]>,
+    pub blocks: Vec<BlockRef<'a>>,
     pub block_tokens: usize,
     pub kv_dim: usize,
     pub len: usize,
 }
 
 impl KvView<'_> {
-    fn key(&self, pos: usize) -> &[f32] {
-        let b = self.blocks[pos / self.block_tokens];
-        let j = pos % self.block_tokens;
-        &b[j * self.kv_dim..(j + 1) * self.kv_dim]
-    }
-    fn value(&self, pos: usize) -> &[f32] {
-        let b = self.blocks[pos / self.block_tokens];
-        let j = pos % self.block_tokens + self.block_tokens;
-        &b[j * self.kv_dim..(j + 1) * self.kv_dim]
+    /// K and V rows `[tile, kv_dim]` of positions `pos..pos + tile` (within one block) as f32:
+    /// the block itself for an f32 cache, else converted into the scratch buffers.
+    fn tile<'s>(&'s self, pos: usize, tile: usize, k: &'s mut Vec<f32>, v: &'s mut Vec<f32>) -> (&'s [f32], &'s [f32]) {
+        let (bt, kvd) = (self.block_tokens, self.kv_dim);
+        let block = self.blocks[pos / bt];
+        let j = pos % bt;
+        assert!(j + tile <= bt, "a tile stays within its block");
+        let keys = block.f32_rows(j * kvd..(j + tile) * kvd, k);
+        let values = block.f32_rows((bt + j) * kvd..(bt + j + tile) * kvd, v);
+        (keys, values)
     }
 }
 
@@ -80,17 +82,19 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
     let scale = 1.0 / (hd as f32).sqrt();
     let mut part = Partial::empty(shape);
     let mut scores = vec![0f32; kv.block_tokens];
+    let (mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new());
+    let kvd = kv.kv_dim;
     let mut pos = range.start;
     while pos < range.end {
         // One tile: the rest of the current block, or of the range.
         let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
+        let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
         for h in 0..shape.heads {
-            let g = h / shape.group();
-            let kv_cols = g * hd..(g + 1) * hd;
+            let col = h / shape.group() * hd;
             let qh = &q[h * hd..(h + 1) * hd];
             let mut tile_max = f32::NEG_INFINITY;
             for j in 0..tile {
-                let s = dot(qh, &kv.key(pos + j)[kv_cols.clone()]) * scale;
+                let s = dot(qh, &keys[j * kvd + col..j * kvd + col + hd]) * scale;
                 scores[j] = s;
                 tile_max = tile_max.max(s);
             }
@@ -104,7 +108,7 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
             for j in 0..tile {
                 let p = (scores[j] - m_new).exp();
                 l += p;
-                axpy(p, &kv.value(pos + j)[kv_cols.clone()], oh);
+                axpy(p, &values[j * kvd + col..j * kvd + col + hd], oh);
             }
             part.m[h] = m_new;
             part.l[h] = l;
@@ -249,8 +253,12 @@ mod tests {
         let keys = randn(n * kvd, 2);
         let values = randn(n * kvd, 3);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view =
-            KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let view = KvView {
+            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: n,
+        };
         let want = cross_attention_reference(&q, &keys, &values, shape);
         for cuts in [vec![], vec![1], vec![16], vec![5, 50], vec![15, 16, 17, 102], vec![0, 0, 103]] {
             let mut bounds = vec![0];
@@ -265,14 +273,54 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_blocks_match_the_reference_on_their_rounded_rows() {
+        use crate::kernels::kv_block::{Block, CacheDtype};
+        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let (kvd, n, bt) = (shape.kv_dim(), 70, 16);
+        let q: Vec<f32> = randn(shape.q_dim(), 11).iter().map(|v| v * 4.0).collect();
+        let (keys, values) = (randn(n * kvd, 12), randn(n * kvd, 13));
+        for dtype in [CacheDtype::Bf16, CacheDtype::F16] {
+            let storage: Vec<Block> = blocks(&keys, &values, kvd, bt)
+                .iter()
+                .map(|b| {
+                    let mut blk = Block::zeros(dtype, b.len());
+                    blk.write(0, b);
+                    blk
+                })
+                .collect();
+            let view =
+                KvView { blocks: storage.iter().map(Block::as_ref).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+            // The rows as stored, back in f32: what the kernel must attend over exactly.
+            let blocks = &view.blocks;
+            let stored = |v_rows: bool| -> Vec<f32> {
+                (0..n)
+                    .flat_map(|p| {
+                        let base = (p % bt + if v_rows { bt } else { 0 }) * kvd;
+                        (0..kvd).map(move |c| blocks[p / bt].get(base + c))
+                    })
+                    .collect()
+            };
+            let (rk, rv) = (stored(false), stored(true));
+            assert_ne!(rk, keys, "{dtype} rounds");
+            let mut out = vec![0.0; shape.q_dim()];
+            lse_merge(&[cross_attention_partial(&q, shape, &view, 0..n)], shape, &mut out);
+            assert_close(&out, &cross_attention_reference(&q, &rk, &rv, shape), 1e-5, dtype.name());
+        }
+    }
+
+    #[test]
     fn causal_rows_and_long_split() {
         let shape = CrossShape { heads: 2, kv_heads: 1, head_dim: 4 };
         let (kvd, n, bt) = (shape.kv_dim(), 2 * SPLIT_TOKENS + 77, 256);
         let keys = randn(n * kvd, 5);
         let values = randn(n * kvd, 6);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view =
-            KvView { blocks: storage.iter().map(|b| b.as_slice()).collect(), block_tokens: bt, kv_dim: kvd, len: n };
+        let view = KvView {
+            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: n,
+        };
         let positions = [0usize, 5, n - 1];
         let q = randn(positions.len() * shape.q_dim(), 7);
         let mut out = vec![0.0; q.len()];

@@ -5,6 +5,7 @@
 mod simd;
 pub mod cross_attention;
 pub mod embedding;
+pub mod kv_block;
 pub mod matmul;
 pub mod retention;
 pub mod rms_norm;

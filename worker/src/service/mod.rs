@@ -16,6 +16,7 @@ use yoco_proto::worker::v1::worker_server::Worker;
 use crate::comm::{Collective, CommError, TcpCollective, TcpOptions};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
+use crate::kernels::kv_block::CacheDtype;
 use crate::model::Model;
 
 /// Settings a worker starts with; LoadModel may override them.
@@ -87,6 +88,7 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         sequences: engine.sequences() as u32,
         snapshots: engine.snapshot_usage().0 as u32,
         snapshot_state_bytes: engine.snapshot_usage().1 as u64,
+        cache_dtype: engine.pool().dtype().name().to_string(),
         broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
         // Filled in by Info from the listener.
         collective_addr: String::new(),
@@ -177,6 +179,10 @@ impl Worker for WorkerService {
         if block_tokens > 1 << 16 {
             return Err(Status::invalid_argument(format!("block_tokens {block_tokens} exceeds 65536")));
         }
+        let cache_dtype = match req.cache_dtype.as_str() {
+            "" => CacheDtype::F32,
+            name => name.parse::<CacheDtype>().map_err(Status::invalid_argument)?,
+        };
         let timeout = if req.collective_timeout_seconds > 0.0 { req.collective_timeout_seconds } else { 120.0 };
         if !timeout.is_finite() || timeout > 86400.0 {
             return Err(Status::invalid_argument("collective_timeout_seconds must be at most a day"));
@@ -228,8 +234,11 @@ impl Worker for WorkerService {
                 Some(s) => s,
                 None => Status::unavailable(e.to_string()),
             })?;
-            let engine =
-                Engine::with_group(Arc::new(model), &EngineOptions { block_tokens, cache_budget_bytes: budget }, comm);
+            let engine = Engine::with_group(
+                Arc::new(model),
+                &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype },
+                comm,
+            );
             let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             let mut slot = lock(&state);

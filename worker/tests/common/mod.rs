@@ -50,6 +50,17 @@ pub fn load(name: &str) -> Arc<Model> {
 /// Runs `script` on a group of `world` ranks (threads talking over real TCP sockets on loopback,
 /// cache blocks of 16 tokens) and returns each rank's result, in rank order.
 pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mut Engine) -> T + Sync)) -> Vec<T> {
+    let eo = EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, ..EngineOptions::default() };
+    run_group_with(model, world, &eo, script)
+}
+
+/// [`run_group`] with these engine options on every rank.
+pub fn run_group_with<T: Send>(
+    model: &Arc<Model>,
+    world: usize,
+    eo: &EngineOptions,
+    script: &(dyn Fn(&mut Engine) -> T + Sync),
+) -> Vec<T> {
     use std::net::{SocketAddr, TcpListener};
     use yoco_worker::comm::{TcpCollective, TcpOptions};
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -67,8 +78,7 @@ pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mu
                 let (addrs, opts, model) = (&addrs, &opts, model.clone());
                 s.spawn(move || {
                     let comm = TcpCollective::connect(rank, addrs, l, opts).unwrap();
-                    let eo = EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20 };
-                    let mut engine = Engine::with_group(model, &eo, Box::new(comm));
+                    let mut engine = Engine::with_group(model, eo, Box::new(comm));
                     script(&mut engine)
                 })
             })
@@ -78,7 +88,10 @@ pub fn run_group<T: Send>(model: &Arc<Model>, world: usize, script: &(dyn Fn(&mu
 }
 
 pub fn engine(model: &Arc<Model>, block_tokens: usize) -> Engine {
-    Engine::new(model.clone(), &EngineOptions { block_tokens, cache_budget_bytes: 64 << 20 })
+    Engine::new(
+        model.clone(),
+        &EngineOptions { block_tokens, cache_budget_bytes: 64 << 20, ..EngineOptions::default() },
+    )
 }
 
 /// Largest |a−b| / (|b| + rms(b)): the relative error with the data's scale as floor.
