@@ -41,6 +41,9 @@ pub struct Args {
     /// Context of the cache data-type comparison.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
+    /// Prompt tokens of the one-process vs two-process prefill comparison (0: skip).
+    #[arg(long, default_value_t = 32768)]
+    process_context: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -124,6 +127,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{b:>9} {rate:>12.1} {:>11.1}x", rate / one);
         }
     }
+    let processes = process_prefill(&args, &dir, threads, cache_bytes_per_token)?;
+    if !args.json && !processes.is_empty() {
+        println!("prefill of {} tokens through worker processes (gRPC plans, TCP collectives):", args.process_context);
+        println!("{:>9} {:>16} {:>10} {:>12} {:>8}", "processes", "threads each", "prefill s", "tok/s", "vs P=1");
+        let one = processes[0].seconds;
+        for p in &processes {
+            println!(
+                "{:>9} {:>16} {:>10.2} {:>12.0} {:>7.2}x",
+                p.world,
+                p.threads_each,
+                p.seconds,
+                args.process_context as f64 / p.seconds,
+                one / p.seconds
+            );
+        }
+    }
     let dtypes = cache_dtypes(&args)?;
     if !args.json && !dtypes.is_empty() {
         println!(
@@ -153,6 +172,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "prefill_flops_per_token": flops_per_token, "runs": rows,
             "batched_decode": batched.iter().map(|(b, r)| json!({
                 "sequences": b, "context": args.batch_context, "tokens_per_second": r,
+            })).collect::<Vec<_>>(),
+            "process_prefill": processes.iter().map(|p| json!({
+                "processes": p.world, "threads_each": p.threads_each, "tokens": args.process_context,
+                "prefill_seconds": p.seconds, "prefill_tokens_per_second": args.process_context as f64 / p.seconds,
             })).collect::<Vec<_>>(),
             "cache_dtypes": dtypes.iter().map(|d| json!({
                 "dtype": d.dtype.name(), "context": args.dtype_context, "bytes_per_token": d.bytes_per_token,
@@ -206,6 +229,44 @@ fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize)
             last = outs.iter().map(|o| argmax(&o.logits)).collect();
         }
         out.push((b, (b * steps) as f64 / started.elapsed().as_secs_f64()));
+    }
+    Ok(out)
+}
+
+struct ProcessRun {
+    world: usize,
+    threads_each: usize,
+    seconds: f64,
+}
+
+/// The same prefill on one worker process with every thread, then on one process per thread
+/// (context parallel, one thread each): what splitting a machine into ranks costs.
+fn process_prefill(
+    args: &Args,
+    model_dir: &std::path::Path,
+    threads: usize,
+    cache_bytes_per_token: usize,
+) -> anyhow::Result<Vec<ProcessRun>> {
+    use yoco_worker::generate::{generate, GenerateParams};
+    if args.process_context == 0 {
+        return Ok(Vec::new());
+    }
+    let prompt: Vec<u32> = (0..args.process_context).map(|i| ((i * 7919) % 50000) as u32).collect();
+    let params = GenerateParams { max_tokens: 1, prefill_chunk: args.prefill_chunk, ..GenerateParams::default() };
+    let mut out = Vec::new();
+    for (world, threads_each) in [(1, threads), (threads.max(2), 1)] {
+        let opts = crate::group::GroupOptions {
+            cache_budget_bytes: (args.process_context / world + 4096) * cache_bytes_per_token,
+            cache_dtype: CacheDtype::F32,
+            collective_timeout: std::time::Duration::from_secs(600),
+            transport: "tcp".into(),
+            tls: None,
+            allow_plaintext: false,
+            local_worker_threads: Some(threads_each),
+        };
+        let mut group = crate::group::BlockingGroup::spawn(world, model_dir, &opts)?;
+        let gen = generate(&mut group, 0, &prompt, &params, &mut |_| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
+        out.push(ProcessRun { world, threads_each, seconds: gen.timing.prefill_seconds });
     }
     Ok(out)
 }

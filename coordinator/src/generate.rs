@@ -138,6 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 transport: args.transport.clone(),
                 tls: None,
                 allow_plaintext: false,
+                local_worker_threads: None,
             };
             Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }

@@ -29,6 +29,8 @@ pub struct GroupOptions {
     /// Mutual TLS to the workers; without it, plaintext (refused off loopback unless allowed).
     pub tls: Option<crate::tls::WorkerTls>,
     pub allow_plaintext: bool,
+    /// Compute threads of each local worker process; `None`: `YOCO_WORKER_THREADS`, else 1.
+    pub local_worker_threads: Option<usize>,
 }
 
 /// Positions per cache block on every rank.
@@ -127,11 +129,15 @@ impl WorkerGroup {
         let mut children = Vec::new();
         let mut grpc = Vec::new();
         let mut collective = Vec::new();
+        let threads = match opts.local_worker_threads {
+            Some(n) => n.to_string(),
+            None => std::env::var("YOCO_WORKER_THREADS").unwrap_or_else(|_| "1".into()),
+        };
         for rank in 0..world {
             let mut child = Command::new(&exe)
                 .args(["worker", "--exit-on-stdin-close", "--model"])
                 .arg(model_dir)
-                .env("YOCO_THREADS", std::env::var("YOCO_WORKER_THREADS").unwrap_or_else(|_| "1".into()))
+                .env("YOCO_THREADS", threads.clone())
                 // Local workers belong to this process alone, not to a cluster in etcd.
                 .env_remove("YOCO_ETCD")
                 .stdin(Stdio::piped())

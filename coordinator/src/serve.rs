@@ -267,6 +267,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         cache_dtype: a.cache_dtype,
         collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
         transport: a.transport.clone(),
+        local_worker_threads: None,
     }
 }
 

@@ -182,6 +182,35 @@ fn default_model_is_created_under_yoco_home() {
 }
 
 #[test]
+fn half_precision_caches_on_two_worker_processes() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let prompt: Vec<String> = yoco_e2e::prompt_ids(300, 1, 1000).iter().map(u32::to_string).collect();
+    let prompt = prompt.join(",");
+    let run = |dtype: &str| {
+        let args = ["--prompt-ids", &prompt, "--max-tokens", "4", "--prompt-logprobs", "--cache-dtype", dtype];
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--workers", "2", "--prefill-chunk", "64"]);
+        generate_json(home.path(), &model, &args)
+    };
+    let full = run("f32");
+    let lp = |v: &Value| -> Vec<f64> {
+        v["prompt_logprobs"].as_array().unwrap()[1..].iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    assert_eq!(full["cache"]["dtype"], "f32");
+    let f32_bytes = full["cache"]["bytes_per_token"].as_u64().unwrap();
+    for dtype in ["bf16", "f16"] {
+        let half = run(dtype);
+        assert_eq!(half["cache"]["dtype"], dtype);
+        assert_eq!(half["cache"]["bytes_per_token"].as_u64().unwrap() * 2, f32_bytes, "{dtype} halves the cache");
+        // K and V rounded to 8 or 11 significant bits: the log-probabilities move, a little.
+        let worst = lp(&half).iter().zip(lp(&full)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let bound = if dtype == "bf16" { 5e-2 } else { 1e-2 };
+        assert!(worst > 0.0 && worst < bound, "{dtype}: largest |Δ logprob| {worst} (bound {bound})");
+    }
+}
+
+#[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
@@ -203,6 +232,7 @@ fn bad_input_fails_with_a_message_and_no_panic() {
     gen(&["--prompt-file", h.join("nope.txt").to_str().unwrap()]).fails_with(&["nope.txt"]);
     // A budget too small for one cache block.
     gen(&["--prompt-ids", "1,2", "--cache-mib", "0"]).fails_with(&["cache", "budget"]);
+    gen(&["--prompt-ids", "1", "--cache-dtype", "f8"]).fails_with(&["--cache-dtype", "f8", "bf16"]);
 
     // A model directory without params.json, and one that does not exist.
     let empty = h.join("empty");
