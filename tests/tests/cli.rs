@@ -211,6 +211,44 @@ fn half_precision_caches_on_two_worker_processes() {
 }
 
 #[test]
+fn bench_reports_every_section() {
+    let home = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "--lengths",
+        "512",
+        "--decode-tokens",
+        "2",
+        "--batches",
+        "1,2",
+        "--batch-context",
+        "256",
+        "--process-context",
+        "512",
+        "--dtype-context",
+        "600",
+        "--json",
+    ];
+    let out = yoco(home.path(), &args).ok().json();
+    assert!(out["gemm_gflops_2048"].as_f64().unwrap() > 0.0 && out["read_gbps"].as_f64().unwrap() > 0.0);
+    assert_eq!(out["runs"][0]["context"], 512);
+    assert!(out["runs"][0]["prefill_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(out["batched_decode"].as_array().unwrap().len(), 2);
+    let procs = out["process_prefill"].as_array().unwrap();
+    assert_eq!((procs[0]["processes"].as_u64(), procs[1]["threads_each"].as_u64()), (Some(1), Some(1)), "{out}");
+    let dtypes = out["cache_dtypes"].as_array().unwrap();
+    let names: Vec<&str> = dtypes.iter().map(|d| d["dtype"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f32", "bf16", "f16"]);
+    let bytes: Vec<u64> = dtypes.iter().map(|d| d["bytes_per_token"].as_u64().unwrap()).collect();
+    assert_eq!((bytes[1] * 2, bytes[2] * 2), (bytes[0], bytes[0]));
+    assert_eq!(dtypes[0]["max_abs_logprob_diff_vs_f32"], 0.0);
+    for d in &dtypes[1..] {
+        let diff = d["max_abs_logprob_diff_vs_f32"].as_f64().unwrap();
+        assert!(diff > 0.0 && diff < 0.1, "{d}");
+    }
+}
+
+#[test]
 fn bad_input_fails_with_a_message_and_no_panic() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
