@@ -9,7 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::kv_block::BlockRef;
-use super::simd::{axpy, dot, scale_in_place};
+use super::simd::{axpy, axpy_inline, dot_inline, exp_inline};
 
 /// Positions per parallel task when one query attends over a long cache.
 const SPLIT_TOKENS: usize = 4096;
@@ -91,31 +91,57 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
         let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
         for h in 0..shape.heads {
             let col = h / shape.group() * hd;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut tile_max = f32::NEG_INFINITY;
-            for j in 0..tile {
-                let s = dot(qh, &keys[j * kvd + col..j * kvd + col + hd]) * scale;
-                scores[j] = s;
-                tile_max = tile_max.max(s);
-            }
-            let m_new = part.m[h].max(tile_max);
+            let (m, l) = (&mut part.m[h], &mut part.l[h]);
             let oh = &mut part.o[h * hd..(h + 1) * hd];
-            let rescale = (part.m[h] - m_new).exp();
-            if rescale != 1.0 {
-                scale_in_place(oh, rescale);
-            }
-            let mut l = part.l[h] * rescale;
-            for j in 0..tile {
-                let p = (scores[j] - m_new).exp();
-                l += p;
-                axpy(p, &values[j * kvd + col..j * kvd + col + hd], oh);
-            }
-            part.m[h] = m_new;
-            part.l[h] = l;
+            attend_tile(&q[h * hd..(h + 1) * hd], keys, values, kvd, col, scale, &mut scores[..tile], m, l, oh);
         }
         pos += tile;
     }
     part
+}
+
+multiversion! {
+    /// One head over one tile of `scores.len()` positions: its scores against the key rows
+    /// (`keys[j·stride + col..][..head_dim]`), then the running (o, m, l) rescaled to the new
+    /// max and the tile's exponentials and value rows added. One call per head and tile, with
+    /// the dot products, exponentials and row updates inlined, so that the loops vectorise and
+    /// a long cache costs no call per position.
+    fn attend_tile(
+        qh: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        stride: usize,
+        col: usize,
+        scale: f32,
+        scores: &mut [f32],
+        m: &mut f32,
+        l: &mut f32,
+        oh: &mut [f32],
+    ) {
+        let hd = qh.len();
+        let mut tile_max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot_inline(qh, &keys[j * stride + col..j * stride + col + hd]) * scale;
+            tile_max = tile_max.max(*s);
+        }
+        let m_new = m.max(tile_max);
+        let rescale = exp_inline(*m - m_new);
+        if rescale != 1.0 {
+            for o in oh.iter_mut() {
+                *o *= rescale;
+            }
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = exp_inline(*s - m_new);
+            sum += *s;
+        }
+        for (j, &p) in scores.iter().enumerate() {
+            axpy_inline(p, &values[j * stride + col..j * stride + col + hd], oh);
+        }
+        *m = m_new;
+        *l = *l * rescale + sum;
+    }
 }
 
 /// Combines partials over disjoint ranges into one partial over their union (exact: each is
