@@ -3,7 +3,7 @@
 //! (`tests/fixtures/default_model.json`, written by `tools/train/evaluate.py`): the tokenizer
 //! gives the same ids, the held-out perplexity matches within 1e-3 relative, and greedy
 //! continuations — of short English prompts and of a ~1K-token passkey prompt — are the same
-//! tokens. (The model does not retrieve passkeys yet; `tools/train/README.md` says why.)
+//! tokens, and the passkey answer is the key.
 
 use yoco_e2e::server::{generate, Server};
 use yoco_proto::v1 as pb;
@@ -70,5 +70,8 @@ async fn default_model_matches_the_pytorch_reference_served_by_two_workers() {
     let out = generate(&mut client, text_request(pk["prompt"].as_str().unwrap(), want.len() as u32)).await.unwrap();
     assert_eq!(out.tokens, want, "passkey answer: yoco said {:?}", out.text);
     eprintln!("passkey {} -> {:?}", pk["key"], out.text);
+    // And that answer is the key: the model retrieves it from the sharded global cache.
+    let key = pk["key"].as_str().unwrap();
+    assert!(out.text.trim_start().starts_with(key), "passkey {key}: yoco answered {:?}", out.text);
     assert_eq!(out.finished.unwrap().usage.unwrap().prompt_tokens, pk["prompt_tokens"].as_u64().unwrap());
 }
