@@ -91,33 +91,35 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
         let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
         for h in 0..shape.heads {
             let col = h / shape.group() * hd;
-            let (m, l) = (&mut part.m[h], &mut part.l[h]);
+            let rows = TileRows { keys, values, stride: kvd, col };
+            let mut ml = (part.m[h], part.l[h]);
             let oh = &mut part.o[h * hd..(h + 1) * hd];
-            attend_tile(&q[h * hd..(h + 1) * hd], keys, values, kvd, col, scale, &mut scores[..tile], m, l, oh);
+            attend_tile(&q[h * hd..(h + 1) * hd], &rows, scale, &mut scores[..tile], &mut ml, oh);
+            (part.m[h], part.l[h]) = ml;
         }
         pos += tile;
     }
     part
 }
 
+/// One head's K and V rows in a tile: row j's are `keys[j·stride + col..][..head_dim]` (and
+/// the same in `values`).
+struct TileRows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    col: usize,
+}
+
 multiversion! {
-    /// One head over one tile of `scores.len()` positions: its scores against the key rows
-    /// (`keys[j·stride + col..][..head_dim]`), then the running (o, m, l) rescaled to the new
-    /// max and the tile's exponentials and value rows added. One call per head and tile, with
-    /// the dot products, exponentials and row updates inlined, so that the loops vectorise and
-    /// a long cache costs no call per position.
-    fn attend_tile(
-        qh: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        stride: usize,
-        col: usize,
-        scale: f32,
-        scores: &mut [f32],
-        m: &mut f32,
-        l: &mut f32,
-        oh: &mut [f32],
-    ) {
+    /// One head over one tile of `scores.len()` positions: its scores against the key rows,
+    /// then the running `(o, (m, l))` rescaled to the new max and the tile's exponentials and
+    /// value rows added. One call per head and tile, with the dot products, exponentials and
+    /// row updates inlined, so that the loops vectorise and a long cache costs no call per
+    /// position.
+    fn attend_tile(qh: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], ml: &mut (f32, f32), oh: &mut [f32]) {
+        let TileRows { keys, values, stride, col } = *rows;
+        let (m, l) = (&mut ml.0, &mut ml.1);
         let hd = qh.len();
         let mut tile_max = f32::NEG_INFINITY;
         for (j, s) in scores.iter_mut().enumerate() {

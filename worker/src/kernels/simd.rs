@@ -81,7 +81,7 @@ pub(crate) fn exp_inline(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // n is in [-126, 128], beyond the normal exponents at both ends: 2^n = 2^a · 2^(n−a).
     let n = n as i32;
