@@ -81,7 +81,7 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
     let hd = shape.head_dim;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut part = Partial::empty(shape);
-    let mut scores = vec![0f32; kv.block_tokens];
+    let mut scores = vec![0f32; shape.group() * kv.block_tokens];
     let (mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new());
     let kvd = kv.kv_dim;
     let mut pos = range.start;
@@ -89,13 +89,25 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
         // One tile: the rest of the current block, or of the range.
         let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
         let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
-        for h in 0..shape.heads {
-            let col = h / shape.group() * hd;
-            let rows = TileRows { keys, values, stride: kvd, col };
-            let mut ml = (part.m[h], part.l[h]);
-            let oh = &mut part.o[h * hd..(h + 1) * hd];
-            attend_tile(&q[h * hd..(h + 1) * hd], &rows, scale, &mut scores[..tile], &mut ml, oh);
-            (part.m[h], part.l[h]) = ml;
+        let group = shape.group();
+        if let Some(kernel) = group_kernel(group, hd) {
+            // The heads of one KV head together: each K and V row is read once for all of them.
+            for g in 0..shape.kv_heads {
+                let rows = TileRows { keys, values, stride: kvd, col: g * hd };
+                let heads = g * group..(g + 1) * group;
+                let (qh, oh) = (&q[heads.start * hd..heads.end * hd], &mut part.o[heads.start * hd..heads.end * hd]);
+                let (m, l) = (&mut part.m[heads.clone()], &mut part.l[heads]);
+                kernel(qh, &rows, scale, &mut scores[..group * tile], m, l, oh);
+            }
+        } else {
+            for h in 0..shape.heads {
+                let col = h / group * hd;
+                let rows = TileRows { keys, values, stride: kvd, col };
+                let mut ml = (part.m[h], part.l[h]);
+                let oh = &mut part.o[h * hd..(h + 1) * hd];
+                attend_tile(&q[h * hd..(h + 1) * hd], &rows, scale, &mut scores[..tile], &mut ml, oh);
+                (part.m[h], part.l[h]) = ml;
+            }
         }
         pos += tile;
     }
@@ -143,6 +155,97 @@ multiversion! {
         }
         *m = m_new;
         *l = *l * rescale + sum;
+    }
+}
+
+type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
+
+/// The kernel for `group` query heads per KV head of dimension `head_dim`, where one is
+/// specialised (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group).
+fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
+    if !head_dim.is_multiple_of(8) {
+        return None;
+    }
+    Some(match group {
+        1 => attend_group1,
+        2 => attend_group2,
+        4 => attend_group4,
+        8 => attend_group8,
+        _ => return None,
+    })
+}
+
+/// [`attend_tile`] for the `G` query heads of one KV head at once (`qg`, `og`: `[G, head_dim]`;
+/// `m`, `l`: `[G]`; `scores`: `[G, tile]`): every K and V row is loaded once for all of them,
+/// and each head's dot product is one 8-lane accumulator.
+#[inline(always)]
+fn attend_group<const G: usize>(
+    qg: &[f32],
+    rows: &TileRows<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    og: &mut [f32],
+) {
+    let TileRows { keys, values, stride, col } = *rows;
+    let hd = qg.len() / G;
+    let tile = scores.len() / G;
+    for j in 0..tile {
+        let k = &keys[j * stride + col..j * stride + col + hd];
+        for g in 0..G {
+            let mut a = [0f32; 8];
+            for (qc, kc) in qg[g * hd..(g + 1) * hd].chunks_exact(8).zip(k.chunks_exact(8)) {
+                for i in 0..8 {
+                    a[i] += qc[i] * kc[i];
+                }
+            }
+            scores[g * tile + j] = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * scale;
+        }
+    }
+    for g in 0..G {
+        let sg = &mut scores[g * tile..(g + 1) * tile];
+        let m_new = sg.iter().fold(m[g], |a, &b| a.max(b));
+        let rescale = exp_inline(m[g] - m_new);
+        if rescale != 1.0 {
+            for o in og[g * hd..(g + 1) * hd].iter_mut() {
+                *o *= rescale;
+            }
+        }
+        let mut sum = 0f32;
+        for s in sg.iter_mut() {
+            *s = exp_inline(*s - m_new);
+            sum += *s;
+        }
+        m[g] = m_new;
+        l[g] = l[g] * rescale + sum;
+    }
+    for j in 0..tile {
+        let v = &values[j * stride + col..j * stride + col + hd];
+        for g in 0..G {
+            axpy_inline(scores[g * tile + j], v, &mut og[g * hd..(g + 1) * hd]);
+        }
+    }
+}
+
+multiversion! {
+    fn attend_group1(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+        attend_group::<1>(qg, rows, scale, scores, m, l, og)
+    }
+}
+multiversion! {
+    fn attend_group2(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+        attend_group::<2>(qg, rows, scale, scores, m, l, og)
+    }
+}
+multiversion! {
+    fn attend_group4(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+        attend_group::<4>(qg, rows, scale, scores, m, l, og)
+    }
+}
+multiversion! {
+    fn attend_group8(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+        attend_group::<8>(qg, rows, scale, scores, m, l, og)
     }
 }
 
@@ -274,7 +377,20 @@ mod tests {
 
     #[test]
     fn partials_merged_at_any_cut_match_reference() {
-        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        // Group kernels (head_dim a multiple of 8; 1, 2, 4, 8 heads per KV head) and the
+        // per-head kernel (head_dim 12; 3 heads per KV head).
+        for shape in [
+            CrossShape { heads: 4, kv_heads: 2, head_dim: 8 },
+            CrossShape { heads: 2, kv_heads: 2, head_dim: 16 },
+            CrossShape { heads: 8, kv_heads: 2, head_dim: 64 },
+            CrossShape { heads: 8, kv_heads: 1, head_dim: 24 },
+            CrossShape { heads: 6, kv_heads: 2, head_dim: 12 },
+        ] {
+            partials_match_reference(shape);
+        }
+    }
+
+    fn partials_match_reference(shape: CrossShape) {
         let (kvd, n, bt) = (shape.kv_dim(), 103, 16);
         // Large scores stress the running max.
         let q: Vec<f32> = randn(shape.q_dim(), 1).iter().map(|v| v * 6.0).collect();
@@ -296,7 +412,7 @@ mod tests {
                 bounds.windows(2).map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0]))).collect();
             let mut out = vec![0.0; shape.q_dim()];
             lse_merge(&parts, shape, &mut out);
-            assert_close(&out, &want, 1e-5, &format!("cuts {cuts:?}"));
+            assert_close(&out, &want, 1e-5, &format!("{shape:?} cuts {cuts:?}"));
         }
     }
 

@@ -83,8 +83,10 @@ pub(crate) fn exp_inline(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    // n is in [-126, 128], beyond the normal exponents at both ends: 2^n = 2^a · 2^(n−a).
-    let n = n as i32;
+    // n (an integer in [-126, 128]) to an i32 through the float's bits: 1.5·2^23 + n has n in
+    // its low mantissa bits. (A plain `as` cast saturates, which does not vectorise.) 2^n lies
+    // beyond the normal exponents at both ends, so it is 2^a · 2^(n−a).
+    let n = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
     let a = n >> 1;
     let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let y = er * pow2(a) * pow2(n - a);
