@@ -35,9 +35,9 @@ pub struct Args {
     /// Context of each sequence in the batched decode runs.
     #[arg(long, default_value_t = 4096)]
     batch_context: usize,
-    /// Cache data types compared on the built-in trained model (empty: skip).
+    /// Cache data types compared on the built-in trained model (`none`: skip).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
-    cache_dtypes: Vec<CacheDtype>,
+    cache_dtypes: Vec<String>,
     /// Context of the cache data-type comparison.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
@@ -53,6 +53,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(preset) = Preset::parse(&args.preset) else {
         bail!("unknown preset `{}`", args.preset);
     };
+    let mut dtype_list = Vec::new();
+    for name in args.cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
+        dtype_list.push(name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--cache-dtypes: {e}"))?);
+    }
     let cfg = preset.config();
     let dir = tempfile_dir()?;
     write_random_model(&cfg, StoreDtype::F32, 0, false, &dir)?;
@@ -143,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let dtypes = cache_dtypes(&args)?;
+    let dtypes = cache_dtypes(&args, dtype_list)?;
     if !args.json && !dtypes.is_empty() {
         println!(
             "global cache data types on the built-in model at {} tokens of context (log-probabilities of the last {} prompt tokens against f32):",
@@ -287,8 +291,8 @@ struct DtypeRun {
 /// are peaked as in use): a prompt of `dtype_context` tokens whose last [`DTYPE_SCORED`]
 /// positions are scored (each reads the whole cache before it), compared with the f32 cache,
 /// then decode speed at that context.
-fn cache_dtypes(args: &Args) -> anyhow::Result<Vec<DtypeRun>> {
-    if args.cache_dtypes.is_empty() {
+fn cache_dtypes(args: &Args, mut order: Vec<CacheDtype>) -> anyhow::Result<Vec<DtypeRun>> {
+    if order.is_empty() {
         return Ok(Vec::new());
     }
     let dir = crate::default_model::resolve(None)?;
@@ -299,7 +303,6 @@ fn cache_dtypes(args: &Args) -> anyhow::Result<Vec<DtypeRun>> {
     let prompt: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 + 12345) % vocab as u64) as u32).collect();
     let scored_from = n - DTYPE_SCORED;
     let mut reference: Option<Vec<Vec<f32>>> = None;
-    let mut order = args.cache_dtypes.clone();
     order.sort_by_key(|d| *d != CacheDtype::F32); // f32 first: the others compare with it
     order.dedup();
     let mut out = Vec::new();

@@ -294,6 +294,7 @@ fn bad_input_fails_with_a_message_and_no_panic() {
     yoco(h, &["init-model", "--preset", "tiny"]).fails_with(&["--out"]);
     assert!(!out.exists(), "a failed init-model writes nothing");
     yoco(h, &["bench", "--preset", "huge"]).fails_with(&["preset", "huge"]);
+    yoco(h, &["bench", "--cache-dtypes", "f32,f8"]).fails_with(&["--cache-dtypes", "f8"]);
     yoco(h, &["frobnicate"]).fails_with(&["frobnicate"]);
 }
 
