@@ -228,26 +228,18 @@ fn attend_group<const G: usize>(
     }
 }
 
-multiversion! {
-    fn attend_group1(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
-        attend_group::<1>(qg, rows, scale, scores, m, l, og)
-    }
+/// `attend_group::<G>` compiled for each CPU level, one function per specialised group size.
+macro_rules! group_kernels {
+    ($($name:ident = $g:literal),*) => {$(
+        multiversion! {
+            fn $name(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+                attend_group::<$g>(qg, rows, scale, scores, m, l, og)
+            }
+        }
+    )*};
 }
-multiversion! {
-    fn attend_group2(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
-        attend_group::<2>(qg, rows, scale, scores, m, l, og)
-    }
-}
-multiversion! {
-    fn attend_group4(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
-        attend_group::<4>(qg, rows, scale, scores, m, l, og)
-    }
-}
-multiversion! {
-    fn attend_group8(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
-        attend_group::<8>(qg, rows, scale, scores, m, l, og)
-    }
-}
+
+group_kernels!(attend_group1 = 1, attend_group2 = 2, attend_group4 = 4, attend_group8 = 8);
 
 /// Combines partials over disjoint ranges into one partial over their union (exact: each is
 /// rescaled to the common running max).
