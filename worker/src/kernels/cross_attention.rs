@@ -74,8 +74,27 @@ impl Partial {
     }
 }
 
+/// Which tile kernels to use: the fastest this CPU has, or the portable ones only (tests
+/// compare both with the reference on every machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    Best,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
 /// Partial attention of the query `q [heads · head_dim]` over cache positions `range`.
 pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range: Range<usize>) -> Partial {
+    partial_with(q, shape, kv, range, Kernels::Best)
+}
+
+pub(crate) fn partial_with(
+    q: &[f32],
+    shape: CrossShape,
+    kv: &KvView,
+    range: Range<usize>,
+    kernels: Kernels,
+) -> Partial {
     assert!(range.end <= kv.len, "range beyond the cache");
     assert_eq!(kv.kv_dim, shape.kv_dim());
     let hd = shape.head_dim;
@@ -90,7 +109,7 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
         let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
         let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
         let group = shape.group();
-        if let Some(kernel) = group_kernel(group, hd) {
+        if let Some(kernel) = group_kernel(group, hd, kernels) {
             // The heads of one KV head together: each K and V row is read once for all of them.
             for g in 0..shape.kv_heads {
                 let rows = TileRows { keys, values, stride: kvd, col: g * hd };
@@ -116,11 +135,11 @@ pub fn cross_attention_partial(q: &[f32], shape: CrossShape, kv: &KvView, range:
 
 /// One head's K and V rows in a tile: row j's are `keys[j·stride + col..][..head_dim]` (and
 /// the same in `values`).
-struct TileRows<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
-    stride: usize,
-    col: usize,
+pub(super) struct TileRows<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub stride: usize,
+    pub col: usize,
 }
 
 multiversion! {
@@ -158,11 +177,18 @@ multiversion! {
     }
 }
 
-type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
+pub(super) type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
 
 /// The kernel for `group` query heads per KV head of dimension `head_dim`, where one is
-/// specialised (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group).
-fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
+/// specialised (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group): the AVX2 one where
+/// the CPU has it.
+fn group_kernel(group: usize, head_dim: usize, kernels: Kernels) -> Option<GroupKernel> {
+    #[cfg(target_arch = "x86_64")]
+    if kernels == Kernels::Best {
+        if let Some(kernel) = super::attend_avx2::group_kernel(group, head_dim) {
+            return Some(kernel);
+        }
+    }
     if !head_dim.is_multiple_of(8) {
         return None;
     }
@@ -400,11 +426,13 @@ mod tests {
             let mut bounds = vec![0];
             bounds.extend(cuts.iter().copied());
             bounds.push(n);
-            let parts: Vec<Partial> =
-                bounds.windows(2).map(|w| cross_attention_partial(&q, shape, &view, w[0]..w[1].max(w[0]))).collect();
-            let mut out = vec![0.0; shape.q_dim()];
-            lse_merge(&parts, shape, &mut out);
-            assert_close(&out, &want, 1e-5, &format!("{shape:?} cuts {cuts:?}"));
+            for kernels in [Kernels::Best, Kernels::Portable] {
+                let parts: Vec<Partial> =
+                    bounds.windows(2).map(|w| partial_with(&q, shape, &view, w[0]..w[1].max(w[0]), kernels)).collect();
+                let mut out = vec![0.0; shape.q_dim()];
+                lse_merge(&parts, shape, &mut out);
+                assert_close(&out, &want, 1e-5, &format!("{shape:?} cuts {cuts:?} {kernels:?}"));
+            }
         }
     }
 
@@ -438,9 +466,12 @@ mod tests {
             };
             let (rk, rv) = (stored(false), stored(true));
             assert_ne!(rk, keys, "{dtype} rounds");
-            let mut out = vec![0.0; shape.q_dim()];
-            lse_merge(&[cross_attention_partial(&q, shape, &view, 0..n)], shape, &mut out);
-            assert_close(&out, &cross_attention_reference(&q, &rk, &rv, shape), 1e-5, dtype.name());
+            for kernels in [Kernels::Best, Kernels::Portable] {
+                let mut out = vec![0.0; shape.q_dim()];
+                lse_merge(&[partial_with(&q, shape, &view, 0..n, kernels)], shape, &mut out);
+                let want = cross_attention_reference(&q, &rk, &rv, shape);
+                assert_close(&out, &want, 1e-5, &format!("{dtype} {kernels:?}"));
+            }
         }
     }
 

@@ -3,6 +3,8 @@
 
 #[macro_use]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod attend_avx2;
 pub mod cross_attention;
 pub mod embedding;
 pub mod kv_block;
@@ -11,6 +13,7 @@ pub mod retention;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+pub mod widen;
 pub mod window_attention;
 
 pub use simd::{axpy, dot, scale_in_place};

@@ -1,0 +1,256 @@
+//! The cross-attention group kernel (`cross_attention::attend_group`: the `G` query heads of one
+//! KV head over one tile of cache rows) in AVX2 + FMA intrinsics. The portable kernel leaves
+//! the compiler one horizontal sum per score and a scalar exponential; here eight rows' dot
+//! products are reduced together into one register of scores, the exponentials are eight lanes
+//! wide (the same polynomial as [`exp_inline`], bit for bit), and the weighted sum of value
+//! rows keeps each head's output slice in registers for the whole tile.
+
+use std::arch::x86_64::*;
+
+use super::cross_attention::{GroupKernel, TileRows};
+use super::simd::exp_inline;
+
+/// The AVX2 kernel for `group` heads per KV head, when the CPU has AVX2 and FMA and the shape
+/// is one it is specialised for (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group).
+pub(super) fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
+    if !head_dim.is_multiple_of(8) || !is_x86_feature_detected!("avx2") || !is_x86_feature_detected!("fma") {
+        return None;
+    }
+    Some(match group {
+        1 => group1,
+        2 => group2,
+        4 => group4,
+        8 => group8,
+        _ => return None,
+    })
+}
+
+/// One safe entry per group size; `CH` is how many 8-lane chunks of the head dimension one pass
+/// of the value sum keeps in registers (`G × CH` accumulators).
+macro_rules! entries {
+    ($($name:ident = ($g:literal, $ch:literal)),*) => {$(
+        fn $name(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
+            // SAFETY: `group_kernel` hands these out only where AVX2 and FMA are present.
+            unsafe { attend_group::<$g, $ch>(qg, rows, scale, scores, m, l, og) }
+        }
+    )*};
+}
+
+entries!(group1 = (1, 4), group2 = (2, 4), group4 = (4, 2), group8 = (8, 1));
+
+/// Sums of each of eight registers, as one register: lane r is Σ a[r].
+#[inline(always)]
+unsafe fn hsum8x8(a: [__m256; 8]) -> __m256 {
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    let u0 = _mm256_hadd_ps(t0, t1); // lanes: a0..a3 low halves | a0..a3 high halves
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
+/// The sum of one register's lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+}
+
+/// The largest lane.
+#[inline(always)]
+unsafe fn hmax(v: __m256) -> f32 {
+    let s4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+}
+
+/// [`exp_inline`] on eight lanes, with the same operations in the same order (no fused
+/// multiply-adds), so every lane equals the scalar result exactly.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline(always)]
+pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+    let set = _mm256_set1_ps;
+    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, set(-87.33));
+    let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.33)), set(88.72));
+    let n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, set(std::f32::consts::LOG2_E)), set(0.5)));
+    let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, set(0.693_359_4))), _mm256_mul_ps(n, set(-2.121_944_4e-4)));
+    let mut p = set(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), set(c));
+    }
+    let er = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), set(1.0));
+    let n = _mm256_cvtps_epi32(n);
+    let a = _mm256_srai_epi32::<1>(n);
+    let pow2 = |e: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(e, _mm256_set1_epi32(127))));
+    let y = _mm256_mul_ps(_mm256_mul_ps(er, pow2(a)), pow2(_mm256_sub_epi32(n, a)));
+    _mm256_andnot_ps(underflow, y)
+}
+
+/// `G` heads over one tile (see `cross_attention::attend_group` for the arguments).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_group<const G: usize, const CH: usize>(
+    qg: &[f32],
+    rows: &TileRows<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    og: &mut [f32],
+) {
+    let TileRows { keys, values, stride, col } = *rows;
+    let hd = qg.len() / G;
+    let tile = scores.len() / G;
+    let chunks = hd / 8;
+    assert!(hd.is_multiple_of(8) && og.len() == G * hd && m.len() == G && l.len() == G);
+    if tile == 0 {
+        return;
+    }
+    let last = (tile - 1) * stride + col + hd;
+    assert!(last <= keys.len() && last <= values.len(), "tile rows beyond the block");
+    let (kp, vp, q, sp) = (keys.as_ptr().add(col), values.as_ptr().add(col), qg.as_ptr(), scores.as_mut_ptr());
+    let scale_v = _mm256_set1_ps(scale);
+
+    // Scores, eight rows at a time: each row's eight K chunks stay in L1 for all G heads.
+    let full = tile / 8 * 8;
+    let mut j = 0;
+    while j < full {
+        for g in 0..G {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in 0..chunks {
+                let qv = _mm256_loadu_ps(q.add(g * hd + c * 8));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add((j + r) * stride + c * 8)), qv, *a);
+                }
+            }
+            _mm256_storeu_ps(sp.add(g * tile + j), _mm256_mul_ps(hsum8x8(acc), scale_v));
+        }
+        j += 8;
+    }
+    for j in full..tile {
+        for g in 0..G {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..chunks {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(kp.add(j * stride + c * 8)),
+                    _mm256_loadu_ps(q.add(g * hd + c * 8)),
+                    acc,
+                );
+            }
+            *sp.add(g * tile + j) = hsum(acc) * scale;
+        }
+    }
+
+    // Per head: the new running max, the old sums rescaled to it, the tile's exponentials.
+    for g in 0..G {
+        let s = sp.add(g * tile);
+        let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= tile {
+            maxv = _mm256_max_ps(maxv, _mm256_loadu_ps(s.add(i)));
+            i += 8;
+        }
+        let mut tile_max = hmax(maxv);
+        for i in i..tile {
+            tile_max = tile_max.max(*s.add(i));
+        }
+        let m_new = m[g].max(tile_max);
+        let rescale = exp_inline(m[g] - m_new);
+        if rescale != 1.0 {
+            for o in &mut og[g * hd..(g + 1) * hd] {
+                *o *= rescale;
+            }
+        }
+        let m_v = _mm256_set1_ps(m_new);
+        let mut sum_v = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= tile {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.add(i)), m_v));
+            _mm256_storeu_ps(s.add(i), e);
+            sum_v = _mm256_add_ps(sum_v, e);
+            i += 8;
+        }
+        let mut sum = hsum(sum_v);
+        for i in i..tile {
+            let e = exp_inline(*s.add(i) - m_new);
+            *s.add(i) = e;
+            sum += e;
+        }
+        m[g] = m_new;
+        l[g] = l[g] * rescale + sum;
+    }
+
+    // o += Σ_j p_j v_j, CH chunks of the head dimension at a time (then one at a time).
+    let op = og.as_mut_ptr();
+    let mut c = 0;
+    while c + CH <= chunks {
+        value_sum::<G, CH>(c, vp, stride, sp, tile, op, hd);
+        c += CH;
+    }
+    while c < chunks {
+        value_sum::<G, 1>(c, vp, stride, sp, tile, op, hd);
+        c += 1;
+    }
+}
+
+/// Chunks `c0..c0 + CH` of every head's output: `o[g] += Σ_j p[g, j] · v[j]`, held in
+/// registers across the tile's rows.
+#[inline(always)]
+unsafe fn value_sum<const G: usize, const CH: usize>(
+    c0: usize,
+    vp: *const f32,
+    stride: usize,
+    sp: *const f32,
+    tile: usize,
+    op: *mut f32,
+    hd: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); CH]; G];
+    for (g, a) in acc.iter_mut().enumerate() {
+        for (ch, v) in a.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(op.add(g * hd + (c0 + ch) * 8));
+        }
+    }
+    for j in 0..tile {
+        let v: [__m256; CH] = std::array::from_fn(|ch| _mm256_loadu_ps(vp.add(j * stride + (c0 + ch) * 8)));
+        for (g, a) in acc.iter_mut().enumerate() {
+            let p = _mm256_set1_ps(*sp.add(g * tile + j));
+            for ch in 0..CH {
+                a[ch] = _mm256_fmadd_ps(p, v[ch], a[ch]);
+            }
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        for (ch, v) in a.iter().enumerate() {
+            _mm256_storeu_ps(op.add(g * hd + (c0 + ch) * 8), *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eight_lane_exp_equals_the_scalar_one_bit_for_bit() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..40_000).map(|i| -100.0 + i as f32 * 0.0047).collect();
+        xs.extend([f32::NEG_INFINITY, -87.34, -87.33, 0.0, -0.0, 88.72, 1000.0, 1e-9]);
+        xs.resize(xs.len().next_multiple_of(8), 0.5);
+        for c in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 is present; `c` and `got` hold eight floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
+            for (g, &x) in got.iter().zip(c) {
+                assert_eq!(g.to_bits(), exp_inline(x).to_bits(), "exp({x})");
+            }
+        }
+    }
+}
