@@ -16,6 +16,7 @@ use yoco_worker::kernels::retention::RETENTION_BLOCK;
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
 use yoco_worker::sampling::{argmax, log_softmax};
+use yoco_worker::weights::WeightDtype;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,7 +39,10 @@ pub struct Args {
     /// Cache data types compared on the built-in trained model (`none`: skip).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
     cache_dtypes: Vec<String>,
-    /// Context of the cache data-type comparison.
+    /// Weight data types compared on the built-in trained model (`none`: skip).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
+    weight_dtypes: Vec<String>,
+    /// Context of the cache and weight data-type comparisons.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
     /// Prompt tokens of the one-process vs two-process prefill comparison (0: skip).
@@ -53,9 +57,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(preset) = Preset::parse(&args.preset) else {
         bail!("unknown preset `{}`", args.preset);
     };
-    let mut dtype_list = Vec::new();
+    let mut variants = Vec::new();
     for name in args.cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
-        dtype_list.push(name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--cache-dtypes: {e}"))?);
+        let cache = name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--cache-dtypes: {e}"))?;
+        variants.push(Variant { cache, weights: WeightDtype::F32 });
+    }
+    for name in args.weight_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
+        let weights = name.parse::<WeightDtype>().map_err(|e| anyhow::anyhow!("--weight-dtypes: {e}"))?;
+        if weights == WeightDtype::Auto {
+            bail!("--weight-dtypes: name the types to compare (f32, bf16, f16), not auto");
+        }
+        variants.push(Variant { cache: CacheDtype::F32, weights });
     }
     let cfg = preset.config();
     let dir = tempfile_dir()?;
@@ -68,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cache_bytes_per_token = cfg.cache_numbers_per_token() * 4;
     // What one decode token reads: every weight but the embedding table (one row of it), and
     // the global cache once per cross-decoder layer.
-    let weight_bytes = (cfg.n_params(false) - cfg.vocab_size * cfg.dim) * 4;
+    let weight_bytes = model.weight_bytes() - cfg.vocab_size * cfg.dim * 4;
     let read_per_token =
         |context: usize| (weight_bytes + cfg.n_cross_layers() * context * cache_bytes_per_token) as f64;
     if !args.json {
@@ -147,21 +159,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let dtypes = cache_dtypes(&args, dtype_list)?;
+    let dtypes = dtype_runs(&args, variants)?;
     if !args.json && !dtypes.is_empty() {
         println!(
-            "global cache data types on the built-in model at {} tokens of context (log-probabilities of the last {} prompt tokens against f32):",
+            "data types on the built-in model at {} tokens of context (log-probabilities of the last {} prompt tokens against all-f32):",
             args.dtype_context, DTYPE_SCORED
         );
         println!(
-            "{:>6} {:>10} {:>12} {:>14} {:>14} {:>12}",
-            "dtype", "bytes/tok", "decode tok/s", "max |Δlogp|", "mean |Δlogp|", "same argmax"
+            "{:>6} {:>8} {:>11} {:>13} {:>12} {:>14} {:>14} {:>12}",
+            "cache",
+            "weights",
+            "cache B/tok",
+            "weight bytes",
+            "decode tok/s",
+            "max |Δlogp|",
+            "mean |Δlogp|",
+            "same argmax"
         );
         for d in &dtypes {
             println!(
-                "{:>6} {:>10} {:>12.1} {:>14.2e} {:>14.2e} {:>11.1}%",
-                d.dtype.name(),
+                "{:>6} {:>8} {:>11} {:>13} {:>12.1} {:>14.2e} {:>14.2e} {:>11.1}%",
+                d.variant.cache.name(),
+                d.variant.weights.name(),
                 d.bytes_per_token,
+                d.weight_bytes,
                 d.decode_tokens_per_second,
                 d.max_abs_logprob_diff,
                 d.mean_abs_logprob_diff,
@@ -169,6 +190,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    let dtype_json = |weights: bool| -> Vec<serde_json::Value> {
+        dtypes
+            .iter()
+            .filter(|d| (d.variant.weights != WeightDtype::F32) == weights || d.variant == Variant::F32)
+            .map(|d| {
+                let dtype = if weights { d.variant.weights.name() } else { d.variant.cache.name() };
+                json!({
+                    "dtype": dtype, "context": args.dtype_context, "bytes_per_token": d.bytes_per_token,
+                    "weight_bytes": d.weight_bytes,
+                    "decode_tokens_per_second": d.decode_tokens_per_second,
+                    "max_abs_logprob_diff_vs_f32": d.max_abs_logprob_diff,
+                    "mean_abs_logprob_diff_vs_f32": d.mean_abs_logprob_diff,
+                    "argmax_agreement_vs_f32": d.argmax_agreement,
+                })
+            })
+            .collect()
+    };
     if args.json {
         let out = json!({
             "preset": args.preset, "threads": threads, "gemm_gflops_2048": peak, "read_gbps": bandwidth,
@@ -181,13 +219,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "processes": p.world, "threads_each": p.threads_each, "tokens": args.process_context,
                 "prefill_seconds": p.seconds, "prefill_tokens_per_second": args.process_context as f64 / p.seconds,
             })).collect::<Vec<_>>(),
-            "cache_dtypes": dtypes.iter().map(|d| json!({
-                "dtype": d.dtype.name(), "context": args.dtype_context, "bytes_per_token": d.bytes_per_token,
-                "decode_tokens_per_second": d.decode_tokens_per_second,
-                "max_abs_logprob_diff_vs_f32": d.max_abs_logprob_diff,
-                "mean_abs_logprob_diff_vs_f32": d.mean_abs_logprob_diff,
-                "argmax_agreement_vs_f32": d.argmax_agreement,
-            })).collect::<Vec<_>>(),
+            "cache_dtypes": dtype_json(false),
+            "weight_dtypes": dtype_json(true),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
@@ -262,6 +295,7 @@ fn process_prefill(
         let opts = crate::group::GroupOptions {
             cache_budget_bytes: (args.process_context / world + 4096) * cache_bytes_per_token,
             cache_dtype: CacheDtype::F32,
+            weight_dtype: WeightDtype::F32,
             collective_timeout: std::time::Duration::from_secs(600),
             transport: "tcp".into(),
             tls: None,
@@ -278,39 +312,56 @@ fn process_prefill(
 /// Prompt positions whose log-probabilities the data-type comparison scores.
 const DTYPE_SCORED: usize = 512;
 
+/// The data types of one run: the global cache's and the weight matrices'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Variant {
+    cache: CacheDtype,
+    weights: WeightDtype,
+}
+
+impl Variant {
+    const F32: Variant = Variant { cache: CacheDtype::F32, weights: WeightDtype::F32 };
+}
+
 struct DtypeRun {
-    dtype: CacheDtype,
+    variant: Variant,
     bytes_per_token: usize,
+    weight_bytes: usize,
     decode_tokens_per_second: f64,
     max_abs_logprob_diff: f64,
     mean_abs_logprob_diff: f64,
     argmax_agreement: f64,
 }
 
-/// Each cache data type on the built-in trained model (real weights, so the log-probabilities
-/// are peaked as in use): a prompt of `dtype_context` tokens whose last [`DTYPE_SCORED`]
-/// positions are scored (each reads the whole cache before it), compared with the f32 cache,
-/// then decode speed at that context.
-fn cache_dtypes(args: &Args, mut order: Vec<CacheDtype>) -> anyhow::Result<Vec<DtypeRun>> {
+/// Each variant on the built-in trained model (real weights, so the log-probabilities are
+/// peaked as in use): a prompt of `dtype_context` tokens whose last [`DTYPE_SCORED`] positions
+/// are scored (each reads the whole cache before it), compared with all-f32 (run first), then
+/// decode speed at that context.
+fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeRun>> {
     if order.is_empty() {
         return Ok(Vec::new());
     }
     let dir = crate::default_model::resolve(None)?;
-    let model = Arc::new(Model::load(&dir)?);
-    let n = args.dtype_context.max(DTYPE_SCORED + 1);
-    let vocab = model.cfg.vocab_size as u32;
-    // A fixed pseudo-random walk over the vocabulary: no tokenizer or text needed.
-    let prompt: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 + 12345) % vocab as u64) as u32).collect();
-    let scored_from = n - DTYPE_SCORED;
+    order.insert(0, Variant::F32); // the others compare with it
+    let mut seen = Vec::new();
+    order.retain(|v| {
+        let new = !seen.contains(v);
+        seen.push(*v);
+        new
+    });
     let mut reference: Option<Vec<Vec<f32>>> = None;
-    order.sort_by_key(|d| *d != CacheDtype::F32); // f32 first: the others compare with it
-    order.dedup();
     let mut out = Vec::new();
-    for dtype in order {
-        let bytes_per_token = model.cfg.cache_numbers_per_token() * dtype.bytes();
+    for variant in order {
+        let model = Arc::new(Model::load_as(&dir, variant.weights)?);
+        let n = args.dtype_context.max(DTYPE_SCORED + 1);
+        let vocab = model.cfg.vocab_size as u32;
+        // A fixed pseudo-random walk over the vocabulary: no tokenizer or text needed.
+        let prompt: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 + 12345) % vocab as u64) as u32).collect();
+        let scored_from = n - DTYPE_SCORED;
+        let bytes_per_token = model.cfg.cache_numbers_per_token() * variant.cache.bytes();
         let opts = EngineOptions {
             cache_budget_bytes: (n + args.decode_tokens + 1024) * bytes_per_token * 2,
-            cache_dtype: dtype,
+            cache_dtype: variant.cache,
             ..Default::default()
         };
         let mut engine = Engine::new(model.clone(), &opts);
@@ -336,8 +387,9 @@ fn cache_dtypes(args: &Args, mut order: Vec<CacheDtype>) -> anyhow::Result<Vec<D
             same += usize::from(argmax(row) == argmax(want));
         }
         out.push(DtypeRun {
-            dtype,
+            variant,
             bytes_per_token,
+            weight_bytes: model.weight_bytes(),
             decode_tokens_per_second,
             max_abs_logprob_diff: max,
             mean_abs_logprob_diff: sum / rows.len() as f64,

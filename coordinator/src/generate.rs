@@ -15,6 +15,7 @@ use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::model::Model;
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
+use yoco_worker::weights::WeightDtype;
 
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
@@ -67,6 +68,9 @@ pub struct Args {
     /// Element type of the global KV cache: f32, bf16 or f16.
     #[arg(long, default_value = "f32", env = "YOCO_CACHE_DTYPE")]
     cache_dtype: CacheDtype,
+    /// Element type of the weight matrices: auto (as stored), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", env = "YOCO_WEIGHT_DTYPE")]
+    weight_dtype: WeightDtype,
     /// Prompt tokens per rank per prefill step.
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
@@ -86,7 +90,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = crate::default_model::resolve(args.model.clone())?;
     let load_started = Instant::now();
-    let model = Arc::new(Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?);
+    let model =
+        Arc::new(Model::load_as(&dir, args.weight_dtype).with_context(|| format!("loading model {}", dir.display()))?);
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     tracing::info!(model = %dir.display(), seconds = load_started.elapsed().as_secs_f64(), "model loaded");
 
@@ -134,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let opts = crate::group::GroupOptions {
                 cache_budget_bytes: args.cache_mib << 20,
                 cache_dtype: args.cache_dtype,
+                weight_dtype: args.weight_dtype,
                 collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout.max(0.001)),
                 transport: args.transport.clone(),
                 tls: None,
@@ -184,6 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "total_tokens": prompt.len() + gen.tokens.len(),
         },
         "timing": gen.timing,
+        "weights": { "dtype": model.weight_dtype(), "bytes": model.weight_bytes() },
         "cache": {
             "dtype": args.cache_dtype.name(),
             "bytes_per_token": bytes_per_token,

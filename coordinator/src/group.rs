@@ -15,6 +15,7 @@ use yoco_worker::executor::{Plan, SeqResult};
 use yoco_worker::generate::{PlanRunner, RunError};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
+use yoco_worker::weights::WeightDtype;
 
 use crate::worker_cmd::MAX_MESSAGE_BYTES;
 
@@ -23,6 +24,8 @@ pub struct GroupOptions {
     pub cache_budget_bytes: usize,
     /// Element type of every rank's global KV cache.
     pub cache_dtype: CacheDtype,
+    /// Element type every rank keeps the weight matrices in.
+    pub weight_dtype: WeightDtype,
     pub collective_timeout: Duration,
     /// `tcp`, or `nccl` (rank r on GPU r).
     pub transport: String,
@@ -221,6 +224,7 @@ impl WorkerGroup {
                 device: rank as u32,
                 formation,
                 cache_dtype: opts.cache_dtype.name().to_string(),
+                weight_dtype: opts.weight_dtype.name().to_string(),
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });

@@ -24,6 +24,7 @@ use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::tokenizer::Tokenizer;
+use yoco_worker::weights::WeightDtype;
 
 use crate::api::{Api, MAX_MESSAGE_BYTES};
 use crate::auth::ApiKeys;
@@ -55,6 +56,10 @@ pub struct ServerArgs {
     /// kernels compute in f32).
     #[arg(long, default_value = "f32", env = "YOCO_CACHE_DTYPE")]
     cache_dtype: CacheDtype,
+    /// Element type of the weight matrices: auto (as the checkpoint stores them, memory-mapped),
+    /// f32, bf16 or f16 (converted at load; half the bytes of f32). The kernels compute in f32.
+    #[arg(long, default_value = "auto", env = "YOCO_WEIGHT_DTYPE")]
+    weight_dtype: WeightDtype,
     /// Requests that may wait for admission; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024, env = "YOCO_MAX_QUEUE")]
     max_queue: usize,
@@ -265,6 +270,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         allow_plaintext: a.tls.allow_plaintext,
         cache_budget_bytes: a.cache_mib << 20,
         cache_dtype: a.cache_dtype,
+        weight_dtype: a.weight_dtype,
         collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
         transport: a.transport.clone(),
         local_worker_threads: None,

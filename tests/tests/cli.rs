@@ -182,31 +182,44 @@ fn default_model_is_created_under_yoco_home() {
 }
 
 #[test]
-fn half_precision_caches_on_two_worker_processes() {
+fn half_precision_caches_and_weights_on_two_worker_processes() {
     let home = tempfile::tempdir().unwrap();
     let model = init_model(home.path(), "m", &[]);
     let prompt: Vec<String> = yoco_e2e::prompt_ids(300, 1, 1000).iter().map(u32::to_string).collect();
     let prompt = prompt.join(",");
-    let run = |dtype: &str| {
-        let args = ["--prompt-ids", &prompt, "--max-tokens", "4", "--prompt-logprobs", "--cache-dtype", dtype];
+    let run = |flag: &str, dtype: &str| {
+        let args = ["--prompt-ids", &prompt, "--max-tokens", "4", "--prompt-logprobs", flag, dtype];
         let mut args = args.to_vec();
         args.extend_from_slice(&["--workers", "2", "--prefill-chunk", "64"]);
         generate_json(home.path(), &model, &args)
     };
-    let full = run("f32");
+    let full = run("--cache-dtype", "f32");
     let lp = |v: &Value| -> Vec<f64> {
         v["prompt_logprobs"].as_array().unwrap()[1..].iter().map(|x| x.as_f64().unwrap()).collect()
     };
+    let worst = |v: &Value| lp(v).iter().zip(lp(&full)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert_eq!(full["cache"]["dtype"], "f32");
+    assert_eq!(full["weights"]["dtype"], "f32", "an f32 checkpoint stays f32 by default");
     let f32_bytes = full["cache"]["bytes_per_token"].as_u64().unwrap();
+    let f32_weights = full["weights"]["bytes"].as_u64().unwrap() as f64;
     for dtype in ["bf16", "f16"] {
-        let half = run(dtype);
+        let half = run("--cache-dtype", dtype);
         assert_eq!(half["cache"]["dtype"], dtype);
         assert_eq!(half["cache"]["bytes_per_token"].as_u64().unwrap() * 2, f32_bytes, "{dtype} halves the cache");
         // K and V rounded to 8 or 11 significant bits: the log-probabilities move, a little.
-        let worst = lp(&half).iter().zip(lp(&full)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         let bound = if dtype == "bf16" { 5e-2 } else { 1e-2 };
-        assert!(worst > 0.0 && worst < bound, "{dtype}: largest |Δ logprob| {worst} (bound {bound})");
+        let w = worst(&half);
+        assert!(w > 0.0 && w < bound, "{dtype} cache: largest |Δ logprob| {w} (bound {bound})");
+
+        let half = run("--weight-dtype", dtype);
+        assert_eq!(half["weights"]["dtype"], dtype);
+        let bytes = half["weights"]["bytes"].as_u64().unwrap() as f64;
+        assert!(bytes < 0.51 * f32_weights, "{dtype} weights: {bytes} bytes vs {f32_weights}");
+        // Every matrix rounded; measured: bf16 3.8e-2, f16 4.3e-3.
+        let bound = if dtype == "bf16" { 0.15 } else { 2e-2 };
+        let w = worst(&half);
+        eprintln!("{dtype} weights: largest |Δ logprob| {w}");
+        assert!(w > 0.0 && w < bound, "{dtype} weights: largest |Δ logprob| {w} (bound {bound})");
     }
 }
 
@@ -246,6 +259,15 @@ fn bench_reports_every_section() {
         let diff = d["max_abs_logprob_diff_vs_f32"].as_f64().unwrap();
         assert!(diff > 0.0 && diff < 0.1, "{d}");
     }
+    let weights = out["weight_dtypes"].as_array().unwrap();
+    let names: Vec<&str> = weights.iter().map(|d| d["dtype"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f32", "bf16", "f16"]);
+    let bytes: Vec<f64> = weights.iter().map(|d| d["weight_bytes"].as_f64().unwrap()).collect();
+    assert!(bytes[1] < 0.51 * bytes[0] && bytes[1] == bytes[2], "{bytes:?}");
+    // The built-in model is stored in bf16: widened to f32 or kept, the same numbers.
+    assert_eq!(weights[1]["max_abs_logprob_diff_vs_f32"], 0.0);
+    let diff = weights[2]["max_abs_logprob_diff_vs_f32"].as_f64().unwrap();
+    assert!(diff > 0.0 && diff < 0.5, "{}", weights[2]);
 }
 
 #[test]

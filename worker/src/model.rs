@@ -20,7 +20,7 @@ use crate::kernels::rms_norm::{rms_norm, rms_norm_new};
 use crate::kernels::rope::{apply_rope, Rope, RopeTable};
 use crate::kernels::swiglu::{log_sigmoid, silu_mul};
 use crate::kernels::window_attention::window_attention;
-use crate::weights::{Tensor, WeightError, WeightFiles};
+use crate::weights::{Tensor, WeightDtype, WeightError, WeightFiles};
 
 /// The gate logit normaliser of gated retention: `γ = logsigmoid(gt) / 16`.
 const GATE_LOGIT_NORMALIZER: f32 = 16.0;
@@ -41,13 +41,24 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(files: &WeightFiles, name: &str, out_dim: usize, in_dim: usize) -> Result<Self, WeightError> {
-        Ok(Linear { weight: files.get(&format!("{name}.weight"), &[out_dim, in_dim])?, out_dim, in_dim })
+    fn load(
+        files: &WeightFiles,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self, WeightError> {
+        Ok(Linear { weight: files.get_as(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?, out_dim, in_dim })
     }
 
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        linear(x, x.len() / self.in_dim, self.in_dim, self.weight.as_slice(), self.out_dim)
+        matrix_product(x, &self.weight, self.in_dim, self.out_dim)
     }
+}
+
+/// `x [rows, k] · wᵀ` for a weight matrix `w [n, k]` in any of its element types.
+fn matrix_product(x: &[f32], w: &Tensor, k: usize, n: usize) -> Vec<f32> {
+    crate::with_weights!(w.view(), |w| linear(x, x.len() / k, k, w, n))
 }
 
 fn norm_weight(files: &WeightFiles, name: &str, dim: usize) -> Result<Tensor, WeightError> {
@@ -62,12 +73,12 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig) -> Result<Self, WeightError> {
+    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, dtype: WeightDtype) -> Result<Self, WeightError> {
         let (d, h) = (cfg.dim, cfg.hidden_dim);
         Ok(FeedForward {
-            fc1: Linear::load(files, &format!("{prefix}.fc1"), h, d)?,
-            gate: Linear::load(files, &format!("{prefix}.gate"), h, d)?,
-            fc2: Linear::load(files, &format!("{prefix}.fc2"), d, h)?,
+            fc1: Linear::load(files, &format!("{prefix}.fc1"), h, d, dtype)?,
+            gate: Linear::load(files, &format!("{prefix}.gate"), h, d, dtype)?,
+            fc2: Linear::load(files, &format!("{prefix}.fc2"), d, h, dtype)?,
         })
     }
 
@@ -143,14 +154,20 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `params.json` and the `*.safetensors` of a model directory.
+    /// Loads `params.json` and the `*.safetensors` of a model directory, each matrix in the
+    /// element type the checkpoint stores it in.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
-        let cfg = ModelConfig::from_file(&dir.join("params.json"))?;
-        let files = WeightFiles::open(dir)?;
-        Ok(Self::from_weights(cfg, &files)?)
+        Self::load_as(dir, WeightDtype::Auto)
     }
 
-    pub fn from_weights(cfg: ModelConfig, files: &WeightFiles) -> Result<Self, WeightError> {
+    /// [`Model::load`] with the weight matrices in the element type `dtype` asks for.
+    pub fn load_as(dir: &Path, dtype: WeightDtype) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_file(&dir.join("params.json"))?;
+        let files = WeightFiles::open(dir)?;
+        Ok(Self::from_weights(cfg, &files, dtype)?)
+    }
+
+    pub fn from_weights(cfg: ModelConfig, files: &WeightFiles, dtype: WeightDtype) -> Result<Self, WeightError> {
         let d = cfg.dim;
         // A checkpoint of the other mixer kind must not load with half its tensors ignored.
         if let SelfMixerKind::SlidingWindow { .. } = cfg.mixer {
@@ -165,7 +182,7 @@ impl Model {
         let self_layers = (0..cfg.n_self_layers())
             .map(|i| {
                 let p = format!("self_decoder.layers.{i}");
-                let lin = |name: &str, out: usize| Linear::load(files, &format!("{p}.mixer.{name}"), out, d);
+                let lin = |name: &str, out: usize| Linear::load(files, &format!("{p}.mixer.{name}"), out, d, dtype);
                 let mixer = match cfg.mixer {
                     SelfMixerKind::GatedRetention => SelfMixer::Retention {
                         q_proj: lin("q_proj", d)?,
@@ -187,7 +204,7 @@ impl Model {
                     mixer_layer_norm: norm_weight(files, &format!("{p}.mixer_layer_norm"), d)?,
                     mixer,
                     final_layer_norm: norm_weight(files, &format!("{p}.final_layer_norm"), d)?,
-                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg)?,
+                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype)?,
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
@@ -196,24 +213,24 @@ impl Model {
                 let p = format!("cross_decoder.layers.{j}");
                 Ok(CrossLayer {
                     mixer_layer_norm: norm_weight(files, &format!("{p}.mixer_layer_norm"), d)?,
-                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), d, d)?,
-                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), d, d)?,
+                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), d, d, dtype)?,
+                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), d, d, dtype)?,
                     final_layer_norm: norm_weight(files, &format!("{p}.final_layer_norm"), d)?,
-                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg)?,
+                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype)?,
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
         let output_projection = if files.contains("output_projection.weight") {
-            Some(Linear::load(files, "output_projection", cfg.vocab_size, d)?)
+            Some(Linear::load(files, "output_projection", cfg.vocab_size, d, dtype)?)
         } else {
             None
         };
         Ok(Model {
-            embed_tokens: files.get("embed_tokens.weight", &[cfg.vocab_size, d])?,
+            embed_tokens: files.get_as("embed_tokens.weight", &[cfg.vocab_size, d], dtype)?,
             self_layers,
             kv_layer_norm: norm_weight(files, "cross_decoder.kv_layer_norm", d)?,
-            k_proj: Linear::load(files, "cross_decoder.k_proj", cfg.kv_dim(), d)?,
-            v_proj: Linear::load(files, "cross_decoder.v_proj", cfg.kv_dim(), d)?,
+            k_proj: Linear::load(files, "cross_decoder.k_proj", cfg.kv_dim(), d, dtype)?,
+            v_proj: Linear::load(files, "cross_decoder.v_proj", cfg.kv_dim(), d, dtype)?,
             cross_layers,
             layer_norm: norm_weight(files, "layer_norm", d)?,
             output_projection,
@@ -241,7 +258,8 @@ impl Model {
 
     /// Token embeddings scaled by `sqrt(dim)`, `[tokens, dim]`.
     pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
-        embed(tokens, self.embed_tokens.as_slice(), self.cfg.dim, (self.cfg.dim as f32).sqrt())
+        let scale = (self.cfg.dim as f32).sqrt();
+        crate::with_weights!(self.embed_tokens.view(), |table| embed(tokens, table, self.cfg.dim, scale))
     }
 
     /// The self-decoder's RoPE angles for the given rows' positions.
@@ -441,15 +459,59 @@ impl Model {
         let xn = rms_norm_new(x, self.cfg.dim, Some(self.layer_norm.as_slice()), self.cfg.norm_eps);
         match &self.output_projection {
             Some(out) => out.forward(&xn),
-            None => {
-                linear(&xn, xn.len() / self.cfg.dim, self.cfg.dim, self.embed_tokens.as_slice(), self.cfg.vocab_size)
-            }
+            None => matrix_product(&xn, &self.embed_tokens, self.cfg.dim, self.cfg.vocab_size),
         }
     }
 
-    /// Bytes of weights this process holds (memory-mapped f32 weights count as file pages).
+    /// Every tensor of the model.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut all = vec![&self.embed_tokens, &self.kv_layer_norm, &self.k_proj.weight, &self.v_proj.weight];
+        all.push(&self.layer_norm);
+        all.extend(self.output_projection.as_ref().map(|l| &l.weight));
+        for l in &self.self_layers {
+            all.extend([
+                &l.mixer_layer_norm,
+                &l.final_layer_norm,
+                &l.ffn.fc1.weight,
+                &l.ffn.gate.weight,
+                &l.ffn.fc2.weight,
+            ]);
+            match &l.mixer {
+                SelfMixer::Retention { q_proj, k_proj, v_proj, g_proj, gt_proj, out_proj } => {
+                    all.extend([q_proj, k_proj, v_proj, g_proj, gt_proj, out_proj].map(|l| &l.weight))
+                }
+                SelfMixer::Window { q_proj, k_proj, v_proj, out_proj, .. } => {
+                    all.extend([q_proj, k_proj, v_proj, out_proj].map(|l| &l.weight))
+                }
+            }
+        }
+        for l in &self.cross_layers {
+            all.extend([&l.mixer_layer_norm, &l.final_layer_norm, &l.q_proj.weight, &l.out_proj.weight]);
+            all.extend([&l.ffn.fc1.weight, &l.ffn.gate.weight, &l.ffn.fc2.weight]);
+        }
+        all
+    }
+
+    /// Bytes of weights this process holds (memory-mapped weights count as file pages).
     pub fn weight_bytes(&self) -> usize {
-        4 * self.cfg.n_params(self.output_projection.is_none())
+        self.tensors().iter().map(|t| t.bytes()).sum()
+    }
+
+    /// Bytes of weights copied into process memory (the rest are pages of the mapped files).
+    pub fn owned_weight_bytes(&self) -> usize {
+        self.tensors().iter().map(|t| t.owned_bytes()).sum()
+    }
+
+    /// The element type of the weight matrices: `f32`, `bf16`, `f16`, or `mixed` when the
+    /// checkpoint stores them in several.
+    pub fn weight_dtype(&self) -> &'static str {
+        let matrices: Vec<&Tensor> = self.tensors().into_iter().filter(|t| t.shape.len() == 2).collect();
+        let first = matrices[0].elem();
+        if matrices.iter().all(|t| t.elem() == first) {
+            first.name()
+        } else {
+            "mixed"
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! Checkpoint tensors from one or more `.safetensors` files, memory-mapped. f32 tensors are used
-//! in place (no copy); bf16 and f16 tensors are widened to f32 once at load time.
+//! Checkpoint tensors from one or more `.safetensors` files, memory-mapped. Weight matrices are
+//! kept in the element type asked for ([`WeightDtype`]; by default the checkpoint's own): a
+//! tensor already in that type is used in place (no copy), any other is converted once at load
+//! time. Vectors (norm weights) are always f32.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -7,7 +9,10 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use half::{bf16, f16};
 use memmap2::Mmap;
+
+pub use crate::kernels::widen::WeightRef;
 use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +53,90 @@ impl Deref for FileBytes {
     }
 }
 
-/// f32 numbers either borrowed from a tensor file's bytes (a memory map) or owned.
-pub enum WeightData {
-    Mapped { map: Arc<FileBytes>, offset: usize, len: usize },
-    Owned(Vec<f32>),
+/// The element type weight matrices are kept in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// As the checkpoint stores each matrix (f32, bf16 or f16): always used in place.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
 }
 
-/// One loaded tensor, always readable as a row-major f32 slice.
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Auto => "auto",
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F16 => "f16",
+        }
+    }
+
+    fn elem(self, stored: Elem) -> Elem {
+        match self {
+            WeightDtype::Auto => stored,
+            WeightDtype::F32 => Elem::F32,
+            WeightDtype::Bf16 => Elem::Bf16,
+            WeightDtype::F16 => Elem::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "auto" => Ok(WeightDtype::Auto),
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            "f16" | "float16" => Ok(WeightDtype::F16),
+            other => Err(format!("weight dtype `{other}`: expected auto, f32, bf16 or f16")),
+        }
+    }
+}
+
+/// The element type of one loaded tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Elem {
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::Bf16 | Elem::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
+/// A tensor's elements: borrowed from a tensor file's bytes (a memory map), or owned.
+pub enum WeightData {
+    Mapped { map: Arc<FileBytes>, offset: usize, len: usize, elem: Elem },
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// One loaded tensor, row-major.
 pub struct Tensor {
     pub shape: Vec<usize>,
     data: WeightData,
@@ -63,26 +145,58 @@ pub struct Tensor {
 impl Tensor {
     pub fn from_vec(shape: Vec<usize>, data: Vec<f32>) -> Self {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape and data disagree");
-        Tensor { shape, data: WeightData::Owned(data) }
+        Tensor { shape, data: WeightData::F32(data) }
     }
 
-    pub fn as_slice(&self) -> &[f32] {
+    pub fn elem(&self) -> Elem {
         match &self.data {
-            WeightData::Owned(v) => v,
-            WeightData::Mapped { map, offset, len } => {
-                let bytes = &map[*offset..*offset + len * 4];
-                // SAFETY: the address `map + offset` was checked to be aligned for f32, the
-                // range lies inside the map, and every bit pattern is a valid f32.
-                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), *len) }
+            WeightData::Mapped { elem, .. } => *elem,
+            WeightData::F32(_) => Elem::F32,
+            WeightData::Bf16(_) => Elem::Bf16,
+            WeightData::F16(_) => Elem::F16,
+        }
+    }
+
+    pub fn view(&self) -> WeightRef<'_> {
+        match &self.data {
+            WeightData::F32(v) => WeightRef::F32(v),
+            WeightData::Bf16(v) => WeightRef::Bf16(v),
+            WeightData::F16(v) => WeightRef::F16(v),
+            WeightData::Mapped { map, offset, len, elem } => {
+                let bytes = &map[*offset..*offset + len * elem.bytes()];
+                let p = bytes.as_ptr();
+                // SAFETY: the address `map + offset` was checked to be aligned for the element
+                // type, the range lies inside the map, and every bit pattern is a valid f32,
+                // bf16 or f16.
+                unsafe {
+                    match elem {
+                        Elem::F32 => WeightRef::F32(std::slice::from_raw_parts(p.cast(), *len)),
+                        Elem::Bf16 => WeightRef::Bf16(std::slice::from_raw_parts(p.cast(), *len)),
+                        Elem::F16 => WeightRef::F16(std::slice::from_raw_parts(p.cast(), *len)),
+                    }
+                }
             }
         }
+    }
+
+    /// The elements of a tensor loaded as f32 (vectors always are; see [`WeightFiles::get`]).
+    pub fn as_slice(&self) -> &[f32] {
+        match self.view() {
+            WeightRef::F32(v) => v,
+            _ => panic!("a {} tensor read as f32: matrices are read through `view`", self.elem().name()),
+        }
+    }
+
+    /// Bytes of the tensor's elements, mapped or owned.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.elem().bytes()
     }
 
     /// Bytes of process memory this tensor owns (mapped tensors own none).
     pub fn owned_bytes(&self) -> usize {
         match &self.data {
-            WeightData::Owned(v) => v.len() * 4,
             WeightData::Mapped { .. } => 0,
+            _ => self.bytes(),
         }
     }
 }
@@ -183,8 +297,15 @@ impl WeightFiles {
         self.files.iter().map(|(_, m)| m.len()).sum()
     }
 
-    /// Loads `name`, checking that its shape is `expected`.
+    /// Loads `name` as f32, checking that its shape is `expected`.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor, WeightError> {
+        self.get_as(name, expected, WeightDtype::F32)
+    }
+
+    /// Loads `name` in the element type `dtype` asks for, checking that its shape is
+    /// `expected`: in place when the file already holds that type (at an aligned address),
+    /// else converted (rounded to nearest even when narrowed).
+    pub fn get_as(&self, name: &str, expected: &[usize], dtype: WeightDtype) -> Result<Tensor, WeightError> {
         let entry = self
             .index
             .get(name)
@@ -200,22 +321,10 @@ impl WeightFiles {
         }
         let len: usize = expected.iter().product();
         let bytes = &map[entry.offset..entry.offset + entry.bytes];
-        let data = match entry.dtype {
-            Dtype::F32
-                if (map.as_ptr() as usize + entry.offset).is_multiple_of(std::mem::align_of::<f32>())
-                    && cfg!(target_endian = "little") =>
-            {
-                WeightData::Mapped { map: map.clone(), offset: entry.offset, len }
-            }
-            Dtype::F32 => {
-                WeightData::Owned(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-            }
-            Dtype::BF16 => WeightData::Owned(
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            ),
-            Dtype::F16 => WeightData::Owned(
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            ),
+        let stored = match entry.dtype {
+            Dtype::F32 => Elem::F32,
+            Dtype::BF16 => Elem::Bf16,
+            Dtype::F16 => Elem::F16,
             other => {
                 return Err(WeightError::Dtype {
                     name: name.to_string(),
@@ -223,6 +332,24 @@ impl WeightFiles {
                     dtype: format!("{other:?}"),
                 })
             }
+        };
+        let want = dtype.elem(stored);
+        let aligned = (map.as_ptr() as usize + entry.offset).is_multiple_of(stored.bytes());
+        if want == stored && aligned && cfg!(target_endian = "little") {
+            return Ok(Tensor {
+                shape: expected.to_vec(),
+                data: WeightData::Mapped { map: map.clone(), offset: entry.offset, len, elem: stored },
+            });
+        }
+        let values: Box<dyn Iterator<Item = f32> + '_> = match stored {
+            Elem::F32 => Box::new(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            Elem::Bf16 => Box::new(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Elem::F16 => Box::new(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+        };
+        let data = match want {
+            Elem::F32 => WeightData::F32(values.collect()),
+            Elem::Bf16 => WeightData::Bf16(values.map(bf16::from_f32).collect()),
+            Elem::F16 => WeightData::F16(values.map(f16::from_f32).collect()),
         };
         Ok(Tensor { shape: expected.to_vec(), data })
     }

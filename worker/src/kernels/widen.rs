@@ -5,6 +5,27 @@
 
 use half::{bf16, f16};
 
+/// A weight tensor's elements as the kernels read them.
+#[derive(Clone, Copy)]
+pub enum WeightRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// Calls `$f` (a generic function's name) with the slice inside a [`WeightRef`] in place of
+/// `$w` among the arguments.
+#[macro_export]
+macro_rules! with_weights {
+    ($w:expr, |$s:ident| $body:expr) => {
+        match $w {
+            $crate::kernels::widen::WeightRef::F32($s) => $body,
+            $crate::kernels::widen::WeightRef::Bf16($s) => $body,
+            $crate::kernels::widen::WeightRef::F16($s) => $body,
+        }
+    };
+}
+
 /// A weight element the kernels widen to f32 as they load it.
 pub trait Widen: Copy + Send + Sync + 'static {
     /// Bytes per element.

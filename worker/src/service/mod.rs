@@ -18,6 +18,7 @@ use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::kernels::kv_block::CacheDtype;
 use crate::model::Model;
+use crate::weights::WeightDtype;
 
 /// Settings a worker starts with; LoadModel may override them.
 #[derive(Debug, Clone)]
@@ -89,6 +90,7 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         snapshots: engine.snapshot_usage().0 as u32,
         snapshot_state_bytes: engine.snapshot_usage().1 as u64,
         cache_dtype: engine.pool().dtype().name().to_string(),
+        weight_dtype: engine.model().weight_dtype().to_string(),
         broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
         // Filled in by Info from the listener.
         collective_addr: String::new(),
@@ -183,6 +185,7 @@ impl Worker for WorkerService {
             "" => CacheDtype::F32,
             name => name.parse::<CacheDtype>().map_err(Status::invalid_argument)?,
         };
+        let weight_dtype = req.weight_dtype.parse::<WeightDtype>().map_err(Status::invalid_argument)?;
         let timeout = if req.collective_timeout_seconds > 0.0 { req.collective_timeout_seconds } else { 120.0 };
         if !timeout.is_finite() || timeout > 86400.0 {
             return Err(Status::invalid_argument("collective_timeout_seconds must be at most a day"));
@@ -222,7 +225,8 @@ impl Worker for WorkerService {
             // Drop the old group first: its sockets must close before peers re-form.
             *lock(&state) = None;
             *lock(&info) = pb::InfoResponse::default();
-            let model = Model::load(&model_dir).map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let model =
+                Model::load_as(&model_dir, weight_dtype).map_err(|e| Status::failed_precondition(e.to_string()))?;
             let config_json = model.cfg.to_json().to_string();
             let opts = TcpOptions {
                 timeout: Duration::from_secs_f64(timeout),
@@ -247,7 +251,11 @@ impl Worker for WorkerService {
             }
             *lock(&info) = snapshot.clone();
             *slot = Some(loaded);
-            tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded, group formed");
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                weight_dtype = %snapshot.weight_dtype,
+                "model loaded, group formed"
+            );
             Ok(Response::new(pb::LoadModelResponse {
                 info: Some(snapshot),
                 load_seconds: started.elapsed().as_secs_f64(),
