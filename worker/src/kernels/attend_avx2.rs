@@ -117,9 +117,17 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
     let scale_v = _mm256_set1_ps(scale);
 
     // Scores, eight rows at a time: each row's eight K chunks stay in L1 for all G heads.
+    // The same rows of V are fetched meanwhile: the value sum below reads them a chunk column
+    // at a time, an access pattern the hardware prefetcher would otherwise meet in DRAM.
     let full = tile / 8 * 8;
     let mut j = 0;
     while j < full {
+        for r in 0..8 {
+            let row = vp.add((j + r) * stride);
+            for line in (0..hd).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(line).cast());
+            }
+        }
         for g in 0..G {
             let mut acc = [_mm256_setzero_ps(); 8];
             for c in 0..chunks {

@@ -18,6 +18,10 @@ const STREAM_MIN_ROWS_PER_TASK: usize = 32;
 const STREAM_K_BLOCK: usize = 512;
 /// Accumulator lanes.
 const L: usize = 8;
+/// The streaming kernel's register tile: input rows × weight rows (TILE_ROWS · TILE_COLS
+/// accumulators, TILE_COLS weight registers and one input register: 16 AVX registers).
+const TILE_ROWS: usize = 4;
+const TILE_COLS: usize = 3;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub fn matmul_t<W: Widen>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &mut [f32]) {
@@ -93,7 +97,7 @@ fn matmul_t_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out_stride:
 /// `R` input rows against `C` weight rows (all of one length): the `R × C` dot products, each
 /// accumulated in `L` lanes, so one pass reads each weight element once for `R` rows.
 #[inline(always)]
-fn tile<W: Widen, const R: usize, const C: usize>(x: [&[f32]; R], w: [&[W]; C]) -> [[f32; C]; R] {
+fn tile<W: Widen, const R: usize, const C: usize>(x: [&[f32]; R], w: [&[W]; C], _ahead: usize) -> [[f32; C]; R] {
     let k = w[0].len();
     assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
     let mut acc = [[[0f32; L]; C]; R];
@@ -131,7 +135,11 @@ fn tile<W: Widen, const R: usize, const C: usize>(x: [&[f32]; R], w: [&[W]; C]) 
 /// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(x: [&[f32]; R], w: [&[W]; C]) -> [[f32; C]; R] {
+unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(
+    x: [&[f32]; R],
+    w: [&[W]; C],
+    ahead: usize,
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     let k = w[0].len();
     assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
@@ -141,6 +149,13 @@ unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(x: [&[f32]; R], w:
     while p < full {
         // SAFETY: p + L <= k, the length of every row.
         let wv: [__m256; C] = std::array::from_fn(|c| W::load8_avx2(w[c].as_ptr().add(p)));
+        if ahead > 0 && p % (64 / W::BYTES) == 0 {
+            // The same columns of the next tile's weight rows (they follow these in memory):
+            // a prefetch hint only, valid for any address.
+            for row in &w {
+                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(p).wrapping_add(ahead).cast());
+            }
+        }
         for r in 0..R {
             let xv = _mm256_loadu_ps(x[r].as_ptr().add(p));
             for c in 0..C {
@@ -198,34 +213,36 @@ macro_rules! stream_rows_with {
             if m == 1 {
                 while c + 8 <= rows {
                     let w8 = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3), wr(c + 4), wr(c + 5), wr(c + 6), wr(c + 7)];
-                    for (dc, v) in $tile([xr(0)], w8)[0].iter().enumerate() {
+                    for (dc, v) in $tile([xr(0)], w8, 8 * k)[0].iter().enumerate() {
                         add(0, j0 + c + dc, *v);
                     }
                     c += 8;
                 }
             }
-            while c + 4 <= rows {
-                let w4 = [wr(c), wr(c + 1), wr(c + 2), wr(c + 3)];
+            while c + TILE_COLS <= rows {
+                let wc: [&[_]; TILE_COLS] = std::array::from_fn(|d| wr(c + d));
                 let mut i = 0;
-                while i + 2 <= m {
-                    let t = $tile([xr(i), xr(i + 1)], w4);
+                while i + TILE_ROWS <= m {
+                    // The first input rows also prefetch the next weight rows.
+                    let ahead = if i == 0 { TILE_COLS * k } else { 0 };
+                    let t = $tile(std::array::from_fn::<_, TILE_ROWS, _>(|r| xr(i + r)), wc, ahead);
                     for (r, row) in t.iter().enumerate() {
                         for (dc, v) in row.iter().enumerate() {
                             add(i + r, j0 + c + dc, *v);
                         }
                     }
-                    i += 2;
+                    i += TILE_ROWS;
                 }
-                if i < m {
-                    for (dc, v) in $tile([xr(i)], w4)[0].iter().enumerate() {
+                for i in i..m {
+                    for (dc, v) in $tile([xr(i)], wc, if i == 0 { TILE_COLS * k } else { 0 })[0].iter().enumerate() {
                         add(i, j0 + c + dc, *v);
                     }
                 }
-                c += 4;
+                c += TILE_COLS;
             }
             for c in c..rows {
                 for i in 0..m {
-                    add(i, j0 + c, $tile([xr(i)], [wr(c)])[0][0]);
+                    add(i, j0 + c, $tile([xr(i)], [wr(c)], 0)[0][0]);
                 }
             }
         }
