@@ -7,36 +7,58 @@
 
 use std::arch::x86_64::*;
 
-use super::cross_attention::{GroupKernel, TileRows};
+use super::cross_attention::{Rows, TileRows};
 use super::simd::exp_inline;
+use super::widen::Widen;
 
-/// The AVX2 kernel for `group` heads per KV head, when the CPU has AVX2 and FMA and the shape
-/// is one it is specialised for (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group).
-pub(super) fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
-    if !head_dim.is_multiple_of(8) || !is_x86_feature_detected!("avx2") || !is_x86_feature_detected!("fma") {
-        return None;
+/// Whether [`attend`] serves `group` heads per KV head of `head_dim`: the CPU has AVX2, FMA
+/// and F16C, head_dim is a multiple of 8, and 1, 2, 4 or 8 heads share a KV head.
+pub(super) fn available(group: usize, head_dim: usize) -> bool {
+    head_dim.is_multiple_of(8)
+        && matches!(group, 1 | 2 | 4 | 8)
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The `group` query heads of one KV head over one tile of rows in the cache's own element
+/// type (see `cross_attention::attend_group` for the arguments). `CH` is how many 8-lane
+/// chunks of the head dimension one pass of the value sum keeps in registers (`G × CH`
+/// accumulators).
+///
+/// # Panics
+/// Where [`available`] is false.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    group: usize,
+    qg: &[f32],
+    rows: Rows<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    og: &mut [f32],
+) {
+    assert!(available(group, qg.len() / group.max(1)), "the AVX2 cross-attention kernel is not available");
+    macro_rules! go {
+        ($r:expr) => {
+            // SAFETY: `available` checked the CPU's features.
+            unsafe {
+                match group {
+                    1 => attend_group::<_, 1, 4>(qg, &$r, scale, scores, m, l, og),
+                    2 => attend_group::<_, 2, 4>(qg, &$r, scale, scores, m, l, og),
+                    4 => attend_group::<_, 4, 2>(qg, &$r, scale, scores, m, l, og),
+                    _ => attend_group::<_, 8, 1>(qg, &$r, scale, scores, m, l, og),
+                }
+            }
+        };
     }
-    Some(match group {
-        1 => group1,
-        2 => group2,
-        4 => group4,
-        8 => group8,
-        _ => return None,
-    })
+    match rows {
+        Rows::F32(r) => go!(r),
+        Rows::Bf16(r) => go!(r),
+        Rows::F16(r) => go!(r),
+    }
 }
-
-/// One safe entry per group size; `CH` is how many 8-lane chunks of the head dimension one pass
-/// of the value sum keeps in registers (`G × CH` accumulators).
-macro_rules! entries {
-    ($($name:ident = ($g:literal, $ch:literal)),*) => {$(
-        fn $name(qg: &[f32], rows: &TileRows<'_>, scale: f32, scores: &mut [f32], m: &mut [f32], l: &mut [f32], og: &mut [f32]) {
-            // SAFETY: `group_kernel` hands these out only where AVX2 and FMA are present.
-            unsafe { attend_group::<$g, $ch>(qg, rows, scale, scores, m, l, og) }
-        }
-    )*};
-}
-
-entries!(group1 = (1, 4), group2 = (2, 4), group4 = (4, 2), group8 = (8, 1));
 
 /// Sums of each of eight registers, as one register: lane r is Σ a[r].
 #[inline(always)]
@@ -93,10 +115,10 @@ pub(super) unsafe fn exp8(x: __m256) -> __m256 {
 }
 
 /// `G` heads over one tile (see `cross_attention::attend_group` for the arguments).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group<const G: usize, const CH: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_group<W: Widen, const G: usize, const CH: usize>(
     qg: &[f32],
-    rows: &TileRows<'_>,
+    rows: &TileRows<'_, W>,
     scale: f32,
     scores: &mut [f32],
     m: &mut [f32],
@@ -124,7 +146,7 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
     while j < full {
         for r in 0..8 {
             let row = vp.add((j + r) * stride);
-            for line in (0..hd).step_by(16) {
+            for line in (0..hd).step_by(64 / W::BYTES) {
                 _mm_prefetch::<_MM_HINT_T0>(row.add(line).cast());
             }
         }
@@ -133,7 +155,7 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
             for c in 0..chunks {
                 let qv = _mm256_loadu_ps(q.add(g * hd + c * 8));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add((j + r) * stride + c * 8)), qv, *a);
+                    *a = _mm256_fmadd_ps(W::load8_avx2(kp.add((j + r) * stride + c * 8)), qv, *a);
                 }
             }
             _mm256_storeu_ps(sp.add(g * tile + j), _mm256_mul_ps(hsum8x8(acc), scale_v));
@@ -145,7 +167,7 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
             let mut acc = _mm256_setzero_ps();
             for c in 0..chunks {
                 acc = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(kp.add(j * stride + c * 8)),
+                    W::load8_avx2(kp.add(j * stride + c * 8)),
                     _mm256_loadu_ps(q.add(g * hd + c * 8)),
                     acc,
                 );
@@ -197,11 +219,11 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
     let op = og.as_mut_ptr();
     let mut c = 0;
     while c + CH <= chunks {
-        value_sum::<G, CH>(c, vp, stride, sp, tile, op, hd);
+        value_sum::<W, G, CH>(c, vp, stride, sp, tile, op, hd);
         c += CH;
     }
     while c < chunks {
-        value_sum::<G, 1>(c, vp, stride, sp, tile, op, hd);
+        value_sum::<W, G, 1>(c, vp, stride, sp, tile, op, hd);
         c += 1;
     }
 }
@@ -209,9 +231,9 @@ unsafe fn attend_group<const G: usize, const CH: usize>(
 /// Chunks `c0..c0 + CH` of every head's output: `o[g] += Σ_j p[g, j] · v[j]`, held in
 /// registers across the tile's rows.
 #[inline(always)]
-unsafe fn value_sum<const G: usize, const CH: usize>(
+unsafe fn value_sum<W: Widen, const G: usize, const CH: usize>(
     c0: usize,
-    vp: *const f32,
+    vp: *const W,
     stride: usize,
     sp: *const f32,
     tile: usize,
@@ -225,7 +247,7 @@ unsafe fn value_sum<const G: usize, const CH: usize>(
         }
     }
     for j in 0..tile {
-        let v: [__m256; CH] = std::array::from_fn(|ch| _mm256_loadu_ps(vp.add(j * stride + (c0 + ch) * 8)));
+        let v: [__m256; CH] = std::array::from_fn(|ch| W::load8_avx2(vp.add(j * stride + (c0 + ch) * 8)));
         for (g, a) in acc.iter_mut().enumerate() {
             let p = _mm256_set1_ps(*sp.add(g * tile + j));
             for ch in 0..CH {

@@ -103,13 +103,41 @@ pub(crate) fn partial_with(
     let mut scores = vec![0f32; shape.group() * kv.block_tokens];
     let (mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new());
     let kvd = kv.kv_dim;
+    let group = shape.group();
+    #[cfg(target_arch = "x86_64")]
+    let simd = kernels == Kernels::Best && super::attend_avx2::available(group, hd);
     let mut pos = range.start;
     while pos < range.end {
         // One tile: the rest of the current block, or of the range.
         let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // The AVX2 kernel reads the block in its own element type: no widened copy.
+            let (bt, j) = (kv.block_tokens, pos % kv.block_tokens);
+            let (k_rows, v_rows) = (j * kvd..(j + tile) * kvd, (bt + j) * kvd..(bt + j + tile) * kvd);
+            for g in 0..shape.kv_heads {
+                let col = g * hd;
+                let rows = match kv.blocks[pos / bt] {
+                    BlockRef::F32(b) => {
+                        Rows::F32(TileRows { keys: &b[k_rows.clone()], values: &b[v_rows.clone()], stride: kvd, col })
+                    }
+                    BlockRef::Bf16(b) => {
+                        Rows::Bf16(TileRows { keys: &b[k_rows.clone()], values: &b[v_rows.clone()], stride: kvd, col })
+                    }
+                    BlockRef::F16(b) => {
+                        Rows::F16(TileRows { keys: &b[k_rows.clone()], values: &b[v_rows.clone()], stride: kvd, col })
+                    }
+                };
+                let heads = g * group..(g + 1) * group;
+                let (qh, oh) = (&q[heads.start * hd..heads.end * hd], &mut part.o[heads.start * hd..heads.end * hd]);
+                let (m, l) = (&mut part.m[heads.clone()], &mut part.l[heads]);
+                super::attend_avx2::attend(group, qh, rows, scale, &mut scores[..group * tile], m, l, oh);
+            }
+            pos += tile;
+            continue;
+        }
         let (keys, values) = kv.tile(pos, tile, &mut k_scratch, &mut v_scratch);
-        let group = shape.group();
-        if let Some(kernel) = group_kernel(group, hd, kernels) {
+        if let Some(kernel) = group_kernel(group, hd) {
             // The heads of one KV head together: each K and V row is read once for all of them.
             for g in 0..shape.kv_heads {
                 let rows = TileRows { keys, values, stride: kvd, col: g * hd };
@@ -135,11 +163,19 @@ pub(crate) fn partial_with(
 
 /// One head's K and V rows in a tile: row j's are `keys[j·stride + col..][..head_dim]` (and
 /// the same in `values`).
-pub(super) struct TileRows<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+pub(super) struct TileRows<'a, W = f32> {
+    pub keys: &'a [W],
+    pub values: &'a [W],
     pub stride: usize,
     pub col: usize,
+}
+
+/// A tile's rows in the cache's element type.
+#[cfg(target_arch = "x86_64")]
+pub(super) enum Rows<'a> {
+    F32(TileRows<'a, f32>),
+    Bf16(TileRows<'a, half::bf16>),
+    F16(TileRows<'a, half::f16>),
 }
 
 multiversion! {
@@ -177,18 +213,11 @@ multiversion! {
     }
 }
 
-pub(super) type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
+type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
 
 /// The kernel for `group` query heads per KV head of dimension `head_dim`, where one is
-/// specialised (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group): the AVX2 one where
-/// the CPU has it.
-fn group_kernel(group: usize, head_dim: usize, kernels: Kernels) -> Option<GroupKernel> {
-    #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Best {
-        if let Some(kernel) = super::attend_avx2::group_kernel(group, head_dim) {
-            return Some(kernel);
-        }
-    }
+/// specialised (head_dim a multiple of 8; 1, 2, 4 or 8 heads per group).
+fn group_kernel(group: usize, head_dim: usize) -> Option<GroupKernel> {
     if !head_dim.is_multiple_of(8) {
         return None;
     }
