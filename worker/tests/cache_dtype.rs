@@ -5,29 +5,15 @@
 
 mod common;
 
-use common::{random_model, rel_err, run_group_with, small_config, tokens};
+use common::{assert_parallel_paths_agree, prefill_then_decode, random_model, rel_err, small_config, tokens};
 use yoco_worker::config::SelfMixerKind;
-use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
+use yoco_worker::engine::{Engine, EngineOptions};
 use yoco_worker::kernels::kv_block::CacheDtype;
 
 const VOCAB: usize = 300;
 
 fn opts(dtype: CacheDtype) -> EngineOptions {
     EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, cache_dtype: dtype }
-}
-
-/// Prefill `prompt` in chunks of `chunk` (logits of every position), then decode `extra`
-/// tokens: every logit row, in order.
-fn run(engine: &mut Engine, prompt: &[u32], chunk: usize, extra: &[u32]) -> Vec<f32> {
-    engine.add_sequence(7).unwrap();
-    let mut out = Vec::new();
-    for part in prompt.chunks(chunk) {
-        out.extend(engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap().remove(0).logits);
-    }
-    for &t in extra {
-        out.extend(engine.step(&[StepItem::decode(7, &[t])]).unwrap().remove(0).logits);
-    }
-    out
 }
 
 #[test]
@@ -37,22 +23,16 @@ fn half_caches_match_f32_to_their_rounding_and_themselves_across_ranks() {
     let extra = tokens(6, VOCAB, 4);
     for mixer in [SelfMixerKind::GatedRetention, SelfMixerKind::SlidingWindow { window: 8 }] {
         let model = random_model(&small_config(mixer), 23, false, &tmp.path().join(format!("{mixer:?}")));
-        let f32_run = run(&mut Engine::new(model.clone(), &opts(CacheDtype::F32)), &prompt, 150, &extra);
+        let f32_run =
+            prefill_then_decode(&mut Engine::new(model.clone(), &opts(CacheDtype::F32)), &prompt, 150, &extra);
         // Rounding K and V to 8 (bf16) or 11 (f16) significant bits moves the logits by about
         // that much relative to their scale; measured: bf16 3.2e-3-3.6e-3, f16 3.2e-4-3.6e-4.
         for (dtype, bound) in [(CacheDtype::Bf16, 1e-2), (CacheDtype::F16, 1e-3)] {
-            let whole = run(&mut Engine::new(model.clone(), &opts(dtype)), &prompt, 150, &extra);
+            let whole = prefill_then_decode(&mut Engine::new(model.clone(), &opts(dtype)), &prompt, 150, &extra);
             let err = rel_err(&whole, &f32_run);
             eprintln!("{mixer:?}: {dtype} cache vs f32: largest relative logit error {err:.2e}");
             assert!(err < bound && err > 0.0, "{mixer:?} {dtype} vs f32: rel err {err:e} (bound {bound:e})");
-            let chunked = run(&mut Engine::new(model.clone(), &opts(dtype)), &prompt, 37, &extra);
-            let err = rel_err(&chunked, &whole);
-            assert!(err < 1e-4, "{mixer:?} {dtype}: chunked vs whole: {err:e}");
-            let ranks = run_group_with(&model, 2, &opts(dtype), &|e| run(e, &prompt, 64, &extra));
-            for (rank, got) in ranks.iter().enumerate() {
-                let err = rel_err(got, &whole);
-                assert!(err < 1e-4, "{mixer:?} {dtype}: rank {rank} of 2 vs one rank: {err:e}");
-            }
+            assert_parallel_paths_agree(&model, &opts(dtype), &prompt, &extra, &whole, &format!("{mixer:?} {dtype}"));
         }
     }
 }

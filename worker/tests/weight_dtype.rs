@@ -8,9 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{rel_err, run_group_with, small_config, tokens};
+use common::{assert_parallel_paths_agree, prefill_then_decode, rel_err, small_config, tokens};
 use yoco_worker::config::SelfMixerKind;
-use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
+use yoco_worker::engine::{Engine, EngineOptions};
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, StoreDtype};
 use yoco_worker::weights::WeightDtype;
@@ -19,20 +19,6 @@ const VOCAB: usize = 300;
 
 fn opts() -> EngineOptions {
     EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, ..EngineOptions::default() }
-}
-
-/// Prefill `prompt` in chunks of `chunk` (logits of every position), then decode `extra`
-/// tokens: every logit row, in order.
-fn run(engine: &mut Engine, prompt: &[u32], chunk: usize, extra: &[u32]) -> Vec<f32> {
-    engine.add_sequence(7).unwrap();
-    let mut out = Vec::new();
-    for part in prompt.chunks(chunk) {
-        out.extend(engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap().remove(0).logits);
-    }
-    for &t in extra {
-        out.extend(engine.step(&[StepItem::decode(7, &[t])]).unwrap().remove(0).logits);
-    }
-    out
 }
 
 fn load(dir: &std::path::Path, dtype: WeightDtype) -> Arc<Model> {
@@ -50,7 +36,7 @@ fn half_weights_match_f32_to_their_rounding_and_themselves_across_ranks() {
         write_random_model(&small_config(mixer), StoreDtype::F32, 29, tied, &dir).unwrap();
         let full = load(&dir, WeightDtype::F32);
         assert_eq!(full.weight_dtype(), "f32");
-        let f32_run = run(&mut Engine::new(full.clone(), &opts()), &prompt, 150, &extra);
+        let f32_run = prefill_then_decode(&mut Engine::new(full.clone(), &opts()), &prompt, 150, &extra);
         // Every matrix rounded to 8 (bf16) or 11 (f16) significant bits, through 8 layers of a
         // random model; measured: bf16 2.6e-2-6.5e-2, f16 4.1e-3-8.6e-3.
         for (dtype, name, bound) in [(WeightDtype::Bf16, "bf16", 1.5e-1), (WeightDtype::F16, "f16", 2e-2)] {
@@ -58,18 +44,11 @@ fn half_weights_match_f32_to_their_rounding_and_themselves_across_ranks() {
             assert_eq!(model.weight_dtype(), name);
             let (half_bytes, f32_bytes) = (model.weight_bytes() as f64, full.weight_bytes() as f64);
             assert!(half_bytes < 0.51 * f32_bytes, "{name}: {half_bytes} bytes of weights vs {f32_bytes} in f32");
-            let whole = run(&mut Engine::new(model.clone(), &opts()), &prompt, 150, &extra);
+            let whole = prefill_then_decode(&mut Engine::new(model.clone(), &opts()), &prompt, 150, &extra);
             let err = rel_err(&whole, &f32_run);
             eprintln!("{mixer:?}: {name} weights vs f32: largest relative logit error {err:.2e}");
             assert!(err < bound && err > 0.0, "{mixer:?} {name} vs f32: rel err {err:e} (bound {bound:e})");
-            let chunked = run(&mut Engine::new(model.clone(), &opts()), &prompt, 37, &extra);
-            let err = rel_err(&chunked, &whole);
-            assert!(err < 1e-4, "{mixer:?} {name}: chunked vs whole: {err:e}");
-            let ranks = run_group_with(&model, 2, &opts(), &|e| run(e, &prompt, 64, &extra));
-            for (rank, got) in ranks.iter().enumerate() {
-                let err = rel_err(got, &whole);
-                assert!(err < 1e-4, "{mixer:?} {name}: rank {rank} of 2 vs one rank: {err:e}");
-            }
+            assert_parallel_paths_agree(&model, &opts(), &prompt, &extra, &whole, &format!("{mixer:?} {name}"));
         }
     }
 }
@@ -89,8 +68,8 @@ fn a_half_checkpoint_is_used_in_place_and_computes_as_its_widened_values() {
         assert_eq!(mapped.owned_weight_bytes(), norms, "{name}: the matrices are the file's pages");
         let widened = load(&dir, WeightDtype::F32);
         assert_eq!(widened.owned_weight_bytes(), widened.weight_bytes(), "{name} widened: all copied");
-        let want = run(&mut Engine::new(widened, &opts()), &prompt, 32, &extra);
-        let got = run(&mut Engine::new(mapped, &opts()), &prompt, 32, &extra);
+        let want = prefill_then_decode(&mut Engine::new(widened, &opts()), &prompt, 32, &extra);
+        let got = prefill_then_decode(&mut Engine::new(mapped, &opts()), &prompt, 32, &extra);
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "{name} in place vs widened to f32: {err:e}");
     }

@@ -167,3 +167,38 @@ pub fn penalise_reference(
     }
     out
 }
+
+/// Prefills `prompt` into a new sequence in chunks of `chunk` (logits of every position), then
+/// decodes `extra`: every logit row, in order.
+pub fn prefill_then_decode(engine: &mut Engine, prompt: &[u32], chunk: usize, extra: &[u32]) -> Vec<f32> {
+    use yoco_worker::engine::{Logits, StepItem};
+    engine.add_sequence(7).unwrap();
+    let mut out = Vec::new();
+    for part in prompt.chunks(chunk) {
+        out.extend(engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap().remove(0).logits);
+    }
+    for &t in extra {
+        out.extend(engine.step(&[StepItem::decode(7, &[t])]).unwrap().remove(0).logits);
+    }
+    out
+}
+
+/// Asserts that a chunked prefill (37 tokens a step) and two context-parallel ranks (64 a step)
+/// give `whole`, the one-chunk single-rank logits, within f32 tolerance (1e-4 relative).
+pub fn assert_parallel_paths_agree(
+    model: &Arc<Model>,
+    opts: &EngineOptions,
+    prompt: &[u32],
+    extra: &[u32],
+    whole: &[f32],
+    what: &str,
+) {
+    let chunked = prefill_then_decode(&mut Engine::new(model.clone(), opts), prompt, 37, extra);
+    let err = rel_err(&chunked, whole);
+    assert!(err < 1e-4, "{what}: chunked vs whole: {err:e}");
+    let ranks = run_group_with(model, 2, opts, &|e| prefill_then_decode(e, prompt, 64, extra));
+    for (rank, got) in ranks.iter().enumerate() {
+        let err = rel_err(got, whole);
+        assert!(err < 1e-4, "{what}: rank {rank} of 2 vs one rank: {err:e}");
+    }
+}
