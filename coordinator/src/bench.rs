@@ -9,6 +9,10 @@ use std::time::Instant;
 use anyhow::bail;
 use serde_json::json;
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
+use yoco_worker::executor::{Plan, SeqResult};
+use yoco_worker::generate::{PlanRunner, RunError};
+
+use crate::group::CollectiveTotals;
 use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::kernels::matmul::matmul_t;
@@ -45,7 +49,8 @@ pub struct Args {
     /// Context of the cache and weight data-type comparisons.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
-    /// Prompt tokens of the one-process vs two-process prefill comparison (0: skip).
+    /// Prompt tokens of the worker-process runs: one process with every thread, then 1 × P
+    /// and P × 1 grids of one thread each (0: skip).
     #[arg(long, default_value_t = 32768)]
     process_context: usize,
     /// Print one JSON object instead of a table.
@@ -145,17 +150,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let processes = process_prefill(&args, &dir, threads, cache_bytes_per_token)?;
     if !args.json && !processes.is_empty() {
-        println!("prefill of {} tokens through worker processes (gRPC plans, TCP collectives):", args.process_context);
-        println!("{:>9} {:>16} {:>10} {:>12} {:>8}", "processes", "threads each", "prefill s", "tok/s", "vs P=1");
-        let one = processes[0].seconds;
+        println!(
+            "{} prompt tokens, then {} decoded, through worker processes as tp × cp grids (gRPC plans, TCP collectives):",
+            args.process_context, args.decode_tokens
+        );
+        println!(
+            "{:>5} {:>13} {:>10} {:>13} {:>8} {:>12} {:>24} {:>24}",
+            "tp×cp",
+            "threads each",
+            "prefill s",
+            "prefill tok/s",
+            "vs P=1",
+            "decode tok/s",
+            "prefill coll. ms/step",
+            "decode coll. ms/step"
+        );
+        let one = processes[0].prefill_seconds;
         for p in &processes {
+            let coll = |c: &CollectiveTotals| {
+                format!(
+                    "{:.1} (tp {:.1}, cp {:.1})",
+                    per_step_ms(c, |c| c.seconds),
+                    per_step_ms(c, |c| c.tp_seconds),
+                    per_step_ms(c, |c| c.cp_seconds)
+                )
+            };
             println!(
-                "{:>9} {:>16} {:>10.2} {:>12.0} {:>7.2}x",
-                p.world,
+                "{:>5} {:>13} {:>10.2} {:>13.0} {:>7.2}x {:>12.1} {:>24} {:>24}",
+                format!("{}×{}", p.tp, p.cp),
                 p.threads_each,
-                p.seconds,
-                args.process_context as f64 / p.seconds,
-                one / p.seconds
+                p.prefill_seconds,
+                args.process_context as f64 / p.prefill_seconds,
+                one / p.prefill_seconds,
+                p.decode_tokens_per_second,
+                coll(&p.prefill),
+                coll(&p.decode)
             );
         }
     }
@@ -216,8 +245,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "sequences": b, "context": args.batch_context, "tokens_per_second": r,
             })).collect::<Vec<_>>(),
             "process_prefill": processes.iter().map(|p| json!({
-                "processes": p.world, "threads_each": p.threads_each, "tokens": args.process_context,
-                "prefill_seconds": p.seconds, "prefill_tokens_per_second": args.process_context as f64 / p.seconds,
+                "processes": p.world(), "tp": p.tp, "cp": p.cp, "threads_each": p.threads_each,
+                "tokens": args.process_context, "prefill_seconds": p.prefill_seconds,
+                "prefill_tokens_per_second": args.process_context as f64 / p.prefill_seconds,
+                "decode_tokens": args.decode_tokens, "decode_tokens_per_second": p.decode_tokens_per_second,
+                "prefill_collectives": p.prefill, "decode_collectives": p.decode,
+                "prefill_collective_ms_per_step": per_step_ms(&p.prefill, |c| c.seconds),
+                "decode_collective_ms_per_step": per_step_ms(&p.decode, |c| c.seconds),
             })).collect::<Vec<_>>(),
             "cache_dtypes": dtype_json(false),
             "weight_dtypes": dtype_json(true),
@@ -271,13 +305,49 @@ fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize)
 }
 
 struct ProcessRun {
-    world: usize,
+    tp: usize,
+    cp: usize,
     threads_each: usize,
-    seconds: f64,
+    prefill_seconds: f64,
+    decode_tokens_per_second: f64,
+    /// Collective time of the prefill steps and of the decode steps.
+    prefill: CollectiveTotals,
+    decode: CollectiveTotals,
 }
 
-/// The same prefill on one worker process with every thread, then on one process per thread
-/// (context parallel, one thread each): what splitting a machine into ranks costs.
+impl ProcessRun {
+    fn world(&self) -> usize {
+        self.tp * self.cp
+    }
+}
+
+/// A group that books each step's collective time as prefill's or decode's.
+struct Booked<'a> {
+    group: &'a mut crate::group::BlockingGroup,
+    prefill: CollectiveTotals,
+    decode: CollectiveTotals,
+}
+
+impl PlanRunner for Booked<'_> {
+    fn world(&self) -> usize {
+        self.group.world()
+    }
+    fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
+        let before = self.group.group().collectives();
+        let out = self.group.run(plan)?;
+        let after = self.group.group().collectives();
+        let book = if plan.prefill.is_empty() { &mut self.decode } else { &mut self.prefill };
+        book.steps += after.steps - before.steps;
+        book.seconds += after.seconds - before.seconds;
+        book.tp_seconds += after.tp_seconds - before.tp_seconds;
+        book.cp_seconds += after.cp_seconds - before.cp_seconds;
+        Ok(out)
+    }
+}
+
+/// The same prompt prefilled and decoded through worker processes: one process with every
+/// thread, then grids of one thread per process, `1 × P` (context parallel) and `P × 1`
+/// (tensor parallel), with the time their steps spend in collectives.
 fn process_prefill(
     args: &Args,
     model_dir: &std::path::Path,
@@ -289,11 +359,17 @@ fn process_prefill(
         return Ok(Vec::new());
     }
     let prompt: Vec<u32> = (0..args.process_context).map(|i| ((i * 7919) % 50000) as u32).collect();
-    let params = GenerateParams { max_tokens: 1, prefill_chunk: args.prefill_chunk, ..GenerateParams::default() };
+    let params = GenerateParams {
+        max_tokens: args.decode_tokens.max(1),
+        prefill_chunk: args.prefill_chunk,
+        stop_token_ids: Vec::new(),
+        ..GenerateParams::default()
+    };
+    let ranks = threads.max(2);
     let mut out = Vec::new();
-    for (world, threads_each) in [(1, threads), (threads.max(2), 1)] {
+    for (tp, cp, threads_each) in [(1, 1, threads), (1, ranks, 1), (ranks, 1, 1)] {
         let opts = crate::group::GroupOptions {
-            cache_budget_bytes: (args.process_context / world + 4096) * cache_bytes_per_token,
+            cache_budget_bytes: (args.process_context / cp + args.decode_tokens + 4096) * cache_bytes_per_token,
             cache_dtype: CacheDtype::F32,
             weight_dtype: WeightDtype::F32,
             collective_timeout: std::time::Duration::from_secs(600),
@@ -301,12 +377,31 @@ fn process_prefill(
             tls: None,
             allow_plaintext: false,
             local_worker_threads: Some(threads_each),
+            tp,
         };
-        let mut group = crate::group::BlockingGroup::spawn(world, model_dir, &opts)?;
-        let gen = generate(&mut group, 0, &prompt, &params, &mut |_| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
-        out.push(ProcessRun { world, threads_each, seconds: gen.timing.prefill_seconds });
+        let mut group = crate::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
+        let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };
+        let gen = generate(&mut booked, 0, &prompt, &params, &mut |_| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
+        out.push(ProcessRun {
+            tp,
+            cp,
+            threads_each,
+            prefill_seconds: gen.timing.prefill_seconds,
+            decode_tokens_per_second: gen.timing.decode_tokens_per_second,
+            prefill: booked.prefill,
+            decode: booked.decode,
+        });
     }
     Ok(out)
+}
+
+/// Milliseconds per step of collective time.
+fn per_step_ms(c: &CollectiveTotals, f: fn(&CollectiveTotals) -> f64) -> f64 {
+    if c.steps == 0 {
+        0.0
+    } else {
+        f(c) * 1e3 / c.steps as f64
+    }
 }
 
 /// Prompt positions whose log-probabilities the data-type comparison scores.

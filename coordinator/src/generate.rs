@@ -78,6 +78,10 @@ pub struct Args {
     /// in this process.
     #[arg(long)]
     workers: Option<usize>,
+    /// Tensor-parallel size of the workers' group (`--workers` must be a multiple): rows of
+    /// `tp` ranks split the weights, columns split the tokens.
+    #[arg(long, default_value_t = 1, requires = "workers")]
+    tp: usize,
     /// Collective transport between the workers: tcp, or nccl (rank r on GPU r; needs a build
     /// with the `cuda` feature).
     #[arg(long, default_value = "tcp")]
@@ -145,7 +149,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 tls: None,
                 allow_plaintext: false,
                 local_worker_threads: None,
+                tp: args.tp,
             };
+            model.cfg.check_tp(args.tp)?;
+            if args.tp == 0 || !p.is_multiple_of(args.tp) {
+                bail!("--tp {} must divide --workers {p}", args.tp);
+            }
             Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }
     };

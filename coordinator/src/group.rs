@@ -34,6 +34,8 @@ pub struct GroupOptions {
     pub allow_plaintext: bool,
     /// Compute threads of each local worker process; `None`: `YOCO_WORKER_THREADS`, else 1.
     pub local_worker_threads: Option<usize>,
+    /// Tensor-parallel size: the group is a `tp × (ranks / tp)` grid.
+    pub tp: usize,
 }
 
 /// Positions per cache block on every rank.
@@ -84,6 +86,21 @@ pub struct WorkerGroup {
     /// step's compute is bounded by its token budget, so this is generous.
     step_timeout: Duration,
     collective_timeout: Duration,
+    /// Ranks per tensor-parallel row.
+    tp: usize,
+    /// Collective time of the steps so far (each step's slowest rank).
+    collectives: CollectiveTotals,
+}
+
+/// Time the steps of a group spent in collectives: per step, its slowest rank's.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CollectiveTotals {
+    pub steps: usize,
+    pub seconds: f64,
+    /// Within tensor-parallel rows: the all-reduces, the gathered logits.
+    pub tp_seconds: f64,
+    /// Within context-parallel columns: states, halos, attention partials.
+    pub cp_seconds: f64,
 }
 
 /// How the coordinator reaches a group's ranks outside of steps (Info answers at once, even
@@ -206,6 +223,10 @@ impl WorkerGroup {
         opts: &GroupOptions,
     ) -> anyhow::Result<Self> {
         let world = clients.len();
+        let tp = opts.tp.max(1);
+        if !world.is_multiple_of(tp) {
+            bail!("--tp {tp} must divide the group's {world} ranks");
+        }
         // Names this attempt in the ranks' collective hellos, so that a rank of a stale attempt
         // (one a failed formation left behind) is never taken into this one.
         let formation = rand::random::<u32>();
@@ -225,6 +246,7 @@ impl WorkerGroup {
                 formation,
                 cache_dtype: opts.cache_dtype.name().to_string(),
                 weight_dtype: opts.weight_dtype.name().to_string(),
+                tp: tp as u32,
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });
@@ -254,6 +276,14 @@ impl WorkerGroup {
             if cache_dtype != opts.cache_dtype {
                 bail!("rank {} keeps its cache in {cache_dtype}, not the {} asked for", info.rank, opts.cache_dtype);
             }
+            // A worker that predates tensor parallelism reports 0 and holds the whole model.
+            if info.tp.max(1) as usize != tp {
+                bail!(
+                    "rank {} formed a group with tp {}, not the {tp} asked for (a worker too old?)",
+                    info.rank,
+                    info.tp
+                );
+            }
             ranks.push(RankInfo {
                 address: addr.clone(),
                 cache_capacity_tokens: info.cache_capacity_tokens as usize,
@@ -277,11 +307,29 @@ impl WorkerGroup {
             name: "local".into(),
             step_timeout: (opts.collective_timeout * 2).max(Duration::from_secs(600)),
             collective_timeout: opts.collective_timeout,
+            tp,
+            collectives: CollectiveTotals::default(),
         })
     }
 
+    /// Ranks of the group (processes).
     pub fn world(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Ranks per tensor-parallel row.
+    pub fn tp(&self) -> usize {
+        self.tp
+    }
+
+    /// Ranks that split a prompt's tokens (and the global cache by position): the columns.
+    pub fn cp(&self) -> usize {
+        self.world() / self.tp
+    }
+
+    /// Collective time of the steps so far.
+    pub fn collectives(&self) -> CollectiveTotals {
+        self.collectives
     }
 
     /// Names the group in its errors.
@@ -300,7 +348,9 @@ impl WorkerGroup {
         }
     }
 
-    /// Runs `plan` on every rank at once; each rank's results, in rank order.
+    /// Runs `plan` on every rank at once; the results of each context-parallel rank, in rank
+    /// order (a tensor-parallel row's ranks return the same results: its first rank's stand
+    /// for the row).
     ///
     /// The ranks of a step end within a collective round of each other (they meet in the
     /// step's collectives), so a rank still silent a collective timeout after another answered
@@ -365,9 +415,15 @@ impl WorkerGroup {
         }
         let replies: Vec<pb::StepResponse> = replies.into_iter().flatten().map(|r| r.expect("checked")).collect();
         // The slowest rank's time in collectives is the group's.
-        let collective = replies.iter().map(|r| r.collective_seconds).fold(0.0, f64::max);
+        let slowest = |f: fn(&pb::StepResponse) -> f64| replies.iter().map(f).fold(0.0, f64::max);
+        let collective = slowest(|r| r.collective_seconds);
         crate::metrics::METRICS.collective_seconds.observe(collective);
-        Ok(replies.iter().map(|r| r.results.iter().map(result_from_pb).collect()).collect())
+        let c = &mut self.collectives;
+        c.steps += 1;
+        c.seconds += collective;
+        c.tp_seconds += slowest(|r| r.tp_collective_seconds);
+        c.cp_seconds += slowest(|r| r.cp_collective_seconds);
+        Ok(replies.iter().step_by(self.tp).map(|r| r.results.iter().map(result_from_pb).collect()).collect())
     }
 }
 
@@ -399,9 +455,15 @@ impl BlockingGroup {
     }
 }
 
+impl BlockingGroup {
+    pub fn group(&self) -> &WorkerGroup {
+        &self.group
+    }
+}
+
 impl PlanRunner for BlockingGroup {
     fn world(&self) -> usize {
-        self.group.world()
+        self.group.cp()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
         let Self { rt, group } = self;

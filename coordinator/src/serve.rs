@@ -84,6 +84,11 @@ pub struct ServerArgs {
     /// Collective transport between the workers: tcp, or nccl (needs the `cuda` feature).
     #[arg(long, default_value = "tcp", env = "YOCO_TRANSPORT")]
     transport: String,
+    /// Tensor-parallel size: each worker group is a `tp × cp` grid whose rows split the
+    /// weights (heads, FFN columns, vocabulary) and whose columns split the tokens. It must
+    /// divide the group's ranks and the model's heads, KV heads and FFN width.
+    #[arg(long, default_value_t = 1, env = "YOCO_TP")]
+    tp: usize,
     /// Turn the prefix cache off (on by default: requests sharing a prompt prefix with an
     /// earlier one resume from the workers' snapshot of it instead of prefilling it again).
     #[arg(long, env = "YOCO_NO_PREFIX_CACHE")]
@@ -120,9 +125,12 @@ pub struct ServeArgs {
     /// Model directory; default: the built-in default model (trained by tools/train/).
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
-    /// Local worker processes (ranks of the group).
-    #[arg(long, default_value_t = 2, env = "YOCO_WORKERS")]
-    workers: usize,
+    /// Local worker processes (ranks of the group); default 2, or `--tp` × `--cp`.
+    #[arg(long, env = "YOCO_WORKERS", conflicts_with = "cp")]
+    workers: Option<usize>,
+    /// Context-parallel size: the group is `--tp` × this many local workers.
+    #[arg(long, env = "YOCO_CP")]
+    cp: Option<usize>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -172,14 +180,24 @@ enum Groups {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.workers == 0 {
-        anyhow::bail!("--workers must be at least 1");
+    let tp = args.server.tp;
+    let workers = match (args.workers, args.cp) {
+        (Some(p), _) => p,
+        (None, Some(cp)) => cp.saturating_mul(tp),
+        (None, None) => 2usize.max(tp),
+    };
+    if workers == 0 || tp == 0 {
+        anyhow::bail!("--workers, --cp and --tp must be at least 1");
+    }
+    if !workers.is_multiple_of(tp) {
+        anyhow::bail!("--tp {tp} must divide the {workers} workers");
     }
     let dir = crate::default_model::resolve(args.model.clone())?;
+    // The split is checked here, before any worker starts, so that the error names it.
+    ModelConfig::from_file(&dir.join("params.json"))?.check_tp(tp)?;
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     let chat = ChatTemplate::for_model_dir(&dir)?;
     let opts = group_options(&args.server, None);
-    let workers = args.workers;
     let form = Box::pin(async move { WorkerGroup::spawn_local(workers, &dir, &opts).await });
     runtime()?.block_on(run(args.server, tokenizer, chat, Groups::Static(form)))
 }
@@ -227,7 +245,9 @@ impl GroupStarter {
     pub fn start(&self, name: &str, group: WorkerGroup) -> anyhow::Result<(Ready, tokio::task::JoinHandle<()>)> {
         let handle = group.handle();
         let cfg = ModelConfig::from_json(&serde_json::from_str(&handle.config_json)?)?;
-        let world = group.world();
+        // The scheduler cuts prompts over the context-parallel ranks; a tensor-parallel row
+        // holds one shard between its ranks, each of its KV heads.
+        let (world, tp) = (group.cp(), group.tp());
         let block_tokens = handle.ranks[0].block_tokens;
         let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
         let capacity = Capacity { world, blocks_per_rank, block_tokens };
@@ -243,7 +263,8 @@ impl GroupStarter {
         let (scheduler, task) = Scheduler::start(group.named(name), self.tokenizer.clone(), capacity, config);
         tracing::info!(
             group = name,
-            world,
+            cp = world,
+            tp,
             capacity_tokens = capacity.max_request_tokens(),
             cache_bytes_per_token,
             "group serving"
@@ -274,6 +295,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         collective_timeout: Duration::from_secs_f64(a.collective_timeout.clamp(0.001, 86400.0)),
         transport: a.transport.clone(),
         local_worker_threads: None,
+        tp: a.tp.max(1),
     }
 }
 

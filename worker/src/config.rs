@@ -17,6 +17,8 @@ pub enum ConfigError {
     Invalid { field: &'static str, problem: String },
     #[error("params.json: the shape makes {what} larger than {MAX_SIZE_BYTES} bytes (or overflow)")]
     TooLarge { what: &'static str },
+    #[error("tensor parallelism over {tp} ranks needs tp to divide {what} ({count})")]
+    TensorParallel { tp: usize, what: &'static str, count: usize },
 }
 
 /// Most bytes any size derived from the shape may come to (the weights, one sequence's
@@ -150,6 +152,30 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Checks that the model splits over `tp` tensor-parallel ranks: `tp` must divide the
+    /// self-decoder heads, the attention heads and the FFN width, and divide the KV heads or
+    /// be a multiple of them (then each rank keeps a copy of the one KV head its query heads
+    /// use, as when tp exceeds the KV heads of a GQA or MQA model in vLLM).
+    pub fn check_tp(&self, tp: usize) -> Result<(), ConfigError> {
+        let parts = [
+            ("the self-decoder heads, n_self_heads", self.n_self_heads),
+            ("the attention heads, n_attn_heads", self.n_attn_heads),
+            ("the FFN width, hidden_dim", self.hidden_dim),
+        ];
+        if let Some((what, count)) = parts.into_iter().find(|&(_, count)| tp == 0 || !count.is_multiple_of(tp)) {
+            return Err(ConfigError::TensorParallel { tp, what, count });
+        }
+        let kv = self.n_attn_kv_heads;
+        if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
+            return Err(ConfigError::TensorParallel {
+                tp,
+                what: "the KV heads, n_attn_kv_heads, or be a multiple of them",
+                count: kv,
+            });
+        }
+        Ok(())
+    }
+
     pub fn n_self_layers(&self) -> usize {
         self.n_layers / 2
     }
@@ -247,6 +273,28 @@ mod tests {
         assert_eq!(cfg.kv_dim(), 16);
         let round = ModelConfig::from_json(&cfg.to_json()).unwrap();
         assert_eq!(round, cfg);
+    }
+
+    #[test]
+    fn tensor_parallel_sizes_must_divide_every_split() {
+        let cfg = ModelConfig::from_json(&base()).unwrap();
+        for tp in [1, 2] {
+            cfg.check_tp(tp).unwrap();
+        }
+        // 4 self heads, 4 attention heads, 2 KV heads (copied on 4 ranks), FFN 64.
+        cfg.check_tp(4).unwrap();
+        assert!(cfg.check_tp(3).unwrap_err().to_string().contains("n_self_heads"));
+        let mut v = base();
+        (v["n_self_heads"], v["n_attn_heads"], v["n_attn_kv_heads"]) = (json!(4), json!(12), json!(6));
+        (v["dim"], v["hidden_dim"]) = (json!(96), json!(96));
+        let err = ModelConfig::from_json(&v).unwrap().check_tp(4).unwrap_err().to_string();
+        assert!(err.contains("n_attn_kv_heads") && err.contains("(6)"), "{err}");
+        let mut v = base();
+        v["hidden_dim"] = json!(66);
+        v["n_attn_kv_heads"] = json!(4);
+        let err = ModelConfig::from_json(&v).unwrap().check_tp(4).unwrap_err().to_string();
+        assert!(err.contains("hidden_dim") && err.contains("(66)"), "{err}");
+        assert!(cfg.check_tp(0).is_err());
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! retention states or window halos) and keeps its chunk's K/V: its shard of the global cache.
 //! A decode item is run by every rank on the same token; its K/V is kept by the rank with the
 //! smallest shard. Cross-attention merges every rank's partial over its shard.
+//!
+//! With tensor parallelism the group is a `tp × cp` grid: the ranks above are its columns'
+//! (context-parallel) ranks, and the `tp` ranks of a row run the same items on their parts of
+//! the heads, keeping their KV heads of the row's cache shard.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
-use crate::comm::{Collective, CommError, SingleRank, Timed};
+use crate::comm::{Collective, CommError, Grid, Spent};
 use crate::cp::{chunk, even_split, validate_split};
 use crate::kernels::cross_attention::KvView;
 use crate::kernels::kv_block::CacheDtype;
@@ -141,7 +145,7 @@ pub struct Engine {
     pool: BlockPool,
     seqs: HashMap<SeqId, Sequence>,
     snapshots: HashMap<SnapshotId, Snapshot>,
-    comm: Timed,
+    grid: Grid,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
 }
@@ -149,26 +153,59 @@ pub struct Engine {
 impl Engine {
     /// A single-process engine.
     pub fn new(model: Arc<Model>, opts: &EngineOptions) -> Self {
-        Self::with_group(model, opts, Box::new(SingleRank))
+        Self::on_grid(model, opts, Grid::single())
     }
 
-    /// One rank of a group whose ranks talk through `comm`.
-    pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Self {
-        let pool =
-            BlockPool::with_dtype(opts.block_tokens, model.cfg.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
-        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), comm: Timed::new(comm), broken: None }
+    /// One rank of a group whose ranks talk through `comm`: a `tp × cp` grid with `tp` the
+    /// model's tensor-parallel size, rank `r` at tensor-parallel index `r % tp`, which must be
+    /// the part of the weights the model holds.
+    pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Result<Self, EngineError> {
+        let grid = Grid::new(comm, model.tp.size)?;
+        if grid.tp_rank() != model.tp.rank {
+            return Err(EngineError::Comm(CommError::Setup(format!(
+                "rank {} is tensor-parallel rank {} of {}, but holds the weights of rank {}",
+                grid.rank(),
+                grid.tp_rank(),
+                grid.tp_size(),
+                model.tp.rank
+            ))));
+        }
+        Ok(Self::on_grid(model, opts, grid))
+    }
+
+    fn on_grid(model: Arc<Model>, opts: &EngineOptions, grid: Grid) -> Self {
+        let pool = BlockPool::with_dtype(opts.block_tokens, model.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
+        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), grid, broken: None }
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
     pub fn take_collective_seconds(&mut self) -> f64 {
-        self.comm.take_spent().as_secs_f64()
+        self.take_collective_spent().total().as_secs_f64()
     }
 
-    pub fn rank(&self) -> usize {
-        self.comm.rank()
+    /// Time spent in collectives since the last call, by the sub-group they ran on.
+    pub fn take_collective_spent(&mut self) -> Spent {
+        self.grid.take_spent()
     }
+
+    /// This rank in the whole group (`cp_rank · tp + tp_rank`).
+    pub fn rank(&self) -> usize {
+        self.grid.rank()
+    }
+    /// Ranks of the whole group.
     pub fn world(&self) -> usize {
-        self.comm.world()
+        self.grid.world()
+    }
+    /// Ranks that split the tokens (each holds a shard of every global cache).
+    pub fn cp_size(&self) -> usize {
+        self.grid.cp_size()
+    }
+    pub fn cp_rank(&self) -> usize {
+        self.grid.cp_rank()
+    }
+    /// Ranks that split the weights (each holds its KV heads of the cache shard).
+    pub fn tp_size(&self) -> usize {
+        self.grid.tp_size()
     }
     /// The collective failure that broke this rank's group, if any.
     pub fn broken(&self) -> Option<&CommError> {
@@ -193,7 +230,7 @@ impl Engine {
             pos: 0,
             self_state: self.model.new_self_state(),
             kv: KvSeq::default(),
-            shard_lens: vec![0; self.world()],
+            shard_lens: vec![0; self.cp_size()],
         };
         self.seqs.insert(id, seq);
         Ok(())
@@ -295,7 +332,7 @@ impl Engine {
         self.validate(items)?;
         let mut seqs: Vec<Sequence> = items.iter().map(|it| self.seqs.remove(&it.seq).expect("validated")).collect();
         let placed: Vec<Placed> = items.iter().zip(&seqs).map(|(it, seq)| self.place(it, seq)).collect();
-        let reserved = reserve_all(&mut seqs, &placed, self.comm.rank(), &mut self.pool);
+        let reserved = reserve_all(&mut seqs, &placed, self.cp_rank(), &mut self.pool);
         let result = self.agree(reserved.err()).and_then(|()| self.forward(items, &placed, &mut seqs));
         if let Err(e) = &result {
             if let EngineError::Comm(c) = e {
@@ -327,7 +364,7 @@ impl Engine {
                 return Err(EngineError::TokenOutOfRange { token, vocab });
             }
             if let Placement::Sharded(Some(starts)) = &it.placement {
-                validate_split(starts, it.tokens.len(), self.world())
+                validate_split(starts, it.tokens.len(), self.cp_size())
                     .map_err(|reason| EngineError::BadSplit { seq: it.seq, reason })?;
             }
         }
@@ -335,7 +372,7 @@ impl Engine {
     }
 
     fn place(&self, it: &StepItem, seq: &Sequence) -> Placed {
-        let (rank, world, n) = (self.rank(), self.world(), it.tokens.len());
+        let (rank, world, n) = (self.cp_rank(), self.cp_size(), it.tokens.len());
         match &it.placement {
             Placement::Sharded(starts) => {
                 let starts = starts.clone().unwrap_or_else(|| even_split(n, world));
@@ -362,7 +399,7 @@ impl Engine {
         if self.world() == 1 {
             return local.map_or(Ok(()), Err);
         }
-        let flags = self.comm.all_gather(&[if local.is_some() { 1.0 } else { 0.0 }])?;
+        let flags = self.grid.all().all_gather(&[if local.is_some() { 1.0 } else { 0.0 }])?;
         if let Some(e) = local {
             return Err(e);
         }
@@ -381,7 +418,7 @@ impl Engine {
         seqs: &mut [Sequence],
     ) -> Result<Vec<StepOutput>, EngineError> {
         let model = Arc::clone(&self.model);
-        let rank = self.rank();
+        let rank = self.cp_rank();
         let mut segments = Vec::with_capacity(items.len());
         let mut positions = Vec::new();
         let mut tokens = Vec::new();
@@ -395,14 +432,14 @@ impl Engine {
                 shard: p.shard.clone(),
             });
         }
-        let mut x = model.embed(&tokens);
+        let mut x = model.embed(&tokens, &mut self.grid)?;
         let rope = model.self_rope(&positions);
         for layer in 0..model.self_layers.len() {
             let mut states: Vec<&mut LayerState> = seqs.iter_mut().map(|s| &mut s.self_state[layer]).collect();
-            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut self.comm)?;
+            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut self.grid)?;
         }
         let (k, v) = model.kv_project(&x, &positions);
-        let kvd = model.cfg.kv_dim();
+        let kvd = model.kv_dim();
         for (((it, seg), p), seq) in items.iter().zip(&segments).zip(placed).zip(seqs.iter_mut()) {
             seq.pos += it.tokens.len();
             for (i, row) in seg.rows.clone().enumerate() {
@@ -429,8 +466,8 @@ impl Engine {
                 }
             }
         }
-        let gathered = if self.world() > 1 && placed.iter().any(|p| p.shard.is_some()) {
-            self.comm.all_gather(&local_rows)?
+        let gathered = if self.cp_size() > 1 && placed.iter().any(|p| p.shard.is_some()) {
+            self.grid.cp().all_gather(&local_rows)?
         } else {
             vec![local_rows]
         };
@@ -469,7 +506,8 @@ impl Engine {
             let row_views: Vec<&KvView> = rows_seq.iter().map(|&i| &views[i]).collect();
             let visible: Vec<usize> =
                 rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
-            model.logits(&model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut self.comm)?)
+            let x = model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut self.grid)?;
+            model.logits(&x, &mut self.grid)?
         };
         let vocab = model.cfg.vocab_size;
         let mut start = 0;
@@ -486,7 +524,7 @@ impl Engine {
 
     /// Broadcasts `data` from `root` to every rank of the group.
     pub fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), EngineError> {
-        if let Err(e) = self.comm.broadcast(root, data) {
+        if let Err(e) = self.grid.all().broadcast(root, data) {
             self.broken = Some(e.clone());
             return Err(e.into());
         }

@@ -99,6 +99,11 @@ impl Executor {
         self.engine.take_collective_seconds()
     }
 
+    /// Time spent in collectives since the last call, by sub-group.
+    pub fn take_collective_spent(&mut self) -> crate::comm::Spent {
+        self.engine.take_collective_spent()
+    }
+
     /// Frees sequences (unknown ones are ignored: freeing is idempotent).
     pub fn free(&mut self, ids: &[SeqId]) {
         for id in ids {

@@ -13,14 +13,16 @@ pub type RunError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Something that executes plans on every rank of a group and returns each rank's results.
 pub trait PlanRunner {
+    /// The ranks that split a prompt's tokens (context-parallel); a tensor-parallel group's
+    /// rows count once.
     fn world(&self) -> usize;
-    /// Per rank (in rank order), the results of the plan.
+    /// Per context-parallel rank (in rank order), the results of the plan.
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError>;
 }
 
 impl PlanRunner for Executor {
     fn world(&self) -> usize {
-        self.engine().world()
+        self.engine().cp_size()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
         Ok(vec![self.execute(plan)?])

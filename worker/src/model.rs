@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::cache::LayerState;
-use crate::comm::{Collective, CommError};
+use crate::comm::{Collective, CommError, Grid};
 use crate::config::{ConfigError, ModelConfig, SelfMixerKind};
 use crate::cp::{last_rows, retention_incoming};
 use crate::kernels::cross_attention::{
@@ -20,7 +20,7 @@ use crate::kernels::rms_norm::{rms_norm, rms_norm_new};
 use crate::kernels::rope::{apply_rope, Rope, RopeTable};
 use crate::kernels::swiglu::{log_sigmoid, silu_mul};
 use crate::kernels::window_attention::window_attention;
-use crate::weights::{Tensor, WeightDtype, WeightError, WeightFiles};
+use crate::weights::{Part, Tensor, WeightDtype, WeightError, WeightFiles};
 
 /// The gate logit normaliser of gated retention: `γ = logsigmoid(gt) / 16`.
 const GATE_LOGIT_NORMALIZER: f32 = 16.0;
@@ -33,7 +33,40 @@ pub enum ModelError {
     Weights(#[from] WeightError),
 }
 
-/// A bias-free linear layer, weight `[out, in]` (y = x Wᵀ).
+/// This rank's place in a tensor-parallel split of the weights: rank `rank` of `size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpShard {
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl TpShard {
+    /// The whole model on one rank.
+    pub const WHOLE: TpShard = TpShard { rank: 0, size: 1 };
+
+    /// This rank's part of `n` things that the size divides (heads, FFN columns).
+    pub fn part(&self, n: usize) -> std::ops::Range<usize> {
+        let k = n / self.size;
+        self.rank * k..(self.rank + 1) * k
+    }
+
+    /// This rank's part of the vocabulary, which the size need not divide: parts differ by at
+    /// most one id.
+    pub fn vocab(&self, vocab: usize) -> std::ops::Range<usize> {
+        self.rank * vocab / self.size..(self.rank + 1) * vocab / self.size
+    }
+}
+
+/// How a matrix `[out, in]` is split over the tensor-parallel ranks.
+#[derive(Clone, Copy)]
+enum Split {
+    /// By output (rows): each rank computes its part of the outputs.
+    Out,
+    /// By input (columns): each rank's product is a partial sum, all-reduced across the ranks.
+    In,
+}
+
+/// A bias-free linear layer, weight `[out, in]` (y = x Wᵀ): this rank's part of it.
 pub struct Linear {
     pub weight: Tensor,
     pub out_dim: usize,
@@ -44,11 +77,18 @@ impl Linear {
     fn load(
         files: &WeightFiles,
         name: &str,
-        out_dim: usize,
-        in_dim: usize,
+        [out_dim, in_dim]: [usize; 2],
         dtype: WeightDtype,
+        tp: TpShard,
+        split: Split,
     ) -> Result<Self, WeightError> {
-        Ok(Linear { weight: files.get_as(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?, out_dim, in_dim })
+        let part = match split {
+            _ if tp.size == 1 => Part::Whole,
+            Split::Out => Part::Rows(tp.part(out_dim)),
+            Split::In => Part::Cols(tp.part(in_dim)),
+        };
+        let weight = files.get_part(&format!("{name}.weight"), &[out_dim, in_dim], dtype, part)?;
+        Ok(Linear { out_dim: weight.shape[0], in_dim: weight.shape[1], weight })
     }
 
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
@@ -73,15 +113,22 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(files: &WeightFiles, prefix: &str, cfg: &ModelConfig, dtype: WeightDtype) -> Result<Self, WeightError> {
+    fn load(
+        files: &WeightFiles,
+        prefix: &str,
+        cfg: &ModelConfig,
+        dtype: WeightDtype,
+        tp: TpShard,
+    ) -> Result<Self, WeightError> {
         let (d, h) = (cfg.dim, cfg.hidden_dim);
         Ok(FeedForward {
-            fc1: Linear::load(files, &format!("{prefix}.fc1"), h, d, dtype)?,
-            gate: Linear::load(files, &format!("{prefix}.gate"), h, d, dtype)?,
-            fc2: Linear::load(files, &format!("{prefix}.fc2"), d, h, dtype)?,
+            fc1: Linear::load(files, &format!("{prefix}.fc1"), [h, d], dtype, tp, Split::Out)?,
+            gate: Linear::load(files, &format!("{prefix}.gate"), [h, d], dtype, tp, Split::Out)?,
+            fc2: Linear::load(files, &format!("{prefix}.fc2"), [d, h], dtype, tp, Split::In)?,
         })
     }
 
+    /// This rank's part of the FFN: the whole of it once summed over the tensor-parallel ranks.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let mut a = self.fc1.forward(x);
         silu_mul(&mut a, &self.gate.forward(x));
@@ -149,6 +196,8 @@ pub struct Model {
     pub layer_norm: Tensor,
     /// `None` when tied to `embed_tokens`.
     pub output_projection: Option<Linear>,
+    /// This rank's part of the weights.
+    pub tp: TpShard,
     rope_self: Rope,
     rope_cross: Rope,
 }
@@ -162,12 +211,36 @@ impl Model {
 
     /// [`Model::load`] with the weight matrices in the element type `dtype` asks for.
     pub fn load_as(dir: &Path, dtype: WeightDtype) -> Result<Self, ModelError> {
-        let cfg = ModelConfig::from_file(&dir.join("params.json"))?;
-        let files = WeightFiles::open(dir)?;
-        Ok(Self::from_weights(cfg, &files, dtype)?)
+        Self::load_sharded(dir, dtype, TpShard::WHOLE)
     }
 
-    pub fn from_weights(cfg: ModelConfig, files: &WeightFiles, dtype: WeightDtype) -> Result<Self, WeightError> {
+    /// [`Model::load_as`] of this rank's tensor-parallel part of the weights only (Megatron
+    /// style): heads and FFN columns split by output, `out_proj` and `fc2` by input, the
+    /// embedding and output projection by vocabulary. An error names the first constraint the
+    /// split breaks.
+    pub fn load_sharded(dir: &Path, dtype: WeightDtype, tp: TpShard) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_file(&dir.join("params.json"))?;
+        cfg.check_tp(tp.size)?;
+        if tp.rank >= tp.size || cfg.vocab_size < tp.size {
+            return Err(crate::config::ConfigError::TensorParallel {
+                tp: tp.size,
+                what: "the vocabulary (at least one id per rank) and to exceed the rank",
+                count: cfg.vocab_size,
+            }
+            .into());
+        }
+        let files = WeightFiles::open(dir)?;
+        Ok(Self::from_weights(cfg, &files, dtype, tp)?)
+    }
+
+    /// The model of `cfg` from `files`; `tp` must be a split that `cfg` allows
+    /// ([`ModelConfig::check_tp`]).
+    pub fn from_weights(
+        cfg: ModelConfig,
+        files: &WeightFiles,
+        dtype: WeightDtype,
+        tp: TpShard,
+    ) -> Result<Self, WeightError> {
         let d = cfg.dim;
         // A checkpoint of the other mixer kind must not load with half its tensors ignored.
         if let SelfMixerKind::SlidingWindow { .. } = cfg.mixer {
@@ -182,21 +255,23 @@ impl Model {
         let self_layers = (0..cfg.n_self_layers())
             .map(|i| {
                 let p = format!("self_decoder.layers.{i}");
-                let lin = |name: &str, out: usize| Linear::load(files, &format!("{p}.mixer.{name}"), out, d, dtype);
+                let lin = |name: &str, out: usize, split| {
+                    Linear::load(files, &format!("{p}.mixer.{name}"), [out, d], dtype, tp, split)
+                };
                 let mixer = match cfg.mixer {
                     SelfMixerKind::GatedRetention => SelfMixer::Retention {
-                        q_proj: lin("q_proj", d)?,
-                        k_proj: lin("k_proj", d)?,
-                        v_proj: lin("v_proj", d)?,
-                        g_proj: lin("g_proj", d)?,
-                        gt_proj: lin("gt_proj", cfg.n_self_heads)?,
-                        out_proj: lin("out_proj", d)?,
+                        q_proj: lin("q_proj", d, Split::Out)?,
+                        k_proj: lin("k_proj", d, Split::Out)?,
+                        v_proj: lin("v_proj", d, Split::Out)?,
+                        g_proj: lin("g_proj", d, Split::Out)?,
+                        gt_proj: lin("gt_proj", cfg.n_self_heads, Split::Out)?,
+                        out_proj: lin("out_proj", d, Split::In)?,
                     },
                     SelfMixerKind::SlidingWindow { window } => SelfMixer::Window {
-                        q_proj: lin("q_proj", d)?,
-                        k_proj: lin("k_proj", d)?,
-                        v_proj: lin("v_proj", d)?,
-                        out_proj: lin("out_proj", d)?,
+                        q_proj: lin("q_proj", d, Split::Out)?,
+                        k_proj: lin("k_proj", d, Split::Out)?,
+                        v_proj: lin("v_proj", d, Split::Out)?,
+                        out_proj: lin("out_proj", d, Split::In)?,
                         window,
                     },
                 };
@@ -204,7 +279,7 @@ impl Model {
                     mixer_layer_norm: norm_weight(files, &format!("{p}.mixer_layer_norm"), d)?,
                     mixer,
                     final_layer_norm: norm_weight(files, &format!("{p}.final_layer_norm"), d)?,
-                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype)?,
+                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype, tp)?,
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
@@ -213,40 +288,81 @@ impl Model {
                 let p = format!("cross_decoder.layers.{j}");
                 Ok(CrossLayer {
                     mixer_layer_norm: norm_weight(files, &format!("{p}.mixer_layer_norm"), d)?,
-                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), d, d, dtype)?,
-                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), d, d, dtype)?,
+                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), [d, d], dtype, tp, Split::Out)?,
+                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), [d, d], dtype, tp, Split::In)?,
                     final_layer_norm: norm_weight(files, &format!("{p}.final_layer_norm"), d)?,
-                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype)?,
+                    ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype, tp)?,
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
+        // The vocabulary is split unevenly when it must be: rows, not a `Split`.
+        let vocab = if tp.size == 1 { Part::Whole } else { Part::Rows(tp.vocab(cfg.vocab_size)) };
         let output_projection = if files.contains("output_projection.weight") {
-            Some(Linear::load(files, "output_projection", cfg.vocab_size, d, dtype)?)
+            let weight = files.get_part("output_projection.weight", &[cfg.vocab_size, d], dtype, vocab.clone())?;
+            Some(Linear { out_dim: weight.shape[0], in_dim: d, weight })
         } else {
             None
         };
+        // This rank's KV heads: its part of them, or a copy of the one its query heads use when
+        // there are fewer KV heads than ranks.
+        let kv_rows = match (cfg.n_attn_kv_heads, cfg.head_dim()) {
+            _ if tp.size == 1 => Part::Whole,
+            (kv, _) if kv >= tp.size => Part::Rows(tp.part(cfg.kv_dim())),
+            (kv, hd) => {
+                let head = tp.rank / (tp.size / kv);
+                Part::Rows(head * hd..(head + 1) * hd)
+            }
+        };
+        let kv = |name: &str| -> Result<Linear, WeightError> {
+            let weight = files.get_part(&format!("{name}.weight"), &[cfg.kv_dim(), d], dtype, kv_rows.clone())?;
+            Ok(Linear { out_dim: weight.shape[0], in_dim: d, weight })
+        };
         Ok(Model {
-            embed_tokens: files.get_as("embed_tokens.weight", &[cfg.vocab_size, d], dtype)?,
+            embed_tokens: files.get_part("embed_tokens.weight", &[cfg.vocab_size, d], dtype, vocab)?,
             self_layers,
             kv_layer_norm: norm_weight(files, "cross_decoder.kv_layer_norm", d)?,
-            k_proj: Linear::load(files, "cross_decoder.k_proj", cfg.kv_dim(), d, dtype)?,
-            v_proj: Linear::load(files, "cross_decoder.v_proj", cfg.kv_dim(), d, dtype)?,
+            k_proj: kv("cross_decoder.k_proj")?,
+            v_proj: kv("cross_decoder.v_proj")?,
             cross_layers,
             layer_norm: norm_weight(files, "layer_norm", d)?,
             output_projection,
+            tp,
             rope_self: Rope::new(cfg.rope_theta, cfg.self_head_dim()),
             rope_cross: Rope::new(cfg.rope_theta, cfg.head_dim()),
             cfg,
         })
     }
 
+    /// Cross-attention on this rank: its query heads and the KV heads they use.
     pub fn cross_shape(&self) -> CrossShape {
-        CrossShape { heads: self.cfg.n_attn_heads, kv_heads: self.cfg.n_attn_kv_heads, head_dim: self.cfg.head_dim() }
+        CrossShape {
+            heads: self.cfg.n_attn_heads / self.tp.size,
+            kv_heads: (self.cfg.n_attn_kv_heads / self.tp.size).max(1),
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    /// Width of this rank's part of a global-cache row (K or V): its KV heads.
+    pub fn kv_dim(&self) -> usize {
+        self.cross_shape().kv_dim()
+    }
+
+    /// The self-decoder heads this rank computes.
+    fn self_heads(&self) -> usize {
+        self.cfg.n_self_heads / self.tp.size
+    }
+
+    /// This rank's partial sums of a row-split product, summed over its tensor-parallel row.
+    fn tp_sum(&self, mut partial: Vec<f32>, grid: &mut Grid) -> Result<Vec<f32>, CommError> {
+        if self.tp.size > 1 {
+            grid.tp().all_reduce_sum(&mut partial)?;
+        }
+        Ok(partial)
     }
 
     /// A fresh (empty) self-decoder cache for one sequence, one entry per self layer.
     pub fn new_self_state(&self) -> Vec<LayerState> {
-        let (h, d) = (self.cfg.n_self_heads, self.cfg.self_head_dim());
+        let (h, d) = (self.self_heads(), self.cfg.self_head_dim());
         self.self_layers
             .iter()
             .map(|l| match l.mixer {
@@ -256,10 +372,26 @@ impl Model {
             .collect()
     }
 
-    /// Token embeddings scaled by `sqrt(dim)`, `[tokens, dim]`.
-    pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
-        let scale = (self.cfg.dim as f32).sqrt();
-        crate::with_weights!(self.embed_tokens.view(), |table| embed(tokens, table, self.cfg.dim, scale))
+    /// Token embeddings scaled by `sqrt(dim)`, `[tokens, dim]`. With the vocabulary split,
+    /// each rank looks up the ids it holds (zeros for the others) and the row sums them: exact,
+    /// as every sum has one term that is not zero.
+    pub fn embed(&self, tokens: &[u32], grid: &mut Grid) -> Result<Vec<f32>, CommError> {
+        let (dim, scale) = (self.cfg.dim, (self.cfg.dim as f32).sqrt());
+        if self.tp.size == 1 {
+            return Ok(crate::with_weights!(self.embed_tokens.view(), |table| embed(tokens, table, dim, scale)));
+        }
+        let mine = self.tp.vocab(self.cfg.vocab_size);
+        let held: Vec<u32> =
+            tokens.iter().filter(|&&t| mine.contains(&(t as usize))).map(|&t| t - mine.start as u32).collect();
+        let rows = crate::with_weights!(self.embed_tokens.view(), |table| embed(&held, table, dim, scale));
+        let mut x = vec![0.0; tokens.len() * dim];
+        let mut next = rows.chunks_exact(dim);
+        for (&t, out) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
+            if mine.contains(&(t as usize)) {
+                out.copy_from_slice(next.next().expect("one row per held id"));
+            }
+        }
+        self.tp_sum(x, grid)
     }
 
     /// The self-decoder's RoPE angles for the given rows' positions.
@@ -269,7 +401,8 @@ impl Model {
 
     /// One self-decoder layer over a batch: `x [rows, dim]` is updated in place and each segment's
     /// layer cache advances past its tokens. `states[i]` belongs to `segments[i]`. Segments cut
-    /// across ranks exchange what their neighbours need through `comm` (one all-gather).
+    /// across ranks exchange what their neighbours need within the grid's column (one
+    /// all-gather); the mixer's and the FFN's partial sums are summed within its row.
     pub fn self_layer(
         &self,
         layer: usize,
@@ -277,11 +410,13 @@ impl Model {
         segments: &[Segment],
         states: &mut [&mut LayerState],
         rope: &RopeTable,
-        comm: &mut dyn Collective,
+        grid: &mut Grid,
     ) -> Result<(), CommError> {
         let l = &self.self_layers[layer];
         let (dim, eps) = (self.cfg.dim, self.cfg.norm_eps);
-        let (heads, hd) = (self.cfg.n_self_heads, self.cfg.self_head_dim());
+        // This rank's heads: q, k, v and the mixer's output are `[rows, qd]`.
+        let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
+        let qd = heads * hd;
         let xn = rms_norm_new(x, dim, Some(l.mixer_layer_norm.as_slice()), eps);
         let mixed = match &l.mixer {
             SelfMixer::Retention { q_proj, k_proj, v_proj, g_proj, gt_proj, out_proj } => {
@@ -296,7 +431,7 @@ impl Model {
                     let LayerState::Retention { state } = &mut **st else {
                         unreachable!("retention layer with a window state")
                     };
-                    let r = seg.rows.start * dim..seg.rows.end * dim;
+                    let r = seg.rows.start * qd..seg.rows.end * qd;
                     let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
                     let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
                     let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r.clone()]);
@@ -314,7 +449,7 @@ impl Model {
                     }
                 }
                 if !packed.is_empty() {
-                    let all = comm.all_gather(&packed)?;
+                    let all = grid.cp().all_gather(&packed)?;
                     let per = heads * hd * hd + heads;
                     if all.iter().any(|p| p.len() != packed.len()) {
                         return Err(protocol("retention states of different sizes across ranks".into()));
@@ -330,7 +465,7 @@ impl Model {
                             })
                             .collect();
                         let (incoming, after) = retention_incoming(state, &parts, heads, rank);
-                        let r = seg.rows.start * dim..seg.rows.end * dim;
+                        let r = seg.rows.start * qd..seg.rows.end * qd;
                         let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
                         let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
                         retention_add_incoming(&q[r.clone()], g, shape, &incoming, &mut o[r]);
@@ -353,24 +488,24 @@ impl Model {
                 // Each distributed segment sends the last W−1 rows of its chunk to everyone.
                 let mut packed = Vec::new();
                 for seg in segments.iter().filter(|s| s.distributed()) {
-                    let r = seg.rows.start * dim..seg.rows.end * dim;
-                    packed.extend(last_rows(&[&k[r.clone()]], halo, dim));
-                    packed.extend(last_rows(&[&v[r]], halo, dim));
+                    let r = seg.rows.start * qd..seg.rows.end * qd;
+                    packed.extend(last_rows(&[&k[r.clone()]], halo, qd));
+                    packed.extend(last_rows(&[&v[r]], halo, qd));
                 }
                 let all =
-                    if segments.iter().any(Segment::distributed) { comm.all_gather(&packed)? } else { Vec::new() };
+                    if segments.iter().any(Segment::distributed) { grid.cp().all_gather(&packed)? } else { Vec::new() };
                 let mut offsets = vec![0usize; all.len()];
                 for (seg, st) in segments.iter().zip(states.iter_mut()) {
                     let LayerState::Window { keys, values } = &mut **st else {
                         unreachable!("window layer with a retention state")
                     };
-                    let r = seg.rows.start * dim..seg.rows.end * dim;
+                    let r = seg.rows.start * qd..seg.rows.end * qd;
                     let (prefix_k, prefix_v, after_k, after_v) = match &seg.shard {
                         Some(shard) if seg.distributed() => {
                             let mut tails_k = Vec::new();
                             let mut tails_v = Vec::new();
                             for (j, (buf, off)) in all.iter().zip(offsets.iter_mut()).enumerate() {
-                                let n = shard.chunk_lens[j].min(halo) * dim;
+                                let n = shard.chunk_lens[j].min(halo) * qd;
                                 let tk = buf.get(*off..*off + n).ok_or_else(|| protocol("short window halo".into()))?;
                                 let tv = buf
                                     .get(*off + n..*off + 2 * n)
@@ -382,7 +517,7 @@ impl Model {
                             let before = |tails: &[&[f32]], own: &Vec<f32>, upto: usize| {
                                 let mut parts: Vec<&[f32]> = vec![own];
                                 parts.extend(&tails[..upto]);
-                                last_rows(&parts, halo, dim)
+                                last_rows(&parts, halo, qd)
                             };
                             let world = shard.chunk_lens.len();
                             (
@@ -394,45 +529,46 @@ impl Model {
                         }
                         _ => (std::mem::take(keys), std::mem::take(values), None, None),
                     };
-                    let prefix = prefix_k.len() / dim;
+                    let prefix = prefix_k.len() / qd;
                     let mut all_k = prefix_k;
                     all_k.extend_from_slice(&k[r.clone()]);
                     let mut all_v = prefix_v;
                     all_v.extend_from_slice(&v[r.clone()]);
                     window_attention(&q[r.clone()], &all_k, &all_v, prefix, *window, heads, hd, &mut o[r]);
-                    *keys = after_k.unwrap_or_else(|| last_rows(&[&all_k], halo, dim));
-                    *values = after_v.unwrap_or_else(|| last_rows(&[&all_v], halo, dim));
+                    *keys = after_k.unwrap_or_else(|| last_rows(&[&all_k], halo, qd));
+                    *values = after_v.unwrap_or_else(|| last_rows(&[&all_v], halo, qd));
                 }
                 out_proj.forward(&o)
             }
         };
-        add_in_place(x, &mixed);
+        add_in_place(x, &self.tp_sum(mixed, grid)?);
         let hn = rms_norm_new(x, dim, Some(l.final_layer_norm.as_slice()), eps);
-        add_in_place(x, &l.ffn.forward(&hn));
+        add_in_place(x, &self.tp_sum(l.ffn.forward(&hn), grid)?);
         Ok(())
     }
 
-    /// Rows of the global cache for self-decoder outputs `x` at `positions`: `(K, V)`, each
-    /// `[rows, kv_dim]`, K rotated.
+    /// This rank's part of the global cache rows for self-decoder outputs `x` at `positions`:
+    /// `(K, V)` of its KV heads, each `[rows, kv_dim()]`, K rotated.
     pub fn kv_project(&self, x: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let xn = rms_norm_new(x, self.cfg.dim, Some(self.kv_layer_norm.as_slice()), self.cfg.norm_eps);
         let mut k = self.k_proj.forward(&xn);
         let v = self.v_proj.forward(&xn);
         let table = self.rope_cross.table(positions.iter().copied());
-        apply_rope(&mut k, self.cfg.n_attn_kv_heads, self.cfg.head_dim(), &table);
+        apply_rope(&mut k, self.cross_shape().kv_heads, self.cfg.head_dim(), &table);
         (k, v)
     }
 
     /// The cross-decoder for self-decoder outputs `x [rows, dim]` (the same rows on every rank).
     /// Row r sits at `positions[r]` and sees the first `visible[r]` rows of this rank's cache
-    /// shard `views[r]`; partial attentions of all ranks are merged with log-sum-exp.
+    /// shard `views[r]`; the partial attentions of the grid's column (the other positions) are
+    /// merged with log-sum-exp, and the row's (the other heads) summed after `out_proj`.
     pub fn cross_decode(
         &self,
         mut x: Vec<f32>,
         positions: &[usize],
         views: &[&KvView],
         visible: &[usize],
-        comm: &mut dyn Collective,
+        grid: &mut Grid,
     ) -> Result<Vec<f32>, CommError> {
         let (dim, eps) = (self.cfg.dim, self.cfg.norm_eps);
         let shape = self.cross_shape();
@@ -442,25 +578,43 @@ impl Model {
             let mut q = l.q_proj.forward(&xn);
             apply_rope(&mut q, shape.heads, shape.head_dim, &table);
             let parts = cross_attention_partials(&q, visible, views, shape);
-            let merged = if comm.world() > 1 { merge_across_ranks(&parts, shape, comm)? } else { parts };
+            let merged = if grid.cp_size() > 1 { merge_across_ranks(&parts, shape, &mut grid.cp())? } else { parts };
             let mut o = vec![0.0; q.len()];
             for (part, row) in merged.iter().zip(o.chunks_exact_mut(shape.q_dim())) {
                 finalize(part, shape, row);
             }
-            add_in_place(&mut x, &l.out_proj.forward(&o));
+            add_in_place(&mut x, &self.tp_sum(l.out_proj.forward(&o), grid)?);
             let hn = rms_norm_new(&x, dim, Some(l.final_layer_norm.as_slice()), eps);
-            add_in_place(&mut x, &l.ffn.forward(&hn));
+            add_in_place(&mut x, &self.tp_sum(l.ffn.forward(&hn), grid)?);
         }
         Ok(x)
     }
 
-    /// Final norm and output projection: `[rows, vocab]`.
-    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+    /// Final norm and output projection: `[rows, vocab]`, on every rank (each computes its part
+    /// of the vocabulary, gathered across its tensor-parallel row).
+    pub fn logits(&self, x: &[f32], grid: &mut Grid) -> Result<Vec<f32>, CommError> {
         let xn = rms_norm_new(x, self.cfg.dim, Some(self.layer_norm.as_slice()), self.cfg.norm_eps);
-        match &self.output_projection {
+        let part = match &self.output_projection {
             Some(out) => out.forward(&xn),
-            None => matrix_product(&xn, &self.embed_tokens, self.cfg.dim, self.cfg.vocab_size),
+            None => matrix_product(&xn, &self.embed_tokens, self.cfg.dim, self.embed_tokens.shape[0]),
+        };
+        if self.tp.size == 1 {
+            return Ok(part);
         }
+        let rows = x.len() / self.cfg.dim;
+        let parts = grid.tp().all_gather(&part)?;
+        let mut logits = Vec::with_capacity(rows * self.cfg.vocab_size);
+        for r in 0..rows {
+            for (t, p) in parts.iter().enumerate() {
+                let width = TpShard { rank: t, size: self.tp.size }.vocab(self.cfg.vocab_size).len();
+                let row = p.get(r * width..(r + 1) * width).ok_or_else(|| CommError::Protocol {
+                    peer: t,
+                    reason: "a vocabulary part of the wrong size".into(),
+                })?;
+                logits.extend_from_slice(row);
+            }
+        }
+        Ok(logits)
     }
 
     /// Every tensor of the model.

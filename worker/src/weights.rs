@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -206,7 +206,6 @@ struct Entry {
     dtype: Dtype,
     shape: Vec<usize>,
     offset: usize,
-    bytes: usize,
 }
 
 /// The tensors of a model directory, indexed by name.
@@ -266,13 +265,7 @@ impl WeightFiles {
                     second: path.display().to_string(),
                 });
             }
-            let entry = Entry {
-                file: file_idx,
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                offset,
-                bytes: view.data().len(),
-            };
+            let entry = Entry { file: file_idx, dtype: view.dtype(), shape: view.shape().to_vec(), offset };
             self.index.insert(name, entry);
         }
         self.files.push((path, map));
@@ -306,6 +299,18 @@ impl WeightFiles {
     /// `expected`: in place when the file already holds that type (at an aligned address),
     /// else converted (rounded to nearest even when narrowed).
     pub fn get_as(&self, name: &str, expected: &[usize], dtype: WeightDtype) -> Result<Tensor, WeightError> {
+        self.get_part(name, expected, dtype, Part::Whole)
+    }
+
+    /// [`WeightFiles::get_as`] for a part of a matrix (a tensor-parallel shard): only that
+    /// part's bytes are read. Rows are used in place like a whole tensor; columns are copied.
+    pub fn get_part(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: WeightDtype,
+        part: Part,
+    ) -> Result<Tensor, WeightError> {
         let entry = self
             .index
             .get(name)
@@ -319,8 +324,6 @@ impl WeightFiles {
                 expected: expected.to_vec(),
             });
         }
-        let len: usize = expected.iter().product();
-        let bytes = &map[entry.offset..entry.offset + entry.bytes];
         let stored = match entry.dtype {
             Dtype::F32 => Elem::F32,
             Dtype::BF16 => Elem::Bf16,
@@ -333,26 +336,66 @@ impl WeightFiles {
                 })
             }
         };
-        let want = dtype.elem(stored);
-        let aligned = (map.as_ptr() as usize + entry.offset).is_multiple_of(stored.bytes());
-        if want == stored && aligned && cfg!(target_endian = "little") {
-            return Ok(Tensor {
-                shape: expected.to_vec(),
-                data: WeightData::Mapped { map: map.clone(), offset: entry.offset, len, elem: stored },
+        let eb = stored.bytes();
+        let cols = if expected.len() == 2 { expected[1] } else { expected.iter().product() };
+        let rows = if expected.len() == 2 { expected[0] } else { 1 };
+        // The part as a rectangle of the stored matrix: row range × column range.
+        let (row_range, col_range) = match &part {
+            Part::Whole => (0..rows, 0..cols),
+            Part::Rows(r) => (r.clone(), 0..cols),
+            Part::Cols(c) => (0..rows, c.clone()),
+        };
+        if expected.len() != 2 && !matches!(part, Part::Whole)
+            || row_range.end > rows
+            || col_range.end > cols
+            || row_range.is_empty()
+            || col_range.is_empty()
+        {
+            return Err(WeightError::Shape {
+                name: format!("{name} (part {part:?})"),
+                path: path.display().to_string(),
+                found: entry.shape.clone(),
+                expected: expected.to_vec(),
             });
         }
+        let shape = if expected.len() == 2 { vec![row_range.len(), col_range.len()] } else { expected.to_vec() };
+        let want = dtype.elem(stored);
+        let full_rows = col_range.len() == cols;
+        let offset = entry.offset + row_range.start * cols * eb;
+        let len = row_range.len() * col_range.len();
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(eb);
+        if want == stored && full_rows && aligned && cfg!(target_endian = "little") {
+            return Ok(Tensor { shape, data: WeightData::Mapped { map: map.clone(), offset, len, elem: stored } });
+        }
+        let (c0, c1) = (col_range.start * eb, col_range.end * eb);
+        let bytes = &map[offset..offset + row_range.len() * cols * eb];
+        let part_bytes: std::borrow::Cow<[u8]> = if full_rows {
+            bytes.into()
+        } else {
+            bytes.chunks_exact(cols * eb).flat_map(|row| &row[c0..c1]).copied().collect::<Vec<u8>>().into()
+        };
         let values: Box<dyn Iterator<Item = f32> + '_> = match stored {
-            Elem::F32 => Box::new(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            Elem::Bf16 => Box::new(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-            Elem::F16 => Box::new(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Elem::F32 => Box::new(part_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            Elem::Bf16 => Box::new(part_bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Elem::F16 => Box::new(part_bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
         };
         let data = match want {
             Elem::F32 => WeightData::F32(values.collect()),
             Elem::Bf16 => WeightData::Bf16(values.map(bf16::from_f32).collect()),
             Elem::F16 => WeightData::F16(values.map(f16::from_f32).collect()),
         };
-        Ok(Tensor { shape: expected.to_vec(), data })
+        Ok(Tensor { shape, data })
     }
+}
+
+/// Which part of a matrix `[rows, cols]` to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// These rows, every column (a split by output).
+    Rows(Range<usize>),
+    /// These columns of every row (a split by input).
+    Cols(Range<usize>),
 }
 
 /// The checkpoint's files: those named by `model.safetensors.index.json` when present (the
@@ -448,6 +491,30 @@ mod tests {
         let t = w.get("b", &[1]).unwrap();
         assert_eq!(t.as_slice(), &[2.5]);
         assert_eq!(t.owned_bytes(), 4);
+    }
+
+    #[test]
+    fn parts_of_a_matrix_load_as_their_rows_and_columns() {
+        let m: Vec<f32> = (0..12).map(|v| v as f32).collect(); // [3, 4]
+        let halves: Vec<u8> = m.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+        let bytes = file(&[("m", Dtype::F32, vec![3, 4], f32_bytes(&m)), ("h", Dtype::BF16, vec![3, 4], halves)]);
+        let dir = Path::new("/models/m");
+        let w = WeightFiles::from_bytes(dir, vec![(dir.join("model.safetensors"), bytes)]).unwrap();
+        let rows = w.get_part("m", &[3, 4], WeightDtype::Auto, Part::Rows(1..3)).unwrap();
+        assert_eq!(
+            (rows.shape.clone(), rows.as_slice()),
+            (vec![2, 4], &[4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0][..])
+        );
+        assert_eq!(rows.owned_bytes(), 0, "rows are used in place");
+        let cols = w.get_part("m", &[3, 4], WeightDtype::Auto, Part::Cols(2..4)).unwrap();
+        assert_eq!((cols.shape.clone(), cols.as_slice()), (vec![3, 2], &[2.0, 3.0, 6.0, 7.0, 10.0, 11.0][..]));
+        let hc = w.get_part("h", &[3, 4], WeightDtype::F32, Part::Cols(1..2)).unwrap();
+        assert_eq!(hc.as_slice(), &[1.0, 5.0, 9.0]);
+        let hr = w.get_part("h", &[3, 4], WeightDtype::Auto, Part::Rows(2..3)).unwrap();
+        assert_eq!((hr.elem(), hr.owned_bytes()), (Elem::Bf16, 0));
+        for bad in [Part::Rows(2..4), Part::Cols(3..5), Part::Rows(1..1)] {
+            assert!(matches!(w.get_part("m", &[3, 4], WeightDtype::Auto, bad), Err(WeightError::Shape { .. })));
+        }
     }
 
     #[test]

@@ -220,7 +220,7 @@ fn with_group<R>(model: &Arc<Model>, world: usize, f: impl FnOnce(&mut ThreadGro
             s.spawn(move || {
                 let comm = TcpCollective::connect(rank, addrs, listener, opts).unwrap();
                 let eo = EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, ..EngineOptions::default() };
-                let mut exec = Executor::new(Engine::with_group(model, &eo, Box::new(comm)));
+                let mut exec = Executor::new(Engine::with_group(model, &eo, Box::new(comm)).unwrap());
                 for plan in plan_rx {
                     if result_tx.send(exec.execute(&plan)).is_err() {
                         break;

@@ -49,14 +49,15 @@ use crate::request::GenRequest;
 /// Executes plans on every rank of a group: a [`crate::group::WorkerGroup`], or an in-process
 /// engine in tests.
 pub trait StepRunner: Send + 'static {
+    /// The ranks that split a prompt's tokens (context-parallel).
     fn world(&self) -> usize;
-    /// Per rank, in rank order, the results of the plan.
+    /// Per context-parallel rank, in rank order, the results of the plan.
     fn run(&mut self, plan: Plan) -> impl Future<Output = Result<Vec<Vec<SeqResult>>, StepError>> + Send;
 }
 
 impl StepRunner for crate::group::WorkerGroup {
     fn world(&self) -> usize {
-        crate::group::WorkerGroup::world(self)
+        self.cp()
     }
     async fn run(&mut self, plan: Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
         self.run_plan(&plan).await

@@ -2,15 +2,15 @@
 //! between CPU processes, and NCCL between GPUs (the `cuda` feature). Every operation has a
 //! timeout, so a rank that dies or stalls becomes an error on the others, never a hang.
 
+mod grid;
 #[cfg(feature = "cuda")]
 mod nccl;
 pub(crate) mod tcp;
-mod timed;
 
+pub use grid::{Grid, Spent, SubGroup};
 #[cfg(feature = "cuda")]
 pub use nccl::{nccl_available, NcclCollective};
 pub use tcp::{TcpCollective, TcpOptions};
-pub use timed::Timed;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum CommError {
@@ -35,6 +35,31 @@ pub trait Collective: Send {
     fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError>;
     /// Every rank's `data` (lengths may differ), indexed by rank.
     fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError>;
+
+    /// [`Collective::all_gather`] among the ranks `members` alone (ascending, this rank among
+    /// them): their data in the order of `members`. Ranks outside take no part, so disjoint
+    /// sub-groups (the rows and columns of a grid) run their collectives independently.
+    ///
+    /// This default exchanges pairwise, each rank visiting its peers in ascending order and the
+    /// lower rank of a pair sending first: any order of blocking sends and receives completes.
+    fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+        check_members(members, self.rank(), self.world())?;
+        let me = self.rank();
+        let mut out = Vec::with_capacity(members.len());
+        for &peer in members {
+            if peer == me {
+                out.push(data.to_vec());
+            } else if me < peer {
+                self.send(peer, data)?;
+                out.push(self.recv(peer)?);
+            } else {
+                let got = self.recv(peer)?;
+                self.send(peer, data)?;
+                out.push(got);
+            }
+        }
+        Ok(out)
+    }
 
     /// Replaces `data` on every rank by the root's.
     fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), CommError> {
@@ -66,6 +91,18 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CommError> {
         self.all_gather(&[]).map(|_| ())
     }
+}
+
+/// Checks that `members` is an ascending list of ranks of a group of `world` that holds `me`.
+pub(crate) fn check_members(members: &[usize], me: usize, world: usize) -> Result<(), CommError> {
+    let ascending = members.windows(2).all(|w| w[0] < w[1]);
+    if !ascending || members.last().is_some_and(|&r| r >= world) || !members.contains(&me) {
+        return Err(CommError::Protocol {
+            peer: me,
+            reason: format!("sub-group {members:?} of {world} ranks must be ascending and hold rank {me}"),
+        });
+    }
+    Ok(())
 }
 
 /// The trivial group of one rank.

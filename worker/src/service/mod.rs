@@ -17,7 +17,7 @@ use crate::comm::{Collective, CommError, TcpCollective, TcpOptions};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::kernels::kv_block::CacheDtype;
-use crate::model::Model;
+use crate::model::{Model, TpShard};
 use crate::weights::WeightDtype;
 
 /// Settings a worker starts with; LoadModel may override them.
@@ -83,6 +83,8 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         model_config_json: l.config_json.clone(),
         rank: engine.rank() as u32,
         world: engine.world() as u32,
+        tp: engine.tp_size() as u32,
+        weight_bytes: engine.model().weight_bytes() as u64,
         cache_capacity_tokens: engine.pool().capacity_tokens() as u64,
         cache_used_bytes: engine.pool().used_bytes() as u64,
         cache_budget_bytes: l.budget as u64,
@@ -159,6 +161,10 @@ impl Worker for WorkerService {
                 req.peer_addrs.len()
             )));
         }
+        let tp = req.tp.max(1) as usize;
+        if !world.is_multiple_of(tp) {
+            return Err(Status::invalid_argument(format!("tp {tp} must divide the group's {world} ranks")));
+        }
         let addrs = req
             .peer_addrs
             .iter()
@@ -208,7 +214,7 @@ impl Worker for WorkerService {
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let load_lock = self.load_lock.clone();
         let started = Instant::now();
-        let span = tracing::info_span!("load_model", rank, world, model = %model_dir.display());
+        let span = tracing::info_span!("load_model", rank, world, tp, model = %model_dir.display());
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let _exclusive = lock(&load_lock);
@@ -225,8 +231,9 @@ impl Worker for WorkerService {
             // Drop the old group first: its sockets must close before peers re-form.
             *lock(&state) = None;
             *lock(&info) = pb::InfoResponse::default();
-            let model =
-                Model::load_as(&model_dir, weight_dtype).map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let shard = TpShard { rank: rank % tp, size: tp };
+            let model = Model::load_sharded(&model_dir, weight_dtype, shard)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
             let config_json = model.cfg.to_json().to_string();
             let opts = TcpOptions {
                 timeout: Duration::from_secs_f64(timeout),
@@ -242,7 +249,8 @@ impl Worker for WorkerService {
                 Arc::new(model),
                 &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype },
                 comm,
-            );
+            )
+            .map_err(status)?;
             let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             let mut slot = lock(&state);
@@ -275,7 +283,7 @@ impl Worker for WorkerService {
             let loaded =
                 guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded: call LoadModel first"))?;
             let result = loaded.exec.execute(&plan);
-            let collective_seconds = loaded.exec.take_collective_seconds();
+            let spent = loaded.exec.take_collective_spent();
             *lock(&info) = info_of(loaded);
             let results = result.map_err(status)?;
             Ok(Response::new(pb::StepResponse {
@@ -283,7 +291,9 @@ impl Worker for WorkerService {
                 results: results.iter().map(convert::result_to_pb).collect(),
                 cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64,
                 step_seconds: started.elapsed().as_secs_f64(),
-                collective_seconds,
+                collective_seconds: spent.total().as_secs_f64(),
+                tp_collective_seconds: spent.tp.as_secs_f64(),
+                cp_collective_seconds: spent.cp.as_secs_f64(),
             }))
         })
         .await

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
-use yoco_worker::engine::{Engine, EngineOptions};
+use yoco_worker::engine::{Engine, EngineError, EngineOptions};
 use yoco_worker::model::Model;
 
 pub fn fixtures() -> PathBuf {
@@ -61,6 +61,26 @@ pub fn run_group_with<T: Send>(
     eo: &EngineOptions,
     script: &(dyn Fn(&mut Engine) -> T + Sync),
 ) -> Vec<T> {
+    run_group_parts(std::slice::from_ref(model), world, eo, script)
+}
+
+/// [`run_group_with`] on a tensor-parallel grid: rank r holds `parts[r % parts.len()]`.
+pub fn run_group_parts<T: Send>(
+    parts: &[Arc<Model>],
+    world: usize,
+    eo: &EngineOptions,
+    script: &(dyn Fn(&mut Engine) -> T + Sync),
+) -> Vec<T> {
+    try_run_group_parts(parts, world, eo, script).into_iter().map(|r| r.unwrap()).collect()
+}
+
+/// [`run_group_parts`], with each rank's failure to form its engine.
+pub fn try_run_group_parts<T: Send>(
+    parts: &[Arc<Model>],
+    world: usize,
+    eo: &EngineOptions,
+    script: &(dyn Fn(&mut Engine) -> T + Sync),
+) -> Vec<Result<T, EngineError>> {
     use std::net::{SocketAddr, TcpListener};
     use yoco_worker::comm::{TcpCollective, TcpOptions};
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -75,11 +95,11 @@ pub fn run_group_with<T: Send>(
             .into_iter()
             .enumerate()
             .map(|(rank, l)| {
-                let (addrs, opts, model) = (&addrs, &opts, model.clone());
+                let (addrs, opts, model) = (&addrs, &opts, parts[rank % parts.len()].clone());
                 s.spawn(move || {
                     let comm = TcpCollective::connect(rank, addrs, l, opts).unwrap();
-                    let mut engine = Engine::with_group(model, eo, Box::new(comm));
-                    script(&mut engine)
+                    let mut engine = Engine::with_group(model, eo, Box::new(comm))?;
+                    Ok(script(&mut engine))
                 })
             })
             .collect();
