@@ -229,6 +229,7 @@ impl Generation for Api {
                 cache_capacity_tokens: info.cache_capacity_tokens,
                 cache_used_bytes: info.cache_used_bytes,
                 sequences: info.sequences,
+                weight_bytes: info.weight_bytes,
             })
             .collect();
         Ok(Response::new(pb::ModelInfoResponse {
@@ -237,7 +238,9 @@ impl Generation for Api {
             vocab_size: ready.limits.vocab_size as u32,
             tokenizer: self.tokenizer.name().to_string(),
             eos_token_id: self.tokenizer.eos_token().filter(|&t| (t as usize) < ready.limits.vocab_size),
-            world: cap.world as u32,
+            world: infos.len() as u32,
+            tp: (infos.len() / cap.world.max(1)) as u32,
+            cp: cap.world as u32,
             ranks,
             transport: ready.group.transport.clone(),
             cache_bytes_per_token: ready.cache_bytes_per_token as u64,

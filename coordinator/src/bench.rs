@@ -336,7 +336,12 @@ impl PlanRunner for Booked<'_> {
         let before = self.group.group().collectives();
         let out = self.group.run(plan)?;
         let after = self.group.group().collectives();
-        let book = if plan.prefill.is_empty() { &mut self.decode } else { &mut self.prefill };
+        // A plan that only frees a sequence is neither.
+        let book = match (plan.prefill.is_empty(), plan.decode.is_empty()) {
+            (false, _) => &mut self.prefill,
+            (true, false) => &mut self.decode,
+            (true, true) => return Ok(out),
+        };
         book.steps += after.steps - before.steps;
         book.seconds += after.seconds - before.seconds;
         book.tp_seconds += after.tp_seconds - before.tp_seconds;

@@ -171,10 +171,12 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
         "tokenizer": i.tokenizer,
         "eos_token_id": i.eos_token_id,
         "world": i.world,
+        "tp": i.tp,
+        "cp": i.cp,
         "transport": i.transport,
         "ranks": i.ranks.iter().map(|r| json!({
             "rank": r.rank, "address": r.address, "cache_capacity_tokens": r.cache_capacity_tokens,
-            "cache_used_bytes": r.cache_used_bytes, "sequences": r.sequences,
+            "cache_used_bytes": r.cache_used_bytes, "sequences": r.sequences, "weight_bytes": r.weight_bytes,
         })).collect::<Vec<_>>(),
         "cache_bytes_per_token": i.cache_bytes_per_token,
         "cache_capacity_tokens": i.cache_capacity_tokens,

@@ -223,6 +223,47 @@ fn half_precision_caches_and_weights_on_two_worker_processes() {
     }
 }
 
+/// Tensor parallelism through real worker processes: 2×1 and 2×2 grids of the tiny preset
+/// (its one KV head copied on both ranks of a row) give the in-process engine's tokens and
+/// log-probabilities; a split the model does not allow fails before any worker starts.
+#[test]
+fn tensor_parallel_worker_groups_match_one_process() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let prompt: Vec<String> = yoco_e2e::prompt_ids(300, 2, 1000).iter().map(u32::to_string).collect();
+    let prompt = prompt.join(",");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--prompt-ids", &prompt, "--max-tokens", "6", "--prompt-logprobs", "--prefill-chunk", "64"];
+        args.extend_from_slice(extra);
+        generate_json(home.path(), &model, &args)
+    };
+    let one = run(&[]);
+    let close = |a: &Value, b: &Value, what: &str| {
+        for (i, (x, y)) in numbers(a).iter().zip(numbers(b)).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what} {i}: {x} vs {y}");
+        }
+    };
+    for (workers, cp) in [("2", 1), ("4", 2)] {
+        let grid = run(&["--workers", workers, "--tp", "2"]);
+        let what = format!("2 × {cp}");
+        assert_eq!(grid["workers"], cp, "{what}: the context-parallel ranks");
+        assert_eq!(ids(&grid["tokens"]), ids(&one["tokens"]), "{what}");
+        close(&grid["logprobs"], &one["logprobs"], &format!("{what} logprob"));
+        let skip_first = |v: &Value| Value::from(v.as_array().unwrap()[1..].to_vec());
+        close(&skip_first(&grid["prompt_logprobs"]), &skip_first(&one["prompt_logprobs"]), &format!("{what} prompt"));
+        let shards: Vec<u64> =
+            grid["cache"]["per_rank"].as_array().unwrap().iter().map(|r| r["tokens"].as_u64().unwrap()).collect();
+        assert_eq!(shards.len(), cp, "{what}");
+        assert_eq!(shards.iter().sum::<u64>(), 300 + 6 - 1, "{what}: every position in one shard");
+    }
+    let m = model.to_str().unwrap();
+    yoco(home.path(), &["generate", "--model", m, "--prompt-ids", "1,2", "--workers", "3", "--tp", "3"])
+        .fails_with(&["tensor parallelism over 3 ranks", "n_self_heads (4)"]);
+    yoco(home.path(), &["generate", "--model", m, "--prompt-ids", "1,2", "--workers", "3", "--tp", "2"])
+        .fails_with(&["--tp 2 must divide --workers 3"]);
+    yoco(home.path(), &["serve", "--model", m, "--tp", "8"]).fails_with(&["n_self_heads (4)"]);
+}
+
 #[test]
 fn bench_reports_every_section() {
     let home = tempfile::tempdir().unwrap();
@@ -249,6 +290,16 @@ fn bench_reports_every_section() {
     assert_eq!(out["batched_decode"].as_array().unwrap().len(), 2);
     let procs = out["process_prefill"].as_array().unwrap();
     assert_eq!((procs[0]["processes"].as_u64(), procs[1]["threads_each"].as_u64()), (Some(1), Some(1)), "{out}");
+    // One process, then 1 × P and P × 1 grids: prefill and decode rates, collective time.
+    let grids: Vec<(u64, u64)> = procs.iter().map(|p| (p["tp"].as_u64().unwrap(), p["cp"].as_u64().unwrap())).collect();
+    assert_eq!((grids[0], grids[1].0, grids[2].1), ((1, 1), 1, 1), "{out}");
+    assert!(grids[1].1 >= 2 && grids[2].0 == grids[1].1, "{out}");
+    for p in procs {
+        assert!(p["decode_tokens_per_second"].as_f64().unwrap() > 0.0, "{p}");
+        assert_eq!(p["decode_collectives"]["steps"].as_u64(), Some(1), "{p}: 2 tokens, one decode step");
+    }
+    assert!(procs[2]["decode_collectives"]["tp_seconds"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(procs[1]["prefill_collectives"]["cp_seconds"].as_f64().unwrap() > 0.0, "{out}");
     let dtypes = out["cache_dtypes"].as_array().unwrap();
     let names: Vec<&str> = dtypes.iter().map(|d| d["dtype"].as_str().unwrap()).collect();
     assert_eq!(names, ["f32", "bf16", "f16"]);

@@ -339,6 +339,55 @@ async fn a_coordinator_drives_workers_started_separately() {
     assert_eq!(info.ranks.iter().map(|r| r.address.clone()).collect::<Vec<_>>(), addrs);
 }
 
+/// `serve --tp 2 --cp 2`: four worker processes as a 2 × 2 grid serve concurrent streams with
+/// the in-process engine's greedy tokens, and report the grid and each rank's weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_by_two_grid_serves_what_one_process_computes() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path());
+    let m = model.to_str().unwrap();
+    let args = ["serve", "--model", m, "--tp", "2", "--cp", "2", "--prefill-chunk", "64", "--max-batch-tokens", "512"];
+    let server = Server::start(home.path(), &args).await;
+    let mut client = server.client().await;
+    let reqs: Vec<pb::GenerateRequest> =
+        (0..4).map(|i| request(&prompt(40 + 150 * i, 20 + i), 6, pb::SamplingParams::default())).collect();
+    let handles: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let (mut c, r) = (client.clone(), r.clone());
+            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
+        })
+        .collect();
+    for (i, (h, r)) in handles.into_iter().zip(&reqs).enumerate() {
+        let got = h.await.unwrap();
+        let ids = match &r.prompt {
+            Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.iter().map(u32::to_string).collect::<Vec<_>>(),
+            _ => unreachable!(),
+        };
+        let args = ["generate", "--model", m, "--json", "--max-tokens", "6", "--ignore-eos", "--prompt-ids"];
+        let mut args = args.to_vec();
+        let ids = ids.join(",");
+        args.push(&ids);
+        let one = yoco(home.path(), &args).ok().json();
+        assert_eq!(got.tokens, u32s(&one["tokens"]), "request {i}");
+        for (a, b) in got.logprobs.iter().zip(one["logprobs"].as_array().unwrap()) {
+            let b = b.as_f64().unwrap() as f32;
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "request {i}: {a} vs {b}");
+        }
+    }
+    let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.world, info.tp, info.cp, info.ranks.len()), (4, 2, 2, 4));
+    // Each rank holds about half the weights (the norms and its copy of the one KV head are
+    // not split).
+    let (w0, w1) = (info.ranks[0].weight_bytes as f64, info.ranks[1].weight_bytes as f64);
+    let one =
+        yoco(home.path(), &["generate", "--model", m, "--json", "--max-tokens", "1", "--prompt-ids", "1"]).ok().json();
+    let whole = one["weights"]["bytes"].as_f64().unwrap();
+    for w in [w0, w1] {
+        assert!(w > 0.5 * whole && w < 0.52 * whole, "a rank holds {w} of {whole} bytes");
+    }
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
