@@ -261,6 +261,11 @@ pub(crate) fn read_frame_from(
     Ok(out)
 }
 
+/// Frames up to this size are written without a sender thread: far below the buffering of a
+/// connection (the receiver's socket buffer alone is 128 KiB by default on Linux), so every
+/// rank's writes complete before any rank reads.
+const INLINE_FRAME_BYTES: usize = 32 << 10;
+
 fn no_peer(peer: usize) -> CommError {
     CommError::Protocol { peer, reason: "no such peer".into() }
 }
@@ -292,6 +297,22 @@ impl Collective for TcpCollective {
         super::check_members(members, self.rank, self.world())?;
         let timeout = self.timeout;
         let (txs, rxs) = (&mut self.tx, &mut self.rx);
+        if data.len() * 4 <= INLINE_FRAME_BYTES {
+            // Small frames fit in the peers' socket buffers: written here, without the cost of
+            // a thread per peer, before anything is read.
+            for &peer in members {
+                if let Some(tx) = txs[peer].as_mut() {
+                    write_frame(tx, peer, data, timeout)?;
+                }
+            }
+            return members
+                .iter()
+                .map(|&peer| match &mut rxs[peer] {
+                    None => Ok(data.to_vec()),
+                    Some(rx) => read_frame(rx, peer, timeout),
+                })
+                .collect();
+        }
         // Writes go out on their own threads while this one reads, so that two ranks sending
         // large payloads to each other cannot both block on full socket buffers.
         std::thread::scope(|scope| {
