@@ -31,6 +31,11 @@ pub fn run(data: &[u8]) {
     if let SelfMixerKind::SlidingWindow { window } = cfg.mixer {
         assert!(window >= 1);
     }
+    for tp in 0..=8 {
+        if cfg.check_tp(tp).is_ok() {
+            assert!(tp > 0 && cfg.n_attn_heads % tp == 0 && cfg.hidden_dim % tp == 0);
+        }
+    }
     let again = ModelConfig::from_json(&cfg.to_json()).expect("an accepted config round-trips");
     assert_eq!(again, cfg);
 }

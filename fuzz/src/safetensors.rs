@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use yoco_worker::weights::{files_of_index, WeightFiles};
+use yoco_worker::weights::{files_of_index, Part, WeightDtype, WeightFiles};
 
 pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
@@ -49,6 +49,23 @@ pub fn run(data: &[u8]) {
             }
             // Dtypes other than F32, BF16 and F16 are refused with an error.
             Err(e) => assert!(e.to_string().contains("dtype"), "{e}"),
+        }
+        // Tensor-parallel parts: the back half of the rows, then of the columns.
+        if let [rows, cols] = shape[..] {
+            for part in [Part::Rows(rows / 2..rows), Part::Cols(cols / 2..cols)] {
+                let len = match &part {
+                    Part::Rows(r) => r.len() * cols,
+                    Part::Cols(c) => c.len() * rows,
+                    Part::Whole => unreachable!(),
+                };
+                match weights.get_part(name, &shape, WeightDtype::F32, part) {
+                    Ok(t) => {
+                        assert_eq!(t.as_slice().len(), len);
+                        std::hint::black_box(t.as_slice().iter().fold(0u32, |acc, v| acc ^ v.to_bits()));
+                    }
+                    Err(e) => assert!(!e.to_string().is_empty()),
+                }
+            }
         }
         let mut other = shape.clone();
         other.push(1);

@@ -19,6 +19,8 @@ pub enum ConfigError {
     TooLarge { what: &'static str },
     #[error("tensor parallelism over {tp} ranks needs tp to divide {what} ({count})")]
     TensorParallel { tp: usize, what: &'static str, count: usize },
+    #[error("tensor parallelism over {tp} ranks needs at least {tp} vocabulary ids; the model has {vocab}")]
+    VocabularyTooSmall { tp: usize, vocab: usize },
 }
 
 /// Most bytes any size derived from the shape may come to (the weights, one sequence's
@@ -165,6 +167,9 @@ impl ModelConfig {
         if let Some((what, count)) = parts.into_iter().find(|&(_, count)| tp == 0 || !count.is_multiple_of(tp)) {
             return Err(ConfigError::TensorParallel { tp, what, count });
         }
+        if self.vocab_size < tp {
+            return Err(ConfigError::VocabularyTooSmall { tp, vocab: self.vocab_size });
+        }
         let kv = self.n_attn_kv_heads;
         if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
             return Err(ConfigError::TensorParallel {
@@ -295,6 +300,10 @@ mod tests {
         let err = ModelConfig::from_json(&v).unwrap().check_tp(4).unwrap_err().to_string();
         assert!(err.contains("hidden_dim") && err.contains("(66)"), "{err}");
         assert!(cfg.check_tp(0).is_err());
+        let mut v = base();
+        v["vocab_size"] = json!(1);
+        let err = ModelConfig::from_json(&v).unwrap().check_tp(2).unwrap_err().to_string();
+        assert!(err.contains("at least 2 vocabulary ids"), "{err}");
     }
 
     #[test]

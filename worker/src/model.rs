@@ -221,13 +221,9 @@ impl Model {
     pub fn load_sharded(dir: &Path, dtype: WeightDtype, tp: TpShard) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_file(&dir.join("params.json"))?;
         cfg.check_tp(tp.size)?;
-        if tp.rank >= tp.size || cfg.vocab_size < tp.size {
-            return Err(crate::config::ConfigError::TensorParallel {
-                tp: tp.size,
-                what: "the vocabulary (at least one id per rank) and to exceed the rank",
-                count: cfg.vocab_size,
-            }
-            .into());
+        if tp.rank >= tp.size {
+            let problem = format!("tensor-parallel rank {} must be below the size {}", tp.rank, tp.size);
+            return Err(crate::config::ConfigError::Invalid { field: "tp", problem }.into());
         }
         let files = WeightFiles::open(dir)?;
         Ok(Self::from_weights(cfg, &files, dtype, tp)?)
