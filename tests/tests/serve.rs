@@ -44,6 +44,25 @@ async fn serve(home: &Path, model: &Path, extra: &[&str]) -> Server {
     Server::start(home, &args).await
 }
 
+/// Sends every request at once, each on its own stream; their outcomes, in order.
+async fn concurrently(
+    client: &pb::generation_client::GenerationClient<tonic::transport::Channel>,
+    reqs: &[pb::GenerateRequest],
+) -> Vec<Outcome> {
+    let handles: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let (mut c, r) = (client.clone(), r.clone());
+            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 fn u32s(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
@@ -91,15 +110,7 @@ async fn streams_equal_yoco_generate_and_batching_changes_nothing() {
     for r in &reqs {
         alone.push(generate(&mut client, r.clone()).await.unwrap());
     }
-    let handles: Vec<_> = reqs
-        .iter()
-        .map(|r| {
-            let (mut c, r) = (client.clone(), r.clone());
-            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
-        })
-        .collect();
-    for (i, (h, a)) in handles.into_iter().zip(&alone).enumerate() {
-        let together = h.await.unwrap();
+    for (i, (together, a)) in concurrently(&client, &reqs).await.iter().zip(&alone).enumerate() {
         assert_eq!(together.tokens, a.tokens, "request {i}");
         assert_eq!(together.text, a.text, "request {i}");
     }
@@ -351,15 +362,7 @@ async fn a_two_by_two_grid_serves_what_one_process_computes() {
     let mut client = server.client().await;
     let reqs: Vec<pb::GenerateRequest> =
         (0..4).map(|i| request(&prompt(40 + 150 * i, 20 + i), 6, pb::SamplingParams::default())).collect();
-    let handles: Vec<_> = reqs
-        .iter()
-        .map(|r| {
-            let (mut c, r) = (client.clone(), r.clone());
-            tokio::spawn(async move { generate(&mut c, r).await.unwrap() })
-        })
-        .collect();
-    for (i, (h, r)) in handles.into_iter().zip(&reqs).enumerate() {
-        let got = h.await.unwrap();
+    for (i, (got, r)) in concurrently(&client, &reqs).await.iter().zip(&reqs).enumerate() {
         let ids = match &r.prompt {
             Some(pb::generate_request::Prompt::TokenIds(t)) => t.ids.iter().map(u32::to_string).collect::<Vec<_>>(),
             _ => unreachable!(),

@@ -55,15 +55,31 @@ impl TpShard {
     pub fn vocab(&self, vocab: usize) -> std::ops::Range<usize> {
         self.rank * vocab / self.size..(self.rank + 1) * vocab / self.size
     }
-}
 
-/// How a matrix `[out, in]` is split over the tensor-parallel ranks.
-#[derive(Clone, Copy)]
-enum Split {
-    /// By output (rows): each rank computes its part of the outputs.
-    Out,
-    /// By input (columns): each rank's product is a partial sum, all-reduced across the ranks.
-    In,
+    /// The rows of a matrix with `out` rows split by output: each rank computes its part of
+    /// the outputs (the whole matrix on one rank).
+    fn by_output(&self, out: usize) -> Part {
+        self.rows(self.part(out))
+    }
+
+    /// The columns of a matrix with `inputs` columns split by input: each rank's product is a
+    /// partial sum, all-reduced across the ranks.
+    fn by_input(&self, inputs: usize) -> Part {
+        if self.size == 1 {
+            Part::Whole
+        } else {
+            Part::Cols(self.part(inputs))
+        }
+    }
+
+    /// These rows of a matrix (the whole matrix on one rank).
+    fn rows(&self, rows: std::ops::Range<usize>) -> Part {
+        if self.size == 1 {
+            Part::Whole
+        } else {
+            Part::Rows(rows)
+        }
+    }
 }
 
 /// A bias-free linear layer, weight `[out, in]` (y = x Wᵀ): this rank's part of it.
@@ -79,14 +95,8 @@ impl Linear {
         name: &str,
         [out_dim, in_dim]: [usize; 2],
         dtype: WeightDtype,
-        tp: TpShard,
-        split: Split,
+        part: Part,
     ) -> Result<Self, WeightError> {
-        let part = match split {
-            _ if tp.size == 1 => Part::Whole,
-            Split::Out => Part::Rows(tp.part(out_dim)),
-            Split::In => Part::Cols(tp.part(in_dim)),
-        };
         let weight = files.get_part(&format!("{name}.weight"), &[out_dim, in_dim], dtype, part)?;
         Ok(Linear { out_dim: weight.shape[0], in_dim: weight.shape[1], weight })
     }
@@ -122,9 +132,9 @@ impl FeedForward {
     ) -> Result<Self, WeightError> {
         let (d, h) = (cfg.dim, cfg.hidden_dim);
         Ok(FeedForward {
-            fc1: Linear::load(files, &format!("{prefix}.fc1"), [h, d], dtype, tp, Split::Out)?,
-            gate: Linear::load(files, &format!("{prefix}.gate"), [h, d], dtype, tp, Split::Out)?,
-            fc2: Linear::load(files, &format!("{prefix}.fc2"), [d, h], dtype, tp, Split::In)?,
+            fc1: Linear::load(files, &format!("{prefix}.fc1"), [h, d], dtype, tp.by_output(h))?,
+            gate: Linear::load(files, &format!("{prefix}.gate"), [h, d], dtype, tp.by_output(h))?,
+            fc2: Linear::load(files, &format!("{prefix}.fc2"), [d, h], dtype, tp.by_input(h))?,
         })
     }
 
@@ -251,23 +261,23 @@ impl Model {
         let self_layers = (0..cfg.n_self_layers())
             .map(|i| {
                 let p = format!("self_decoder.layers.{i}");
-                let lin = |name: &str, out: usize, split| {
-                    Linear::load(files, &format!("{p}.mixer.{name}"), [out, d], dtype, tp, split)
+                let lin = |name: &str, out: usize, part| {
+                    Linear::load(files, &format!("{p}.mixer.{name}"), [out, d], dtype, part)
                 };
                 let mixer = match cfg.mixer {
                     SelfMixerKind::GatedRetention => SelfMixer::Retention {
-                        q_proj: lin("q_proj", d, Split::Out)?,
-                        k_proj: lin("k_proj", d, Split::Out)?,
-                        v_proj: lin("v_proj", d, Split::Out)?,
-                        g_proj: lin("g_proj", d, Split::Out)?,
-                        gt_proj: lin("gt_proj", cfg.n_self_heads, Split::Out)?,
-                        out_proj: lin("out_proj", d, Split::In)?,
+                        q_proj: lin("q_proj", d, tp.by_output(d))?,
+                        k_proj: lin("k_proj", d, tp.by_output(d))?,
+                        v_proj: lin("v_proj", d, tp.by_output(d))?,
+                        g_proj: lin("g_proj", d, tp.by_output(d))?,
+                        gt_proj: lin("gt_proj", cfg.n_self_heads, tp.by_output(cfg.n_self_heads))?,
+                        out_proj: lin("out_proj", d, tp.by_input(d))?,
                     },
                     SelfMixerKind::SlidingWindow { window } => SelfMixer::Window {
-                        q_proj: lin("q_proj", d, Split::Out)?,
-                        k_proj: lin("k_proj", d, Split::Out)?,
-                        v_proj: lin("v_proj", d, Split::Out)?,
-                        out_proj: lin("out_proj", d, Split::In)?,
+                        q_proj: lin("q_proj", d, tp.by_output(d))?,
+                        k_proj: lin("k_proj", d, tp.by_output(d))?,
+                        v_proj: lin("v_proj", d, tp.by_output(d))?,
+                        out_proj: lin("out_proj", d, tp.by_input(d))?,
                         window,
                     },
                 };
@@ -284,35 +294,30 @@ impl Model {
                 let p = format!("cross_decoder.layers.{j}");
                 Ok(CrossLayer {
                     mixer_layer_norm: norm_weight(files, &format!("{p}.mixer_layer_norm"), d)?,
-                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), [d, d], dtype, tp, Split::Out)?,
-                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), [d, d], dtype, tp, Split::In)?,
+                    q_proj: Linear::load(files, &format!("{p}.mixer.q_proj"), [d, d], dtype, tp.by_output(d))?,
+                    out_proj: Linear::load(files, &format!("{p}.mixer.out_proj"), [d, d], dtype, tp.by_input(d))?,
                     final_layer_norm: norm_weight(files, &format!("{p}.final_layer_norm"), d)?,
                     ffn: FeedForward::load(files, &format!("{p}.ffn"), &cfg, dtype, tp)?,
                 })
             })
             .collect::<Result<Vec<_>, WeightError>>()?;
-        // The vocabulary is split unevenly when it must be: rows, not a `Split`.
-        let vocab = if tp.size == 1 { Part::Whole } else { Part::Rows(tp.vocab(cfg.vocab_size)) };
+        // The vocabulary is split unevenly when it must be.
+        let vocab = tp.rows(tp.vocab(cfg.vocab_size));
         let output_projection = if files.contains("output_projection.weight") {
-            let weight = files.get_part("output_projection.weight", &[cfg.vocab_size, d], dtype, vocab.clone())?;
-            Some(Linear { out_dim: weight.shape[0], in_dim: d, weight })
+            Some(Linear::load(files, "output_projection", [cfg.vocab_size, d], dtype, vocab.clone())?)
         } else {
             None
         };
         // This rank's KV heads: its part of them, or a copy of the one its query heads use when
         // there are fewer KV heads than ranks.
         let kv_rows = match (cfg.n_attn_kv_heads, cfg.head_dim()) {
-            _ if tp.size == 1 => Part::Whole,
-            (kv, _) if kv >= tp.size => Part::Rows(tp.part(cfg.kv_dim())),
+            (kv, _) if kv >= tp.size => tp.by_output(cfg.kv_dim()),
             (kv, hd) => {
                 let head = tp.rank / (tp.size / kv);
                 Part::Rows(head * hd..(head + 1) * hd)
             }
         };
-        let kv = |name: &str| -> Result<Linear, WeightError> {
-            let weight = files.get_part(&format!("{name}.weight"), &[cfg.kv_dim(), d], dtype, kv_rows.clone())?;
-            Ok(Linear { out_dim: weight.shape[0], in_dim: d, weight })
-        };
+        let kv = |name: &str| Linear::load(files, name, [cfg.kv_dim(), d], dtype, kv_rows.clone());
         Ok(Model {
             embed_tokens: files.get_part("embed_tokens.weight", &[cfg.vocab_size, d], dtype, vocab)?,
             self_layers,
@@ -599,10 +604,11 @@ impl Model {
         }
         let rows = x.len() / self.cfg.dim;
         let parts = grid.tp().all_gather(&part)?;
+        let widths: Vec<usize> =
+            (0..self.tp.size).map(|rank| TpShard { rank, ..self.tp }.vocab(self.cfg.vocab_size).len()).collect();
         let mut logits = Vec::with_capacity(rows * self.cfg.vocab_size);
         for r in 0..rows {
-            for (t, p) in parts.iter().enumerate() {
-                let width = TpShard { rank: t, size: self.tp.size }.vocab(self.cfg.vocab_size).len();
+            for (t, (p, &width)) in parts.iter().zip(&widths).enumerate() {
                 let row = p.get(r * width..(r + 1) * width).ok_or_else(|| CommError::Protocol {
                     peer: t,
                     reason: "a vocabulary part of the wrong size".into(),
