@@ -14,6 +14,26 @@ cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
 bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
 # (In release mode, so that it shares the dependencies of the release build below.)
 cargo test -p yoco-worker --features cuda --lib --release --locked comm::
+# Every CUDA kernel must compile with NVRTC, which needs no GPU: NVIDIA's nvidia-cuda-nvrtc
+# wheel provides libnvrtc, in a virtual environment of its own. YOCO_REQUIRE_NVRTC makes a
+# missing library a failure instead of a skip.
+NVRTC_REQ="nvidia-cuda-nvrtc==13.5.37"
+if [ "$(cat target/nvrtc-env/requirement 2>/dev/null)" != "$NVRTC_REQ" ]; then
+  rm -rf target/nvrtc-env
+  python3 -m venv target/nvrtc-env || { SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo";
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv >/dev/null; python3 -m venv target/nvrtc-env; }
+  target/nvrtc-env/bin/pip install --quiet --disable-pip-version-check "$NVRTC_REQ"
+  echo "$NVRTC_REQ" > target/nvrtc-env/requirement
+fi
+NVRTC_LIB="$(cd "$(dirname "$(find target/nvrtc-env -name 'libnvrtc.so.*' | head -1)")" && pwd)"
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
+  cargo test -p yoco-worker --features cuda --release --locked --test cuda_nvrtc
+# The CUDA kernels also run on the CPU, in an emulator built with the host C++ compiler
+# (worker/tests/cuda_emulated.rs, part of the workspace tests below).
+if ! command -v c++ >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+fi
 # The membership tests run a real etcd server: Debian's etcd-server.
 if ! command -v etcd >/dev/null 2>&1 && [ -z "${YOCO_TEST_ETCD:-}" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod comm;
 pub mod config;
 pub mod cp;
+pub mod cuda;
 pub mod engine;
 pub mod executor;
 pub mod generate;

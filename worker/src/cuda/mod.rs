@@ -1,0 +1,92 @@
+//! The CUDA backend's kernels: CUDA C sources, one family per file and named after the math as
+//! the CPU kernels are, compiled at start-up by NVRTC into one module. The sources are plain
+//! data, built into every binary, so that tests on machines without a GPU can compile them with
+//! NVRTC and run them in the CPU emulator of `worker/tests/cuda_emulated.rs` against the CPU
+//! kernels.
+
+#[cfg(feature = "cuda")]
+pub mod compile;
+
+/// The sources in the order they form the program: the prelude first (reductions, element
+/// types), then the kernel families.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("prelude.cuh", include_str!("kernels/prelude.cuh")),
+    ("elementwise.cu", include_str!("kernels/elementwise.cu")),
+    ("embedding.cu", include_str!("kernels/embedding.cu")),
+    ("rms_norm.cu", include_str!("kernels/rms_norm.cu")),
+    ("rope.cu", include_str!("kernels/rope.cu")),
+    ("swiglu.cu", include_str!("kernels/swiglu.cu")),
+    ("retention.cu", include_str!("kernels/retention.cu")),
+    ("window_attention.cu", include_str!("kernels/window_attention.cu")),
+    ("cross_attention.cu", include_str!("kernels/cross_attention.cu")),
+    ("sampling.cu", include_str!("kernels/sampling.cu")),
+];
+
+/// Every kernel entry point of the program.
+pub const KERNELS: &[&str] = &[
+    "add_assign",
+    "narrow_bf16",
+    "narrow_f16",
+    "embedding_f32",
+    "embedding_bf16",
+    "embedding_f16",
+    "rms_norm",
+    "rope_interleaved",
+    "silu_mul",
+    "log_sigmoid_scaled",
+    "retention_recurrent",
+    "retention_chunkwise",
+    "window_attention",
+    "kv_write_f32",
+    "kv_write_bf16",
+    "kv_write_f16",
+    "cross_attention_partials_f32",
+    "cross_attention_partials_bf16",
+    "cross_attention_partials_f16",
+    "lse_merge",
+    "argmax_rows",
+    "log_softmax_rows",
+];
+
+/// Tokens per block of the chunkwise retention kernel (`RETENTION_BLOCK` in retention.cu): the
+/// CPU kernel's block, so that both compute the same sums in the same order.
+pub const RETENTION_BLOCK: usize = 64;
+/// Threads per block of the chunkwise retention kernel, one per value column of a tile.
+pub const RETENTION_COLS: usize = 64;
+/// The largest head dimension the attention and retention kernels take.
+pub const MAX_HEAD_DIM: usize = 256;
+/// The most threads an attention block may have (its key tile).
+pub const ATTN_TILE: usize = 256;
+
+/// The whole program as NVRTC compiles it, each file introduced by a `#line` directive so that
+/// a compile error names the file and line it is in.
+pub fn program() -> String {
+    let mut out = String::new();
+    for (name, text) in SOURCES {
+        out.push_str(&format!("#line 1 \"{name}\"\n"));
+        out.push_str(text);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Rust side's copies of the sources' constants. (That every kernel in `KERNELS` is
+    /// an entry point is checked on the compiled program: NVRTC's PTX and the emulator.)
+    #[test]
+    fn constants_match_the_sources() {
+        let program = program();
+        for (constant, value) in [
+            ("RETENTION_BLOCK", RETENTION_BLOCK),
+            ("RETENTION_COLS", RETENTION_COLS),
+            ("ATTN_MAX_DIM", MAX_HEAD_DIM),
+            ("ATTN_TILE", ATTN_TILE),
+        ] {
+            assert!(program.contains(&format!("#define {constant} {value}\n")), "{constant} differs from the sources");
+        }
+        assert_eq!(RETENTION_BLOCK, crate::kernels::retention::RETENTION_BLOCK);
+    }
+}
