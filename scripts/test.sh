@@ -16,7 +16,8 @@ bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Doc
 cargo test -p yoco-worker --features cuda --lib --release --locked comm::
 # Every CUDA kernel must compile with NVRTC, which needs no GPU: NVIDIA's nvidia-cuda-nvrtc
 # wheel provides libnvrtc, in a virtual environment of its own. YOCO_REQUIRE_NVRTC makes a
-# missing library a failure instead of a skip.
+# missing library a failure instead of a skip. The CUDA backend's op tests (cuda_device) skip without a GPU
+# and check that opening one is then a clean error.
 NVRTC_REQ="nvidia-cuda-nvrtc==13.5.37"
 if [ "$(cat target/nvrtc-env/requirement 2>/dev/null)" != "$NVRTC_REQ" ]; then
   rm -rf target/nvrtc-env
@@ -27,7 +28,7 @@ if [ "$(cat target/nvrtc-env/requirement 2>/dev/null)" != "$NVRTC_REQ" ]; then
 fi
 NVRTC_LIB="$(cd "$(dirname "$(find target/nvrtc-env -name 'libnvrtc.so.*' | head -1)")" && pwd)"
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
-  cargo test -p yoco-worker --features cuda --release --locked --test cuda_nvrtc
+  cargo test -p yoco-worker --features cuda --release --locked --test cuda_nvrtc --test cuda_device
 # The CUDA kernels also run on the CPU, in an emulator built with the host C++ compiler
 # (worker/tests/cuda_emulated.rs, part of the workspace tests below).
 if ! command -v c++ >/dev/null 2>&1; then

@@ -6,6 +6,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod compile;
+#[cfg(feature = "cuda")]
+pub mod device;
 
 /// The sources in the order they form the program: the prelude first (reductions, element
 /// types), then the kernel families.

@@ -1,0 +1,283 @@
+//! The CUDA backend on a real GPU: every op against the CPU kernel it stands for. Without a GPU
+//! the op checks skip (unless YOCO_REQUIRE_GPU is set, as `scripts/gpu-check.sh` sets it), and
+//! what is checked instead is that opening the backend is a clean error, never a panic.
+//!
+//! Tolerances: f32 ops within 1e-5 relative (against the data's rms near zero); products with
+//! bf16 / f16 weights, whose activations the GPU rounds to the weights' type, within 2e-2 /
+//! 3e-3 — about twice the rounding of one bf16 / f16 input.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use yoco_worker::cuda::device::{gpu_count, CudaBackend, DeviceError};
+use yoco_worker::kernels::cross_attention::{cross_attention_reference, CrossShape};
+use yoco_worker::kernels::kv_block::CacheDtype;
+use yoco_worker::kernels::widen::WeightRef;
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64).sqrt() as f32;
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| if x.is_finite() { (x - y).abs() / (y.abs() + rms + f32::MIN_POSITIVE) } else { f32::INFINITY })
+        .fold(0f32, f32::max);
+    eprintln!("{what}: largest relative error {worst:.2e} (bound {tol:.0e})");
+    assert!(worst <= tol, "{what}: relative error {worst} > {tol}");
+}
+
+fn backend() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(std::env::var_os("YOCO_REQUIRE_GPU").is_none(), "YOCO_REQUIRE_GPU is set but: {e}");
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn opening_a_missing_gpu_is_a_clean_error() {
+    let missing = gpu_count();
+    match CudaBackend::new(missing) {
+        Err(DeviceError::NoDriver | DeviceError::NoCublas | DeviceError::Device { .. }) => {}
+        Err(other) => panic!("unexpected error for GPU {missing}: {other}"),
+        Ok(_) => panic!("GPU {missing} opened on a machine that reports {missing} GPUs"),
+    }
+}
+
+#[test]
+fn every_op_matches_the_cpu_kernel_on_the_gpu() -> Result<(), DeviceError> {
+    let Some(gpu) = backend() else { return Ok(()) };
+    let info = gpu.info();
+    eprintln!(
+        "GPU {}: {} (compute {}.{}, {} GiB)",
+        info.ordinal,
+        info.name,
+        info.capability.0,
+        info.capability.1,
+        info.total_bytes >> 30
+    );
+    matmul(&gpu)?;
+    norms_and_elementwise(&gpu)?;
+    retention(&gpu)?;
+    attention(&gpu)?;
+    sampling(&gpu)?;
+    Ok(())
+}
+
+fn matmul(gpu: &CudaBackend) -> Result<(), DeviceError> {
+    let (n, k) = (1000usize, 256usize);
+    let w = randn(n * k, 1);
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    for m in [1usize, 7, 300] {
+        let x = randn(m * k, 2 + m as u64);
+        let dx = gpu.upload(&x)?;
+        let mut y = gpu.zeros::<f32>(m * n)?;
+        let mut scratch = gpu.zeros::<u16>(m * k)?;
+        for (what, view, tol) in [
+            ("f32", WeightRef::F32(&w), 1e-5),
+            ("bf16", WeightRef::Bf16(&wb), 2e-2),
+            ("f16", WeightRef::F16(&wh), 3e-3),
+        ] {
+            let dw = gpu.upload_matrix(view, n, k)?;
+            gpu.matmul(&dx, m, &dw, &mut y, &mut scratch)?;
+            let want = yoco_worker::with_weights!(view, |w| yoco_worker::kernels::matmul::linear(&x, m, k, w, n));
+            assert_close(&gpu.download(&y)?, &want, tol, &format!("matmul {what} m={m}"));
+        }
+    }
+    Ok(())
+}
+
+fn norms_and_elementwise(gpu: &CudaBackend) -> Result<(), DeviceError> {
+    let (rows, dim) = (9usize, 3072usize);
+    let x = randn(rows * dim, 10);
+    let w = randn(dim, 11);
+    let (dx, dw) = (gpu.upload(&x)?, gpu.upload(&w)?);
+    let mut out = gpu.zeros::<f32>(rows * dim)?;
+    gpu.rms_norm(&dx, rows, dim, Some(&dw), 1e-5, &mut out)?;
+    let mut want = vec![0f32; x.len()];
+    yoco_worker::kernels::rms_norm::rms_norm(&x, dim, Some(&w), 1e-5, &mut want);
+    assert_close(&gpu.download(&out)?, &want, 1e-5, "rms_norm");
+
+    let (heads, head_dim) = (24usize, 128usize);
+    let rope = yoco_worker::kernels::rope::Rope::new(10000.0, head_dim);
+    let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| rope.angle(1, i)).collect();
+    let positions: Vec<u32> = vec![0, 1, 4095, 524_287, 999_999, 1_048_575];
+    let q = randn(positions.len() * heads * head_dim, 12);
+    let mut dq = gpu.upload(&q)?;
+    gpu.rope(&mut dq, &gpu.upload(&positions)?, positions.len(), &gpu.upload(&inv_freq)?, heads, head_dim)?;
+    let mut want = q.clone();
+    let table = rope.table(positions.iter().map(|&p| p as usize));
+    yoco_worker::kernels::rope::apply_rope(&mut want, heads, head_dim, &table);
+    assert_close(&gpu.download(&dq)?, &want, 1e-5, "rope");
+
+    let a: Vec<f32> = randn(100_000, 13).iter().map(|v| v * 12.0).collect();
+    let b = randn(100_000, 14);
+    let (mut da, db) = (gpu.upload(&a)?, gpu.upload(&b)?);
+    let mut gamma = gpu.zeros::<f32>(a.len())?;
+    gpu.log_sigmoid_scaled(&da, &mut gamma, a.len(), 16.0)?;
+    let want: Vec<f32> = a.iter().map(|&g| yoco_worker::kernels::swiglu::log_sigmoid(g) / 16.0).collect();
+    assert_close(&gpu.download(&gamma)?, &want, 1e-5, "log_sigmoid_scaled");
+    gpu.silu_mul(&mut da, &db, a.len())?;
+    let mut want = a.clone();
+    yoco_worker::kernels::swiglu::silu_mul(&mut want, &b);
+    assert_close(&gpu.download(&da)?, &want, 1e-5, "silu_mul");
+    gpu.add_assign(&mut da, &db, a.len())?;
+    let want: Vec<f32> = want.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_close(&gpu.download(&da)?, &want, 1e-6, "add_assign");
+
+    let table = randn(500 * 64, 15);
+    let dt = gpu.upload_matrix(WeightRef::F32(&table), 500, 64)?;
+    let ids = vec![100u32, 99, 599, 600, 350];
+    let mut out = gpu.zeros::<f32>(ids.len() * 64)?;
+    gpu.embedding(&gpu.upload(&ids)?, ids.len(), &dt, 100..600, 8.0, &mut out)?;
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| {
+            if (100..600).contains(&id) {
+                yoco_worker::kernels::embedding::embed(&[id - 100], &table, 64, 8.0)
+            } else {
+                vec![0.0; 64]
+            }
+        })
+        .collect();
+    assert_close(&gpu.download(&out)?, &want, 0.0, "embedding");
+    Ok(())
+}
+
+fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
+    use yoco_worker::kernels::retention::{retention_chunkwise, retention_recurrent_step, RetentionShape};
+    let decays = |n, seed| -> Vec<f32> {
+        randn(n, seed).iter().map(|g| yoco_worker::kernels::swiglu::log_sigmoid(g * 6.0) / 16.0).collect()
+    };
+    for (tokens, heads, d) in [(1000usize, 4usize, 64usize), (333, 3, 128)] {
+        let w = heads * d;
+        let (q, k, v) = (randn(tokens * w, 20), randn(tokens * w, 21), randn(tokens * w, 22));
+        let gamma = decays(tokens * heads, 23);
+        let state0 = randn(heads * d * d, 24);
+        let (mut want_state, mut want) = (state0.clone(), vec![0f32; tokens * w]);
+        let shape = RetentionShape { tokens, heads, head_dim: d };
+        retention_chunkwise(&q, &k, &v, &gamma, shape, yoco_worker::cuda::RETENTION_BLOCK, &mut want_state, &mut want);
+        let (mut ds, mut dout) = (gpu.upload(&state0)?, gpu.zeros::<f32>(tokens * w)?);
+        let (dq, dk, dv, dg) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&gamma)?);
+        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, &mut dout, tokens, heads, d)?;
+        assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_chunkwise T={tokens} d={d}"));
+        assert_close(&gpu.download(&ds)?, &want_state, 1e-4, &format!("retention state T={tokens} d={d}"));
+
+        // One recurrent step from the state the chunkwise pass left, in slot 1 of 2.
+        let (q1, k1, v1) = (randn(w, 25), randn(w, 26), randn(w, 27));
+        let g1 = decays(heads, 28);
+        let mut states = vec![0f32; heads * d * d];
+        states.extend_from_slice(&want_state);
+        let mut dstates = gpu.upload(&states)?;
+        let mut dout = gpu.zeros::<f32>(w)?;
+        let (dq, dk, dv, dg, slots) =
+            (gpu.upload(&q1)?, gpu.upload(&k1)?, gpu.upload(&v1)?, gpu.upload(&g1)?, gpu.upload(&[1u32])?);
+        gpu.retention_recurrent(&dq, &dk, &dv, &dg, &slots, &mut dstates, &mut dout, 1, heads, d)?;
+        let mut want = vec![0f32; w];
+        retention_recurrent_step(&q1, &k1, &v1, &g1, heads, d, &mut want_state, &mut want);
+        assert_close(&gpu.download(&dout)?, &want, 1e-4, "retention_recurrent");
+    }
+    Ok(())
+}
+
+fn attention(gpu: &CudaBackend) -> Result<(), DeviceError> {
+    let (heads, d, prefix, tokens, window) = (4usize, 128usize, 300usize, 700usize, 512usize);
+    let w = heads * d;
+    let q = randn(tokens * w, 30);
+    let (keys, values) = (randn((prefix + tokens) * w, 31), randn((prefix + tokens) * w, 32));
+    let mut dout = gpu.zeros::<f32>(tokens * w)?;
+    gpu.window_attention(
+        &gpu.upload(&q)?,
+        &gpu.upload(&keys)?,
+        &gpu.upload(&values)?,
+        &mut dout,
+        tokens,
+        prefix,
+        window,
+        heads,
+        d,
+    )?;
+    let mut want = vec![0f32; tokens * w];
+    yoco_worker::kernels::window_attention::window_attention(&q, &keys, &values, prefix, window, heads, d, &mut want);
+    assert_close(&gpu.download(&dout)?, &want, 1e-5, "window_attention");
+
+    // Two sequences over one pool: 10,000 positions over scattered blocks, and 3 positions.
+    let shape = CrossShape { heads: 24, kv_heads: 8, head_dim: 128 };
+    let (bt, kvd) = (64usize, shape.kv_dim());
+    let lens = [10_000usize, 3];
+    let blocks_needed: Vec<usize> = lens.iter().map(|l| l.div_ceil(bt)).collect();
+    let total: usize = blocks_needed.iter().sum();
+    let mut order: Vec<u32> = (0..total as u32).collect();
+    order.reverse();
+    let tables = [order[..blocks_needed[0]].to_vec(), order[blocks_needed[0]..].to_vec()];
+    let kv: Vec<(Vec<f32>, Vec<f32>)> =
+        lens.iter().map(|&n| (randn(n * kvd, 40 + n as u64), randn(n * kvd, 50 + n as u64))).collect();
+    let q = randn(lens.len() * shape.q_dim(), 60);
+    for dtype in CacheDtype::ALL {
+        let mut pool = gpu.kv_pool(dtype, total, bt, kvd)?;
+        let mut offsets = Vec::new();
+        let mut all_tables = Vec::new();
+        for ((keys, values), table) in kv.iter().zip(&tables) {
+            offsets.push(all_tables.len() as u32);
+            all_tables.extend_from_slice(table);
+            let dt = gpu.upload(table)?;
+            let n = keys.len() / kvd;
+            gpu.kv_write(&gpu.upload(keys)?, n, &mut pool, &dt, table.len(), 0, false)?;
+            gpu.kv_write(&gpu.upload(values)?, n, &mut pool, &dt, table.len(), 0, true)?;
+        }
+        let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let mut dout = gpu.zeros::<f32>(lens.len() * shape.q_dim())?;
+        gpu.cross_attention(
+            &gpu.upload(&q)?,
+            &pool,
+            &gpu.upload(&all_tables)?,
+            &gpu.upload(&offsets)?,
+            &gpu.upload(&lens32)?,
+            lens.len(),
+            lens[0],
+            shape,
+            4096,
+            &mut dout,
+        )?;
+        let got = gpu.download(&dout)?;
+        let round = |x: &[f32]| -> Vec<f32> {
+            match dtype {
+                CacheDtype::F32 => x.to_vec(),
+                CacheDtype::Bf16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                CacheDtype::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            }
+        };
+        for (s, (keys, values)) in kv.iter().enumerate() {
+            let qd = shape.q_dim();
+            let want = cross_attention_reference(&q[s * qd..(s + 1) * qd], &round(keys), &round(values), shape);
+            assert_close(&got[s * qd..(s + 1) * qd], &want, 1e-5, &format!("cross_attention {dtype} sequence {s}"));
+        }
+    }
+    Ok(())
+}
+
+fn sampling(gpu: &CudaBackend) -> Result<(), DeviceError> {
+    let vocab = 100_288usize;
+    let mut logits: Vec<f32> = randn(4 * vocab, 70).iter().map(|v| v * 20.0).collect();
+    logits[vocab + 5] = 40.0;
+    logits[vocab + 50_000] = 40.0;
+    let dl = gpu.upload(&logits)?;
+    let mut ids = gpu.zeros::<u32>(4)?;
+    gpu.argmax_rows(&dl, 4, vocab, &mut ids)?;
+    let want: Vec<u32> = logits.chunks(vocab).map(yoco_worker::sampling::argmax).collect();
+    assert_eq!(gpu.download(&ids)?, want, "argmax_rows");
+    let mut out = gpu.zeros::<f32>(logits.len())?;
+    gpu.log_softmax_rows(&dl, 4, vocab, &mut out)?;
+    let want: Vec<f32> = logits.chunks(vocab).flat_map(yoco_worker::sampling::log_softmax).collect();
+    assert_close(&gpu.download(&out)?, &want, 1e-5, "log_softmax_rows");
+    Ok(())
+}
