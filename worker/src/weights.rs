@@ -129,6 +129,7 @@ impl Elem {
 }
 
 /// A tensor's elements: borrowed from a tensor file's bytes (a memory map), or owned.
+#[derive(Clone)]
 pub enum WeightData {
     Mapped { map: Arc<FileBytes>, offset: usize, len: usize, elem: Elem },
     F32(Vec<f32>),
@@ -136,7 +137,8 @@ pub enum WeightData {
     F16(Vec<f16>),
 }
 
-/// One loaded tensor, row-major.
+/// One loaded tensor, row-major. A clone of a mapped tensor shares the map.
+#[derive(Clone)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     data: WeightData,

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks on a GPU, in two steps (the GPU machines have no Rust toolchain):
+#
+#   scripts/gpu-check.sh build   here: builds the CUDA test binaries (feature `cuda`), stripped,
+#                                into target/gpu-check/ — the folder to carry to the GPU machine
+#   scripts/gpu-check.sh run     on the GPU machine: finds NVIDIA's libraries (cuBLAS, NVRTC,
+#                                NCCL from the CUDA toolkit or the nvidia-* wheels), then runs
+#                                every kernel against the CPU kernels with YOCO_REQUIRE_GPU set,
+#                                so that a missing GPU or library fails instead of skipping.
+#                                Writes the log to $OUT (or target/gpu-check/) as gpu-check.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=target/gpu-check
+TESTS=(cuda_nvrtc cuda_device)
+
+case "${1:-}" in
+  build)
+    rm -rf "$DIR" && mkdir -p "$DIR"
+    cargo test -p yoco-worker --features cuda --release --locked --no-run --message-format=json \
+      $(printf -- '--test %s ' "${TESTS[@]}") >"$DIR/build.json"
+    for t in "${TESTS[@]}"; do
+      exe="$(python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[2] and m.get("executable"):
+        print(m["executable"])' "$DIR/build.json" "$t" | tail -1)"
+      [ -n "$exe" ] || { echo "no executable for test $t" >&2; exit 1; }
+      strip -o "$DIR/$t" "$exe"
+    done
+    rm "$DIR/build.json"
+    du -sh "$DIR"
+    ;;
+  run)
+    out="${OUT:-$DIR}"
+    mkdir -p "$out"
+    libs=""
+    for lib in libcublas.so libnvrtc.so libnccl.so libcublasLt.so; do
+      found="$(find / -name "$lib*" -not -path '*/proc/*' 2>/dev/null | head -1 || true)"
+      [ -n "$found" ] && libs="$libs:$(dirname "$found")"
+    done
+    export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export YOCO_REQUIRE_GPU=1 YOCO_REQUIRE_NVRTC=1
+    {
+      echo "# $(date -u) on $(hostname)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+      echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      status=0
+      for t in "${TESTS[@]}"; do
+        echo "## $t"
+        (cd worker && "../$DIR/$t" --nocapture --test-threads 1) || status=1
+      done
+      echo "# gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
+      exit $status
+    } 2>&1 | tee "$out/gpu-check.log"
+    ;;
+  *)
+    echo "usage: $0 build|run" >&2
+    exit 2
+    ;;
+esac

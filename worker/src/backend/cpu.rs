@@ -1,0 +1,223 @@
+//! The CPU backend: host vectors and the CPU kernels of `crate::kernels`.
+
+use super::{Backend, BackendError, Result};
+use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView};
+use crate::kernels::kv_block::{Block, CacheDtype};
+use crate::kernels::matmul::linear;
+use crate::kernels::retention::{retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK};
+use crate::kernels::rope::RopeTable;
+use crate::weights::Tensor;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+/// The global cache in host memory.
+pub struct CpuPool {
+    blocks: Vec<Block>,
+    block_tokens: usize,
+    kv_dim: usize,
+}
+
+fn bad(message: impl Into<String>) -> BackendError {
+    BackendError { backend: "cpu", message: message.into() }
+}
+
+fn at_least(what: &str, buf: &[f32], n: usize) -> Result<()> {
+    if buf.len() < n {
+        return Err(bad(format!("{what} holds {} elements, {n} needed", buf.len())));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    /// A clone of the model's tensor: a mapped tensor shares its map.
+    type Matrix = Tensor;
+    type Pool = CpuPool;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn matrix(&self, t: &Tensor) -> Result<Tensor> {
+        if t.shape.len() != 2 {
+            return Err(bad(format!("a matrix of shape {:?}", t.shape)));
+        }
+        Ok(t.clone())
+    }
+
+    fn matmul(&self, x: &Vec<f32>, m: usize, w: &Tensor) -> Result<Vec<f32>> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        at_least("matmul input", x, m * k)?;
+        Ok(crate::with_weights!(w.view(), |w| linear(&x[..m * k], m, k, w, n)))
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, w: Option<&Vec<f32>>, eps: f32) -> Result<Vec<f32>> {
+        at_least("rms_norm input", x, rows * dim)?;
+        let mut out = vec![0.0; rows * dim];
+        crate::kernels::rms_norm::rms_norm(&x[..rows * dim], dim, w.map(|w| &w[..dim]), eps, &mut out);
+        Ok(out)
+    }
+
+    fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
+        at_least("add_assign", a, n)?;
+        at_least("add_assign", b, n)?;
+        for (x, y) in a[..n].iter_mut().zip(&b[..n]) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, a: &mut Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
+        at_least("silu_mul", a, n)?;
+        at_least("silu_mul", b, n)?;
+        crate::kernels::swiglu::silu_mul(&mut a[..n], &b[..n]);
+        Ok(())
+    }
+
+    fn log_sigmoid_scaled(&self, x: &Vec<f32>, n: usize, normalizer: f32) -> Result<Vec<f32>> {
+        at_least("log_sigmoid_scaled", x, n)?;
+        Ok(x[..n].iter().map(|&g| crate::kernels::swiglu::log_sigmoid(g) / normalizer).collect())
+    }
+
+    fn embed(&self, ids: &[u32], table: &Tensor, scale: f32) -> Result<Vec<f32>> {
+        let (vocab, dim) = (table.shape[0], table.shape[1]);
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(bad(format!("token {id} beyond a table of {vocab} rows")));
+        }
+        Ok(crate::with_weights!(table.view(), |t| crate::kernels::embedding::embed(ids, t, dim, scale)))
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) -> Result<()> {
+        at_least("rope", x, positions.len() * heads * head_dim)?;
+        if inv_freq.len() != head_dim / 2 {
+            return Err(bad(format!("{} frequencies for head_dim {head_dim}", inv_freq.len())));
+        }
+        // The CPU table's angles: f32(pos) · θ_i rounded to f32, cos/sin in f64.
+        let half = head_dim / 2;
+        let mut table = RopeTable { half, cos: Vec::new(), sin: Vec::new() };
+        for &p in positions {
+            for &f in inv_freq {
+                let a = (p as f32 * f) as f64;
+                table.cos.push(a.cos() as f32);
+                table.sin.push(a.sin() as f32);
+            }
+        }
+        crate::kernels::rope::apply_rope(&mut x[..positions.len() * heads * head_dim], heads, head_dim, &table);
+        Ok(())
+    }
+
+    fn retention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        gamma: &Vec<f32>,
+        state: &mut Vec<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
+        let n = tokens * heads * head_dim;
+        for (what, buf) in [("q", q), ("k", k), ("v", v)] {
+            at_least(what, buf, n)?;
+        }
+        at_least("gamma", gamma, tokens * heads)?;
+        if state.len() != heads * head_dim * head_dim {
+            return Err(bad(format!("a retention state of {} elements", state.len())));
+        }
+        let mut out = vec![0.0; n];
+        let (q, k, v, g) = (&q[..n], &k[..n], &v[..n], &gamma[..tokens * heads]);
+        if tokens == 1 {
+            retention_recurrent_step(q, k, v, g, heads, head_dim, state, &mut out);
+        } else {
+            let shape = RetentionShape { tokens, heads, head_dim };
+            retention_chunkwise(q, k, v, g, shape, RETENTION_BLOCK, state, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn window_attention(
+        &self,
+        q: &Vec<f32>,
+        keys: &Vec<f32>,
+        values: &Vec<f32>,
+        tokens: usize,
+        prefix: usize,
+        window: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
+        let w = heads * head_dim;
+        at_least("q", q, tokens * w)?;
+        at_least("keys", keys, (prefix + tokens) * w)?;
+        at_least("values", values, (prefix + tokens) * w)?;
+        let mut out = vec![0.0; tokens * w];
+        let (k, v) = (&keys[..(prefix + tokens) * w], &values[..(prefix + tokens) * w]);
+        crate::kernels::window_attention::window_attention(&q[..tokens * w], k, v, prefix, window, heads, head_dim, &mut out);
+        Ok(out)
+    }
+
+    fn rows(&self, x: &Vec<f32>, width: usize, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        at_least("rows", x, rows.end * width)?;
+        Ok(x[rows.start * width..rows.end * width].to_vec())
+    }
+
+    fn concat(&self, a: &Vec<f32>, a_rows: usize, b: &Vec<f32>, b_rows: usize, width: usize) -> Result<Vec<f32>> {
+        at_least("concat", a, a_rows * width)?;
+        at_least("concat", b, b_rows * width)?;
+        let mut out = a[..a_rows * width].to_vec();
+        out.extend_from_slice(&b[..b_rows * width]);
+        Ok(out)
+    }
+
+    fn kv_pool(&self, dtype: CacheDtype, blocks: usize, block_tokens: usize, kv_dim: usize) -> Result<CpuPool> {
+        Ok(CpuPool { blocks: (0..blocks).map(|_| Block::zeros(dtype, 2 * block_tokens * kv_dim)).collect(), block_tokens, kv_dim })
+    }
+
+    fn kv_write(&self, pool: &mut CpuPool, table: &[u32], start: usize, k: &Vec<f32>, v: &Vec<f32>, n: usize) -> Result<()> {
+        let (bt, kvd) = (pool.block_tokens, pool.kv_dim);
+        at_least("k", k, n * kvd)?;
+        at_least("v", v, n * kvd)?;
+        if start + n > table.len() * bt {
+            return Err(bad(format!("positions up to {} beyond {} blocks", start + n, table.len())));
+        }
+        for r in 0..n {
+            let pos = start + r;
+            let block =
+                pool.blocks.get_mut(table[pos / bt] as usize).ok_or_else(|| bad("a block beyond the pool"))?;
+            let j = pos % bt;
+            block.write(j * kvd, &k[r * kvd..(r + 1) * kvd]);
+            block.write((bt + j) * kvd, &v[r * kvd..(r + 1) * kvd]);
+        }
+        Ok(())
+    }
+
+    fn cross_attention(&self, q: &Vec<f32>, pool: &CpuPool, table: &[u32], len: usize, shape: CrossShape) -> Result<Vec<f32>> {
+        at_least("q", q, shape.q_dim())?;
+        if len > table.len() * pool.block_tokens {
+            return Err(bad(format!("{len} positions beyond {} blocks", table.len())));
+        }
+        let blocks = table
+            .iter()
+            .map(|&b| pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool")))
+            .collect::<Result<Vec<_>>>()?;
+        let view = KvView { blocks, block_tokens: pool.block_tokens, kv_dim: pool.kv_dim, len };
+        let parts = cross_attention_partials(&q[..shape.q_dim()], &[len], &[&view], shape);
+        let mut out = vec![0.0; shape.q_dim()];
+        finalize(&parts[0], shape, &mut out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,109 @@
+//! The backend split: the YOCO forward pass written once ([`Forward`]) over the ops a backend
+//! implements ([`Backend`]): the CPU kernels ([`cpu::CpuBackend`]) or the CUDA ones
+//! (`cuda::CudaOps`, feature `cuda`). Activations, weights, retention states and the global KV
+//! cache live where the backend keeps them (host memory or device memory); only token ids go in
+//! and logits come out.
+//!
+//! [`Forward`] serves one rank holding the whole model and the whole cache (tp = cp = 1): the
+//! single-GPU path. The multi-rank engine (`crate::engine`) runs the CPU kernels directly; its
+//! context- and tensor-parallel exchanges move to this trait when the CUDA backend takes them.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod forward;
+
+pub use forward::{Forward, ForwardError, ForwardOptions, Sequence};
+
+use crate::kernels::cross_attention::CrossShape;
+use crate::kernels::kv_block::CacheDtype;
+use crate::weights::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend: {message}")]
+pub struct BackendError {
+    pub backend: &'static str,
+    pub message: String,
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// The ops of the forward pass, each named after the math and computing what the CPU kernel of
+/// the same name computes. Row-major `[rows, width]` activations throughout.
+pub trait Backend {
+    /// f32 activations (and norm weights).
+    type Buf;
+    /// A weight matrix `[out, in]` in its element type.
+    type Matrix;
+    /// The global KV cache: blocks of `[K rows; V rows]`.
+    type Pool;
+
+    fn name(&self) -> &'static str;
+    fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A matrix of the model, `[out, in]`, as the backend computes with it.
+    fn matrix(&self, t: &Tensor) -> Result<Self::Matrix>;
+
+    /// `x [m, in] · wᵀ`: `[m, out]`.
+    fn matmul(&self, x: &Self::Buf, m: usize, w: &Self::Matrix) -> Result<Self::Buf>;
+    fn rms_norm(&self, x: &Self::Buf, rows: usize, dim: usize, w: Option<&Self::Buf>, eps: f32) -> Result<Self::Buf>;
+    /// `a += b` over n elements.
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf, n: usize) -> Result<()>;
+    /// `a ← silu(a) ⊙ b` over n elements.
+    fn silu_mul(&self, a: &mut Self::Buf, b: &Self::Buf, n: usize) -> Result<()>;
+    /// `logsigmoid(x) / normalizer` over n elements.
+    fn log_sigmoid_scaled(&self, x: &Self::Buf, n: usize, normalizer: f32) -> Result<Self::Buf>;
+    /// Rows of the embedding table `[vocab, dim]` for `ids`, times `scale`.
+    fn embed(&self, ids: &[u32], table: &Self::Matrix, scale: f32) -> Result<Self::Buf>;
+    /// Interleaved RoPE of `x [positions, heads · head_dim]` in place; `inv_freq` the `θ_i`.
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) -> Result<()>;
+    /// Gated retention over `tokens` tokens from `state [heads, d, d]`, left after the last: the
+    /// chunkwise form, or the recurrent one for a single token.
+    #[allow(clippy::too_many_arguments)]
+    fn retention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        gamma: &Self::Buf,
+        state: &mut Self::Buf,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self::Buf>;
+    /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
+    #[allow(clippy::too_many_arguments)]
+    fn window_attention(
+        &self,
+        q: &Self::Buf,
+        keys: &Self::Buf,
+        values: &Self::Buf,
+        tokens: usize,
+        prefix: usize,
+        window: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self::Buf>;
+    /// Rows `rows` of `x [_, width]`, as a new buffer.
+    fn rows(&self, x: &Self::Buf, width: usize, rows: std::ops::Range<usize>) -> Result<Self::Buf>;
+    /// `a` then `b`, both `[_, width]`, as one buffer.
+    fn concat(&self, a: &Self::Buf, a_rows: usize, b: &Self::Buf, b_rows: usize, width: usize) -> Result<Self::Buf>;
+
+    fn kv_pool(&self, dtype: CacheDtype, blocks: usize, block_tokens: usize, kv_dim: usize) -> Result<Self::Pool>;
+    /// Stores K and V rows `[n, kv_dim]` as positions `start..start + n` of the sequence whose
+    /// blocks `table` lists.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write(
+        &self,
+        pool: &mut Self::Pool,
+        table: &[u32],
+        start: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        n: usize,
+    ) -> Result<()>;
+    /// Attention of one query `[heads · head_dim]` over positions `0..len` of the sequence whose
+    /// blocks `table` lists.
+    fn cross_attention(&self, q: &Self::Buf, pool: &Self::Pool, table: &[u32], len: usize, shape: CrossShape) -> Result<Self::Buf>;
+}
