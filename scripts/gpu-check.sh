@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a GPU, in two steps (the GPU machines have no Rust toolchain):
 #
-#   scripts/gpu-check.sh build   here: builds the CUDA test binaries (feature `cuda`), stripped,
-#                                into target/gpu-check/ — the folder to carry to the GPU machine
+#   scripts/gpu-check.sh build   here: builds the CUDA test binaries and the backend benchmark
+#                                (feature `cuda`), stripped, into target/gpu-check/ — the folder
+#                                to carry to the GPU machine
 #   scripts/gpu-check.sh run     on the GPU machine: finds NVIDIA's libraries (cuBLAS, NVRTC,
 #                                NCCL from the CUDA toolkit or the nvidia-* wheels), then runs
 #                                every kernel against the CPU kernels with YOCO_REQUIRE_GPU set,
-#                                so that a missing GPU or library fails instead of skipping.
+#                                so that a missing GPU or library fails instead of skipping; then
+#                                the benchmark: the 3b preset in bf16 at 128K, 512K and 1M tokens
+#                                (prefill time, decode tokens/s, GPU memory).
 #                                Writes the log to $OUT (or target/gpu-check/) as gpu-check.log.
+#                                YOCO_GPU_BENCH_CONTEXTS overrides the contexts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=target/gpu-check
@@ -28,6 +32,8 @@ for line in open(sys.argv[1]):
       strip -o "$DIR/$t" "$exe"
     done
     rm "$DIR/build.json"
+    cargo build -p yoco-worker --features cuda --release --locked --example backend_bench
+    strip -o "$DIR/backend_bench" target/release/examples/backend_bench
     du -sh "$DIR"
     ;;
   run)
@@ -47,8 +53,13 @@ for line in open(sys.argv[1]):
       status=0
       for t in "${TESTS[@]}"; do
         echo "## $t"
-        (cd worker && "../$DIR/$t" --nocapture --test-threads 1) || status=1
+        (cd worker && CARGO_MANIFEST_DIR="$PWD" "../$DIR/$t" --nocapture --test-threads 1) || status=1
       done
+      echo "## backend_bench: tiny, f32 (a warm-up)"
+      "$DIR/backend_bench" --device cuda --preset tiny --dtype f32 --contexts 4096,65536 --decode 16 || status=1
+      echo "## backend_bench: 3b, bf16"
+      "$DIR/backend_bench" --device cuda --preset 3b --dtype bf16 --decode 16 --chunk 16384 \
+        --contexts "${YOCO_GPU_BENCH_CONTEXTS:-131072,524288,1048576}" || status=1
       echo "# gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
       exit $status
     } 2>&1 | tee "$out/gpu-check.log"

@@ -166,7 +166,16 @@ impl Backend for CpuBackend {
         at_least("values", values, (prefix + tokens) * w)?;
         let mut out = vec![0.0; tokens * w];
         let (k, v) = (&keys[..(prefix + tokens) * w], &values[..(prefix + tokens) * w]);
-        crate::kernels::window_attention::window_attention(&q[..tokens * w], k, v, prefix, window, heads, head_dim, &mut out);
+        crate::kernels::window_attention::window_attention(
+            &q[..tokens * w],
+            k,
+            v,
+            prefix,
+            window,
+            heads,
+            head_dim,
+            &mut out,
+        );
         Ok(out)
     }
 
@@ -184,10 +193,22 @@ impl Backend for CpuBackend {
     }
 
     fn kv_pool(&self, dtype: CacheDtype, blocks: usize, block_tokens: usize, kv_dim: usize) -> Result<CpuPool> {
-        Ok(CpuPool { blocks: (0..blocks).map(|_| Block::zeros(dtype, 2 * block_tokens * kv_dim)).collect(), block_tokens, kv_dim })
+        Ok(CpuPool {
+            blocks: (0..blocks).map(|_| Block::zeros(dtype, 2 * block_tokens * kv_dim)).collect(),
+            block_tokens,
+            kv_dim,
+        })
     }
 
-    fn kv_write(&self, pool: &mut CpuPool, table: &[u32], start: usize, k: &Vec<f32>, v: &Vec<f32>, n: usize) -> Result<()> {
+    fn kv_write(
+        &self,
+        pool: &mut CpuPool,
+        table: &[u32],
+        start: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
         let (bt, kvd) = (pool.block_tokens, pool.kv_dim);
         at_least("k", k, n * kvd)?;
         at_least("v", v, n * kvd)?;
@@ -196,8 +217,7 @@ impl Backend for CpuBackend {
         }
         for r in 0..n {
             let pos = start + r;
-            let block =
-                pool.blocks.get_mut(table[pos / bt] as usize).ok_or_else(|| bad("a block beyond the pool"))?;
+            let block = pool.blocks.get_mut(table[pos / bt] as usize).ok_or_else(|| bad("a block beyond the pool"))?;
             let j = pos % bt;
             block.write(j * kvd, &k[r * kvd..(r + 1) * kvd]);
             block.write((bt + j) * kvd, &v[r * kvd..(r + 1) * kvd]);
@@ -205,7 +225,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn cross_attention(&self, q: &Vec<f32>, pool: &CpuPool, table: &[u32], len: usize, shape: CrossShape) -> Result<Vec<f32>> {
+    fn cross_attention(
+        &self,
+        q: &Vec<f32>,
+        pool: &CpuPool,
+        table: &[u32],
+        len: usize,
+        shape: CrossShape,
+    ) -> Result<Vec<f32>> {
         at_least("q", q, shape.q_dim())?;
         if len > table.len() * pool.block_tokens {
             return Err(bad(format!("{len} positions beyond {} blocks", table.len())));

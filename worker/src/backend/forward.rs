@@ -82,7 +82,11 @@ struct CrossLayer<B: Backend> {
 enum State<B: Backend> {
     Retention(B::Buf),
     /// The last `rows` (≤ W−1) rotated keys and values.
-    Window { keys: B::Buf, values: B::Buf, rows: usize },
+    Window {
+        keys: B::Buf,
+        values: B::Buf,
+        rows: usize,
+    },
 }
 
 /// A sequence's caches: the self-decoder's constant-size states and its blocks of the global
@@ -216,6 +220,11 @@ impl<B: Backend> Forward<B> {
         &self.backend
     }
 
+    /// The backend back, the model's weights and the cache pool released.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -279,7 +288,12 @@ impl<B: Backend> Forward<B> {
 
     /// Greedy generation: the prompt, then `n` tokens each chosen as the argmax of the last
     /// logits. Returns the tokens and the logits each was chosen from.
-    pub fn generate_greedy(&mut self, seq: &mut Sequence<B>, prompt: &[u32], n: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    pub fn generate_greedy(
+        &mut self,
+        seq: &mut Sequence<B>,
+        prompt: &[u32],
+        n: usize,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
         let mut logits = self.forward(seq, prompt)?;
         let (mut tokens, mut all) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {

@@ -57,7 +57,8 @@ pub trait Backend {
     /// Rows of the embedding table `[vocab, dim]` for `ids`, times `scale`.
     fn embed(&self, ids: &[u32], table: &Self::Matrix, scale: f32) -> Result<Self::Buf>;
     /// Interleaved RoPE of `x [positions, heads · head_dim]` in place; `inv_freq` the `θ_i`.
-    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) -> Result<()>;
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize)
+        -> Result<()>;
     /// Gated retention over `tokens` tokens from `state [heads, d, d]`, left after the last: the
     /// chunkwise form, or the recurrent one for a single token.
     #[allow(clippy::too_many_arguments)]
@@ -105,5 +106,12 @@ pub trait Backend {
     ) -> Result<()>;
     /// Attention of one query `[heads · head_dim]` over positions `0..len` of the sequence whose
     /// blocks `table` lists.
-    fn cross_attention(&self, q: &Self::Buf, pool: &Self::Pool, table: &[u32], len: usize, shape: CrossShape) -> Result<Self::Buf>;
+    fn cross_attention(
+        &self,
+        q: &Self::Buf,
+        pool: &Self::Pool,
+        table: &[u32],
+        len: usize,
+        shape: CrossShape,
+    ) -> Result<Self::Buf>;
 }

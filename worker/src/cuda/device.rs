@@ -199,6 +199,23 @@ impl CudaBackend {
         self.stream.synchronize().map_err(driver)
     }
 
+    /// `dst[at..] = src[from]`, on the device.
+    pub fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        from: Range<usize>,
+        dst: &mut CudaSlice<f32>,
+        at: usize,
+    ) -> Result<(), DeviceError> {
+        check("copy", from.start <= from.end && from.end <= src.len(), || format!("{from:?} of {}", src.len()))?;
+        fits("copy", "dst", dst, at + from.len())?;
+        if from.is_empty() {
+            return Ok(());
+        }
+        let n = from.len();
+        self.stream.memcpy_dtod(&src.slice(from), &mut dst.slice_mut(at..at + n)).map_err(driver)
+    }
+
     /// A weight matrix uploaded in its element type.
     pub fn upload_matrix(
         &self,
