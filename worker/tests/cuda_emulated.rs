@@ -61,17 +61,34 @@ fn emulator() -> &'static Emulator {
 }
 
 /// Runs kernel `name` over `grid` with `threads` per block; `args` point at the arguments, as
-/// for cuLaunchKernel. Launches are serialised: the emulator's block state is global.
+/// for cuLaunchKernel.
 fn launch(name: &str, grid: (u32, u32, u32), threads: u32, args: &mut [*mut c_void]) {
+    // SAFETY: every argument points at a live value of the type the kernel takes, and every
+    // buffer behind a pointer argument is as large as the kernel's indexing needs (each test
+    // sizes them from the same shapes it passes).
+    let rc = unsafe { raw_launch(name, grid, threads, args.as_mut_ptr()) };
+    assert_eq!(
+        rc,
+        0,
+        "emu_launch({name}) failed: {}",
+        match rc {
+            1 => "no such kernel",
+            2 => "bad block size",
+            _ => "threads left the kernel while others waited at a barrier",
+        }
+    );
+}
+
+/// `emu_launch`, one launch at a time: the emulator's block state is global.
+///
+/// # Safety
+/// `args` points at the kernel's arguments (see [`launch`]), or the grid is empty.
+unsafe fn raw_launch(name: &str, grid: (u32, u32, u32), threads: u32, args: *mut *mut c_void) -> i32 {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let emu = emulator();
     let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let cname = CString::new(name).unwrap();
-    // SAFETY: every argument points at a live value of the type the kernel takes, and every
-    // buffer behind a pointer argument is as large as the kernel's indexing needs (each test
-    // sizes them from the same shapes it passes).
-    let rc = unsafe { (emu.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, threads, args.as_mut_ptr()) };
-    assert_eq!(rc, 0, "emu_launch({name}) failed: {}", if rc == 1 { "no such kernel" } else { "bad block size" });
+    unsafe { (emu.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, threads, args) }
 }
 
 /// `args![a, b, …]`: pointers to the argument values, for [`launch`].
@@ -501,11 +518,9 @@ fn the_residual_add_adds() {
 fn every_listed_kernel_is_in_the_emulator() {
     // An unknown name is refused, and every kernel of the program is registered (a kernel the
     // registry names but the program lacks fails to build above).
-    let emu = emulator();
     for name in yoco_worker::cuda::KERNELS.iter().copied().chain(["no_such_kernel"]) {
-        let cname = CString::new(name).unwrap();
         // SAFETY: a grid of zero blocks runs nothing; the kernel's arguments are never read.
-        let rc = unsafe { (emu.launch)(cname.as_ptr(), 0, 0, 0, 32, std::ptr::null_mut()) };
+        let rc = unsafe { raw_launch(name, (0, 0, 0), 32, std::ptr::null_mut()) };
         assert_eq!(rc, if name == "no_such_kernel" { 1 } else { 0 }, "{name}");
     }
 }

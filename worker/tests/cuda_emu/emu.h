@@ -1,14 +1,17 @@
 // A CPU emulator of the CUDA execution model, just enough to run yoco's kernel sources as they
-// are: every block of a launch runs in turn, its threads as real OS threads, so __syncthreads is
-// a barrier and __shared__ memory is one static array per block. Warp shuffles go through a
-// block-wide exchange, which is exact when the whole block reaches every shuffle together (the
-// kernels keep their control flow block-uniform around reductions, see prelude.cuh).
+// are. The blocks of a launch run one after another; the threads of a block are fibers
+// (ucontext) that one OS thread switches between, so __syncthreads is a switch back to the
+// scheduler, which resumes every thread once all have reached the barrier, and __shared__
+// memory is one static array per block. Warp shuffles go through a block-wide exchange, which is
+// exact when the whole block reaches every shuffle together (the kernels keep their control flow
+// block-uniform around reductions, see prelude.cuh). A thread that leaves the kernel while others
+// wait at a barrier is reported: on a GPU that is a hang or undefined behaviour.
 #pragma once
-#include <barrier>
-#include <cmath>
 #include <math.h>
+#include <ucontext.h>
+
+#include <cmath>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 struct uint3 {
@@ -18,13 +21,23 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
-inline thread_local uint3 threadIdx;
-inline uint3 blockIdx;
+inline uint3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 namespace emu {
-inline std::barrier<>* block_barrier = nullptr;
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    bool done = false;
+};
+inline ucontext_t scheduler;
+inline std::vector<Fiber>* fibers = nullptr;
+inline unsigned current = 0;
 inline unsigned long long exchange[1024];
+inline bool diverged = false;
+
+// Back to the scheduler until every thread of the block has reached this barrier.
+inline void barrier() { swapcontext(&(*fibers)[current].ctx, &scheduler); }
 }  // namespace emu
 
 #define __global__
@@ -32,7 +45,7 @@ inline unsigned long long exchange[1024];
 #define __forceinline__ inline
 #define __shared__ static
 
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { emu::barrier(); }
 
 inline float __uint_as_float(unsigned u) {
     float f;

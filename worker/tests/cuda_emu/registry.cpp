@@ -9,31 +9,65 @@ void call(void (*kernel)(P...), void** args, std::index_sequence<I...>) {
     kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
 }
 
+// What the fiber of thread `current` runs.
+inline void (*entry)(void**) = nullptr;
+inline void** entry_args = nullptr;
+
+inline void fiber_main() {
+    entry(entry_args);
+    (*fibers)[current].done = true;
+    // Returning resumes uc_link: the scheduler.
+}
+
 template <typename... P>
-void launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
+int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
+    static void (*k)(P...) = nullptr;
+    k = kernel;
+    entry = [](void** a) { call(k, a, std::index_sequence_for<P...>{}); };
+    entry_args = args;
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
+    std::vector<Fiber> pool(threads);
+    for (auto& f : pool) f.stack.resize(256 * 1024);
+    fibers = &pool;
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 blockIdx = uint3{x, y, z};
-                std::barrier<> barrier((std::ptrdiff_t)threads);
-                block_barrier = &barrier;
-                std::vector<std::thread> pool;
-                for (unsigned t = 0; t < threads; t++)
-                    pool.emplace_back([=] {
+                for (unsigned t = 0; t < threads; t++) {
+                    Fiber& f = pool[t];
+                    f.done = false;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = &scheduler;
+                    makecontext(&f.ctx, fiber_main, 0);
+                }
+                // Phases: every live thread runs to its next barrier (or its end).
+                for (;;) {
+                    unsigned finished = 0;
+                    for (unsigned t = 0; t < threads; t++) {
+                        if (pool[t].done) {
+                            finished++;
+                            continue;
+                        }
+                        current = t;
                         threadIdx = uint3{t, 0, 0};
-                        call(kernel, args, std::index_sequence_for<P...>{});
-                    });
-                for (auto& th : pool) th.join();
+                        swapcontext(&scheduler, &pool[t].ctx);
+                        if (pool[t].done) finished++;
+                    }
+                    if (finished == threads) break;
+                    if (finished != 0) return 3;  // some threads left while others wait at a barrier
+                }
             }
+    fibers = nullptr;
+    return 0;
 }
 }  // namespace emu
 
-#define EMU_KERNEL(name)                     \
-    if (std::strcmp(kernel, #name) == 0) {   \
-        emu::launch(name, grid, threads, args); \
-        return 0;                            \
+#define EMU_KERNEL(name)                                   \
+    if (std::strcmp(kernel, #name) == 0) {                 \
+        return emu::launch(name, grid, threads, args);     \
     }
 
 extern "C" int emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void** args) {
