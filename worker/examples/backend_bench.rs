@@ -126,10 +126,10 @@ fn main_result() -> Result<(), String> {
         "cpu" => run(yoco_worker::backend::cpu::CpuBackend, &model, &args, &|_| None),
         #[cfg(feature = "cuda")]
         "cuda" => {
-            let gpu = yoco_worker::cuda::device::CudaBackend::new(0).map_err(|e| e.to_string())?;
-            let info = gpu.info().clone();
+            let gpu = yoco_worker::cuda::driver::CudaBackend::open(0).map_err(|e| e.to_string())?;
+            let info = gpu.runtime().info().clone();
             println!("# GPU {}: {} (compute {}.{})", info.ordinal, info.name, info.capability.0, info.capability.1);
-            run(gpu, &model, &args, &|g: &yoco_worker::cuda::device::CudaBackend| {
+            run(gpu, &model, &args, &|g: &yoco_worker::cuda::driver::CudaBackend| {
                 g.memory().ok().map(|(free, total)| (total - free) as f64 / 1e9)
             })
         }

@@ -9,7 +9,8 @@
 
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
-use yoco_worker::cuda::device::{gpu_count, CudaBackend, DeviceError};
+use yoco_worker::cuda::driver::{gpu_count, CudaBackend};
+use yoco_worker::cuda::runtime::DeviceError;
 use yoco_worker::kernels::cross_attention::{cross_attention_reference, CrossShape};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::kernels::widen::WeightRef;
@@ -32,7 +33,7 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 }
 
 fn backend() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
+    match CudaBackend::open(0) {
         Ok(b) => Some(b),
         Err(e) => {
             assert!(std::env::var_os("YOCO_REQUIRE_GPU").is_none(), "YOCO_REQUIRE_GPU is set but: {e}");
@@ -45,7 +46,7 @@ fn backend() -> Option<CudaBackend> {
 #[test]
 fn opening_a_missing_gpu_is_a_clean_error() {
     let missing = gpu_count();
-    match CudaBackend::new(missing) {
+    match CudaBackend::open(missing) {
         Err(DeviceError::NoDriver | DeviceError::NoCublas | DeviceError::Device { .. }) => {}
         Err(other) => panic!("unexpected error for GPU {missing}: {other}"),
         Ok(_) => panic!("GPU {missing} opened on a machine that reports {missing} GPUs"),
@@ -55,7 +56,7 @@ fn opening_a_missing_gpu_is_a_clean_error() {
 #[test]
 fn every_op_matches_the_cpu_kernel_on_the_gpu() -> Result<(), DeviceError> {
     let Some(gpu) = backend() else { return Ok(()) };
-    let info = gpu.info();
+    let info = gpu.runtime().info();
     eprintln!(
         "GPU {}: {} (compute {}.{}, {} GiB)",
         info.ordinal,
@@ -179,9 +180,8 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         states.extend_from_slice(&want_state);
         let mut dstates = gpu.upload(&states)?;
         let mut dout = gpu.zeros::<f32>(w)?;
-        let (dq, dk, dv, dg, slots) =
-            (gpu.upload(&q1)?, gpu.upload(&k1)?, gpu.upload(&v1)?, gpu.upload(&g1)?, gpu.upload(&[1u32])?);
-        gpu.retention_recurrent(&dq, &dk, &dv, &dg, &slots, &mut dstates, &mut dout, 1, heads, d)?;
+        let (dq, dk, dv, dg) = (gpu.upload(&q1)?, gpu.upload(&k1)?, gpu.upload(&v1)?, gpu.upload(&g1)?);
+        gpu.retention_recurrent(&dq, &dk, &dv, &dg, &[1], &mut dstates, &mut dout, heads, d)?;
         let mut want = vec![0f32; w];
         retention_recurrent_step(&q1, &k1, &v1, &g1, heads, d, &mut want_state, &mut want);
         assert_close(&gpu.download(&dout)?, &want, 1e-4, "retention_recurrent");
@@ -224,30 +224,14 @@ fn attention(gpu: &CudaBackend) -> Result<(), DeviceError> {
     let q = randn(lens.len() * shape.q_dim(), 60);
     for dtype in CacheDtype::ALL {
         let mut pool = gpu.kv_pool(dtype, total, bt, kvd)?;
-        let mut offsets = Vec::new();
-        let mut all_tables = Vec::new();
         for ((keys, values), table) in kv.iter().zip(&tables) {
-            offsets.push(all_tables.len() as u32);
-            all_tables.extend_from_slice(table);
-            let dt = gpu.upload(table)?;
             let n = keys.len() / kvd;
-            gpu.kv_write(&gpu.upload(keys)?, n, &mut pool, &dt, table.len(), 0, false)?;
-            gpu.kv_write(&gpu.upload(values)?, n, &mut pool, &dt, table.len(), 0, true)?;
+            gpu.kv_write(&gpu.upload(keys)?, n, &mut pool, table, 0, false)?;
+            gpu.kv_write(&gpu.upload(values)?, n, &mut pool, table, 0, true)?;
         }
-        let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let mut dout = gpu.zeros::<f32>(lens.len() * shape.q_dim())?;
-        gpu.cross_attention(
-            &gpu.upload(&q)?,
-            &pool,
-            &gpu.upload(&all_tables)?,
-            &gpu.upload(&offsets)?,
-            &gpu.upload(&lens32)?,
-            lens.len(),
-            lens[0],
-            shape,
-            4096,
-            &mut dout,
-        )?;
+        let table_refs: Vec<&[u32]> = tables.iter().map(|t| &t[..]).collect();
+        gpu.cross_attention(&gpu.upload(&q)?, &pool, &table_refs, &lens, shape, 4096, &mut dout)?;
         let got = gpu.download(&dout)?;
         let round = |x: &[f32]| -> Vec<f32> {
             match dtype {

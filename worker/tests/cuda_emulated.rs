@@ -1,95 +1,22 @@
-//! The CUDA kernels, run on the CPU: the program NVRTC compiles (`yoco_worker::cuda::program`)
-//! is built with the host C++ compiler over a small emulator of the CUDA execution model
-//! (`cuda_emu/emu.h`: a block's threads are OS threads, `__syncthreads` a barrier) and every
-//! kernel is checked against the CPU kernel it stands for. This proves the kernels' indexing,
+//! The CUDA kernels, run on the CPU in the emulator (`emulator/`: the program NVRTC compiles,
+//! built with the host C++ compiler over a model of the CUDA execution model), each checked
+//! against the CPU kernel it stands for. This proves the kernels' indexing,
 //! tiling, online softmax and merges on every machine; what it cannot prove (the GPU's memory
 //! model, its float intrinsics, warp timing) is for `scripts/gpu-check.sh` on a GPU.
 //!
 //! Tolerances: f32 results within 2e-6 relative of the CPU kernel (the two sum in different
 //! orders), against the rms of the data for elements near zero; conversions bit-exact.
 
-use std::ffi::{c_char, c_void, CString};
-use std::path::PathBuf;
-use std::sync::OnceLock;
+mod emulator;
 
+use std::ffi::c_void;
+
+use emulator::{launch, raw_launch};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use yoco_worker::kernels::cross_attention::{cross_attention_reference, CrossShape};
 use yoco_worker::kernels::retention::{retention_chunkwise, retention_recurrent_step, RetentionShape};
 use yoco_worker::kernels::rope::Rope;
-
-type Launch = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *mut *mut c_void) -> i32;
-
-struct Emulator {
-    _lib: libloading::Library,
-    launch: Launch,
-}
-
-/// Compiles the kernel program with the emulator once per test binary.
-fn emulator() -> &'static Emulator {
-    static EMU: OnceLock<Emulator> = OnceLock::new();
-    EMU.get_or_init(|| {
-        let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu");
-        std::fs::create_dir_all(&dir).unwrap();
-        let source = dir.join("program.cpp");
-        let registry = std::fs::read_to_string(here.join("registry.cpp")).unwrap();
-        let text =
-            format!("#include \"emu.h\"\n{}\n#line 1 \"registry.cpp\"\n{registry}", yoco_worker::cuda::program());
-        std::fs::write(&source, text).unwrap();
-        let lib = dir.join(format!("libyoco_cuda_emu_{}.so", std::process::id()));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = std::process::Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-I"])
-            .arg(&here)
-            .arg(&source)
-            .arg("-o")
-            .arg(&lib)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
-        assert!(
-            out.status.success(),
-            "the kernels do not build for the emulator:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // SAFETY: the library was just built from our sources; it runs no code on load.
-        let lib = unsafe { libloading::Library::new(&lib) }.unwrap();
-        // SAFETY: registry.cpp defines emu_launch with exactly this signature.
-        let launch = unsafe { *lib.get::<Launch>(b"emu_launch").unwrap() };
-        Emulator { _lib: lib, launch }
-    })
-}
-
-/// Runs kernel `name` over `grid` with `threads` per block; `args` point at the arguments, as
-/// for cuLaunchKernel.
-fn launch(name: &str, grid: (u32, u32, u32), threads: u32, args: &mut [*mut c_void]) {
-    // SAFETY: every argument points at a live value of the type the kernel takes, and every
-    // buffer behind a pointer argument is as large as the kernel's indexing needs (each test
-    // sizes them from the same shapes it passes).
-    let rc = unsafe { raw_launch(name, grid, threads, args.as_mut_ptr()) };
-    assert_eq!(
-        rc,
-        0,
-        "emu_launch({name}) failed: {}",
-        match rc {
-            1 => "no such kernel",
-            2 => "bad block size",
-            _ => "threads left the kernel while others waited at a barrier",
-        }
-    );
-}
-
-/// `emu_launch`, one launch at a time: the emulator's block state is global.
-///
-/// # Safety
-/// `args` points at the kernel's arguments (see [`launch`]), or the grid is empty.
-unsafe fn raw_launch(name: &str, grid: (u32, u32, u32), threads: u32, args: *mut *mut c_void) -> i32 {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let emu = emulator();
-    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let cname = CString::new(name).unwrap();
-    unsafe { (emu.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, threads, args) }
-}
 
 /// `args![a, b, …]`: pointers to the argument values, for [`launch`].
 macro_rules! args {

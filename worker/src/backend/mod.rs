@@ -1,6 +1,6 @@
 //! The backend split: the YOCO forward pass written once ([`Forward`]) over the ops a backend
 //! implements ([`Backend`]): the CPU kernels ([`cpu::CpuBackend`]) or the CUDA ones
-//! (`cuda::CudaOps`, feature `cuda`). Activations, weights, retention states and the global KV
+//! (`crate::cuda::ops::Gpu`, on a GPU with feature `cuda`, or in the tests' emulator). Activations, weights, retention states and the global KV
 //! cache live where the backend keeps them (host memory or device memory); only token ids go in
 //! and logits come out.
 //!
@@ -9,9 +9,8 @@
 //! context- and tensor-parallel exchanges move to this trait when the CUDA backend takes them.
 
 pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 mod forward;
+pub mod gpu;
 
 pub use forward::{Forward, ForwardError, ForwardOptions, Sequence};
 

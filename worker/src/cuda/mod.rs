@@ -7,7 +7,9 @@
 #[cfg(feature = "cuda")]
 pub mod compile;
 #[cfg(feature = "cuda")]
-pub mod device;
+pub mod driver;
+pub mod ops;
+pub mod runtime;
 
 /// The sources in the order they form the program: the prelude first (reductions, element
 /// types), then the kernel families.

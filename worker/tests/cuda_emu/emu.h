@@ -8,6 +8,7 @@
 // wait at a barrier is reported: on a GPU that is a hang or undefined behaviour.
 #pragma once
 #include <math.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -26,18 +27,24 @@ inline dim3 blockDim, gridDim;
 
 namespace emu {
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // to start the fiber
+    jmp_buf at;      // where it waits
     std::vector<char> stack;
-    bool done = false;
+    bool started = false, done = false;
 };
+// Switches are _setjmp/_longjmp (no signal-mask system call, unlike swapcontext); ucontext only
+// starts a fiber on its own stack.
 inline ucontext_t scheduler;
+inline jmp_buf scheduler_at;
 inline std::vector<Fiber>* fibers = nullptr;
 inline unsigned current = 0;
 inline unsigned long long exchange[1024];
 inline bool diverged = false;
 
 // Back to the scheduler until every thread of the block has reached this barrier.
-inline void barrier() { swapcontext(&(*fibers)[current].ctx, &scheduler); }
+inline void barrier() {
+    if (_setjmp((*fibers)[current].at) == 0) _longjmp(scheduler_at, 1);
+}
 }  // namespace emu
 
 #define __global__

@@ -16,7 +16,7 @@ inline void** entry_args = nullptr;
 inline void fiber_main() {
     entry(entry_args);
     (*fibers)[current].done = true;
-    // Returning resumes uc_link: the scheduler.
+    _longjmp(scheduler_at, 1);
 }
 
 template <typename... P>
@@ -27,8 +27,14 @@ int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
     entry_args = args;
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
-    std::vector<Fiber> pool(threads);
-    for (auto& f : pool) f.stack.resize(256 * 1024);
+    // The fibers and their stacks live across launches (allocating them is most of the cost).
+    static std::vector<Fiber> all;
+    if (all.size() < threads) {
+        all.resize(threads);
+        for (auto& f : all)
+            if (f.stack.empty()) f.stack.resize(64 * 1024);
+    }
+    std::vector<Fiber>& pool = all;
     fibers = &pool;
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
@@ -37,6 +43,7 @@ int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
                 for (unsigned t = 0; t < threads; t++) {
                     Fiber& f = pool[t];
                     f.done = false;
+                    f.started = false;
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = f.stack.data();
                     f.ctx.uc_stack.ss_size = f.stack.size();
@@ -53,7 +60,14 @@ int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
                         }
                         current = t;
                         threadIdx = uint3{t, 0, 0};
-                        swapcontext(&scheduler, &pool[t].ctx);
+                        if (_setjmp(scheduler_at) == 0) {
+                            if (!pool[t].started) {
+                                pool[t].started = true;
+                                swapcontext(&scheduler, &pool[t].ctx);
+                            } else {
+                                _longjmp(pool[t].at, 1);
+                            }
+                        }
                         if (pool[t].done) finished++;
                     }
                     if (finished == threads) break;

@@ -1,0 +1,194 @@
+//! The CUDA backend: [`Gpu`]'s device buffers and ops behind the [`Backend`] trait, over any
+//! [`Runtime`] (the GPU's, or the tests' emulator). Small host inputs (token ids, positions,
+//! block tables) go up per call; activations stay on the device from the embedding to the
+//! logits.
+
+use super::{Backend, BackendError, Result};
+use crate::cuda::ops::{DeviceKvPool, DeviceMatrix, Gpu};
+use crate::cuda::runtime::{DeviceError, Runtime};
+use crate::kernels::cross_attention::CrossShape;
+use crate::kernels::kv_block::CacheDtype;
+use crate::weights::Tensor;
+
+/// Positions per flash-decoding split of the cross-attention (the CPU kernel's split).
+const SPLIT_TOKENS: usize = 4096;
+
+impl From<DeviceError> for BackendError {
+    fn from(e: DeviceError) -> Self {
+        BackendError { backend: "cuda", message: e.to_string() }
+    }
+}
+
+impl<R: Runtime> Backend for Gpu<R> {
+    type Buf = R::Buf<f32>;
+    type Matrix = DeviceMatrix<R>;
+    type Pool = DeviceKvPool<R>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<R::Buf<f32>> {
+        Ok(Gpu::upload(self, x)?)
+    }
+
+    fn download(&self, x: &R::Buf<f32>) -> Result<Vec<f32>> {
+        Ok(Gpu::download(self, x)?)
+    }
+
+    fn zeros(&self, n: usize) -> Result<R::Buf<f32>> {
+        Ok(Gpu::zeros(self, n)?)
+    }
+
+    fn matrix(&self, t: &Tensor) -> Result<DeviceMatrix<R>> {
+        match t.shape[..] {
+            [rows, cols] => Ok(self.upload_matrix(t.view(), rows, cols)?),
+            _ => Err(BackendError { backend: "cuda", message: format!("a matrix of shape {:?}", t.shape) }),
+        }
+    }
+
+    fn matmul(&self, x: &R::Buf<f32>, m: usize, w: &DeviceMatrix<R>) -> Result<R::Buf<f32>> {
+        let (n, k) = w.shape();
+        let mut y = Gpu::zeros(self, m * n)?;
+        let mut scratch = match w {
+            DeviceMatrix::F32 { .. } => Gpu::zeros::<u16>(self, 1)?,
+            _ => Gpu::zeros::<u16>(self, m * k)?,
+        };
+        Gpu::matmul(self, x, m, w, &mut y, &mut scratch)?;
+        Ok(y)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &R::Buf<f32>,
+        rows: usize,
+        dim: usize,
+        w: Option<&R::Buf<f32>>,
+        eps: f32,
+    ) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, rows * dim)?;
+        Gpu::rms_norm(self, x, rows, dim, w, eps, &mut out)?;
+        Ok(out)
+    }
+
+    fn add_assign(&self, a: &mut R::Buf<f32>, b: &R::Buf<f32>, n: usize) -> Result<()> {
+        Ok(Gpu::add_assign(self, a, b, n)?)
+    }
+
+    fn silu_mul(&self, a: &mut R::Buf<f32>, b: &R::Buf<f32>, n: usize) -> Result<()> {
+        Ok(Gpu::silu_mul(self, a, b, n)?)
+    }
+
+    fn log_sigmoid_scaled(&self, x: &R::Buf<f32>, n: usize, normalizer: f32) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, n)?;
+        Gpu::log_sigmoid_scaled(self, x, &mut out, n, normalizer)?;
+        Ok(out)
+    }
+
+    fn embed(&self, ids: &[u32], table: &DeviceMatrix<R>, scale: f32) -> Result<R::Buf<f32>> {
+        let (vocab, dim) = table.shape();
+        let mut out = Gpu::zeros(self, ids.len() * dim)?;
+        let dev_ids = Gpu::upload(self, ids)?;
+        self.embedding(&dev_ids, ids.len(), table, 0..vocab as u32, scale, &mut out)?;
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        x: &mut R::Buf<f32>,
+        positions: &[u32],
+        inv_freq: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (pos, freq) = (Gpu::upload(self, positions)?, Gpu::upload(self, inv_freq)?);
+        Ok(Gpu::rope(self, x, &pos, positions.len(), &freq, heads, head_dim)?)
+    }
+
+    fn retention(
+        &self,
+        q: &R::Buf<f32>,
+        k: &R::Buf<f32>,
+        v: &R::Buf<f32>,
+        gamma: &R::Buf<f32>,
+        state: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, tokens * heads * head_dim)?;
+        if tokens == 1 {
+            self.retention_recurrent(q, k, v, gamma, &[0], state, &mut out, heads, head_dim)?;
+        } else {
+            self.retention_chunkwise(q, k, v, gamma, state, &mut out, tokens, heads, head_dim)?;
+        }
+        Ok(out)
+    }
+
+    fn window_attention(
+        &self,
+        q: &R::Buf<f32>,
+        keys: &R::Buf<f32>,
+        values: &R::Buf<f32>,
+        tokens: usize,
+        prefix: usize,
+        window: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, tokens * heads * head_dim)?;
+        Gpu::window_attention(self, q, keys, values, &mut out, tokens, prefix, window, heads, head_dim)?;
+        Ok(out)
+    }
+
+    fn rows(&self, x: &R::Buf<f32>, width: usize, rows: std::ops::Range<usize>) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, rows.len() * width)?;
+        self.copy(x, rows.start * width..rows.end * width, &mut out, 0)?;
+        Ok(out)
+    }
+
+    fn concat(
+        &self,
+        a: &R::Buf<f32>,
+        a_rows: usize,
+        b: &R::Buf<f32>,
+        b_rows: usize,
+        width: usize,
+    ) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, (a_rows + b_rows) * width)?;
+        self.copy(a, 0..a_rows * width, &mut out, 0)?;
+        self.copy(b, 0..b_rows * width, &mut out, a_rows * width)?;
+        Ok(out)
+    }
+
+    fn kv_pool(&self, dtype: CacheDtype, blocks: usize, block_tokens: usize, kv_dim: usize) -> Result<DeviceKvPool<R>> {
+        Ok(Gpu::kv_pool(self, dtype, blocks, block_tokens, kv_dim)?)
+    }
+
+    fn kv_write(
+        &self,
+        pool: &mut DeviceKvPool<R>,
+        table: &[u32],
+        start: usize,
+        k: &R::Buf<f32>,
+        v: &R::Buf<f32>,
+        n: usize,
+    ) -> Result<()> {
+        Gpu::kv_write(self, k, n, pool, table, start, false)?;
+        Gpu::kv_write(self, v, n, pool, table, start, true)?;
+        Ok(())
+    }
+
+    fn cross_attention(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        table: &[u32],
+        len: usize,
+        shape: CrossShape,
+    ) -> Result<R::Buf<f32>> {
+        let mut out = Gpu::zeros(self, shape.q_dim())?;
+        Gpu::cross_attention(self, q, pool, &[table], &[len], shape, SPLIT_TOKENS, &mut out)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,214 @@
+//! The GPU [`Runtime`]: a cudarc context and stream on one device, the kernel program compiled
+//! by NVRTC for its compute capability at start-up, and a cuBLAS handle. Opening it never
+//! panics: cudarc panics when libcuda is missing, so the libraries are probed first, and every
+//! driver, NVRTC or cuBLAS failure is a [`DeviceError`].
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+
+use super::compile::compile_program;
+use super::ops::Gpu;
+use super::runtime::{DeviceElem, DeviceError, Gemm, GemmType, Runtime};
+use super::KERNELS;
+
+/// The CUDA backend on one GPU.
+pub type CudaBackend = Gpu<CudaRuntime>;
+
+fn driver(e: impl std::fmt::Debug) -> DeviceError {
+    DeviceError::Driver(format!("{e:?}"))
+}
+
+/// What a GPU is, for the start-up log line.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub capability: (i32, i32),
+    pub total_bytes: usize,
+}
+
+/// How many GPUs this machine has (0 without the driver library).
+pub fn gpu_count() -> usize {
+    // SAFETY: this only tries to open the shared library by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+pub struct CudaRuntime {
+    info: DeviceInfo,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+}
+
+impl CudaRuntime {
+    /// Opens GPU `ordinal`.
+    pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
+        // SAFETY: these only try to open shared libraries by name.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(DeviceError::NoDriver);
+        }
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(DeviceError::NoCublas);
+        }
+        let count = CudaContext::device_count().map_err(driver)?.max(0) as usize;
+        if ordinal >= count {
+            return Err(DeviceError::Device { ordinal, message: format!("this machine has {count} GPUs") });
+        }
+        let dev = |e: cudarc::driver::DriverError| DeviceError::Device { ordinal, message: format!("{e:?}") };
+        let ctx = CudaContext::new(ordinal).map_err(dev)?;
+        // One stream: its order is all the ordering the ops need.
+        // SAFETY: no buffer is shared with another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let capability = ctx.compute_capability().map_err(dev)?;
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(dev)?,
+            capability,
+            total_bytes: ctx.total_mem().map_err(dev)?,
+        };
+        let arch = match capability {
+            (9, _) => "compute_90",
+            (8, 9) => "compute_89",
+            (8, 6) => "compute_86",
+            (8, _) => "compute_80",
+            (major, _) if major >= 10 => "compute_90", // PTX for 9.0 is JIT-compiled forward
+            (major, minor) => {
+                return Err(DeviceError::Device {
+                    ordinal,
+                    message: format!("compute capability {major}.{minor}: yoco needs 8.0 (A100) or newer"),
+                })
+            }
+        };
+        let module = ctx.load_module(compile_program(arch)?).map_err(driver)?;
+        let mut kernels = HashMap::new();
+        for &name in KERNELS {
+            kernels.insert(name, module.load_function(name).map_err(driver)?);
+        }
+        let stream = ctx.new_stream().map_err(dev)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas(format!("{e:?}")))?;
+        Ok(CudaRuntime { info, stream, blas, kernels })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+}
+
+impl Gpu<CudaRuntime> {
+    /// The CUDA backend on GPU `ordinal`.
+    pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
+        Ok(Gpu::new(CudaRuntime::open(ordinal)?))
+    }
+}
+
+fn data_type(t: GemmType) -> blas_sys::cudaDataType {
+    match t {
+        GemmType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        GemmType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        GemmType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+    }
+}
+
+fn op(trans: bool) -> blas_sys::cublasOperation_t {
+    if trans {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl Runtime for CudaRuntime {
+    type Buf<T: DeviceElem> = CudaSlice<T>;
+
+    fn alloc<T: DeviceElem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {
+        self.stream.alloc_zeros(n.max(1)).map_err(driver)
+    }
+
+    fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<CudaSlice<T>, DeviceError> {
+        self.stream.clone_htod(host).map_err(driver)
+    }
+
+    fn download<T: DeviceElem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>, DeviceError> {
+        self.stream.clone_dtoh(buf).map_err(driver)
+    }
+
+    fn len<T: DeviceElem>(&self, buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+
+    fn addr<T: DeviceElem>(&self, buf: &CudaSlice<T>) -> u64 {
+        // Event tracking is off, so the guard records nothing.
+        buf.device_ptr(&self.stream).0
+    }
+
+    fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        from: Range<usize>,
+        dst: &mut CudaSlice<f32>,
+        at: usize,
+    ) -> Result<(), DeviceError> {
+        let n = from.len();
+        self.stream.memcpy_dtod(&src.slice(from), &mut dst.slice_mut(at..at + n)).map_err(driver)
+    }
+
+    unsafe fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        threads: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), DeviceError> {
+        let f = self.kernels.get(name).ok_or_else(|| DeviceError::Driver(format!("no kernel {name}")))?;
+        self.stream.context().bind_to_thread().map_err(driver)?;
+        // SAFETY: the caller guarantees the arguments (see `Runtime::launch`).
+        unsafe { cu::launch_kernel(f.cu_function(), grid, (threads, 1, 1), 0, self.stream.cu_stream(), args) }
+            .map_err(driver)
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), DeviceError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the caller guarantees the operands (see `Runtime::gemm`); the handle is on
+        // this runtime's stream.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m,
+                g.n,
+                g.k,
+                (&alpha as *const f32).cast(),
+                g.a as *const c_void,
+                data_type(g.input),
+                g.lda,
+                g.b as *const c_void,
+                data_type(g.input),
+                g.ldb,
+                (&beta as *const f32).cast(),
+                g.c as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                g.ldc,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| DeviceError::Blas(format!("{e:?}")))
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.stream.synchronize().map_err(driver)
+    }
+
+    fn memory(&self) -> Result<(usize, usize), DeviceError> {
+        self.stream.context().mem_get_info().map_err(driver)
+    }
+}

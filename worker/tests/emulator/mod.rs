@@ -1,0 +1,194 @@
+//! The CPU emulator of the CUDA kernels, shared by the tests that run them: the program NVRTC
+//! compiles (`yoco_worker::cuda::program`), built with the host C++ compiler over
+//! `cuda_emu/emu.h` (a block's threads are fibers, `__syncthreads` a switch back to the
+//! scheduler), and [`EmuRuntime`], the `Runtime` of the CUDA ops over it: device buffers are host
+//! vectors, launches go to the emulator, and the GEMM is cuBLAS's column-major contract computed
+//! on the host. What it cannot prove (the GPU's memory model, its float intrinsics, warp timing,
+//! cuBLAS itself) is for `scripts/gpu-check.sh` on a GPU.
+#![allow(dead_code)]
+
+use std::cell::UnsafeCell;
+use std::ffi::{c_char, c_void, CString};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use yoco_worker::cuda::runtime::{DeviceElem, DeviceError, Gemm, GemmType, Runtime};
+
+type Launch = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *mut *mut c_void) -> i32;
+
+pub struct Emulator {
+    _lib: libloading::Library,
+    launch: Launch,
+}
+
+/// Compiles the kernel program with the emulator once per test binary.
+pub fn emulator() -> &'static Emulator {
+    static EMU: OnceLock<Emulator> = OnceLock::new();
+    EMU.get_or_init(|| {
+        let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("program.cpp");
+        let registry = std::fs::read_to_string(here.join("registry.cpp")).unwrap();
+        let text =
+            format!("#include \"emu.h\"\n{}\n#line 1 \"registry.cpp\"\n{registry}", yoco_worker::cuda::program());
+        std::fs::write(&source, text).unwrap();
+        let lib = dir.join(format!("libyoco_cuda_emu_{}.so", std::process::id()));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-I"])
+            .arg(&here)
+            .arg(&source)
+            .arg("-o")
+            .arg(&lib)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
+        assert!(
+            out.status.success(),
+            "the kernels do not build for the emulator:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: the library was just built from our sources; it runs no code on load.
+        let lib = unsafe { libloading::Library::new(&lib) }.unwrap();
+        // SAFETY: registry.cpp defines emu_launch with exactly this signature.
+        let launch = unsafe { *lib.get::<Launch>(b"emu_launch").unwrap() };
+        Emulator { _lib: lib, launch }
+    })
+}
+
+/// Runs kernel `name` over `grid` with `threads` per block; `args` point at the arguments, as
+/// for cuLaunchKernel.
+pub fn launch(name: &str, grid: (u32, u32, u32), threads: u32, args: &mut [*mut c_void]) {
+    // SAFETY: every argument points at a live value of the type the kernel takes, and every
+    // buffer behind a pointer argument is as large as the kernel's indexing needs (each test
+    // sizes them from the same shapes it passes).
+    let rc = unsafe { raw_launch(name, grid, threads, args.as_mut_ptr()) };
+    assert_eq!(rc, 0, "emu_launch({name}) failed: {}", failure(rc));
+}
+
+fn failure(rc: i32) -> &'static str {
+    match rc {
+        1 => "no such kernel",
+        2 => "bad block size",
+        _ => "threads left the kernel while others waited at a barrier",
+    }
+}
+
+/// `emu_launch`, one launch at a time: the emulator's block state is global.
+///
+/// # Safety
+/// `args` points at the kernel's arguments (see [`launch`]), or the grid is empty.
+pub unsafe fn raw_launch(name: &str, grid: (u32, u32, u32), threads: u32, args: *mut *mut c_void) -> i32 {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let emu = emulator();
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let cname = CString::new(name).unwrap();
+    unsafe { (emu.launch)(cname.as_ptr(), grid.0, grid.1, grid.2, threads, args) }
+}
+
+/// A device buffer of the emulator: host memory the kernels write through its address.
+pub struct EmuBuf<T>(UnsafeCell<Vec<T>>);
+
+impl<T> EmuBuf<T> {
+    fn ptr(&self) -> *mut T {
+        // SAFETY: only the pointer is read; the emulator runs one launch at a time.
+        unsafe { (*self.0.get()).as_mut_ptr() }
+    }
+    fn len(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { (*self.0.get()).len() }
+    }
+}
+
+/// The CUDA ops' runtime over the emulator.
+#[derive(Default)]
+pub struct EmuRuntime;
+
+/// An operand element of the emulated GEMM at index `i`.
+///
+/// # Safety
+/// `addr` is of a live buffer of `t` elements holding index `i`.
+unsafe fn element(addr: u64, t: GemmType, i: usize) -> f32 {
+    unsafe {
+        match t {
+            GemmType::F32 => *(addr as *const f32).add(i),
+            GemmType::Bf16 => bf16::from_bits(*(addr as *const u16).add(i)).to_f32(),
+            GemmType::F16 => f16::from_bits(*(addr as *const u16).add(i)).to_f32(),
+        }
+    }
+}
+
+impl Runtime for EmuRuntime {
+    type Buf<T: DeviceElem> = EmuBuf<T>;
+
+    fn alloc<T: DeviceElem>(&self, n: usize) -> Result<EmuBuf<T>, DeviceError> {
+        Ok(EmuBuf(UnsafeCell::new(vec![T::default(); n.max(1)])))
+    }
+
+    fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<EmuBuf<T>, DeviceError> {
+        Ok(EmuBuf(UnsafeCell::new(host.to_vec())))
+    }
+
+    fn download<T: DeviceElem>(&self, buf: &EmuBuf<T>) -> Result<Vec<T>, DeviceError> {
+        // SAFETY: no launch is running (they are synchronous here).
+        Ok(unsafe { (*buf.0.get()).clone() })
+    }
+
+    fn len<T: DeviceElem>(&self, buf: &EmuBuf<T>) -> usize {
+        buf.len()
+    }
+
+    fn addr<T: DeviceElem>(&self, buf: &EmuBuf<T>) -> u64 {
+        buf.ptr() as u64
+    }
+
+    fn copy(&self, src: &EmuBuf<f32>, from: Range<usize>, dst: &mut EmuBuf<f32>, at: usize) -> Result<(), DeviceError> {
+        assert!(from.end <= src.len() && at + from.len() <= dst.len(), "the ops check copies");
+        // SAFETY: both ranges lie in their buffers (asserted); src and dst are distinct buffers.
+        unsafe { std::ptr::copy(src.ptr().add(from.start), dst.ptr().add(at), from.len()) };
+        Ok(())
+    }
+
+    unsafe fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        threads: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), DeviceError> {
+        // SAFETY: the caller guarantees the arguments.
+        match unsafe { raw_launch(name, grid, threads, args.as_mut_ptr()) } {
+            0 => Ok(()),
+            rc => Err(DeviceError::Driver(format!("emulated {name}: {}", failure(rc)))),
+        }
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), DeviceError> {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    let a = if g.trans_a { p + i * lda } else { i + p * lda };
+                    let b = if g.trans_b { j + p * ldb } else { p + j * ldb };
+                    // SAFETY: the caller guarantees the operands' sizes.
+                    acc += unsafe { element(g.a, g.input, a) * element(g.b, g.input, b) };
+                }
+                // SAFETY: as above, for C.
+                unsafe { *(g.c as *mut f32).add(i + j * ldc) = acc };
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    fn memory(&self) -> Result<(usize, usize), DeviceError> {
+        Ok((0, 0))
+    }
+}
