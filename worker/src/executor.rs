@@ -184,19 +184,8 @@ impl Executor {
                 }
                 None => (true, Vec::new()),
             };
-            let sampled = if sample {
-                let last = &out.logits[out.logits.len() - vocab..];
-                let token = ctl.sampler.sample(last);
-                // Of the raw logits: the penalties steer the choice, not the reported model.
-                let lp = log_softmax(last);
-                Some(Sampled {
-                    token,
-                    logprob: lp[token as usize],
-                    top_logprobs: top_logprobs(&lp, ctl.spec.top_logprobs),
-                })
-            } else {
-                None
-            };
+            let sampled = sample
+                .then(|| sample_next(&mut ctl.sampler, &out.logits[out.logits.len() - vocab..], ctl.spec.top_logprobs));
             let shard_tokens = self.engine.sequence_shard_len(out.seq).unwrap_or(0);
             results.push(SeqResult { seq: out.seq, sampled, prompt_logprobs, shard_tokens });
         }
@@ -221,4 +210,12 @@ impl Executor {
         }
         Ok(())
     }
+}
+
+/// The next token from a row of logits, with its log-probability and the `top` most likely
+/// alternatives, both of the raw logits: the penalties steer the choice, not the reported model.
+pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> Sampled {
+    let token = sampler.sample(logits);
+    let lp = log_softmax(logits);
+    Sampled { token, logprob: lp[token as usize], top_logprobs: top_logprobs(&lp, top) }
 }

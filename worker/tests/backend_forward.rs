@@ -116,3 +116,33 @@ fn bad_input_is_an_error_that_leaves_the_sequence_as_it_was() {
         assert!(matches!(err, Some(ForwardError::Unsupported(_))), "chunk_tokens {chunk}");
     }
 }
+
+/// A request through `generate` on the forward runner (what `yoco generate --device cuda`
+/// runs) gives what the engine's executor gives: the same tokens under seeded sampling with
+/// penalties, their log-probabilities within 1e-5.
+#[test]
+fn the_forward_runner_generates_what_the_executor_generates() {
+    use yoco_worker::backend::runner::ForwardRunner;
+    use yoco_worker::executor::Executor;
+    use yoco_worker::generate::{generate, GenerateParams};
+    use yoco_worker::sampling::SamplingParams;
+    let model = load("gret");
+    let prompt = expected("gret").prompt;
+    let sampling =
+        SamplingParams { temperature: 0.8, top_k: 20, seed: 5, repetition_penalty: 1.1, ..SamplingParams::default() };
+    let params =
+        GenerateParams { max_tokens: 12, sampling, top_logprobs: 3, prefill_chunk: 64, ..GenerateParams::default() };
+    let mut executor = Executor::new(engine(&model, 16));
+    let want = generate(&mut executor, 1, &prompt, &params, &mut |_| {}).unwrap();
+    let mut runner = ForwardRunner::new(Forward::new(CpuBackend, &model, opts(CacheDtype::F32, 64)).unwrap());
+    let got = generate(&mut runner, 1, &prompt, &params, &mut |_| {}).unwrap();
+    assert_eq!(got.tokens, want.tokens);
+    assert!(rel_err(&got.logprobs, &want.logprobs) < 1e-5);
+    assert_eq!(got.top_logprobs.iter().map(|t| t.len()).collect::<Vec<_>>(), vec![3; 12]);
+    assert_eq!(runner.forward().free_blocks(), 4096 / 16, "the sequence's blocks came back");
+    // What only the engine has is refused, and the runner stays usable.
+    let err =
+        generate(&mut runner, 2, &prompt, &GenerateParams { prompt_logprobs: true, ..params.clone() }, &mut |_| {});
+    assert!(err.unwrap_err().to_string().contains("prompt log-probabilities is not supported on the cpu backend"));
+    assert_eq!(generate(&mut runner, 3, &prompt, &params, &mut |_| {}).unwrap().tokens, want.tokens);
+}

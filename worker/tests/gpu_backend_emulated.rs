@@ -93,3 +93,23 @@ fn the_emulated_gpu_forward_pass_is_the_cpu_one_for_both_mixers_and_half_caches(
         }
     }
 }
+
+/// `generate` on the forward runner over the emulated GPU: the tokens the CPU engine's executor
+/// samples (temperature, top-k, repetition penalty, seeded).
+#[test]
+fn the_emulated_gpu_runner_samples_what_the_engine_samples() {
+    use yoco_worker::backend::runner::ForwardRunner;
+    use yoco_worker::executor::Executor;
+    use yoco_worker::generate::{generate, GenerateParams};
+    use yoco_worker::sampling::SamplingParams;
+    let model = load("swa");
+    let prompt = expected("swa").prompt;
+    let sampling =
+        SamplingParams { temperature: 0.7, top_k: 10, seed: 11, repetition_penalty: 1.2, ..SamplingParams::default() };
+    let params = GenerateParams { max_tokens: 8, sampling, prefill_chunk: 64, ..GenerateParams::default() };
+    let want = generate(&mut Executor::new(engine(&model, 16)), 1, &prompt, &params, &mut |_| {}).unwrap();
+    let mut runner = ForwardRunner::new(Forward::new(gpu(), &model, opts(CacheDtype::F32)).unwrap());
+    let got = generate(&mut runner, 1, &prompt, &params, &mut |_| {}).unwrap();
+    assert_eq!(got.tokens, want.tokens);
+    assert!(rel_err(&got.logprobs, &want.logprobs) < 1e-4);
+}

@@ -265,6 +265,18 @@ impl<B: Backend> Forward<B> {
     /// Runs `tokens` (a prompt, or the next generated token) through the model after what
     /// `seq` has seen, in chunks of `chunk_tokens`; returns the logits of the last token.
     pub fn forward(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<Vec<f32>> {
+        let x = self.run_self_decoder(seq, tokens)?;
+        self.cross_decode(seq, &x)
+    }
+
+    /// [`Forward::forward`] without the logits: a prompt chunk that is not the last only fills
+    /// the caches (the cross-decoder is skipped: YOCO's linear prefill).
+    pub fn extend(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<()> {
+        self.run_self_decoder(seq, tokens).map(drop)
+    }
+
+    /// The self-decoder over `tokens` in chunks, caches advanced; the last row of its output.
+    fn run_self_decoder(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<B::Buf> {
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
         }
@@ -282,8 +294,7 @@ impl<B: Backend> Forward<B> {
         for chunk in tokens.chunks(self.opts.chunk_tokens) {
             last = Some(self.self_decode(seq, chunk)?);
         }
-        let x = last.expect("at least one chunk");
-        self.cross_decode(seq, &x)
+        Ok(last.expect("at least one chunk"))
     }
 
     /// Greedy generation: the prompt, then `n` tokens each chosen as the argmax of the last

@@ -11,6 +11,7 @@
 pub mod cpu;
 mod forward;
 pub mod gpu;
+pub mod runner;
 
 pub use forward::{Forward, ForwardError, ForwardOptions, Sequence};
 
