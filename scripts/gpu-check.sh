@@ -34,6 +34,11 @@ for line in open(sys.argv[1]):
     rm "$DIR/build.json"
     cargo build -p yoco-worker --features cuda --release --locked --example backend_bench
     strip -o "$DIR/backend_bench" target/release/examples/backend_bench
+    # The CLI with the CUDA backend, for end-to-end generation (then the CPU build is rebuilt,
+    # so that the end-to-end tests here keep running the binary they expect).
+    cargo build -p yoco --features cuda --release --locked
+    strip -o "$DIR/yoco" target/release/yoco
+    cargo build -p yoco --release --locked
     du -sh "$DIR"
     ;;
   run)
@@ -55,6 +60,25 @@ for line in open(sys.argv[1]):
         echo "## $t"
         (cd worker && CARGO_MANIFEST_DIR="$PWD" "../$DIR/$t" --nocapture --test-threads 1) || status=1
       done
+      echo "## yoco generate: the tiny preset in f32, greedy, --device cuda against --device cpu"
+      tiny="$(mktemp -d)/tiny"
+      "$DIR/yoco" init-model --preset tiny --dtype f32 --out "$tiny"
+      ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
+      for dev in cpu cuda; do
+        "$DIR/yoco" generate --model "$tiny" --device "$dev" --prompt-ids "$ids" --max-tokens 64 --ignore-eos \
+          --json >"$out/generate-$dev.json" || status=1
+      done
+      python3 - "$out/generate-cpu.json" "$out/generate-cuda.json" <<'PY' || status=1
+import json, sys
+cpu, gpu = (json.load(open(p)) for p in sys.argv[1:3])
+assert gpu["device"] == "cuda", gpu["device"]
+same = sum(1 for _ in __import__("itertools").takewhile(lambda t: t[0] == t[1], zip(cpu["tokens"], gpu["tokens"])))
+worst = max(abs(a - b) for a, b in zip(cpu["logprobs"], gpu["logprobs"]))
+print(f"greedy tokens equal: {same} of {len(cpu['tokens'])}; largest |logprob difference| {worst:.2e}")
+print(f"prefill tok/s cpu {cpu['timing']['prefill_tokens_per_second']:.0f} cuda {gpu['timing']['prefill_tokens_per_second']:.0f}; "
+      f"decode tok/s cpu {cpu['timing']['decode_tokens_per_second']:.1f} cuda {gpu['timing']['decode_tokens_per_second']:.1f}")
+assert cpu["tokens"] == gpu["tokens"], "greedy tokens differ in f32"
+PY
       echo "## backend_bench: tiny, f32 (a warm-up)"
       "$DIR/backend_bench" --device cuda --preset tiny --dtype f32 --contexts 4096,65536 --decode 16 || status=1
       echo "## backend_bench: 3b, bf16"

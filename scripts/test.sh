@@ -29,6 +29,9 @@ fi
 NVRTC_LIB="$(cd "$(dirname "$(find target/nvrtc-env -name 'libnvrtc.so.*' | head -1)")" && pwd)"
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
   cargo test -p yoco-worker --features cuda --release --locked --test cuda_nvrtc --test cuda_device
+# A CUDA build on a machine without a GPU falls back to the CPU (`--device auto`), and an explicit
+# `--device cuda` is a clean error.
+cargo test -p yoco --features cuda --release --locked --lib generate::
 # The CUDA kernels also run on the CPU, in an emulator built with the host C++ compiler
 # (worker/tests/cuda_emulated.rs, part of the workspace tests below).
 if ! command -v c++ >/dev/null 2>&1; then

@@ -89,6 +89,65 @@ pub struct Args {
     /// Seconds a collective waits for a peer before the group fails.
     #[arg(long, default_value_t = 120.0)]
     collective_timeout: f64,
+    /// Where the model runs in this process: cpu (the engine), cuda (GPU 0, the CUDA backend;
+    /// needs a build with the `cuda` feature), or auto: cuda when this build has it and a GPU
+    /// is present, else cpu (logged).
+    #[arg(long, default_value = "auto", env = "YOCO_DEVICE")]
+    device: Device,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The device the model runs on: `--device`, with `auto` resolved (one log line when a CUDA
+/// build finds no GPU). Worker processes are CPU engines.
+fn choose_device(asked: Device, workers: Option<usize>) -> anyhow::Result<Device> {
+    match (asked, workers) {
+        (Device::Cuda, Some(_)) => bail!("--device cuda runs in this process; it does not take --workers yet"),
+        (Device::Auto, Some(_)) | (Device::Cpu, _) => Ok(Device::Cpu),
+        (Device::Cuda, None) if !cfg!(feature = "cuda") => {
+            bail!("--device cuda: this yoco was built without the `cuda` feature (cargo build --features cuda)")
+        }
+        (Device::Cuda, None) => Ok(Device::Cuda),
+        (Device::Auto, None) => {
+            #[cfg(feature = "cuda")]
+            {
+                if yoco_worker::cuda::driver::gpu_count() > 0 {
+                    return Ok(Device::Cuda);
+                }
+                tracing::info!("no GPU found (no NVIDIA driver or no device): running on the CPU backend");
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// The CUDA backend's runner on GPU 0, its cache sized by `--cache-mib`.
+#[cfg(feature = "cuda")]
+fn cuda_runner(model: &Model, args: &Args) -> anyhow::Result<Box<dyn PlanRunner>> {
+    use yoco_worker::backend::runner::ForwardRunner;
+    use yoco_worker::backend::{Forward, ForwardOptions};
+    let gpu = yoco_worker::cuda::driver::CudaBackend::open(0).context("--device cuda")?;
+    let info = gpu.runtime().info().clone();
+    tracing::info!(gpu = %info.name, capability = ?info.capability, memory_gib = info.total_bytes >> 30, "CUDA backend");
+    let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
+    let block = yoco_worker::kernels::retention::RETENTION_BLOCK;
+    let opts = ForwardOptions {
+        cache_dtype: args.cache_dtype,
+        block_tokens: 256,
+        cache_tokens: (args.cache_mib << 20) / bytes_per_token.max(1),
+        chunk_tokens: args.prefill_chunk.max(1).div_ceil(block) * block,
+    };
+    Ok(Box::new(ForwardRunner::new(Forward::new(gpu, model, opts)?)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner(_: &Model, _: &Args) -> anyhow::Result<Box<dyn PlanRunner>> {
+    unreachable!("choose_device refuses cuda in a build without it")
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -129,7 +188,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_token_ids: if args.ignore_eos { vec![] } else { tokenizer.eos_token().into_iter().collect() },
         prefill_chunk: args.prefill_chunk.max(1),
     };
+    let device = choose_device(args.device, args.workers)?;
     let mut runner: Box<dyn PlanRunner> = match args.workers {
+        None if device == Device::Cuda => cuda_runner(&model, &args)?,
         None => {
             let opts = EngineOptions {
                 cache_budget_bytes: args.cache_mib << 20,
@@ -182,6 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
     let out = json!({
+        "device": if device == Device::Cuda { "cuda" } else { "cpu" },
         "workers": runner.world(),
         "model": dir.display().to_string(),
         "tokenizer": tokenizer.name(),
@@ -248,6 +310,37 @@ fn progress_printer(enabled: bool) -> impl FnMut(Progress) {
             eprint!("\r{line}\x1b[K{}", if done { "\n" } else { "" });
         } else {
             eprintln!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without a GPU (CI), with or without the `cuda` feature: `auto` is the CPU,
+    /// a worker group is the CPU, and an explicit `cuda` is an error, never a panic — refused
+    /// up front by a build without the feature, or by the driver probe of one with it.
+    #[test]
+    fn without_a_gpu_auto_is_the_cpu_and_cuda_is_a_clean_error() {
+        assert_eq!(choose_device(Device::Auto, None).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Auto, Some(2)).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Cpu, None).unwrap(), Device::Cpu);
+        assert!(choose_device(Device::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
+        match choose_device(Device::Cuda, None) {
+            Err(e) => {
+                assert!(!cfg!(feature = "cuda"));
+                assert!(e.to_string().contains("without the `cuda` feature"), "{e}");
+            }
+            Ok(device) => {
+                assert!(cfg!(feature = "cuda"));
+                assert_eq!(device, Device::Cuda);
+                #[cfg(feature = "cuda")]
+                {
+                    let err = yoco_worker::cuda::driver::CudaBackend::open(0).err().expect("no GPU in CI");
+                    assert!(matches!(err, yoco_worker::cuda::runtime::DeviceError::NoDriver), "{err}");
+                }
+            }
         }
     }
 }

@@ -54,6 +54,8 @@ fn generate_json_has_the_documented_fields() {
     assert!(out["prompt_logprobs"].is_null(), "not asked for: {out}");
     assert!(out["text"].is_string());
     assert!(out["seed"].is_u64());
+    // `--device auto` (the default) on a machine without a GPU runs on the CPU, and says so.
+    assert_eq!(out["device"], "cpu");
     assert_eq!(out["usage"]["prompt_tokens"], 3);
     assert_eq!(out["usage"]["completion_tokens"], 5);
     assert_eq!(out["usage"]["total_tokens"], 8);
@@ -344,6 +346,11 @@ fn bad_input_fails_with_a_message_and_no_panic() {
     // A budget too small for one cache block.
     gen(&["--prompt-ids", "1,2", "--cache-mib", "0"]).fails_with(&["cache", "budget"]);
     gen(&["--prompt-ids", "1", "--cache-dtype", "f8"]).fails_with(&["--cache-dtype", "f8", "bf16"]);
+    // This build has no CUDA backend (CI builds without the feature): asking for it explicitly
+    // is an error that says so, and a worker group is a CPU engine.
+    gen(&["--prompt-ids", "1", "--device", "cuda"]).fails_with(&["--device cuda", "without the `cuda` feature"]);
+    gen(&["--prompt-ids", "1", "--device", "cuda", "--workers", "2"]).fails_with(&["--device cuda", "--workers"]);
+    gen(&["--prompt-ids", "1", "--device", "tpu"]).fails_with(&["--device", "tpu"]);
 
     // A model directory without params.json, and one that does not exist.
     let empty = h.join("empty");
