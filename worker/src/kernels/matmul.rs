@@ -180,6 +180,54 @@ unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(
     out
 }
 
+/// [`tile`] with AVX-512 registers: sixteen lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_avx512<W: Widen, const R: usize, const C: usize>(
+    x: [&[f32]; R],
+    w: [&[W]; C],
+    ahead: usize,
+) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    const L16: usize = 16;
+    let k = w[0].len();
+    assert!(x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let full = k / L16 * L16;
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 16 <= k, the length of every row.
+        let wv: [__m512; C] = std::array::from_fn(|c| W::load16_avx512(w[c].as_ptr().add(p)));
+        if ahead > 0 && p % (64 / W::BYTES) == 0 {
+            // As in tile_avx2: a hint for the next tile's rows, valid for any address.
+            for row in &w {
+                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(p).wrapping_add(ahead).cast());
+            }
+        }
+        for r in 0..R {
+            let xv = _mm512_loadu_ps(x[r].as_ptr().add(p));
+            for c in 0..C {
+                acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            }
+        }
+        p += L16;
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let mut s = _mm512_reduce_add_ps(acc[r][c]);
+            for q in full..k {
+                s += x[r][q] * w[c][q].widen();
+            }
+            out[r][c] = s;
+        }
+    }
+    out
+}
+
 /// A raw pointer to the result matrix, shared by tasks that write disjoint columns of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -257,11 +305,27 @@ unsafe fn stream_rows_avx2<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W]
     stream_rows_with!(tile_avx2, x, m, k, w_rows, j0, n, out)
 }
 
+/// # Safety
+/// The CPU must have AVX-512F (and the AVX2, FMA and F16C it implies here).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn stream_rows_avx512<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize, n: usize, out: OutPtr) {
+    stream_rows_with!(tile_avx512, x, m, k, w_rows, j0, n, out)
+}
+
 fn stream_rows_portable<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize, n: usize, out: OutPtr) {
     stream_rows_with!(tile, x, m, k, w_rows, j0, n, out)
 }
 
 fn stream_rows<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize, n: usize, out: OutPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the features are present (AVX-512F implies AVX2).
+        return unsafe { stream_rows_avx512(x, m, k, w_rows, j0, n, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
@@ -343,6 +407,58 @@ mod tests {
             let widened: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
             let want = matmul_t_reference(&x, m, k, &widened, n);
             assert_close(&linear(&x, m, k, &wh, n), &want, tol, &format!("f16 m={m} k={k} n={n}"));
+        }
+    }
+
+    /// Every kernel this CPU can run, not only the fastest: the AVX2 tiles stay tested on
+    /// AVX-512 machines.
+    #[test]
+    fn every_simd_level_matches_the_reference() {
+        use half::bf16;
+        for &(m, k, n) in SHAPES.iter().filter(|s| s.0 <= STREAM_MAX_ROWS) {
+            let x = randn(m * k, m as u64 + 21);
+            let w = randn(n * k, n as u64 + 22);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let (want, want_b) = (matmul_t_reference(&x, m, k, &w, n), matmul_t_reference(&x, m, k, &widened, n));
+            let mut levels: Vec<(
+                &str,
+                fn(&[f32], usize, usize, &[f32], usize, usize, OutPtr),
+                fn(&[f32], usize, usize, &[bf16], usize, usize, OutPtr),
+            )> = vec![("portable", stream_rows_portable::<f32>, stream_rows_portable::<bf16>)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                let has = |f: &str| {
+                    std::arch::is_x86_feature_detected!("fma")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                        && match f {
+                            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                            _ => std::arch::is_x86_feature_detected!("avx512f"),
+                        }
+                };
+                // SAFETY (both): called only where the features are present.
+                if has("avx2") {
+                    levels.push((
+                        "avx2",
+                        |x, m, k, w, j0, n, o| unsafe { stream_rows_avx2(x, m, k, w, j0, n, o) },
+                        |x, m, k, w, j0, n, o| unsafe { stream_rows_avx2(x, m, k, w, j0, n, o) },
+                    ));
+                }
+                if has("avx512") {
+                    levels.push((
+                        "avx512",
+                        |x, m, k, w, j0, n, o| unsafe { stream_rows_avx512(x, m, k, w, j0, n, o) },
+                        |x, m, k, w, j0, n, o| unsafe { stream_rows_avx512(x, m, k, w, j0, n, o) },
+                    ));
+                }
+            }
+            for (name, f32_kernel, bf16_kernel) in levels {
+                let mut out = vec![f32::NAN; m * n];
+                f32_kernel(&x, m, k, &w, 0, n, OutPtr(out.as_mut_ptr()));
+                assert_close(&out, &want, 1e-5, &format!("{name} m={m} k={k} n={n}"));
+                bf16_kernel(&x, m, k, &wb, 0, n, OutPtr(out.as_mut_ptr()));
+                assert_close(&out, &want_b, 1e-5, &format!("{name} bf16 m={m} k={k} n={n}"));
+            }
         }
     }
 

@@ -46,6 +46,13 @@ pub trait Widen: Copy + Send + Sync + 'static {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8_avx2(p: *const Self) -> std::arch::x86_64::__m256;
 
+    /// Sixteen elements at `p`, widened, in an AVX-512 register.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable elements and the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx512(p: *const Self) -> std::arch::x86_64::__m512;
+
     /// Widens `src` into `dst` (same length).
     #[inline(always)]
     fn widen_into(src: &[Self], dst: &mut [f32]) {
@@ -69,6 +76,11 @@ impl Widen for f32 {
     unsafe fn load8_avx2(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx512(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
 }
 
 impl Widen for bf16 {
@@ -87,6 +99,13 @@ impl Widen for bf16 {
         use std::arch::x86_64::*;
         let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx512(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
     }
 }
 
@@ -110,6 +129,12 @@ impl Widen for f16 {
     unsafe fn load8_avx2(p: *const f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx512(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
     }
 }
 
