@@ -141,6 +141,8 @@ fn cuda_runner(model: &Model, args: &Args) -> anyhow::Result<Box<dyn PlanRunner>
         block_tokens: 256,
         cache_tokens: (args.cache_mib << 20) / bytes_per_token.max(1),
         chunk_tokens: args.prefill_chunk.max(1).div_ceil(block) * block,
+        // `generate` runs one request.
+        max_sequences: 1,
     };
     Ok(Box::new(ForwardRunner::new(Forward::new(gpu, model, opts)?)))
 }
@@ -327,20 +329,17 @@ mod tests {
         assert_eq!(choose_device(Device::Auto, Some(2)).unwrap(), Device::Cpu);
         assert_eq!(choose_device(Device::Cpu, None).unwrap(), Device::Cpu);
         assert!(choose_device(Device::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
-        match choose_device(Device::Cuda, None) {
-            Err(e) => {
-                assert!(!cfg!(feature = "cuda"));
-                assert!(e.to_string().contains("without the `cuda` feature"), "{e}");
-            }
-            Ok(device) => {
-                assert!(cfg!(feature = "cuda"));
-                assert_eq!(device, Device::Cuda);
-                #[cfg(feature = "cuda")]
-                {
-                    let err = yoco_worker::cuda::driver::CudaBackend::open(0).err().expect("no GPU in CI");
-                    assert!(matches!(err, yoco_worker::cuda::runtime::DeviceError::NoDriver), "{err}");
-                }
-            }
+        let explicit = choose_device(Device::Cuda, None);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = explicit.unwrap_err();
+            assert!(e.to_string().contains("without the `cuda` feature"), "{e}");
+        }
+        #[cfg(feature = "cuda")]
+        {
+            assert_eq!(explicit.unwrap(), Device::Cuda);
+            let err = yoco_worker::cuda::driver::CudaBackend::open(0).err().expect("no GPU in CI");
+            assert!(matches!(err, yoco_worker::cuda::runtime::DeviceError::NoDriver), "{err}");
         }
     }
 }

@@ -63,7 +63,13 @@ fn parse() -> Result<Args, String> {
 fn run<B: Backend>(backend: B, model: &Model, args: &Args, memory: &dyn Fn(&B) -> Option<f64>) -> Result<(), String> {
     let cache_dtype: CacheDtype = args.dtype.parse()?;
     let longest = args.contexts.iter().max().copied().unwrap_or(0) + args.decode;
-    let opts = ForwardOptions { cache_dtype, block_tokens: 256, cache_tokens: longest, chunk_tokens: args.chunk };
+    let opts = ForwardOptions {
+        cache_dtype,
+        block_tokens: 256,
+        cache_tokens: longest,
+        chunk_tokens: args.chunk,
+        max_sequences: 1,
+    };
     let start = Instant::now();
     let mut fwd = Forward::new(backend, model, opts).map_err(|e| e.to_string())?;
     println!(

@@ -15,7 +15,7 @@ use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
 use yoco_worker::kernels::kv_block::CacheDtype;
 
 fn opts(cache_dtype: CacheDtype, chunk_tokens: usize) -> ForwardOptions {
-    ForwardOptions { cache_dtype, block_tokens: 16, cache_tokens: 4096, chunk_tokens }
+    ForwardOptions { cache_dtype, block_tokens: 16, cache_tokens: 4096, chunk_tokens, max_sequences: 2 }
 }
 
 #[test]
@@ -110,7 +110,16 @@ fn bad_input_is_an_error_that_leaves_the_sequence_as_it_was() {
     fwd.free(seq);
     assert_eq!(fwd.free_blocks(), 4);
     let mut again = fwd.new_sequence().unwrap();
-    assert_eq!(fwd.forward(&mut again, &prompt).unwrap(), logits, "reused blocks hold nothing of the old sequence");
+    assert_eq!(
+        fwd.forward(&mut again, &prompt).unwrap(),
+        logits,
+        "reused blocks and state slots hold nothing of the old sequence"
+    );
+    // Two slots (max_sequences): a third open sequence is refused until one is freed.
+    let other = fwd.new_sequence().unwrap();
+    assert!(matches!(fwd.new_sequence(), Err(ForwardError::NoFreeSlot(2))));
+    fwd.free(other);
+    assert!(fwd.new_sequence().is_ok());
     for chunk in [0, 50] {
         let err = Forward::new(CpuBackend, &model, ForwardOptions { chunk_tokens: chunk, ..small.clone() }).err();
         assert!(matches!(err, Some(ForwardError::Unsupported(_))), "chunk_tokens {chunk}");

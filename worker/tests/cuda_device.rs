@@ -169,7 +169,7 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         retention_chunkwise(&q, &k, &v, &gamma, shape, yoco_worker::cuda::RETENTION_BLOCK, &mut want_state, &mut want);
         let (mut ds, mut dout) = (gpu.upload(&state0)?, gpu.zeros::<f32>(tokens * w)?);
         let (dq, dk, dv, dg) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&gamma)?);
-        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, &mut dout, tokens, heads, d)?;
+        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d)?;
         assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_chunkwise T={tokens} d={d}"));
         assert_close(&gpu.download(&ds)?, &want_state, 1e-4, &format!("retention state T={tokens} d={d}"));
 

@@ -22,7 +22,7 @@ fn gpu() -> Gpu<EmuRuntime> {
 }
 
 fn opts(cache_dtype: CacheDtype) -> ForwardOptions {
-    ForwardOptions { cache_dtype, block_tokens: 16, cache_tokens: 1024, chunk_tokens: 64 }
+    ForwardOptions { cache_dtype, block_tokens: 16, cache_tokens: 1024, chunk_tokens: 64, max_sequences: 2 }
 }
 
 #[test]

@@ -125,7 +125,8 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         gamma: &Vec<f32>,
-        state: &mut Vec<f32>,
+        states: &mut Vec<f32>,
+        slot: usize,
         tokens: usize,
         heads: usize,
         head_dim: usize,
@@ -135,9 +136,9 @@ impl Backend for CpuBackend {
             at_least(what, buf, n)?;
         }
         at_least("gamma", gamma, tokens * heads)?;
-        if state.len() != heads * head_dim * head_dim {
-            return Err(bad(format!("a retention state of {} elements", state.len())));
-        }
+        let per = heads * head_dim * head_dim;
+        at_least("retention states", states, (slot + 1) * per)?;
+        let state = &mut states[slot * per..(slot + 1) * per];
         let mut out = vec![0.0; n];
         let (q, k, v, g) = (&q[..n], &k[..n], &v[..n], &gamma[..tokens * heads]);
         if tokens == 1 {
@@ -147,6 +148,12 @@ impl Backend for CpuBackend {
             retention_chunkwise(q, k, v, g, shape, RETENTION_BLOCK, state, &mut out);
         }
         Ok(out)
+    }
+
+    fn zero(&self, x: &mut Vec<f32>, range: std::ops::Range<usize>) -> Result<()> {
+        at_least("zero", x, range.end)?;
+        x[range].fill(0.0);
+        Ok(())
     }
 
     fn window_attention(

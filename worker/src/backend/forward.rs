@@ -23,6 +23,8 @@ pub enum ForwardError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("an empty prompt")]
     Empty,
+    #[error("all {0} sequence slots are in use (ForwardOptions::max_sequences)")]
+    NoFreeSlot(usize),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -40,11 +42,20 @@ pub struct ForwardOptions {
     /// Prompt tokens per self-decoder chunk: a multiple of the retention block (64), so that
     /// chunking changes nothing in the numbers.
     pub chunk_tokens: usize,
+    /// Sequences that may be open at once: the retention states of that many are allocated at
+    /// start-up, one slot each.
+    pub max_sequences: usize,
 }
 
 impl Default for ForwardOptions {
     fn default() -> Self {
-        ForwardOptions { cache_dtype: CacheDtype::F32, block_tokens: 256, cache_tokens: 1 << 16, chunk_tokens: 4096 }
+        ForwardOptions {
+            cache_dtype: CacheDtype::F32,
+            block_tokens: 256,
+            cache_tokens: 1 << 16,
+            chunk_tokens: 4096,
+            max_sequences: 16,
+        }
     }
 }
 
@@ -80,19 +91,18 @@ struct CrossLayer<B: Backend> {
 
 /// One self-decoder layer's cache for one sequence, on the backend.
 enum State<B: Backend> {
-    Retention(B::Buf),
+    /// In the layer's pool of states, at the sequence's slot.
+    Retention,
     /// The last `rows` (≤ W−1) rotated keys and values.
-    Window {
-        keys: B::Buf,
-        values: B::Buf,
-        rows: usize,
-    },
+    Window { keys: B::Buf, values: B::Buf, rows: usize },
 }
 
 /// A sequence's caches: the self-decoder's constant-size states and its blocks of the global
 /// cache. Give it back with [`Forward::free`].
 pub struct Sequence<B: Backend> {
     pos: usize,
+    /// The sequence's slot in every retention layer's pool of states.
+    slot: usize,
     states: Vec<State<B>>,
     table: Vec<u32>,
 }
@@ -124,6 +134,9 @@ pub struct Forward<B: Backend> {
     inv_freq_cross: Vec<f32>,
     pool: B::Pool,
     free_blocks: Vec<u32>,
+    /// Per self-decoder layer, for retention: `[max_sequences, heads, d, d]` states.
+    state_pools: Vec<Option<B::Buf>>,
+    free_slots: Vec<usize>,
 }
 
 impl<B: Backend> Forward<B> {
@@ -139,8 +152,8 @@ impl<B: Backend> Forward<B> {
                 crate::kernels::retention::RETENTION_BLOCK
             )));
         }
-        if opts.block_tokens == 0 {
-            return Err(ForwardError::Unsupported("block_tokens must be positive".into()));
+        if opts.block_tokens == 0 || opts.max_sequences == 0 {
+            return Err(ForwardError::Unsupported("block_tokens and max_sequences must be positive".into()));
         }
         let b = &backend;
         let lin = |l: &Linear| -> Result<Lin<B>> { Ok(Lin { w: b.matrix(&l.weight)? }) };
@@ -197,6 +210,14 @@ impl<B: Backend> Forward<B> {
         };
         let blocks = opts.cache_tokens.div_ceil(opts.block_tokens);
         let pool = b.kv_pool(opts.cache_dtype, blocks, opts.block_tokens, cfg.kv_dim())?;
+        let state_len = cfg.n_self_heads * cfg.self_head_dim() * cfg.self_head_dim();
+        let state_pools = self_layers
+            .iter()
+            .map(|l| match l.mixer {
+                Mixer::Retention { .. } => b.zeros(opts.max_sequences * state_len).map(Some),
+                Mixer::Window { .. } => Ok(None),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(Forward {
             embed: b.matrix(&model.embed_tokens)?,
             self_layers,
@@ -209,6 +230,8 @@ impl<B: Backend> Forward<B> {
             inv_freq_self: inv_freq(cfg.self_head_dim()),
             inv_freq_cross: inv_freq(cfg.head_dim()),
             free_blocks: (0..blocks as u32).rev().collect(),
+            state_pools,
+            free_slots: (0..opts.max_sequences).rev().collect(),
             pool,
             cfg,
             opts,
@@ -239,27 +262,33 @@ impl<B: Backend> Forward<B> {
         self.free_blocks.len()
     }
 
-    /// A sequence with empty caches.
-    pub fn new_sequence(&self) -> Result<Sequence<B>> {
-        let (h, d) = (self.cfg.n_self_heads, self.cfg.self_head_dim());
+    /// A sequence with empty caches, in a free state slot.
+    pub fn new_sequence(&mut self) -> Result<Sequence<B>> {
+        let slot = *self.free_slots.last().ok_or(ForwardError::NoFreeSlot(self.opts.max_sequences))?;
+        let per = self.cfg.n_self_heads * self.cfg.self_head_dim() * self.cfg.self_head_dim();
+        for pool in self.state_pools.iter_mut().flatten() {
+            self.backend.zero(pool, slot * per..(slot + 1) * per)?;
+        }
         let states = self
             .self_layers
             .iter()
             .map(|l| {
                 Ok(match l.mixer {
-                    Mixer::Retention { .. } => State::Retention(self.backend.zeros(h * d * d)?),
+                    Mixer::Retention { .. } => State::Retention,
                     Mixer::Window { .. } => {
                         State::Window { keys: self.backend.zeros(0)?, values: self.backend.zeros(0)?, rows: 0 }
                     }
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Sequence { pos: 0, states, table: Vec::new() })
+        self.free_slots.pop();
+        Ok(Sequence { pos: 0, slot, states, table: Vec::new() })
     }
 
     /// Returns a sequence's cache blocks to the pool.
     pub fn free(&mut self, seq: Sequence<B>) {
         self.free_blocks.extend(seq.table.iter().rev());
+        self.free_slots.push(seq.slot);
     }
 
     /// Runs `tokens` (a prompt, or the next generated token) through the model after what
@@ -330,15 +359,17 @@ impl<B: Backend> Forward<B> {
         let positions: Vec<u32> = (seq.pos..seq.pos + n).map(|p| p as u32).collect();
         let mm = |x: &B::Buf, m: usize, l: &Lin<B>| b.matmul(x, m, &l.w);
         let mut x = b.embed(chunk, &self.embed, (dim as f32).sqrt())?;
-        for (l, state) in self.self_layers.iter().zip(&mut seq.states) {
+        let slot = seq.slot;
+        for ((l, state), pool) in self.self_layers.iter().zip(&mut seq.states).zip(&mut self.state_pools) {
             let xn = b.rms_norm(&x, n, dim, Some(&l.norm), eps)?;
             let mixed = match (&l.mixer, state) {
-                (Mixer::Retention { q, k, v, g, gt, out }, State::Retention(s)) => {
+                (Mixer::Retention { q, k, v, g, gt, out }, State::Retention) => {
+                    let states = pool.as_mut().expect("a retention layer has a state pool");
                     let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
                     b.rope(&mut qh, &positions, &self.inv_freq_self, heads, hd)?;
                     b.rope(&mut kh, &positions, &self.inv_freq_self, heads, hd)?;
                     let gamma = b.log_sigmoid_scaled(&mm(&xn, n, gt)?, n * heads, GATE_LOGIT_NORMALIZER)?;
-                    let o = b.retention(&qh, &kh, &vh, &gamma, s, n, heads, hd)?;
+                    let o = b.retention(&qh, &kh, &vh, &gamma, states, slot, n, heads, hd)?;
                     // subln: RMSNorm over each head, no weight.
                     let normed = b.rms_norm(&o, n * heads, hd, None, eps)?;
                     let mut gate = mm(&xn, n, g)?;
@@ -363,7 +394,7 @@ impl<B: Backend> Forward<B> {
                 _ => unreachable!("each layer's state is made for its mixer"),
             };
             b.add_assign(&mut x, &mixed, n * dim)?;
-            let ffn_out = self.ffn(&l.ffn, &b.rms_norm(&x, n, dim, Some(&l.final_norm), eps)?, n)?;
+            let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, n, dim, Some(&l.final_norm), eps)?, n, cfg.hidden_dim)?;
             b.add_assign(&mut x, &ffn_out, n * dim)?;
         }
         // This chunk's rows of the global cache.
@@ -374,13 +405,6 @@ impl<B: Backend> Forward<B> {
         b.kv_write(&mut self.pool, &seq.table, seq.pos, &k, &v, n)?;
         seq.pos += n;
         Ok(b.rows(&x, dim, n - 1..n)?)
-    }
-
-    fn ffn(&self, f: &Ffn<B>, x: &B::Buf, n: usize) -> Result<B::Buf> {
-        let b = &self.backend;
-        let mut a = b.matmul(x, n, &f.fc1.w)?;
-        b.silu_mul(&mut a, &b.matmul(x, n, &f.gate.w)?, n * self.cfg.hidden_dim)?;
-        Ok(b.matmul(&a, n, &f.fc2.w)?)
     }
 
     /// The cross-decoder for the last token seen (row `x`), over the whole global cache; then
@@ -398,11 +422,18 @@ impl<B: Backend> Forward<B> {
             b.rope(&mut q, &pos, &self.inv_freq_cross, shape.heads, shape.head_dim)?;
             let o = b.cross_attention(&q, &self.pool, &seq.table, seq.pos, shape)?;
             b.add_assign(&mut x, &b.matmul(&o, 1, &l.out.w)?, dim)?;
-            let ffn_out = self.ffn(&l.ffn, &b.rms_norm(&x, 1, dim, Some(&l.final_norm), eps)?, 1)?;
+            let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, 1, dim, Some(&l.final_norm), eps)?, 1, cfg.hidden_dim)?;
             b.add_assign(&mut x, &ffn_out, dim)?;
         }
         let xn = b.rms_norm(&x, 1, dim, Some(&self.norm), eps)?;
         let logits = b.matmul(&xn, 1, self.output.as_ref().map_or(&self.embed, |o| &o.w))?;
         Ok(b.download(&logits)?)
     }
+}
+
+/// SwiGLU feed-forward: `fc2(silu(fc1 x) ⊙ gate x)` over n rows.
+fn ffn<B: Backend>(b: &B, f: &Ffn<B>, x: &B::Buf, n: usize, hidden: usize) -> Result<B::Buf> {
+    let mut a = b.matmul(x, n, &f.fc1.w)?;
+    b.silu_mul(&mut a, &b.matmul(x, n, &f.gate.w)?, n * hidden)?;
+    Ok(b.matmul(&a, n, &f.fc2.w)?)
 }

@@ -111,18 +111,25 @@ impl<R: Runtime> Backend for Gpu<R> {
         k: &R::Buf<f32>,
         v: &R::Buf<f32>,
         gamma: &R::Buf<f32>,
-        state: &mut R::Buf<f32>,
+        states: &mut R::Buf<f32>,
+        slot: usize,
         tokens: usize,
         heads: usize,
         head_dim: usize,
     ) -> Result<R::Buf<f32>> {
         let mut out = Gpu::zeros(self, tokens * heads * head_dim)?;
         if tokens == 1 {
-            self.retention_recurrent(q, k, v, gamma, &[0], state, &mut out, heads, head_dim)?;
+            let slot =
+                u32::try_from(slot).map_err(|_| BackendError { backend: "cuda", message: "slot beyond u32".into() })?;
+            self.retention_recurrent(q, k, v, gamma, &[slot], states, &mut out, heads, head_dim)?;
         } else {
-            self.retention_chunkwise(q, k, v, gamma, state, &mut out, tokens, heads, head_dim)?;
+            self.retention_chunkwise(q, k, v, gamma, states, slot, &mut out, tokens, heads, head_dim)?;
         }
         Ok(out)
+    }
+
+    fn zero(&self, x: &mut R::Buf<f32>, range: std::ops::Range<usize>) -> Result<()> {
+        Ok(Gpu::zero(self, x, range)?)
     }
 
     fn window_attention(

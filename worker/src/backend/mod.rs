@@ -59,8 +59,9 @@ pub trait Backend {
     /// Interleaved RoPE of `x [positions, heads · head_dim]` in place; `inv_freq` the `θ_i`.
     fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize)
         -> Result<()>;
-    /// Gated retention over `tokens` tokens from `state [heads, d, d]`, left after the last: the
-    /// chunkwise form, or the recurrent one for a single token.
+    /// Gated retention over `tokens` tokens from the state in slot `slot` of
+    /// `states [slots, heads, d, d]`, left there after the last token: the chunkwise form, or
+    /// the recurrent one for a single token.
     #[allow(clippy::too_many_arguments)]
     fn retention(
         &self,
@@ -68,11 +69,14 @@ pub trait Backend {
         k: &Self::Buf,
         v: &Self::Buf,
         gamma: &Self::Buf,
-        state: &mut Self::Buf,
+        states: &mut Self::Buf,
+        slot: usize,
         tokens: usize,
         heads: usize,
         head_dim: usize,
     ) -> Result<Self::Buf>;
+    /// Zeroes elements `range` of `x`.
+    fn zero(&self, x: &mut Self::Buf, range: std::ops::Range<usize>) -> Result<()>;
     /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
     #[allow(clippy::too_many_arguments)]
     fn window_attention(

@@ -149,6 +149,10 @@ impl Runtime for CudaRuntime {
         buf.device_ptr(&self.stream).0
     }
 
+    fn zero(&self, buf: &mut CudaSlice<f32>, range: Range<usize>) -> Result<(), DeviceError> {
+        self.stream.memset_zeros(&mut buf.slice_mut(range)).map_err(driver)
+    }
+
     fn copy(
         &self,
         src: &CudaSlice<f32>,

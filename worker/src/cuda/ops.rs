@@ -127,6 +127,20 @@ impl<R: Runtime> Gpu<R> {
         Arg::Addr(self.rt.addr(buf))
     }
 
+    /// The address of element `offset` of `buf` (the caller checks that it lies inside).
+    fn at_offset<T: DeviceElem>(&self, buf: &R::Buf<T>, offset: usize) -> Arg {
+        Arg::Addr(self.rt.addr(buf) + (offset * std::mem::size_of::<T>()) as u64)
+    }
+
+    /// Zeroes elements `range` of `x`.
+    pub fn zero(&self, x: &mut R::Buf<f32>, range: Range<usize>) -> Result<(), DeviceError> {
+        self.fits("zero", "x", x, range.end)?;
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.rt.zero(x, range)
+    }
+
     /// Launches `name` with `args` in order.
     ///
     /// # Safety
@@ -422,8 +436,8 @@ impl<R: Runtime> Gpu<R> {
         })
     }
 
-    /// Chunkwise gated retention over `tokens` tokens from `state [heads, d, d]` (left after
-    /// the last token): `out [tokens, heads · d]`.
+    /// Chunkwise gated retention over `tokens` tokens from the state in slot `slot` of
+    /// `states [slots, heads, d, d]` (left there after the last token): `out [tokens, heads · d]`.
     #[allow(clippy::too_many_arguments)]
     pub fn retention_chunkwise(
         &self,
@@ -431,7 +445,8 @@ impl<R: Runtime> Gpu<R> {
         k: &R::Buf<f32>,
         v: &R::Buf<f32>,
         gamma: &R::Buf<f32>,
-        state: &mut R::Buf<f32>,
+        states: &mut R::Buf<f32>,
+        slot: usize,
         out: &mut R::Buf<f32>,
         tokens: usize,
         heads: usize,
@@ -444,7 +459,8 @@ impl<R: Runtime> Gpu<R> {
             self.fits(OP, what, buf, n)?;
         }
         self.fits(OP, "gamma", gamma, tokens * heads)?;
-        self.fits(OP, "state", state, heads * head_dim * head_dim)?;
+        let per = heads * head_dim * head_dim;
+        self.fits(OP, "states", states, (slot + 1) * per)?;
         self.fits(OP, "out", out, n)?;
         if tokens == 0 {
             return Ok(());
@@ -455,7 +471,7 @@ impl<R: Runtime> Gpu<R> {
             self.at(k),
             self.at(v),
             self.at(gamma),
-            self.at(state),
+            self.at_offset(states, slot * per),
             self.at(out),
             i32_of(OP, tokens)?.into(),
             i32_of(OP, heads)?.into(),

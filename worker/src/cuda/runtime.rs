@@ -84,6 +84,8 @@ pub trait Runtime {
     fn len<T: DeviceElem>(&self, buf: &Self::Buf<T>) -> usize;
     /// The buffer's device address, as kernels take it.
     fn addr<T: DeviceElem>(&self, buf: &Self::Buf<T>) -> u64;
+    /// Zeroes elements `range` of `buf` (within it: the caller checks).
+    fn zero(&self, buf: &mut Self::Buf<f32>, range: Range<usize>) -> Result<(), DeviceError>;
     /// `dst[at..] = src[from]`; both ranges within their buffers (the caller checks).
     fn copy(
         &self,

@@ -410,6 +410,8 @@ mod tests {
         }
     }
 
+    type Kernel<W> = fn(&[f32], usize, usize, &[W], usize, usize, OutPtr);
+
     /// Every kernel this CPU can run, not only the fastest: the AVX2 tiles stay tested on
     /// AVX-512 machines.
     #[test]
@@ -421,11 +423,8 @@ mod tests {
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             let (want, want_b) = (matmul_t_reference(&x, m, k, &w, n), matmul_t_reference(&x, m, k, &widened, n));
-            let mut levels: Vec<(
-                &str,
-                fn(&[f32], usize, usize, &[f32], usize, usize, OutPtr),
-                fn(&[f32], usize, usize, &[bf16], usize, usize, OutPtr),
-            )> = vec![("portable", stream_rows_portable::<f32>, stream_rows_portable::<bf16>)];
+            let mut levels: Vec<(&str, Kernel<f32>, Kernel<bf16>)> =
+                vec![("portable", stream_rows_portable::<f32>, stream_rows_portable::<bf16>)];
             #[cfg(target_arch = "x86_64")]
             {
                 let has = |f: &str| {

@@ -144,6 +144,13 @@ impl Runtime for EmuRuntime {
         buf.ptr() as u64
     }
 
+    fn zero(&self, buf: &mut EmuBuf<f32>, range: Range<usize>) -> Result<(), DeviceError> {
+        assert!(range.end <= buf.len(), "the ops check ranges");
+        // SAFETY: no launch is running; the range lies in the buffer (asserted).
+        unsafe { std::ptr::write_bytes(buf.ptr().add(range.start), 0, range.len()) };
+        Ok(())
+    }
+
     fn copy(&self, src: &EmuBuf<f32>, from: Range<usize>, dst: &mut EmuBuf<f32>, at: usize) -> Result<(), DeviceError> {
         assert!(from.end <= src.len() && at + from.len() <= dst.len(), "the ops check copies");
         // SAFETY: both ranges lie in their buffers (asserted); src and dst are distinct buffers.
