@@ -46,7 +46,7 @@ for line in open(sys.argv[1]):
     mkdir -p "$out"
     libs=""
     for lib in libcublas.so libnvrtc.so libnccl.so libcublasLt.so; do
-      found="$(find / -name "$lib*" -not -path '*/proc/*' 2>/dev/null | head -1 || true)"
+      found="$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib*" -print 2>/dev/null | head -1 || true)"
       [ -n "$found" ] && libs="$libs:$(dirname "$found")"
     done
     export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -82,7 +82,10 @@ PY
       echo "## backend_bench: tiny, f32 (a warm-up)"
       "$DIR/backend_bench" --device cuda --preset tiny --dtype f32 --contexts 4096,65536 --decode 16 || status=1
       echo "## backend_bench: 3b, bf16"
-      "$DIR/backend_bench" --device cuda --preset 3b --dtype bf16 --decode 16 --chunk 16384 \
+      # Bounded (the device tool allows 10 minutes a command): each context's row is printed
+      # as it completes, so a run cut short still reports the contexts it reached.
+      timeout "${YOCO_GPU_BENCH_SECONDS:-400}" \
+        "$DIR/backend_bench" --device cuda --preset 3b --dtype bf16 --decode 16 --chunk 16384 \
         --contexts "${YOCO_GPU_BENCH_CONTEXTS:-131072,524288,1048576}" || status=1
       echo "# gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
       exit $status

@@ -104,11 +104,16 @@ pub enum Device {
 }
 
 /// The device the model runs on: `--device`, with `auto` resolved (one log line when a CUDA
-/// build finds no GPU). Worker processes are CPU engines.
-fn choose_device(asked: Device, workers: Option<usize>) -> anyhow::Result<Device> {
+/// build finds no GPU). Worker processes are CPU engines, and so is a request that needs what
+/// only the CPU engine has (prompt log-probabilities).
+fn choose_device(asked: Device, workers: Option<usize>, prompt_logprobs: bool) -> anyhow::Result<Device> {
     match (asked, workers) {
         (Device::Cuda, Some(_)) => bail!("--device cuda runs in this process; it does not take --workers yet"),
+        (Device::Cuda, None) if prompt_logprobs => {
+            bail!("--device cuda does not take --prompt-logprobs yet (the CPU engine has them)")
+        }
         (Device::Auto, Some(_)) | (Device::Cpu, _) => Ok(Device::Cpu),
+        (Device::Auto, None) if prompt_logprobs => Ok(Device::Cpu),
         (Device::Cuda, None) if !cfg!(feature = "cuda") => {
             bail!("--device cuda: this yoco was built without the `cuda` feature (cargo build --features cuda)")
         }
@@ -190,17 +195,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_token_ids: if args.ignore_eos { vec![] } else { tokenizer.eos_token().into_iter().collect() },
         prefill_chunk: args.prefill_chunk.max(1),
     };
-    let device = choose_device(args.device, args.workers)?;
+    let mut device = choose_device(args.device, args.workers, args.prompt_logprobs)?;
+    let cpu_engine = || -> Box<dyn PlanRunner> {
+        let opts = EngineOptions {
+            cache_budget_bytes: args.cache_mib << 20,
+            cache_dtype: args.cache_dtype,
+            ..EngineOptions::default()
+        };
+        Box::new(Executor::new(Engine::new(model.clone(), &opts)))
+    };
     let mut runner: Box<dyn PlanRunner> = match args.workers {
-        None if device == Device::Cuda => cuda_runner(&model, &args)?,
-        None => {
-            let opts = EngineOptions {
-                cache_budget_bytes: args.cache_mib << 20,
-                cache_dtype: args.cache_dtype,
-                ..EngineOptions::default()
-            };
-            Box::new(Executor::new(Engine::new(model.clone(), &opts)))
-        }
+        None if device == Device::Cuda => match cuda_runner(&model, &args) {
+            Ok(runner) => runner,
+            // `auto` found a driver, but the GPU cannot serve (no cuBLAS or NVRTC, no memory…).
+            Err(e) if args.device == Device::Auto => {
+                tracing::warn!(error = %format!("{e:#}"), "the GPU cannot be used: running on the CPU backend");
+                device = Device::Cpu;
+                cpu_engine()
+            }
+            Err(e) => return Err(e),
+        },
+        None => cpu_engine(),
         Some(0) => bail!("--workers must be at least 1"),
         Some(p) => {
             let opts = crate::group::GroupOptions {
@@ -325,11 +340,13 @@ mod tests {
     /// up front by a build without the feature, or by the driver probe of one with it.
     #[test]
     fn without_a_gpu_auto_is_the_cpu_and_cuda_is_a_clean_error() {
-        assert_eq!(choose_device(Device::Auto, None).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Auto, Some(2)).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Cpu, None).unwrap(), Device::Cpu);
-        assert!(choose_device(Device::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
-        let explicit = choose_device(Device::Cuda, None);
+        assert_eq!(choose_device(Device::Auto, None, false).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Auto, Some(2), false).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Auto, None, true).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Cpu, None, false).unwrap(), Device::Cpu);
+        assert!(choose_device(Device::Cuda, Some(2), false).unwrap_err().to_string().contains("--workers"));
+        assert!(choose_device(Device::Cuda, None, true).unwrap_err().to_string().contains("--prompt-logprobs"));
+        let explicit = choose_device(Device::Cuda, None, false);
         #[cfg(not(feature = "cuda"))]
         {
             let e = explicit.unwrap_err();

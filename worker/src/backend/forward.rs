@@ -1,7 +1,9 @@
 //! The YOCO forward pass over any [`Backend`], for one rank holding the whole model: prompts
 //! prefill through the self-decoder in chunks (each chunk's K/V projected into the global cache),
 //! and only the last token of a prompt enters the cross-decoder. The order of operations is the
-//! CPU engine's (`crate::model`), so both compute the same numbers.
+//! CPU engine's (`crate::model`): with f32 weights both compute the same numbers to rounding
+//! (the CUDA backend's products with bf16/f16 weights also round the activations to the
+//! weights' type, as cuBLAS takes them).
 
 use super::{Backend, BackendError};
 use crate::config::ModelConfig;

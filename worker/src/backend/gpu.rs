@@ -50,10 +50,7 @@ impl<R: Runtime> Backend for Gpu<R> {
     fn matmul(&self, x: &R::Buf<f32>, m: usize, w: &DeviceMatrix<R>) -> Result<R::Buf<f32>> {
         let (n, k) = w.shape();
         let mut y = Gpu::zeros(self, m * n)?;
-        let mut scratch = match w {
-            DeviceMatrix::F32 { .. } => Gpu::zeros::<u16>(self, 1)?,
-            _ => Gpu::zeros::<u16>(self, m * k)?,
-        };
+        let mut scratch = Gpu::zeros::<u16>(self, if w.is_f32() { 1 } else { m * k })?;
         Gpu::matmul(self, x, m, w, &mut y, &mut scratch)?;
         Ok(y)
     }

@@ -19,7 +19,8 @@ pub enum CompileError {
 
 /// Compiles the whole kernel program for a virtual architecture (`compute_90` for H100/H200,
 /// or the device's own, `compute_XY`), with IEEE division and square root and no flush of
-/// subnormals, so that the kernels compute what the CPU ones do.
+/// subnormals. Multiply-adds may fuse (more accurate than the CPU kernels' separate roundings,
+/// and faster): GPU results differ from the CPU's by rounding, within the stated tolerances.
 pub fn compile_program(arch: &'static str) -> Result<Ptx, CompileError> {
     if !nvrtc_available() {
         return Err(CompileError::NoNvrtc);

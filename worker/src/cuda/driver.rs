@@ -87,7 +87,12 @@ impl CudaRuntime {
                 })
             }
         };
-        let module = ctx.load_module(compile_program(arch)?).map_err(driver)?;
+        let module = ctx.load_module(compile_program(arch)?).map_err(|e| {
+            DeviceError::Driver(format!(
+                "loading the kernels' PTX: {e:?} (a driver older than the NVRTC that compiled them? \
+                 NVRTC 13 needs a CUDA 13 driver)"
+            ))
+        })?;
         let mut kernels = HashMap::new();
         for &name in KERNELS {
             kernels.insert(name, module.load_function(name).map_err(driver)?);
@@ -125,7 +130,9 @@ fn op(trans: bool) -> blas_sys::cublasOperation_t {
     }
 }
 
-impl Runtime for CudaRuntime {
+// SAFETY: cudarc's slices know their lengths and addresses; launches and GEMMs go to the driver
+// and cuBLAS as given.
+unsafe impl Runtime for CudaRuntime {
     type Buf<T: DeviceElem> = CudaSlice<T>;
 
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {

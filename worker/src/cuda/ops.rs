@@ -59,31 +59,40 @@ impl From<f32> for Arg {
     }
 }
 
-/// A weight matrix `[rows, cols]` on the device, in its element type (bf16/f16 as bits).
-pub enum DeviceMatrix<R: Runtime> {
-    F32 { data: R::Buf<f32>, rows: usize, cols: usize },
-    Bf16 { data: R::Buf<u16>, rows: usize, cols: usize },
-    F16 { data: R::Buf<u16>, rows: usize, cols: usize },
+/// A weight matrix `[rows, cols]` on the device, in its element type (bf16/f16 as bits). Its
+/// fields are private: the ops trust its shape, so only [`Gpu::upload_matrix`] makes one.
+pub struct DeviceMatrix<R: Runtime> {
+    data: MatrixData<R>,
+    rows: usize,
+    cols: usize,
+}
+
+enum MatrixData<R: Runtime> {
+    F32(R::Buf<f32>),
+    Bf16(R::Buf<u16>),
+    F16(R::Buf<u16>),
 }
 
 impl<R: Runtime> DeviceMatrix<R> {
     pub fn shape(&self) -> (usize, usize) {
-        match self {
-            DeviceMatrix::F32 { rows, cols, .. }
-            | DeviceMatrix::Bf16 { rows, cols, .. }
-            | DeviceMatrix::F16 { rows, cols, .. } => (*rows, *cols),
-        }
+        (self.rows, self.cols)
+    }
+
+    /// Whether the elements are f32 (a product then takes f32 activations as they are).
+    pub fn is_f32(&self) -> bool {
+        matches!(self.data, MatrixData::F32(_))
     }
 }
 
 /// The global cache on one device: `blocks` blocks of `[K rows; V rows]`, each
-/// `block_tokens × kv_dim`, allocated once at start-up.
+/// `block_tokens × kv_dim`, allocated once at start-up. Private fields, as for
+/// [`DeviceMatrix`]: only [`Gpu::kv_pool`] makes one.
 pub struct DeviceKvPool<R: Runtime> {
-    pub dtype: CacheDtype,
+    dtype: CacheDtype,
     data: PoolData<R>,
-    pub blocks: usize,
-    pub block_tokens: usize,
-    pub kv_dim: usize,
+    blocks: usize,
+    block_tokens: usize,
+    kv_dim: usize,
 }
 
 enum PoolData<R: Runtime> {
@@ -92,6 +101,12 @@ enum PoolData<R: Runtime> {
 }
 
 impl<R: Runtime> DeviceKvPool<R> {
+    pub fn dtype(&self) -> CacheDtype {
+        self.dtype
+    }
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
     pub fn bytes(&self) -> usize {
         self.blocks * 2 * self.block_tokens * self.kv_dim * self.dtype.bytes()
     }
@@ -221,14 +236,14 @@ impl<R: Runtime> Gpu<R> {
         };
         check("upload_matrix", len == n, || format!("{len} elements for [{rows}, {cols}]"))?;
         Ok(match view {
-            WeightRef::F32(w) => DeviceMatrix::F32 { data: self.upload(w)?, rows, cols },
+            WeightRef::F32(w) => DeviceMatrix { data: MatrixData::F32(self.upload(w)?), rows, cols },
             WeightRef::Bf16(w) => {
                 let bits: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
-                DeviceMatrix::Bf16 { data: self.upload(&bits)?, rows, cols }
+                DeviceMatrix { data: MatrixData::Bf16(self.upload(&bits)?), rows, cols }
             }
             WeightRef::F16(w) => {
                 let bits: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
-                DeviceMatrix::F16 { data: self.upload(&bits)?, rows, cols }
+                DeviceMatrix { data: MatrixData::F16(self.upload(&bits)?), rows, cols }
             }
         })
     }
@@ -267,13 +282,13 @@ impl<R: Runtime> Gpu<R> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let (input, a, b) = match w {
-            DeviceMatrix::F32 { data, .. } => (GemmType::F32, self.rt.addr(data), self.rt.addr(x)),
-            DeviceMatrix::Bf16 { data, .. } => {
+        let (input, a, b) = match &w.data {
+            MatrixData::F32(data) => (GemmType::F32, self.rt.addr(data), self.rt.addr(x)),
+            MatrixData::Bf16(data) => {
                 self.narrow(x, m * k, scratch, CacheDtype::Bf16)?;
                 (GemmType::Bf16, self.rt.addr(data), self.rt.addr(scratch))
             }
-            DeviceMatrix::F16 { data, .. } => {
+            MatrixData::F16(data) => {
                 self.narrow(x, m * k, scratch, CacheDtype::F16)?;
                 (GemmType::F16, self.rt.addr(data), self.rt.addr(scratch))
             }
@@ -337,10 +352,10 @@ impl<R: Runtime> Gpu<R> {
         if n_ids == 0 {
             return Ok(());
         }
-        let (name, data) = match table {
-            DeviceMatrix::F32 { data, .. } => ("embedding_f32", self.at(data)),
-            DeviceMatrix::Bf16 { data, .. } => ("embedding_bf16", self.at(data)),
-            DeviceMatrix::F16 { data, .. } => ("embedding_f16", self.at(data)),
+        let (name, data) = match &table.data {
+            MatrixData::F32(data) => ("embedding_f32", self.at(data)),
+            MatrixData::Bf16(data) => ("embedding_bf16", self.at(data)),
+            MatrixData::F16(data) => ("embedding_f16", self.at(data)),
         };
         let args = vec![
             self.at(ids),
@@ -505,6 +520,10 @@ impl<R: Runtime> Gpu<R> {
         }
         self.fits(OP, "gamma", gamma, seqs * heads)?;
         self.fits(OP, "out", out, n)?;
+        let mut sorted = slots.to_vec();
+        sorted.sort_unstable();
+        // Two sequences on one slot would race on its state.
+        check(OP, sorted.windows(2).all(|p| p[0] != p[1]), || format!("a slot twice in {slots:?}"))?;
         let slot_len = heads * head_dim * head_dim;
         let max = slots.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
         self.fits(OP, "states", states, max * slot_len)?;

@@ -74,7 +74,10 @@ pub struct Gemm {
     pub ldc: i32,
 }
 
-pub trait Runtime {
+/// # Safety
+/// The ops trust an implementation: `len` and `addr` tell the truth about a buffer, `alloc` and
+/// `upload` give buffers of the lengths asked, and `launch` and `gemm` run what they are given.
+pub unsafe trait Runtime {
     type Buf<T: DeviceElem>;
 
     /// `n` zeroed elements (at least one: device allocations are never empty).
