@@ -5,7 +5,7 @@ use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossS
 use crate::kernels::kv_block::{Block, CacheDtype};
 use crate::kernels::matmul::linear;
 use crate::kernels::retention::{retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK};
-use crate::kernels::rope::RopeTable;
+use crate::kernels::rope::{Rope, RopeTable};
 use crate::weights::Tensor;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,6 +34,7 @@ impl Backend for CpuBackend {
     /// A clone of the model's tensor: a mapped tensor shares its map.
     type Matrix = Tensor;
     type Pool = CpuPool;
+    type RopeTable = RopeTable;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -100,22 +101,17 @@ impl Backend for CpuBackend {
         Ok(crate::with_weights!(table.view(), |t| crate::kernels::embedding::embed(ids, t, dim, scale)))
     }
 
-    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize) -> Result<()> {
-        at_least("rope", x, positions.len() * heads * head_dim)?;
-        if inv_freq.len() != head_dim / 2 {
-            return Err(bad(format!("{} frequencies for head_dim {head_dim}", inv_freq.len())));
+    fn rope_table(&self, rope: &Rope, positions: &[u32]) -> Result<RopeTable> {
+        Ok(rope.table(positions.iter().map(|&p| p as usize)))
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, table: &RopeTable, heads: usize, head_dim: usize) -> Result<()> {
+        if table.half != head_dim / 2 {
+            return Err(bad(format!("a rope table for head_dim {}, not {head_dim}", 2 * table.half)));
         }
-        // The CPU table's angles: f32(pos) · θ_i rounded to f32, cos/sin in f64.
-        let half = head_dim / 2;
-        let mut table = RopeTable { half, cos: Vec::new(), sin: Vec::new() };
-        for &p in positions {
-            for &f in inv_freq {
-                let a = (p as f32 * f) as f64;
-                table.cos.push(a.cos() as f32);
-                table.sin.push(a.sin() as f32);
-            }
-        }
-        crate::kernels::rope::apply_rope(&mut x[..positions.len() * heads * head_dim], heads, head_dim, &table);
+        let rows = table.cos.len() / table.half.max(1);
+        at_least("rope", x, rows * heads * head_dim)?;
+        crate::kernels::rope::apply_rope(&mut x[..rows * heads * head_dim], heads, head_dim, table);
         Ok(())
     }
 

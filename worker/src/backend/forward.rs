@@ -132,8 +132,8 @@ pub struct Forward<B: Backend> {
     norm: B::Buf,
     /// `None` when tied to the embedding.
     output: Option<Lin<B>>,
-    inv_freq_self: Vec<f32>,
-    inv_freq_cross: Vec<f32>,
+    rope_self: Rope,
+    rope_cross: Rope,
     pool: B::Pool,
     free_blocks: Vec<u32>,
     /// Per self-decoder layer, for retention: `[max_sequences, heads, d, d]` states.
@@ -206,10 +206,6 @@ impl<B: Backend> Forward<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let cfg = model.cfg.clone();
-        let inv_freq = |head_dim: usize| {
-            let rope = Rope::new(cfg.rope_theta, head_dim);
-            (0..head_dim / 2).map(|i| rope.angle(1, i)).collect::<Vec<f32>>()
-        };
         let blocks = opts.cache_tokens.div_ceil(opts.block_tokens);
         let pool = b.kv_pool(opts.cache_dtype, blocks, opts.block_tokens, cfg.kv_dim())?;
         let state_len = cfg.n_self_heads * cfg.self_head_dim() * cfg.self_head_dim();
@@ -229,8 +225,8 @@ impl<B: Backend> Forward<B> {
             cross_layers,
             norm: vector(&model.layer_norm)?,
             output: model.output_projection.as_ref().map(lin).transpose()?,
-            inv_freq_self: inv_freq(cfg.self_head_dim()),
-            inv_freq_cross: inv_freq(cfg.head_dim()),
+            rope_self: Rope::new(cfg.rope_theta, cfg.self_head_dim()),
+            rope_cross: Rope::new(cfg.rope_theta, cfg.head_dim()),
             free_blocks: (0..blocks as u32).rev().collect(),
             state_pools,
             free_slots: (0..opts.max_sequences).rev().collect(),
@@ -359,6 +355,8 @@ impl<B: Backend> Forward<B> {
         let (heads, hd) = (cfg.n_self_heads, cfg.self_head_dim());
         let qd = heads * hd;
         let positions: Vec<u32> = (seq.pos..seq.pos + n).map(|p| p as u32).collect();
+        // One table of self-decoder angles for every layer's q and k.
+        let rope = b.rope_table(&self.rope_self, &positions)?;
         let mm = |x: &B::Buf, m: usize, l: &Lin<B>| b.matmul(x, m, &l.w);
         let mut x = b.embed(chunk, &self.embed, (dim as f32).sqrt())?;
         let slot = seq.slot;
@@ -368,8 +366,8 @@ impl<B: Backend> Forward<B> {
                 (Mixer::Retention { q, k, v, g, gt, out }, State::Retention) => {
                     let states = pool.as_mut().expect("a retention layer has a state pool");
                     let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
-                    b.rope(&mut qh, &positions, &self.inv_freq_self, heads, hd)?;
-                    b.rope(&mut kh, &positions, &self.inv_freq_self, heads, hd)?;
+                    b.rope(&mut qh, &rope, heads, hd)?;
+                    b.rope(&mut kh, &rope, heads, hd)?;
                     let gamma = b.log_sigmoid_scaled(&mm(&xn, n, gt)?, n * heads, GATE_LOGIT_NORMALIZER)?;
                     let o = b.retention(&qh, &kh, &vh, &gamma, states, slot, n, heads, hd)?;
                     // subln: RMSNorm over each head, no weight.
@@ -380,8 +378,8 @@ impl<B: Backend> Forward<B> {
                 }
                 (Mixer::Window { q, k, v, out, window }, State::Window { keys, values, rows }) => {
                     let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
-                    b.rope(&mut qh, &positions, &self.inv_freq_self, heads, hd)?;
-                    b.rope(&mut kh, &positions, &self.inv_freq_self, heads, hd)?;
+                    b.rope(&mut qh, &rope, heads, hd)?;
+                    b.rope(&mut kh, &rope, heads, hd)?;
                     let prefix = *rows;
                     let all_k = b.concat(keys, prefix, &kh, n, qd)?;
                     let all_v = b.concat(values, prefix, &vh, n, qd)?;
@@ -403,7 +401,7 @@ impl<B: Backend> Forward<B> {
         let xn = b.rms_norm(&x, n, dim, Some(&self.kv_norm), eps)?;
         let mut k = mm(&xn, n, &self.k_proj)?;
         let v = mm(&xn, n, &self.v_proj)?;
-        b.rope(&mut k, &positions, &self.inv_freq_cross, cfg.n_attn_kv_heads, cfg.head_dim())?;
+        b.rope(&mut k, &b.rope_table(&self.rope_cross, &positions)?, cfg.n_attn_kv_heads, cfg.head_dim())?;
         b.kv_write(&mut self.pool, &seq.table, seq.pos, &k, &v, n)?;
         seq.pos += n;
         Ok(b.rows(&x, dim, n - 1..n)?)
@@ -416,12 +414,12 @@ impl<B: Backend> Forward<B> {
         let cfg = &self.cfg;
         let (dim, eps) = (cfg.dim, cfg.norm_eps);
         let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
-        let pos = [(seq.pos - 1) as u32];
+        let rope = b.rope_table(&self.rope_cross, &[(seq.pos - 1) as u32])?;
         let mut x = b.rows(x, dim, 0..1)?;
         for l in &self.cross_layers {
             let xn = b.rms_norm(&x, 1, dim, Some(&l.norm), eps)?;
             let mut q = b.matmul(&xn, 1, &l.q.w)?;
-            b.rope(&mut q, &pos, &self.inv_freq_cross, shape.heads, shape.head_dim)?;
+            b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
             let o = b.cross_attention(&q, &self.pool, &seq.table, seq.pos, shape)?;
             b.add_assign(&mut x, &b.matmul(&o, 1, &l.out.w)?, dim)?;
             let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, 1, dim, Some(&l.final_norm), eps)?, 1, cfg.hidden_dim)?;

@@ -8,7 +8,16 @@ use crate::cuda::ops::{DeviceKvPool, DeviceMatrix, Gpu};
 use crate::cuda::runtime::{DeviceError, Runtime};
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
+use crate::kernels::rope::Rope;
 use crate::weights::Tensor;
+
+/// RoPE on the device: the positions and the frequencies, uploaded once for every layer that
+/// uses them (the kernel takes the angles' cos/sin itself).
+pub struct GpuRopeTable<R: Runtime> {
+    positions: R::Buf<u32>,
+    rows: usize,
+    inv_freq: R::Buf<f32>,
+}
 
 /// Positions per flash-decoding split of the cross-attention (the CPU kernel's split).
 const SPLIT_TOKENS: usize = 4096;
@@ -23,6 +32,7 @@ impl<R: Runtime> Backend for Gpu<R> {
     type Buf = R::Buf<f32>;
     type Matrix = DeviceMatrix<R>;
     type Pool = DeviceKvPool<R>;
+    type RopeTable = GpuRopeTable<R>;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -90,16 +100,17 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(out)
     }
 
-    fn rope(
-        &self,
-        x: &mut R::Buf<f32>,
-        positions: &[u32],
-        inv_freq: &[f32],
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        let (pos, freq) = (Gpu::upload(self, positions)?, Gpu::upload(self, inv_freq)?);
-        Ok(Gpu::rope(self, x, &pos, positions.len(), &freq, heads, head_dim)?)
+    fn rope_table(&self, rope: &Rope, positions: &[u32]) -> Result<GpuRopeTable<R>> {
+        let inv_freq: Vec<f32> = (0..rope.half()).map(|i| rope.angle(1, i)).collect();
+        Ok(GpuRopeTable {
+            positions: Gpu::upload(self, positions)?,
+            rows: positions.len(),
+            inv_freq: Gpu::upload(self, &inv_freq)?,
+        })
+    }
+
+    fn rope(&self, x: &mut R::Buf<f32>, table: &GpuRopeTable<R>, heads: usize, head_dim: usize) -> Result<()> {
+        Ok(Gpu::rope(self, x, &table.positions, table.rows, &table.inv_freq, heads, head_dim)?)
     }
 
     fn retention(

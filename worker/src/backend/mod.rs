@@ -17,6 +17,7 @@ pub use forward::{Forward, ForwardError, ForwardOptions, Sequence};
 
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
+use crate::kernels::rope::Rope;
 use crate::weights::Tensor;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub trait Backend {
     type Matrix;
     /// The global KV cache: blocks of `[K rows; V rows]`.
     type Pool;
+    /// RoPE angles for a list of positions.
+    type RopeTable;
 
     fn name(&self) -> &'static str;
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
@@ -56,9 +59,11 @@ pub trait Backend {
     fn log_sigmoid_scaled(&self, x: &Self::Buf, n: usize, normalizer: f32) -> Result<Self::Buf>;
     /// Rows of the embedding table `[vocab, dim]` for `ids`, times `scale`.
     fn embed(&self, ids: &[u32], table: &Self::Matrix, scale: f32) -> Result<Self::Buf>;
-    /// Interleaved RoPE of `x [positions, heads · head_dim]` in place; `inv_freq` the `θ_i`.
-    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &[f32], heads: usize, head_dim: usize)
-        -> Result<()>;
+    /// The RoPE angles of `positions` for `rope`'s frequencies, made once and shared by every
+    /// layer (and by q and k) that rotates rows at those positions.
+    fn rope_table(&self, rope: &Rope, positions: &[u32]) -> Result<Self::RopeTable>;
+    /// Interleaved RoPE of `x [positions, heads · head_dim]` in place, by `table`'s angles.
+    fn rope(&self, x: &mut Self::Buf, table: &Self::RopeTable, heads: usize, head_dim: usize) -> Result<()>;
     /// Gated retention over `tokens` tokens from the state in slot `slot` of
     /// `states [slots, heads, d, d]`, left there after the last token: the chunkwise form, or
     /// the recurrent one for a single token.
