@@ -7,30 +7,15 @@
 //! 3e-3 — about twice the rounding of one bf16 / f16 input.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{assert_close, randn, rel_err};
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
 use yoco_worker::cuda::driver::{gpu_count, CudaBackend};
 use yoco_worker::cuda::runtime::DeviceError;
 use yoco_worker::kernels::cross_attention::{cross_attention_reference, CrossShape};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::kernels::widen::WeightRef;
-
-fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64).sqrt() as f32;
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| if x.is_finite() { (x - y).abs() / (y.abs() + rms + f32::MIN_POSITIVE) } else { f32::INFINITY })
-        .fold(0f32, f32::max);
-    eprintln!("{what}: largest relative error {worst:.2e} (bound {tol:.0e})");
-    assert!(worst <= tol, "{what}: relative error {worst} > {tol}");
-}
 
 fn backend() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
@@ -306,7 +291,7 @@ fn the_forward_pass_on_the_gpu_is_the_cpu_one() {
         let mut dev = Forward::new(gpu.take().unwrap(), model, opts.clone()).unwrap();
         let mut seq = dev.new_sequence().unwrap();
         let (tokens, got) = dev.generate_greedy(&mut seq, &prompt, 16).unwrap();
-        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err_of(g, w)).collect();
+        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
         let worst = errs.iter().cloned().fold(0f32, f32::max);
         let same = tokens.iter().zip(&want_tokens).take_while(|(a, b)| a == b).count();
         eprintln!("{name}: largest relative logit error {worst:.2e} (bound {tol:.0e}); first {same} of 16 greedy tokens equal");
@@ -316,12 +301,4 @@ fn the_forward_pass_on_the_gpu_is_the_cpu_one() {
         }
         gpu = Some(dev.into_backend());
     }
-}
-
-fn rel_err_of(a: &[f32], b: &[f32]) -> f32 {
-    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64).sqrt() as f32;
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| if x.is_finite() { (x - y).abs() / (y.abs() + rms) } else { f32::INFINITY })
-        .fold(0f32, f32::max)
 }

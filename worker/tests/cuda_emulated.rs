@@ -7,10 +7,12 @@
 //! Tolerances: f32 results within 2e-6 relative of the CPU kernel (the two sum in different
 //! orders), against the rms of the data for elements near zero; conversions bit-exact.
 
+mod common;
 mod emulator;
 
 use std::ffi::c_void;
 
+use common::{assert_close, randn};
 use emulator::{launch, raw_launch};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -21,21 +23,6 @@ use yoco_worker::kernels::rope::Rope;
 /// `args![a, b, …]`: pointers to the argument values, for [`launch`].
 macro_rules! args {
     ($($a:expr),* $(,)?) => { &mut [$(&$a as *const _ as *mut c_void),*] };
-}
-
-fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-/// |a−b| ≤ tol·(|b| + rms(b)) elementwise.
-fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len().max(1) as f64).sqrt() as f32;
-    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        let err = (x - y).abs() / (y.abs() + rms + f32::MIN_POSITIVE);
-        assert!(err <= tol && x.is_finite(), "{what}: index {i}: {x} vs {y} (rel err {err} > {tol})");
-    }
 }
 
 const F32_TOL: f32 = 2e-6;

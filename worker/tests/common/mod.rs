@@ -124,6 +124,21 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `n` reproducible values uniform in [-1, 1).
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Asserts [`rel_err`]`(a, b) ≤ tol`, and reports the largest error.
+pub fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let worst = rel_err(a, b);
+    eprintln!("{what}: largest relative error {worst:.2e} (bound {tol:.0e})");
+    assert!(worst <= tol, "{what}: relative error {worst} > {tol}");
+}
+
 #[allow(unused_imports)] // not every test binary uses it
 pub use yoco_worker::sampling::argmax;
 
