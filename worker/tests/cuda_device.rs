@@ -216,7 +216,8 @@ fn attention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         }
         let mut dout = gpu.zeros::<f32>(lens.len() * shape.q_dim())?;
         let table_refs: Vec<&[u32]> = tables.iter().map(|t| &t[..]).collect();
-        gpu.cross_attention(&gpu.upload(&q)?, &pool, &table_refs, &lens, shape, 4096, &mut dout)?;
+        let block_tables = gpu.block_tables(&pool, &table_refs, &lens)?;
+        gpu.cross_attention(&gpu.upload(&q)?, &pool, &block_tables, shape, 4096, &mut dout)?;
         let got = gpu.download(&dout)?;
         let round = |x: &[f32]| -> Vec<f32> {
             match dtype {

@@ -35,6 +35,8 @@ impl Backend for CpuBackend {
     type Matrix = Tensor;
     type Pool = CpuPool;
     type RopeTable = RopeTable;
+    /// The blocks and the length.
+    type BlockTable = (Vec<u32>, usize);
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -228,18 +230,22 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn block_table(&self, pool: &CpuPool, table: &[u32], len: usize) -> Result<(Vec<u32>, usize)> {
+        if len > table.len() * pool.block_tokens {
+            return Err(bad(format!("{len} positions beyond {} blocks", table.len())));
+        }
+        Ok((table.to_vec(), len))
+    }
+
     fn cross_attention(
         &self,
         q: &Vec<f32>,
         pool: &CpuPool,
-        table: &[u32],
-        len: usize,
+        (table, len): &(Vec<u32>, usize),
         shape: CrossShape,
     ) -> Result<Vec<f32>> {
         at_least("q", q, shape.q_dim())?;
-        if len > table.len() * pool.block_tokens {
-            return Err(bad(format!("{len} positions beyond {} blocks", table.len())));
-        }
+        let len = *len;
         let blocks = table
             .iter()
             .map(|&b| pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool")))

@@ -415,12 +415,14 @@ impl<B: Backend> Forward<B> {
         let (dim, eps) = (cfg.dim, cfg.norm_eps);
         let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
         let rope = b.rope_table(&self.rope_cross, &[(seq.pos - 1) as u32])?;
+        // The whole cache, one table for every cross-decoder layer.
+        let table = b.block_table(&self.pool, &seq.table, seq.pos)?;
         let mut x = b.rows(x, dim, 0..1)?;
         for l in &self.cross_layers {
             let xn = b.rms_norm(&x, 1, dim, Some(&l.norm), eps)?;
             let mut q = b.matmul(&xn, 1, &l.q.w)?;
             b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
-            let o = b.cross_attention(&q, &self.pool, &seq.table, seq.pos, shape)?;
+            let o = b.cross_attention(&q, &self.pool, &table, shape)?;
             b.add_assign(&mut x, &b.matmul(&o, 1, &l.out.w)?, dim)?;
             let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, 1, dim, Some(&l.final_norm), eps)?, 1, cfg.hidden_dim)?;
             b.add_assign(&mut x, &ffn_out, dim)?;

@@ -4,7 +4,7 @@
 //! logits.
 
 use super::{Backend, BackendError, Result};
-use crate::cuda::ops::{DeviceKvPool, DeviceMatrix, Gpu};
+use crate::cuda::ops::{BlockTables, DeviceKvPool, DeviceMatrix, Gpu};
 use crate::cuda::runtime::{DeviceError, Runtime};
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
@@ -33,6 +33,7 @@ impl<R: Runtime> Backend for Gpu<R> {
     type Matrix = DeviceMatrix<R>;
     type Pool = DeviceKvPool<R>;
     type RopeTable = GpuRopeTable<R>;
+    type BlockTable = BlockTables<R>;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -194,16 +195,19 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(())
     }
 
+    fn block_table(&self, pool: &DeviceKvPool<R>, table: &[u32], len: usize) -> Result<BlockTables<R>> {
+        Ok(self.block_tables(pool, &[table], &[len])?)
+    }
+
     fn cross_attention(
         &self,
         q: &R::Buf<f32>,
         pool: &DeviceKvPool<R>,
-        table: &[u32],
-        len: usize,
+        table: &BlockTables<R>,
         shape: CrossShape,
     ) -> Result<R::Buf<f32>> {
         let mut out = Gpu::zeros(self, shape.q_dim())?;
-        Gpu::cross_attention(self, q, pool, &[table], &[len], shape, SPLIT_TOKENS, &mut out)?;
+        Gpu::cross_attention(self, q, pool, table, shape, SPLIT_TOKENS, &mut out)?;
         Ok(out)
     }
 }

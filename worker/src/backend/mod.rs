@@ -40,6 +40,8 @@ pub trait Backend {
     type Pool;
     /// RoPE angles for a list of positions.
     type RopeTable;
+    /// A sequence's block table, as cross-attention reads it.
+    type BlockTable;
 
     fn name(&self) -> &'static str;
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
@@ -113,14 +115,15 @@ pub trait Backend {
         v: &Self::Buf,
         n: usize,
     ) -> Result<()>;
-    /// Attention of one query `[heads · head_dim]` over positions `0..len` of the sequence whose
-    /// blocks `table` lists.
+    /// Positions `0..len` of the sequence whose blocks `table` lists, checked against `pool`
+    /// and made once for every cross-decoder layer of a step.
+    fn block_table(&self, pool: &Self::Pool, table: &[u32], len: usize) -> Result<Self::BlockTable>;
+    /// Attention of one query `[heads · head_dim]` over the positions of `table`.
     fn cross_attention(
         &self,
         q: &Self::Buf,
         pool: &Self::Pool,
-        table: &[u32],
-        len: usize,
+        table: &Self::BlockTable,
         shape: CrossShape,
     ) -> Result<Self::Buf>;
 }

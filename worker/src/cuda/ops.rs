@@ -112,6 +112,17 @@ impl<R: Runtime> DeviceKvPool<R> {
     }
 }
 
+/// Sequences' block tables on the device, made by [`Gpu::block_tables`] for one pool.
+pub struct BlockTables<R: Runtime> {
+    tables: R::Buf<u32>,
+    offsets: R::Buf<u32>,
+    lens: R::Buf<u32>,
+    seqs: usize,
+    max_len: usize,
+    /// The pool's blocks and block size, which the tables were checked against.
+    pool: (usize, usize),
+}
+
 /// One device's ops.
 pub struct Gpu<R: Runtime> {
     rt: R,
@@ -631,32 +642,18 @@ impl<R: Runtime> Gpu<R> {
         unsafe { self.launch(name, (u32_of(OP, n)?, 1, 1), 128, args) }
     }
 
-    /// Cross-attention of one query per sequence over its cache, the flash-decoding split:
-    /// partials over `split_tokens` positions, then the log-sum-exp merge into
-    /// `out [seqs, heads · head_dim]`. Sequence s attends over positions `0..lens[s]` of the
-    /// blocks `tables[s]` lists.
-    #[allow(clippy::too_many_arguments)]
-    pub fn cross_attention(
+    /// The block tables of `seqs` sequences for [`Gpu::cross_attention`], checked against
+    /// `pool` and uploaded once (every cross-decoder layer of a step reads the same ones):
+    /// sequence s attends over positions `0..lens[s]` of the blocks `tables[s]` lists.
+    pub fn block_tables(
         &self,
-        q: &R::Buf<f32>,
         pool: &DeviceKvPool<R>,
         tables: &[&[u32]],
         lens: &[usize],
-        shape: CrossShape,
-        split_tokens: usize,
-        out: &mut R::Buf<f32>,
-    ) -> Result<(), DeviceError> {
-        const OP: &str = "cross_attention";
-        Self::check_head_dim(OP, shape.head_dim)?;
-        check(OP, shape.kv_dim() == pool.kv_dim && shape.heads.is_multiple_of(shape.kv_heads), || {
-            format!("{shape:?} against a pool of kv_dim {}", pool.kv_dim)
-        })?;
-        check(OP, split_tokens > 0, || "split_tokens 0".into())?;
+    ) -> Result<BlockTables<R>, DeviceError> {
+        const OP: &str = "block_tables";
         check(OP, tables.len() == lens.len(), || "one table per sequence".into())?;
-        let seqs = lens.len();
-        self.fits(OP, "q", q, seqs * shape.q_dim())?;
-        self.fits(OP, "out", out, seqs * shape.q_dim())?;
-        let (mut flat, mut offsets) = (Vec::new(), Vec::with_capacity(seqs));
+        let (mut flat, mut offsets) = (Vec::new(), Vec::with_capacity(lens.len()));
         for (table, &len) in tables.iter().zip(lens) {
             check(OP, len <= table.len() * pool.block_tokens, || {
                 format!("{len} positions beyond {} blocks", table.len())
@@ -668,16 +665,46 @@ impl<R: Runtime> Gpu<R> {
             );
             flat.extend_from_slice(table);
         }
+        let lens32 = lens.iter().map(|&l| u32_of(OP, l)).collect::<Result<Vec<u32>, _>>()?;
+        Ok(BlockTables {
+            tables: self.upload(&flat)?,
+            offsets: self.upload(&offsets)?,
+            lens: self.upload(&lens32)?,
+            seqs: lens.len(),
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            pool: (pool.blocks, pool.block_tokens),
+        })
+    }
+
+    /// Cross-attention of one query per sequence over its cache, the flash-decoding split:
+    /// partials over `split_tokens` positions, then the log-sum-exp merge into
+    /// `out [seqs, heads · head_dim]`, for the sequences of `tables`.
+    pub fn cross_attention(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "cross_attention";
+        Self::check_head_dim(OP, shape.head_dim)?;
+        check(OP, shape.kv_dim() == pool.kv_dim && shape.heads.is_multiple_of(shape.kv_heads), || {
+            format!("{shape:?} against a pool of kv_dim {}", pool.kv_dim)
+        })?;
+        check(OP, tables.pool == (pool.blocks, pool.block_tokens), || "block tables made for another pool".into())?;
+        check(OP, split_tokens > 0, || "split_tokens 0".into())?;
+        let seqs = tables.seqs;
+        self.fits(OP, "q", q, seqs * shape.q_dim())?;
+        self.fits(OP, "out", out, seqs * shape.q_dim())?;
         if seqs == 0 {
             return Ok(());
         }
-        let max_len = lens.iter().copied().max().unwrap_or(0);
-        let splits = max_len.div_ceil(split_tokens).max(1);
+        let splits = tables.max_len.div_ceil(split_tokens).max(1);
         let parts = seqs * shape.heads * splits;
         let (po, pm, pl) =
             (self.zeros::<f32>(parts * shape.head_dim)?, self.zeros::<f32>(parts)?, self.zeros::<f32>(parts)?);
-        let lens32 = lens.iter().map(|&l| u32_of(OP, l)).collect::<Result<Vec<u32>, _>>()?;
-        let (dev_tables, dev_offsets, dev_lens) = (self.upload(&flat)?, self.upload(&offsets)?, self.upload(&lens32)?);
         let (name, data) = match (&pool.data, pool.dtype) {
             (PoolData::F32(d), _) => ("cross_attention_partials_f32", self.at(d)),
             (PoolData::Half(d), CacheDtype::Bf16) => ("cross_attention_partials_bf16", self.at(d)),
@@ -687,9 +714,9 @@ impl<R: Runtime> Gpu<R> {
         let args = vec![
             self.at(q),
             data,
-            self.at(&dev_tables),
-            self.at(&dev_offsets),
-            self.at(&dev_lens),
+            self.at(&tables.tables),
+            self.at(&tables.offsets),
+            self.at(&tables.lens),
             self.at(&po),
             self.at(&pm),
             self.at(&pl),
