@@ -74,11 +74,13 @@ impl Partial {
     }
 }
 
-/// Which tile kernels to use: the fastest this CPU has, or the portable ones only (tests
-/// compare both with the reference on every machine).
+/// Which tile kernels to use: the fastest this CPU has, at most AVX2, or the portable ones
+/// only (tests compare each with the reference on every machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernels {
     Best,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
     #[cfg_attr(not(test), allow(dead_code))]
     Portable,
 }
@@ -105,14 +107,20 @@ pub(crate) fn partial_with(
     let kvd = kv.kv_dim;
     let group = shape.group();
     #[cfg(target_arch = "x86_64")]
-    let simd = kernels == Kernels::Best && super::attend_avx2::available(group, hd);
+    let simd: Option<SimdKernel> = if kernels == Kernels::Best && super::attend_avx512::available(group, hd) {
+        Some(super::attend_avx512::attend)
+    } else if kernels != Kernels::Portable && super::attend_avx2::available(group, hd) {
+        Some(super::attend_avx2::attend)
+    } else {
+        None
+    };
     let mut pos = range.start;
     while pos < range.end {
         // One tile: the rest of the current block, or of the range.
         let tile = (kv.block_tokens - pos % kv.block_tokens).min(range.end - pos);
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // The AVX2 kernel reads the block in its own element type: no widened copy.
+        if let Some(attend) = simd {
+            // The SIMD kernels read the block in its own element type: no widened copy.
             let (bt, j) = (kv.block_tokens, pos % kv.block_tokens);
             let (k_rows, v_rows) = (j * kvd..(j + tile) * kvd, (bt + j) * kvd..(bt + j + tile) * kvd);
             for g in 0..shape.kv_heads {
@@ -131,7 +139,7 @@ pub(crate) fn partial_with(
                 let heads = g * group..(g + 1) * group;
                 let (qh, oh) = (&q[heads.start * hd..heads.end * hd], &mut part.o[heads.start * hd..heads.end * hd]);
                 let (m, l) = (&mut part.m[heads.clone()], &mut part.l[heads]);
-                super::attend_avx2::attend(group, qh, rows, scale, &mut scores[..group * tile], m, l, oh);
+                attend(group, qh, rows, scale, &mut scores[..group * tile], m, l, oh);
             }
             pos += tile;
             continue;
@@ -212,6 +220,10 @@ multiversion! {
         *l = *l * rescale + sum;
     }
 }
+
+/// The SIMD group kernels' signature (`attend_avx2::attend`, `attend_avx512::attend`).
+#[cfg(target_arch = "x86_64")]
+type SimdKernel = fn(usize, &[f32], Rows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
 
 type GroupKernel = fn(&[f32], &TileRows<'_>, f32, &mut [f32], &mut [f32], &mut [f32], &mut [f32]);
 
@@ -424,21 +436,28 @@ mod tests {
 
     #[test]
     fn partials_merged_at_any_cut_match_reference() {
-        // Group kernels (head_dim a multiple of 8; 1, 2, 4, 8 heads per KV head) and the
-        // per-head kernel (head_dim 12; 3 heads per KV head).
+        // Group kernels (head_dim a multiple of 8; 1, 2, 4, 8 heads per KV head; with AVX-512
+        // head_dim a multiple of 16 and 1 to 8 heads), the per-head kernel (head_dim 12; 3 heads
+        // per KV head). Blocks of 16 and 40 positions: whole 16-row groups, and groups with a
+        // tail.
         for shape in [
             CrossShape { heads: 4, kv_heads: 2, head_dim: 8 },
             CrossShape { heads: 2, kv_heads: 2, head_dim: 16 },
             CrossShape { heads: 8, kv_heads: 2, head_dim: 64 },
             CrossShape { heads: 8, kv_heads: 1, head_dim: 24 },
             CrossShape { heads: 6, kv_heads: 2, head_dim: 12 },
+            CrossShape { heads: 3, kv_heads: 1, head_dim: 128 },
+            CrossShape { heads: 14, kv_heads: 2, head_dim: 32 },
+            CrossShape { heads: 16, kv_heads: 2, head_dim: 48 },
         ] {
-            partials_match_reference(shape);
+            for bt in [16, 40] {
+                partials_match_reference(shape, bt);
+            }
         }
     }
 
-    fn partials_match_reference(shape: CrossShape) {
-        let (kvd, n, bt) = (shape.kv_dim(), 103, 16);
+    fn partials_match_reference(shape: CrossShape, bt: usize) {
+        let (kvd, n) = (shape.kv_dim(), 103);
         // Large scores stress the running max.
         let q: Vec<f32> = randn(shape.q_dim(), 1).iter().map(|v| v * 6.0).collect();
         let keys = randn(n * kvd, 2);
@@ -455,21 +474,28 @@ mod tests {
             let mut bounds = vec![0];
             bounds.extend(cuts.iter().copied());
             bounds.push(n);
-            for kernels in [Kernels::Best, Kernels::Portable] {
+            for kernels in [Kernels::Best, Kernels::Avx2, Kernels::Portable] {
                 let parts: Vec<Partial> =
                     bounds.windows(2).map(|w| partial_with(&q, shape, &view, w[0]..w[1].max(w[0]), kernels)).collect();
                 let mut out = vec![0.0; shape.q_dim()];
                 lse_merge(&parts, shape, &mut out);
-                assert_close(&out, &want, 1e-5, &format!("{shape:?} cuts {cuts:?} {kernels:?}"));
+                assert_close(&out, &want, 1e-5, &format!("{shape:?} blocks of {bt} cuts {cuts:?} {kernels:?}"));
             }
         }
     }
 
     #[test]
     fn half_precision_blocks_match_the_reference_on_their_rounded_rows() {
+        for shape in
+            [CrossShape { heads: 4, kv_heads: 2, head_dim: 8 }, CrossShape { heads: 8, kv_heads: 2, head_dim: 32 }]
+        {
+            half_blocks_match(shape);
+        }
+    }
+
+    fn half_blocks_match(shape: CrossShape) {
         use crate::kernels::kv_block::{Block, CacheDtype};
-        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
-        let (kvd, n, bt) = (shape.kv_dim(), 70, 16);
+        let (kvd, n, bt) = (shape.kv_dim(), 70, 40);
         let q: Vec<f32> = randn(shape.q_dim(), 11).iter().map(|v| v * 4.0).collect();
         let (keys, values) = (randn(n * kvd, 12), randn(n * kvd, 13));
         for dtype in [CacheDtype::Bf16, CacheDtype::F16] {
@@ -495,11 +521,11 @@ mod tests {
             };
             let (rk, rv) = (stored(false), stored(true));
             assert_ne!(rk, keys, "{dtype} rounds");
-            for kernels in [Kernels::Best, Kernels::Portable] {
+            for kernels in [Kernels::Best, Kernels::Avx2, Kernels::Portable] {
                 let mut out = vec![0.0; shape.q_dim()];
                 lse_merge(&[partial_with(&q, shape, &view, 0..n, kernels)], shape, &mut out);
                 let want = cross_attention_reference(&q, &rk, &rv, shape);
-                assert_close(&out, &want, 1e-5, &format!("{dtype} {kernels:?}"));
+                assert_close(&out, &want, 1e-5, &format!("{shape:?} {dtype} {kernels:?}"));
             }
         }
     }

@@ -310,7 +310,119 @@ unsafe fn stream_rows_avx2<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn stream_rows_avx512<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize, n: usize, out: OutPtr) {
+    if k.is_multiple_of(16) {
+        return stream_rows_avx512_sum16(x, m, k, w_rows, j0, n, out);
+    }
     stream_rows_with!(tile_avx512, x, m, k, w_rows, j0, n, out)
+}
+
+/// `R` input rows against `C` weight rows, `R · C = 16`, every row a multiple of 16 long: the
+/// sixteen dot products in one register, lane `r · C + c`. The accumulators are reduced together
+/// by one transposing sum (`simd::hsum16x16`), about three operations per result where a
+/// horizontal sum each costs ten; with k = 256 that was a third of the tile's time.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `ahead` as in [`tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile16_avx512<W: Widen, const R: usize, const C: usize>(
+    x: [&[f32]; R],
+    w: [&[W]; C],
+    ahead: usize,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const { assert!(R * C == 16) };
+    let k = w[0].len();
+    assert!(k.is_multiple_of(16) && x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for p in (0..k).step_by(16) {
+        // SAFETY: p + 16 <= k, the length of every row.
+        let wv: [__m512; C] = std::array::from_fn(|c| W::load16_avx512(w[c].as_ptr().add(p)));
+        if ahead > 0 && p % (64 / W::BYTES) == 0 {
+            for row in &w {
+                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(p).wrapping_add(ahead).cast());
+            }
+        }
+        for r in 0..R {
+            let xv = _mm512_loadu_ps(x[r].as_ptr().add(p));
+            for c in 0..C {
+                acc[r * C + c] = _mm512_fmadd_ps(xv, wv[c], acc[r * C + c]);
+            }
+        }
+    }
+    super::simd::hsum16x16(acc)
+}
+
+/// [`stream_rows_avx512`] for k a multiple of 16: input rows in fours against weight rows in
+/// fours, or one row against sixteen; what is left (input rows past the last four, weight rows
+/// past the last group) one input row against one weight row group at a time.
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn stream_rows_avx512_sum16<W: Widen>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w_rows: &[W],
+    j0: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    use std::arch::x86_64::*;
+    let rows = w_rows.len() / k;
+    for k0 in (0..k).step_by(STREAM_K_BLOCK) {
+        let first = k0 == 0;
+        // Results (i, j0 + c ..) from `lanes`: stored by the first block of k,
+        // added by the others.
+        let put = |i: usize, c: usize, lanes: &[f32]| {
+            assert!(i < m && j0 + c + lanes.len() <= n);
+            for (d, &v) in lanes.iter().enumerate() {
+                // SAFETY: the element lies inside the m×n result (asserted), and only this
+                // task writes columns j0..j0 + rows.
+                let o = out.0.add(i * n + j0 + c + d);
+                *o = if first { v } else { *o + v };
+            }
+        };
+        let kr = k0..(k0 + STREAM_K_BLOCK).min(k);
+        let xr = |i: usize| &x[i * k + kr.start..i * k + kr.end];
+        let wr = |c: usize| &w_rows[c * k + kr.start..c * k + kr.end];
+        let mut lanes = [0f32; 16];
+        let mut c = 0;
+        if m == 1 {
+            while c + 16 <= rows {
+                let v = tile16_avx512::<W, 1, 16>([xr(0)], std::array::from_fn(|d| wr(c + d)), 16 * k);
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                put(0, c, &lanes);
+                c += 16;
+            }
+        }
+        while c + 4 <= rows {
+            let wc: [&[W]; 4] = std::array::from_fn(|d| wr(c + d));
+            let mut i = 0;
+            while i + 4 <= m {
+                let ahead = if i == 0 { 4 * k } else { 0 };
+                let v = tile16_avx512::<W, 4, 4>(std::array::from_fn(|r| xr(i + r)), wc, ahead);
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                for r in 0..4 {
+                    put(i + r, c, &lanes[r * 4..r * 4 + 4]);
+                }
+                i += 4;
+            }
+            for i in i..m {
+                let ahead = if i == 0 { 4 * k } else { 0 };
+                put(i, c, &tile_avx512([xr(i)], wc, ahead)[0]);
+            }
+            c += 4;
+        }
+        for c in c..rows {
+            for i in 0..m {
+                put(i, c, &tile_avx512([xr(i)], [wr(c)], 0)[0]);
+            }
+        }
+    }
 }
 
 fn stream_rows_portable<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize, n: usize, out: OutPtr) {
@@ -367,7 +479,7 @@ mod tests {
     /// Shapes through every path: one input row (weight rows in eights, fours and singles), up
     /// to 64 rows (pairs and an odd row), the GEMM beyond, k over several 512-column blocks and
     /// with a tail that is not a multiple of 8.
-    const SHAPES: [(usize, usize, usize); 10] = [
+    const SHAPES: [(usize, usize, usize); 14] = [
         (1, 1, 1),
         (1, 37, 130),
         (3, 64, 65),
@@ -378,6 +490,11 @@ mod tests {
         (65, 96, 80),
         (200, 256, 300),
         (2, 520, 13),
+        // k a multiple of 16 (AVX-512's four-by-four and one-by-sixteen tiles).
+        (1, 256, 300),
+        (6, 32, 21),
+        (7, 528, 19),
+        (32, 256, 40),
     ];
 
     #[test]

@@ -5,6 +5,8 @@
 mod simd;
 #[cfg(target_arch = "x86_64")]
 mod attend_avx2;
+#[cfg(target_arch = "x86_64")]
+mod attend_avx512;
 pub mod cross_attention;
 pub mod embedding;
 pub mod kv_block;

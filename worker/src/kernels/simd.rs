@@ -116,6 +116,47 @@ multiversion! {
     }
 }
 
+/// Where [`hsum16x16`]'s butterfly leaves the sum of its input `e`: lane `SLOT[e]`. The map is
+/// its own inverse.
+#[cfg(target_arch = "x86_64")]
+const SLOT: [usize; 16] = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15];
+
+/// Sums of sixteen registers as one: lane r is Σ a[r]. A butterfly of 128-bit and in-lane
+/// shuffles (15 additions, 30 shuffles), fed in the order that puts sum r in lane r.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn hsum16x16(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let a: [__m512; 16] = std::array::from_fn(|e| a[SLOT[e]]);
+    // 16 → 8: quarters 0–1 of b[i] hold a[i]'s half sums, quarters 2–3 a[i + 8]'s.
+    let b: [__m512; 8] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a[i], a[i + 8]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a[i], a[i + 8]),
+        )
+    });
+    // 8 → 4: quarter q of c[i] holds input i + [0, 8, 4, 12][q], four lanes of it.
+    let c: [__m512; 4] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(b[i], b[i + 4]),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(b[i], b[i + 4]),
+        )
+    });
+    // 4 → 2: within each quarter, two lanes of c[i]'s input, then two of c[i + 2]'s.
+    let d: [__m512; 2] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(c[i], c[i + 2]),
+            _mm512_shuffle_ps::<0b11_10_11_10>(c[i], c[i + 2]),
+        )
+    });
+    // 2 → 1: each lane one whole sum.
+    _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(d[0], d[1]), _mm512_shuffle_ps::<0b11_01_11_01>(d[0], d[1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +194,28 @@ mod tests {
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transposing_sum_puts_each_registers_sum_in_its_lane() {
+        use std::arch::x86_64::*;
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // Small integers (so every sum is exact), offset by 100 per register (so each register's
+        // sum is its own).
+        let vals: Vec<[f32; 16]> =
+            (0..16).map(|r| std::array::from_fn(|l| ((r * 16 + l) % 23) as f32 + r as f32 * 100.0)).collect();
+        let mut got = [0f32; 16];
+        // SAFETY: AVX-512F is present; every array holds sixteen floats.
+        unsafe {
+            let regs: [__m512; 16] = std::array::from_fn(|r| _mm512_loadu_ps(vals[r].as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), hsum16x16(regs));
+        }
+        for (r, v) in vals.iter().enumerate() {
+            assert_eq!(got[r], v.iter().sum::<f32>(), "register {r}");
         }
     }
 }
