@@ -77,8 +77,7 @@ const K_AHEAD: usize = 32;
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
-#[inline]
+#[inline(always)]
 pub(super) unsafe fn exp16(x: __m512) -> __m512 {
     let set = _mm512_set1_ps;
     let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(-87.33));
@@ -93,7 +92,11 @@ pub(super) unsafe fn exp16(x: __m512) -> __m512 {
     let er = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), set(1.0));
     let n = _mm512_cvtps_epi32(n);
     let a = _mm512_srai_epi32::<1>(n);
-    let pow2 = |e: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(e, _mm512_set1_epi32(127))));
+    // A function, not a closure: see `simd::hsum16x16`.
+    #[inline(always)]
+    unsafe fn pow2(e: __m512i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(e, _mm512_set1_epi32(127))))
+    }
     let y = _mm512_mul_ps(_mm512_mul_ps(er, pow2(a)), pow2(_mm512_sub_epi32(n, a)));
     _mm512_maskz_mov_ps(!underflow, y)
 }
@@ -235,7 +238,11 @@ unsafe fn value_sum<W: Widen, const G: usize, const CH: usize>(
         }
     }
     for j in 0..tile {
-        let v: [__m512; CH] = std::array::from_fn(|ch| W::load16_avx512(vp.add(j * stride + (c0 + ch) * 16)));
+        // A loop, not `array::from_fn`: see `simd::hsum16x16`.
+        let mut v = [_mm512_setzero_ps(); CH];
+        for ch in 0..CH {
+            v[ch] = W::load16_avx512(vp.add(j * stride + (c0 + ch) * 16));
+        }
         for (g, a) in acc.iter_mut().enumerate() {
             let p = _mm512_set1_ps(*sp.add(g * tile + j));
             for ch in 0..CH {

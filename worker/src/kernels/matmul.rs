@@ -148,7 +148,10 @@ unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(
     let mut p = 0;
     while p < full {
         // SAFETY: p + L <= k, the length of every row.
-        let wv: [__m256; C] = std::array::from_fn(|c| W::load8_avx2(w[c].as_ptr().add(p)));
+        let mut wv = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = W::load8_avx2(w[c].as_ptr().add(p));
+        }
         if ahead > 0 && p % (64 / W::BYTES) == 0 {
             // The same columns of the next tile's weight rows (they follow these in memory):
             // a prefetch hint only, valid for any address.
@@ -199,8 +202,12 @@ unsafe fn tile_avx512<W: Widen, const R: usize, const C: usize>(
     let full = k / L16 * L16;
     let mut p = 0;
     while p < full {
-        // SAFETY: p + 16 <= k, the length of every row.
-        let wv: [__m512; C] = std::array::from_fn(|c| W::load16_avx512(w[c].as_ptr().add(p)));
+        // SAFETY: p + 16 <= k, the length of every row. (A loop, not `array::from_fn`: see
+        // `simd::hsum16x16`.)
+        let mut wv = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = W::load16_avx512(w[c].as_ptr().add(p));
+        }
         if ahead > 0 && p % (64 / W::BYTES) == 0 {
             // As in tile_avx2: a hint for the next tile's rows, valid for any address.
             for row in &w {
@@ -324,8 +331,7 @@ unsafe fn stream_rows_avx512<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[
 /// # Safety
 /// The CPU must have AVX-512F; `ahead` as in [`tile_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
+#[inline(always)]
 unsafe fn tile16_avx512<W: Widen, const R: usize, const C: usize>(
     x: [&[f32]; R],
     w: [&[W]; C],
@@ -337,8 +343,12 @@ unsafe fn tile16_avx512<W: Widen, const R: usize, const C: usize>(
     assert!(k.is_multiple_of(16) && x.iter().all(|r| r.len() == k) && w.iter().all(|r| r.len() == k));
     let mut acc = [_mm512_setzero_ps(); 16];
     for p in (0..k).step_by(16) {
-        // SAFETY: p + 16 <= k, the length of every row.
-        let wv: [__m512; C] = std::array::from_fn(|c| W::load16_avx512(w[c].as_ptr().add(p)));
+        // SAFETY: p + 16 <= k, the length of every row. (A loop, not `array::from_fn`: see
+        // `simd::hsum16x16`.)
+        let mut wv = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = W::load16_avx512(w[c].as_ptr().add(p));
+        }
         if ahead > 0 && p % (64 / W::BYTES) == 0 {
             for row in &w {
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(p).wrapping_add(ahead).cast());

@@ -127,32 +127,39 @@ const SLOT: [usize; 16] = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15]
 /// # Safety
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn hsum16x16(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let a: [__m512; 16] = std::array::from_fn(|e| a[SLOT[e]]);
-    // 16 → 8: quarters 0–1 of b[i] hold a[i]'s half sums, quarters 2–3 a[i + 8]'s.
-    let b: [__m512; 8] = std::array::from_fn(|i| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b01_00_01_00>(a[i], a[i + 8]),
-            _mm512_shuffle_f32x4::<0b11_10_11_10>(a[i], a[i + 8]),
-        )
-    });
+    // Plain loops, not `array::from_fn`: a closure would not inherit the caller's target
+    // features, and its intrinsics would not be inlined.
+    let mut p = [_mm512_setzero_ps(); 16];
+    for e in 0..16 {
+        p[e] = a[SLOT[e]];
+    }
+    // 16 → 8: quarters 0–1 of b[i] hold p[i]'s half sums, quarters 2–3 p[i + 8]'s.
+    let mut b = [_mm512_setzero_ps(); 8];
+    for i in 0..8 {
+        b[i] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(p[i], p[i + 8]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(p[i], p[i + 8]),
+        );
+    }
     // 8 → 4: quarter q of c[i] holds input i + [0, 8, 4, 12][q], four lanes of it.
-    let c: [__m512; 4] = std::array::from_fn(|i| {
-        _mm512_add_ps(
+    let mut c = [_mm512_setzero_ps(); 4];
+    for i in 0..4 {
+        c[i] = _mm512_add_ps(
             _mm512_shuffle_f32x4::<0b10_00_10_00>(b[i], b[i + 4]),
             _mm512_shuffle_f32x4::<0b11_01_11_01>(b[i], b[i + 4]),
-        )
-    });
+        );
+    }
     // 4 → 2: within each quarter, two lanes of c[i]'s input, then two of c[i + 2]'s.
-    let d: [__m512; 2] = std::array::from_fn(|i| {
-        _mm512_add_ps(
+    let mut d = [_mm512_setzero_ps(); 2];
+    for i in 0..2 {
+        d[i] = _mm512_add_ps(
             _mm512_shuffle_ps::<0b01_00_01_00>(c[i], c[i + 2]),
             _mm512_shuffle_ps::<0b11_10_11_10>(c[i], c[i + 2]),
-        )
-    });
+        );
+    }
     // 2 → 1: each lane one whole sum.
     _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(d[0], d[1]), _mm512_shuffle_ps::<0b11_01_11_01>(d[0], d[1]))
 }
