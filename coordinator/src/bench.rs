@@ -53,6 +53,11 @@ pub struct Args {
     /// and P × 1 grids of one thread each (0: skip).
     #[arg(long, default_value_t = 32768)]
     process_context: usize,
+    /// The grids of the worker-process runs, `TxC` (tp × cp), comma-separated: `1x1` is one
+    /// process with every thread, the others one thread per process (default: 1x1, 1xP and Px1
+    /// with P the thread count, at least 2).
+    #[arg(long, value_delimiter = ',')]
+    process_grids: Vec<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -165,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "prefill coll. ms/step",
             "decode coll. ms/step"
         );
-        let one = processes[0].prefill_seconds;
+        let one = processes.iter().find(|p| p.world() == 1).map(|p| p.prefill_seconds);
         for p in &processes {
             let coll = |c: &CollectiveTotals| {
                 format!(
@@ -176,12 +181,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
             };
             println!(
-                "{:>5} {:>13} {:>10.2} {:>13.0} {:>7.2}x {:>12.1} {:>24} {:>24}",
+                "{:>5} {:>13} {:>10.2} {:>13.0} {:>8} {:>12.1} {:>24} {:>24}",
                 format!("{}×{}", p.tp, p.cp),
                 p.threads_each,
                 p.prefill_seconds,
                 args.process_context as f64 / p.prefill_seconds,
-                one / p.prefill_seconds,
+                one.map_or("-".to_string(), |one| format!("{:.2}x", one / p.prefill_seconds)),
                 p.decode_tokens_per_second,
                 coll(&p.prefill),
                 coll(&p.decode)
@@ -370,9 +375,10 @@ fn process_prefill(
         stop_token_ids: Vec::new(),
         ..GenerateParams::default()
     };
-    let ranks = threads.max(2);
+    let grids = process_grids(&args.process_grids, threads)?;
     let mut out = Vec::new();
-    for (tp, cp, threads_each) in [(1, 1, threads), (1, ranks, 1), (ranks, 1, 1)] {
+    for (tp, cp) in grids {
+        let threads_each = if tp * cp == 1 { threads } else { 1 };
         let opts = crate::group::GroupOptions {
             cache_budget_bytes: (args.process_context / cp + args.decode_tokens + 4096) * cache_bytes_per_token,
             cache_dtype: CacheDtype::F32,
@@ -398,6 +404,27 @@ fn process_prefill(
         });
     }
     Ok(out)
+}
+
+/// `--process-grids` as (tp, cp) pairs; the default is 1×1, 1×P and P×1.
+fn process_grids(names: &[String], threads: usize) -> anyhow::Result<Vec<(usize, usize)>> {
+    let ranks = threads.max(2);
+    if names.is_empty() {
+        return Ok(vec![(1, 1), (1, ranks), (ranks, 1)]);
+    }
+    names
+        .iter()
+        .map(|name| {
+            let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| (1..=64).contains(&n));
+            match name.split_once(['x', '×']) {
+                Some((tp, cp)) => match (parse(tp), parse(cp)) {
+                    (Some(tp), Some(cp)) => Ok((tp, cp)),
+                    _ => bail!("--process-grids: `{name}`: tp and cp are whole numbers from 1 to 64"),
+                },
+                None => bail!("--process-grids: `{name}`: expected TxC, e.g. 1x2"),
+            }
+        })
+        .collect()
 }
 
 /// Milliseconds per step of collective time.
@@ -558,4 +585,21 @@ fn prefill_flops_per_token(cfg: &ModelConfig) -> f64 {
     };
     let per_layer = 2.0 * (proj + 3.0 * d * h) + mixer;
     cfg.n_self_layers() as f64 * per_layer + 2.0 * 2.0 * d * cfg.kv_dim() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_grids;
+
+    #[test]
+    fn process_grids_parse_and_default() {
+        assert_eq!(process_grids(&[], 4).unwrap(), vec![(1, 1), (1, 4), (4, 1)]);
+        assert_eq!(process_grids(&[], 1).unwrap(), vec![(1, 1), (1, 2), (2, 1)]);
+        let names: Vec<String> = ["1x2", "2×1", " 1 x 1 "].iter().map(|s| s.to_string()).collect();
+        assert_eq!(process_grids(&names, 2).unwrap(), vec![(1, 2), (2, 1), (1, 1)]);
+        for bad in ["2", "0x1", "1x", "ax2", "1x65"] {
+            let err = process_grids(&[bad.to_string()], 2).unwrap_err().to_string();
+            assert!(err.contains("--process-grids"), "{bad}: {err}");
+        }
+    }
 }
