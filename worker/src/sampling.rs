@@ -267,13 +267,20 @@ impl Sampler {
 
 /// Index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    // The largest value in sixteen running maxima (a loop that vectorises), then the first
+    // position that holds it: the lowest index among ties. NaNs are never the largest; an
+    // input of only NaNs gives 0.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// `log softmax(logits)`, computed in f64 for the normaliser.
@@ -520,5 +527,29 @@ mod tests {
         for (r, p, f) in [(10.0, 2.0, -2.0), (0.01, -2.0, 2.0), (1.0, 0.0, 0.0)] {
             assert_eq!(with(r, p, f), Ok(()));
         }
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_in_any_lane() {
+        let mut rng = 7u64;
+        for n in [1usize, 5, 16, 17, 100_288] {
+            let logits: Vec<f32> = (0..n)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    ((rng >> 40) % 1000) as f32 * 0.01 - 5.0
+                })
+                .collect();
+            let want = (0..n).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
+            assert_eq!(argmax(&logits) as usize, want, "n={n}");
+        }
+        // Ties go to the lowest index, in the tail as in the lanes; NaNs never win.
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        let mut v = vec![0.0f32; 40];
+        v[33] = 2.0;
+        v[38] = 2.0;
+        v[3] = f32::NAN;
+        assert_eq!(argmax(&v), 33);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 }
