@@ -167,7 +167,6 @@ unsafe fn attend_group<W: Widen, const G: usize, const CH: usize>(
     }
 
     // Per head: the new running max, the old sums rescaled to it, the tile's exponentials.
-    let full = tile / 16 * 16;
     for g in 0..G {
         let s = sp.add(g * tile);
         let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
