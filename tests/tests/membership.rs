@@ -205,7 +205,12 @@ async fn a_restarted_coordinator_finds_its_groups_again() {
     drop(first);
     let o = drain(stream).await;
     assert!(o.status.is_some() && o.finished.is_none(), "the stream should break off: {o:?}");
-    let e = client.model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+    // (A call sent before the client's channel saw its connection close ends CANCELLED,
+    // "connection closed"; the one after it must be refused as UNAVAILABLE.)
+    let mut e = client.model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+    if e.code() == tonic::Code::Cancelled {
+        e = client.model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+    }
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     // A new coordinator takes the group over once the dead one's lease is gone; the worker
     // keeps its registration and the cache it held for the lost request is freed by the re-form.
