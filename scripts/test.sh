@@ -7,17 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-# The NCCL transport (feature `cuda`) must build and lint without CUDA installed; its test checks
-# that forming an NCCL group without a GPU is a clean error on every rank.
-cargo clippy -p yoco --features cuda --all-targets --locked -- -D warnings
+# Lints in the release profile, so that the build scripts and proc macros they compile are the
+# ones the release build below reuses (the dev profile optimises dependencies, proc macros
+# included, and shares nothing with it).
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+# The CUDA backend and the NCCL transport (feature `cuda`) must build and lint without CUDA
+# installed.
+cargo clippy -p yoco --features cuda --all-targets --release --locked -- -D warnings
 bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
-# (In release mode, so that it shares the dependencies of the release build below.)
-cargo test -p yoco-worker --features cuda --lib --release --locked comm::
 # Every CUDA kernel must compile with NVRTC, which needs no GPU: NVIDIA's nvidia-cuda-nvrtc
 # wheel provides libnvrtc, in a virtual environment of its own. YOCO_REQUIRE_NVRTC makes a
-# missing library a failure instead of a skip. The CUDA backend's op tests (cuda_device) skip without a GPU
-# and check that opening one is then a clean error.
+# missing library a failure instead of a skip.
 NVRTC_REQ="nvidia-cuda-nvrtc==13.5.37"
 if [ "$(cat target/nvrtc-env/requirement 2>/dev/null)" != "$NVRTC_REQ" ]; then
   rm -rf target/nvrtc-env
@@ -27,11 +27,6 @@ if [ "$(cat target/nvrtc-env/requirement 2>/dev/null)" != "$NVRTC_REQ" ]; then
   echo "$NVRTC_REQ" > target/nvrtc-env/requirement
 fi
 NVRTC_LIB="$(cd "$(dirname "$(find target/nvrtc-env -name 'libnvrtc.so.*' | head -1)")" && pwd)"
-LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
-  cargo test -p yoco-worker --features cuda --release --locked --test cuda_nvrtc --test cuda_device
-# A CUDA build on a machine without a GPU falls back to the CPU (`--device auto`), and an explicit
-# `--device cuda` is a clean error.
-cargo test -p yoco --features cuda --release --locked --lib generate::
 # The CUDA kernels also run on the CPU, in an emulator built with the host C++ compiler
 # (worker/tests/cuda_emulated.rs, part of the workspace tests below).
 if ! command -v c++ >/dev/null 2>&1; then
@@ -55,10 +50,16 @@ if ! cmp -s examples/python/requirements.txt target/pyenv/requirements.txt; then
   target/pyenv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
   cp examples/python/requirements.txt target/pyenv/requirements.txt
 fi
-# The end-to-end tests (tests/) run target/release/yoco, and `cargo test` does not build
-# another package's binary, so build it first.
-cargo build --release --locked -p yoco
-cargo test --workspace --release --locked
+# All tests run on one build with the `cuda` feature (building the engine twice, with and
+# without it, took a third of CI): the CPU engine is the same code, and on this machine without
+# a GPU the CUDA build must fall back to it (`--device auto`), refuse `--device cuda` and NCCL
+# cleanly, compile every kernel with NVRTC (tests/cuda_nvrtc.rs) and find no GPU
+# (tests/cuda_device.rs). The build without the feature is linted above. The end-to-end tests
+# (tests/) run target/release/yoco, and `cargo test` does not build another package's binary,
+# so build it first.
+cargo build --release --locked -p yoco --features cuda
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
+  cargo test --workspace --release --locked --features yoco/cuda,yoco-worker/cuda
 # Fuzzing for a bounded time (cargo-fuzz, libFuzzer with AddressSanitizer; 20 s per target):
 # request validation, worker Step messages, collective frames, params.json, safetensors and
 # tokenizer input must not panic, hang or allocate without bound.
