@@ -11,6 +11,9 @@
 # flags cargo-fuzz passes (-Zsanitizer=address, the coverage passes). Installs cargo-fuzz when
 # missing, and with apt-get a C++ compiler when there is none (libfuzzer-sys builds libFuzzer).
 #
+# `fuzz.sh build` only builds (scripts/test.sh starts it early, in the background), `fuzz.sh run`
+# builds what is not yet built and runs; no argument is `run`.
+#
 # Environment: FUZZ_SECONDS (per target), FUZZ_TARGETS (space-separated subset; default all),
 # FUZZ_JOBS (targets run at once, one core each; default the number of cores, at most 6),
 # FUZZ_SANITIZER (address, or none where ASan is unavailable).
@@ -37,6 +40,7 @@ start=$(date +%s)
 # flags, finds it up to date.
 cargo fuzz build -s "$sanitizer"
 echo "fuzz: built in $(($(date +%s) - start)) s"
+[ "${1:-run}" = build ] && exit 0
 
 logs=fuzz/target/fuzz-logs
 rm -rf "$logs"

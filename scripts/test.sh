@@ -6,15 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo fmt --all -- --check
-# Lints in the release profile, so that the build scripts and proc macros they compile are the
-# ones the release build below reuses (the dev profile optimises dependencies, proc macros
-# included, and shares nothing with it).
-cargo clippy --workspace --all-targets --release --locked -- -D warnings
-# The CUDA backend and the NCCL transport (feature `cuda`) must build and lint without CUDA
-# installed.
-cargo clippy -p yoco --features cuda --all-targets --release --locked -- -D warnings
-bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
 # Every CUDA kernel must compile with NVRTC, which needs no GPU: NVIDIA's nvidia-cuda-nvrtc
 # wheel provides libnvrtc, in a virtual environment of its own. YOCO_REQUIRE_NVRTC makes a
 # missing library a failure instead of a skip.
@@ -50,6 +41,24 @@ if ! cmp -s examples/python/requirements.txt target/pyenv/requirements.txt; then
   target/pyenv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
   cp examples/python/requirements.txt target/pyenv/requirements.txt
 fi
+# The fuzz build (scripts/fuzz.sh, at the end: every dependency again, with AddressSanitizer,
+# a fifth of CI) starts now at the lowest CPU priority, so that it takes a core whenever the
+# builds and tests below leave one idle (linking, one crate waiting on another, tests waiting on
+# processes and timers) and otherwise yields. Its own session, so that an early exit stops it.
+mkdir -p target
+setsid -w nice -n 19 bash scripts/fuzz.sh build >target/fuzz-build.log 2>&1 &
+fuzz_build=$!
+trap 'kill -- -$fuzz_build 2>/dev/null || kill $fuzz_build 2>/dev/null || true' EXIT
+
+cargo fmt --all -- --check
+# Lints in the release profile, so that the build scripts and proc macros they compile are the
+# ones the release build below reuses (the dev profile optimises dependencies, proc macros
+# included, and shares nothing with it).
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+# The CUDA backend and the NCCL transport (feature `cuda`) must build and lint without CUDA
+# installed.
+cargo clippy -p yoco --features cuda --all-targets --release --locked -- -D warnings
+bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Dockerfiles
 # All tests run on one build with the `cuda` feature (building the engine twice, with and
 # without it, took a third of CI): the CPU engine is the same code, and on this machine without
 # a GPU the CUDA build must fall back to it (`--device auto`), refuse `--device cuda` and NCCL
@@ -60,7 +69,13 @@ fi
 cargo build --release --locked -p yoco --features cuda
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
   cargo test --workspace --release --locked --features yoco/cuda,yoco-worker/cuda
-# Fuzzing for a bounded time (cargo-fuzz, libFuzzer with AddressSanitizer; 20 s per target):
-# request validation, worker Step messages, collective frames, params.json, safetensors and
-# tokenizer input must not panic, hang or allocate without bound.
-bash scripts/fuzz.sh
+# The background fuzz build, then fuzzing for a bounded time (cargo-fuzz, libFuzzer with
+# AddressSanitizer; 20 s per target): request validation, worker Step messages, collective
+# frames, params.json, safetensors and tokenizer input must not panic, hang or allocate without
+# bound.
+fuzz_rc=0
+wait "$fuzz_build" || fuzz_rc=$?
+trap - EXIT
+sed 's/^/[fuzz build] /' target/fuzz-build.log | tail -5
+[ "$fuzz_rc" -eq 0 ] || { cat target/fuzz-build.log; echo "fuzz build failed ($fuzz_rc)" >&2; exit 1; }
+bash scripts/fuzz.sh run
