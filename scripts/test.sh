@@ -71,9 +71,10 @@ bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Doc
 # a GPU the CUDA build must fall back to it (`--device auto`), refuse `--device cuda` and NCCL
 # cleanly, compile every kernel with NVRTC (tests/cuda_nvrtc.rs) and find no GPU
 # (tests/cuda_device.rs). The build without the feature is linted above. The end-to-end tests
-# (tests/) run target/release/yoco, and `cargo test` does not build another package's binary,
-# so build it first.
-cargo build --release --locked -p yoco --features cuda
+# (tests/) run target/release/yoco, which this same command builds (the `yoco` package has an
+# integration test, coordinator/tests/cli.rs) with the features of the whole test build: a
+# `cargo build -p yoco` before it would resolve them without the test-only crates and build
+# the engine a second time.
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
   cargo test --workspace --release --locked --features yoco/cuda,yoco-worker/cuda
 # The background fuzz build, then fuzzing for a bounded time (cargo-fuzz, libFuzzer with

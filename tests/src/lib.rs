@@ -1,9 +1,10 @@
 //! Helpers for the end-to-end tests: find the `yoco` binary that cargo built beside this test
 //! executable, and run it with a clean environment.
 //!
-//! `cargo test` does not build another package's binaries, so build them first:
-//! `cargo build --release -p yoco && cargo test --release -p yoco-e2e` (`scripts/test.sh` does
-//! this). `YOCO_BIN=/path/to/yoco` overrides the lookup.
+//! `cargo test` builds a package's binaries only for that package's own integration tests, and
+//! `yoco` has one (`coordinator/tests/cli.rs`), so `cargo test --workspace` builds the binary
+//! these tests run, with the same features; `cargo test -p yoco-e2e` alone needs
+//! `cargo build -p yoco` first. `YOCO_BIN=/path/to/yoco` overrides the lookup.
 
 pub mod cluster;
 pub mod etcd;

@@ -1,6 +1,10 @@
 //! The `yoco` command line, run as a real process: `init-model`, `generate` (JSON output,
 //! seeds, prompt log-probabilities, sliding-window models, the built-in default model) and
 //! clean failures on bad input.
+//!
+//! It is an integration test of the `yoco` package, so `cargo test` builds the `yoco` binary
+//! first, with the features of the whole test build; the end-to-end tests of `yoco-e2e` then run
+//! that same binary.
 
 use std::path::{Path, PathBuf};
 
@@ -148,7 +152,7 @@ fn sliding_window_models_work() {
 fn default_model_is_created_under_yoco_home() {
     let home = tempfile::tempdir().unwrap();
     // The fixture PyTorch's reference wrote for this model (tools/train/evaluate.py).
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/default_model.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/default_model.json");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let c = &fixture["continuations"][0];
     let want = ids(&c["greedy_ids"]);
