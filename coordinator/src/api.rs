@@ -230,6 +230,7 @@ impl Generation for Api {
                 cache_used_bytes: info.cache_used_bytes,
                 sequences: info.sequences,
                 weight_bytes: info.weight_bytes,
+                device: r.device.clone(),
             })
             .collect();
         Ok(Response::new(pb::ModelInfoResponse {

@@ -389,6 +389,9 @@ fn process_prefill(
             allow_plaintext: false,
             local_worker_threads: Some(threads_each),
             tp,
+            max_sequences: 0,
+            // The CPU engine's benchmark, on a machine with a GPU too.
+            local_device: Some("cpu".into()),
         };
         let mut group = crate::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
         let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };

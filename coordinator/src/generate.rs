@@ -104,16 +104,15 @@ pub enum Device {
 }
 
 /// The device the model runs on: `--device`, with `auto` resolved (one log line when a CUDA
-/// build finds no GPU). Worker processes are CPU engines, and so is a request that needs what
-/// only the CPU engine has (prompt log-probabilities).
-fn choose_device(asked: Device, workers: Option<usize>, prompt_logprobs: bool) -> anyhow::Result<Device> {
+/// build finds no GPU). Worker processes are started with `--device cpu` here: `--workers`
+/// is the CPU engine's context and tensor parallelism.
+fn choose_device(asked: Device, workers: Option<usize>) -> anyhow::Result<Device> {
     match (asked, workers) {
-        (Device::Cuda, Some(_)) => bail!("--device cuda runs in this process; it does not take --workers yet"),
-        (Device::Cuda, None) if prompt_logprobs => {
-            bail!("--device cuda does not take --prompt-logprobs yet (the CPU engine has them)")
-        }
+        (Device::Cuda, Some(_)) => bail!(
+            "--device cuda runs in this process; it does not take --workers (a GPU worker serves a one-rank \
+             group: yoco serve --workers 1 --worker-device cuda)"
+        ),
         (Device::Auto, Some(_)) | (Device::Cpu, _) => Ok(Device::Cpu),
-        (Device::Auto, None) if prompt_logprobs => Ok(Device::Cpu),
         (Device::Cuda, None) if !cfg!(feature = "cuda") => {
             bail!("--device cuda: this yoco was built without the `cuda` feature (cargo build --features cuda)")
         }
@@ -195,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop_token_ids: if args.ignore_eos { vec![] } else { tokenizer.eos_token().into_iter().collect() },
         prefill_chunk: args.prefill_chunk.max(1),
     };
-    let mut device = choose_device(args.device, args.workers, args.prompt_logprobs)?;
+    let mut device = choose_device(args.device, args.workers)?;
     let cpu_engine = || -> Box<dyn PlanRunner> {
         let opts = EngineOptions {
             cache_budget_bytes: args.cache_mib << 20,
@@ -228,6 +227,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 allow_plaintext: false,
                 local_worker_threads: None,
                 tp: args.tp,
+                // `generate` runs one request.
+                max_sequences: 1,
+                local_device: Some("cpu".into()),
             };
             model.cfg.check_tp(args.tp)?;
             if args.tp == 0 || !p.is_multiple_of(args.tp) {
@@ -340,13 +342,11 @@ mod tests {
     /// up front by a build without the feature, or by the driver probe of one with it.
     #[test]
     fn without_a_gpu_auto_is_the_cpu_and_cuda_is_a_clean_error() {
-        assert_eq!(choose_device(Device::Auto, None, false).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Auto, Some(2), false).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Auto, None, true).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Cpu, None, false).unwrap(), Device::Cpu);
-        assert!(choose_device(Device::Cuda, Some(2), false).unwrap_err().to_string().contains("--workers"));
-        assert!(choose_device(Device::Cuda, None, true).unwrap_err().to_string().contains("--prompt-logprobs"));
-        let explicit = choose_device(Device::Cuda, None, false);
+        assert_eq!(choose_device(Device::Auto, None).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Auto, Some(2)).unwrap(), Device::Cpu);
+        assert_eq!(choose_device(Device::Cpu, None).unwrap(), Device::Cpu);
+        assert!(choose_device(Device::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
+        let explicit = choose_device(Device::Cuda, None);
         #[cfg(not(feature = "cuda"))]
         {
             let e = explicit.unwrap_err();

@@ -36,6 +36,11 @@ pub struct GroupOptions {
     pub local_worker_threads: Option<usize>,
     /// Tensor-parallel size: the group is a `tp × (ranks / tp)` grid.
     pub tp: usize,
+    /// Sequences a rank on a device backend allocates self-decoder states for (the scheduler's
+    /// `max_running`); 0: the worker's default.
+    pub max_sequences: usize,
+    /// `--device` of each local worker process; `None`: theirs (`YOCO_DEVICE`, else `auto`).
+    pub local_device: Option<String>,
 }
 
 /// Positions per cache block on every rank.
@@ -67,6 +72,10 @@ pub struct RankInfo {
     pub cache_capacity_tokens: usize,
     pub block_tokens: usize,
     pub cache_dtype: CacheDtype,
+    /// Where the rank computes (`cpu`, `cuda:<n>`, `cpu-backend`).
+    pub device: String,
+    /// Sequences the rank holds at once; 0: bounded by its cache alone.
+    pub max_sequences: usize,
 }
 
 /// A formed worker group: P ranks that loaded the model together and run every plan together.
@@ -157,6 +166,7 @@ impl WorkerGroup {
             let mut child = Command::new(&exe)
                 .args(["worker", "--exit-on-stdin-close", "--model"])
                 .arg(model_dir)
+                .args(opts.local_device.iter().flat_map(|d| ["--device", d]))
                 .env("YOCO_THREADS", threads.clone())
                 // Local workers belong to this process alone, not to a cluster in etcd.
                 .env_remove("YOCO_ETCD")
@@ -247,6 +257,7 @@ impl WorkerGroup {
                 cache_dtype: opts.cache_dtype.name().to_string(),
                 weight_dtype: opts.weight_dtype.name().to_string(),
                 tp: tp as u32,
+                max_sequences: opts.max_sequences as u32,
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });
@@ -268,6 +279,7 @@ impl WorkerGroup {
                 rank = info.rank,
                 seconds = loaded.load_seconds,
                 cache_capacity_tokens = info.cache_capacity_tokens,
+                device = if info.device.is_empty() { "cpu" } else { info.device.as_str() },
                 "rank loaded the model"
             );
             // A worker too old to name its cache type runs f32.
@@ -289,6 +301,8 @@ impl WorkerGroup {
                 cache_capacity_tokens: info.cache_capacity_tokens as usize,
                 block_tokens: BLOCK_TOKENS,
                 cache_dtype,
+                device: if info.device.is_empty() { "cpu".into() } else { info.device.clone() },
+                max_sequences: info.max_sequences as usize,
             });
             if config_json.is_empty() {
                 (dir, config_json) = (info.model_dir, info.model_config_json);

@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// Context-parallel size: the group is `--tp` × this many local workers.
     #[arg(long, env = "YOCO_CP")]
     cp: Option<usize>,
+    /// `--device` of the local workers (see `yoco worker --help`); default: `auto`, which puts
+    /// a one-worker group on the GPU when there is one.
+    #[arg(long, env = "YOCO_WORKER_DEVICE")]
+    worker_device: Option<String>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -197,7 +201,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ModelConfig::from_file(&dir.join("params.json"))?.check_tp(tp)?;
     let tokenizer = Tokenizer::for_model_dir(&dir)?;
     let chat = ChatTemplate::for_model_dir(&dir)?;
-    let opts = group_options(&args.server, None);
+    let mut opts = group_options(&args.server, None);
+    opts.local_device = args.worker_device.clone();
     let form = Box::pin(async move { WorkerGroup::spawn_local(workers, &dir, &opts).await });
     runtime()?.block_on(run(args.server, tokenizer, chat, Groups::Static(form)))
 }
@@ -254,12 +259,17 @@ impl GroupStarter {
         let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
         let cache_bytes_per_token = cfg.cache_numbers_per_token() * handle.ranks[0].cache_dtype.bytes();
         let mut config = self.config.clone();
+        // A device backend holds the self-decoder states of a fixed number of sequences.
+        if let Some(slots) = handle.ranks.iter().map(|r| r.max_sequences).filter(|&n| n > 0).min() {
+            config.max_running = config.max_running.min(slots);
+        }
         // The cached states depend on the model; a snapshot's self-decoder state is kept on
         // every rank, outside the cache blocks, and is booked as that many blocks so that
         // admission bounds it too.
         config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
         let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
         config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
+        let max_running = config.max_running;
         let (scheduler, task) = Scheduler::start(group.named(name), self.tokenizer.clone(), capacity, config);
         tracing::info!(
             group = name,
@@ -267,6 +277,8 @@ impl GroupStarter {
             tp,
             capacity_tokens = capacity.max_request_tokens(),
             cache_bytes_per_token,
+            device = %handle.ranks[0].device,
+            max_running,
             "group serving"
         );
         let ready = Ready {
@@ -296,6 +308,8 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         transport: a.transport.clone(),
         local_worker_threads: None,
         tp: a.tp.max(1),
+        max_sequences: a.max_running,
+        local_device: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use yoco_proto::worker::v1::worker_server::WorkerServer;
-use yoco_worker::service::{WorkerDefaults, WorkerService};
+use yoco_worker::service::{Device, DeviceRequest, WorkerDefaults, WorkerService};
 
 use crate::membership::etcd::{self, revoke, EtcdConfig, LeaseWatch};
 use crate::membership::{valid_name, Keys, RankEntry, MAX_WORLD};
@@ -29,6 +29,14 @@ pub struct Args {
     /// Global KV cache budget of this rank in MiB (LoadModel may override it).
     #[arg(long, default_value_t = 8192, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
+    /// Where this rank computes: `cpu` (the CPU engine: any group), `cuda` or `cuda:<n>` (the
+    /// CUDA backend on that GPU: one-rank groups; a build with the `cuda` feature), or `auto`:
+    /// a GPU when this build has CUDA and the machine a GPU, else the CPU engine (logged); a
+    /// larger group then runs on the CPU engine. `cpu-backend` runs the CUDA path's forward
+    /// pass on the CPU backend (one-rank groups), to check that path without a GPU. Named in
+    /// the etcd registration.
+    #[arg(long, default_value = "auto", env = "YOCO_DEVICE", value_parser = DeviceRequest::parse)]
+    device: DeviceRequest,
     /// Exit when standard input closes (a local parent that spawned us has gone).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -70,9 +78,6 @@ struct Membership {
     /// Seconds the registration outlives this process: how quickly its loss is noticed.
     #[arg(long, default_value_t = 10, env = "YOCO_LEASE_TTL")]
     lease_ttl: u64,
-    /// Device named in the registration (`cpu`, or `cuda:<n>`).
-    #[arg(long, default_value = "cpu", env = "YOCO_DEVICE")]
-    device: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -97,7 +102,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let grpc = tokio::net::TcpListener::bind(args.listen).await?;
     let collective = std::net::TcpListener::bind(args.collective_listen)?;
-    let defaults = WorkerDefaults { model_dir: args.model.clone(), cache_budget_bytes: args.cache_mib << 20 };
+    let device = args.device.resolve();
+    tracing::info!(device = %device.device, explicit = device.explicit, "compute device");
+    let defaults = WorkerDefaults { model_dir: args.model.clone(), cache_budget_bytes: args.cache_mib << 20, device };
     let service = WorkerService::new(defaults, collective);
     let (grpc_addr, collective_addr) = (grpc.local_addr()?, service.collective_addr()?);
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -108,7 +115,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         serde_json::json!({"event": "ready", "grpc": grpc_addr.to_string(), "collective": collective_addr.to_string(), "pid": std::process::id()})
     );
     tracing::info!(grpc = %grpc_addr, collective = %collective_addr, "worker ready");
-    let registration = register(&args, grpc_addr, collective_addr)?;
+    let registration = register(&args, device.device, grpc_addr, collective_addr)?;
     let server = WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -147,7 +154,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// Registers this rank in etcd (with `--etcd`); the registration and its live lease.
-fn register(args: &Args, grpc: SocketAddr, collective: SocketAddr) -> anyhow::Result<Option<(EtcdConfig, LeaseWatch)>> {
+fn register(
+    args: &Args,
+    device: Device,
+    grpc: SocketAddr,
+    collective: SocketAddr,
+) -> anyhow::Result<Option<(EtcdConfig, LeaseWatch)>> {
     let m = &args.membership;
     if m.etcd.is_empty() {
         return Ok(None);
@@ -177,7 +189,7 @@ fn register(args: &Args, grpc: SocketAddr, collective: SocketAddr) -> anyhow::Re
         grpc: grpc.to_string(),
         collective: collective.to_string(),
         world,
-        device: m.device.clone(),
+        device: device.to_string(),
         cache_mib: args.cache_mib,
         pid: std::process::id(),
     };

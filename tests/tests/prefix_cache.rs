@@ -1,5 +1,5 @@
-//! The prefix cache end to end: `yoco serve` with 1 and 2 real worker processes, the cache on
-//! and off. Requests over one long document give the same tokens and log-probabilities (within
+//! The prefix cache end to end: `yoco serve` with 1 and 2 real worker processes (and 1 on the
+//! CUDA path's forward pass, `--worker-device cpu-backend`), the cache on and off. Requests over one long document give the same tokens and log-probabilities (within
 //! 1e-4) either way, alone or concurrent, and report the prompt tokens the cache served (gRPC
 //! `usage`, OpenAI `cached_tokens`, metrics); a flush drops every snapshot on every rank.
 
@@ -47,6 +47,11 @@ fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
     for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
         assert!((x - y).abs() <= 1e-4, "{what}: logprob {x} vs {y}");
     }
+    let (pa, pb) = (a.prompt_logprobs.as_deref().unwrap_or(&[]), b.prompt_logprobs.as_deref().unwrap_or(&[]));
+    assert_eq!(pa.len(), pb.len(), "{what}: prompt log-probabilities");
+    for (x, y) in pa.iter().zip(pb) {
+        assert!((x - y).abs() <= 1e-4 || (x.is_nan() && y.is_nan()), "{what}: prompt logprob {x} vs {y}");
+    }
 }
 
 async fn serve(home: &Path, model: &Path, workers: usize, extra: &[&str]) -> Server {
@@ -71,10 +76,23 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
         ("seeded", request(&join(&doc, &q2), seeded), 5 * BLOCK),
         ("match inside a block", request(&join(&doc[..700], &q3), Default::default()), 2 * BLOCK),
         ("match past the last snapshot", request(&join(&doc[..1100], &q3), Default::default()), 4 * BLOCK),
+        // Prompt log-probabilities need every prompt position's logits: never served from cache.
+        (
+            "prompt log-probabilities",
+            pb::GenerateRequest { prompt_logprobs: true, ..request(&join(&doc[..600], &q1), Default::default()) },
+            0,
+        ),
     ];
-    for workers in [1, 2] {
-        let on = serve(home.path(), &model, workers, &["--prefix-snapshot-interval", "512"]).await;
-        let off = serve(home.path(), &model, workers, &["--no-prefix-cache"]).await;
+    // One and two ranks of the CPU engine, and one rank on the CUDA path's forward pass (on the
+    // CPU backend: the plans, batched decode and snapshots a GPU worker runs), which must serve
+    // what the CPU engine's one rank serves.
+    let mut engine_outcomes: Option<Vec<Outcome>> = None;
+    for (workers, device) in [(1, "cpu"), (2, "cpu"), (1, "cpu-backend")] {
+        let dev = ["--worker-device", device];
+        let on =
+            serve(home.path(), &model, workers, &[&dev[..], &["--prefix-snapshot-interval", "512"]].concat()).await;
+        let off = serve(home.path(), &model, workers, &[&dev[..], &["--no-prefix-cache"]].concat()).await;
+        let workers = format!("{workers} {device}");
         let (mut con, mut coff) = (on.client().await, off.client().await);
         let mut fresh = Vec::new();
         for (what, req, want_cached) in &cases {
@@ -85,8 +103,18 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
             assert_eq!(cached(&b), 0);
             fresh.push(b);
         }
+        match (&engine_outcomes, device) {
+            (None, _) => engine_outcomes = Some(fresh.clone()),
+            (Some(engine), "cpu-backend") => {
+                for ((a, b), (what, ..)) in fresh.iter().zip(engine).zip(&cases) {
+                    assert_same(a, b, &format!("cpu-backend against the CPU engine: {what}"));
+                }
+            }
+            _ => {}
+        }
         let info = con.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
         assert!(info.prefix_cache && info.prefix_cache_snapshots > 0 && info.prefix_cache_blocks > 0, "{info:?}");
+        assert!(info.ranks.iter().all(|r| r.device == device), "{info:?}");
         assert!(!coff.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner().prefix_cache);
 
         // All at once, from a flushed cache: they share what the first of them prefill.

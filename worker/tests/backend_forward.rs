@@ -128,7 +128,7 @@ fn bad_input_is_an_error_that_leaves_the_sequence_as_it_was() {
 
 /// A request through `generate` on the forward runner (what `yoco generate --device cuda`
 /// runs) gives what the engine's executor gives: the same tokens under seeded sampling with
-/// penalties, their log-probabilities within 1e-5.
+/// penalties, their log-probabilities (and the prompt's) within 1e-5.
 #[test]
 fn the_forward_runner_generates_what_the_executor_generates() {
     use yoco_worker::backend::runner::ForwardRunner;
@@ -149,9 +149,114 @@ fn the_forward_runner_generates_what_the_executor_generates() {
     assert!(rel_err(&got.logprobs, &want.logprobs) < 1e-5);
     assert_eq!(got.top_logprobs.iter().map(|t| t.len()).collect::<Vec<_>>(), vec![3; 12]);
     assert_eq!(runner.forward().free_blocks(), 4096 / 16, "the sequence's blocks came back");
-    // What only the engine has is refused, and the runner stays usable.
-    let err =
-        generate(&mut runner, 2, &prompt, &GenerateParams { prompt_logprobs: true, ..params.clone() }, &mut |_| {});
-    assert!(err.unwrap_err().to_string().contains("prompt log-probabilities is not supported on the cpu backend"));
-    assert_eq!(generate(&mut runner, 3, &prompt, &params, &mut |_| {}).unwrap().tokens, want.tokens);
+    // Prompt log-probabilities: the cross-decoder over every prompt position.
+    let with_lps = GenerateParams { prompt_logprobs: true, ..params.clone() };
+    let want = generate(&mut Executor::new(engine(&model, 16)), 2, &prompt, &with_lps, &mut |_| {}).unwrap();
+    let got = generate(&mut runner, 2, &prompt, &with_lps, &mut |_| {}).unwrap();
+    assert_eq!(got.tokens, want.tokens);
+    let (got_lps, want_lps) = (got.prompt_logprobs.unwrap(), want.prompt_logprobs.unwrap());
+    assert_eq!(got_lps.len(), prompt.len());
+    let (g, w): (Vec<f32>, Vec<f32>) = got_lps.iter().zip(&want_lps).filter_map(|(g, w)| Some(((*g)?, (*w)?))).unzip();
+    assert_eq!(g.len(), prompt.len() - 1, "every prompt token but the first has one");
+    assert!(rel_err(&g, &w) < 1e-5, "prompt log-probabilities: {}", rel_err(&g, &w));
+}
+
+fn serving_opts() -> ForwardOptions {
+    ForwardOptions {
+        cache_dtype: CacheDtype::F32,
+        block_tokens: 16,
+        cache_tokens: 4096,
+        chunk_tokens: 64,
+        max_sequences: 8,
+    }
+}
+
+/// What a worker on a device backend serves: the coordinator's plans (batched decode, prefix
+/// snapshots resumed, prompt log-probabilities, prompts over several steps, frees) give what the
+/// CPU engine's executor gives, for both mixers. Tolerance 1e-4 on log-probabilities.
+#[test]
+fn the_forward_runner_serves_plans_as_the_executor_does() {
+    use yoco_worker::backend::runner::ForwardRunner;
+    for mixer in [SelfMixerKind::GatedRetention, SelfMixerKind::SlidingWindow { window: 8 }] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = random_model(&small_config(mixer), 9, false, tmp.path());
+        let mut runner = ForwardRunner::new(Forward::new(CpuBackend, &model, serving_opts()).unwrap());
+        assert_plans_agree(&model, 16, &mut |plan| runner.execute(plan).unwrap(), 1e-4);
+        assert_eq!(runner.snapshot_usage().0, 0, "the snapshot was dropped");
+        runner.free(&[1, 3, 4]);
+        assert_eq!(runner.forward().free_blocks(), 4096 / 16, "{mixer:?}: every block came back");
+    }
+}
+
+/// A batch of decode tokens is one pass whose rows are what each sequence alone computes.
+#[test]
+fn batched_decode_is_each_sequence_alone() {
+    for mixer in [SelfMixerKind::GatedRetention, SelfMixerKind::SlidingWindow { window: 8 }] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = random_model(&small_config(mixer), 4, false, tmp.path());
+        let vocab = model.cfg.vocab_size;
+        let mut fwd = Forward::new(CpuBackend, &model, serving_opts()).unwrap();
+        let prompts = [tokens(20, vocab, 1), tokens(37, vocab, 2), tokens(5, vocab, 3)];
+        let mut seqs: Vec<_> = prompts.iter().map(|_| fwd.new_sequence().unwrap()).collect();
+        let mut alone = Vec::new();
+        for (s, p) in seqs.iter_mut().zip(&prompts) {
+            fwd.forward(s, p).unwrap();
+        }
+        let next = [7, 8, 9];
+        // The same prompts again, each decoded alone.
+        for (p, &t) in prompts.iter().zip(&next) {
+            let mut s = fwd.new_sequence().unwrap();
+            fwd.forward(&mut s, p).unwrap();
+            alone.push(fwd.forward(&mut s, &[t]).unwrap());
+            fwd.free(s);
+        }
+        let mut batch: Vec<&mut _> = seqs.iter_mut().collect();
+        let rows = fwd.decode(&mut batch, &next).unwrap();
+        for (i, want) in alone.iter().enumerate() {
+            assert_close(&rows[i * vocab..(i + 1) * vocab], want, 1e-5, &format!("{mixer:?} row {i}"));
+        }
+        // A refused batch (a token outside the vocabulary) moves no sequence.
+        let mut batch: Vec<&mut _> = seqs.iter_mut().collect();
+        assert!(matches!(fwd.decode(&mut batch, &[1, 300, 2]), Err(ForwardError::TokenOutOfRange { .. })));
+        assert_eq!(seqs.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![21, 38, 6]);
+    }
+}
+
+/// A plan that cannot run is refused before it changes anything, and the runner serves on.
+#[test]
+fn a_refused_plan_changes_nothing() {
+    use yoco_worker::backend::runner::ForwardRunner;
+    use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&small_config(SelfMixerKind::GatedRetention), 5, false, tmp.path());
+    let small = ForwardOptions { cache_tokens: 64, ..serving_opts() };
+    let mut runner = ForwardRunner::new(Forward::new(CpuBackend, &model, small).unwrap());
+    let add = |seq| SeqSpec { seq, ..SeqSpec::default() };
+    let fill = |seq, n, seed| PrefillWork { seq, tokens: tokens(n, 300, seed), sample: true, ..PrefillWork::default() };
+    let first = Plan { add: vec![add(1)], prefill: vec![fill(1, 20, 1)], ..Plan::default() };
+    let token = runner.execute(&first).unwrap()[0].sampled.as_ref().unwrap().token;
+    let bad = [
+        // Blocks: sequence 1 needs none more for a decode, sequence 2's 50 tokens need 4 of 2.
+        Plan {
+            add: vec![add(2)],
+            prefill: vec![fill(2, 50, 2)],
+            decode: vec![DecodeWork { seq: 1, token }],
+            ..Plan::default()
+        },
+        Plan {
+            add: vec![add(2)],
+            prefill: vec![fill(2, 3, 2), PrefillWork { tokens: vec![1, 300], ..fill(1, 1, 0) }],
+            ..Plan::default()
+        },
+        Plan { add: vec![add(1)], ..Plan::default() },
+        Plan { add: vec![SeqSpec { resume_from: Some(9), ..add(2) }], ..Plan::default() },
+        Plan { decode: vec![DecodeWork { seq: 1, token }, DecodeWork { seq: 1, token }], ..Plan::default() },
+        Plan { decode: vec![DecodeWork { seq: 5, token }], ..Plan::default() },
+    ];
+    for plan in &bad {
+        assert!(runner.execute(plan).is_err(), "{plan:?}");
+        assert_eq!((runner.sequences(), runner.forward().free_blocks()), (1, 2), "{plan:?} changed something");
+    }
+    let next = Plan { decode: vec![DecodeWork { seq: 1, token }], ..Plan::default() };
+    assert_eq!(runner.execute(&next).unwrap()[0].shard_tokens, 21);
 }

@@ -113,3 +113,21 @@ fn the_emulated_gpu_runner_samples_what_the_engine_samples() {
     assert_eq!(got.tokens, want.tokens);
     assert!(rel_err(&got.logprobs, &want.logprobs) < 1e-4);
 }
+
+/// What a worker serves on the CUDA backend: the coordinator's plans (batched decode, prefix
+/// snapshots resumed, prompt log-probabilities, prompts over several steps, frees) through the
+/// CUDA kernels give what the CPU engine's executor gives, for both mixers (log-probabilities
+/// within 1e-4).
+#[test]
+fn the_emulated_gpu_runner_serves_plans_as_the_engine_does() {
+    use yoco_worker::backend::runner::ForwardRunner;
+    for mixer in [SelfMixerKind::GatedRetention, SelfMixerKind::SlidingWindow { window: 8 }] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = random_model(&small_config(mixer), 9, false, tmp.path());
+        let opts = ForwardOptions { max_sequences: 8, ..opts(CacheDtype::F32) };
+        let mut runner = ForwardRunner::new(Forward::new(gpu(), &model, opts).unwrap());
+        assert_plans_agree(&model, 16, &mut |plan| runner.execute(plan).unwrap(), 1e-4);
+        runner.free(&[1, 3, 4]);
+        assert_eq!(runner.forward().free_blocks(), 1024 / 16, "{mixer:?}: every block came back");
+    }
+}

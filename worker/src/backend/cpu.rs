@@ -189,6 +189,13 @@ impl Backend for CpuBackend {
         Ok(x[rows.start * width..rows.end * width].to_vec())
     }
 
+    fn write_rows(&self, dst: &mut Vec<f32>, width: usize, at: usize, src: &Vec<f32>, rows: usize) -> Result<()> {
+        at_least("write_rows src", src, rows * width)?;
+        at_least("write_rows dst", dst, (at + rows) * width)?;
+        dst[at * width..(at + rows) * width].copy_from_slice(&src[..rows * width]);
+        Ok(())
+    }
+
     fn concat(&self, a: &Vec<f32>, a_rows: usize, b: &Vec<f32>, b_rows: usize, width: usize) -> Result<Vec<f32>> {
         at_least("concat", a, a_rows * width)?;
         at_least("concat", b, b_rows * width)?;

@@ -1,6 +1,10 @@
 //! The YOCO forward pass over any [`Backend`], for one rank holding the whole model: prompts
 //! prefill through the self-decoder in chunks (each chunk's K/V projected into the global cache),
-//! and only the last token of a prompt enters the cross-decoder. The order of operations is the
+//! and only the last token of a prompt enters the cross-decoder (every token's does when all
+//! logits are asked for: prompt log-probabilities). Decode runs a batch of sequences, one token
+//! each, through every product as one matrix of rows; the mixers and cross-attention run per
+//! sequence, over its own states and cache. Cache blocks are reference-counted, so that a
+//! prefix-cache [`Snapshot`] shares the blocks of the sequence it was taken from. The order of operations is the
 //! CPU engine's (`crate::model`): with f32 weights both compute the same numbers to rounding
 //! (the CUDA backend's products with bf16/f16 weights also round the activations to the
 //! weights' type, as cuBLAS takes them).
@@ -29,6 +33,16 @@ pub enum ForwardError {
     NoFreeSlot(usize),
     #[error("{0}")]
     Unsupported(String),
+    #[error("a step item needs at least one sequence")]
+    EmptyBatch,
+    #[error("unknown sequence {0}")]
+    UnknownSequence(crate::engine::SeqId),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(crate::engine::SeqId),
+    #[error("sequence {0} appears twice in one step")]
+    SequenceTwiceInStep(crate::engine::SeqId),
+    #[error("unknown prefix-cache snapshot {0}")]
+    UnknownSnapshot(crate::engine::SnapshotId),
 }
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
@@ -109,6 +123,40 @@ pub struct Sequence<B: Backend> {
     table: Vec<u32>,
 }
 
+/// A sequence frozen at a cache block boundary (a prefix-cache snapshot): its self-decoder
+/// states copied, its cache blocks shared. Resume sequences from it with
+/// [`Forward::new_sequence_from`]; give it back with [`Forward::drop_snapshot`].
+pub struct Snapshot<B: Backend> {
+    pos: usize,
+    states: Vec<SavedState<B>>,
+    table: Vec<u32>,
+    state_bytes: usize,
+}
+
+enum SavedState<B: Backend> {
+    /// The layer's retention state of the sequence, `[heads, d, d]`.
+    Retention(B::Buf),
+    Window {
+        keys: B::Buf,
+        values: B::Buf,
+        rows: usize,
+    },
+}
+
+impl<B: Backend> Snapshot<B> {
+    /// The position a sequence resumed from it continues at.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+    /// Bytes of self-decoder state it copies.
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+}
+
 impl<B: Backend> Sequence<B> {
     /// Tokens seen so far.
     pub fn len(&self) -> usize {
@@ -136,6 +184,8 @@ pub struct Forward<B: Backend> {
     rope_cross: Rope,
     pool: B::Pool,
     free_blocks: Vec<u32>,
+    /// Holders of each block: sequences and snapshots (0: free).
+    block_refs: Vec<u32>,
     /// Per self-decoder layer, for retention: `[max_sequences, heads, d, d]` states.
     state_pools: Vec<Option<B::Buf>>,
     free_slots: Vec<usize>,
@@ -228,6 +278,7 @@ impl<B: Backend> Forward<B> {
             rope_self: Rope::new(cfg.rope_theta, cfg.self_head_dim()),
             rope_cross: Rope::new(cfg.rope_theta, cfg.head_dim()),
             free_blocks: (0..blocks as u32).rev().collect(),
+            block_refs: vec![0; blocks],
             state_pools,
             free_slots: (0..opts.max_sequences).rev().collect(),
             pool,
@@ -255,15 +306,75 @@ impl<B: Backend> Forward<B> {
         2 * self.cfg.kv_dim() * self.opts.cache_dtype.bytes()
     }
 
-    /// Cache blocks not held by any sequence.
+    /// Cache blocks not held by any sequence or snapshot.
     pub fn free_blocks(&self) -> usize {
         self.free_blocks.len()
+    }
+
+    /// Positions the cache pool holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.block_refs.len() * self.opts.block_tokens
+    }
+
+    /// Bytes of the cache pool held by sequences and snapshots.
+    pub fn used_cache_bytes(&self) -> usize {
+        (self.block_refs.len() - self.free_blocks.len()) * self.opts.block_tokens * self.cache_bytes_per_token()
+    }
+
+    pub fn options(&self) -> &ForwardOptions {
+        &self.opts
+    }
+
+    /// Sequences open now (each holds a state slot).
+    pub fn open_sequences(&self) -> usize {
+        self.opts.max_sequences - self.free_slots.len()
+    }
+
+    fn take_block(&mut self) -> u32 {
+        let b = self.free_blocks.pop().expect("the caller counted the free blocks");
+        self.block_refs[b as usize] = 1;
+        b
+    }
+
+    fn release_blocks(&mut self, table: &[u32]) {
+        for &b in table.iter().rev() {
+            let refs = &mut self.block_refs[b as usize];
+            *refs -= 1;
+            if *refs == 0 {
+                self.free_blocks.push(b);
+            }
+        }
+    }
+
+    /// Takes the blocks that `seqs`, each growing by `tokens[i]` positions, need: all or none.
+    fn reserve(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[usize]) -> Result<()> {
+        let bt = self.opts.block_tokens;
+        let needed: Vec<usize> =
+            seqs.iter().zip(tokens).map(|(s, &n)| (s.pos + n).div_ceil(bt).saturating_sub(s.table.len())).collect();
+        let total: usize = needed.iter().sum();
+        if total > self.free_blocks.len() {
+            return Err(ForwardError::CacheFull { needed: total, free: self.free_blocks.len() });
+        }
+        for (s, n) in seqs.iter_mut().zip(needed) {
+            for _ in 0..n {
+                let b = self.take_block();
+                s.table.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            Some(&token) => Err(ForwardError::TokenOutOfRange { token, vocab: self.cfg.vocab_size }),
+            None => Ok(()),
+        }
     }
 
     /// A sequence with empty caches, in a free state slot.
     pub fn new_sequence(&mut self) -> Result<Sequence<B>> {
         let slot = *self.free_slots.last().ok_or(ForwardError::NoFreeSlot(self.opts.max_sequences))?;
-        let per = self.cfg.n_self_heads * self.cfg.self_head_dim() * self.cfg.self_head_dim();
+        let per = self.state_len();
         for pool in self.state_pools.iter_mut().flatten() {
             self.backend.zero(pool, slot * per..(slot + 1) * per)?;
         }
@@ -283,45 +394,158 @@ impl<B: Backend> Forward<B> {
         Ok(Sequence { pos: 0, slot, states, table: Vec::new() })
     }
 
-    /// Returns a sequence's cache blocks to the pool.
+    /// Numbers of one sequence's state in a retention layer: `heads · d · d`.
+    fn state_len(&self) -> usize {
+        self.cfg.n_self_heads * self.cfg.self_head_dim() * self.cfg.self_head_dim()
+    }
+
+    /// Returns a sequence's state slot, and its cache blocks that no snapshot shares, to the
+    /// pools.
     pub fn free(&mut self, seq: Sequence<B>) {
-        self.free_blocks.extend(seq.table.iter().rev());
+        self.release_blocks(&seq.table);
         self.free_slots.push(seq.slot);
+    }
+
+    /// Saves `seq` as it is now. It must stand at a cache block boundary (where the prefix cache
+    /// takes its snapshots), so that no block is ever written by two holders.
+    pub fn snapshot(&mut self, seq: &Sequence<B>) -> Result<Snapshot<B>> {
+        let bt = self.opts.block_tokens;
+        if !seq.pos.is_multiple_of(bt) {
+            return Err(ForwardError::Unsupported(format!(
+                "a snapshot at position {} is not at a cache block boundary (every {bt} positions)",
+                seq.pos
+            )));
+        }
+        let b = &self.backend;
+        let (per, qd) = (self.state_len(), self.cfg.n_self_heads * self.cfg.self_head_dim());
+        let mut state_bytes = 0;
+        let states = seq
+            .states
+            .iter()
+            .zip(&self.state_pools)
+            .map(|(state, pool)| {
+                Ok(match (state, pool) {
+                    (State::Retention, Some(pool)) => {
+                        state_bytes += per * 4;
+                        SavedState::Retention(b.rows(pool, per, seq.slot..seq.slot + 1)?)
+                    }
+                    (State::Window { keys, values, rows }, None) => {
+                        state_bytes += 2 * rows * qd * 4;
+                        SavedState::Window {
+                            keys: b.rows(keys, qd, 0..*rows)?,
+                            values: b.rows(values, qd, 0..*rows)?,
+                            rows: *rows,
+                        }
+                    }
+                    _ => unreachable!("each layer's state is made for its mixer"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let table = seq.table[..seq.pos / bt].to_vec();
+        for &blk in &table {
+            self.block_refs[blk as usize] += 1;
+        }
+        Ok(Snapshot { pos: seq.pos, states, table, state_bytes })
+    }
+
+    /// A new sequence that continues from `snap`: its states copied, its blocks shared.
+    pub fn new_sequence_from(&mut self, snap: &Snapshot<B>) -> Result<Sequence<B>> {
+        let mut seq = self.new_sequence()?;
+        let (b, per, qd) = (&self.backend, self.state_len(), self.cfg.n_self_heads * self.cfg.self_head_dim());
+        let restored = seq.states.iter_mut().zip(&mut self.state_pools).zip(&snap.states).try_for_each(
+            |((state, pool), saved)| -> Result<()> {
+                match (state, pool, saved) {
+                    (State::Retention, Some(pool), SavedState::Retention(s)) => {
+                        b.write_rows(pool, per, seq.slot, s, 1)?
+                    }
+                    (
+                        State::Window { keys, values, rows },
+                        None,
+                        SavedState::Window { keys: k, values: v, rows: n },
+                    ) => {
+                        *keys = b.rows(k, qd, 0..*n)?;
+                        *values = b.rows(v, qd, 0..*n)?;
+                        *rows = *n;
+                    }
+                    _ => unreachable!("a snapshot's states are made for the model's mixers"),
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = restored {
+            self.free(seq);
+            return Err(e);
+        }
+        for &blk in &snap.table {
+            self.block_refs[blk as usize] += 1;
+        }
+        seq.table = snap.table.clone();
+        seq.pos = snap.pos;
+        Ok(seq)
+    }
+
+    /// Gives a snapshot's blocks back (to the pool, unless sequences still share them).
+    pub fn drop_snapshot(&mut self, snap: Snapshot<B>) {
+        self.release_blocks(&snap.table);
     }
 
     /// Runs `tokens` (a prompt, or the next generated token) through the model after what
     /// `seq` has seen, in chunks of `chunk_tokens`; returns the logits of the last token.
     pub fn forward(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<Vec<f32>> {
-        let x = self.run_self_decoder(seq, tokens)?;
-        self.cross_decode(seq, &x)
+        let x = self.run_self_decoder(seq, tokens, false)?;
+        self.cross_decode(&x, &[(&seq.table, seq.pos)])
+    }
+
+    /// [`Forward::forward`], with the logits after every one of `tokens`, `[n, vocab]`: the
+    /// cross-decoder runs for each position, over the cache up to it (prompt log-probabilities).
+    pub fn forward_all(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<Vec<f32>> {
+        let first = seq.pos;
+        let x = self.run_self_decoder(seq, tokens, true)?;
+        let rows: Vec<(&[u32], usize)> = (first + 1..=seq.pos).map(|len| (&seq.table[..], len)).collect();
+        self.cross_decode(&x, &rows)
     }
 
     /// [`Forward::forward`] without the logits: a prompt chunk that is not the last only fills
     /// the caches (the cross-decoder is skipped: YOCO's linear prefill).
     pub fn extend(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<()> {
-        self.run_self_decoder(seq, tokens).map(drop)
+        self.run_self_decoder(seq, tokens, false).map(drop)
     }
 
-    /// The self-decoder over `tokens` in chunks, caches advanced; the last row of its output.
-    fn run_self_decoder(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<B::Buf> {
+    /// One decode step for a batch: `tokens[i]` after what `seqs[i]` has seen. The products run
+    /// once over all rows (each weight read once per step, not once per sequence). Returns the
+    /// logits `[n, vocab]`, row i of sequence i. A token outside the vocabulary or a full cache
+    /// changes nothing.
+    pub fn decode(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[u32]) -> Result<Vec<f32>> {
+        if seqs.is_empty() {
+            return Err(ForwardError::EmptyBatch);
+        }
+        assert_eq!(seqs.len(), tokens.len(), "one token per sequence");
+        self.check_tokens(tokens)?;
+        self.reserve(seqs, &vec![1; tokens.len()])?;
+        let x = self.self_decode_batch(seqs, tokens)?;
+        let rows: Vec<(&[u32], usize)> = seqs.iter().map(|s| (&s.table[..], s.pos)).collect();
+        self.cross_decode(&x, &rows)
+    }
+
+    /// The self-decoder over `tokens` in chunks, caches advanced; its output rows: the last,
+    /// or (`all`) every token's.
+    fn run_self_decoder(&mut self, seq: &mut Sequence<B>, tokens: &[u32], all: bool) -> Result<B::Buf> {
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
         }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ForwardError::TokenOutOfRange { token, vocab: self.cfg.vocab_size });
-        }
-        let needed = (seq.pos + tokens.len()).div_ceil(self.opts.block_tokens).saturating_sub(seq.table.len());
-        if needed > self.free_blocks.len() {
-            return Err(ForwardError::CacheFull { needed, free: self.free_blocks.len() });
-        }
-        for _ in 0..needed {
-            seq.table.push(self.free_blocks.pop().expect("counted above"));
-        }
+        self.check_tokens(tokens)?;
+        self.reserve(&mut [&mut *seq], &[tokens.len()])?;
+        let dim = self.cfg.dim;
+        let mut out = if all { Some(self.backend.zeros(tokens.len() * dim)?) } else { None };
         let mut last = None;
-        for chunk in tokens.chunks(self.opts.chunk_tokens) {
-            last = Some(self.self_decode(seq, chunk)?);
+        for (i, chunk) in tokens.chunks(self.opts.chunk_tokens).enumerate() {
+            let x = self.self_decode(seq, chunk)?;
+            match &mut out {
+                Some(out) => self.backend.write_rows(out, dim, i * self.opts.chunk_tokens, &x, chunk.len())?,
+                None => last = Some(self.backend.rows(&x, dim, chunk.len() - 1..chunk.len())?),
+            }
         }
-        Ok(last.expect("at least one chunk"))
+        Ok(out.or(last).expect("at least one chunk"))
     }
 
     /// Greedy generation: the prompt, then `n` tokens each chosen as the argmax of the last
@@ -346,14 +570,13 @@ impl<B: Backend> Forward<B> {
         Ok((tokens, all))
     }
 
-    /// The self-decoder over one chunk at the sequence's position, its K/V written into the
-    /// global cache; returns the last row of the self-decoder's output.
+    /// The self-decoder over one chunk at the sequence's position (its blocks reserved), its
+    /// K/V written into the global cache; returns the self-decoder's output rows.
     fn self_decode(&mut self, seq: &mut Sequence<B>, chunk: &[u32]) -> Result<B::Buf> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let (n, dim, eps) = (chunk.len(), cfg.dim, cfg.norm_eps);
         let (heads, hd) = (cfg.n_self_heads, cfg.self_head_dim());
-        let qd = heads * hd;
         let positions: Vec<u32> = (seq.pos..seq.pos + n).map(|p| p as u32).collect();
         // One table of self-decoder angles for every layer's q and k.
         let rope = b.rope_table(&self.rope_self, &positions)?;
@@ -370,25 +593,13 @@ impl<B: Backend> Forward<B> {
                     b.rope(&mut kh, &rope, heads, hd)?;
                     let gamma = b.log_sigmoid_scaled(&mm(&xn, n, gt)?, n * heads, GATE_LOGIT_NORMALIZER)?;
                     let o = b.retention(&qh, &kh, &vh, &gamma, states, slot, n, heads, hd)?;
-                    // subln: RMSNorm over each head, no weight.
-                    let normed = b.rms_norm(&o, n * heads, hd, None, eps)?;
-                    let mut gate = mm(&xn, n, g)?;
-                    b.silu_mul(&mut gate, &normed, n * qd)?;
-                    mm(&gate, n, out)?
+                    retention_out(b, &xn, o, n, heads, hd, eps, g, out)?
                 }
                 (Mixer::Window { q, k, v, out, window }, State::Window { keys, values, rows }) => {
                     let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
                     b.rope(&mut qh, &rope, heads, hd)?;
                     b.rope(&mut kh, &rope, heads, hd)?;
-                    let prefix = *rows;
-                    let all_k = b.concat(keys, prefix, &kh, n, qd)?;
-                    let all_v = b.concat(values, prefix, &vh, n, qd)?;
-                    let o = b.window_attention(&qh, &all_k, &all_v, n, prefix, *window, heads, hd)?;
-                    let keep = (prefix + n).min(window - 1);
-                    let tail = prefix + n - keep..prefix + n;
-                    *keys = b.rows(&all_k, qd, tail.clone())?;
-                    *values = b.rows(&all_v, qd, tail)?;
-                    *rows = keep;
+                    let o = window_step(b, &qh, &kh, &vh, n, (keys, values, rows), *window, heads, hd)?;
                     mm(&o, n, out)?
                 }
                 _ => unreachable!("each layer's state is made for its mixer"),
@@ -398,39 +609,170 @@ impl<B: Backend> Forward<B> {
             b.add_assign(&mut x, &ffn_out, n * dim)?;
         }
         // This chunk's rows of the global cache.
-        let xn = b.rms_norm(&x, n, dim, Some(&self.kv_norm), eps)?;
-        let mut k = mm(&xn, n, &self.k_proj)?;
-        let v = mm(&xn, n, &self.v_proj)?;
-        b.rope(&mut k, &b.rope_table(&self.rope_cross, &positions)?, cfg.n_attn_kv_heads, cfg.head_dim())?;
-        b.kv_write(&mut self.pool, &seq.table, seq.pos, &k, &v, n)?;
+        let (k, v) = self.cache_rows(&x, n, &positions)?;
+        self.backend.kv_write(&mut self.pool, &seq.table, seq.pos, &k, &v, n)?;
         seq.pos += n;
-        Ok(b.rows(&x, dim, n - 1..n)?)
+        Ok(x)
     }
 
-    /// The cross-decoder for the last token seen (row `x`), over the whole global cache; then
-    /// the final norm and the output projection.
-    fn cross_decode(&self, seq: &Sequence<B>, x: &B::Buf) -> Result<Vec<f32>> {
+    /// The self-decoder for one token of each sequence (their blocks reserved): the products
+    /// over all rows at once, each mixer over its sequence's state. Returns the output rows.
+    fn self_decode_batch(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[u32]) -> Result<B::Buf> {
         let b = &self.backend;
         let cfg = &self.cfg;
-        let (dim, eps) = (cfg.dim, cfg.norm_eps);
-        let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
-        let rope = b.rope_table(&self.rope_cross, &[(seq.pos - 1) as u32])?;
-        // The whole cache, one table for every cross-decoder layer.
-        let table = b.block_table(&self.pool, &seq.table, seq.pos)?;
-        let mut x = b.rows(x, dim, 0..1)?;
-        for l in &self.cross_layers {
-            let xn = b.rms_norm(&x, 1, dim, Some(&l.norm), eps)?;
-            let mut q = b.matmul(&xn, 1, &l.q.w)?;
-            b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
-            let o = b.cross_attention(&q, &self.pool, &table, shape)?;
-            b.add_assign(&mut x, &b.matmul(&o, 1, &l.out.w)?, dim)?;
-            let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, 1, dim, Some(&l.final_norm), eps)?, 1, cfg.hidden_dim)?;
-            b.add_assign(&mut x, &ffn_out, dim)?;
+        let (n, dim, eps) = (tokens.len(), cfg.dim, cfg.norm_eps);
+        let (heads, hd) = (cfg.n_self_heads, cfg.self_head_dim());
+        let qd = heads * hd;
+        let positions: Vec<u32> = seqs.iter().map(|s| s.pos as u32).collect();
+        let rope = b.rope_table(&self.rope_self, &positions)?;
+        let mm = |x: &B::Buf, m: usize, l: &Lin<B>| b.matmul(x, m, &l.w);
+        let mut x = b.embed(tokens, &self.embed, (dim as f32).sqrt())?;
+        for (li, (l, pool)) in self.self_layers.iter().zip(&mut self.state_pools).enumerate() {
+            let xn = b.rms_norm(&x, n, dim, Some(&l.norm), eps)?;
+            let mixed = match &l.mixer {
+                Mixer::Retention { q, k, v, g, gt, out } => {
+                    let states = pool.as_mut().expect("a retention layer has a state pool");
+                    let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
+                    b.rope(&mut qh, &rope, heads, hd)?;
+                    b.rope(&mut kh, &rope, heads, hd)?;
+                    let gamma = b.log_sigmoid_scaled(&mm(&xn, n, gt)?, n * heads, GATE_LOGIT_NORMALIZER)?;
+                    let mut o = b.zeros(n * qd)?;
+                    for (i, s) in seqs.iter().enumerate() {
+                        let row = |t: &B::Buf, w: usize| b.rows(t, w, i..i + 1);
+                        let (qi, ki, vi, gi) = (row(&qh, qd)?, row(&kh, qd)?, row(&vh, qd)?, row(&gamma, heads)?);
+                        let oi = b.retention(&qi, &ki, &vi, &gi, states, s.slot, 1, heads, hd)?;
+                        b.write_rows(&mut o, qd, i, &oi, 1)?;
+                    }
+                    retention_out(b, &xn, o, n, heads, hd, eps, g, out)?
+                }
+                Mixer::Window { q, k, v, out, window } => {
+                    let (mut qh, mut kh, vh) = (mm(&xn, n, q)?, mm(&xn, n, k)?, mm(&xn, n, v)?);
+                    b.rope(&mut qh, &rope, heads, hd)?;
+                    b.rope(&mut kh, &rope, heads, hd)?;
+                    let mut o = b.zeros(n * qd)?;
+                    for (i, s) in seqs.iter_mut().enumerate() {
+                        let State::Window { keys, values, rows } = &mut s.states[li] else {
+                            unreachable!("each layer's state is made for its mixer")
+                        };
+                        let row = |t: &B::Buf| b.rows(t, qd, i..i + 1);
+                        let (qi, ki, vi) = (row(&qh)?, row(&kh)?, row(&vh)?);
+                        let oi = window_step(b, &qi, &ki, &vi, 1, (keys, values, rows), *window, heads, hd)?;
+                        b.write_rows(&mut o, qd, i, &oi, 1)?;
+                    }
+                    mm(&o, n, out)?
+                }
+            };
+            b.add_assign(&mut x, &mixed, n * dim)?;
+            let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, n, dim, Some(&l.final_norm), eps)?, n, cfg.hidden_dim)?;
+            b.add_assign(&mut x, &ffn_out, n * dim)?;
         }
-        let xn = b.rms_norm(&x, 1, dim, Some(&self.norm), eps)?;
-        let logits = b.matmul(&xn, 1, self.output.as_ref().map_or(&self.embed, |o| &o.w))?;
+        let (k, v) = self.cache_rows(&x, n, &positions)?;
+        let kvd = self.cfg.kv_dim();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let (ki, vi) = (self.backend.rows(&k, kvd, i..i + 1)?, self.backend.rows(&v, kvd, i..i + 1)?);
+            self.backend.kv_write(&mut self.pool, &s.table, s.pos, &ki, &vi, 1)?;
+            s.pos += 1;
+        }
+        Ok(x)
+    }
+
+    /// The global cache's K (rotated) and V rows for self-decoder output rows `x` at `positions`.
+    fn cache_rows(&self, x: &B::Buf, n: usize, positions: &[u32]) -> Result<(B::Buf, B::Buf)> {
+        let (b, cfg) = (&self.backend, &self.cfg);
+        let xn = b.rms_norm(x, n, cfg.dim, Some(&self.kv_norm), cfg.norm_eps)?;
+        let mut k = b.matmul(&xn, n, &self.k_proj.w)?;
+        let v = b.matmul(&xn, n, &self.v_proj.w)?;
+        b.rope(&mut k, &b.rope_table(&self.rope_cross, positions)?, cfg.n_attn_kv_heads, cfg.head_dim())?;
+        Ok((k, v))
+    }
+
+    /// The cross-decoder for self-decoder output rows `x`, row i over the first `rows[i].1`
+    /// positions of the cache whose blocks `rows[i].0` lists (and at the last of them); then
+    /// the final norm and the output projection. Returns the logits `[rows, vocab]`.
+    fn cross_decode(&self, x: &B::Buf, rows: &[(&[u32], usize)]) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let (n, dim, eps) = (rows.len(), cfg.dim, cfg.norm_eps);
+        let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
+        let qd = shape.q_dim();
+        let positions: Vec<u32> = rows.iter().map(|&(_, len)| (len - 1) as u32).collect();
+        let rope = b.rope_table(&self.rope_cross, &positions)?;
+        // Each row's view of the cache, one for every cross-decoder layer.
+        let tables = rows
+            .iter()
+            .map(|&(table, len)| b.block_table(&self.pool, table, len))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut x = b.rows(x, dim, 0..n)?;
+        for l in &self.cross_layers {
+            let xn = b.rms_norm(&x, n, dim, Some(&l.norm), eps)?;
+            let mut q = b.matmul(&xn, n, &l.q.w)?;
+            b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
+            let o = if n == 1 {
+                b.cross_attention(&q, &self.pool, &tables[0], shape)?
+            } else {
+                let mut o = b.zeros(n * qd)?;
+                for (i, table) in tables.iter().enumerate() {
+                    let oi = b.cross_attention(&b.rows(&q, qd, i..i + 1)?, &self.pool, table, shape)?;
+                    b.write_rows(&mut o, qd, i, &oi, 1)?;
+                }
+                o
+            };
+            b.add_assign(&mut x, &b.matmul(&o, n, &l.out.w)?, n * dim)?;
+            let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, n, dim, Some(&l.final_norm), eps)?, n, cfg.hidden_dim)?;
+            b.add_assign(&mut x, &ffn_out, n * dim)?;
+        }
+        let xn = b.rms_norm(&x, n, dim, Some(&self.norm), eps)?;
+        let logits = b.matmul(&xn, n, self.output.as_ref().map_or(&self.embed, |o| &o.w))?;
         Ok(b.download(&logits)?)
     }
+}
+
+/// The rest of a retention mixer after the retention itself (`o`, `[n, heads · d]`): subln
+/// (RMSNorm over each head, no weight), the swish gate, the output projection.
+#[allow(clippy::too_many_arguments)]
+fn retention_out<B: Backend>(
+    b: &B,
+    xn: &B::Buf,
+    o: B::Buf,
+    n: usize,
+    heads: usize,
+    hd: usize,
+    eps: f32,
+    g: &Lin<B>,
+    out: &Lin<B>,
+) -> Result<B::Buf> {
+    let normed = b.rms_norm(&o, n * heads, hd, None, eps)?;
+    let mut gate = b.matmul(xn, n, &g.w)?;
+    b.silu_mul(&mut gate, &normed, n * heads * hd)?;
+    Ok(b.matmul(&gate, n, &out.w)?)
+}
+
+/// Sliding-window attention of `n` new rows after a layer's kept rows (`state`: the last ≤ W−1
+/// rotated keys and values and their count), which it then advances.
+#[allow(clippy::too_many_arguments)]
+fn window_step<B: Backend>(
+    b: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    n: usize,
+    state: (&mut B::Buf, &mut B::Buf, &mut usize),
+    window: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<B::Buf> {
+    let (keys, values, rows) = state;
+    let qd = heads * hd;
+    let prefix = *rows;
+    let all_k = b.concat(keys, prefix, k, n, qd)?;
+    let all_v = b.concat(values, prefix, v, n, qd)?;
+    let o = b.window_attention(q, &all_k, &all_v, n, prefix, window, heads, hd)?;
+    let keep = (prefix + n).min(window - 1);
+    let tail = prefix + n - keep..prefix + n;
+    *keys = b.rows(&all_k, qd, tail.clone())?;
+    *values = b.rows(&all_v, qd, tail)?;
+    *rows = keep;
+    Ok(o)
 }
 
 /// SwiGLU feed-forward: `fc2(silu(fc1 x) ⊙ gate x)` over n rows.

@@ -163,6 +163,10 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(out)
     }
 
+    fn write_rows(&self, dst: &mut R::Buf<f32>, width: usize, at: usize, src: &R::Buf<f32>, rows: usize) -> Result<()> {
+        Ok(self.copy(src, 0..rows * width, dst, at * width)?)
+    }
+
     fn concat(
         &self,
         a: &R::Buf<f32>,

@@ -5,7 +5,8 @@
 //! and logits come out.
 //!
 //! [`Forward`] serves one rank holding the whole model and the whole cache (tp = cp = 1): the
-//! single-GPU path. The multi-rank engine (`crate::engine`) runs the CPU kernels directly; its
+//! single-GPU path, which `yoco worker --device cuda` serves one-rank groups on
+//! (`crate::service`). The multi-rank engine (`crate::engine`) runs the CPU kernels directly; its
 //! context- and tensor-parallel exchanges move to this trait when the CUDA backend takes them.
 
 pub mod cpu;
@@ -13,7 +14,7 @@ mod forward;
 pub mod gpu;
 pub mod runner;
 
-pub use forward::{Forward, ForwardError, ForwardOptions, Sequence};
+pub use forward::{Forward, ForwardError, ForwardOptions, Sequence, Snapshot};
 
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
@@ -99,6 +100,8 @@ pub trait Backend {
     ) -> Result<Self::Buf>;
     /// Rows `rows` of `x [_, width]`, as a new buffer.
     fn rows(&self, x: &Self::Buf, width: usize, rows: std::ops::Range<usize>) -> Result<Self::Buf>;
+    /// Copies rows `0..rows` of `src [_, width]` over rows `at..at + rows` of `dst`.
+    fn write_rows(&self, dst: &mut Self::Buf, width: usize, at: usize, src: &Self::Buf, rows: usize) -> Result<()>;
     /// `a` then `b`, both `[_, width]`, as one buffer.
     fn concat(&self, a: &Self::Buf, a_rows: usize, b: &Self::Buf, b_rows: usize, width: usize) -> Result<Self::Buf>;
 

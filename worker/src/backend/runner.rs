@@ -1,16 +1,17 @@
 //! Plans (`crate::executor::Plan`) run by the backend forward pass on one device: what
-//! `yoco generate --device cuda` drives. Sampling is the executor's (same seeded sampler, same
-//! penalties, same reported log-probabilities), so a request gives the same tokens here as on
-//! the CPU engine. Prefix-cache snapshots and prompt log-probabilities are the engine's alone
-//! for now: a plan that asks for them is refused with an error that says so.
+//! `yoco generate --device cuda` drives, and what a one-rank worker group on a GPU serves
+//! (`crate::service`). It does what the CPU engine's executor does with a plan: sampling is the
+//! same code (same seeded sampler, same penalties, same reported log-probabilities), prefix-cache
+//! snapshots share cache blocks, prompt log-probabilities run the cross-decoder for every
+//! prompt position, and a plan's decode tokens run as one batch.
 
 use std::collections::HashMap;
 
-use super::{Backend, Forward, Sequence};
-use crate::engine::SeqId;
+use super::{Backend, Forward, ForwardError, Sequence, Snapshot};
+use crate::engine::{SeqId, SnapshotId};
 use crate::executor::{sample_next, Plan, SeqResult, SeqSpec};
 use crate::generate::{PlanRunner, RunError};
-use crate::sampling::Sampler;
+use crate::sampling::{log_softmax, Sampler};
 
 struct Seq<B: Backend> {
     caches: Sequence<B>,
@@ -21,67 +22,161 @@ struct Seq<B: Backend> {
 pub struct ForwardRunner<B: Backend> {
     fwd: Forward<B>,
     seqs: HashMap<SeqId, Seq<B>>,
+    snapshots: HashMap<SnapshotId, Snapshot<B>>,
 }
 
 impl<B: Backend> ForwardRunner<B> {
     pub fn new(fwd: Forward<B>) -> Self {
-        ForwardRunner { fwd, seqs: HashMap::new() }
+        ForwardRunner { fwd, seqs: HashMap::new(), snapshots: HashMap::new() }
     }
 
     pub fn forward(&self) -> &Forward<B> {
         &self.fwd
     }
 
-    fn unsupported(&self, what: &str) -> RunError {
-        format!("{what} is not supported on the {} backend yet (the CPU engine has it)", self.fwd.backend().name())
-            .into()
+    /// Open sequences.
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
     }
 
-    fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, RunError> {
-        for id in &plan.free {
+    /// Snapshots held, and the bytes of self-decoder state they copy.
+    pub fn snapshot_usage(&self) -> (usize, usize) {
+        (self.snapshots.len(), self.snapshots.values().map(Snapshot::state_bytes).sum())
+    }
+
+    /// Frees sequences (unknown ones are ignored: freeing is idempotent).
+    pub fn free(&mut self, ids: &[SeqId]) {
+        for id in ids {
             if let Some(s) = self.seqs.remove(id) {
                 self.fwd.free(s.caches);
             }
         }
-        // No snapshot is ever made here (asking for one is refused), so none is dropped.
+    }
+
+    /// Runs a plan: the same steps, in the same order, as the CPU engine's executor.
+    pub fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, ForwardError> {
+        self.free(&plan.free);
+        for id in &plan.drop_snapshots {
+            if let Some(snap) = self.snapshots.remove(id) {
+                self.fwd.drop_snapshot(snap);
+            }
+        }
+        self.check(plan)?;
         for spec in &plan.add {
-            if spec.resume_from.is_some() {
-                return Err(self.unsupported("resuming from a prefix-cache snapshot"));
-            }
-            if spec.prompt_logprobs {
-                return Err(self.unsupported("prompt log-probabilities"));
-            }
-            if self.seqs.contains_key(&spec.seq) {
-                return Err(format!("sequence {} already exists", spec.seq).into());
-            }
-            let caches = self.fwd.new_sequence()?;
-            self.seqs
-                .insert(spec.seq, Seq { caches, spec: spec.clone(), sampler: Sampler::new(spec.sampling.clone()) });
+            let mut sampler = Sampler::new(spec.sampling.clone());
+            let caches = match spec.resume_from {
+                Some(id) => {
+                    let snap = self.snapshots.get(&id).ok_or(ForwardError::UnknownSnapshot(id))?;
+                    sampler.observe_prompt(&spec.resumed_tokens);
+                    self.fwd.new_sequence_from(snap)?
+                }
+                None => self.fwd.new_sequence()?,
+            };
+            self.seqs.insert(spec.seq, Seq { caches, spec: spec.clone(), sampler });
         }
         let mut results = Vec::with_capacity(plan.prefill.len() + plan.decode.len());
         for p in &plan.prefill {
-            if p.snapshot.is_some() {
-                return Err(self.unsupported("saving a prefix-cache snapshot"));
-            }
-            let s = self.seqs.get_mut(&p.seq).ok_or_else(|| format!("unknown sequence {}", p.seq))?;
-            let logits = if p.sample {
-                Some(self.fwd.forward(&mut s.caches, &p.tokens)?)
+            let s = self.seqs.get_mut(&p.seq).ok_or(ForwardError::UnknownSequence(p.seq))?;
+            let vocab = self.fwd.config().vocab_size;
+            let (logits, prompt_logprobs) = if s.spec.prompt_logprobs {
+                let all = self.fwd.forward_all(&mut s.caches, &p.tokens)?;
+                // Row t predicts token t+1 of the step, the last row the next step's first.
+                let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
+                let lps = all
+                    .chunks_exact(vocab)
+                    .zip(next)
+                    .filter_map(|(row, target)| target.map(|t| log_softmax(row)[t as usize]))
+                    .collect();
+                (p.sample.then(|| all[all.len() - vocab..].to_vec()), lps)
+            } else if p.sample {
+                (Some(self.fwd.forward(&mut s.caches, &p.tokens)?), Vec::new())
             } else {
                 self.fwd.extend(&mut s.caches, &p.tokens)?;
-                None
+                (None, Vec::new())
             };
             s.sampler.observe_prompt(&p.tokens);
+            if let Some(id) = p.snapshot {
+                let snap = self.fwd.snapshot(&s.caches)?;
+                if let Some(old) = self.snapshots.insert(id, snap) {
+                    self.fwd.drop_snapshot(old);
+                }
+            }
             let sampled = logits.map(|l| sample_next(&mut s.sampler, &l, s.spec.top_logprobs));
-            results.push(SeqResult { seq: p.seq, sampled, prompt_logprobs: Vec::new(), shard_tokens: s.caches.len() });
+            results.push(SeqResult { seq: p.seq, sampled, prompt_logprobs, shard_tokens: s.caches.len() });
         }
-        for d in &plan.decode {
-            let s = self.seqs.get_mut(&d.seq).ok_or_else(|| format!("unknown sequence {}", d.seq))?;
-            let logits = self.fwd.forward(&mut s.caches, &[d.token])?;
-            s.sampler.observe_generated(d.token);
-            let sampled = Some(sample_next(&mut s.sampler, &logits, s.spec.top_logprobs));
-            results.push(SeqResult { seq: d.seq, sampled, prompt_logprobs: Vec::new(), shard_tokens: s.caches.len() });
+        if !plan.decode.is_empty() {
+            let tokens: Vec<u32> = plan.decode.iter().map(|d| d.token).collect();
+            // `check` made sure that every decode sequence exists and appears once.
+            let mut batch: Vec<&mut Seq<B>> = Vec::with_capacity(tokens.len());
+            let mut by_id: HashMap<SeqId, &mut Seq<B>> = self.seqs.iter_mut().map(|(id, s)| (*id, s)).collect();
+            for d in &plan.decode {
+                batch.push(by_id.remove(&d.seq).ok_or(ForwardError::UnknownSequence(d.seq))?);
+            }
+            let mut caches: Vec<&mut Sequence<B>> = batch.iter_mut().map(|s| &mut s.caches).collect();
+            let logits = self.fwd.decode(&mut caches, &tokens)?;
+            let vocab = self.fwd.config().vocab_size;
+            for ((s, d), row) in batch.into_iter().zip(&plan.decode).zip(logits.chunks_exact(vocab)) {
+                s.sampler.observe_generated(d.token);
+                let sampled = Some(sample_next(&mut s.sampler, row, s.spec.top_logprobs));
+                results.push(SeqResult {
+                    seq: d.seq,
+                    sampled,
+                    prompt_logprobs: Vec::new(),
+                    shard_tokens: s.caches.len(),
+                });
+            }
         }
         Ok(results)
+    }
+
+    /// Everything a plan could fail on before it changes anything: sequences to add that exist,
+    /// snapshots to resume from that do not, work for unknown sequences or twice for one, and
+    /// cache blocks or state slots beyond what is free.
+    fn check(&self, plan: &Plan) -> Result<(), ForwardError> {
+        let mut added = std::collections::HashSet::new();
+        for spec in &plan.add {
+            if self.seqs.contains_key(&spec.seq) || !added.insert(spec.seq) {
+                return Err(ForwardError::DuplicateSequence(spec.seq));
+            }
+            if let Some(id) = spec.resume_from.filter(|id| !self.snapshots.contains_key(id)) {
+                return Err(ForwardError::UnknownSnapshot(id));
+            }
+        }
+        let free_slots = self.fwd.options().max_sequences - self.fwd.open_sequences();
+        if plan.add.len() > free_slots {
+            return Err(ForwardError::NoFreeSlot(self.fwd.options().max_sequences));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut blocks = 0;
+        let bt = self.fwd.options().block_tokens;
+        let work = plan.prefill.iter().map(|p| (p.seq, p.tokens.len())).chain(plan.decode.iter().map(|d| (d.seq, 1)));
+        for p in &plan.prefill {
+            if p.tokens.is_empty() {
+                return Err(ForwardError::Empty);
+            }
+        }
+        let vocab = self.fwd.config().vocab_size;
+        let tokens = plan.prefill.iter().flat_map(|p| &p.tokens).chain(plan.decode.iter().map(|d| &d.token));
+        if let Some(&token) = tokens.into_iter().find(|&&t| t as usize >= vocab) {
+            return Err(ForwardError::TokenOutOfRange { token, vocab });
+        }
+        for (id, tokens) in work {
+            if !seen.insert(id) {
+                return Err(ForwardError::SequenceTwiceInStep(id));
+            }
+            let pos = match (self.seqs.get(&id), plan.add.iter().find(|s| s.seq == id)) {
+                (Some(s), _) => s.caches.len(),
+                (None, Some(spec)) => spec.resume_from.and_then(|id| self.snapshots.get(&id)).map_or(0, Snapshot::len),
+                (None, None) => return Err(ForwardError::UnknownSequence(id)),
+            };
+            // Every sequence's blocks cover exactly its positions, and a snapshot's end at a
+            // block boundary, so growing by `tokens` takes this many.
+            blocks += (pos + tokens).div_ceil(bt) - pos.div_ceil(bt);
+        }
+        if blocks > self.fwd.free_blocks() {
+            return Err(ForwardError::CacheFull { needed: blocks, free: self.fwd.free_blocks() });
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,11 @@
 //! The worker's gRPC service (`yoco.worker.v1.Worker`): one rank of a worker group. The engine
-//! runs on blocking threads; one step at a time.
+//! runs on blocking threads; one step at a time. A rank computes on the CPU engine, or (a
+//! one-rank group, `--device cuda`) on the CUDA backend: see [`rank`].
 
 pub mod convert;
+pub mod rank;
+
+pub use rank::{Device, DeviceChoice, DeviceRequest};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -13,22 +17,28 @@ use tonic::{Request, Response, Status};
 use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_server::Worker;
 
+use crate::backend::ForwardOptions;
 use crate::comm::{Collective, CommError, TcpCollective, TcpOptions};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::kernels::kv_block::CacheDtype;
 use crate::model::{Model, TpShard};
 use crate::weights::WeightDtype;
+use rank::{DeviceRank, Rank};
 
 /// Settings a worker starts with; LoadModel may override them.
 #[derive(Debug, Clone)]
 pub struct WorkerDefaults {
     pub model_dir: Option<PathBuf>,
     pub cache_budget_bytes: usize,
+    pub device: DeviceChoice,
 }
 
+/// Self-decoder state slots a device backend allocates when LoadModel does not say.
+const DEFAULT_MAX_SEQUENCES: usize = 256;
+
 struct Loaded {
-    exec: Executor,
+    exec: Box<dyn Rank>,
     model_dir: PathBuf,
     config_json: String,
     budget: usize,
@@ -76,26 +86,60 @@ impl WorkerService {
 }
 
 fn info_of(l: &Loaded) -> pb::InfoResponse {
-    let engine = l.exec.engine();
     pb::InfoResponse {
         loaded: true,
         model_dir: l.model_dir.display().to_string(),
         model_config_json: l.config_json.clone(),
-        rank: engine.rank() as u32,
-        world: engine.world() as u32,
-        tp: engine.tp_size() as u32,
-        weight_bytes: engine.model().weight_bytes() as u64,
-        cache_capacity_tokens: engine.pool().capacity_tokens() as u64,
-        cache_used_bytes: engine.pool().used_bytes() as u64,
         cache_budget_bytes: l.budget as u64,
-        sequences: engine.sequences() as u32,
-        snapshots: engine.snapshot_usage().0 as u32,
-        snapshot_state_bytes: engine.snapshot_usage().1 as u64,
-        cache_dtype: engine.pool().dtype().name().to_string(),
-        weight_dtype: engine.model().weight_dtype().to_string(),
-        broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
-        // Filled in by Info from the listener.
-        collective_addr: String::new(),
+        // `collective_addr` is filled in by Info from the listener.
+        ..l.exec.info()
+    }
+}
+
+/// The device a rank of a `world`-rank group computes on: the worker's, unless that is a device
+/// backend (one-rank groups only) and the group has more ranks, which `auto` serves on the CPU
+/// engine (logged) and an explicit device refuses.
+fn device_for(choice: DeviceChoice, rank: usize, world: usize) -> Result<Device, Status> {
+    match choice.device {
+        Device::Cpu => Ok(Device::Cpu),
+        device if world == 1 => Ok(device),
+        device if choice.explicit => Err(Status::failed_precondition(format!(
+            "--device {device} serves one-rank groups (the device backend has no context or tensor parallelism \
+             yet); this is rank {rank} of {world}: start the worker with --device cpu or auto"
+        ))),
+        device => {
+            tracing::info!(%device, world, "a group of {world} ranks: this rank runs on the CPU engine (the device backend serves one-rank groups)");
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// The one-rank group of a device backend.
+fn device_rank(model: &Model, device: Device, opts: ForwardOptions) -> Result<Box<dyn Rank>, Status> {
+    use crate::backend::runner::ForwardRunner;
+    use crate::backend::Forward;
+    let failed = |e: crate::backend::ForwardError| Status::failed_precondition(format!("{device}: {e}"));
+    let (weight_bytes, weight_dtype) = (model.weight_bytes(), model.weight_dtype());
+    match device {
+        Device::CpuBackend => {
+            let runner =
+                ForwardRunner::new(Forward::new(crate::backend::cpu::CpuBackend, model, opts).map_err(failed)?);
+            Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let gpu = crate::cuda::driver::CudaBackend::open(ordinal)
+                .map_err(|e| Status::failed_precondition(format!("{device}: {e}")))?;
+            let info = gpu.runtime().info().clone();
+            tracing::info!(gpu = %info.name, capability = ?info.capability, memory_gib = info.total_bytes >> 30, "CUDA backend");
+            let runner = ForwardRunner::new(Forward::new(gpu, model, opts).map_err(failed)?);
+            Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            Err(Status::failed_precondition(format!("{device}: this worker was built without the `cuda` feature")))
+        }
+        Device::Cpu => unreachable!("the CPU engine is not a device backend"),
     }
 }
 
@@ -165,6 +209,12 @@ impl Worker for WorkerService {
         if !world.is_multiple_of(tp) {
             return Err(Status::invalid_argument(format!("tp {tp} must divide the group's {world} ranks")));
         }
+        let device = device_for(self.defaults.device, rank, world)?;
+        let max_sequences = match req.max_sequences {
+            0 => DEFAULT_MAX_SEQUENCES,
+            n if n > 1 << 16 => return Err(Status::invalid_argument(format!("max_sequences {n} exceeds 65536"))),
+            n => n as usize,
+        };
         let addrs = req
             .peer_addrs
             .iter()
@@ -214,7 +264,7 @@ impl Worker for WorkerService {
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let load_lock = self.load_lock.clone();
         let started = Instant::now();
-        let span = tracing::info_span!("load_model", rank, world, tp, model = %model_dir.display());
+        let span = tracing::info_span!("load_model", rank, world, tp, %device, model = %model_dir.display());
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let _exclusive = lock(&load_lock);
@@ -235,6 +285,30 @@ impl Worker for WorkerService {
             let model = Model::load_sharded(&model_dir, weight_dtype, shard)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
             let config_json = model.cfg.to_json().to_string();
+            if device != Device::Cpu {
+                let bytes_per_token = model.cfg.cache_numbers_per_token() * cache_dtype.bytes();
+                let opts = ForwardOptions {
+                    cache_dtype,
+                    block_tokens,
+                    cache_tokens: budget / bytes_per_token.max(1),
+                    max_sequences,
+                    ..ForwardOptions::default()
+                };
+                let exec = device_rank(&model, device, opts)?;
+                let loaded = Loaded { exec, model_dir, config_json, budget };
+                let snapshot = info_of(&loaded);
+                let mut slot = lock(&state);
+                if let Some(s) = cancelled() {
+                    return Err(s);
+                }
+                *lock(&info) = snapshot.clone();
+                *slot = Some(loaded);
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), %device, "model loaded on the device backend");
+                return Ok(Response::new(pb::LoadModelResponse {
+                    info: Some(snapshot),
+                    load_seconds: started.elapsed().as_secs_f64(),
+                }));
+            }
             let opts = TcpOptions {
                 timeout: Duration::from_secs_f64(timeout),
                 connect_timeout: Duration::from_secs_f64(timeout),
@@ -251,7 +325,7 @@ impl Worker for WorkerService {
                 comm,
             )
             .map_err(status)?;
-            let loaded = Loaded { exec: Executor::new(engine), model_dir, config_json, budget };
+            let loaded = Loaded { exec: Box::new(Executor::new(engine)), model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             let mut slot = lock(&state);
             if let Some(s) = cancelled() {
@@ -285,11 +359,11 @@ impl Worker for WorkerService {
             let result = loaded.exec.execute(&plan);
             let spent = loaded.exec.take_collective_spent();
             *lock(&info) = info_of(loaded);
-            let results = result.map_err(status)?;
+            let results = result?;
             Ok(Response::new(pb::StepResponse {
                 step_id: req.step_id,
                 results: results.iter().map(convert::result_to_pb).collect(),
-                cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64,
+                cache_used_bytes: loaded.exec.cache_used_bytes() as u64,
                 step_seconds: started.elapsed().as_secs_f64(),
                 collective_seconds: spent.total().as_secs_f64(),
                 tp_collective_seconds: spent.tp.as_secs_f64(),
@@ -308,7 +382,7 @@ impl Worker for WorkerService {
             let loaded = guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded"))?;
             loaded.exec.free(&ids);
             *lock(&info) = info_of(loaded);
-            Ok(Response::new(pb::FreeResponse { cache_used_bytes: loaded.exec.engine().pool().used_bytes() as u64 }))
+            Ok(Response::new(pb::FreeResponse { cache_used_bytes: loaded.exec.cache_used_bytes() as u64 }))
         })
         .await
         .map_err(|e| Status::internal(format!("free task failed: {e}")))?
@@ -324,7 +398,12 @@ mod tests {
     #[tokio::test]
     async fn invalid_sampling_is_invalid_argument_before_anything_runs() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let svc = WorkerService::new(WorkerDefaults { model_dir: None, cache_budget_bytes: 1 << 20 }, listener);
+        let defaults = WorkerDefaults {
+            model_dir: None,
+            cache_budget_bytes: 1 << 20,
+            device: DeviceChoice { device: Device::Cpu, explicit: true },
+        };
+        let svc = WorkerService::new(defaults, listener);
         let spec = |sampling| pb::SequenceSpec { seq_id: 1, sampling: Some(sampling), ..pb::SequenceSpec::default() };
         let valid = convert::sampling_to_pb(&crate::sampling::SamplingParams::default());
         let bad = [

@@ -237,3 +237,107 @@ pub fn assert_parallel_paths_agree(
         assert!(err < 1e-4, "{what}: rank {rank} of 2 vs one rank: {err:e}");
     }
 }
+
+/// A serving scenario as plans, run by the engine's executor and by `runner` in lockstep (the
+/// decode tokens are the executor's samples): sequences with seeded sampling and penalties, one
+/// with prompt log-probabilities, a prompt prefilled over two steps, a prefix-cache snapshot at a
+/// block boundary resumed by a later sequence, decode batches of several sequences, frees and a
+/// dropped snapshot. Every result must match: the sampled tokens exactly, their and the
+/// prompt's log-probabilities within `tol` (absolute). `block_tokens` is the runner's block.
+pub fn assert_plans_agree(
+    model: &Arc<Model>,
+    block_tokens: usize,
+    runner: &mut dyn FnMut(&yoco_worker::executor::Plan) -> Vec<yoco_worker::executor::SeqResult>,
+    tol: f32,
+) {
+    use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
+    use yoco_worker::sampling::SamplingParams;
+    let vocab = model.cfg.vocab_size;
+    let mut executor = Executor::new(engine(model, block_tokens));
+    let spec = |seq, seed, prompt_logprobs| SeqSpec {
+        seq,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 30,
+            seed,
+            repetition_penalty: 1.15,
+            frequency_penalty: 0.2,
+            ..SamplingParams::default()
+        },
+        top_logprobs: 2,
+        prompt_logprobs,
+        request_id: format!("r{seq}"),
+        ..SeqSpec::default()
+    };
+    let prefill = |seq, tokens: &[u32], sample, next_token, snapshot| PrefillWork {
+        seq,
+        tokens: tokens.to_vec(),
+        chunk_starts: Vec::new(),
+        sample,
+        next_token,
+        snapshot,
+    };
+    let shared = self::tokens(4 * block_tokens, vocab, 21);
+    let long = self::tokens(3 * block_tokens + 5, vocab, 22);
+    let mut plans = vec![Plan {
+        add: vec![spec(1, 1, true), spec(2, 2, false), spec(3, 3, false)],
+        prefill: vec![
+            prefill(1, &self::tokens(40, vocab, 20), true, None, None),
+            prefill(2, &shared, true, None, Some(7)),
+            prefill(3, &long[..2 * block_tokens], false, Some(long[2 * block_tokens]), None),
+        ],
+        ..Plan::default()
+    }];
+    plans.push(Plan { prefill: vec![prefill(3, &long[2 * block_tokens..], true, None, None)], ..Plan::default() });
+    // Resumes from snapshot 7 (the shared prefix) and prefills its own rest.
+    let resumed = SeqSpec { resume_from: Some(7), resumed_tokens: shared.clone(), ..spec(4, 4, false) };
+    plans.push(Plan {
+        add: vec![resumed],
+        prefill: vec![prefill(4, &self::tokens(9, vocab, 23), true, None, None)],
+        ..Plan::default()
+    });
+    let mut live: Vec<(u64, u32)> = Vec::new();
+    let mut check = |plan: &Plan, executor: &mut Executor, live: &mut Vec<(u64, u32)>| {
+        let want: Vec<SeqResult> = executor.execute(plan).unwrap();
+        let got = runner(plan);
+        assert_eq!(got.len(), want.len(), "{plan:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.seq, w.seq);
+            assert_eq!(g.shard_tokens, w.shard_tokens, "sequence {}: cache rows", w.seq);
+            assert_eq!(g.prompt_logprobs.len(), w.prompt_logprobs.len(), "sequence {}", w.seq);
+            for (a, b) in g.prompt_logprobs.iter().zip(&w.prompt_logprobs) {
+                assert!((a - b).abs() <= tol, "sequence {}: prompt log-probability {a} vs {b}", w.seq);
+            }
+            match (&g.sampled, &w.sampled) {
+                (None, None) => {}
+                (Some(g), Some(w)) => {
+                    assert_eq!(g.token, w.token, "sampled tokens differ");
+                    assert!((g.logprob - w.logprob).abs() <= tol, "log-probability {} vs {}", g.logprob, w.logprob);
+                    assert_eq!(g.top_logprobs.len(), w.top_logprobs.len());
+                }
+                other => panic!("sequence {}: sampled {other:?}", w.seq),
+            }
+            if let Some(s) = &w.sampled {
+                live.retain(|&(id, _)| id != w.seq);
+                live.push((w.seq, s.token));
+            }
+        }
+    };
+    for plan in &plans {
+        check(plan, &mut executor, &mut live);
+    }
+    for step in 0..6 {
+        live.sort();
+        let mut plan =
+            Plan { decode: live.iter().map(|&(seq, token)| DecodeWork { seq, token }).collect(), ..Plan::default() };
+        if step == 3 {
+            // A sequence ends and the snapshot goes while the others decode on.
+            plan.decode.retain(|d| d.seq != 2);
+            plan.free = vec![2];
+            plan.drop_snapshots = vec![7];
+            live.retain(|&(id, _)| id != 2);
+        }
+        check(&plan, &mut executor, &mut live);
+    }
+    assert_eq!(live.len(), 3, "sequences 1, 3 and 4 decoded to the end");
+}
