@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::cross_attention::{Rows, TileRows};
-use super::simd::exp_inline;
+use super::simd::{exp_inline, hsum, hsum8x8};
 use super::widen::Widen;
 
 /// Whether [`attend`] serves `group` heads per KV head of `head_dim`: the CPU has AVX2, FMA
@@ -58,28 +58,6 @@ pub(super) fn attend(
         Rows::Bf16(r) => go!(r),
         Rows::F16(r) => go!(r),
     }
-}
-
-/// Sums of each of eight registers, as one register: lane r is Σ a[r].
-#[inline(always)]
-unsafe fn hsum8x8(a: [__m256; 8]) -> __m256 {
-    let t0 = _mm256_hadd_ps(a[0], a[1]);
-    let t1 = _mm256_hadd_ps(a[2], a[3]);
-    let t2 = _mm256_hadd_ps(a[4], a[5]);
-    let t3 = _mm256_hadd_ps(a[6], a[7]);
-    let u0 = _mm256_hadd_ps(t0, t1); // lanes: a0..a3 low halves | a0..a3 high halves
-    let u1 = _mm256_hadd_ps(t2, t3);
-    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
-    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
-    _mm256_add_ps(lo, hi)
-}
-
-/// The sum of one register's lanes.
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
 }
 
 /// The largest lane.

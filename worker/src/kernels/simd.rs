@@ -116,6 +116,51 @@ multiversion! {
     }
 }
 
+/// Sums of eight registers as one: lane r is Σ a[r] (six horizontal adds, two 128-bit
+/// permutes and an add, where eight separate horizontal sums take forty operations).
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum8x8(a: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    let u0 = _mm256_hadd_ps(t0, t1); // lanes: a0..a3 low halves | a0..a3 high halves
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
+/// Sums of four registers as one 128-bit register: lane r is Σ a[r].
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum4x4(a: [std::arch::x86_64::__m256; 4]) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u))
+}
+
+/// The sum of one register's lanes.
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+}
+
 /// Where [`hsum16x16`]'s butterfly leaves the sum of its input `e`: lane `SLOT[e]`. The map is
 /// its own inverse.
 #[cfg(target_arch = "x86_64")]
@@ -200,6 +245,33 @@ mod tests {
             axpy(0.5, &a, &mut y);
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn eight_and_four_lane_transposing_sums_put_each_sum_in_its_lane() {
+        use std::arch::x86_64::*;
+        if !is_x86_feature_detected!("avx") {
+            return;
+        }
+        let vals: Vec<[f32; 8]> =
+            (0..8).map(|r| std::array::from_fn(|l| ((r * 8 + l) % 13) as f32 + r as f32 * 100.0)).collect();
+        let (mut eight, mut four) = ([0f32; 8], [0f32; 4]);
+        // SAFETY: AVX is present; every array holds eight floats (four for the result of four).
+        unsafe {
+            let regs: [__m256; 8] = std::array::from_fn(|r| _mm256_loadu_ps(vals[r].as_ptr()));
+            _mm256_storeu_ps(eight.as_mut_ptr(), hsum8x8(regs));
+            _mm_storeu_ps(four.as_mut_ptr(), hsum4x4([regs[0], regs[1], regs[2], regs[3]]));
+            for (r, v) in vals.iter().enumerate() {
+                assert_eq!(hsum(regs[r]), v.iter().sum::<f32>(), "register {r} alone");
+            }
+        }
+        for (r, v) in vals.iter().enumerate() {
+            assert_eq!(eight[r], v.iter().sum::<f32>(), "register {r} of eight");
+            if r < 4 {
+                assert_eq!(four[r], v.iter().sum::<f32>(), "register {r} of four");
             }
         }
     }
