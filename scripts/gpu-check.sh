@@ -12,12 +12,76 @@
 #                                (prefill time, decode tokens/s, GPU memory).
 #                                Writes the log to $OUT (or target/gpu-check/) as gpu-check.log.
 #                                YOCO_GPU_BENCH_CONTEXTS overrides the contexts.
+#   scripts/gpu-check.sh served DEVICE...
+#                                a served comparison alone (part of `run`, with cpu and cuda):
+#                                for each DEVICE, `yoco serve` with one worker on it, called over
+#                                gRPC with `yoco client generate` (a 3000-token prompt, 48 greedy
+#                                tokens with prompt log-probabilities, then a second request
+#                                reusing its prefix); every device's greedy tokens must equal the
+#                                first one's. Runs here too: `served cpu cpu-backend` (the backend
+#                                forward pass on the CPU) checks the script without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=target/gpu-check
 TESTS=(cuda_nvrtc cuda_device)
 
+YOCO="${YOCO_BIN:-$DIR/yoco}"
+
+# served_check DEVICE...: see the usage above. Writes served-DEVICE.json under $out.
+served_check() {
+  local model port dev pid status=0
+  model="$(mktemp -d)/tiny"
+  "$YOCO" init-model --preset tiny --dtype f32 --out "$model" >/dev/null
+  local ids
+  ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
+  port=50391
+  for dev in "$@"; do
+    port=$((port + 1))
+    "$YOCO" serve --model "$model" --workers 1 --worker-device "$dev" --listen "127.0.0.1:$port" \
+      --http-listen 127.0.0.1:0 --health-listen 127.0.0.1:0 >"$out/serve-$dev.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 120); do
+      "$YOCO" client --addr "http://127.0.0.1:$port" info >"$out/served-$dev-info.json" 2>/dev/null && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    for call in first again; do
+      "$YOCO" client --addr "http://127.0.0.1:$port" generate --prompt-ids "$ids" --max-tokens 48 \
+        --ignore-eos --logprobs 0 --prompt-logprobs --json >"$out/served-$dev-$call.json" || status=1
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  python3 - "$out" "$@" <<'PY' || status=1
+import json, sys
+out, devices = sys.argv[1], sys.argv[2:]
+def load(dev, call):
+    return json.load(open(f"{out}/served-{dev}-{call}.json"))
+base = load(devices[0], "first")
+for dev in devices:
+    info = json.load(open(f"{out}/served-{dev}-info.json"))
+    ranks = [r["device"] for r in info["ranks"]]
+    for call in ("first", "again"):
+        got = load(dev, call)
+        worst = max(abs(a - b) for a, b in zip(base["logprobs"], got["logprobs"]))
+        prompt = [(a, b) for a, b in zip(base["prompt_logprobs"] or [], got["prompt_logprobs"] or []) if a is not None and b is not None]
+        worst_prompt = max((abs(a - b) for a, b in prompt), default=0.0)
+        print(f"served {dev} ({','.join(map(str, ranks)) or '?'}) {call}: cached {got['usage']['cached_prompt_tokens']}, "
+              f"tokens equal {got['tokens'] == base['tokens']}, |Δ logprob| {worst:.2e}, prompt {worst_prompt:.2e}, "
+              f"prefill tok/s {got['timing']['prefill_tokens_per_second']:.0f}, decode tok/s {got['timing']['decode_tokens_per_second']:.1f}")
+        assert got["tokens"] == base["tokens"], f"{dev} ({call}): greedy tokens differ from {devices[0]}'s in f32"
+PY
+  return $status
+}
+
 case "${1:-}" in
+  served)
+    shift
+    [ $# -gt 0 ] || { echo "usage: $0 served DEVICE..." >&2; exit 2; }
+    out="${OUT:-$DIR}"
+    mkdir -p "$out"
+    served_check "$@"
+    ;;
   build)
     rm -rf "$DIR" && mkdir -p "$DIR"
     cargo test -p yoco-worker --features cuda --release --locked --no-run --message-format=json \
@@ -79,6 +143,8 @@ print(f"prefill tok/s cpu {cpu['timing']['prefill_tokens_per_second']:.0f} cuda 
       f"decode tok/s cpu {cpu['timing']['decode_tokens_per_second']:.1f} cuda {gpu['timing']['decode_tokens_per_second']:.1f}")
 assert cpu["tokens"] == gpu["tokens"], "greedy tokens differ in f32"
 PY
+      echo "## yoco serve: one worker on the GPU against one on the CPU, over gRPC"
+      served_check cpu cuda || status=1
       echo "## backend_bench: tiny, f32 (a warm-up)"
       "$DIR/backend_bench" --device cuda --preset tiny --dtype f32 --contexts 4096,65536 --decode 16 || status=1
       echo "## backend_bench: 3b, bf16"
@@ -92,7 +158,7 @@ PY
     } 2>&1 | tee "$out/gpu-check.log"
     ;;
   *)
-    echo "usage: $0 build|run" >&2
+    echo "usage: $0 build|run|served DEVICE..." >&2
     exit 2
     ;;
 esac

@@ -177,6 +177,7 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
         "ranks": i.ranks.iter().map(|r| json!({
             "rank": r.rank, "address": r.address, "cache_capacity_tokens": r.cache_capacity_tokens,
             "cache_used_bytes": r.cache_used_bytes, "sequences": r.sequences, "weight_bytes": r.weight_bytes,
+            "device": r.device,
         })).collect::<Vec<_>>(),
         "cache_bytes_per_token": i.cache_bytes_per_token,
         "cache_capacity_tokens": i.cache_capacity_tokens,

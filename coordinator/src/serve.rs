@@ -371,10 +371,13 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             None => tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped).await }),
         }
     };
+    // A Notify of its own: `notify_one` wakes one waiter, and one shared with the gRPC server
+    // left one of the two serving for ever after SIGTERM.
+    let health_stop = Arc::new(tokio::sync::Notify::new());
     let health_server = match args.health_listen {
         Some(at) => {
             let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
-            let stop = stop.clone();
+            let stop = health_stop.clone();
             let health = health.clone();
             let local = l.local_addr()?;
             let task = tokio::spawn(
@@ -432,6 +435,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     // Streams still open get their last messages before the server stops.
     stop.notify_one();
     http_stop.notify_one();
+    health_stop.notify_one();
     server.await??;
     http.await??;
     if let Some((_, task)) = health_server {

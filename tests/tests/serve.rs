@@ -304,7 +304,8 @@ async fn reflection_lists_the_services() {
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let home = tempfile::tempdir().unwrap();
     let model = init_model(home.path());
-    let mut server = serve(home.path(), &model, &["--drain-timeout", "60"]).await;
+    // With the plaintext health port too (as deploy/ runs it): each server must stop.
+    let mut server = serve(home.path(), &model, &["--drain-timeout", "60", "--health-listen", "127.0.0.1:0"]).await;
     let mut client = server.client().await;
     let mut stream = client.generate(request(&prompt(50, 8), 40, Default::default())).await.unwrap().into_inner();
     // The request is running when the signal comes.
