@@ -16,9 +16,9 @@
 #                                a served comparison alone (part of `run`, with cpu and cuda):
 #                                for each DEVICE, `yoco serve` with one worker on it, called over
 #                                gRPC with `yoco client generate` (a 3000-token prompt, 48 greedy
-#                                tokens with prompt log-probabilities, then a second request
-#                                reusing its prefix); every device's greedy tokens must equal the
-#                                first one's. Runs here too: `served cpu cpu-backend` (the backend
+#                                tokens with prompt log-probabilities, then the same request
+#                                without them, from the cached prefix); every device's greedy
+#                                tokens must equal the first one's. Runs here too: `served cpu cpu-backend` (the backend
 #                                forward pass on the CPU) checks the script without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,26 +29,31 @@ YOCO="${YOCO_BIN:-$DIR/yoco}"
 
 # served_check DEVICE...: see the usage above. Writes served-DEVICE.json under $out.
 served_check() {
-  local model port dev pid status=0
+  local model dev pid addr status=0
   model="$(mktemp -d)/tiny"
   "$YOCO" init-model --preset tiny --dtype f32 --out "$model" >/dev/null
   local ids
   ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
-  port=50391
   for dev in "$@"; do
-    port=$((port + 1))
-    "$YOCO" serve --model "$model" --workers 1 --worker-device "$dev" --listen "127.0.0.1:$port" \
-      --http-listen 127.0.0.1:0 --health-listen 127.0.0.1:0 >"$out/serve-$dev.log" 2>&1 &
+    # Port 0, and the address read back from the one line serve prints on stdout.
+    "$YOCO" serve --model "$model" --workers 1 --worker-device "$dev" --listen 127.0.0.1:0 \
+      --http-listen 127.0.0.1:0 >"$out/serve-$dev.out" 2>"$out/serve-$dev.log" &
     pid=$!
+    addr=""
     for _ in $(seq 1 120); do
-      "$YOCO" client --addr "http://127.0.0.1:$port" info >"$out/served-$dev-info.json" 2>/dev/null && break
-      kill -0 "$pid" 2>/dev/null || break
+      addr="$(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    if l.startswith("{") and json.loads(l).get("event") == "listening": print(json.loads(l)["grpc"])' "$out/serve-$dev.out" 2>/dev/null || true)"
+      [ -n "$addr" ] && "$YOCO" client --addr "http://$addr" info >"$out/served-$dev-info.json" 2>/dev/null && break
+      kill -0 "$pid" 2>/dev/null || { echo "yoco serve --worker-device $dev exited:"; cat "$out/serve-$dev.log"; break; }
       sleep 1
     done
-    for call in first again; do
-      "$YOCO" client --addr "http://127.0.0.1:$port" generate --prompt-ids "$ids" --max-tokens 48 \
-        --ignore-eos --logprobs 0 --prompt-logprobs --json >"$out/served-$dev-$call.json" || status=1
-    done
+    # The first call asks for prompt log-probabilities (the cross-decoder at every prompt
+    # position, so it cannot start from a cached prefix); the second reuses its prefix.
+    "$YOCO" client --addr "http://$addr" generate --prompt-ids "$ids" --max-tokens 48 --ignore-eos \
+      --logprobs 0 --prompt-logprobs --json >"$out/served-$dev-first.json" || status=1
+    "$YOCO" client --addr "http://$addr" generate --prompt-ids "$ids" --max-tokens 48 --ignore-eos \
+      --logprobs 0 --json >"$out/served-$dev-again.json" || status=1
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
@@ -64,7 +69,8 @@ for dev in devices:
     for call in ("first", "again"):
         got = load(dev, call)
         worst = max(abs(a - b) for a, b in zip(base["logprobs"], got["logprobs"]))
-        prompt = [(a, b) for a, b in zip(base["prompt_logprobs"] or [], got["prompt_logprobs"] or []) if a is not None and b is not None]
+        prompt = [(a, b) for a, b in zip(base["prompt_logprobs"] or [], got["prompt_logprobs"] or [])
+                  if a is not None and b is not None]
         worst_prompt = max((abs(a - b) for a, b in prompt), default=0.0)
         print(f"served {dev} ({','.join(map(str, ranks)) or '?'}) {call}: cached {got['usage']['cached_prompt_tokens']}, "
               f"tokens equal {got['tokens'] == base['tokens']}, |Δ logprob| {worst:.2e}, prompt {worst_prompt:.2e}, "
