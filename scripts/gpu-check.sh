@@ -18,8 +18,9 @@
 #                                gRPC with `yoco client generate` (a 3000-token prompt, 48 greedy
 #                                tokens with prompt log-probabilities, then the same request
 #                                without them, from the cached prefix); every device's greedy
-#                                tokens must equal the first one's. Runs here too: `served cpu cpu-backend` (the backend
-#                                forward pass on the CPU) checks the script without a GPU.
+#                                tokens must equal the first one's. Runs here too: `served cpu
+#                                cpu-backend` (the backend forward pass on the CPU) checks the
+#                                script without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=target/gpu-check
@@ -27,12 +28,11 @@ TESTS=(cuda_nvrtc cuda_device)
 
 YOCO="${YOCO_BIN:-$DIR/yoco}"
 
-# served_check DEVICE...: see the usage above. Writes served-DEVICE.json under $out.
+# served_check DEVICE...: see the usage above. Writes served-DEVICE-*.json under $out.
 served_check() {
-  local model dev pid addr status=0
+  local model dev pid addr ids status=0
   model="$(mktemp -d)/tiny"
   "$YOCO" init-model --preset tiny --dtype f32 --out "$model" >/dev/null
-  local ids
   ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
   for dev in "$@"; do
     # Port 0, and the address read back from the one line serve prints on stdout.

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use serde_json::json;
+use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
 use yoco_worker::executor::{Plan, SeqResult};
 use yoco_worker::generate::{PlanRunner, RunError};
@@ -15,7 +16,6 @@ use yoco_worker::generate::{PlanRunner, RunError};
 use crate::group::CollectiveTotals;
 use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
 use yoco_worker::kernels::kv_block::CacheDtype;
-use yoco_worker::kernels::matmul::matmul_t;
 use yoco_worker::kernels::retention::RETENTION_BLOCK;
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
@@ -537,49 +537,6 @@ fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeR
         });
     }
     Ok(out)
-}
-
-/// The best of three parallel reads (sums) of `bytes` with every thread, in GB/s: the ceiling of
-/// a memory-bound decode, which streams weights and cache and writes next to nothing.
-fn read_gbps(bytes: usize) -> f64 {
-    use rayon::prelude::*;
-    let n = bytes / 4;
-    let src: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
-    let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4);
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let total: f32 = src
-            .par_chunks(chunk)
-            .map(|c| {
-                // Sixteen running sums, so the loop vectorises.
-                let acc = c.chunks_exact(16).fold([0f32; 16], |mut acc, x| {
-                    for (a, v) in acc.iter_mut().zip(x) {
-                        *a += v;
-                    }
-                    acc
-                });
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(total);
-        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// The best of three `n³` f32 products through the engine's GEMM path, in GFLOP/s.
-fn gemm_gflops(n: usize) -> f64 {
-    let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.01).collect();
-    let mut c = vec![0f32; n * n];
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            matmul_t(&a, n, n, &b, n, &mut c);
-            2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
-        })
-        .fold(0.0, f64::max)
 }
 
 /// Model FLOPs per prompt token of a prefill with early exit: the self-decoder's projections,

@@ -13,10 +13,10 @@
 
 use std::time::Instant;
 
-use rayon::prelude::*;
 use yoco_worker::cache::{BlockPool, KvSeq};
+use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::kernels::cross_attention::{cross_attention_partials, CrossShape, KvView};
-use yoco_worker::kernels::matmul::matmul_t;
+use yoco_worker::kernels::matmul::{matmul_t, matmul_t_library};
 use yoco_worker::presets::Preset;
 
 struct Args {
@@ -70,65 +70,11 @@ fn aligned(buf: &[f32], len: usize, skew: usize) -> &[f32] {
     &buf[start..start + len]
 }
 
-fn read_gbps(bytes: usize) -> f64 {
-    let src = filled(bytes / 4, 1);
-    let chunk = src.len().div_ceil(rayon::current_num_threads() * 4);
-    let secs = best(3, || {
-        let total: f32 = src
-            .par_chunks(chunk)
-            .map(|c| {
-                let acc = c.chunks_exact(16).fold([0f32; 16], |mut acc, x| {
-                    for (a, v) in acc.iter_mut().zip(x) {
-                        *a += v;
-                    }
-                    acc
-                });
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(total);
-    });
-    bytes as f64 / secs / 1e9
-}
-
-/// The same product through the `gemm` crate, for comparison.
-fn gemm_library(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
-    // SAFETY: the extents are asserted above: out is m×n (row stride n), x is m×k (row stride
-    // k), and wᵀ (k×n) is read from the n×k row-major w with column stride k.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-}
-
 fn main() -> Result<(), String> {
     let args = parse()?;
     let preset = Preset::parse(&args.preset).ok_or_else(|| format!("unknown preset {}", args.preset))?;
     let cfg = preset.config();
-    let n = 2048;
-    let (a, b) = (filled(n * n, 2), filled(n * n, 3));
-    let mut c = vec![0f32; n * n];
-    let peak = 2.0 * (n as f64).powi(3) / best(3, || matmul_t(&a, n, n, &b, n, &mut c)) / 1e9;
+    let peak = gemm_gflops(2048);
     let bandwidth = read_gbps(1 << 30);
     println!("{} threads; f32 GEMM 2048³: {peak:.1} GFLOP/s; read: {bandwidth:.1} GB/s", rayon::current_num_threads());
 
@@ -148,7 +94,7 @@ fn main() -> Result<(), String> {
             let mut out = vec![0f32; m * nn];
             let secs = best(args.repeat, || matmul_t(x, m, k, w, nn, &mut out));
             let gflops = 2.0 * (m * k * nn) as f64 / secs / 1e9;
-            let library = best(args.repeat, || gemm_library(x, m, k, w, nn, &mut out));
+            let library = best(args.repeat, || matmul_t_library(x, m, k, w, nn, &mut out));
             println!(
                 "{name:>14} {m:>5} {k:>6} {nn:>7} {:>10.3} {gflops:>9.1} {:>7.0}% {:>13.3}",
                 secs * 1e3,

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod ceilings;
 pub mod comm;
 pub mod config;
 pub mod cp;

@@ -66,6 +66,15 @@ pub fn linear<W: Widen>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec
     out
 }
 
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` through the `gemm` crate alone (what [`matmul_t`] uses
+/// beyond 64 input rows), for benchmarks that compare the two.
+pub fn matmul_t_library(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n, "matmul_t_library: operand shapes");
+    if m > 0 && n > 0 {
+        matmul_t_gemm(x, m, k, w, n, n, out);
+    }
+}
+
 /// `out[i, j] = Σ x[i, :]·w[j, :]` for `j < n`, with `out`'s rows `out_stride` apart.
 fn matmul_t_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out_stride: usize, out: &mut [f32]) {
     assert!(w.len() >= n * k && out.len() >= (m - 1) * out_stride + n, "matmul_t_gemm: short operands");
@@ -176,10 +185,7 @@ unsafe fn tile_avx2<W: Widen, const R: usize, const C: usize>(
     let mut out = [[0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            let v = acc[r][c];
-            let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+            let mut s = super::simd::hsum(acc[r][c]);
             for q in full..k {
                 s += x[r][q] * w[c][q].widen();
             }
@@ -248,6 +254,23 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Results `lanes` of row i, columns `j..` of the m×n result: stored by the first block of
+    /// k (`first`), added by the others.
+    ///
+    /// # Safety
+    /// Only the calling task writes those columns.
+    #[inline(always)]
+    unsafe fn put(self, m: usize, n: usize, i: usize, j: usize, lanes: &[f32], first: bool) {
+        assert!(i < m && j + lanes.len() <= n, "a result outside the m×n matrix");
+        for (d, &v) in lanes.iter().enumerate() {
+            // SAFETY: the element lies inside the m×n result (asserted); the caller owns it.
+            let o = self.0.add(i * n + j + d);
+            *o = if first { v } else { *o + v };
+        }
+    }
+}
+
 /// `out[i, j0 + c] = x[i, :]·w_rows[c, :]` for all m input rows and the weight rows of one
 /// task, `k` in blocks, input rows in pairs and weight rows in fours. `$tile` is [`tile`] or
 /// [`tile_avx2`].
@@ -258,15 +281,8 @@ macro_rules! stream_rows_with {
         let rows = w_rows.len() / k;
         for k0 in (0..k).step_by(STREAM_K_BLOCK) {
             // The first block of k stores, the others add.
-            let add = |i: usize, j: usize, v: f32| {
-                assert!(i < m && j < n);
-                // SAFETY: the element lies inside the m×n result (asserted), and only this task
-                // writes columns j0..j0 + rows.
-                unsafe {
-                    let o = out.0.add(i * n + j);
-                    *o = if k0 == 0 { v } else { *o + v };
-                }
-            };
+            // SAFETY: only this task writes columns j0..j0 + rows.
+            let add = |i: usize, j: usize, v: f32| unsafe { out.put(m, n, i, j, &[v], k0 == 0) };
             let kr = k0..(k0 + STREAM_K_BLOCK).min(k);
             let xr = |i: usize| &x[i * k + kr.start..i * k + kr.end];
             let wr = |c: usize| &w_rows[c * k + kr.start..c * k + kr.end];
@@ -399,17 +415,8 @@ unsafe fn stream_rows_avx2_sum8<W: Widen>(
     let rows = w_rows.len() / k;
     for k0 in (0..k).step_by(STREAM_K_BLOCK) {
         let first = k0 == 0;
-        // Results (i, j0 + c ..) from `lanes`: stored by the first block of k, added by the
-        // others.
-        let put = |i: usize, c: usize, lanes: &[f32]| {
-            assert!(i < m && j0 + c + lanes.len() <= n);
-            for (d, &v) in lanes.iter().enumerate() {
-                // SAFETY: the element lies inside the m×n result (asserted), and only this
-                // task writes columns j0..j0 + rows.
-                let o = out.0.add(i * n + j0 + c + d);
-                *o = if first { v } else { *o + v };
-            }
-        };
+        // SAFETY (of `put`): only this task writes columns j0..j0 + rows.
+        let put = |i: usize, c: usize, lanes: &[f32]| out.put(m, n, i, j0 + c, lanes, first);
         let kr = k0..(k0 + STREAM_K_BLOCK).min(k);
         let xr = |i: usize| &x[i * k + kr.start..i * k + kr.end];
         let wr = |c: usize| &w_rows[c * k + kr.start..c * k + kr.end];
@@ -551,17 +558,8 @@ unsafe fn stream_rows_avx512_sum16<W: Widen>(
     let rows = w_rows.len() / k;
     for k0 in (0..k).step_by(STREAM_K_BLOCK) {
         let first = k0 == 0;
-        // Results (i, j0 + c ..) from `lanes`: stored by the first block of k,
-        // added by the others.
-        let put = |i: usize, c: usize, lanes: &[f32]| {
-            assert!(i < m && j0 + c + lanes.len() <= n);
-            for (d, &v) in lanes.iter().enumerate() {
-                // SAFETY: the element lies inside the m×n result (asserted), and only this
-                // task writes columns j0..j0 + rows.
-                let o = out.0.add(i * n + j0 + c + d);
-                *o = if first { v } else { *o + v };
-            }
-        };
+        // SAFETY (of `put`): only this task writes columns j0..j0 + rows.
+        let put = |i: usize, c: usize, lanes: &[f32]| out.put(m, n, i, j0 + c, lanes, first);
         let kr = k0..(k0 + STREAM_K_BLOCK).min(k);
         let xr = |i: usize| &x[i * k + kr.start..i * k + kr.end];
         let wr = |c: usize| &w_rows[c * k + kr.start..c * k + kr.end];

@@ -1,0 +1,51 @@
+//! The machine's measured ceilings, which benchmarks state their figures against: the f32 GEMM
+//! rate of the engine's product on a large square matrix, and the memory read bandwidth, both
+//! with every thread.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::kernels::matmul::matmul_t;
+
+/// The best of three parallel reads (sums) of `bytes` with every thread, in GB/s: the ceiling of
+/// a memory-bound decode, which streams weights and cache and writes next to nothing.
+pub fn read_gbps(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: f32 = src
+            .par_chunks(chunk)
+            .map(|c| {
+                // Sixteen running sums, so the loop vectorises.
+                let acc = c.chunks_exact(16).fold([0f32; 16], |mut acc, x| {
+                    for (a, v) in acc.iter_mut().zip(x) {
+                        *a += v;
+                    }
+                    acc
+                });
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// The best of three `n³` f32 products through the engine's GEMM path, in GFLOP/s.
+pub fn gemm_gflops(n: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.01).collect();
+    let mut c = vec![0f32; n * n];
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            matmul_t(&a, n, n, &b, n, &mut c);
+            2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
