@@ -1,10 +1,12 @@
 //! The CPU backend: host vectors and the CPU kernels of `crate::kernels`.
 
 use super::{Backend, BackendError, Result};
-use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView};
+use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView, Partial};
 use crate::kernels::kv_block::{Block, CacheDtype};
 use crate::kernels::matmul::linear;
-use crate::kernels::retention::{retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK};
+use crate::kernels::retention::{
+    retention_add_incoming, retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK,
+};
 use crate::kernels::rope::{Rope, RopeTable};
 use crate::weights::Tensor;
 
@@ -148,6 +150,31 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn retention_add_incoming(
+        &self,
+        q: &Vec<f32>,
+        gamma: &[f32],
+        s_in: &[f32],
+        out: &mut Vec<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let shape = RetentionShape { tokens, heads, head_dim };
+        let n = tokens * heads * head_dim;
+        at_least("q", q, n)?;
+        at_least("out", out, n)?;
+        if gamma.len() < tokens * heads || s_in.len() != heads * head_dim * head_dim {
+            return Err(bad(format!(
+                "retention_add_incoming: gamma {} or s_in {} of the wrong size",
+                gamma.len(),
+                s_in.len()
+            )));
+        }
+        retention_add_incoming(&q[..n], &gamma[..tokens * heads], shape, s_in, &mut out[..n]);
+        Ok(())
+    }
+
     fn zero(&self, x: &mut Vec<f32>, range: std::ops::Range<usize>) -> Result<()> {
         at_least("zero", x, range.end)?;
         x[range].fill(0.0);
@@ -244,13 +271,19 @@ impl Backend for CpuBackend {
         Ok((table.to_vec(), len))
     }
 
-    fn cross_attention(
+    fn kv_copy_block(&self, pool: &mut CpuPool, src: u32, dst: u32) -> Result<()> {
+        let block = pool.blocks.get(src as usize).ok_or_else(|| bad("a block beyond the pool"))?.clone();
+        *pool.blocks.get_mut(dst as usize).ok_or_else(|| bad("a block beyond the pool"))? = block;
+        Ok(())
+    }
+
+    fn cross_attention_partial(
         &self,
         q: &Vec<f32>,
         pool: &CpuPool,
         (table, len): &(Vec<u32>, usize),
         shape: CrossShape,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Partial> {
         at_least("q", q, shape.q_dim())?;
         let len = *len;
         let blocks = table
@@ -258,9 +291,20 @@ impl Backend for CpuBackend {
             .map(|&b| pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool")))
             .collect::<Result<Vec<_>>>()?;
         let view = KvView { blocks, block_tokens: pool.block_tokens, kv_dim: pool.kv_dim, len };
-        let parts = cross_attention_partials(&q[..shape.q_dim()], &[len], &[&view], shape);
+        let mut parts = cross_attention_partials(&q[..shape.q_dim()], &[len], &[&view], shape);
+        Ok(parts.remove(0))
+    }
+
+    fn cross_attention(
+        &self,
+        q: &Vec<f32>,
+        pool: &CpuPool,
+        table: &(Vec<u32>, usize),
+        shape: CrossShape,
+    ) -> Result<Vec<f32>> {
+        let part = self.cross_attention_partial(q, pool, table, shape)?;
         let mut out = vec![0.0; shape.q_dim()];
-        finalize(&parts[0], shape, &mut out);
+        finalize(&part, shape, &mut out);
         Ok(out)
     }
 }

@@ -9,12 +9,18 @@
 //! (the CUDA backend's products with bf16/f16 weights also round the activations to the
 //! weights' type, as cuBLAS takes them).
 
+use std::ops::Range;
+
 use super::{Backend, BackendError};
+use crate::comm::{Collective, CommError};
 use crate::config::ModelConfig;
+use crate::engine::Logits;
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
 use crate::kernels::rope::Rope;
 use crate::model::{Linear, Model, SelfMixer};
+
+mod sharded;
 
 /// The gate logit normaliser of gated retention (as `crate::model`).
 const GATE_LOGIT_NORMALIZER: f32 = 16.0;
@@ -43,6 +49,12 @@ pub enum ForwardError {
     SequenceTwiceInStep(crate::engine::SeqId),
     #[error("unknown prefix-cache snapshot {0}")]
     UnknownSnapshot(crate::engine::SnapshotId),
+    #[error("{0}")]
+    BadSplit(String),
+    #[error("rank {rank} cannot take this step: {reason}")]
+    PeerRefused { rank: usize, reason: String },
+    #[error("collective failed, the group must be re-formed: {0}")]
+    Comm(#[from] CommError),
 }
 
 pub type Result<T> = std::result::Result<T, ForwardError>;
@@ -117,6 +129,8 @@ enum State<B: Backend> {
 /// cache. Give it back with [`Forward::free`].
 pub struct Sequence<B: Backend> {
     pos: usize,
+    /// This rank's shard of the sequence's global cache, in position order.
+    shard: Shard,
     /// The sequence's slot in every retention layer's pool of states.
     slot: usize,
     states: Vec<State<B>>,
@@ -128,6 +142,7 @@ pub struct Sequence<B: Backend> {
 /// [`Forward::new_sequence_from`]; give it back with [`Forward::drop_snapshot`].
 pub struct Snapshot<B: Backend> {
     pos: usize,
+    shard: Shard,
     states: Vec<SavedState<B>>,
     table: Vec<u32>,
     state_bytes: usize,
@@ -143,6 +158,45 @@ enum SavedState<B: Backend> {
     },
 }
 
+/// Which positions of a sequence's global cache this rank holds: runs of consecutive
+/// positions, in order (one run, every position, on a lone rank), and every rank's row count,
+/// so that all ranks agree on who keeps a decode token's K/V.
+#[derive(Debug, Clone)]
+struct Shard {
+    /// `(first position, rows)`.
+    runs: Vec<(usize, usize)>,
+    rows: usize,
+    lens: Vec<usize>,
+}
+
+impl Shard {
+    fn new(world: usize) -> Self {
+        Shard { runs: Vec::new(), rows: 0, lens: vec![0; world] }
+    }
+
+    /// Rows of this shard at positions `..=pos`.
+    fn rows_upto(&self, pos: usize) -> usize {
+        self.runs.iter().map(|&(first, n)| if pos < first { 0 } else { n.min(pos - first + 1) }).sum()
+    }
+
+    /// This rank keeps `n` more rows, from position `first`.
+    fn push(&mut self, first: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((start, len)) if *start + *len == first => *len += n,
+            _ => self.runs.push((first, n)),
+        }
+        self.rows += n;
+    }
+
+    /// The rank that keeps a replicated token's K/V: the smallest shard (ties: lower rank).
+    fn decode_owner(&self) -> usize {
+        (0..self.lens.len()).min_by_key(|&r| (self.lens[r], r)).expect("at least one rank")
+    }
+}
+
 impl<B: Backend> Snapshot<B> {
     /// The position a sequence resumed from it continues at.
     pub fn len(&self) -> usize {
@@ -155,12 +209,24 @@ impl<B: Backend> Snapshot<B> {
     pub fn state_bytes(&self) -> usize {
         self.state_bytes
     }
+    /// What [`Sequence::growth`] says of a sequence resumed from it.
+    pub(crate) fn growth(&self) -> (&[u32], usize, usize) {
+        (&self.table, self.shard.rows, self.shard.decode_owner())
+    }
 }
 
 impl<B: Backend> Sequence<B> {
     /// Tokens seen so far.
     pub fn len(&self) -> usize {
         self.pos
+    }
+    /// This rank's rows of the sequence's global cache (all of them on a lone rank).
+    pub fn shard_rows(&self) -> usize {
+        self.shard.rows
+    }
+    /// Its blocks, its shard's rows, and the rank that keeps its next decode token's K/V.
+    pub(crate) fn growth(&self) -> (&[u32], usize, usize) {
+        (&self.table, self.shard.rows, self.shard.decode_owner())
     }
     pub fn is_empty(&self) -> bool {
         self.pos == 0
@@ -189,6 +255,10 @@ pub struct Forward<B: Backend> {
     /// Per self-decoder layer, for retention: `[max_sequences, heads, d, d]` states.
     state_pools: Vec<Option<B::Buf>>,
     free_slots: Vec<usize>,
+    /// The other ranks of a context-parallel group (`None`: this rank alone).
+    group: Option<Box<dyn Collective>>,
+    /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
+    broken: Option<CommError>,
 }
 
 impl<B: Backend> Forward<B> {
@@ -281,11 +351,39 @@ impl<B: Backend> Forward<B> {
             block_refs: vec![0; blocks],
             state_pools,
             free_slots: (0..opts.max_sequences).rev().collect(),
+            group: None,
+            broken: None,
             pool,
             cfg,
             opts,
             backend,
         })
+    }
+
+    /// One rank of a context-parallel group whose ranks talk through `comm`: each holds the
+    /// whole model and its shard of every sequence's global cache. Every rank must be given
+    /// the same calls in the same order (SPMD), as the CPU engine's ranks are.
+    pub fn with_group(backend: B, model: &Model, opts: ForwardOptions, comm: Box<dyn Collective>) -> Result<Self> {
+        let mut fwd = Self::new(backend, model, opts)?;
+        if comm.world() > 1 {
+            fwd.group = Some(comm);
+        }
+        Ok(fwd)
+    }
+
+    /// This rank in its group.
+    pub fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, |g| g.rank())
+    }
+
+    /// Ranks of the group (each holds a shard of every global cache).
+    pub fn world(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.world())
+    }
+
+    /// The collective failure that broke this rank's group, if any.
+    pub fn broken(&self) -> Option<&CommError> {
+        self.broken.as_ref()
     }
 
     pub fn backend(&self) -> &B {
@@ -346,20 +444,83 @@ impl<B: Backend> Forward<B> {
         }
     }
 
-    /// Takes the blocks that `seqs`, each growing by `tokens[i]` positions, need: all or none.
-    fn reserve(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[usize]) -> Result<()> {
+    /// Blocks a shard of `rows` rows over `table` takes to grow by `n` rows: new blocks, and a
+    /// copy of a partly filled last block it shares (copy-on-write). `resumed`: the table is a
+    /// snapshot's, which the growing sequence will share.
+    pub(crate) fn blocks_to_grow(&self, table: &[u32], rows: usize, n: usize, resumed: bool) -> usize {
         let bt = self.opts.block_tokens;
-        let needed: Vec<usize> =
-            seqs.iter().zip(tokens).map(|(s, &n)| (s.pos + n).div_ceil(bt).saturating_sub(s.table.len())).collect();
-        let total: usize = needed.iter().sum();
+        if n == 0 {
+            return 0;
+        }
+        let holders = |b: u32| self.block_refs[b as usize] as usize + usize::from(resumed);
+        let shared_tail = !rows.is_multiple_of(bt) && table.last().is_some_and(|&b| holders(b) > 1);
+        (rows + n).div_ceil(bt) - rows.div_ceil(bt) + usize::from(shared_tail)
+    }
+
+    /// Takes the blocks that `seqs`, each growing by `rows[i]` rows of this rank's shard, need:
+    /// all or none. A shared, partly filled last block is copied first, so that no block is
+    /// ever written while another holder reads it.
+    fn reserve(&mut self, seqs: &mut [&mut Sequence<B>], rows: &[usize]) -> Result<()> {
+        let total: usize =
+            seqs.iter().zip(rows).map(|(s, &n)| self.blocks_to_grow(&s.table, s.shard.rows, n, false)).sum();
         if total > self.free_blocks.len() {
             return Err(ForwardError::CacheFull { needed: total, free: self.free_blocks.len() });
         }
-        for (s, n) in seqs.iter_mut().zip(needed) {
-            for _ in 0..n {
+        let bt = self.opts.block_tokens;
+        for (s, &n) in seqs.iter_mut().zip(rows) {
+            if n == 0 {
+                continue;
+            }
+            if let Some(&tail) = s.table.last().filter(|&&b| self.block_refs[b as usize] > 1) {
+                if !s.shard.rows.is_multiple_of(bt) {
+                    let copy = self.take_block();
+                    self.backend.kv_copy_block(&mut self.pool, tail, copy)?;
+                    self.release_blocks(&[tail]);
+                    *s.table.last_mut().expect("a tail block") = copy;
+                }
+            }
+            while s.table.len() < (s.shard.rows + n).div_ceil(bt) {
                 let b = self.take_block();
                 s.table.push(b);
             }
+        }
+        Ok(())
+    }
+
+    /// Every rank says whether it can go on; all go on only if all can (a lone rank: its own
+    /// answer). Errors before any exchange thus leave every rank as it was.
+    pub(crate) fn agree(&mut self, local: Result<()>) -> Result<()> {
+        let Some(group) = self.group.as_mut() else { return local };
+        let flags = match group.all_gather(&[if local.is_err() { 1.0 } else { 0.0 }]) {
+            Ok(flags) => flags,
+            Err(e) => return Err(self.fail(e)),
+        };
+        local?;
+        match flags.iter().position(|f| f.first() != Some(&0.0)) {
+            Some(rank) => Err(ForwardError::PeerRefused { rank, reason: "it refused the step (see its log)".into() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the group broken by a failed collective.
+    fn fail(&mut self, e: CommError) -> ForwardError {
+        self.broken = Some(e.clone());
+        ForwardError::Comm(e)
+    }
+
+    fn check_group(&self) -> Result<()> {
+        match &self.broken {
+            Some(e) => Err(ForwardError::Comm(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces `data` on every rank by rank 0's (nothing on a lone rank).
+    pub fn broadcast_from_first(&mut self, data: &mut Vec<f32>) -> Result<()> {
+        self.check_group()?;
+        let Some(group) = self.group.as_mut() else { return Ok(()) };
+        if let Err(e) = group.broadcast(0, data) {
+            return Err(self.fail(e));
         }
         Ok(())
     }
@@ -391,7 +552,7 @@ impl<B: Backend> Forward<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         self.free_slots.pop();
-        Ok(Sequence { pos: 0, slot, states, table: Vec::new() })
+        Ok(Sequence { pos: 0, shard: Shard::new(self.world()), slot, states, table: Vec::new() })
     }
 
     /// Numbers of one sequence's state in a retention layer: `heads · d · d`.
@@ -406,16 +567,9 @@ impl<B: Backend> Forward<B> {
         self.free_slots.push(seq.slot);
     }
 
-    /// Saves `seq` as it is now. It must stand at a cache block boundary (where the prefix cache
-    /// takes its snapshots), so that no block is ever written by two holders.
+    /// Saves `seq` as it is now: its states copied, its cache blocks shared (a partly filled
+    /// last block is copied by whichever holder next writes to it).
     pub fn snapshot(&mut self, seq: &Sequence<B>) -> Result<Snapshot<B>> {
-        let bt = self.opts.block_tokens;
-        if !seq.pos.is_multiple_of(bt) {
-            return Err(ForwardError::Unsupported(format!(
-                "a snapshot at position {} is not at a cache block boundary (every {bt} positions)",
-                seq.pos
-            )));
-        }
         let b = &self.backend;
         let (per, qd) = (self.state_len(), self.cfg.n_self_heads * self.cfg.self_head_dim());
         let mut state_bytes = 0;
@@ -441,11 +595,11 @@ impl<B: Backend> Forward<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let table = seq.table[..seq.pos / bt].to_vec();
+        let table = seq.table.clone();
         for &blk in &table {
             self.block_refs[blk as usize] += 1;
         }
-        Ok(Snapshot { pos: seq.pos, states, table, state_bytes })
+        Ok(Snapshot { pos: seq.pos, shard: seq.shard.clone(), states, table, state_bytes })
     }
 
     /// A new sequence that continues from `snap`: its states copied, its blocks shared.
@@ -481,6 +635,7 @@ impl<B: Backend> Forward<B> {
         }
         seq.table = snap.table.clone();
         seq.pos = snap.pos;
+        seq.shard = snap.shard.clone();
         Ok(seq)
     }
 
@@ -492,60 +647,108 @@ impl<B: Backend> Forward<B> {
     /// Runs `tokens` (a prompt, or the next generated token) through the model after what
     /// `seq` has seen, in chunks of `chunk_tokens`; returns the logits of the last token.
     pub fn forward(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<Vec<f32>> {
-        let x = self.run_self_decoder(seq, tokens, false)?;
-        self.cross_decode(&x, &[(&seq.table, seq.pos)])
+        self.prefill(seq, tokens, None, Logits::Last)
     }
 
     /// [`Forward::forward`], with the logits after every one of `tokens`, `[n, vocab]`: the
     /// cross-decoder runs for each position, over the cache up to it (prompt log-probabilities).
     pub fn forward_all(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<Vec<f32>> {
-        let first = seq.pos;
-        let x = self.run_self_decoder(seq, tokens, true)?;
-        let rows: Vec<(&[u32], usize)> = (first + 1..=seq.pos).map(|len| (&seq.table[..], len)).collect();
-        self.cross_decode(&x, &rows)
+        self.prefill(seq, tokens, None, Logits::All)
     }
 
     /// [`Forward::forward`] without the logits: a prompt chunk that is not the last only fills
     /// the caches (the cross-decoder is skipped: YOCO's linear prefill).
     pub fn extend(&mut self, seq: &mut Sequence<B>, tokens: &[u32]) -> Result<()> {
-        self.run_self_decoder(seq, tokens, false).map(drop)
+        self.prefill(seq, tokens, None, Logits::None).map(drop)
+    }
+
+    /// Prompt tokens after what `seq` has seen, cut into one contiguous chunk per rank of the
+    /// group (at `starts`, or evenly): each rank runs the self-decoder on its chunk, exchanging
+    /// retention states and window halos with the others, and keeps its chunk's K/V, its shard
+    /// of the global cache. Returns the logits `logits` asks for, `[rows, vocab]`, the same on
+    /// every rank: the cross-decoder runs on every rank over its shard, the partial attentions
+    /// merged. A lone rank runs its tokens in chunks of `chunk_tokens`; a group's rank runs its
+    /// chunk at once (the coordinator bounds it). Bad input, or a cache full on any rank,
+    /// changes nothing on any rank.
+    pub fn prefill(
+        &mut self,
+        seq: &mut Sequence<B>,
+        tokens: &[u32],
+        starts: Option<&[usize]>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        self.check_group()?;
+        if tokens.is_empty() {
+            return Err(ForwardError::Empty);
+        }
+        self.check_tokens(tokens)?;
+        let (n, world) = (tokens.len(), self.world());
+        let starts = match starts {
+            Some(s) => {
+                crate::cp::validate_split(s, n, world).map_err(ForwardError::BadSplit)?;
+                s.to_vec()
+            }
+            None => crate::cp::even_split(n, world),
+        };
+        let mine = crate::cp::chunk(&starts, n, self.rank());
+        let reserved = self.reserve(&mut [&mut *seq], &[mine.len()]);
+        self.agree(reserved)?;
+        let first = seq.pos;
+        let wanted = match logits {
+            Logits::None => n..n,
+            Logits::Last => n - 1..n,
+            Logits::All => 0..n,
+        };
+        let x = if world == 1 {
+            self.run_self_decoder(seq, tokens, wanted.clone())?
+        } else {
+            self.self_decode_sharded(seq, tokens, &starts, wanted.clone())?
+        };
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(&[u32], usize, usize)> =
+            wanted.map(|t| (&seq.table[..], seq.shard.rows_upto(first + t), first + t)).collect();
+        self.cross_decode(&x, &rows)
     }
 
     /// One decode step for a batch: `tokens[i]` after what `seqs[i]` has seen. The products run
     /// once over all rows (each weight read once per step, not once per sequence). Returns the
-    /// logits `[n, vocab]`, row i of sequence i. A token outside the vocabulary or a full cache
-    /// changes nothing.
+    /// logits `[n, vocab]`, row i of sequence i. In a group every rank runs the same batch, and
+    /// each token's K/V is kept by the rank with its sequence's smallest shard. A token outside
+    /// the vocabulary or a full cache changes nothing.
     pub fn decode(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_group()?;
         if seqs.is_empty() {
             return Err(ForwardError::EmptyBatch);
         }
         assert_eq!(seqs.len(), tokens.len(), "one token per sequence");
         self.check_tokens(tokens)?;
-        self.reserve(seqs, &vec![1; tokens.len()])?;
-        let x = self.self_decode_batch(seqs, tokens)?;
-        let rows: Vec<(&[u32], usize)> = seqs.iter().map(|s| (&s.table[..], s.pos)).collect();
+        let rank = self.rank();
+        let owners: Vec<usize> = seqs.iter().map(|s| s.shard.decode_owner()).collect();
+        let rows: Vec<usize> = owners.iter().map(|&o| usize::from(o == rank)).collect();
+        let reserved = self.reserve(seqs, &rows);
+        self.agree(reserved)?;
+        let x = self.self_decode_batch(seqs, tokens, &owners)?;
+        let rows: Vec<(&[u32], usize, usize)> = seqs.iter().map(|s| (&s.table[..], s.shard.rows, s.pos - 1)).collect();
         self.cross_decode(&x, &rows)
     }
 
-    /// The self-decoder over `tokens` in chunks, caches advanced; its output rows: the last,
-    /// or (`all`) every token's.
-    fn run_self_decoder(&mut self, seq: &mut Sequence<B>, tokens: &[u32], all: bool) -> Result<B::Buf> {
-        if tokens.is_empty() {
-            return Err(ForwardError::Empty);
-        }
-        self.check_tokens(tokens)?;
-        self.reserve(&mut [&mut *seq], &[tokens.len()])?;
+    /// A lone rank's self-decoder over `tokens` in chunks (blocks reserved), caches advanced;
+    /// its output rows `wanted` (none: an empty buffer).
+    fn run_self_decoder(&mut self, seq: &mut Sequence<B>, tokens: &[u32], wanted: Range<usize>) -> Result<B::Buf> {
         let dim = self.cfg.dim;
-        let mut out = if all { Some(self.backend.zeros(tokens.len() * dim)?) } else { None };
-        let mut last = None;
+        let mut out = self.backend.zeros(wanted.len() * dim)?;
         for (i, chunk) in tokens.chunks(self.opts.chunk_tokens).enumerate() {
             let x = self.self_decode(seq, chunk)?;
-            match &mut out {
-                Some(out) => self.backend.write_rows(out, dim, i * self.opts.chunk_tokens, &x, chunk.len())?,
-                None => last = Some(self.backend.rows(&x, dim, chunk.len() - 1..chunk.len())?),
+            let at = i * self.opts.chunk_tokens;
+            let (lo, hi) = (wanted.start.max(at), wanted.end.min(at + chunk.len()));
+            if lo < hi {
+                let rows = self.backend.rows(&x, dim, lo - at..hi - at)?;
+                self.backend.write_rows(&mut out, dim, lo - wanted.start, &rows, hi - lo)?;
             }
         }
-        Ok(out.or(last).expect("at least one chunk"))
+        Ok(out)
     }
 
     /// Greedy generation: the prompt, then `n` tokens each chosen as the argmax of the last
@@ -565,7 +768,7 @@ impl<B: Backend> Forward<B> {
             if i + 1 == n {
                 break;
             }
-            logits = self.forward(seq, &[next])?;
+            logits = self.decode(&mut [&mut *seq], &[next])?;
         }
         Ok((tokens, all))
     }
@@ -610,14 +813,17 @@ impl<B: Backend> Forward<B> {
         }
         // This chunk's rows of the global cache.
         let (k, v) = self.cache_rows(&x, n, &positions)?;
-        self.backend.kv_write(&mut self.pool, &seq.table, seq.pos, &k, &v, n)?;
+        self.backend.kv_write(&mut self.pool, &seq.table, seq.shard.rows, &k, &v, n)?;
+        seq.shard.push(seq.pos, n);
+        seq.shard.lens[0] += n;
         seq.pos += n;
         Ok(x)
     }
 
     /// The self-decoder for one token of each sequence (their blocks reserved): the products
-    /// over all rows at once, each mixer over its sequence's state. Returns the output rows.
-    fn self_decode_batch(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[u32]) -> Result<B::Buf> {
+    /// over all rows at once, each mixer over its sequence's state; token i's K/V kept by rank
+    /// `owners[i]`. Returns the output rows.
+    fn self_decode_batch(&mut self, seqs: &mut [&mut Sequence<B>], tokens: &[u32], owners: &[usize]) -> Result<B::Buf> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let (n, dim, eps) = (tokens.len(), cfg.dim, cfg.norm_eps);
@@ -668,9 +874,14 @@ impl<B: Backend> Forward<B> {
         }
         let (k, v) = self.cache_rows(&x, n, &positions)?;
         let kvd = self.cfg.kv_dim();
-        for (i, s) in seqs.iter_mut().enumerate() {
-            let (ki, vi) = (self.backend.rows(&k, kvd, i..i + 1)?, self.backend.rows(&v, kvd, i..i + 1)?);
-            self.backend.kv_write(&mut self.pool, &s.table, s.pos, &ki, &vi, 1)?;
+        let rank = self.rank();
+        for ((i, s), &owner) in seqs.iter_mut().enumerate().zip(owners) {
+            if owner == rank {
+                let (ki, vi) = (self.backend.rows(&k, kvd, i..i + 1)?, self.backend.rows(&v, kvd, i..i + 1)?);
+                self.backend.kv_write(&mut self.pool, &s.table, s.shard.rows, &ki, &vi, 1)?;
+                s.shard.push(s.pos, 1);
+            }
+            s.shard.lens[owner] += 1;
             s.pos += 1;
         }
         Ok(x)
@@ -686,28 +897,40 @@ impl<B: Backend> Forward<B> {
         Ok((k, v))
     }
 
-    /// The cross-decoder for self-decoder output rows `x`, row i over the first `rows[i].1`
-    /// positions of the cache whose blocks `rows[i].0` lists (and at the last of them); then
-    /// the final norm and the output projection. Returns the logits `[rows, vocab]`.
-    fn cross_decode(&self, x: &B::Buf, rows: &[(&[u32], usize)]) -> Result<Vec<f32>> {
+    /// The cross-decoder for self-decoder output rows `x`: row i at position `rows[i].2`, over
+    /// the first `rows[i].1` rows of this rank's shard of the cache whose blocks `rows[i].0`
+    /// lists (in a group, merged with the other ranks' partials); then the final norm and the
+    /// output projection. Returns the logits `[rows, vocab]`.
+    fn cross_decode(&mut self, x: &B::Buf, rows: &[(&[u32], usize, usize)]) -> Result<Vec<f32>> {
+        let result = self.cross_decode_rows(x, rows);
+        if let Err(ForwardError::Comm(e)) = &result {
+            self.broken = Some(e.clone());
+        }
+        result
+    }
+
+    fn cross_decode_rows(&mut self, x: &B::Buf, rows: &[(&[u32], usize, usize)]) -> Result<Vec<f32>> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let (n, dim, eps) = (rows.len(), cfg.dim, cfg.norm_eps);
         let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
         let qd = shape.q_dim();
-        let positions: Vec<u32> = rows.iter().map(|&(_, len)| (len - 1) as u32).collect();
+        let positions: Vec<u32> = rows.iter().map(|&(_, _, pos)| pos as u32).collect();
+        let visible: Vec<usize> = rows.iter().map(|&(_, len, _)| len).collect();
         let rope = b.rope_table(&self.rope_cross, &positions)?;
         // Each row's view of the cache, one for every cross-decoder layer.
         let tables = rows
             .iter()
-            .map(|&(table, len)| b.block_table(&self.pool, table, len))
+            .map(|&(table, len, _)| b.block_table(&self.pool, table, len))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut x = b.rows(x, dim, 0..n)?;
         for l in &self.cross_layers {
             let xn = b.rms_norm(&x, n, dim, Some(&l.norm), eps)?;
             let mut q = b.matmul(&xn, n, &l.q.w)?;
             b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
-            let o = if n == 1 {
+            let o = if let Some(group) = self.group.as_mut() {
+                sharded::attention_across_ranks(b, &mut **group, &q, &self.pool, &tables, &visible, shape)?
+            } else if n == 1 {
                 b.cross_attention(&q, &self.pool, &tables[0], shape)?
             } else {
                 let mut o = b.zeros(n * qd)?;

@@ -6,7 +6,7 @@
 use super::{Backend, BackendError, Result};
 use crate::cuda::ops::{BlockTables, DeviceKvPool, DeviceMatrix, Gpu};
 use crate::cuda::runtime::{DeviceError, Runtime};
-use crate::kernels::cross_attention::CrossShape;
+use crate::kernels::cross_attention::{CrossShape, Partial};
 use crate::kernels::kv_block::CacheDtype;
 use crate::kernels::rope::Rope;
 use crate::weights::Tensor;
@@ -137,6 +137,35 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(out)
     }
 
+    fn retention_add_incoming(
+        &self,
+        q: &R::Buf<f32>,
+        gamma: &[f32],
+        s_in: &[f32],
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        if gamma.len() < tokens * heads {
+            return Err(BackendError {
+                backend: "cuda",
+                message: format!("{} log-decays for {tokens} tokens", gamma.len()),
+            });
+        }
+        // exp(G_t), G accumulated in f64 from the first token: the CPU kernel's decays.
+        let mut g = vec![0f64; heads];
+        let mut decay = Vec::with_capacity(tokens * heads);
+        for row in gamma[..tokens * heads].chunks_exact(heads.max(1)) {
+            for (acc, &x) in g.iter_mut().zip(row) {
+                *acc += x as f64;
+                decay.push(acc.exp() as f32);
+            }
+        }
+        let (decay, s_in) = (Gpu::upload(self, &decay)?, Gpu::upload(self, s_in)?);
+        Ok(Gpu::retention_add_incoming(self, q, &decay, &s_in, out, tokens, heads, head_dim)?)
+    }
+
     fn zero(&self, x: &mut R::Buf<f32>, range: std::ops::Range<usize>) -> Result<()> {
         Ok(Gpu::zero(self, x, range)?)
     }
@@ -201,6 +230,24 @@ impl<R: Runtime> Backend for Gpu<R> {
 
     fn block_table(&self, pool: &DeviceKvPool<R>, table: &[u32], len: usize) -> Result<BlockTables<R>> {
         Ok(self.block_tables(pool, &[table], &[len])?)
+    }
+
+    fn kv_copy_block(&self, pool: &mut DeviceKvPool<R>, src: u32, dst: u32) -> Result<()> {
+        Ok(self.copy_block(pool, src as usize, dst as usize)?)
+    }
+
+    fn cross_attention_partial(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        table: &BlockTables<R>,
+        shape: CrossShape,
+    ) -> Result<Partial> {
+        let (qd, h) = (shape.q_dim(), shape.heads);
+        let mut out = Gpu::zeros(self, qd + 2 * h)?;
+        Gpu::cross_attention_partial(self, q, pool, table, shape, SPLIT_TOKENS, &mut out)?;
+        let host = Gpu::download(self, &out)?;
+        Ok(Partial { o: host[..qd].to_vec(), m: host[qd..qd + h].to_vec(), l: host[qd + h..qd + 2 * h].to_vec() })
     }
 
     fn cross_attention(

@@ -16,7 +16,7 @@ pub mod runner;
 
 pub use forward::{Forward, ForwardError, ForwardOptions, Sequence, Snapshot};
 
-use crate::kernels::cross_attention::CrossShape;
+use crate::kernels::cross_attention::{CrossShape, Partial};
 use crate::kernels::kv_block::CacheDtype;
 use crate::kernels::rope::Rope;
 use crate::weights::Tensor;
@@ -83,6 +83,22 @@ pub trait Backend {
         heads: usize,
         head_dim: usize,
     ) -> Result<Self::Buf>;
+    /// `out [tokens, heads · head_dim] += exp(G_t) · q_t S_in` per head, `G_t` the log-decays
+    /// `gamma [tokens, heads]` summed (in f64) from the first token to t and `s_in [heads, d, d]`
+    /// the state before the tokens: how a context-parallel rank corrects outputs it computed
+    /// from a zero state once it knows what came before its chunk. (`gamma` and `s_in` are on
+    /// the host: they come from the exchange with the other ranks.)
+    #[allow(clippy::too_many_arguments)]
+    fn retention_add_incoming(
+        &self,
+        q: &Self::Buf,
+        gamma: &[f32],
+        s_in: &[f32],
+        out: &mut Self::Buf,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
     /// Zeroes elements `range` of `x`.
     fn zero(&self, x: &mut Self::Buf, range: std::ops::Range<usize>) -> Result<()>;
     /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
@@ -121,6 +137,18 @@ pub trait Backend {
     /// Positions `0..len` of the sequence whose blocks `table` lists, checked against `pool`
     /// and made once for every cross-decoder layer of a step.
     fn block_table(&self, pool: &Self::Pool, table: &[u32], len: usize) -> Result<Self::BlockTable>;
+    /// Copies cache block `src` of `pool` over block `dst` (copy-on-write of a block shared
+    /// with a prefix-cache snapshot).
+    fn kv_copy_block(&self, pool: &mut Self::Pool, src: u32, dst: u32) -> Result<()>;
+    /// The attention of one query over the positions of `table`, not yet normalised: the
+    /// partial a context-parallel rank merges with the other ranks' (log-sum-exp).
+    fn cross_attention_partial(
+        &self,
+        q: &Self::Buf,
+        pool: &Self::Pool,
+        table: &Self::BlockTable,
+        shape: CrossShape,
+    ) -> Result<Partial>;
     /// Attention of one query `[heads · head_dim]` over the positions of `table`.
     fn cross_attention(
         &self,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use super::{Backend, Forward, ForwardError, Sequence, Snapshot};
-use crate::engine::{SeqId, SnapshotId};
+use crate::engine::{Logits, SeqId, SnapshotId};
 use crate::executor::{sample_next, Plan, SeqResult, SeqSpec};
 use crate::generate::{PlanRunner, RunError};
 use crate::sampling::{log_softmax, Sampler};
@@ -61,7 +61,9 @@ impl<B: Backend> ForwardRunner<B> {
                 self.fwd.drop_snapshot(snap);
             }
         }
-        self.check(plan)?;
+        // Every rank checks the plan against its own shard; all go on only if all can.
+        let checked = self.check(plan);
+        self.fwd.agree(checked)?;
         for spec in &plan.add {
             let mut sampler = Sampler::new(spec.sampling.clone());
             let caches = match spec.resume_from {
@@ -78,8 +80,9 @@ impl<B: Backend> ForwardRunner<B> {
         for p in &plan.prefill {
             let s = self.seqs.get_mut(&p.seq).ok_or(ForwardError::UnknownSequence(p.seq))?;
             let vocab = self.fwd.config().vocab_size;
+            let starts = (!p.chunk_starts.is_empty()).then_some(&p.chunk_starts[..]);
             let (logits, prompt_logprobs) = if s.spec.prompt_logprobs {
-                let all = self.fwd.forward_all(&mut s.caches, &p.tokens)?;
+                let all = self.fwd.prefill(&mut s.caches, &p.tokens, starts, Logits::All)?;
                 // Row t predicts token t+1 of the step, the last row the next step's first.
                 let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
                 let lps = all
@@ -88,11 +91,10 @@ impl<B: Backend> ForwardRunner<B> {
                     .filter_map(|(row, target)| target.map(|t| log_softmax(row)[t as usize]))
                     .collect();
                 (p.sample.then(|| all[all.len() - vocab..].to_vec()), lps)
-            } else if p.sample {
-                (Some(self.fwd.forward(&mut s.caches, &p.tokens)?), Vec::new())
             } else {
-                self.fwd.extend(&mut s.caches, &p.tokens)?;
-                (None, Vec::new())
+                let want = if p.sample { Logits::Last } else { Logits::None };
+                let logits = self.fwd.prefill(&mut s.caches, &p.tokens, starts, want)?;
+                (p.sample.then_some(logits), Vec::new())
             };
             s.sampler.observe_prompt(&p.tokens);
             if let Some(id) = p.snapshot {
@@ -102,7 +104,7 @@ impl<B: Backend> ForwardRunner<B> {
                 }
             }
             let sampled = logits.map(|l| sample_next(&mut s.sampler, &l, s.spec.top_logprobs));
-            results.push(SeqResult { seq: p.seq, sampled, prompt_logprobs, shard_tokens: s.caches.len() });
+            results.push(SeqResult { seq: p.seq, sampled, prompt_logprobs, shard_tokens: s.caches.shard_rows() });
         }
         if !plan.decode.is_empty() {
             let tokens: Vec<u32> = plan.decode.iter().map(|d| d.token).collect();
@@ -122,11 +124,30 @@ impl<B: Backend> ForwardRunner<B> {
                     seq: d.seq,
                     sampled,
                     prompt_logprobs: Vec::new(),
-                    shard_tokens: s.caches.len(),
+                    shard_tokens: s.caches.shard_rows(),
                 });
             }
         }
+        self.agree_on_tokens(&mut results)?;
         Ok(results)
+    }
+
+    /// Makes every rank of a group use rank 0's sampled tokens (as the CPU engine's executor).
+    fn agree_on_tokens(&mut self, results: &mut [SeqResult]) -> Result<(), ForwardError> {
+        if self.fwd.world() == 1 {
+            return Ok(());
+        }
+        let mut tokens: Vec<f32> = results.iter().filter_map(|r| r.sampled.as_ref()).map(|s| s.token as f32).collect();
+        self.fwd.broadcast_from_first(&mut tokens)?;
+        for (s, t) in results.iter_mut().filter_map(|r| r.sampled.as_mut()).zip(tokens) {
+            // Token ids are below 2^24, so they travel exactly as f32.
+            let t = t as u32;
+            if s.token != t {
+                tracing::warn!(mine = s.token, rank0 = t, "sampled token differed from rank 0's; using rank 0's");
+                s.token = t;
+            }
+        }
+        Ok(())
     }
 
     /// Everything a plan could fail on before it changes anything: sequences to add that exist,
@@ -146,13 +167,13 @@ impl<B: Backend> ForwardRunner<B> {
         if plan.add.len() > free_slots {
             return Err(ForwardError::NoFreeSlot(self.fwd.options().max_sequences));
         }
-        let mut seen = std::collections::HashSet::new();
-        let mut blocks = 0;
-        let bt = self.fwd.options().block_tokens;
-        let work = plan.prefill.iter().map(|p| (p.seq, p.tokens.len())).chain(plan.decode.iter().map(|d| (d.seq, 1)));
+        let (rank, world) = (self.fwd.rank(), self.fwd.world());
         for p in &plan.prefill {
             if p.tokens.is_empty() {
                 return Err(ForwardError::Empty);
+            }
+            if !p.chunk_starts.is_empty() {
+                crate::cp::validate_split(&p.chunk_starts, p.tokens.len(), world).map_err(ForwardError::BadSplit)?;
             }
         }
         let vocab = self.fwd.config().vocab_size;
@@ -160,18 +181,31 @@ impl<B: Backend> ForwardRunner<B> {
         if let Some(&token) = tokens.into_iter().find(|&&t| t as usize >= vocab) {
             return Err(ForwardError::TokenOutOfRange { token, vocab });
         }
-        for (id, tokens) in work {
+        // This rank's new rows of each sequence: its chunk of a prefill, a decode token if it
+        // keeps that token's K/V.
+        let mut seen = std::collections::HashSet::new();
+        let mut blocks = 0;
+        let prefills = plan.prefill.iter().map(|p| (p.seq, Some(p)));
+        for (id, prefill) in prefills.chain(plan.decode.iter().map(|d| (d.seq, None))) {
             if !seen.insert(id) {
                 return Err(ForwardError::SequenceTwiceInStep(id));
             }
-            let pos = match (self.seqs.get(&id), plan.add.iter().find(|s| s.seq == id)) {
-                (Some(s), _) => s.caches.len(),
-                (None, Some(spec)) => spec.resume_from.and_then(|id| self.snapshots.get(&id)).map_or(0, Snapshot::len),
+            let ((table, rows, owner), resumed) = match (self.seqs.get(&id), plan.add.iter().find(|s| s.seq == id)) {
+                (Some(s), _) => (s.caches.growth(), false),
+                (None, Some(spec)) => match spec.resume_from.and_then(|id| self.snapshots.get(&id)) {
+                    Some(snap) => (snap.growth(), true),
+                    None => ((&[][..], 0, 0), false),
+                },
                 (None, None) => return Err(ForwardError::UnknownSequence(id)),
             };
-            // Every sequence's blocks cover exactly its positions, and a snapshot's end at a
-            // block boundary, so growing by `tokens` takes this many.
-            blocks += (pos + tokens).div_ceil(bt) - pos.div_ceil(bt);
+            let mine = match prefill {
+                Some(p) if p.chunk_starts.is_empty() => {
+                    crate::cp::chunk(&crate::cp::even_split(p.tokens.len(), world), p.tokens.len(), rank).len()
+                }
+                Some(p) => crate::cp::chunk(&p.chunk_starts, p.tokens.len(), rank).len(),
+                None => usize::from(owner == rank),
+            };
+            blocks += self.fwd.blocks_to_grow(table, rows, mine, resumed);
         }
         if blocks > self.fwd.free_blocks() {
             return Err(ForwardError::CacheFull { needed: blocks, free: self.fwd.free_blocks() });
@@ -182,7 +216,7 @@ impl<B: Backend> ForwardRunner<B> {
 
 impl<B: Backend> PlanRunner for ForwardRunner<B> {
     fn world(&self) -> usize {
-        1
+        self.fwd.world()
     }
 
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {

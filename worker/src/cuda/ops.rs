@@ -557,6 +557,61 @@ impl<R: Runtime> Gpu<R> {
         unsafe { self.launch("retention_recurrent", (u32_of(OP, heads)?, u32_of(OP, seqs)?, 1), 64, args) }
     }
 
+    /// `out [tokens, heads · d] += decay_t · q_t S_in` per head: a context-parallel rank's
+    /// correction of outputs computed from a zero state, `decay [tokens, heads]` being
+    /// `exp(G_t)` and `s_in [heads, d, d]` the state before its chunk.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retention_add_incoming(
+        &self,
+        q: &R::Buf<f32>,
+        decay: &R::Buf<f32>,
+        s_in: &R::Buf<f32>,
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "retention_add_incoming";
+        Self::check_head_dim(OP, head_dim)?;
+        let n = tokens * heads * head_dim;
+        self.fits(OP, "q", q, n)?;
+        self.fits(OP, "out", out, n)?;
+        self.fits(OP, "decay", decay, tokens * heads)?;
+        self.fits(OP, "s_in", s_in, heads * head_dim * head_dim)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let args = vec![
+            self.at(q),
+            self.at(decay),
+            self.at(s_in),
+            self.at(out),
+            i32_of(OP, heads)?.into(),
+            i32_of(OP, head_dim)?.into(),
+        ];
+        let grid = (u32_of(OP, tokens)?, u32_of(OP, heads)?, 1);
+        // SAFETY: every buffer holds what the shapes need (checked above).
+        unsafe { self.launch(OP, grid, RETENTION_COLS as u32, args) }
+    }
+
+    /// Copies cache block `src` of `pool` over block `dst` (K and V rows).
+    pub fn copy_block(&self, pool: &mut DeviceKvPool<R>, src: usize, dst: usize) -> Result<(), DeviceError> {
+        const OP: &str = "copy_block";
+        check(OP, src < pool.blocks && dst < pool.blocks, || format!("blocks {src}, {dst} of {}", pool.blocks))?;
+        let per = 2 * pool.block_tokens * pool.kv_dim;
+        if src == dst {
+            return Ok(());
+        }
+        // The block's bits as 16-bit words (an f32 element is two), copied by one kernel.
+        let (from, to, words) = match &pool.data {
+            PoolData::F32(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), 2 * per),
+            PoolData::Half(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), per),
+        };
+        let args = vec![from, to, Arg::U64(words as u64)];
+        // SAFETY: both blocks lie inside the pool (checked) and are distinct, so do not overlap.
+        unsafe { self.launch("copy_u16", Self::elementwise(words), 256, args) }
+    }
+
     /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
     #[allow(clippy::too_many_arguments)]
     pub fn window_attention(
@@ -688,6 +743,43 @@ impl<R: Runtime> Gpu<R> {
         split_tokens: usize,
         out: &mut R::Buf<f32>,
     ) -> Result<(), DeviceError> {
+        self.fits("cross_attention", "out", out, tables.seqs * shape.q_dim())?;
+        self.attend(q, pool, tables, shape, split_tokens, out, None)
+    }
+
+    /// [`Gpu::cross_attention`] stopped before the normalisation: per sequence the partial
+    /// over its whole range (`o = Σ exp(s − m) v`, the max `m` and the sum `l` per head), for a
+    /// merge with other ranks' partials. `out` holds `[seqs · heads · head_dim]` of `o`, then
+    /// `[seqs · heads]` of `m`, then of `l`.
+    pub fn cross_attention_partial(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+    ) -> Result<(), DeviceError> {
+        let (seqs, qd, h) = (tables.seqs, shape.q_dim(), shape.heads);
+        self.fits("cross_attention_partial", "out", out, seqs * (qd + 2 * h))?;
+        let (m, l) = (self.at_offset(out, seqs * qd), self.at_offset(out, seqs * (qd + h)));
+        self.attend(q, pool, tables, shape, split_tokens, out, Some((m, l)))
+    }
+
+    /// The flash-decoding split and its merge: finalised into `out` when `partial` is `None`,
+    /// else `o` into `out` and `m`, `l` at the addresses given (inside `out`, checked by the
+    /// caller).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+        partial: Option<(Arg, Arg)>,
+    ) -> Result<(), DeviceError> {
         const OP: &str = "cross_attention";
         Self::check_head_dim(OP, shape.head_dim)?;
         check(OP, shape.kv_dim() == pool.kv_dim && shape.heads.is_multiple_of(shape.kv_heads), || {
@@ -697,7 +789,6 @@ impl<R: Runtime> Gpu<R> {
         check(OP, split_tokens > 0, || "split_tokens 0".into())?;
         let seqs = tables.seqs;
         self.fits(OP, "q", q, seqs * shape.q_dim())?;
-        self.fits(OP, "out", out, seqs * shape.q_dim())?;
         if seqs == 0 {
             return Ok(());
         }
@@ -736,12 +827,13 @@ impl<R: Runtime> Gpu<R> {
             self.at(&pl),
             i32_of(OP, splits)?.into(),
             d.into(),
-            1i32.into(),
+            i32::from(partial.is_none()).into(),
             self.at(out),
-            Arg::Addr(0),
-            Arg::Addr(0),
         ];
-        // SAFETY: the partials written above, merged into out [seqs, heads · head_dim].
+        let (m, l) = partial.unwrap_or((Arg::Addr(0), Arg::Addr(0)));
+        let args = args.into_iter().chain([m, l]).collect();
+        // SAFETY: the partials written above, merged into out [seqs, heads · head_dim] (and,
+        // unfinalised, m and l where the caller checked they fit).
         unsafe { self.launch("lse_merge", (u32_of(OP, shape.heads)?, u32_of(OP, seqs)?, 1), 64, args) }
     }
 

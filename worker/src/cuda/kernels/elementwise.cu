@@ -15,3 +15,10 @@ extern "C" __global__ void narrow_f16(const float* x, f16_t* out, yoco_size n) {
     for (yoco_size i = (yoco_size)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (yoco_size)gridDim.x * blockDim.x)
         from_f32(x[i], out + i);
 }
+
+// dst[i] = src[i] over n 16-bit elements: a bf16/f16 cache block copied (copy-on-write of a
+// block a prefix-cache snapshot shares).
+extern "C" __global__ void copy_u16(const unsigned short* src, unsigned short* dst, yoco_size n) {
+    for (yoco_size i = (yoco_size)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (yoco_size)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}

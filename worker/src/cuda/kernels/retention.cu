@@ -95,3 +95,25 @@ extern "C" __global__ void retention_chunkwise(const float* q, const float* k, c
         }
     }
 }
+
+// Adds exp(G_t) · q_t S_in to outputs computed from a zero state: how a rank of a
+// context-parallel group corrects its chunk once it knows the state that precedes it. decay
+// [T, H] holds exp(G_t), G accumulated from the chunk start (in double, on the host, as the CPU
+// kernel does); s_in is [H, d, d]. Grid: (tokens, heads); block: a multiple of 32, each thread
+// owning value columns j ≡ threadIdx.x (mod blockDim.x). Sums over i in order, as the CPU kernel.
+extern "C" __global__ void retention_add_incoming(const float* q, const float* decay, const float* s_in, float* out,
+                                                  int heads, int head_dim) {
+    __shared__ float qs[RETENTION_MAX_DIM];
+    int t = blockIdx.x, h = blockIdx.y, d = head_dim;
+    float g = decay[(yoco_size)t * heads + h];
+    if (g == 0.0f) return;  // the same for every thread of the block, before any barrier
+    yoco_size row = (yoco_size)t * heads * d + (yoco_size)h * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = q[row + i];
+    __syncthreads();
+    const float* s = s_in + (yoco_size)h * d * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; i++) acc += qs[i] * s[(yoco_size)i * d + j];
+        out[row + j] += g * acc;
+    }
+}
