@@ -487,6 +487,15 @@ impl<B: Backend> Forward<B> {
         Ok(())
     }
 
+    /// Gives back the blocks a sequence took beyond its rows (a step refused after `reserve`).
+    fn trim(&mut self, seq: &mut Sequence<B>) {
+        let keep = seq.shard.rows.div_ceil(self.opts.block_tokens);
+        if seq.table.len() > keep {
+            let extra = seq.table.split_off(keep);
+            self.release_blocks(&extra);
+        }
+    }
+
     /// Every rank says whether it can go on; all go on only if all can (a lone rank: its own
     /// answer). Errors before any exchange thus leave every rank as it was.
     pub(crate) fn agree(&mut self, local: Result<()>) -> Result<()> {
@@ -692,7 +701,10 @@ impl<B: Backend> Forward<B> {
         };
         let mine = crate::cp::chunk(&starts, n, self.rank());
         let reserved = self.reserve(&mut [&mut *seq], &[mine.len()]);
-        self.agree(reserved)?;
+        if let Err(e) = self.agree(reserved) {
+            self.trim(seq);
+            return Err(e);
+        }
         let first = seq.pos;
         let wanted = match logits {
             Logits::None => n..n,
@@ -728,7 +740,12 @@ impl<B: Backend> Forward<B> {
         let owners: Vec<usize> = seqs.iter().map(|s| s.shard.decode_owner()).collect();
         let rows: Vec<usize> = owners.iter().map(|&o| usize::from(o == rank)).collect();
         let reserved = self.reserve(seqs, &rows);
-        self.agree(reserved)?;
+        if let Err(e) = self.agree(reserved) {
+            for s in seqs.iter_mut() {
+                self.trim(s);
+            }
+            return Err(e);
+        }
         let x = self.self_decode_batch(seqs, tokens, &owners)?;
         let rows: Vec<(&[u32], usize, usize)> = seqs.iter().map(|s| (&s.table[..], s.shard.rows, s.pos - 1)).collect();
         self.cross_decode(&x, &rows)

@@ -81,6 +81,18 @@ pub fn try_run_group_parts<T: Send>(
     eo: &EngineOptions,
     script: &(dyn Fn(&mut Engine) -> T + Sync),
 ) -> Vec<Result<T, EngineError>> {
+    tcp_group(world, &|rank, comm| {
+        let mut engine = Engine::with_group(parts[rank % parts.len()].clone(), eo, comm)?;
+        Ok(script(&mut engine))
+    })
+}
+
+/// Runs `rank_main(rank, collective)` for each rank of a group of `world` (threads talking over
+/// real TCP sockets on loopback, 30 s collective timeout) and returns the results in rank order.
+pub fn tcp_group<T: Send>(
+    world: usize,
+    rank_main: &(dyn Fn(usize, Box<dyn yoco_worker::comm::Collective>) -> T + Sync),
+) -> Vec<T> {
     use std::net::{SocketAddr, TcpListener};
     use yoco_worker::comm::{TcpCollective, TcpOptions};
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -95,15 +107,27 @@ pub fn try_run_group_parts<T: Send>(
             .into_iter()
             .enumerate()
             .map(|(rank, l)| {
-                let (addrs, opts, model) = (&addrs, &opts, parts[rank % parts.len()].clone());
-                s.spawn(move || {
-                    let comm = TcpCollective::connect(rank, addrs, l, opts).unwrap();
-                    let mut engine = Engine::with_group(model, eo, Box::new(comm))?;
-                    Ok(script(&mut engine))
-                })
+                let (addrs, opts) = (&addrs, &opts);
+                s.spawn(move || rank_main(rank, Box::new(TcpCollective::connect(rank, addrs, l, opts).unwrap())))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Runs `script` on a context-parallel group of `world` backend forward passes (each rank's
+/// backend made by `backend()`, on a thread, TCP between them); results in rank order.
+#[allow(dead_code)] // not every test binary uses it
+pub fn run_forward_group<B: yoco_worker::backend::Backend, T: Send>(
+    model: &Arc<Model>,
+    world: usize,
+    opts: &yoco_worker::backend::ForwardOptions,
+    backend: &(dyn Fn() -> B + Sync),
+    script: &(dyn Fn(&mut yoco_worker::backend::Forward<B>) -> T + Sync),
+) -> Vec<T> {
+    tcp_group(world, &|_, comm| {
+        let mut fwd = yoco_worker::backend::Forward::with_group(backend(), model, opts.clone(), comm).unwrap();
+        script(&mut fwd)
     })
 }
 
