@@ -418,6 +418,41 @@ fn argmax_and_log_softmax_match_the_cpu() {
     assert_close(&out, &want, F32_TOL, "log_softmax");
 }
 
+/// A context-parallel rank's correction (`Backend::retention_add_incoming`): the CUDA op (its
+/// decays made on the host, its kernel emulated) against the CPU kernel, with decays that
+/// underflow to zero part-way (the kernel's early exit).
+#[test]
+fn incoming_retention_state_is_added_as_the_cpu_kernel_adds_it() {
+    use yoco_worker::backend::cpu::CpuBackend;
+    use yoco_worker::backend::Backend;
+    use yoco_worker::cuda::ops::Gpu;
+    let gpu = Gpu::new(emulator::EmuRuntime);
+    for (tokens, heads, d) in [(150usize, 2usize, 64usize), (7, 3, 96), (1, 1, 32)] {
+        let w = heads * d;
+        let q = randn(tokens * w, 31);
+        let mut gamma = decays(tokens * heads, 32);
+        if tokens > 100 {
+            gamma[100 * heads] = -200.0; // head 0's decay underflows from token 100 on
+        }
+        let (s_in, out0) = (randn(heads * d * d, 33), randn(tokens * w, 34));
+        let mut want = out0.clone();
+        CpuBackend.retention_add_incoming(&q, &gamma, &s_in, &mut want, tokens, heads, d).unwrap();
+        let (dq, mut dout) = (gpu.upload(&q).unwrap(), gpu.upload(&out0).unwrap());
+        Backend::retention_add_incoming(&gpu, &dq, &gamma, &s_in, &mut dout, tokens, heads, d).unwrap();
+        assert_close(&gpu.download(&dout).unwrap(), &want, F32_TOL, &format!("add_incoming T={tokens} d={d}"));
+    }
+}
+
+#[test]
+fn copy_u16_copies_bits() {
+    let src: Vec<u16> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u16).collect();
+    let mut dst = vec![0u16; 5000];
+    let (sp, dp, n) = (src.as_ptr(), dst.as_mut_ptr(), 4999u64);
+    launch("copy_u16", (3, 1, 1), 256, args![sp, dp, n]);
+    assert_eq!(&dst[..4999], &src[..4999]);
+    assert_eq!(dst[4999], 0, "past n");
+}
+
 #[test]
 fn the_residual_add_adds() {
     let (a, b) = (randn(1000, 81), randn(1000, 82));

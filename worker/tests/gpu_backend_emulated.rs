@@ -131,3 +131,55 @@ fn the_emulated_gpu_runner_serves_plans_as_the_engine_does() {
         assert_eq!(runner.forward().free_blocks(), 1024 / 16, "{mixer:?}: every block came back");
     }
 }
+
+/// Context parallelism through the CUDA kernels: two ranks (threads over TCP), each running its
+/// chunks on its own emulated GPU and keeping its shard, give what one CPU-backend rank gives:
+/// prefill in steps (every position's logits), a snapshot where the shards end inside blocks
+/// (copy-on-write through `copy_u16`), a resumed sequence and batched decode; f32 and bf16
+/// caches. Tolerance 1e-4 (partials merged across ranks in another order), the ranks equal.
+#[test]
+fn the_emulated_gpu_forward_pass_in_a_group_of_two_is_one_cpu_rank() {
+    for (mixer, dtype) in [
+        (SelfMixerKind::GatedRetention, CacheDtype::F32),
+        (SelfMixerKind::SlidingWindow { window: 8 }, CacheDtype::Bf16),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = random_model(&small_config(mixer), 6, false, tmp.path());
+        let vocab = model.cfg.vocab_size;
+        let (shared, rest_a, rest_b) = (tokens(40, vocab, 1), tokens(23, vocab, 2), tokens(5, vocab, 3));
+        let o = ForwardOptions { max_sequences: 4, ..opts(dtype) };
+        fn script<B: yoco_worker::backend::Backend>(
+            fwd: &mut Forward<B>,
+            (shared, rest_a, rest_b): (&[u32], &[u32], &[u32]),
+            vocab: usize,
+        ) -> Vec<Vec<f32>> {
+            use yoco_worker::engine::Logits;
+            let mut a = fwd.new_sequence().unwrap();
+            let mut rows: Vec<Vec<f32>> = Vec::new();
+            for part in shared.chunks(17) {
+                rows.extend(fwd.prefill(&mut a, part, None, Logits::All).unwrap().chunks(vocab).map(<[f32]>::to_vec));
+            }
+            let snap = fwd.snapshot(&a).unwrap();
+            rows.push(fwd.prefill(&mut a, rest_a, None, Logits::Last).unwrap());
+            let mut b = fwd.new_sequence_from(&snap).unwrap();
+            rows.push(fwd.prefill(&mut b, rest_b, None, Logits::Last).unwrap());
+            for _ in 0..3 {
+                let (ta, tb) = (argmax(&rows[rows.len() - 2]), argmax(&rows[rows.len() - 1]));
+                let out = fwd.decode(&mut [&mut a, &mut b], &[ta, tb]).unwrap();
+                rows.extend(out.chunks(vocab).map(<[f32]>::to_vec));
+            }
+            rows
+        }
+        let prompts = (&shared[..], &rest_a[..], &rest_b[..]);
+        let want = script(&mut Forward::new(CpuBackend, &model, o.clone()).unwrap(), prompts, vocab);
+        let ranks = run_forward_group(&model, 2, &o, &gpu, &|fwd| script(fwd, prompts, vocab));
+        for (r, got) in ranks.iter().enumerate() {
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let err = rel_err(g, w);
+                assert!(err < 1e-4, "{mixer:?} {dtype}: rank {r} row {i} rel err {err:e}");
+                assert_eq!(g, &ranks[0][i], "{mixer:?}: ranks disagree at row {i}");
+            }
+        }
+    }
+}
