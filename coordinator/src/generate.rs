@@ -109,8 +109,8 @@ pub enum Device {
 fn choose_device(asked: Device, workers: Option<usize>) -> anyhow::Result<Device> {
     match (asked, workers) {
         (Device::Cuda, Some(_)) => bail!(
-            "--device cuda runs in this process; it does not take --workers (a GPU worker serves a one-rank \
-             group: yoco serve --workers 1 --worker-device cuda)"
+            "--device cuda runs in this process; it does not take --workers (for a group of GPU workers: \
+             yoco serve --workers N --worker-device cuda)"
         ),
         (Device::Auto, Some(_)) | (Device::Cpu, _) => Ok(Device::Cpu),
         (Device::Cuda, None) if !cfg!(feature = "cuda") => {

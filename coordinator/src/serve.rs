@@ -132,7 +132,8 @@ pub struct ServeArgs {
     #[arg(long, env = "YOCO_CP")]
     cp: Option<usize>,
     /// `--device` of the local workers (see `yoco worker --help`); default: `auto`, which puts
-    /// a one-worker group on the GPU when there is one.
+    /// the workers on GPU 0 when there is one (a context-parallel group of several shares it,
+    /// with TCP between them).
     #[arg(long, env = "YOCO_WORKER_DEVICE")]
     worker_device: Option<String>,
     #[command(flatten)]

@@ -83,11 +83,11 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
             0,
         ),
     ];
-    // One and two ranks of the CPU engine, and one rank on the CUDA path's forward pass (on the
-    // CPU backend: the plans, batched decode and snapshots a GPU worker runs), which must serve
-    // what the CPU engine's one rank serves.
+    // One and two ranks of the CPU engine, and one and two ranks on the CUDA path's forward pass
+    // (on the CPU backend: the plans, batched decode, snapshots and context parallelism a GPU
+    // worker runs), which must serve what the CPU engine's one rank serves.
     let mut engine_outcomes: Option<Vec<Outcome>> = None;
-    for (workers, device) in [(1, "cpu"), (2, "cpu"), (1, "cpu-backend")] {
+    for (workers, device) in [(1, "cpu"), (2, "cpu"), (1, "cpu-backend"), (2, "cpu-backend")] {
         let dev = ["--worker-device", device];
         let on =
             serve(home.path(), &model, workers, &[&dev[..], &["--prefix-snapshot-interval", "512"]].concat()).await;

@@ -4,10 +4,12 @@
 //! cache live where the backend keeps them (host memory or device memory); only token ids go in
 //! and logits come out.
 //!
-//! [`Forward`] serves one rank holding the whole model and the whole cache (tp = cp = 1): the
-//! single-GPU path, which `yoco worker --device cuda` serves one-rank groups on
-//! (`crate::service`). The multi-rank engine (`crate::engine`) runs the CPU kernels directly; its
-//! context- and tensor-parallel exchanges move to this trait when the CUDA backend takes them.
+//! [`Forward`] serves one rank holding the whole model: alone (the whole cache), or as one rank
+//! of a context-parallel group holding its shard of every sequence's cache
+//! ([`Forward::with_group`]: prompts cut across the ranks, retention states, window halos and
+//! cross-attention partials exchanged as the CPU engine's ranks exchange them). `yoco worker
+//! --device cuda` serves both (`crate::service`). Tensor parallelism stays with the CPU engine
+//! (`crate::engine`), which runs the CPU kernels directly.
 
 pub mod cpu;
 mod forward;

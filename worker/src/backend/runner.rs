@@ -1,6 +1,7 @@
 //! Plans (`crate::executor::Plan`) run by the backend forward pass on one device: what
-//! `yoco generate --device cuda` drives, and what a one-rank worker group on a GPU serves
-//! (`crate::service`). It does what the CPU engine's executor does with a plan: sampling is the
+//! `yoco generate --device cuda` drives, and what a worker on a GPU serves (`crate::service`),
+//! alone or as one rank of a context-parallel group (every rank runs the same plans; they agree
+//! on each plan before it changes anything, and on rank 0's sampled tokens after). It does what the CPU engine's executor does with a plan: sampling is the
 //! same code (same seeded sampler, same penalties, same reported log-probabilities), prefix-cache
 //! snapshots share cache blocks, prompt log-probabilities run the cross-decoder for every
 //! prompt position, and a plan's decode tokens run as one batch.

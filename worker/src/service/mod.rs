@@ -1,6 +1,6 @@
 //! The worker's gRPC service (`yoco.worker.v1.Worker`): one rank of a worker group. The engine
-//! runs on blocking threads; one step at a time. A rank computes on the CPU engine, or (a
-//! one-rank group, `--device cuda`) on the CUDA backend: see [`rank`].
+//! runs on blocking threads; one step at a time. A rank computes on the CPU engine, or
+//! (`--device cuda`, alone or in a context-parallel group) on the CUDA backend: see [`rank`].
 
 pub mod convert;
 pub mod rank;
@@ -96,34 +96,50 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
     }
 }
 
-/// The device a rank of a `world`-rank group computes on: the worker's, unless that is a device
-/// backend (one-rank groups only) and the group has more ranks, which `auto` serves on the CPU
-/// engine (logged) and an explicit device refuses.
-fn device_for(choice: DeviceChoice, rank: usize, world: usize) -> Result<Device, Status> {
+/// The device a rank of a group computes on: the worker's, unless that is a device backend
+/// (context parallelism, no tensor parallelism) and the group splits the weights (`tp > 1`),
+/// which `auto` serves on the CPU engine (logged) and an explicit device refuses.
+fn device_for(choice: DeviceChoice, rank: usize, world: usize, tp: usize) -> Result<Device, Status> {
     match choice.device {
         Device::Cpu => Ok(Device::Cpu),
-        device if world == 1 => Ok(device),
+        device if tp == 1 => Ok(device),
         device if choice.explicit => Err(Status::failed_precondition(format!(
-            "--device {device} serves one-rank groups (the device backend has no context or tensor parallelism \
-             yet); this is rank {rank} of {world}: start the worker with --device cpu or auto"
+            "--device {device} runs context-parallel groups, not tensor-parallel ones (tp {tp}); this is rank \
+             {rank} of {world}: start the worker with --device cpu or auto, or form the group with tp 1"
         ))),
         device => {
-            tracing::info!(%device, world, "a group of {world} ranks: this rank runs on the CPU engine (the device backend serves one-rank groups)");
+            tracing::info!(%device, world, tp, "a tensor-parallel group: this rank runs on the CPU engine (the device backend has no tensor parallelism)");
             Ok(Device::Cpu)
         }
     }
 }
 
-/// The one-rank group of a device backend.
-fn device_rank(model: &Model, device: Device, opts: ForwardOptions) -> Result<Box<dyn Rank>, Status> {
+/// A rank of a device backend, alone or in a context-parallel group (`comm`).
+fn device_rank(
+    model: &Model,
+    device: Device,
+    opts: ForwardOptions,
+    comm: Option<Box<dyn Collective>>,
+) -> Result<Box<dyn Rank>, Status> {
     use crate::backend::runner::ForwardRunner;
-    use crate::backend::Forward;
+    use crate::backend::{Backend, Forward};
     let failed = |e: crate::backend::ForwardError| Status::failed_precondition(format!("{device}: {e}"));
     let (weight_bytes, weight_dtype) = (model.weight_bytes(), model.weight_dtype());
+    fn forward<B: Backend>(
+        b: B,
+        model: &Model,
+        opts: ForwardOptions,
+        comm: Option<Box<dyn Collective>>,
+    ) -> Result<Forward<B>, crate::backend::ForwardError> {
+        match comm {
+            Some(comm) => Forward::with_group(b, model, opts, comm),
+            None => Forward::new(b, model, opts),
+        }
+    }
     match device {
         Device::CpuBackend => {
             let runner =
-                ForwardRunner::new(Forward::new(crate::backend::cpu::CpuBackend, model, opts).map_err(failed)?);
+                ForwardRunner::new(forward(crate::backend::cpu::CpuBackend, model, opts, comm).map_err(failed)?);
             Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
         }
         #[cfg(feature = "cuda")]
@@ -132,11 +148,12 @@ fn device_rank(model: &Model, device: Device, opts: ForwardOptions) -> Result<Bo
                 .map_err(|e| Status::failed_precondition(format!("{device}: {e}")))?;
             let info = gpu.runtime().info().clone();
             tracing::info!(gpu = %info.name, capability = ?info.capability, memory_gib = info.total_bytes >> 30, "CUDA backend");
-            let runner = ForwardRunner::new(Forward::new(gpu, model, opts).map_err(failed)?);
+            let runner = ForwardRunner::new(forward(gpu, model, opts, comm).map_err(failed)?);
             Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
+            drop(comm);
             Err(Status::failed_precondition(format!("{device}: this worker was built without the `cuda` feature")))
         }
         Device::Cpu => unreachable!("the CPU engine is not a device backend"),
@@ -209,7 +226,7 @@ impl Worker for WorkerService {
         if !world.is_multiple_of(tp) {
             return Err(Status::invalid_argument(format!("tp {tp} must divide the group's {world} ranks")));
         }
-        let device = device_for(self.defaults.device, rank, world)?;
+        let device = device_for(self.defaults.device, rank, world, tp)?;
         let max_sequences = match req.max_sequences {
             0 => DEFAULT_MAX_SEQUENCES,
             n if n > 1 << 16 => return Err(Status::invalid_argument(format!("max_sequences {n} exceeds 65536"))),
@@ -248,7 +265,10 @@ impl Worker for WorkerService {
         }
         let transport = match req.transport.as_str() {
             "" | "tcp" => Transport::Tcp,
-            "nccl" if cfg!(feature = "cuda") => Transport::Nccl { device: req.device as usize },
+            // A rank on the CUDA backend talks NCCL from its own GPU.
+            "nccl" if cfg!(feature = "cuda") => {
+                Transport::Nccl { device: if let Device::Cuda(n) = device { n } else { req.device as usize } }
+            }
             "nccl" => {
                 return Err(Status::failed_precondition("this worker was built without the `cuda` feature: no NCCL"))
             }
@@ -285,16 +305,29 @@ impl Worker for WorkerService {
             let model = Model::load_sharded(&model_dir, weight_dtype, shard)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
             let config_json = model.cfg.to_json().to_string();
+            let opts = TcpOptions {
+                timeout: Duration::from_secs_f64(timeout),
+                connect_timeout: Duration::from_secs_f64(timeout),
+                cancel: Some(cancel.clone()),
+                formation,
+            };
+            let form = |listener| {
+                form_group(rank, &addrs, listener, &opts, transport).map_err(|e| match cancelled() {
+                    Some(s) => s,
+                    None => Status::unavailable(e.to_string()),
+                })
+            };
             if device != Device::Cpu {
                 let bytes_per_token = model.cfg.cache_numbers_per_token() * cache_dtype.bytes();
-                let opts = ForwardOptions {
+                let fwd_opts = ForwardOptions {
                     cache_dtype,
                     block_tokens,
                     cache_tokens: budget / bytes_per_token.max(1),
                     max_sequences,
                     ..ForwardOptions::default()
                 };
-                let exec = device_rank(&model, device, opts)?;
+                let comm = if world > 1 { Some(form(listener)?) } else { None };
+                let exec = device_rank(&model, device, fwd_opts, comm)?;
                 let loaded = Loaded { exec, model_dir, config_json, budget };
                 let snapshot = info_of(&loaded);
                 let mut slot = lock(&state);
@@ -309,16 +342,7 @@ impl Worker for WorkerService {
                     load_seconds: started.elapsed().as_secs_f64(),
                 }));
             }
-            let opts = TcpOptions {
-                timeout: Duration::from_secs_f64(timeout),
-                connect_timeout: Duration::from_secs_f64(timeout),
-                cancel: Some(cancel.clone()),
-                formation,
-            };
-            let comm = form_group(rank, &addrs, listener, &opts, transport).map_err(|e| match cancelled() {
-                Some(s) => s,
-                None => Status::unavailable(e.to_string()),
-            })?;
+            let comm = form(listener)?;
             let engine = Engine::with_group(
                 Arc::new(model),
                 &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype },

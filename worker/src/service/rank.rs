@@ -1,6 +1,7 @@
 //! What a loaded rank runs its steps on: the CPU engine of a worker group ([`Executor`], any
-//! number of ranks, TCP or NCCL between them), or the backend forward pass on one device
-//! ([`ForwardRunner`]: the CUDA backend, for a one-rank group), behind one interface.
+//! number of ranks, tensor parallelism, TCP or NCCL between them), or the backend forward pass
+//! on one device ([`ForwardRunner`]: the CUDA backend, alone or in a context-parallel group),
+//! behind one interface.
 
 use tonic::Status;
 use yoco_proto::worker::v1 as pb;
@@ -17,10 +18,11 @@ use crate::executor::{Executor, Plan, SeqResult};
 pub enum Device {
     /// The CPU engine: every group size, tensor parallelism.
     Cpu,
-    /// The CUDA backend on this GPU: one-rank groups.
+    /// The CUDA backend on this GPU: one-rank and context-parallel groups.
     Cuda(usize),
-    /// The backend forward pass of the CUDA path on the CPU backend (one-rank groups): the GPU
-    /// path's orchestration (batched decode, snapshots, plans) run where there is no GPU.
+    /// The backend forward pass of the CUDA path on the CPU backend: the GPU path's
+    /// orchestration (batched decode, snapshots, plans, context parallelism) run where there is
+    /// no GPU.
     CpuBackend,
 }
 
@@ -138,7 +140,7 @@ impl Rank for Executor {
     }
 }
 
-/// A one-rank group on a device backend.
+/// A rank on a device backend.
 pub(crate) struct DeviceRank<B: Backend> {
     pub runner: ForwardRunner<B>,
     pub device: Device,
@@ -152,8 +154,11 @@ pub(crate) struct DeviceRank<B: Backend> {
 /// The one place forward-pass errors become gRPC statuses.
 fn forward_status(e: ForwardError) -> Status {
     match e {
-        ForwardError::CacheFull { .. } | ForwardError::NoFreeSlot(_) => Status::resource_exhausted(e.to_string()),
+        ForwardError::CacheFull { .. } | ForwardError::NoFreeSlot(_) | ForwardError::PeerRefused { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         ForwardError::Backend(_) => Status::internal(e.to_string()),
+        ForwardError::Comm(_) => Status::unavailable(e.to_string()),
         ForwardError::Unsupported(_) => Status::failed_precondition(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
@@ -191,8 +196,8 @@ where
         let fwd = self.runner.forward();
         let (snapshots, snapshot_bytes) = self.runner.snapshot_usage();
         pb::InfoResponse {
-            rank: 0,
-            world: 1,
+            rank: fwd.rank() as u32,
+            world: fwd.world() as u32,
             tp: 1,
             weight_bytes: self.weight_bytes as u64,
             cache_capacity_tokens: fwd.capacity_tokens() as u64,
@@ -202,7 +207,7 @@ where
             snapshot_state_bytes: snapshot_bytes as u64,
             cache_dtype: fwd.options().cache_dtype.name().to_string(),
             weight_dtype: self.weight_dtype.to_string(),
-            broken: self.broken.clone().unwrap_or_default(),
+            broken: self.broken.clone().or_else(|| fwd.broken().map(|e| e.to_string())).unwrap_or_default(),
             device: self.device.to_string(),
             max_sequences: fwd.options().max_sequences as u32,
             ..pb::InfoResponse::default()
