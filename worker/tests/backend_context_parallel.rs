@@ -270,3 +270,27 @@ fn a_full_shard_on_one_rank_refuses_the_step_everywhere() {
     let want = e.step(&[StepItem::prefill(1, &tokens(40, 300, 2), Logits::Last)]).unwrap().remove(0).logits;
     assert_close(&ranks[0].2, &want, TOL, "after the refusal");
 }
+
+/// A rank lost mid-step is an error on the others, not a hang, and leaves them broken: every
+/// later step fails at once until the group is formed again.
+#[test]
+fn a_lost_rank_breaks_the_group_with_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&small_config(SelfMixerKind::SlidingWindow { window: 8 }), 5, false, tmp.path());
+    let started = std::time::Instant::now();
+    let ranks = tcp_group(2, &|rank, comm| {
+        let mut fwd = Forward::with_group(CpuBackend, &model, opts(), comm).unwrap();
+        let mut seq = fwd.new_sequence().unwrap();
+        fwd.prefill(&mut seq, &tokens(30, 300, 1), None, Logits::Last).unwrap();
+        if rank == 1 {
+            return None; // gone: its sockets close with its forward pass
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let lost = fwd.prefill(&mut seq, &tokens(30, 300, 2), None, Logits::Last).map(drop);
+        let again = fwd.decode(&mut [&mut seq], &[1]).map(drop);
+        Some((format!("{lost:?}"), format!("{again:?}"), fwd.broken().is_some()))
+    });
+    let (lost, again, broken) = ranks[0].clone().unwrap();
+    assert!(lost.contains("Comm") && again.contains("Comm") && broken, "{lost} / {again}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "an error, not the collective timeout");
+}

@@ -417,6 +417,23 @@ impl Worker for WorkerService {
 mod tests {
     use super::*;
 
+    /// Device backends take one-rank and context-parallel groups; a tensor-parallel group runs
+    /// on the CPU engine when the device was `auto`, and is refused when it was named.
+    #[test]
+    fn device_backends_serve_context_but_not_tensor_parallel_groups() {
+        let named = DeviceChoice { device: Device::CpuBackend, explicit: true };
+        let auto = DeviceChoice { device: Device::Cuda(0), explicit: false };
+        assert_eq!(device_for(named, 0, 1, 1).unwrap(), Device::CpuBackend);
+        assert_eq!(device_for(named, 1, 3, 1).unwrap(), Device::CpuBackend);
+        assert_eq!(device_for(auto, 1, 2, 1).unwrap(), Device::Cuda(0));
+        assert_eq!(device_for(auto, 1, 4, 2).unwrap(), Device::Cpu);
+        let refused = device_for(named, 1, 4, 2).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("tensor-parallel"), "{refused:?}");
+        let cpu = DeviceChoice { device: Device::Cpu, explicit: true };
+        assert_eq!(device_for(cpu, 0, 4, 2).unwrap(), Device::Cpu);
+    }
+
     /// A plan is checked before anything runs: invalid sampling is refused as such even on a
     /// worker with no model (which would otherwise answer FAILED_PRECONDITION).
     #[tokio::test]
