@@ -170,6 +170,18 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         let mut want = vec![0f32; w];
         retention_recurrent_step(&q1, &k1, &v1, &g1, heads, d, &mut want_state, &mut want);
         assert_close(&gpu.download(&dout)?, &want, 1e-4, "retention_recurrent");
+
+        // A context-parallel rank's correction by the state before its chunk.
+        use yoco_worker::backend::Backend;
+        let (s_in, out0) = (randn(heads * d * d, 29), randn(tokens * w, 30));
+        let mut want = out0.clone();
+        let cpu = yoco_worker::backend::cpu::CpuBackend;
+        cpu.retention_add_incoming(&q, &gamma, &s_in, &mut want, tokens, heads, d)
+            .map_err(|e| DeviceError::Driver(e.to_string()))?;
+        let (dq, mut dout) = (gpu.upload(&q)?, gpu.upload(&out0)?);
+        Backend::retention_add_incoming(gpu, &dq, &gamma, &s_in, &mut dout, tokens, heads, d)
+            .map_err(|e| DeviceError::Driver(e.to_string()))?;
+        assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_add_incoming T={tokens} d={d}"));
     }
     Ok(())
 }
@@ -301,5 +313,62 @@ fn the_forward_pass_on_the_gpu_is_the_cpu_one() {
             assert_eq!(tokens, want_tokens, "{name}: greedy tokens in f32");
         }
         gpu = Some(dev.into_backend());
+    }
+}
+
+/// Two ranks of a context-parallel group on the one GPU (threads, TCP between them, as two
+/// worker processes sharing a GPU talk): prompts cut across them, retention states and window
+/// halos exchanged, the cache sharded (a snapshot's partial blocks copied on write), decode
+/// tokens batched: the logits of one CPU-backend rank within 1e-4, the greedy tokens equal, the
+/// two ranks' logits identical.
+#[test]
+fn a_group_of_two_ranks_on_the_gpu_is_one_cpu_rank() {
+    use yoco_worker::backend::cpu::CpuBackend;
+    use yoco_worker::backend::{Backend, Forward, ForwardOptions};
+    use yoco_worker::engine::Logits;
+    if backend().is_none() {
+        return;
+    }
+    fn script<B: Backend>(fwd: &mut Forward<B>, prompt: &[u32]) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut a = fwd.new_sequence().unwrap();
+        fwd.prefill(&mut a, &prompt[..1000], None, Logits::None).unwrap();
+        let snap = fwd.snapshot(&a).unwrap();
+        let mut b = fwd.new_sequence_from(&snap).unwrap();
+        let mut rows = vec![fwd.prefill(&mut a, &prompt[1000..], None, Logits::Last).unwrap()];
+        rows.push(fwd.prefill(&mut b, &prompt[1000..1100], None, Logits::Last).unwrap());
+        let mut tokens = Vec::new();
+        for _ in 0..8 {
+            let next = [common::argmax(&rows[rows.len() - 2]), common::argmax(&rows[rows.len() - 1])];
+            tokens.extend(next);
+            let out = fwd.decode(&mut [&mut a, &mut b], &next).unwrap();
+            let vocab = out.len() / 2;
+            rows.extend([out[..vocab].to_vec(), out[vocab..].to_vec()]);
+        }
+        (tokens, rows)
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, mixer) in [
+        ("retention", yoco_worker::config::SelfMixerKind::GatedRetention),
+        ("window", yoco_worker::config::SelfMixerKind::SlidingWindow { window: 100 }),
+    ] {
+        let mut cfg = yoco_worker::presets::Preset::Tiny.config();
+        cfg.mixer = mixer;
+        let dir = tmp.path().join(name);
+        yoco_worker::presets::write_random_model(&cfg, yoco_worker::presets::StoreDtype::F32, 5, false, &dir).unwrap();
+        let model = std::sync::Arc::new(yoco_worker::model::Model::load(&dir).unwrap());
+        let opts =
+            ForwardOptions { block_tokens: 64, cache_tokens: 8192, chunk_tokens: 512, ..ForwardOptions::default() };
+        let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7919 + 13) % model.cfg.vocab_size as u32).collect();
+        let (want_tokens, want) = script(&mut Forward::new(CpuBackend, &model, opts.clone()).unwrap(), &prompt);
+        let ranks = common::run_forward_group(&model, 2, &opts, &|| backend().expect("the GPU opened above"), &|fwd| {
+            script(fwd, &prompt)
+        });
+        for (r, (tokens, rows)) in ranks.iter().enumerate() {
+            let worst = rows.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
+            eprintln!("{name}: rank {r} of 2 on the GPU: largest relative logit error {worst:.2e} (bound 1e-4)");
+            assert!(worst <= 1e-4, "{name}: rank {r}: rel err {worst}");
+            assert_eq!(tokens, &want_tokens, "{name}: greedy tokens");
+            assert_eq!(rows, &ranks[0].1, "{name}: the ranks disagree");
+        }
     }
 }
