@@ -135,6 +135,9 @@ fn uneven_cuts_and_half_caches() {
                 let bad = fwd.prefill(&mut seq, &prompt[..4], Some(&[0, 2]), Logits::Last);
                 assert!(matches!(bad, Err(ForwardError::BadSplit(_))), "{bad:?}");
                 got.push(fwd.decode(&mut [&mut seq], &[9]).unwrap());
+                // The exchanges were timed (the worker reports it per step), and taking resets.
+                assert!(fwd.take_collective_time() > std::time::Duration::ZERO);
+                assert_eq!(fwd.take_collective_time(), std::time::Duration::ZERO);
                 got
             });
             check_ranks(&format!("{mixer:?} {dtype:?}"), &want, &ranks);

@@ -12,7 +12,7 @@
 use std::ops::Range;
 
 use super::{Backend, BackendError};
-use crate::comm::{Collective, CommError};
+use crate::comm::{Collective, CommError, Timed};
 use crate::config::ModelConfig;
 use crate::engine::Logits;
 use crate::kernels::cross_attention::CrossShape;
@@ -256,7 +256,7 @@ pub struct Forward<B: Backend> {
     state_pools: Vec<Option<B::Buf>>,
     free_slots: Vec<usize>,
     /// The other ranks of a context-parallel group (`None`: this rank alone).
-    group: Option<Box<dyn Collective>>,
+    group: Option<Timed>,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
 }
@@ -366,7 +366,7 @@ impl<B: Backend> Forward<B> {
     pub fn with_group(backend: B, model: &Model, opts: ForwardOptions, comm: Box<dyn Collective>) -> Result<Self> {
         let mut fwd = Self::new(backend, model, opts)?;
         if comm.world() > 1 {
-            fwd.group = Some(comm);
+            fwd.group = Some(Timed::new(comm));
         }
         Ok(fwd)
     }
@@ -379,6 +379,12 @@ impl<B: Backend> Forward<B> {
     /// Ranks of the group (each holds a shard of every global cache).
     pub fn world(&self) -> usize {
         self.group.as_ref().map_or(1, |g| g.world())
+    }
+
+    /// Time spent exchanging with the other ranks (waiting for them included) since the last
+    /// call.
+    pub fn take_collective_time(&mut self) -> std::time::Duration {
+        self.group.as_mut().map_or(std::time::Duration::ZERO, Timed::take_spent)
     }
 
     /// The collective failure that broke this rank's group, if any.
@@ -946,7 +952,7 @@ impl<B: Backend> Forward<B> {
             let mut q = b.matmul(&xn, n, &l.q.w)?;
             b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
             let o = if let Some(group) = self.group.as_mut() {
-                sharded::attention_across_ranks(b, &mut **group, &q, &self.pool, &tables, &visible, shape)?
+                sharded::attention_across_ranks(b, group, &q, &self.pool, &tables, &visible, shape)?
             } else if n == 1 {
                 b.cross_attention(&q, &self.pool, &tables[0], shape)?
             } else {

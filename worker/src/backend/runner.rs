@@ -35,6 +35,11 @@ impl<B: Backend> ForwardRunner<B> {
         &self.fwd
     }
 
+    /// Time spent exchanging with the other ranks of the group since the last call.
+    pub fn take_collective_time(&mut self) -> std::time::Duration {
+        self.fwd.take_collective_time()
+    }
+
     /// Open sequences.
     pub fn sequences(&self) -> usize {
         self.seqs.len()

@@ -187,7 +187,8 @@ where
         self.runner.free(ids)
     }
     fn take_collective_spent(&mut self) -> Spent {
-        Spent::default()
+        // A device group is context-parallel only: every exchange is the column's.
+        Spent { cp: self.runner.take_collective_time(), ..Spent::default() }
     }
     fn cache_used_bytes(&self) -> usize {
         self.runner.forward().used_cache_bytes()

@@ -107,7 +107,7 @@ impl<B: Backend> Forward<B> {
                         }
                         None => vec![0.0; per + heads],
                     };
-                    let all = gather_equal(&mut **group, &packed, "retention states")?;
+                    let all = gather_equal(group, &packed, "retention states")?;
                     packed.clear();
                     let parts: Vec<(&[f32], &[f32])> = all.iter().map(|p| (&p[..per], &p[per..])).collect();
                     let before = b.download(&b.rows(states, per, slot..slot + 1)?)?;
