@@ -510,9 +510,15 @@ impl<B: Backend> Forward<B> {
             Ok(flags) => flags,
             Err(e) => return Err(self.fail(e)),
         };
-        local?;
+        if let Err(e) = local {
+            tracing::warn!(error = %e, "this rank refuses the step: every rank of the group refuses it");
+            return Err(e);
+        }
         match flags.iter().position(|f| f.first() != Some(&0.0)) {
-            Some(rank) => Err(ForwardError::PeerRefused { rank, reason: "it refused the step (see its log)".into() }),
+            Some(rank) => {
+                tracing::warn!(peer = rank, "a peer refused the step: this rank refuses it too");
+                Err(ForwardError::PeerRefused { rank, reason: "it refused the step (see its log)".into() })
+            }
             None => Ok(()),
         }
     }

@@ -68,6 +68,7 @@ impl<B: Backend> Forward<B> {
         let mine = chunk(starts, n, rank);
         let m = mine.len();
         let first = seq.pos + mine.start;
+        let _span = tracing::debug_span!("sharded_prefill", rank, world, tokens = n, chunk = m, first).entered();
         let positions: Vec<u32> = (first..first + m).map(|p| p as u32).collect();
         let group = self.group.as_mut().expect("a sharded step runs in a group");
         let b = &self.backend;
