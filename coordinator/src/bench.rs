@@ -58,6 +58,10 @@ pub struct Args {
     /// with P the thread count, at least 2).
     #[arg(long, value_delimiter = ',')]
     process_grids: Vec<String>,
+    /// `--device` of the worker processes: `cpu` (the CPU engine), or a device backend
+    /// (`cpu-backend`, `cuda`), whose groups are context-parallel only (default grids 1x1, 1xP).
+    #[arg(long, default_value = "cpu")]
+    process_device: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -156,8 +160,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let processes = process_prefill(&args, &dir, threads, cache_bytes_per_token)?;
     if !args.json && !processes.is_empty() {
         println!(
-            "{} prompt tokens, then {} decoded, through worker processes as tp × cp grids (gRPC plans, TCP collectives):",
-            args.process_context, args.decode_tokens
+            "{} prompt tokens, then {} decoded, through worker processes (--device {}) as tp × cp grids (gRPC plans, TCP collectives):",
+            args.process_context, args.decode_tokens, args.process_device
         );
         println!(
             "{:>5} {:>13} {:>10} {:>13} {:>8} {:>12} {:>24} {:>24}",
@@ -250,7 +254,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "sequences": b, "context": args.batch_context, "tokens_per_second": r,
             })).collect::<Vec<_>>(),
             "process_prefill": processes.iter().map(|p| json!({
-                "processes": p.world(), "tp": p.tp, "cp": p.cp, "threads_each": p.threads_each,
+                "device": args.process_device, "processes": p.world(), "tp": p.tp, "cp": p.cp, "threads_each": p.threads_each,
                 "tokens": args.process_context, "prefill_seconds": p.prefill_seconds,
                 "prefill_tokens_per_second": args.process_context as f64 / p.prefill_seconds,
                 "decode_tokens": args.decode_tokens, "decode_tokens_per_second": p.decode_tokens_per_second,
@@ -385,7 +389,8 @@ fn process_prefill(
         stop_token_ids: Vec::new(),
         ..GenerateParams::default()
     };
-    let grids = process_grids(&args.process_grids, threads)?;
+    let device_backend = args.process_device != "cpu";
+    let grids = process_grids(&args.process_grids, threads, !device_backend)?;
     let mut out = Vec::new();
     for (tp, cp) in grids {
         let threads_each = if tp * cp == 1 { threads } else { 1 };
@@ -400,8 +405,8 @@ fn process_prefill(
             local_worker_threads: Some(threads_each),
             tp,
             max_sequences: 0,
-            // The CPU engine's benchmark, on a machine with a GPU too.
-            local_device: Some("cpu".into()),
+            // Named, so that a machine with a GPU runs the CPU engine's benchmark unless asked.
+            local_device: Some(args.process_device.clone()),
         };
         let mut group = crate::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
         let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };
@@ -419,13 +424,16 @@ fn process_prefill(
     Ok(out)
 }
 
-/// `--process-grids` as (tp, cp) pairs; the default is 1×1, 1×P and P×1.
-fn process_grids(names: &[String], threads: usize) -> anyhow::Result<Vec<(usize, usize)>> {
+/// `--process-grids` as (tp, cp) pairs; the default is 1×1, 1×P and (when tensor parallelism
+/// is allowed: the CPU engine) P×1.
+fn process_grids(names: &[String], threads: usize, tp_allowed: bool) -> anyhow::Result<Vec<(usize, usize)>> {
     let ranks = threads.max(2);
     if names.is_empty() {
-        return Ok(vec![(1, 1), (1, ranks), (ranks, 1)]);
+        let mut grids = vec![(1, 1), (1, ranks)];
+        grids.extend(tp_allowed.then_some((ranks, 1)));
+        return Ok(grids);
     }
-    names
+    let grids: Vec<(usize, usize)> = names
         .iter()
         .map(|name| {
             let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| (1..=64).contains(&n));
@@ -437,7 +445,11 @@ fn process_grids(names: &[String], threads: usize) -> anyhow::Result<Vec<(usize,
                 None => bail!("--process-grids: `{name}`: expected TxC, e.g. 1x2"),
             }
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    if !tp_allowed && grids.iter().any(|&(tp, _)| tp > 1) {
+        bail!("--process-grids: a device backend runs context-parallel groups only (tp 1)");
+    }
+    Ok(grids)
 }
 
 /// Milliseconds per step of collective time.
@@ -563,12 +575,14 @@ mod tests {
 
     #[test]
     fn process_grids_parse_and_default() {
-        assert_eq!(process_grids(&[], 4).unwrap(), vec![(1, 1), (1, 4), (4, 1)]);
-        assert_eq!(process_grids(&[], 1).unwrap(), vec![(1, 1), (1, 2), (2, 1)]);
+        assert_eq!(process_grids(&[], 4, true).unwrap(), vec![(1, 1), (1, 4), (4, 1)]);
+        assert_eq!(process_grids(&[], 1, true).unwrap(), vec![(1, 1), (1, 2), (2, 1)]);
+        assert_eq!(process_grids(&[], 2, false).unwrap(), vec![(1, 1), (1, 2)]);
         let names: Vec<String> = ["1x2", "2×1", " 1 x 1 "].iter().map(|s| s.to_string()).collect();
-        assert_eq!(process_grids(&names, 2).unwrap(), vec![(1, 2), (2, 1), (1, 1)]);
+        assert_eq!(process_grids(&names, 2, true).unwrap(), vec![(1, 2), (2, 1), (1, 1)]);
+        assert!(process_grids(&names, 2, false).unwrap_err().to_string().contains("context-parallel"));
         for bad in ["2", "0x1", "1x", "ax2", "1x65"] {
-            let err = process_grids(&[bad.to_string()], 2).unwrap_err().to_string();
+            let err = process_grids(&[bad.to_string()], 2, true).unwrap_err().to_string();
             assert!(err.contains("--process-grids"), "{bad}: {err}");
         }
     }
