@@ -198,18 +198,28 @@ impl Executor {
         if self.engine.world() == 1 {
             return Ok(());
         }
-        let mut tokens: Vec<f32> = results.iter().filter_map(|r| r.sampled.as_ref()).map(|s| s.token as f32).collect();
-        self.engine.broadcast(0, &mut tokens)?;
-        for (s, t) in results.iter_mut().filter_map(|r| r.sampled.as_mut()).zip(tokens) {
-            // Token ids are below 2^24, so they travel exactly as f32.
-            let t = t as u32;
-            if s.token != t {
-                tracing::warn!(mine = s.token, rank0 = t, "sampled token differed from rank 0's; using rank 0's");
-                s.token = t;
-            }
-        }
-        Ok(())
+        let engine = &mut self.engine;
+        use_first_ranks_tokens(results, |tokens| engine.broadcast(0, tokens))
     }
+}
+
+/// Replaces the sampled tokens of `results` by rank 0's, which `broadcast` delivers (every
+/// rank's executor does this after a step, so that the ranks never drift apart).
+pub(crate) fn use_first_ranks_tokens<E>(
+    results: &mut [SeqResult],
+    broadcast: impl FnOnce(&mut Vec<f32>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut tokens: Vec<f32> = results.iter().filter_map(|r| r.sampled.as_ref()).map(|s| s.token as f32).collect();
+    broadcast(&mut tokens)?;
+    for (s, t) in results.iter_mut().filter_map(|r| r.sampled.as_mut()).zip(tokens) {
+        // Token ids are below 2^24, so they travel exactly as f32.
+        let t = t as u32;
+        if s.token != t {
+            tracing::warn!(mine = s.token, rank0 = t, "sampled token differed from rank 0's; using rank 0's");
+            s.token = t;
+        }
+    }
+    Ok(())
 }
 
 /// The next token from a row of logits, with its log-probability and the `top` most likely

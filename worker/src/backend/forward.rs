@@ -932,6 +932,11 @@ impl<B: Backend> Forward<B> {
     /// output projection. Returns the logits `[rows, vocab]`.
     fn cross_decode(&mut self, x: &B::Buf, rows: &[(&[u32], usize, usize)]) -> Result<Vec<f32>> {
         let result = self.cross_decode_rows(x, rows);
+        self.broken_by(result)
+    }
+
+    /// `result`, the group marked broken if it is a failed collective.
+    fn broken_by<T>(&mut self, result: Result<T>) -> Result<T> {
         if let Err(ForwardError::Comm(e)) = &result {
             self.broken = Some(e.clone());
         }

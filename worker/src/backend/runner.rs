@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::{Backend, Forward, ForwardError, Sequence, Snapshot};
 use crate::engine::{Logits, SeqId, SnapshotId};
-use crate::executor::{sample_next, Plan, SeqResult, SeqSpec};
+use crate::executor::{sample_next, use_first_ranks_tokens, Plan, SeqResult, SeqSpec};
 use crate::generate::{PlanRunner, RunError};
 use crate::sampling::{log_softmax, Sampler};
 
@@ -143,17 +143,8 @@ impl<B: Backend> ForwardRunner<B> {
         if self.fwd.world() == 1 {
             return Ok(());
         }
-        let mut tokens: Vec<f32> = results.iter().filter_map(|r| r.sampled.as_ref()).map(|s| s.token as f32).collect();
-        self.fwd.broadcast_from_first(&mut tokens)?;
-        for (s, t) in results.iter_mut().filter_map(|r| r.sampled.as_mut()).zip(tokens) {
-            // Token ids are below 2^24, so they travel exactly as f32.
-            let t = t as u32;
-            if s.token != t {
-                tracing::warn!(mine = s.token, rank0 = t, "sampled token differed from rank 0's; using rank 0's");
-                s.token = t;
-            }
-        }
-        Ok(())
+        let fwd = &mut self.fwd;
+        use_first_ranks_tokens(results, |tokens| fwd.broadcast_from_first(tokens))
     }
 
     /// Everything a plan could fail on before it changes anything: sequences to add that exist,

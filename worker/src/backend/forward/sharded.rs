@@ -50,10 +50,7 @@ impl<B: Backend> Forward<B> {
         wanted: Range<usize>,
     ) -> Result<B::Buf> {
         let result = self.sharded_rows(seq, tokens, starts, wanted);
-        if let Err(ForwardError::Comm(e)) = &result {
-            self.broken = Some(e.clone());
-        }
-        result
+        self.broken_by(result)
     }
 
     fn sharded_rows(
