@@ -7,9 +7,7 @@ use crate::cache::LayerState;
 use crate::comm::{Collective, CommError, Grid};
 use crate::config::{ConfigError, ModelConfig, SelfMixerKind};
 use crate::cp::{last_rows, retention_incoming};
-use crate::kernels::cross_attention::{
-    cross_attention_partials, finalize, merge_partials, CrossShape, KvView, Partial,
-};
+use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView, Partial};
 use crate::kernels::embedding::embed;
 use crate::kernels::matmul::linear;
 use crate::kernels::retention::{
@@ -678,30 +676,15 @@ fn merge_across_ranks(
     shape: CrossShape,
     comm: &mut dyn Collective,
 ) -> Result<Vec<Partial>, CommError> {
-    let per = shape.q_dim() + 2 * shape.heads;
-    let mut packed = Vec::with_capacity(parts.len() * per);
+    let mut packed = Vec::with_capacity(parts.len() * Partial::packed_len(shape));
     for p in parts {
-        packed.extend(&p.o);
-        packed.extend(&p.m);
-        packed.extend(&p.l);
+        p.pack_into(&mut packed);
     }
     let all = comm.all_gather(&packed)?;
     if all.iter().any(|p| p.len() != packed.len()) {
         return Err(protocol("attention partials of different sizes across ranks".into()));
     }
-    let (qd, h) = (shape.q_dim(), shape.heads);
-    Ok((0..parts.len())
-        .map(|r| {
-            let ranks: Vec<Partial> = all
-                .iter()
-                .map(|buf| {
-                    let b = &buf[r * per..(r + 1) * per];
-                    Partial { o: b[..qd].to_vec(), m: b[qd..qd + h].to_vec(), l: b[qd + h..].to_vec() }
-                })
-                .collect();
-            merge_partials(&ranks, shape)
-        })
-        .collect())
+    Ok((0..parts.len()).map(|r| Partial::merge_gathered(&all, r, shape)).collect())
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

@@ -72,6 +72,32 @@ impl Partial {
     pub fn empty(shape: CrossShape) -> Self {
         Partial { o: vec![0.0; shape.q_dim()], m: vec![f32::NEG_INFINITY; shape.heads], l: vec![0.0; shape.heads] }
     }
+
+    /// Floats of one packed partial, `[o | m | l]`: what ranks exchange per query row.
+    pub fn packed_len(shape: CrossShape) -> usize {
+        shape.q_dim() + 2 * shape.heads
+    }
+
+    /// Appends `[o | m | l]` to `out`.
+    pub fn pack_into(&self, out: &mut Vec<f32>) {
+        out.extend_from_slice(&self.o);
+        out.extend_from_slice(&self.m);
+        out.extend_from_slice(&self.l);
+    }
+
+    /// Row `row` of a buffer of packed partials (`Self::pack_into`, `Self::packed_len` each).
+    pub fn unpack(buf: &[f32], row: usize, shape: CrossShape) -> Self {
+        let (qd, h) = (shape.q_dim(), shape.heads);
+        let p = &buf[row * Self::packed_len(shape)..(row + 1) * Self::packed_len(shape)];
+        Partial { o: p[..qd].to_vec(), m: p[qd..qd + h].to_vec(), l: p[qd + h..].to_vec() }
+    }
+
+    /// Merges row `row` of every rank's packed buffer, in rank order (the same bits on every
+    /// rank that merges the same buffers).
+    pub fn merge_gathered(all: &[Vec<f32>], row: usize, shape: CrossShape) -> Self {
+        let parts: Vec<Partial> = all.iter().map(|buf| Partial::unpack(buf, row, shape)).collect();
+        merge_partials(&parts, shape)
+    }
 }
 
 /// Which tile kernels to use: the fastest this CPU has, at most AVX2, or the portable ones
@@ -555,6 +581,46 @@ mod tests {
                 shape,
             );
             assert_close(&out[r * 8..(r + 1) * 8], &want, 1e-4, &format!("row {r}"));
+        }
+    }
+
+    #[test]
+    fn packed_partials_of_ranks_merge_to_the_whole_attention() {
+        // Three "ranks" hold positions 0..40, 40..40 (none) and 40..n; each packs its partial
+        // of two query rows, and merging row r across the packed buffers is row r's attention.
+        let shape = CrossShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let (kvd, n, bt) = (shape.kv_dim(), 97, 16);
+        let keys = randn(n * kvd, 8);
+        let values = randn(n * kvd, 9);
+        let storage = blocks(&keys, &values, kvd, bt);
+        let view = KvView {
+            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: n,
+        };
+        let q = randn(2 * shape.q_dim(), 10);
+        let all: Vec<Vec<f32>> = [0..40, 40..40, 40..n]
+            .into_iter()
+            .map(|range| {
+                let mut packed = Vec::new();
+                for row in q.chunks_exact(shape.q_dim()) {
+                    let part = if range.is_empty() {
+                        Partial::empty(shape)
+                    } else {
+                        cross_attention_partial(row, shape, &view, range.clone())
+                    };
+                    part.pack_into(&mut packed);
+                }
+                assert_eq!(packed.len(), 2 * Partial::packed_len(shape));
+                packed
+            })
+            .collect();
+        for (r, row) in q.chunks_exact(shape.q_dim()).enumerate() {
+            let mut out = vec![0.0; shape.q_dim()];
+            finalize(&Partial::merge_gathered(&all, r, shape), shape, &mut out);
+            let want = cross_attention_reference(row, &keys, &values, shape);
+            assert_close(&out, &want, 1e-4, &format!("row {r}"));
         }
     }
 }

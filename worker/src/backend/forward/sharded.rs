@@ -21,7 +21,7 @@ use super::{ffn, retention_out, window_step, Forward, ForwardError, Lin, Mixer, 
 use crate::backend::Backend;
 use crate::comm::{Collective, CommError};
 use crate::cp::{chunk, last_rows, retention_incoming};
-use crate::kernels::cross_attention::{finalize, merge_partials, CrossShape, Partial};
+use crate::kernels::cross_attention::{finalize, CrossShape, Partial};
 use crate::kernels::retention::retention_log_decay;
 
 fn protocol(peer: usize, reason: &str) -> ForwardError {
@@ -231,30 +231,20 @@ pub(super) fn attention_across_ranks<B: Backend>(
     visible: &[usize],
     shape: CrossShape,
 ) -> Result<B::Buf> {
-    let (qd, h) = (shape.q_dim(), shape.heads);
-    let per = qd + 2 * h;
-    let mut packed = Vec::with_capacity(tables.len() * per);
+    let qd = shape.q_dim();
+    let mut packed = Vec::with_capacity(tables.len() * Partial::packed_len(shape));
     for (i, (table, &len)) in tables.iter().zip(visible).enumerate() {
         let part = if len == 0 {
             Partial::empty(shape)
         } else {
             b.cross_attention_partial(&b.rows(q, qd, i..i + 1)?, pool, table, shape)?
         };
-        packed.extend_from_slice(&part.o);
-        packed.extend_from_slice(&part.m);
-        packed.extend_from_slice(&part.l);
+        part.pack_into(&mut packed);
     }
     let all = gather_equal(group, &packed, "attention partials")?;
     let mut o = vec![0.0; tables.len() * qd];
     for (i, row) in o.chunks_exact_mut(qd).enumerate() {
-        let parts: Vec<Partial> = all
-            .iter()
-            .map(|buf| {
-                let p = &buf[i * per..(i + 1) * per];
-                Partial { o: p[..qd].to_vec(), m: p[qd..qd + h].to_vec(), l: p[qd + h..].to_vec() }
-            })
-            .collect();
-        finalize(&merge_partials(&parts, shape), shape, row);
+        finalize(&Partial::merge_gathered(&all, i, shape), shape, row);
     }
     Ok(b.upload(&o)?)
 }
