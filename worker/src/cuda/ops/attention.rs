@@ -1,0 +1,393 @@
+//! The mixers' and the global cache's ops of [`Gpu`]: gated retention (chunkwise, recurrent,
+//! and the incoming state of context parallelism), sliding-window attention, writes of K/V
+//! rows into cache blocks and copies of blocks, block tables, and cross-attention over the
+//! blocks (flash-decoding split, log-sum-exp merge).
+
+use super::{check, i32_of, u32_of, Arg, BlockTables, DeviceKvPool, Gpu, PoolData};
+use crate::cuda::runtime::{DeviceError, Runtime};
+use crate::cuda::{ATTN_TILE, MAX_HEAD_DIM, RETENTION_COLS};
+use crate::kernels::cross_attention::CrossShape;
+use crate::kernels::kv_block::CacheDtype;
+
+impl<R: Runtime> Gpu<R> {
+    fn check_head_dim(op: &'static str, head_dim: usize) -> Result<(), DeviceError> {
+        check(op, head_dim > 0 && head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(2), || {
+            format!("head_dim {head_dim}: the kernels take even head dims up to {MAX_HEAD_DIM}")
+        })
+    }
+
+    /// Chunkwise gated retention over `tokens` tokens from the state in slot `slot` of
+    /// `states [slots, heads, d, d]` (left there after the last token): `out [tokens, heads · d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retention_chunkwise(
+        &self,
+        q: &R::Buf<f32>,
+        k: &R::Buf<f32>,
+        v: &R::Buf<f32>,
+        gamma: &R::Buf<f32>,
+        states: &mut R::Buf<f32>,
+        slot: usize,
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "retention_chunkwise";
+        Self::check_head_dim(OP, head_dim)?;
+        let n = tokens * heads * head_dim;
+        for (what, buf) in [("q", q), ("k", k), ("v", v)] {
+            self.fits(OP, what, buf, n)?;
+        }
+        self.fits(OP, "gamma", gamma, tokens * heads)?;
+        let per = heads * head_dim * head_dim;
+        self.fits(OP, "states", states, (slot + 1) * per)?;
+        self.fits(OP, "out", out, n)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let grid = (u32_of(OP, heads)?, head_dim.div_ceil(RETENTION_COLS) as u32, 1);
+        let args = vec![
+            self.at(q),
+            self.at(k),
+            self.at(v),
+            self.at(gamma),
+            self.at_offset(states, slot * per),
+            self.at(out),
+            i32_of(OP, tokens)?.into(),
+            i32_of(OP, heads)?.into(),
+            i32_of(OP, head_dim)?.into(),
+        ];
+        // SAFETY: every buffer holds what the shapes need (checked above).
+        unsafe { self.launch("retention_chunkwise", grid, RETENTION_COLS as u32, args) }
+    }
+
+    /// One recurrent retention step for `seqs` sequences, sequence s on state slot `slots[s]` of
+    /// `states [slots, heads, d, d]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retention_recurrent(
+        &self,
+        q: &R::Buf<f32>,
+        k: &R::Buf<f32>,
+        v: &R::Buf<f32>,
+        gamma: &R::Buf<f32>,
+        slots: &[u32],
+        states: &mut R::Buf<f32>,
+        out: &mut R::Buf<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "retention_recurrent";
+        Self::check_head_dim(OP, head_dim)?;
+        let seqs = slots.len();
+        let n = seqs * heads * head_dim;
+        for (what, buf) in [("q", q), ("k", k), ("v", v)] {
+            self.fits(OP, what, buf, n)?;
+        }
+        self.fits(OP, "gamma", gamma, seqs * heads)?;
+        self.fits(OP, "out", out, n)?;
+        let mut sorted = slots.to_vec();
+        sorted.sort_unstable();
+        // Two sequences on one slot would race on its state.
+        check(OP, sorted.windows(2).all(|p| p[0] != p[1]), || format!("a slot twice in {slots:?}"))?;
+        let slot_len = heads * head_dim * head_dim;
+        let max = slots.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
+        self.fits(OP, "states", states, max * slot_len)?;
+        if seqs == 0 {
+            return Ok(());
+        }
+        let dev_slots = self.upload(slots)?;
+        let args = vec![
+            self.at(q),
+            self.at(k),
+            self.at(v),
+            self.at(gamma),
+            self.at(&dev_slots),
+            self.at(states),
+            self.at(out),
+            i32_of(OP, heads)?.into(),
+            i32_of(OP, head_dim)?.into(),
+        ];
+        // SAFETY: buffers sized above; every slot lies within states.
+        unsafe { self.launch("retention_recurrent", (u32_of(OP, heads)?, u32_of(OP, seqs)?, 1), 64, args) }
+    }
+
+    /// `out [tokens, heads · d] += decay_t · q_t S_in` per head: a context-parallel rank's
+    /// correction of outputs computed from a zero state, `decay [tokens, heads]` being
+    /// `exp(G_t)` and `s_in [heads, d, d]` the state before its chunk.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retention_add_incoming(
+        &self,
+        q: &R::Buf<f32>,
+        decay: &R::Buf<f32>,
+        s_in: &R::Buf<f32>,
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "retention_add_incoming";
+        Self::check_head_dim(OP, head_dim)?;
+        let n = tokens * heads * head_dim;
+        self.fits(OP, "q", q, n)?;
+        self.fits(OP, "out", out, n)?;
+        self.fits(OP, "decay", decay, tokens * heads)?;
+        self.fits(OP, "s_in", s_in, heads * head_dim * head_dim)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let args = vec![
+            self.at(q),
+            self.at(decay),
+            self.at(s_in),
+            self.at(out),
+            i32_of(OP, heads)?.into(),
+            i32_of(OP, head_dim)?.into(),
+        ];
+        let grid = (u32_of(OP, tokens)?, u32_of(OP, heads)?, 1);
+        // SAFETY: every buffer holds what the shapes need (checked above).
+        unsafe { self.launch(OP, grid, RETENTION_COLS as u32, args) }
+    }
+
+    /// Copies cache block `src` of `pool` over block `dst` (K and V rows).
+    pub fn copy_block(&self, pool: &mut DeviceKvPool<R>, src: usize, dst: usize) -> Result<(), DeviceError> {
+        const OP: &str = "copy_block";
+        check(OP, src < pool.blocks && dst < pool.blocks, || format!("blocks {src}, {dst} of {}", pool.blocks))?;
+        let per = 2 * pool.block_tokens * pool.kv_dim;
+        if src == dst {
+            return Ok(());
+        }
+        // The block's bits as 16-bit words (an f32 element is two), copied by one kernel.
+        let (from, to, words) = match &pool.data {
+            PoolData::F32(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), 2 * per),
+            PoolData::Half(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), per),
+        };
+        let args = vec![from, to, Arg::U64(words as u64)];
+        // SAFETY: both blocks lie inside the pool (checked) and are distinct, so do not overlap.
+        unsafe { self.launch("copy_u16", Self::elementwise(words), 256, args) }
+    }
+
+    /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn window_attention(
+        &self,
+        q: &R::Buf<f32>,
+        keys: &R::Buf<f32>,
+        values: &R::Buf<f32>,
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        prefix: usize,
+        window: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "window_attention";
+        Self::check_head_dim(OP, head_dim)?;
+        let w = heads * head_dim;
+        self.fits(OP, "q", q, tokens * w)?;
+        self.fits(OP, "keys", keys, (prefix + tokens) * w)?;
+        self.fits(OP, "values", values, (prefix + tokens) * w)?;
+        self.fits(OP, "out", out, tokens * w)?;
+        check(OP, window > 0, || "window 0".into())?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let args = vec![
+            self.at(q),
+            self.at(keys),
+            self.at(values),
+            self.at(out),
+            i32_of(OP, prefix)?.into(),
+            i32_of(OP, window)?.into(),
+            i32_of(OP, heads)?.into(),
+            i32_of(OP, head_dim)?.into(),
+        ];
+        // SAFETY: buffers sized above.
+        unsafe { self.launch("window_attention", (u32_of(OP, tokens)?, u32_of(OP, heads)?, 1), 128, args) }
+    }
+
+    /// Writes `rows [n, kv_dim]` as positions `start..start + n` of the sequence whose blocks
+    /// `table` lists, into the K (`values = false`) or V half of its blocks.
+    pub fn kv_write(
+        &self,
+        rows: &R::Buf<f32>,
+        n: usize,
+        pool: &mut DeviceKvPool<R>,
+        table: &[u32],
+        start: usize,
+        values: bool,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "kv_write";
+        let (bt, kvd) = (pool.block_tokens, pool.kv_dim);
+        self.fits(OP, "rows", rows, n * kvd)?;
+        check(OP, start + n <= table.len() * bt, || {
+            format!("positions {start}..{} beyond {} blocks of {bt}", start + n, table.len())
+        })?;
+        check(OP, table.iter().all(|&b| (b as usize) < pool.blocks), || {
+            format!("a block beyond the pool of {}", pool.blocks)
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = match pool.dtype {
+            CacheDtype::F32 => "kv_write_f32",
+            CacheDtype::Bf16 => "kv_write_bf16",
+            CacheDtype::F16 => "kv_write_f16",
+        };
+        let dev_table = self.upload(table)?;
+        let data = match &pool.data {
+            PoolData::F32(d) => self.at(d),
+            PoolData::Half(d) => self.at(d),
+        };
+        let args = vec![
+            self.at(rows),
+            data,
+            self.at(&dev_table),
+            i32_of(OP, start)?.into(),
+            i32_of(OP, bt)?.into(),
+            i32_of(OP, kvd)?.into(),
+            i32::from(values).into(),
+        ];
+        // SAFETY: the positions lie within the table's blocks, and the blocks within the pool.
+        unsafe { self.launch(name, (u32_of(OP, n)?, 1, 1), 128, args) }
+    }
+
+    /// The block tables of `seqs` sequences for [`Gpu::cross_attention`], checked against
+    /// `pool` and uploaded once (every cross-decoder layer of a step reads the same ones):
+    /// sequence s attends over positions `0..lens[s]` of the blocks `tables[s]` lists.
+    pub fn block_tables(
+        &self,
+        pool: &DeviceKvPool<R>,
+        tables: &[&[u32]],
+        lens: &[usize],
+    ) -> Result<BlockTables<R>, DeviceError> {
+        const OP: &str = "block_tables";
+        check(OP, tables.len() == lens.len(), || "one table per sequence".into())?;
+        let (mut flat, mut offsets) = (Vec::new(), Vec::with_capacity(lens.len()));
+        for (table, &len) in tables.iter().zip(lens) {
+            check(OP, len <= table.len() * pool.block_tokens, || {
+                format!("{len} positions beyond {} blocks", table.len())
+            })?;
+            check(OP, table.iter().all(|&b| (b as usize) < pool.blocks), || "a block beyond the pool".into())?;
+            offsets.push(
+                u32::try_from(flat.len())
+                    .map_err(|_| DeviceError::Shape { op: OP, message: "tables too long".into() })?,
+            );
+            flat.extend_from_slice(table);
+        }
+        let lens32 = lens.iter().map(|&l| u32_of(OP, l)).collect::<Result<Vec<u32>, _>>()?;
+        Ok(BlockTables {
+            tables: self.upload(&flat)?,
+            offsets: self.upload(&offsets)?,
+            lens: self.upload(&lens32)?,
+            seqs: lens.len(),
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            pool: (pool.blocks, pool.block_tokens),
+        })
+    }
+
+    /// Cross-attention of one query per sequence over its cache, the flash-decoding split:
+    /// partials over `split_tokens` positions, then the log-sum-exp merge into
+    /// `out [seqs, heads · head_dim]`, for the sequences of `tables`.
+    pub fn cross_attention(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+    ) -> Result<(), DeviceError> {
+        self.fits("cross_attention", "out", out, tables.seqs * shape.q_dim())?;
+        self.attend(q, pool, tables, shape, split_tokens, out, None)
+    }
+
+    /// [`Gpu::cross_attention`] stopped before the normalisation: per sequence the partial
+    /// over its whole range (`o = Σ exp(s − m) v`, the max `m` and the sum `l` per head), for a
+    /// merge with other ranks' partials. `out` holds `[seqs · heads · head_dim]` of `o`, then
+    /// `[seqs · heads]` of `m`, then of `l`.
+    pub fn cross_attention_partial(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+    ) -> Result<(), DeviceError> {
+        let (seqs, qd, h) = (tables.seqs, shape.q_dim(), shape.heads);
+        self.fits("cross_attention_partial", "out", out, seqs * (qd + 2 * h))?;
+        let (m, l) = (self.at_offset(out, seqs * qd), self.at_offset(out, seqs * (qd + h)));
+        self.attend(q, pool, tables, shape, split_tokens, out, Some((m, l)))
+    }
+
+    /// The flash-decoding split and its merge: finalised into `out` when `partial` is `None`,
+    /// else `o` into `out` and `m`, `l` at the addresses given (inside `out`, checked by the
+    /// caller).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &R::Buf<f32>,
+        pool: &DeviceKvPool<R>,
+        tables: &BlockTables<R>,
+        shape: CrossShape,
+        split_tokens: usize,
+        out: &mut R::Buf<f32>,
+        partial: Option<(Arg, Arg)>,
+    ) -> Result<(), DeviceError> {
+        const OP: &str = "cross_attention";
+        Self::check_head_dim(OP, shape.head_dim)?;
+        check(OP, shape.kv_dim() == pool.kv_dim && shape.heads.is_multiple_of(shape.kv_heads), || {
+            format!("{shape:?} against a pool of kv_dim {}", pool.kv_dim)
+        })?;
+        check(OP, tables.pool == (pool.blocks, pool.block_tokens), || "block tables made for another pool".into())?;
+        check(OP, split_tokens > 0, || "split_tokens 0".into())?;
+        let seqs = tables.seqs;
+        self.fits(OP, "q", q, seqs * shape.q_dim())?;
+        if seqs == 0 {
+            return Ok(());
+        }
+        let splits = tables.max_len.div_ceil(split_tokens).max(1);
+        let parts = seqs * shape.heads * splits;
+        let (po, pm, pl) =
+            (self.zeros::<f32>(parts * shape.head_dim)?, self.zeros::<f32>(parts)?, self.zeros::<f32>(parts)?);
+        let (name, data) = match (&pool.data, pool.dtype) {
+            (PoolData::F32(d), _) => ("cross_attention_partials_f32", self.at(d)),
+            (PoolData::Half(d), CacheDtype::Bf16) => ("cross_attention_partials_bf16", self.at(d)),
+            (PoolData::Half(d), _) => ("cross_attention_partials_f16", self.at(d)),
+        };
+        let d = i32_of(OP, shape.head_dim)?;
+        let args = vec![
+            self.at(q),
+            data,
+            self.at(&tables.tables),
+            self.at(&tables.offsets),
+            self.at(&tables.lens),
+            self.at(&po),
+            self.at(&pm),
+            self.at(&pl),
+            i32_of(OP, shape.heads)?.into(),
+            i32_of(OP, shape.kv_heads)?.into(),
+            d.into(),
+            i32_of(OP, pool.block_tokens)?.into(),
+            i32_of(OP, split_tokens)?.into(),
+        ];
+        let grid = (u32_of(OP, shape.heads)?, u32_of(OP, splits)?, u32_of(OP, seqs)?);
+        // SAFETY: each sequence's positions lie within its blocks (checked), the blocks within
+        // the pool; the partials are sized for the grid.
+        unsafe { self.launch(name, grid, ATTN_TILE.min(128) as u32, args)? };
+        let args = vec![
+            self.at(&po),
+            self.at(&pm),
+            self.at(&pl),
+            i32_of(OP, splits)?.into(),
+            d.into(),
+            i32::from(partial.is_none()).into(),
+            self.at(out),
+        ];
+        let (m, l) = partial.unwrap_or((Arg::Addr(0), Arg::Addr(0)));
+        let args = args.into_iter().chain([m, l]).collect();
+        // SAFETY: the partials written above, merged into out [seqs, heads · head_dim] (and,
+        // unfinalised, m and l where the caller checked they fit).
+        unsafe { self.launch("lse_merge", (u32_of(OP, shape.heads)?, u32_of(OP, seqs)?, 1), 64, args) }
+    }
+}
