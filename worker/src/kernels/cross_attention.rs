@@ -460,6 +460,11 @@ mod tests {
             .collect()
     }
 
+    /// A view of f32 blocks from [`blocks`] holding `n` positions.
+    fn f32_view(storage: &[Vec<f32>], bt: usize, kvd: usize, n: usize) -> KvView<'_> {
+        KvView { blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(), block_tokens: bt, kv_dim: kvd, len: n }
+    }
+
     #[test]
     fn partials_merged_at_any_cut_match_reference() {
         // Group kernels (head_dim a multiple of 8; 1, 2, 4, 8 heads per KV head; with AVX-512
@@ -489,12 +494,7 @@ mod tests {
         let keys = randn(n * kvd, 2);
         let values = randn(n * kvd, 3);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView {
-            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
-            block_tokens: bt,
-            kv_dim: kvd,
-            len: n,
-        };
+        let view = f32_view(&storage, bt, kvd, n);
         let want = cross_attention_reference(&q, &keys, &values, shape);
         for cuts in [vec![], vec![1], vec![16], vec![5, 50], vec![15, 16, 17, 102], vec![0, 0, 103]] {
             let mut bounds = vec![0];
@@ -563,12 +563,7 @@ mod tests {
         let keys = randn(n * kvd, 5);
         let values = randn(n * kvd, 6);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView {
-            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
-            block_tokens: bt,
-            kv_dim: kvd,
-            len: n,
-        };
+        let view = f32_view(&storage, bt, kvd, n);
         let positions = [0usize, 5, n - 1];
         let q = randn(positions.len() * shape.q_dim(), 7);
         let mut out = vec![0.0; q.len()];
@@ -593,12 +588,7 @@ mod tests {
         let keys = randn(n * kvd, 8);
         let values = randn(n * kvd, 9);
         let storage = blocks(&keys, &values, kvd, bt);
-        let view = KvView {
-            blocks: storage.iter().map(|b| BlockRef::F32(b)).collect(),
-            block_tokens: bt,
-            kv_dim: kvd,
-            len: n,
-        };
+        let view = f32_view(&storage, bt, kvd, n);
         let q = randn(2 * shape.q_dim(), 10);
         let all: Vec<Vec<f32>> = [0..40, 40..40, 40..n]
             .into_iter()
