@@ -97,7 +97,7 @@ impl<B: Backend> Forward<B> {
                         }
                         _ => None,
                     };
-                    let mut packed = match &local {
+                    let packed = match &local {
                         Some((_, _, gamma, state)) => {
                             let mut p = state.clone();
                             p.extend(retention_log_decay(gamma, heads).iter().map(|&d| d as f32));
@@ -106,7 +106,6 @@ impl<B: Backend> Forward<B> {
                         None => vec![0.0; per + heads],
                     };
                     let all = gather_equal(group, &packed, "retention states")?;
-                    packed.clear();
                     let parts: Vec<(&[f32], &[f32])> = all.iter().map(|p| (&p[..per], &p[per..])).collect();
                     let before = b.download(&b.rows(states, per, slot..slot + 1)?)?;
                     let (incoming, after) = retention_incoming(&before[..per], &parts, heads, rank);
