@@ -10,7 +10,7 @@ use anyhow::bail;
 use serde_json::json;
 use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
-use yoco_worker::executor::{Plan, SeqResult};
+use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::generate::{PlanRunner, RunError};
 
 use crate::group::CollectiveTotals;
@@ -150,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let batched = batched_decode(&model, &args, cache_bytes_per_token)?;
     if !args.json && !batched.is_empty() {
-        println!("batched decode at {} tokens of context each:", args.batch_context);
+        println!("batched decode at {} tokens of context each (greedy, with log-probabilities):", args.batch_context);
         println!("{:>9} {:>12} {:>12}", "sequences", "tokens/s", "vs one");
         let one = batched.first().map_or(1.0, |b| b.1);
         for (b, rate) in &batched {
@@ -278,10 +278,11 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// Decode tokens/s with `b` sequences of `batch_context` tokens each stepping together, for
-/// each `b` of `--batches`. Every batch is prefilled first; then the batches take turns, three
-/// rounds of `--decode-tokens` steps each, and each keeps its best round: the ratios between
-/// them are what matters, and on a shared machine a slow spell would otherwise fall on one of
-/// them only.
+/// each `b` of `--batches`, through the executor that serving runs: each step samples every
+/// sequence's next token (greedy) with its log-probability. Every batch is prefilled first; then
+/// the batches take turns, three rounds of `--decode-tokens` steps each, and each keeps its best
+/// round: the ratios between them are what matters, and on a shared machine a slow spell would
+/// otherwise fall on one of them only.
 fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize) -> anyhow::Result<Vec<(usize, f64)>> {
     const ROUNDS: usize = 3;
     let steps = args.decode_tokens.max(4);
@@ -291,31 +292,32 @@ fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize)
             cache_budget_bytes: b * (args.batch_context + ROUNDS * steps + 512) * cache_bytes_per_token * 2,
             ..Default::default()
         };
-        let mut engine = Engine::new(model.clone(), &opts);
+        let mut executor = Executor::new(Engine::new(model.clone(), &opts));
+        let add = (0..b as u64).map(|seq| SeqSpec { seq, ..Default::default() }).collect();
+        executor.execute(&Plan { add, ..Default::default() })?;
         let mut last = Vec::new();
-        for s in 0..b as u64 {
-            engine.add_sequence(s)?;
+        for seq in 0..b as u64 {
             let prompt: Vec<u32> =
-                (0..args.batch_context).map(|i| ((i * 7919 + s as usize * 13) % 50000) as u32).collect();
+                (0..args.batch_context).map(|i| ((i * 7919 + seq as usize * 13) % 50000) as u32).collect();
+            let chunks = prompt.len().div_ceil(args.prefill_chunk);
             for (i, part) in prompt.chunks(args.prefill_chunk).enumerate() {
-                let want = if (i + 1) * args.prefill_chunk >= prompt.len() { Logits::Last } else { Logits::None };
-                let logits = engine.step(&[StepItem::prefill(s, part, want)])?.remove(0).logits;
-                if want == Logits::Last {
-                    last.push(argmax(&logits));
+                let sample = i + 1 == chunks;
+                let prefill = vec![PrefillWork { seq, tokens: part.to_vec(), sample, ..Default::default() }];
+                let out = executor.execute(&Plan { prefill, ..Default::default() })?;
+                if let Some(s) = out.into_iter().next().and_then(|r| r.sampled) {
+                    last.push(s.token);
                 }
             }
         }
-        batches.push((b, engine, last, 0f64));
+        batches.push((b, executor, last, 0f64));
     }
     for _ in 0..ROUNDS {
-        for (b, engine, last, best) in &mut batches {
+        for (b, executor, last, best) in &mut batches {
             let started = Instant::now();
             for _ in 0..steps {
-                let tokens: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-                let items: Vec<StepItem> =
-                    tokens.iter().enumerate().map(|(s, t)| StepItem::decode(s as u64, t)).collect();
-                let outs = engine.step(&items)?;
-                *last = outs.iter().map(|o| argmax(&o.logits)).collect();
+                let decode = last.iter().enumerate().map(|(s, &token)| DecodeWork { seq: s as u64, token }).collect();
+                let outs = executor.execute(&Plan { decode, ..Default::default() })?;
+                *last = outs.iter().map(|o| o.sampled.as_ref().map_or(0, |s| s.token)).collect();
             }
             *best = best.max((*b * steps) as f64 / started.elapsed().as_secs_f64());
         }

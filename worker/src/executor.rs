@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, SnapshotId, StepItem};
-use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
+use crate::sampling::{log_softmax, logprob, top_logprobs, Sampler, SamplingParams};
 
 /// A new sequence and how to sample it.
 #[derive(Debug, Clone, Default)]
@@ -164,30 +166,44 @@ impl Executor {
             }
         }
         let vocab = self.engine.model().cfg.vocab_size;
-        let mut results = Vec::with_capacity(outputs.len());
-        for (i, out) in outputs.iter().enumerate() {
-            let ctl = self.seqs.get_mut(&out.seq).ok_or(EngineError::UnknownSequence(out.seq))?;
-            let (sample, prompt_logprobs) = match plan.prefill.get(i) {
-                Some(p) => {
-                    let mut lps = Vec::new();
-                    if ctl.spec.prompt_logprobs {
-                        // Row t predicts token t+1 of the step, the last row the next step's first.
-                        let rows: Vec<&[f32]> = out.logits.chunks_exact(vocab).collect();
-                        let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
-                        for (row, target) in rows.iter().zip(next) {
-                            if let Some(t) = target {
-                                lps.push(log_softmax(row)[t as usize]);
+        // Each output's sampler (the engine refuses a sequence twice in one step), so that the
+        // outputs are sampled in parallel: a log-probability reads the whole vocabulary.
+        let mut ctls: HashMap<SeqId, &mut SeqCtl> = self.seqs.iter_mut().map(|(id, c)| (*id, c)).collect();
+        let mut mine = Vec::with_capacity(outputs.len());
+        for out in &outputs {
+            mine.push(ctls.remove(&out.seq).ok_or(EngineError::UnknownSequence(out.seq))?);
+        }
+        let mut results: Vec<SeqResult> = outputs
+            .par_iter()
+            .zip(mine.par_iter_mut())
+            .enumerate()
+            .map(|(i, (out, ctl))| {
+                let (sample, prompt_logprobs) = match plan.prefill.get(i) {
+                    Some(p) => {
+                        let mut lps = Vec::new();
+                        if ctl.spec.prompt_logprobs {
+                            // Row t predicts token t+1 of the step, the last row the next step's first.
+                            let rows = out.logits.chunks_exact(vocab);
+                            let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
+                            for (row, target) in rows.zip(next) {
+                                if let Some(t) = target {
+                                    lps.push(logprob(row, t));
+                                }
                             }
                         }
+                        (p.sample, lps)
                     }
-                    (p.sample, lps)
-                }
-                None => (true, Vec::new()),
-            };
-            let sampled = sample
-                .then(|| sample_next(&mut ctl.sampler, &out.logits[out.logits.len() - vocab..], ctl.spec.top_logprobs));
-            let shard_tokens = self.engine.sequence_shard_len(out.seq).unwrap_or(0);
-            results.push(SeqResult { seq: out.seq, sampled, prompt_logprobs, shard_tokens });
+                    None => (true, Vec::new()),
+                };
+                let sampled = sample.then(|| {
+                    let last = &out.logits[out.logits.len() - vocab..];
+                    sample_next(&mut ctl.sampler, last, ctl.spec.top_logprobs)
+                });
+                SeqResult { seq: out.seq, sampled, prompt_logprobs, shard_tokens: 0 }
+            })
+            .collect();
+        for r in &mut results {
+            r.shard_tokens = self.engine.sequence_shard_len(r.seq).unwrap_or(0);
         }
         self.agree_on_tokens(&mut results)?;
         Ok(results)
@@ -226,6 +242,6 @@ pub(crate) fn use_first_ranks_tokens<E>(
 /// alternatives, both of the raw logits: the penalties steer the choice, not the reported model.
 pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> Sampled {
     let token = sampler.sample(logits);
-    let lp = log_softmax(logits);
-    Sampled { token, logprob: lp[token as usize], top_logprobs: top_logprobs(&lp, top) }
+    let top_logprobs = if top == 0 { Vec::new() } else { top_logprobs(&log_softmax(logits), top) };
+    Sampled { token, logprob: logprob(logits, token), top_logprobs }
 }

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels::log_softmax;
+
 /// Highest temperature accepted: far beyond any useful one (the distribution is already flat).
 pub const MAX_TEMPERATURE: f32 = 100.0;
 /// Highest repetition penalty accepted.
@@ -267,37 +269,36 @@ impl Sampler {
 
 /// Index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
-    // The largest value in sixteen running maxima (a loop that vectorises), then the first
-    // position that holds it: the lowest index among ties. NaNs are never the largest; an
-    // input of only NaNs gives 0.
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    // The largest value in running maxima (a loop that vectorises), then the first position
+    // that holds it: the lowest index among ties. NaNs are never the largest; an input of only
+    // NaNs gives 0.
+    let max = log_softmax::max(logits);
     logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
-/// `log softmax(logits)`, computed in f64 for the normaliser.
+/// `log softmax(logits)`: each logit less the normaliser `ln Σ e^v`
+/// ([`log_softmax::log_sum_exp`], computed in f64).
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64 + logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+    let lse = log_softmax::log_sum_exp(logits);
     logits.iter().map(|&v| (v as f64 - lse) as f32).collect()
+}
+
+/// One token's log-probability, `log_softmax(logits)[token]` without the rest of the row.
+///
+/// # Panics
+/// If `token` is not below `logits.len()`.
+pub fn logprob(logits: &[f32], token: u32) -> f32 {
+    (logits[token as usize] as f64 - log_softmax::log_sum_exp(logits)) as f32
 }
 
 /// The k most likely tokens with their log-probabilities, most likely first.
 pub fn top_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    let order = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
-    let k = k.min(idx.len());
+    let k = k.min(logprobs.len());
     if k == 0 {
         return Vec::new();
     }
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let order = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, order);
         idx.truncate(k);
@@ -324,6 +325,9 @@ mod tests {
             assert!((*l as f64 - (v as f64 - z.ln())).abs() < 1e-6);
         }
         assert_eq!(top_logprobs(&lp, 2), vec![(1, lp[1]), (2, lp[2])]);
+        for t in 0..4 {
+            assert_eq!(logprob(&logits, t), lp[t as usize]);
+        }
         assert_eq!(top_logprobs(&lp, 10).len(), 4);
     }
 

@@ -12,7 +12,7 @@ use super::{Backend, Forward, ForwardError, Sequence, Snapshot};
 use crate::engine::{Logits, SeqId, SnapshotId};
 use crate::executor::{sample_next, use_first_ranks_tokens, Plan, SeqResult, SeqSpec};
 use crate::generate::{PlanRunner, RunError};
-use crate::sampling::{log_softmax, Sampler};
+use crate::sampling::{logprob, Sampler};
 
 struct Seq<B: Backend> {
     caches: Sequence<B>,
@@ -94,7 +94,7 @@ impl<B: Backend> ForwardRunner<B> {
                 let lps = all
                     .chunks_exact(vocab)
                     .zip(next)
-                    .filter_map(|(row, target)| target.map(|t| log_softmax(row)[t as usize]))
+                    .filter_map(|(row, target)| target.map(|t| logprob(row, t)))
                     .collect();
                 (p.sample.then(|| all[all.len() - vocab..].to_vec()), lps)
             } else {

@@ -10,6 +10,7 @@ mod attend_avx512;
 pub mod cross_attention;
 pub mod embedding;
 pub mod kv_block;
+pub mod log_softmax;
 pub mod matmul;
 pub mod retention;
 pub mod rms_norm;
