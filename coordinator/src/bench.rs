@@ -120,13 +120,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (i, part) in prompt.chunks(args.prefill_chunk).enumerate() {
             let is_last = (i + 1) * args.prefill_chunk >= n;
             let want = if is_last { Logits::Last } else { Logits::None };
-            last = engine.step(&[StepItem::prefill(1, part, want)])?.remove(0).logits;
+            last = engine.step(&[StepItem::prefill(1, part, want)])?.remove(0).logits.into_vec();
         }
         let prefill = started.elapsed().as_secs_f64();
         let started = Instant::now();
         for _ in 0..args.decode_tokens {
             let token = argmax(&last);
-            last = engine.step(&[StepItem::decode(1, &[token])])?.remove(0).logits;
+            last = engine.step(&[StepItem::decode(1, &[token])])?.remove(0).logits.into_vec();
         }
         let decode = args.decode_tokens as f64 / started.elapsed().as_secs_f64();
         let gflops = flops_per_token * n as f64 / prefill / 1e9;

@@ -67,7 +67,7 @@ fn engine_script(model: &Arc<Model>, prompt: &[u32], step: usize, decode: usize)
     }
     for _ in 0..decode {
         let token = argmax(logits.last().unwrap());
-        logits.push(e.step(&[StepItem::decode(1, &[token])]).unwrap().remove(0).logits);
+        logits.push(e.step(&[StepItem::decode(1, &[token])]).unwrap().remove(0).logits.into_vec());
     }
     logits
 }

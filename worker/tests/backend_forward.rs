@@ -53,9 +53,9 @@ fn engine_logits(
         &EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, cache_dtype: dtype },
     );
     e.add_sequence(1).unwrap();
-    let mut out = vec![e.step(&[StepItem::prefill(1, prompt, Logits::Last)]).unwrap().remove(0).logits];
+    let mut out = vec![e.step(&[StepItem::prefill(1, prompt, Logits::Last)]).unwrap().remove(0).logits.into_vec()];
     for &t in extra {
-        out.push(e.step(&[StepItem::decode(1, &[t])]).unwrap().remove(0).logits);
+        out.push(e.step(&[StepItem::decode(1, &[t])]).unwrap().remove(0).logits.into_vec());
     }
     out
 }

@@ -96,7 +96,7 @@ fn prompt_logits(model: &std::sync::Arc<Model>) -> Vec<f32> {
     engine.add_sequence(1).unwrap();
     let prompt = tokens(40, model.cfg.vocab_size, 11);
     let item = StepItem::prefill(1, &prompt, Logits::All);
-    engine.step(&[item]).unwrap().remove(0).logits
+    engine.step(&[item]).unwrap().remove(0).logits.into_vec()
 }
 
 fn load(dir: &Path) -> std::sync::Arc<Model> {

@@ -41,12 +41,12 @@ fn models() -> (tempfile::TempDir, Vec<(String, Arc<Model>)>) {
 
 /// One prefill item alone in a step: its logits.
 fn step1(engine: &mut Engine, seq: SeqId, tokens: &[u32], logits: Logits) -> Vec<f32> {
-    engine.step(&[StepItem::prefill(seq, tokens, logits)]).unwrap().remove(0).logits
+    engine.step(&[StepItem::prefill(seq, tokens, logits)]).unwrap().remove(0).logits.into_vec()
 }
 
 /// One decode token alone in a step: its logits.
 fn decode1(engine: &mut Engine, seq: SeqId, token: u32) -> Vec<f32> {
-    engine.step(&[StepItem::decode(seq, &[token])]).unwrap().remove(0).logits
+    engine.step(&[StepItem::decode(seq, &[token])]).unwrap().remove(0).logits.into_vec()
 }
 
 fn row(logits: &[f32], i: usize) -> &[f32] {

@@ -30,7 +30,7 @@ fn prefill_then_decode(engine: &mut Engine, prompt: &[u32], step: usize, decode:
     for _ in 0..decode {
         let token = argmax(logits.last().unwrap());
         let out = engine.step(&[StepItem::decode(1, &[token])]).unwrap();
-        logits.push(out[0].logits.clone());
+        logits.push(out[0].logits.to_vec());
     }
     RunResult { logits, shard_rows: vec![engine.sequence_shard_len(1).unwrap()] }
 }
@@ -95,12 +95,12 @@ fn long_window_and_concurrent_sequences() {
             e.add_sequence(1).unwrap();
             e.add_sequence(2).unwrap();
             let mut logits = Vec::new();
-            let mut last_b = e.step(&[StepItem::prefill(2, &b, Logits::Last)]).unwrap().remove(0).logits;
+            let mut last_b = e.step(&[StepItem::prefill(2, &b, Logits::Last)]).unwrap().remove(0).logits.into_vec();
             for part in a.chunks(30) {
                 let token = argmax(&last_b);
                 let out = e.step(&[StepItem::prefill(1, part, Logits::Last), StepItem::decode(2, &[token])]).unwrap();
-                logits.push(out[0].logits.clone());
-                last_b = out[1].logits.clone();
+                logits.push(out[0].logits.to_vec());
+                last_b = out[1].logits.to_vec();
                 logits.push(last_b.clone());
             }
             RunResult { logits, shard_rows: vec![e.sequence_shard_len(1).unwrap(), e.sequence_shard_len(2).unwrap()] }

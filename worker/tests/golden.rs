@@ -51,7 +51,7 @@ fn greedy_decode_matches_reference() {
                 let want = if i + 1 == parts.len() { Logits::Last } else { Logits::None };
                 let out = engine.step(&[StepItem::prefill(1, part, want)]).unwrap();
                 assert_eq!(out[0].logits.len(), if want == Logits::Last { vocab } else { 0 });
-                last = out[0].logits.clone();
+                last = out[0].logits.to_vec();
             }
             for (i, &want_token) in exp.greedy.iter().enumerate() {
                 let want_row = &exp.greedy_logits[i * vocab..(i + 1) * vocab];
@@ -60,7 +60,7 @@ fn greedy_decode_matches_reference() {
                 let token = argmax(&last);
                 assert_eq!(token, want_token, "{name} greedy token {i}");
                 let out = engine.step(&[StepItem::prefill(1, &[token], Logits::Last)]).unwrap();
-                last = out[0].logits.clone();
+                last = out[0].logits.to_vec();
             }
         }
     }

@@ -82,7 +82,7 @@ fn reference_greedy(model: &Arc<Model>, prompt: &[u32], chunk: usize, n: usize, 
     let mut raw = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let want = if i + 1 == parts.len() { Logits::Last } else { Logits::None };
-        raw = e.step(&[StepItem::prefill(1, part, want)]).unwrap().remove(0).logits;
+        raw = e.step(&[StepItem::prefill(1, part, want)]).unwrap().remove(0).logits.into_vec();
     }
     let mut output: Vec<u32> = Vec::new();
     let mut out = Vec::new();
@@ -93,7 +93,7 @@ fn reference_greedy(model: &Arc<Model>, prompt: &[u32], chunk: usize, n: usize, 
         if output.len() == n {
             return out;
         }
-        raw = e.step(&[StepItem::decode(1, &[token])]).unwrap().remove(0).logits;
+        raw = e.step(&[StepItem::decode(1, &[token])]).unwrap().remove(0).logits.into_vec();
     }
 }
 

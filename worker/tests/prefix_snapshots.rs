@@ -22,7 +22,7 @@ fn run(e: &mut Engine, seq: u64, tokens: &[u32], step: usize, decode: usize) -> 
     }
     for _ in 0..decode {
         let t = argmax(rows.last().unwrap());
-        rows.push(e.step(&[StepItem::decode(seq, &[t])]).unwrap().remove(0).logits);
+        rows.push(e.step(&[StepItem::decode(seq, &[t])]).unwrap().remove(0).logits.into_vec());
     }
     rows
 }

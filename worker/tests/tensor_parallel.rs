@@ -55,7 +55,7 @@ fn greedy(engine: &mut Engine, prompt: &[u32], n: usize) -> Run {
         tokens.push(token);
         logprobs.push(log_softmax(last)[token as usize]);
         let out = engine.step(&[StepItem::decode(1, &[token])]).unwrap().remove(0);
-        logits.push(out.logits);
+        logits.push(out.logits.into_vec());
     }
     Run {
         tokens,
@@ -151,12 +151,12 @@ fn a_batch_mixing_prefill_and_decode_matches_on_a_two_by_two_grid() {
     let script = |e: &mut Engine| {
         e.add_sequence(1).unwrap();
         e.add_sequence(2).unwrap();
-        let mut out = e.step(&[StepItem::prefill(1, &a, Logits::Last)]).unwrap().remove(0).logits;
+        let mut out = e.step(&[StepItem::prefill(1, &a, Logits::Last)]).unwrap().remove(0).logits.into_vec();
         for part in b.chunks(20) {
             let token = argmax(&out[out.len() - cfg.vocab_size..]);
             let step = e.step(&[StepItem::prefill(2, part, Logits::Last), StepItem::decode(1, &[token])]).unwrap();
-            out = step[1].logits.clone();
-            out.extend(&step[0].logits);
+            out = step[1].logits.to_vec();
+            out.extend(step[0].logits.iter());
         }
         out
     };

@@ -234,10 +234,10 @@ pub fn prefill_then_decode(engine: &mut Engine, prompt: &[u32], chunk: usize, ex
     engine.add_sequence(7).unwrap();
     let mut out = Vec::new();
     for part in prompt.chunks(chunk) {
-        out.extend(engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap().remove(0).logits);
+        out.extend(engine.step(&[StepItem::prefill(7, part, Logits::All)]).unwrap().remove(0).logits.iter());
     }
     for &t in extra {
-        out.extend(engine.step(&[StepItem::decode(7, &[t])]).unwrap().remove(0).logits);
+        out.extend(engine.step(&[StepItem::decode(7, &[t])]).unwrap().remove(0).logits.iter());
     }
     out
 }
