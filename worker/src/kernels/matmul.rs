@@ -476,8 +476,27 @@ unsafe fn stream_rows_avx2_sum8<W: Widen>(
             }
             c = end;
         }
+        // The last one or two weight rows against four input rows at a time: one against one
+        // would load an input chunk for every product.
+        let mut i = 0;
+        while c < rows && i + SUM8_ROWS <= m {
+            let xs: [&[f32]; SUM8_ROWS] = std::array::from_fn(|r| xr(i + r));
+            if rows - c == 2 {
+                tile_sum_avx2::<W, SUM8_ROWS, 2>(xs, [wr(c), wr(c + 1)], 0, &mut sums);
+                for r in 0..SUM8_ROWS {
+                    put(i + r, c, &sums[r * 2..r * 2 + 2]);
+                }
+            } else {
+                tile_sum_avx2::<W, SUM8_ROWS, 1>(xs, [wr(c)], 0, &mut sums);
+                put(i, c, &sums[..1]);
+                put(i + 1, c, &sums[1..2]);
+                put(i + 2, c, &sums[2..3]);
+                put(i + 3, c, &sums[3..4]);
+            }
+            i += SUM8_ROWS;
+        }
         for c in c..rows {
-            for i in 0..m {
+            for i in i..m {
                 tile_sum_avx2::<W, 1, 1>([xr(i)], [wr(c)], 0, &mut sums);
                 put(i, c, &sums[..1]);
             }
