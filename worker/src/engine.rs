@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
+use crate::cache_groups::last_level_cache_bytes;
 use crate::comm::{Collective, CommError, Grid, Spent};
 use crate::cp::{chunk, even_split, validate_split};
 use crate::kernels::cross_attention::KvView;
@@ -146,11 +147,19 @@ pub struct EngineOptions {
     pub cache_budget_bytes: usize,
     /// Element type of the global KV cache (computation stays f32).
     pub cache_dtype: CacheDtype,
+    /// Bytes of last-level CPU cache the cross-decoder plans its row groups for
+    /// ([`crate::cache_groups`]): by default what the CPU reports; `usize::MAX` never groups.
+    pub cache_reuse_bytes: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { block_tokens: 256, cache_budget_bytes: 8 << 30, cache_dtype: CacheDtype::F32 }
+        EngineOptions {
+            block_tokens: 256,
+            cache_budget_bytes: 8 << 30,
+            cache_dtype: CacheDtype::F32,
+            cache_reuse_bytes: last_level_cache_bytes(),
+        }
     }
 }
 
@@ -188,6 +197,8 @@ pub struct Engine {
     seqs: HashMap<SeqId, Sequence>,
     snapshots: HashMap<SnapshotId, Snapshot>,
     grid: Grid,
+    /// Last-level cache bytes for the cross-decoder's row groups (`EngineOptions`).
+    cache_reuse_bytes: usize,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
 }
@@ -217,7 +228,8 @@ impl Engine {
 
     fn on_grid(model: Arc<Model>, opts: &EngineOptions, grid: Grid) -> Self {
         let pool = BlockPool::with_dtype(opts.block_tokens, model.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
-        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), grid, broken: None }
+        let cache_reuse_bytes = opts.cache_reuse_bytes;
+        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), grid, cache_reuse_bytes, broken: None }
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
@@ -548,7 +560,8 @@ impl Engine {
             let row_views: Vec<&KvView> = rows_seq.iter().map(|&i| &views[i]).collect();
             let visible: Vec<usize> =
                 rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
-            let x = model.cross_decode(rows_x, &rows_pos, &row_views, &visible, &mut self.grid)?;
+            let x =
+                model.cross_decode(rows_x, &rows_pos, &row_views, &visible, self.cache_reuse_bytes, &mut self.grid)?;
             model.logits(&x, &mut self.grid)?
         };
         let vocab = model.cfg.vocab_size;

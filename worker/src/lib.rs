@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod cache_groups;
 pub mod ceilings;
 pub mod comm;
 pub mod config;

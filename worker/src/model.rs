@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::cache::LayerState;
+use crate::cache_groups::cache_groups;
 use crate::comm::{Collective, CommError, Grid};
 use crate::config::{ConfigError, ModelConfig, SelfMixerKind};
 use crate::cp::{last_rows, retention_incoming};
@@ -561,7 +564,43 @@ impl Model {
     /// Row r sits at `positions[r]` and sees the first `visible[r]` rows of this rank's cache
     /// shard `views[r]`; the partial attentions of the grid's column (the other positions) are
     /// merged with log-sum-exp, and the row's (the other heads) summed after `out_proj`.
+    ///
+    /// On a single rank, rows whose caches together overflow the last-level cache (`llc` bytes)
+    /// go through all layers a few at a time, the groups in parallel ([`cache_groups`]): every
+    /// layer after the first then finds their caches in that cache. (A group of ranks runs each
+    /// layer's collectives in one order on every rank, so there all rows go layer by layer.)
     pub fn cross_decode(
+        &self,
+        x: Vec<f32>,
+        positions: &[usize],
+        views: &[&KvView],
+        visible: &[usize],
+        llc: usize,
+        grid: &mut Grid,
+    ) -> Result<Vec<f32>, CommError> {
+        let dim = self.cfg.dim;
+        let groups = if grid.world() == 1 {
+            let bytes: Vec<usize> =
+                views.iter().zip(visible).map(|(v, &len)| len * 2 * v.kv_dim * v.element_bytes()).collect();
+            cache_groups(&bytes, llc, rayon::current_num_threads())
+        } else {
+            None
+        };
+        let Some(groups) = groups else {
+            return self.cross_layers(x, positions, views, visible, grid);
+        };
+        let outs = groups
+            .into_par_iter()
+            .map(|g| {
+                let rows = x[g.start * dim..g.end * dim].to_vec();
+                self.cross_layers(rows, &positions[g.clone()], &views[g.clone()], &visible[g], &mut Grid::single())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(outs.concat())
+    }
+
+    /// [`Self::cross_decode`], every layer over all rows.
+    fn cross_layers(
         &self,
         mut x: Vec<f32>,
         positions: &[usize],

@@ -50,7 +50,12 @@ fn engine_logits(
 ) -> Vec<Vec<f32>> {
     let mut e = Engine::new(
         model.clone(),
-        &EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, cache_dtype: dtype },
+        &EngineOptions {
+            block_tokens: 16,
+            cache_budget_bytes: 64 << 20,
+            cache_dtype: dtype,
+            ..EngineOptions::default()
+        },
     );
     e.add_sequence(1).unwrap();
     let mut out = vec![e.step(&[StepItem::prefill(1, prompt, Logits::Last)]).unwrap().remove(0).logits.into_vec()];

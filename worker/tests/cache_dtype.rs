@@ -13,7 +13,7 @@ use yoco_worker::kernels::kv_block::CacheDtype;
 const VOCAB: usize = 300;
 
 fn opts(dtype: CacheDtype) -> EngineOptions {
-    EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, cache_dtype: dtype }
+    EngineOptions { block_tokens: 16, cache_budget_bytes: 64 << 20, cache_dtype: dtype, ..EngineOptions::default() }
 }
 
 #[test]
@@ -45,7 +45,12 @@ fn a_half_cache_holds_twice_the_positions_in_the_same_budget() {
     let capacity = |dtype| {
         let e = Engine::new(
             model.clone(),
-            &EngineOptions { block_tokens: 16, cache_budget_bytes: budget, cache_dtype: dtype },
+            &EngineOptions {
+                block_tokens: 16,
+                cache_budget_bytes: budget,
+                cache_dtype: dtype,
+                ..EngineOptions::default()
+            },
         );
         (e.pool().capacity_tokens(), e.pool().block_bytes())
     };

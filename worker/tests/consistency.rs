@@ -135,63 +135,77 @@ struct Track {
 #[test]
 fn batched_steps_match_each_sequence_alone() {
     let (_tmp, models) = models();
+    // With a 4 KiB "last-level cache" the cross-decoder runs the rows of a step in groups
+    // (cache_groups), with an unbounded one all rows layer by layer.
     for (name, model) in &models {
-        // `batched` runs the mixed steps; `alone` runs each item on its own.
-        let mut batched = engine(model, 16);
-        let mut alone = engine(model, 16);
-        let mut seqs: Vec<Track> = [(1, 90), (2, 37), (3, 5), (4, 0)]
-            .into_iter()
-            .map(|(id, len)| Track { id, tokens: tokens(len, VOCAB, 100 + id) })
-            .collect();
-        for s in &seqs {
-            for e in [&mut batched, &mut alone] {
-                e.add_sequence(s.id).unwrap();
-                if !s.tokens.is_empty() {
-                    step1(e, s.id, &s.tokens, Logits::None);
-                }
-            }
+        for reuse in [usize::MAX, 4 << 10] {
+            batched_against_alone(&format!("{name}, cache_reuse_bytes {reuse}"), model, reuse);
         }
-        // Rounds of one prefill chunk plus two single-token decodes, in varying order, so
-        // blocks of different sequences interleave in the pool. Sequence 4 starts from
-        // position 0 inside a batch. `None` marks a decode item.
-        let rounds: [[(SeqId, usize, Option<Logits>); 3]; 4] = [
-            [(1, 10, Some(Logits::All)), (2, 1, None), (3, 1, None)],
-            [(2, 1, None), (1, 23, Some(Logits::All)), (3, 1, None)],
-            [(4, 20, Some(Logits::All)), (3, 1, None), (2, 1, None)],
-            [(3, 1, None), (2, 1, None), (4, 9, Some(Logits::Last))],
-        ];
-        for (r, round) in rounds.iter().enumerate() {
-            let new: Vec<Vec<u32>> = round.iter().map(|&(id, n, _)| tokens(n, VOCAB, 1000 * r as u64 + id)).collect();
-            let items: Vec<StepItem> = round
-                .iter()
-                .zip(&new)
-                .map(|(&(seq, _, prefill), toks)| match prefill {
-                    Some(logits) => StepItem::prefill(seq, toks, logits),
-                    None => StepItem::decode(seq, toks),
-                })
-                .collect();
-            let outs = batched.step(&items).unwrap();
-            assert_eq!(outs.len(), items.len());
-            for (item, out) in items.iter().zip(&outs) {
-                assert_eq!(out.seq, item.seq);
-                let one = StepItem { placement: item.placement.clone(), ..*item };
-                let want = alone.step(&[one]).unwrap().remove(0).logits;
-                assert_eq!(out.logits.len(), want.len());
-                let err = rel_err(&out.logits, &want);
-                assert!(err < TOL, "{name} round {r} seq {}: rel err {err}", item.seq);
-            }
-            for (&(id, _, _), toks) in round.iter().zip(&new) {
-                let s = seqs.iter_mut().find(|s| s.id == id).unwrap();
-                s.tokens.extend(toks);
-            }
-        }
-        for s in &seqs {
-            assert_eq!(batched.sequence_len(s.id), Some(s.tokens.len()));
-            assert_eq!(batched.sequence_cache_bytes(s.id), alone.sequence_cache_bytes(s.id));
-            assert!(batched.free_sequence(s.id));
-        }
-        assert_eq!(batched.pool().used_blocks(), 0, "{name}");
     }
+}
+
+fn batched_against_alone(name: &str, model: &Arc<Model>, cache_reuse_bytes: usize) {
+    // `batched` runs the mixed steps; `alone` runs each item on its own.
+    let opts = |cache_reuse_bytes| EngineOptions {
+        block_tokens: 16,
+        cache_budget_bytes: 64 << 20,
+        cache_reuse_bytes,
+        ..EngineOptions::default()
+    };
+    let mut batched = Engine::new(model.clone(), &opts(cache_reuse_bytes));
+    let mut alone = Engine::new(model.clone(), &opts(usize::MAX));
+    let mut seqs: Vec<Track> = [(1, 90), (2, 37), (3, 5), (4, 0)]
+        .into_iter()
+        .map(|(id, len)| Track { id, tokens: tokens(len, VOCAB, 100 + id) })
+        .collect();
+    for s in &seqs {
+        for e in [&mut batched, &mut alone] {
+            e.add_sequence(s.id).unwrap();
+            if !s.tokens.is_empty() {
+                step1(e, s.id, &s.tokens, Logits::None);
+            }
+        }
+    }
+    // Rounds of one prefill chunk plus two single-token decodes, in varying order, so
+    // blocks of different sequences interleave in the pool. Sequence 4 starts from
+    // position 0 inside a batch. `None` marks a decode item.
+    let rounds: [[(SeqId, usize, Option<Logits>); 3]; 4] = [
+        [(1, 10, Some(Logits::All)), (2, 1, None), (3, 1, None)],
+        [(2, 1, None), (1, 23, Some(Logits::All)), (3, 1, None)],
+        [(4, 20, Some(Logits::All)), (3, 1, None), (2, 1, None)],
+        [(3, 1, None), (2, 1, None), (4, 9, Some(Logits::Last))],
+    ];
+    for (r, round) in rounds.iter().enumerate() {
+        let new: Vec<Vec<u32>> = round.iter().map(|&(id, n, _)| tokens(n, VOCAB, 1000 * r as u64 + id)).collect();
+        let items: Vec<StepItem> = round
+            .iter()
+            .zip(&new)
+            .map(|(&(seq, _, prefill), toks)| match prefill {
+                Some(logits) => StepItem::prefill(seq, toks, logits),
+                None => StepItem::decode(seq, toks),
+            })
+            .collect();
+        let outs = batched.step(&items).unwrap();
+        assert_eq!(outs.len(), items.len());
+        for (item, out) in items.iter().zip(&outs) {
+            assert_eq!(out.seq, item.seq);
+            let one = StepItem { placement: item.placement.clone(), ..*item };
+            let want = alone.step(&[one]).unwrap().remove(0).logits;
+            assert_eq!(out.logits.len(), want.len());
+            let err = rel_err(&out.logits, &want);
+            assert!(err < TOL, "{name} round {r} seq {}: rel err {err}", item.seq);
+        }
+        for (&(id, _, _), toks) in round.iter().zip(&new) {
+            let s = seqs.iter_mut().find(|s| s.id == id).unwrap();
+            s.tokens.extend(toks);
+        }
+    }
+    for s in &seqs {
+        assert_eq!(batched.sequence_len(s.id), Some(s.tokens.len()));
+        assert_eq!(batched.sequence_cache_bytes(s.id), alone.sequence_cache_bytes(s.id));
+        assert!(batched.free_sequence(s.id));
+    }
+    assert_eq!(batched.pool().used_blocks(), 0, "{name}");
 }
 
 /// What a failed step must leave as it was.

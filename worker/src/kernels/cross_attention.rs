@@ -44,6 +44,11 @@ pub struct KvView<'a> {
 }
 
 impl KvView<'_> {
+    /// Bytes of one cached element (the blocks' type; 4 for a view without blocks).
+    pub fn element_bytes(&self) -> usize {
+        self.blocks.first().map_or(4, |b| b.element_bytes())
+    }
+
     /// K and V rows `[tile, kv_dim]` of positions `pos..pos + tile` (within one block) as f32:
     /// the block itself for an f32 cache, else converted into the scratch buffers.
     fn tile<'s>(&'s self, pos: usize, tile: usize, k: &'s mut Vec<f32>, v: &'s mut Vec<f32>) -> (&'s [f32], &'s [f32]) {

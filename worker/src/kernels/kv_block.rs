@@ -120,6 +120,14 @@ impl<'a> BlockRef<'a> {
         }
     }
 
+    /// Bytes of one element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            BlockRef::F32(_) => 4,
+            BlockRef::Bf16(_) | BlockRef::F16(_) => 2,
+        }
+    }
+
     /// Element `i` as f32.
     pub fn get(self, i: usize) -> f32 {
         match self {

@@ -345,7 +345,7 @@ impl Worker for WorkerService {
             let comm = form(listener)?;
             let engine = Engine::with_group(
                 Arc::new(model),
-                &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype },
+                &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype, ..EngineOptions::default() },
                 comm,
             )
             .map_err(status)?;
