@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Prompt lengths to prefill, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384,32768,131072")]
     lengths: Vec<usize>,
     /// Tokens decoded after each prefill.
     #[arg(long, default_value_t = 32)]

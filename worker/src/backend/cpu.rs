@@ -281,18 +281,61 @@ impl Backend for CpuBackend {
         &self,
         q: &Vec<f32>,
         pool: &CpuPool,
-        (table, len): &(Vec<u32>, usize),
+        table: &(Vec<u32>, usize),
         shape: CrossShape,
     ) -> Result<Partial> {
-        at_least("q", q, shape.q_dim())?;
-        let len = *len;
-        let blocks = table
-            .iter()
-            .map(|&b| pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool")))
-            .collect::<Result<Vec<_>>>()?;
-        let view = KvView { blocks, block_tokens: pool.block_tokens, kv_dim: pool.kv_dim, len };
-        let mut parts = cross_attention_partials(&q[..shape.q_dim()], &[len], &[&view], shape);
+        let mut parts = self.cross_attention_partials(q, pool, std::slice::from_ref(table), &[table.1], shape)?;
         Ok(parts.remove(0))
+    }
+
+    /// Every row's partial in one parallel pass (`kernels::cross_attention_partials`: tasks
+    /// over rows and long ranges alike), not one row at a time.
+    fn cross_attention_partials(
+        &self,
+        q: &Vec<f32>,
+        pool: &CpuPool,
+        tables: &[(Vec<u32>, usize)],
+        visible: &[usize],
+        shape: CrossShape,
+    ) -> Result<Vec<Partial>> {
+        if visible.len() != tables.len() {
+            return Err(bad(format!("{} visible lengths for {} block tables", visible.len(), tables.len())));
+        }
+        at_least("q", q, tables.len() * shape.q_dim())?;
+        let views = tables
+            .iter()
+            .zip(visible)
+            .map(|((table, len), &seen)| {
+                if seen > *len {
+                    return Err(bad(format!("{seen} positions visible of a table of {len}")));
+                }
+                let blocks = table
+                    .iter()
+                    .map(|&b| {
+                        pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(KvView { blocks, block_tokens: pool.block_tokens, kv_dim: pool.kv_dim, len: *len })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&KvView> = views.iter().collect();
+        Ok(cross_attention_partials(&q[..tables.len() * shape.q_dim()], visible, &refs, shape))
+    }
+
+    fn cross_attention_rows(
+        &self,
+        q: &Vec<f32>,
+        pool: &CpuPool,
+        tables: &[(Vec<u32>, usize)],
+        shape: CrossShape,
+    ) -> Result<Vec<f32>> {
+        let visible: Vec<usize> = tables.iter().map(|t| t.1).collect();
+        let parts = self.cross_attention_partials(q, pool, tables, &visible, shape)?;
+        let mut out = vec![0.0; tables.len() * shape.q_dim()];
+        for (part, row) in parts.iter().zip(out.chunks_exact_mut(shape.q_dim())) {
+            finalize(part, shape, row);
+        }
+        Ok(out)
     }
 
     fn cross_attention(

@@ -656,7 +656,6 @@ impl<B: Backend> Forward<B> {
         let cfg = &self.cfg;
         let (n, dim, eps) = (rows.len(), cfg.dim, cfg.norm_eps);
         let shape = CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.head_dim() };
-        let qd = shape.q_dim();
         let positions: Vec<u32> = rows.iter().map(|&(_, _, pos)| pos as u32).collect();
         let visible: Vec<usize> = rows.iter().map(|&(_, len, _)| len).collect();
         let rope = b.rope_table(&self.rope_cross, &positions)?;
@@ -672,15 +671,8 @@ impl<B: Backend> Forward<B> {
             b.rope(&mut q, &rope, shape.heads, shape.head_dim)?;
             let o = if let Some(group) = self.group.as_mut() {
                 sharded::attention_across_ranks(b, group, &q, &self.pool, &tables, &visible, shape)?
-            } else if n == 1 {
-                b.cross_attention(&q, &self.pool, &tables[0], shape)?
             } else {
-                let mut o = b.zeros(n * qd)?;
-                for (i, table) in tables.iter().enumerate() {
-                    let oi = b.cross_attention(&b.rows(&q, qd, i..i + 1)?, &self.pool, table, shape)?;
-                    b.write_rows(&mut o, qd, i, &oi, 1)?;
-                }
-                o
+                b.cross_attention_rows(&q, &self.pool, &tables, shape)?
             };
             b.add_assign(&mut x, &b.matmul(&o, n, &l.out.w)?, n * dim)?;
             let ffn_out = ffn(b, &l.ffn, &b.rms_norm(&x, n, dim, Some(&l.final_norm), eps)?, n, cfg.hidden_dim)?;

@@ -159,4 +159,46 @@ pub trait Backend {
         table: &Self::BlockTable,
         shape: CrossShape,
     ) -> Result<Self::Buf>;
+    /// [`Self::cross_attention_partial`] of query row i of `q` (`[rows, heads · head_dim]`)
+    /// over `tables[i]`, or the empty partial where `visible[i]` is 0: a step's rows in one
+    /// call, which a backend may run in parallel (by default one row after another).
+    fn cross_attention_partials(
+        &self,
+        q: &Self::Buf,
+        pool: &Self::Pool,
+        tables: &[Self::BlockTable],
+        visible: &[usize],
+        shape: CrossShape,
+    ) -> Result<Vec<Partial>> {
+        let qd = shape.q_dim();
+        tables
+            .iter()
+            .zip(visible)
+            .enumerate()
+            .map(|(i, (table, &len))| match len {
+                0 => Ok(Partial::empty(shape)),
+                _ => self.cross_attention_partial(&self.rows(q, qd, i..i + 1)?, pool, table, shape),
+            })
+            .collect()
+    }
+    /// [`Self::cross_attention`] of query row i of `q` (`[rows, heads · head_dim]`) over
+    /// `tables[i]`: `[rows, heads · head_dim]`, in one call (by default one row after another).
+    fn cross_attention_rows(
+        &self,
+        q: &Self::Buf,
+        pool: &Self::Pool,
+        tables: &[Self::BlockTable],
+        shape: CrossShape,
+    ) -> Result<Self::Buf> {
+        let qd = shape.q_dim();
+        if let [table] = tables {
+            return self.cross_attention(q, pool, table, shape);
+        }
+        let mut o = self.zeros(tables.len() * qd)?;
+        for (i, table) in tables.iter().enumerate() {
+            let oi = self.cross_attention(&self.rows(q, qd, i..i + 1)?, pool, table, shape)?;
+            self.write_rows(&mut o, qd, i, &oi, 1)?;
+        }
+        Ok(o)
+    }
 }

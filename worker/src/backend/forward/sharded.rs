@@ -232,12 +232,7 @@ pub(super) fn attention_across_ranks<B: Backend>(
 ) -> Result<B::Buf> {
     let qd = shape.q_dim();
     let mut packed = Vec::with_capacity(tables.len() * Partial::packed_len(shape));
-    for (i, (table, &len)) in tables.iter().zip(visible).enumerate() {
-        let part = if len == 0 {
-            Partial::empty(shape)
-        } else {
-            b.cross_attention_partial(&b.rows(q, qd, i..i + 1)?, pool, table, shape)?
-        };
+    for part in b.cross_attention_partials(q, pool, tables, visible, shape)? {
         part.pack_into(&mut packed);
     }
     let all = gather_equal(group, &packed, "attention partials")?;
