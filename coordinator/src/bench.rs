@@ -40,6 +40,9 @@ pub struct Args {
     /// Context of each sequence in the batched decode runs.
     #[arg(long, default_value_t = 4096)]
     batch_context: usize,
+    /// Cache data types of the batched decode runs, each a column (`none`: skip).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    batch_cache_dtypes: Vec<String>,
     /// Cache data types compared on the built-in trained model (`none`: skip).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
     cache_dtypes: Vec<String>,
@@ -148,13 +151,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    let batched = batched_decode(&model, &args, cache_bytes_per_token)?;
+    let mut batched = Vec::new();
+    for name in args.batch_cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
+        let dtype = name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--batch-cache-dtypes: {e}"))?;
+        batched.push((dtype, batched_decode(&model, &args, dtype, cache_bytes_per_token)?));
+    }
+    batched.retain(|(_, rates)| !rates.is_empty());
     if !args.json && !batched.is_empty() {
         println!("batched decode at {} tokens of context each (greedy, with log-probabilities):", args.batch_context);
-        println!("{:>9} {:>12} {:>12}", "sequences", "tokens/s", "vs one");
-        let one = batched.first().map_or(1.0, |b| b.1);
-        for (b, rate) in &batched {
-            println!("{b:>9} {rate:>12.1} {:>11.1}x", rate / one);
+        print!("{:>9}", "sequences");
+        for (dtype, _) in &batched {
+            print!(" {:>16} {:>7}", format!("{} cache tok/s", dtype.name()), "vs one");
+        }
+        println!();
+        for (i, b) in batched[0].1.iter().map(|r| r.0).enumerate() {
+            print!("{b:>9}");
+            for (_, rates) in &batched {
+                print!(" {:>16.1} {:>6.1}x", rates[i].1, rates[i].1 / rates[0].1);
+            }
+            println!();
         }
     }
     let processes = process_prefill(&args, &dir, threads, cache_bytes_per_token)?;
@@ -250,9 +265,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "preset": args.preset, "threads": threads, "gemm_gflops_2048": peak, "read_gbps": bandwidth,
             "cache_bytes_per_token": cache_bytes_per_token, "decode_weight_bytes": weight_bytes,
             "prefill_flops_per_token": flops_per_token, "runs": rows,
-            "batched_decode": batched.iter().map(|(b, r)| json!({
-                "sequences": b, "context": args.batch_context, "tokens_per_second": r,
-            })).collect::<Vec<_>>(),
+            "batched_decode": batched.iter().flat_map(|(dtype, rates)| rates.iter().map(move |(b, r)| json!({
+                "sequences": b, "context": args.batch_context, "cache_dtype": dtype.name(), "tokens_per_second": r,
+            }))).collect::<Vec<_>>(),
             "process_prefill": processes.iter().map(|p| json!({
                 "device": args.process_device, "processes": p.world(), "tp": p.tp, "cp": p.cp, "threads_each": p.threads_each,
                 "tokens": args.process_context, "prefill_seconds": p.prefill_seconds,
@@ -282,14 +297,20 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 /// sequence's next token (greedy) with its log-probability. Every batch is prefilled first; then
 /// the batches take turns, three rounds of `--decode-tokens` steps each, and each keeps its best
 /// round: the ratios between them are what matters, and on a shared machine a slow spell would
-/// otherwise fall on one of them only.
-fn batched_decode(model: &Arc<Model>, args: &Args, cache_bytes_per_token: usize) -> anyhow::Result<Vec<(usize, f64)>> {
+/// otherwise fall on one of them only. The global cache holds `cache_dtype` elements.
+fn batched_decode(
+    model: &Arc<Model>,
+    args: &Args,
+    cache_dtype: CacheDtype,
+    cache_bytes_per_token: usize,
+) -> anyhow::Result<Vec<(usize, f64)>> {
     const ROUNDS: usize = 3;
     let steps = args.decode_tokens.max(4);
     let mut batches = Vec::new();
     for &b in args.batches.iter().filter(|&&b| b > 0) {
         let opts = EngineOptions {
             cache_budget_bytes: b * (args.batch_context + ROUNDS * steps + 512) * cache_bytes_per_token * 2,
+            cache_dtype,
             ..Default::default()
         };
         let mut executor = Executor::new(Engine::new(model.clone(), &opts));
