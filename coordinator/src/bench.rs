@@ -74,6 +74,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(preset) = Preset::parse(&args.preset) else {
         bail!("unknown preset `{}`", args.preset);
     };
+    let batch_dtypes = args
+        .batch_cache_dtypes
+        .iter()
+        .filter(|n| *n != "none" && !n.is_empty())
+        .map(|n| n.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--batch-cache-dtypes: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut variants = Vec::new();
     for name in args.cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
         let cache = name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--cache-dtypes: {e}"))?;
@@ -152,8 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows.push(row);
     }
     let mut batched = Vec::new();
-    for name in args.batch_cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
-        let dtype = name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--batch-cache-dtypes: {e}"))?;
+    for dtype in batch_dtypes {
         batched.push((dtype, batched_decode(&model, &args, dtype, cache_bytes_per_token)?));
     }
     batched.retain(|(_, rates)| !rates.is_empty());

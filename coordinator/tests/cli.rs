@@ -293,7 +293,16 @@ fn bench_reports_every_section() {
     assert!(out["gemm_gflops_2048"].as_f64().unwrap() > 0.0 && out["read_gbps"].as_f64().unwrap() > 0.0);
     assert_eq!(out["runs"][0]["context"], 512);
     assert!(out["runs"][0]["prefill_tokens_per_second"].as_f64().unwrap() > 0.0);
-    assert_eq!(out["batched_decode"].as_array().unwrap().len(), 2);
+    // Batches 1 and 2, with an f32 and a bf16 cache (the default --batch-cache-dtypes).
+    let batched: Vec<(u64, String)> = out["batched_decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["sequences"].as_u64().unwrap(), b["cache_dtype"].as_str().unwrap().to_string()))
+        .collect();
+    let want: Vec<(u64, String)> =
+        [(1, "f32"), (2, "f32"), (1, "bf16"), (2, "bf16")].iter().map(|&(b, d)| (b, d.to_string())).collect();
+    assert_eq!(batched, want, "{out}");
     let procs = out["process_prefill"].as_array().unwrap();
     assert_eq!((procs[0]["processes"].as_u64(), procs[1]["threads_each"].as_u64()), (Some(1), Some(1)), "{out}");
     // One process, then 1 × P and P × 1 grids: prefill and decode rates, collective time.
@@ -381,6 +390,7 @@ fn bad_input_fails_with_a_message_and_no_panic() {
     assert!(!out.exists(), "a failed init-model writes nothing");
     yoco(h, &["bench", "--preset", "huge"]).fails_with(&["preset", "huge"]);
     yoco(h, &["bench", "--cache-dtypes", "f32,f8"]).fails_with(&["--cache-dtypes", "f8"]);
+    yoco(h, &["bench", "--batch-cache-dtypes", "f8"]).fails_with(&["--batch-cache-dtypes", "f8"]);
     yoco(h, &["frobnicate"]).fails_with(&["frobnicate"]);
 }
 
