@@ -139,6 +139,10 @@ impl PartialEq for ItemLogits {
     }
 }
 
+/// Steps of up to this many logit rows keep their buffer for the next step (25.6 MB at a 100K
+/// vocabulary); a prefill's `Logits::All` rows are not held on to.
+const RECYCLE_LOGITS_ROWS: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Positions per global-cache block.
@@ -199,6 +203,9 @@ pub struct Engine {
     grid: Grid,
     /// Last-level cache bytes for the cross-decoder's row groups (`EngineOptions`).
     cache_reuse_bytes: usize,
+    /// The last step's logits, whose allocation the next step reuses once its outputs are gone
+    /// (decode-sized steps only: see `RECYCLE_LOGITS_ROWS`).
+    last_logits: Option<Arc<Vec<f32>>>,
     /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
     broken: Option<CommError>,
 }
@@ -229,7 +236,16 @@ impl Engine {
     fn on_grid(model: Arc<Model>, opts: &EngineOptions, grid: Grid) -> Self {
         let pool = BlockPool::with_dtype(opts.block_tokens, model.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
         let cache_reuse_bytes = opts.cache_reuse_bytes;
-        Engine { model, pool, seqs: HashMap::new(), snapshots: HashMap::new(), grid, cache_reuse_bytes, broken: None }
+        Engine {
+            model,
+            pool,
+            seqs: HashMap::new(),
+            snapshots: HashMap::new(),
+            grid,
+            cache_reuse_bytes,
+            last_logits: None,
+            broken: None,
+        }
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
@@ -562,10 +578,15 @@ impl Engine {
                 rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
             let x =
                 model.cross_decode(rows_x, &rows_pos, &row_views, &visible, self.cache_reuse_bytes, &mut self.grid)?;
-            model.logits(&x, &mut self.grid)?
+            // The last step's buffer, if its outputs have all been dropped.
+            let buf = self.last_logits.take().and_then(|b| Arc::try_unwrap(b).ok()).unwrap_or_default();
+            model.logits_into(&x, &mut self.grid, buf)?
         };
         let vocab = model.cfg.vocab_size;
         let step = Arc::new(logits);
+        if step.len() <= RECYCLE_LOGITS_ROWS * vocab {
+            self.last_logits = Some(Arc::clone(&step));
+        }
         let mut start = 0;
         Ok(items
             .iter()
