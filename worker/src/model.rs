@@ -443,25 +443,60 @@ impl Model {
                     gt_proj.forward(&xn).iter().map(|&g| log_sigmoid(g) / GATE_LOGIT_NORMALIZER).collect();
                 let mut o = vec![0.0; q.len()];
                 let mut packed = Vec::new();
-                for (seg, st) in segments.iter().zip(states.iter_mut()) {
-                    let LayerState::Retention { state } = &mut **st else {
+                // Each sequence's rows of `o`, in order (segments hold consecutive rows).
+                let mut outs: Vec<&mut [f32]> = Vec::with_capacity(segments.len());
+                let mut rest = &mut o[..];
+                let mut at = 0;
+                for seg in segments {
+                    let (mine, tail) =
+                        std::mem::take(&mut rest)[seg.rows.start * qd - at..].split_at_mut(seg.rows.len() * qd);
+                    outs.push(mine);
+                    (rest, at) = (tail, seg.rows.end * qd);
+                }
+                // The sequences that run here alone (decode steps, one-rank prefill chunks) in
+                // parallel: a step of 32 decodes is 32 small state updates per layer.
+                let run_local = |seg: &Segment, st: &mut LayerState, out: &mut [f32]| {
+                    let LayerState::Retention { state } = st else {
                         unreachable!("retention layer with a window state")
                     };
                     let r = seg.rows.start * qd..seg.rows.end * qd;
                     let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
                     let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
-                    let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r.clone()]);
+                    let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r]);
+                    if seg.rows.len() == 1 {
+                        retention_recurrent_step(qs, ks, vs, g, heads, hd, state, out);
+                    } else {
+                        retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, state, out);
+                    }
+                };
+                segments.par_iter().zip(states.par_iter_mut()).zip(outs.par_iter_mut()).for_each(|((seg, st), out)| {
+                    if !seg.distributed() {
+                        run_local(seg, st, out);
+                    }
+                });
+                for ((seg, st), out) in segments.iter().zip(states.iter_mut()).zip(outs) {
+                    let LayerState::Retention { state } = &mut **st else {
+                        unreachable!("retention layer with a window state")
+                    };
                     if seg.distributed() {
                         // This rank's chunk from a zero state; the true incoming state is
                         // added once every rank's chunk state is known.
+                        let r = seg.rows.start * qd..seg.rows.end * qd;
+                        let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
+                        let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
                         let mut local = vec![0.0; state.len()];
-                        retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, &mut local, &mut o[r]);
+                        retention_chunkwise(
+                            &q[r.clone()],
+                            &k[r.clone()],
+                            &v[r],
+                            g,
+                            shape,
+                            RETENTION_BLOCK,
+                            &mut local,
+                            out,
+                        );
                         packed.extend(local);
                         packed.extend(retention_log_decay(g, heads).iter().map(|&d| d as f32));
-                    } else if seg.rows.len() == 1 {
-                        retention_recurrent_step(qs, ks, vs, g, heads, hd, state, &mut o[r]);
-                    } else {
-                        retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, state, &mut o[r]);
                     }
                 }
                 if !packed.is_empty() {
