@@ -235,14 +235,13 @@ impl Engine {
 
     fn on_grid(model: Arc<Model>, opts: &EngineOptions, grid: Grid) -> Self {
         let pool = BlockPool::with_dtype(opts.block_tokens, model.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
-        let cache_reuse_bytes = opts.cache_reuse_bytes;
         Engine {
             model,
             pool,
             seqs: HashMap::new(),
             snapshots: HashMap::new(),
             grid,
-            cache_reuse_bytes,
+            cache_reuse_bytes: opts.cache_reuse_bytes,
             last_logits: None,
             broken: None,
         }

@@ -442,7 +442,6 @@ impl Model {
                 let gamma: Vec<f32> =
                     gt_proj.forward(&xn).iter().map(|&g| log_sigmoid(g) / GATE_LOGIT_NORMALIZER).collect();
                 let mut o = vec![0.0; q.len()];
-                let mut packed = Vec::new();
                 // Each sequence's rows of `o`, in order (segments hold consecutive rows).
                 let mut outs: Vec<&mut [f32]> = Vec::with_capacity(segments.len());
                 let mut rest = &mut o[..];
@@ -453,52 +452,38 @@ impl Model {
                     outs.push(mine);
                     (rest, at) = (tail, seg.rows.end * qd);
                 }
-                // The sequences that run here alone (decode steps, one-rank prefill chunks) in
-                // parallel: a step of 32 decodes is 32 small state updates per layer.
-                let run_local = |seg: &Segment, st: &mut LayerState, out: &mut [f32]| {
-                    let LayerState::Retention { state } = st else {
-                        unreachable!("retention layer with a window state")
-                    };
-                    let r = seg.rows.start * qd..seg.rows.end * qd;
-                    let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
-                    let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
-                    let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r]);
-                    if seg.rows.len() == 1 {
-                        retention_recurrent_step(qs, ks, vs, g, heads, hd, state, out);
-                    } else {
-                        retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, state, out);
-                    }
-                };
-                segments.par_iter().zip(states.par_iter_mut()).zip(outs.par_iter_mut()).for_each(|((seg, st), out)| {
-                    if !seg.distributed() {
-                        run_local(seg, st, out);
-                    }
-                });
-                for ((seg, st), out) in segments.iter().zip(states.iter_mut()).zip(outs) {
-                    let LayerState::Retention { state } = &mut **st else {
-                        unreachable!("retention layer with a window state")
-                    };
-                    if seg.distributed() {
-                        // This rank's chunk from a zero state; the true incoming state is
-                        // added once every rank's chunk state is known.
+                // Every sequence in parallel (a step of 32 decodes is 32 small state updates per
+                // layer). A distributed segment runs its chunk from a zero state and returns that
+                // state and its log-decay, packed; the true incoming state is added once every
+                // rank's chunk state is known.
+                let chunk_states: Vec<Option<Vec<f32>>> = segments
+                    .par_iter()
+                    .zip(states.par_iter_mut())
+                    .zip(outs.par_iter_mut())
+                    .map(|((seg, st), out)| {
+                        let LayerState::Retention { state } = &mut **st else {
+                            unreachable!("retention layer with a window state")
+                        };
                         let r = seg.rows.start * qd..seg.rows.end * qd;
                         let g = &gamma[seg.rows.start * heads..seg.rows.end * heads];
                         let shape = RetentionShape { tokens: seg.rows.len(), heads, head_dim: hd };
-                        let mut local = vec![0.0; state.len()];
-                        retention_chunkwise(
-                            &q[r.clone()],
-                            &k[r.clone()],
-                            &v[r],
-                            g,
-                            shape,
-                            RETENTION_BLOCK,
-                            &mut local,
-                            out,
-                        );
-                        packed.extend(local);
-                        packed.extend(retention_log_decay(g, heads).iter().map(|&d| d as f32));
-                    }
-                }
+                        let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r]);
+                        if seg.distributed() {
+                            let mut local = vec![0.0; state.len()];
+                            retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, &mut local, out);
+                            local.extend(retention_log_decay(g, heads).iter().map(|&d| d as f32));
+                            Some(local)
+                        } else {
+                            if seg.rows.len() == 1 {
+                                retention_recurrent_step(qs, ks, vs, g, heads, hd, state, out);
+                            } else {
+                                retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, state, out);
+                            }
+                            None
+                        }
+                    })
+                    .collect();
+                let packed: Vec<f32> = chunk_states.into_iter().flatten().flatten().collect();
                 if !packed.is_empty() {
                     let all = grid.cp().all_gather(&packed)?;
                     let per = heads * hd * hd + heads;
