@@ -2,7 +2,8 @@
 //! stored as f32, bf16 or f16 (widened to f32 as they are read; the arithmetic is f32).
 //! Large m goes to the `gemm` crate (compute-bound prefill); small m, i.e. decode and batched
 //! decode, to a kernel that streams each weight row from memory once and applies it to every
-//! input row from cache, in register tiles of input rows × weight rows.
+//! input row from cache, in register tiles of input rows × weight rows: dot products for up to
+//! 16 rows, outer products (`matmul_outer`) for the batched rows that fill AVX-512 registers.
 
 use rayon::prelude::*;
 
@@ -255,6 +256,12 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The pointer itself (a method, so that closures capture the whole `OutPtr`).
+    #[cfg(target_arch = "x86_64")]
+    fn raw(self) -> *mut f32 {
+        self.0
+    }
+
     /// Results `lanes` of row i, columns `j..` of the m×n result: stored by the first block of
     /// k (`first`), added by the others.
     ///
@@ -658,6 +665,15 @@ fn matmul_t_stream<W: Widen>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, o
     };
     // Enough tasks to balance the threads, few enough that scheduling them costs nothing.
     let per_task = n.div_ceil(rayon::current_num_threads() * 8).next_multiple_of(8).max(STREAM_MIN_ROWS_PER_TASK);
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul_outer::pays(m) {
+        let xt = super::matmul_outer::pack_transposed(x, m, k);
+        // SAFETY: available(m) holds; each task writes only its own weight rows' columns.
+        w.par_chunks(per_task * k).enumerate().for_each(|(b, rows)| unsafe {
+            super::matmul_outer::stream_rows(&xt, m, k, rows, b * per_task, n, ptr.raw())
+        });
+        return;
+    }
     w.par_chunks(per_task * k).enumerate().for_each(|(b, rows)| stream_rows(x, m, k, rows, b * per_task, n, ptr));
 }
 
@@ -684,7 +700,7 @@ mod tests {
     /// Shapes through every path: one input row (weight rows in eights, fours and singles), up
     /// to 64 rows (pairs and an odd row), the GEMM beyond, k over several 512-column blocks and
     /// with a tail that is not a multiple of 8.
-    const SHAPES: [(usize, usize, usize); 16] = [
+    const SHAPES: [(usize, usize, usize); 19] = [
         (1, 1, 1),
         (1, 37, 130),
         (3, 64, 65),
@@ -704,6 +720,10 @@ mod tests {
         // k blocks.
         (13, 1032, 2000),
         (5, 1032, 50),
+        // Rows that fill AVX-512's outer-product row blocks (`matmul_outer`), k with a tail.
+        (24, 1000, 77),
+        (48, 40, 300),
+        (60, 256, 1000),
     ];
 
     #[test]

@@ -12,6 +12,8 @@ pub mod embedding;
 pub mod kv_block;
 pub mod log_softmax;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod matmul_outer;
 pub mod retention;
 pub mod rms_norm;
 pub mod rope;
