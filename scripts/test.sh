@@ -29,6 +29,11 @@ if ! command -v etcd >/dev/null 2>&1 && [ -z "${YOCO_TEST_ETCD:-}" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
+# The metrics are checked with Prometheus's own linter, promtool: Debian's prometheus package.
+if ! command -v promtool >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # The Python client example (examples/python) is tested against a real server, with grpcio in
 # a virtual environment of its own.
 if ! cmp -s examples/python/requirements.txt target/pyenv/requirements.txt; then
@@ -75,7 +80,7 @@ bash scripts/validate-deploy.sh  # deploy/: the Kubernetes manifests and the Doc
 # integration test, coordinator/tests/cli.rs) with the features of the whole test build: a
 # `cargo build -p yoco` before it would resolve them without the test-only crates and build
 # the engine a second time.
-LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 \
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" YOCO_REQUIRE_NVRTC=1 YOCO_REQUIRE_PROMTOOL=1 \
   cargo test --workspace --release --locked --features yoco/cuda,yoco-worker/cuda
 # The background fuzz build, then fuzzing for a bounded time (cargo-fuzz, libFuzzer with
 # AddressSanitizer; 20 s per target): request validation, worker Step messages, collective

@@ -73,15 +73,15 @@ impl Api {
         &self.tokenizer
     }
 
-    /// Validates a request and queues it; its id and its events. `caller` is the API key that
-    /// passed the check, if keys are on.
+    /// Validates a request and queues it. `caller` is the API key that passed the check, if
+    /// keys are on.
     pub async fn submit(
         &self,
         req: pb::GenerateRequest,
         arrived: Instant,
         deadline: Option<Instant>,
         caller: Option<KeyId>,
-    ) -> Result<(String, crate::scheduler::EventStream), Status> {
+    ) -> Result<Submitted, Status> {
         let slot = match (caller, self.limits.max_streams_per_key) {
             (Some(key), Some(limit)) => Some(Arc::new(self.streams.open(key, limit)?)),
             _ => None,
@@ -107,12 +107,12 @@ impl Api {
         .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
         self.limits.check_prompt(gen.prompt.len())?;
         let gen = GenRequest { _slot: slot, ..gen };
-        let id = gen.id.clone();
+        let (id, prompt_tokens) = (gen.id.clone(), gen.prompt.len());
         tracing::info!(
-            request = %id, group = %ready.name, prompt_tokens = gen.prompt.len(), max_tokens = gen.max_tokens,
+            request = %id, group = %ready.name, prompt_tokens, max_tokens = gen.max_tokens,
             "request"
         );
-        Ok((id, ready.scheduler.submit(gen)?))
+        Ok(Submitted { id, prompt_tokens, events: ready.scheduler.submit(gen)? })
     }
 
     /// The group the next request would go to.
@@ -133,6 +133,13 @@ impl Api {
     fn fresh_id(&self) -> String {
         format!("gen-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
+}
+
+/// A queued request: its id, its prompt's length in tokens and its events.
+pub struct Submitted {
+    pub id: String,
+    pub prompt_tokens: usize,
+    pub events: crate::scheduler::EventStream,
 }
 
 fn group_status(g: &Ready) -> pb::GroupStatus {
@@ -178,7 +185,7 @@ impl Generation for Api {
         let arrived = Instant::now();
         let deadline = grpc_timeout(request.metadata()).and_then(|d| arrived.checked_add(d));
         let caller = request.extensions().get::<KeyId>().copied();
-        let (id, events) = self.submit(request.into_inner(), arrived, deadline, caller).await?;
+        let Submitted { id, events, .. } = self.submit(request.into_inner(), arrived, deadline, caller).await?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events)
             .map(move |e| e.map(|event| pb::GenerateResponse { request_id: id.clone(), event: Some(event) }));
         Ok(Response::new(Box::pin(stream)))

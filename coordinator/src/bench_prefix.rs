@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 /// Token ids spread over the vocabulary (deterministic, so runs compare).
-fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt as u64;
     (0..n)
         .map(|_| {

@@ -44,6 +44,8 @@ enum Command {
     FlushPrefixCache,
     /// Benchmark: one long document, then questions about it (time to first token of each).
     BenchPrefix(crate::bench_prefix::Args),
+    /// Benchmark: concurrent streams of short requests (output tokens/s, TTFT and ITL).
+    BenchServe(crate::bench_serve::Args),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 println!("{}", json!({"dropped": r.dropped, "in_use": r.in_use}));
             }
             Command::BenchPrefix(b) => crate::bench_prefix::run(&mut client, b).await?,
+            Command::BenchServe(b) => crate::bench_serve::run(&mut client, b).await?,
             Command::Generate(g) => generate(&mut client, *g).await?,
         }
         Ok(())

@@ -1,5 +1,6 @@
-//! Prometheus metrics (`GET /metrics` on the HTTP port), named like vLLM's where they apply, with
-//! a `yoco:` prefix, so existing dashboards carry over. Beyond vLLM's: the global KV cache of
+//! Prometheus metrics (`GET /metrics` on the HTTP port), named like vLLM's where they apply
+//! (same meanings and units) with a `yoco_` prefix: vLLM's `vllm:` puts a colon in the name,
+//! which Prometheus reserves for recording rules (`promtool check metrics` flags every one). Beyond vLLM's: the global KV cache of
 //! every rank (bytes and fraction), the live prefill progress of each prompt being prefilled, and
 //! the prefix cache (queries and hits in tokens, like vLLM's, plus snapshots and blocks held).
 
@@ -65,79 +66,79 @@ impl Metrics {
             Ok(g)
         };
         let requests_finished = IntCounterVec::new(
-            Opts::new("yoco:request_success_total", "Requests finished, by finish reason"),
+            Opts::new("yoco_request_success_total", "Requests finished, by finish reason"),
             &["finished_reason"],
         )?;
         registry.register(Box::new(requests_finished.clone()))?;
         let step_seconds = HistogramVec::new(
-            HistogramOpts::new("yoco:step_seconds", "Engine step time of the worker group (all ranks), by step kind")
+            HistogramOpts::new("yoco_step_seconds", "Engine step time of the worker group (all ranks), by step kind")
                 .buckets(latency_buckets()),
             &["kind"],
         )?;
         registry.register(Box::new(step_seconds.clone()))?;
         let cache_usage = prometheus::GaugeVec::new(
-            Opts::new("yoco:cache_usage_perc", "Fraction of a rank's global KV cache in use"),
+            Opts::new("yoco_cache_usage_perc", "Fraction of a rank's global KV cache in use"),
             &["group", "rank"],
         )?;
         registry.register(Box::new(cache_usage.clone()))?;
         let group_cache_usage = prometheus::Gauge::new(
-            "yoco:kv_cache_usage_perc",
+            "yoco_kv_cache_usage_perc",
             "Fraction of the serving groups' global KV cache in use",
         )?;
         registry.register(Box::new(group_cache_usage.clone()))?;
         Ok(Metrics {
-            time_to_first_token: hist("yoco:time_to_first_token_seconds", "Time from arrival to the first token")?,
-            inter_token_latency: hist("yoco:inter_token_latency_seconds", "Time between consecutive tokens")?,
-            e2e_latency: hist("yoco:e2e_request_latency_seconds", "Time from arrival to the end")?,
-            queue_time: hist("yoco:request_queue_time_seconds", "Time from arrival to the start of prefill")?,
-            prompt_tokens: counter("yoco:prompt_tokens_total", "Prompt tokens of finished requests")?,
-            generation_tokens: counter("yoco:generation_tokens_total", "Generated tokens")?,
-            prefill_tokens: counter("yoco:prefill_tokens_total", "Prompt tokens prefilled (rate: prefill tokens/s)")?,
+            time_to_first_token: hist("yoco_time_to_first_token_seconds", "Time from arrival to the first token")?,
+            inter_token_latency: hist("yoco_inter_token_latency_seconds", "Time between consecutive tokens")?,
+            e2e_latency: hist("yoco_e2e_request_latency_seconds", "Time from arrival to the end")?,
+            queue_time: hist("yoco_request_queue_time_seconds", "Time from arrival to the start of prefill")?,
+            prompt_tokens: counter("yoco_prompt_tokens_total", "Prompt tokens of finished requests")?,
+            generation_tokens: counter("yoco_generation_tokens_total", "Generated tokens")?,
+            prefill_tokens: counter("yoco_prefill_tokens_total", "Prompt tokens prefilled (rate: prefill tokens/s)")?,
             requests_finished,
-            running: gauge("yoco:num_requests_running", "Requests prefilling or decoding")?,
-            waiting: gauge("yoco:num_requests_waiting", "Requests waiting for admission")?,
+            running: gauge("yoco_num_requests_running", "Requests prefilling or decoding")?,
+            waiting: gauge("yoco_num_requests_waiting", "Requests waiting for admission")?,
             step_seconds,
             collective_seconds: hist(
-                "yoco:collective_seconds",
+                "yoco_collective_seconds",
                 "Time per step in collectives on the slowest rank (waiting for peers included)",
             )?,
             cache_used_bytes: gauge_vec(
-                "yoco:cache_used_bytes",
+                "yoco_cache_used_bytes",
                 "Global KV cache bytes in use on a rank",
                 &["group", "rank"],
             )?,
             cache_capacity_bytes: gauge_vec(
-                "yoco:cache_capacity_bytes",
+                "yoco_cache_capacity_bytes",
                 "Global KV cache bytes of a rank",
                 &["group", "rank"],
             )?,
             cache_usage,
             group_cache_usage,
             prefill_progress: gauge_vec(
-                "yoco:prefill_progress_tokens",
+                "yoco_prefill_progress_tokens",
                 "Prompt tokens prefilled so far, per request being prefilled",
                 &["request_id"],
             )?,
             prefill_total: gauge_vec(
-                "yoco:prefill_prompt_tokens",
+                "yoco_prefill_prompt_tokens",
                 "Prompt length, per request being prefilled",
                 &["request_id"],
             )?,
             prefix_cache_queries: counter(
-                "yoco:prefix_cache_queries_total",
+                "yoco_prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache (hit rate: hits / queries)",
             )?,
             prefix_cache_hits: counter(
-                "yoco:prefix_cache_hits_total",
+                "yoco_prefix_cache_hits_total",
                 "Prompt tokens served from the prefix cache instead of prefilled",
             )?,
-            prefix_cache_evictions: counter("yoco:prefix_cache_evictions_total", "Prefix-cache snapshots evicted")?,
+            prefix_cache_evictions: counter("yoco_prefix_cache_evictions_total", "Prefix-cache snapshots evicted")?,
             prefix_cache_snapshots: gauge(
-                "yoco:prefix_cache_snapshots",
+                "yoco_prefix_cache_snapshots",
                 "Prefix-cache snapshots held by the serving groups",
             )?,
             prefix_cache_blocks: gauge(
-                "yoco:prefix_cache_blocks",
+                "yoco_prefix_cache_blocks",
                 "Global-cache blocks per rank booked for prefix-cache snapshots (states included), summed over groups",
             )?,
             registry,

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
@@ -340,10 +339,14 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     let http_addr = http_listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<GenerationServer<Api>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions, as grpc-go serves it: v1 for grpcurl and current tools,
+    // v1alpha for grpcio's reflection client (Python's only one), older grpcurl and Postman.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(yoco_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let keys = ApiKeys::new(args.api_key_file.clone(), std::env::var("YOCO_API_KEYS").ok().as_deref())?;
     if keys.is_some() {
         tracing::info!("API keys required on the public endpoints (health probes excepted)");
@@ -369,7 +372,9 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
                 let listener = crate::tls::TlsListener::new(http_listener, tls)?;
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
-            None => tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped).await }),
+            None => tokio::spawn(async move {
+                axum::serve(crate::listen::http(http_listener), app).with_graceful_shutdown(stopped).await
+            }),
         }
     };
     // A Notify of its own: `notify_one` wakes one waiter, and one shared with the gRPC server
@@ -384,7 +389,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             let task = tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(health)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move { stop.notified().await }),
+                    .serve_with_incoming_shutdown(crate::listen::grpc(l), async move { stop.notified().await }),
             );
             Some((local, task))
         }
@@ -397,16 +402,16 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let guard = crate::auth::grpc_interceptor(keys);
         let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(health)
             .add_service(InterceptedService::new(reflection, guard.clone()))
+            .add_service(InterceptedService::new(reflection_v1alpha, guard.clone()))
             .add_service(InterceptedService::new(service, guard));
         let stopped = async move { stop.notified().await };
         match grpc_tls {
             Some(tls) => {
                 tokio::spawn(router.serve_with_incoming_shutdown(crate::tls::incoming_stream(listener, tls), stopped))
             }
-            None => tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(crate::listen::grpc(listener), stopped)),
         }
     };
     // The one line on stdout: where we listen (the port may have been 0).

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tokio::io::AsyncReadExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use yoco_proto::worker::v1::worker_server::WorkerServer;
 use yoco_worker::service::{Device, DeviceRequest, WorkerDefaults, WorkerService};
 
@@ -128,7 +127,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(health)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move { stop.notified().await }),
+                    .serve_with_incoming_shutdown(crate::listen::grpc(l), async move { stop.notified().await }),
             ))
         }
         None => None,
@@ -137,7 +136,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let stopped = shutdown(args.exit_on_stdin_close);
     match tls {
         Some(cfg) => router.serve_with_incoming_shutdown(crate::tls::incoming_stream(grpc, cfg), stopped).await?,
-        None => router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped).await?,
+        None => router.serve_with_incoming_shutdown(crate::listen::grpc(grpc), stopped).await?,
     }
     stop.notify_one();
     if let Some(task) = health_server {

@@ -32,9 +32,14 @@ def main():
     done = client.completions.create(**common, logprobs=2)
     streamed = []
     finish = None
-    for chunk in client.completions.create(**common, stream=True):
-        streamed.append(chunk.choices[0].text)
-        finish = chunk.choices[0].finish_reason or finish
+    streamed_usage = None
+    # With include_usage the last chunk has no choices, only the usage (load generators read it).
+    for chunk in client.completions.create(**common, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            streamed_usage = {"prompt_tokens": chunk.usage.prompt_tokens, "completion_tokens": chunk.usage.completion_tokens}
+        if chunk.choices:
+            streamed.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
     try:
         client.completions.create(model=model, prompt=prompt, max_tokens=0)
         error = None
@@ -50,14 +55,15 @@ def main():
             seed=args.seed,
         )
         reply = client.chat.completions.create(**chat_args)
-        streamed_reply = "".join(
-            c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat_args, stream=True)
-        )
+        chunks = list(client.chat.completions.create(**chat_args, stream=True, stream_options={"include_usage": True}))
+        streamed_reply = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        chat_usage = chunks[-1].usage
         chat = {
             "content": reply.choices[0].message.content,
             "role": reply.choices[0].message.role,
             "finish_reason": reply.choices[0].finish_reason,
             "streamed": streamed_reply,
+            "streamed_usage": {"prompt_tokens": chat_usage.prompt_tokens, "completion_tokens": chat_usage.completion_tokens},
         }
     root = args.base_url.rsplit("/v1", 1)[0]
     ready = json.load(urllib.request.urlopen(f"{root}/ready"))
@@ -71,6 +77,7 @@ def main():
                 "usage": {"prompt_tokens": done.usage.prompt_tokens, "completion_tokens": done.usage.completion_tokens},
                 "streamed_text": "".join(streamed),
                 "streamed_finish_reason": finish,
+                "streamed_usage": streamed_usage,
                 "error": error,
                 "ready": ready,
                 "chat": chat,

@@ -7,6 +7,7 @@ library: the API must work from a client we did not write.
     python yoco_client.py --addr 127.0.0.1:50051 generate --prompt-ids 1,2,3 --json
     python yoco_client.py --addr 127.0.0.1:50051 info
     python yoco_client.py --addr 127.0.0.1:50051 tokenize "hello world"
+    python yoco_client.py --addr 127.0.0.1:50051 reflect
 
 The Python stubs are generated from ../../proto with grpcio-tools on first use (into a cache
 directory), so they always match the server's .proto files.
@@ -157,6 +158,29 @@ def info(channel, stub, pb):
     return 0
 
 
+def reflect(channel):
+    """What the server says of itself through gRPC reflection, read by grpcio's own reflection
+    client (which speaks v1alpha): no stubs, nothing compiled from our .proto files."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    db = ProtoReflectionDescriptorDatabase(channel)
+    pool = DescriptorPool(db)
+    services = sorted(db.get_services())
+    generation = pool.FindServiceByName("yoco.v1.Generation")
+    request = pool.FindMessageTypeByName("yoco.v1.GenerateRequest")
+    print(
+        json.dumps(
+            {
+                "services": services,
+                "methods": [m.name for m in generation.methods],
+                "generate_request_fields": [f.name for f in request.fields],
+            }
+        )
+    )
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--addr", default="127.0.0.1:50051")
@@ -179,8 +203,12 @@ def main():
     t = sub.add_parser("tokenize")
     t.add_argument("text")
     sub.add_parser("info")
+    sub.add_parser("reflect")
     args = ap.parse_args()
 
+    if args.command == "reflect":
+        with grpc.insecure_channel(args.addr) as channel:
+            return reflect(channel)
     pb, rpc = load_stubs()
     with grpc.insecure_channel(args.addr, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = rpc.GenerationStub(channel)

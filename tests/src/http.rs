@@ -38,8 +38,35 @@ pub fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
         let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {line:?}"));
         let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
         let bare = name.split('{').next().unwrap();
-        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {line:?}");
+        // Colons are legal but reserved for recording rules; an exporter's names have none.
+        assert!(bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name {line:?}");
         out.insert(name.to_string(), value);
     }
     out
+}
+
+/// `POST path` of a streamed (server-sent events) response: the status code and the `data:`
+/// payloads in order (comments and keep-alives left out).
+pub fn http_post_events(addr: &str, path: &str, body: &str) -> (u16, Vec<String>) {
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n");
+    let (code, raw) = http(addr, &format!("{head}Content-Length: {}\r\n\r\n{body}", body.len()));
+    let text = dechunk(&raw).unwrap_or(raw);
+    let data = text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")));
+    (code, data.map(str::to_string).collect())
+}
+
+/// The body of a `Transfer-Encoding: chunked` response; None if `raw` is not chunked.
+fn dechunk(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = raw;
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n..)?.strip_prefix("\r\n")?;
+    }
 }

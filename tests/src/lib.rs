@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod http;
 pub mod server;
 pub mod soak;
+pub mod sockets;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -168,4 +169,22 @@ pub fn init_tiny_model(home: &Path, vocab: usize) -> PathBuf {
 /// `n` prompt token ids below `vocab`, different for each `salt`.
 pub fn prompt_ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 37 + salt * 101 + 11) % vocab) as u32).collect()
+}
+
+/// Prometheus's `promtool` (Debian's `prometheus` package, which scripts/test.sh installs); None
+/// (with a note) where it is missing, unless `YOCO_REQUIRE_PROMTOOL` makes that a failure.
+pub fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("YOCO_REQUIRE_PROMTOOL").is_none(),
+            "promtool not found and YOCO_REQUIRE_PROMTOOL is set"
+        );
+        eprintln!("promtool not found (apt-get install prometheus): the metrics check is skipped");
+    }
+    found
 }

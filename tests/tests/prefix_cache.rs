@@ -138,8 +138,8 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 5 * BLOCK, "{v}");
         let m = parse_prometheus(&http_get(&on.http, "/metrics").1);
-        assert!(m["yoco:prefix_cache_hits_total"] >= (5 * BLOCK) as f64);
-        assert!(m["yoco:prefix_cache_queries_total"] > m["yoco:prefix_cache_hits_total"]);
+        assert!(m["yoco_prefix_cache_hits_total"] >= (5 * BLOCK) as f64);
+        assert!(m["yoco_prefix_cache_queries_total"] > m["yoco_prefix_cache_hits_total"]);
 
         // Flushed, no rank holds anything once the last sequence is freed.
         let (code, text) = http_post(&on.http, "/reset_prefix_cache", "");

@@ -478,6 +478,10 @@ async fn the_openai_python_client_works() {
     assert_eq!(py["finish_reason"], "length");
     assert_eq!(py["streamed_finish_reason"], "length");
     assert_eq!(py["usage"]["completion_tokens"], 7);
+    // `stream_options.include_usage`, as the client reads it from the last chunk.
+    assert_eq!(py["streamed_usage"], py["usage"]);
+    assert_eq!(py["chat"]["streamed_usage"]["completion_tokens"], 7);
+    assert!(py["chat"]["streamed_usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     let lps: Vec<f32> = py["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     for (a, b) in lps.iter().zip(&grpc.logprobs) {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
@@ -500,13 +504,13 @@ async fn the_openai_python_client_works() {
     let metrics = parse_prometheus(&text);
     let get = |k: &str| *metrics.get(k).unwrap_or_else(|| panic!("no {k} in\n{text}"));
     // Completion, streamed completion, gRPC; two chats and their gRPC twin: 6 × 7 tokens.
-    assert_eq!(get("yoco:generation_tokens_total"), 42.0);
-    assert_eq!(get("yoco:request_success_total{finished_reason=\"length\"}"), 6.0);
-    assert_eq!(get("yoco:time_to_first_token_seconds_count"), 6.0);
-    assert_eq!(get("yoco:inter_token_latency_seconds_count"), 36.0);
-    assert!(get("yoco:prompt_tokens_total") >= 90.0);
+    assert_eq!(get("yoco_generation_tokens_total"), 42.0);
+    assert_eq!(get("yoco_request_success_total{finished_reason=\"length\"}"), 6.0);
+    assert_eq!(get("yoco_time_to_first_token_seconds_count"), 6.0);
+    assert_eq!(get("yoco_inter_token_latency_seconds_count"), 36.0);
+    assert!(get("yoco_prompt_tokens_total") >= 90.0);
     for rank in 0..2 {
-        assert!(get(&format!("yoco:cache_capacity_bytes{{group=\"local\",rank=\"{rank}\"}}")) > 0.0);
+        assert!(get(&format!("yoco_cache_capacity_bytes{{group=\"local\",rank=\"{rank}\"}}")) > 0.0);
     }
     // The last request's cache is freed in the step after its final message; what the prefix
     // cache kept of the prompts goes with a reset (vLLM's admin call).
@@ -515,15 +519,15 @@ async fn the_openai_python_client_works() {
     let started = Instant::now();
     loop {
         let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
-        let used: f64 = (0..2).map(|r| m[&format!("yoco:cache_used_bytes{{group=\"local\",rank=\"{r}\"}}")]).sum();
+        let used: f64 = (0..2).map(|r| m[&format!("yoco_cache_used_bytes{{group=\"local\",rank=\"{r}\"}}")]).sum();
         if used == 0.0 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "cache not freed: {used} bytes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(get("yoco:num_requests_running"), 0.0);
-    assert!(get("yoco:collective_seconds_count") >= 6.0 && get("yoco:collective_seconds_sum") > 0.0);
+    assert_eq!(get("yoco_num_requests_running"), 0.0);
+    assert!(get("yoco_collective_seconds_count") >= 6.0 && get("yoco_collective_seconds_sum") > 0.0);
     // Logs carry request ids, never prompt text (unless --log-prompts).
     let logs = server.stderr();
     assert!(logs.contains("request=gen-"), "{logs}");

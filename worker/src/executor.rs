@@ -65,13 +65,21 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// A prompt token's log-probability given the tokens before it, with the sequence's
+/// `top_logprobs` most likely tokens at its position (most likely first; empty for none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqResult {
     pub seq: SeqId,
     pub sampled: Option<Sampled>,
     /// Log-probabilities of the prompt tokens after each of this step's tokens (prefill with
     /// prompt log-probabilities only).
-    pub prompt_logprobs: Vec<f32>,
+    pub prompt_logprobs: Vec<PromptLogprob>,
     /// This rank's rows of the sequence's global cache.
     pub shard_tokens: usize,
 }
@@ -180,17 +188,11 @@ impl Executor {
             .map(|(i, (out, ctl))| {
                 let (sample, prompt_logprobs) = match plan.prefill.get(i) {
                     Some(p) => {
-                        let mut lps = Vec::new();
-                        if ctl.spec.prompt_logprobs {
-                            // Row t predicts token t+1 of the step, the last row the next step's first.
-                            let rows = out.logits.chunks_exact(vocab);
-                            let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
-                            for (row, target) in rows.zip(next) {
-                                if let Some(t) = target {
-                                    lps.push(logprob(row, t));
-                                }
-                            }
-                        }
+                        let lps = if ctl.spec.prompt_logprobs {
+                            prompt_logprobs(&out.logits, vocab, p, ctl.spec.top_logprobs)
+                        } else {
+                            Vec::new()
+                        };
                         (p.sample, lps)
                     }
                     None => (true, Vec::new()),
@@ -244,4 +246,54 @@ pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> 
     let token = sampler.sample(logits);
     let top_logprobs = if top == 0 { Vec::new() } else { top_logprobs(&log_softmax(logits), top) };
     Sampled { token, logprob: logprob(logits, token), top_logprobs }
+}
+
+/// The log-probabilities of the prompt tokens that a prefill step's logits predict, each with
+/// the `top` most likely tokens at its position: row t of `logits` (all positions of `p`)
+/// predicts token t+1 of the step, the last row the next step's first (`p.next_token`; none at
+/// the prompt's end). The rows go in parallel: each reads the whole vocabulary.
+pub(crate) fn prompt_logprobs(logits: &[f32], vocab: usize, p: &PrefillWork, top: usize) -> Vec<PromptLogprob> {
+    let targets: Vec<Option<u32>> = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]).collect();
+    logits
+        .par_chunks_exact(vocab)
+        .zip(targets)
+        .filter_map(|(row, target)| target.map(|t| prompt_logprob(row, t, top)))
+        .collect()
+}
+
+/// `token`'s log-probability under `logits` and the `top` most likely tokens, with the row's
+/// normaliser computed once: the same values as [`logprob`] and [`top_logprobs`] of
+/// [`log_softmax`], without materialising the row.
+fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
+    let lse = crate::kernels::log_softmax::log_sum_exp(logits);
+    let lp = |v: f32| (v as f64 - lse) as f32;
+    // Ranked by logit: the same order as by log-probability.
+    let top_logprobs = top_logprobs(logits, top).into_iter().map(|(t, v)| (t, lp(v))).collect();
+    PromptLogprob { logprob: lp(logits[token as usize]), top_logprobs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prefill step's prompt log-probabilities and alternatives are, row by row, exactly what
+    /// sampling reports for a generated token: `logprob` and the top of `log_softmax`.
+    #[test]
+    fn prompt_logprobs_match_the_sampled_tokens_definitions() {
+        let vocab = 37;
+        let logits: Vec<f32> = (0..4 * vocab).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.173).collect();
+        let p = PrefillWork { tokens: vec![5, 9, 30, 2], next_token: Some(11), ..Default::default() };
+        for top in [0, 1, 3, vocab + 5] {
+            let got = prompt_logprobs(&logits, vocab, &p, top);
+            let targets = [9, 30, 2, 11];
+            assert_eq!(got.len(), 4);
+            for ((row, t), g) in logits.chunks_exact(vocab).zip(targets).zip(&got) {
+                assert_eq!(g.logprob, logprob(row, t));
+                assert_eq!(g.top_logprobs, top_logprobs(&log_softmax(row), top));
+            }
+        }
+        // At the prompt's end the last row predicts nothing.
+        let end = PrefillWork { next_token: None, ..p };
+        assert_eq!(prompt_logprobs(&logits, vocab, &end, 2).len(), 3);
+    }
 }

@@ -157,7 +157,7 @@ fn run(
         let plan = Plan { add: std::mem::take(&mut add), prefill: vec![work], ..Plan::default() };
         let (result, shards) = only(runner.run(&plan)?, seq)?;
         if let Some(lps) = prompt_logprobs.as_mut() {
-            lps.extend(result.prompt_logprobs.iter().map(|&l| Some(l)));
+            lps.extend(result.prompt_logprobs.iter().map(|l| Some(l.logprob)));
         }
         first = result.sampled;
         shard_tokens = shards;

@@ -8,7 +8,7 @@ use tonic::Status;
 use yoco_proto::v1 as pb;
 use yoco_proto::v1::generate_response::Event;
 use yoco_worker::engine::{SeqId, SnapshotId};
-use yoco_worker::executor::Sampled;
+use yoco_worker::executor::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::prefix::Hash;
@@ -41,7 +41,7 @@ pub struct Active {
     /// The token to feed back in the next decode step.
     pub next: Option<u32>,
     pub generated: usize,
-    prompt_logprobs: Vec<f32>,
+    prompt_logprobs: Vec<PromptLogprob>,
     detok: IncrementalDetokenizer,
     stop: StopMatcher,
     prefill_started: Option<Instant>,
@@ -111,7 +111,7 @@ impl Active {
         &mut self,
         tok: &Tokenizer,
         n: usize,
-        logprobs: &[f32],
+        logprobs: &[PromptLogprob],
         sampled: Option<Sampled>,
     ) -> Option<End> {
         self.prefilled += n;
@@ -129,8 +129,14 @@ impl Active {
             return None;
         }
         if self.req.prompt_logprobs {
-            let logprobs = std::mem::take(&mut self.prompt_logprobs);
-            self.send(Event::PromptLogprobs(pb::PromptLogprobs { logprobs }));
+            let lps = std::mem::take(&mut self.prompt_logprobs);
+            let top_logprobs = if self.req.top_logprobs == 0 {
+                Vec::new()
+            } else {
+                lps.iter().map(|p| pb::TopLogprobs { alternatives: top_to_pb(&p.top_logprobs) }).collect()
+            };
+            let logprobs = lps.iter().map(|p| p.logprob).collect();
+            self.send(Event::PromptLogprobs(pb::PromptLogprobs { logprobs, top_logprobs }));
         }
         match sampled {
             Some(s) => self.token(tok, s),
@@ -152,15 +158,7 @@ impl Active {
         self.last_token = Some(now);
         self.first_token.get_or_insert(now);
         self.generated += 1;
-        let token = pb::Token {
-            id: s.token,
-            logprob: s.logprob,
-            top_logprobs: s
-                .top_logprobs
-                .iter()
-                .map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob })
-                .collect(),
-        };
+        let token = pb::Token { id: s.token, logprob: s.logprob, top_logprobs: top_to_pb(&s.top_logprobs) };
         // A stop token is in the output, its text is not.
         if self.req.stop_token_ids.contains(&s.token) {
             let text = self.flush(tok);
@@ -267,4 +265,8 @@ impl Active {
             let _ = self.tx.send(Err(status.clone()));
         }
     }
+}
+
+fn top_to_pb(top: &[(u32, f32)]) -> Vec<pb::TopLogprob> {
+    top.iter().map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob }).collect()
 }

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 
 use super::{Backend, Forward, ForwardError, Sequence, Snapshot};
 use crate::engine::{Logits, SeqId, SnapshotId};
-use crate::executor::{sample_next, use_first_ranks_tokens, Plan, SeqResult, SeqSpec};
+use crate::executor::{prompt_logprobs, sample_next, use_first_ranks_tokens, Plan, SeqResult, SeqSpec};
 use crate::generate::{PlanRunner, RunError};
-use crate::sampling::{logprob, Sampler};
+use crate::sampling::Sampler;
 
 struct Seq<B: Backend> {
     caches: Sequence<B>,
@@ -89,13 +89,7 @@ impl<B: Backend> ForwardRunner<B> {
             let starts = (!p.chunk_starts.is_empty()).then_some(&p.chunk_starts[..]);
             let (logits, prompt_logprobs) = if s.spec.prompt_logprobs {
                 let all = self.fwd.prefill(&mut s.caches, &p.tokens, starts, Logits::All)?;
-                // Row t predicts token t+1 of the step, the last row the next step's first.
-                let next = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]);
-                let lps = all
-                    .chunks_exact(vocab)
-                    .zip(next)
-                    .filter_map(|(row, target)| target.map(|t| logprob(row, t)))
-                    .collect();
+                let lps = prompt_logprobs(&all, vocab, p, s.spec.top_logprobs);
                 (p.sample.then(|| all[all.len() - vocab..].to_vec()), lps)
             } else {
                 let want = if p.sample { Logits::Last } else { Logits::None };

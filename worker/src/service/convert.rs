@@ -3,7 +3,7 @@
 
 use yoco_proto::worker::v1 as pb;
 
-use crate::executor::{DecodeWork, Plan, PrefillWork, Sampled, SeqResult, SeqSpec};
+use crate::executor::{DecodeWork, Plan, PrefillWork, PromptLogprob, Sampled, SeqResult, SeqSpec};
 use crate::sampling::SamplingParams;
 
 pub fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
@@ -116,13 +116,15 @@ pub fn result_to_pb(r: &SeqResult) -> pb::SequenceResult {
         seq_id: r.seq,
         token: r.sampled.as_ref().map(|s| s.token),
         logprob: r.sampled.as_ref().map_or(0.0, |s| s.logprob),
-        top_logprobs: r
-            .sampled
-            .as_ref()
-            .map(|s| s.top_logprobs.iter().map(|&(token, logprob)| pb::TokenLogprob { token, logprob }).collect())
-            .unwrap_or_default(),
-        prompt_logprobs: r.prompt_logprobs.clone(),
+        top_logprobs: r.sampled.as_ref().map(|s| token_logprobs(&s.top_logprobs)).unwrap_or_default(),
+        prompt_logprobs: r.prompt_logprobs.iter().map(|p| p.logprob).collect(),
         shard_tokens: r.shard_tokens as u64,
+        prompt_top_logprobs: r
+            .prompt_logprobs
+            .iter()
+            .filter(|p| !p.top_logprobs.is_empty())
+            .map(|p| pb::TopTokens { tokens: token_logprobs(&p.top_logprobs) })
+            .collect(),
     }
 }
 
@@ -134,9 +136,27 @@ pub fn result_from_pb(r: &pb::SequenceResult) -> SeqResult {
             logprob: r.logprob,
             top_logprobs: r.top_logprobs.iter().map(|t| (t.token, t.logprob)).collect(),
         }),
-        prompt_logprobs: r.prompt_logprobs.clone(),
+        // A peer that sent fewer alternatives than log-probabilities (or none: none were
+        // asked) leaves the rest empty.
+        prompt_logprobs: r
+            .prompt_logprobs
+            .iter()
+            .enumerate()
+            .map(|(i, &logprob)| PromptLogprob {
+                logprob,
+                top_logprobs: r
+                    .prompt_top_logprobs
+                    .get(i)
+                    .map(|t| t.tokens.iter().map(|t| (t.token, t.logprob)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect(),
         shard_tokens: r.shard_tokens as usize,
     }
+}
+
+fn token_logprobs(top: &[(u32, f32)]) -> Vec<pb::TokenLogprob> {
+    top.iter().map(|&(token, logprob)| pb::TokenLogprob { token, logprob }).collect()
 }
 
 #[cfg(test)]
@@ -206,5 +226,21 @@ mod tests {
         let mut bad = pb;
         bad.add[0].top_logprobs = 1000;
         assert!(plan_from_pb(&bad).unwrap_err().contains("top_logprobs"));
+    }
+
+    #[test]
+    fn results_round_trip_with_prompt_alternatives() {
+        let lp = |logprob, top: &[(u32, f32)]| PromptLogprob { logprob, top_logprobs: top.to_vec() };
+        let r = SeqResult {
+            seq: 4,
+            sampled: Some(Sampled { token: 7, logprob: -0.5, top_logprobs: vec![(7, -0.5), (2, -1.5)] }),
+            prompt_logprobs: vec![lp(-1.0, &[(3, -0.25), (9, -2.0)]), lp(-3.0, &[(1, -0.5), (3, -3.0)])],
+            shard_tokens: 12,
+        };
+        assert_eq!(result_from_pb(&result_to_pb(&r)), r);
+        let plain = SeqResult { prompt_logprobs: vec![lp(-1.0, &[]), lp(-2.0, &[])], ..r };
+        let wire = result_to_pb(&plain);
+        assert!(wire.prompt_top_logprobs.is_empty());
+        assert_eq!(result_from_pb(&wire), plain);
     }
 }

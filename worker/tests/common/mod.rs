@@ -330,6 +330,7 @@ pub fn assert_plans_agree(
             assert_eq!(g.shard_tokens, w.shard_tokens, "sequence {}: cache rows", w.seq);
             assert_eq!(g.prompt_logprobs.len(), w.prompt_logprobs.len(), "sequence {}", w.seq);
             for (a, b) in g.prompt_logprobs.iter().zip(&w.prompt_logprobs) {
+                let (a, b) = (a.logprob, b.logprob);
                 assert!((a - b).abs() <= tol, "sequence {}: prompt log-probability {a} vs {b}", w.seq);
             }
             match (&g.sampled, &w.sampled) {
