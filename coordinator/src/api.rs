@@ -14,7 +14,7 @@ use yoco_worker::tokenizer::Tokenizer;
 
 use crate::auth::KeyId;
 use crate::limits::{RequestLimits, StreamCounts};
-use crate::request::{prompt_tokens, validate, GenRequest};
+use crate::request::{prompt_tokens, validate, GenRequest, RequestError};
 use crate::router::{Ready, Router};
 
 /// Largest request or response message of the public API: a million-token prompt as text or
@@ -81,7 +81,7 @@ impl Api {
         arrived: Instant,
         deadline: Option<Instant>,
         caller: Option<KeyId>,
-    ) -> Result<Submitted, Status> {
+    ) -> Result<Submitted, RequestError> {
         let slot = match (caller, self.limits.max_streams_per_key) {
             (Some(key), Some(limit)) => Some(Arc::new(self.streams.open(key, limit)?)),
             _ => None,
@@ -104,7 +104,7 @@ impl Api {
             validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)
         })
         .await
-        .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
+        .map_err(|e| RequestError::Internal(format!("validation task failed: {e}")))??;
         self.limits.check_prompt(gen.prompt.len())?;
         let gen = GenRequest { _slot: slot, ..gen };
         let (id, prompt_tokens) = (gen.id.clone(), gen.prompt.len());
@@ -116,7 +116,7 @@ impl Api {
     }
 
     /// The group the next request would go to.
-    pub fn ready(&self) -> Result<Arc<Ready>, Status> {
+    pub fn ready(&self) -> Result<Arc<Ready>, RequestError> {
         self.router.pick().ok_or_else(no_group)
     }
 
@@ -155,8 +155,20 @@ fn group_status(g: &Ready) -> pb::GroupStatus {
     }
 }
 
-fn no_group() -> Status {
-    Status::unavailable("the server is starting: no worker group has formed yet, or none is serving")
+fn no_group() -> RequestError {
+    RequestError::Unavailable("the server is starting: no worker group has formed yet, or none is serving".into())
+}
+
+/// gRPC's view of a refused request: the one place its codes are chosen.
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        match &e {
+            RequestError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            RequestError::Busy(m) => Status::resource_exhausted(m),
+            RequestError::Unavailable(m) => Status::unavailable(m),
+            RequestError::Internal(m) => Status::internal(m),
+        }
+    }
 }
 
 /// The deadline a client set with the standard `grpc-timeout` header (`<digits><unit>`).

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tonic::Status;
-
 use crate::auth::KeyId;
+use crate::request::RequestError;
 
 #[derive(Debug, Clone, Default)]
 pub struct RequestLimits {
@@ -29,11 +28,12 @@ impl RequestLimits {
         }
     }
 
-    pub fn check_prompt(&self, tokens: usize) -> Result<(), Status> {
+    pub fn check_prompt(&self, tokens: usize) -> Result<(), RequestError> {
         match self.max_prompt_tokens {
-            Some(max) if tokens > max => Err(Status::invalid_argument(format!(
-                "prompt: {tokens} tokens, more than this server takes ({max}, --max-prompt-tokens)"
-            ))),
+            Some(max) if tokens > max => Err(RequestError::invalid(
+                "prompt",
+                format!("{tokens} tokens, more than this server takes ({max}, --max-prompt-tokens)"),
+            )),
             _ => Ok(()),
         }
     }
@@ -53,12 +53,12 @@ pub struct StreamSlot {
 }
 
 impl StreamCounts {
-    /// A slot for one more stream of `key`, or RESOURCE_EXHAUSTED at the limit.
-    pub fn open(self: &Arc<Self>, key: KeyId, limit: usize) -> Result<StreamSlot, Status> {
+    /// A slot for one more stream of `key`, or [`RequestError::Busy`] at the limit.
+    pub fn open(self: &Arc<Self>, key: KeyId, limit: usize) -> Result<StreamSlot, RequestError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(key).or_default();
         if *n >= limit {
-            return Err(Status::resource_exhausted(format!(
+            return Err(RequestError::Busy(format!(
                 "this API key has {limit} streams open, its limit (--max-streams-per-key); retry when one ends"
             )));
         }
@@ -101,14 +101,14 @@ mod tests {
         assert_eq!(l.deadline(now, Some(now + Duration::from_secs(60))), Some(now + Duration::from_secs(5)));
         assert_eq!(RequestLimits::default().deadline(now, None), None);
         assert!(l.check_prompt(10).is_ok());
-        assert!(l.check_prompt(11).unwrap_err().message().contains("--max-prompt-tokens"));
+        assert!(l.check_prompt(11).unwrap_err().to_string().contains("--max-prompt-tokens"));
 
         let counts = Arc::new(StreamCounts::default());
         let keys = crate::auth::ApiKeys::new(None, Some("a,b")).unwrap().unwrap();
         let (a, b) = (keys.check(Some("Bearer a")).unwrap(), keys.check(Some("Bearer b")).unwrap());
         let s1 = counts.open(a, 2).unwrap();
         let _s2 = counts.open(a, 2).unwrap();
-        assert_eq!(counts.open(a, 2).unwrap_err().code(), tonic::Code::ResourceExhausted);
+        assert!(matches!(counts.open(a, 2).unwrap_err(), RequestError::Busy(_)));
         let _other = counts.open(b, 2).unwrap();
         drop(s1);
         assert_eq!(counts.open_for(&a), 1);

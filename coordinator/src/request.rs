@@ -1,10 +1,9 @@
 //! Validation at the edge: a `GenerateRequest` from the wire becomes a typed [`GenRequest`], or
-//! an `INVALID_ARGUMENT` status that names the field and its limit. Nothing past this point
-//! sees an unchecked value.
+//! a [`RequestError`] that names the field and its limit. Nothing past this point sees an
+//! unchecked value.
 
 use std::time::Instant;
 
-use tonic::Status;
 use yoco_proto::v1 as pb;
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
@@ -42,8 +41,32 @@ pub struct GenRequest {
     pub _slot: Option<std::sync::Arc<crate::limits::StreamSlot>>,
 }
 
-fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {msg}"))
+/// Why a request was not taken, in no transport's terms: gRPC maps it to a status
+/// (`api.rs`), HTTP to a status code and an OpenAI error body (`openai/`), each in one place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// A field breaks a rule. `field` is its path in `GenerateRequest` (`sampling.top_k`,
+    /// `stop[2]`, `prompt.token_ids`); the message says the rule and the limit.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// Work in flight is at a limit (the queue, an API key's streams): retry later.
+    #[error("{0}")]
+    Busy(String),
+    /// Nothing can serve it now: no group yet, draining, or the group failed.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        RequestError::Invalid { field: field.into(), message: message.to_string() }
+    }
+}
+
+fn invalid(field: &str, msg: impl std::fmt::Display) -> RequestError {
+    RequestError::invalid(field, msg)
 }
 
 /// Checks everything but the prompt's text, which the caller tokenizes (it may be large).
@@ -55,7 +78,7 @@ pub fn validate(
     arrived: Instant,
     deadline: Option<Instant>,
     fresh_id: impl FnOnce() -> String,
-) -> Result<GenRequest, Status> {
+) -> Result<GenRequest, RequestError> {
     let vocab = limits.vocab_size;
     if prompt.is_empty() {
         return Err(invalid("prompt", "is empty: give `text` or `token_ids` with at least one token"));
@@ -92,7 +115,7 @@ pub fn validate(
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
     };
-    sampling.validate().map_err(|e| Status::invalid_argument(format!("sampling.{e}")))?;
+    sampling.validate().map_err(|e| invalid(&format!("sampling.{}", e.field()), e))?;
     if req.stop.len() > MAX_STOP_STRINGS {
         return Err(invalid("stop", format!("{} strings; at most {MAX_STOP_STRINGS}", req.stop.len())));
     }
@@ -139,7 +162,7 @@ pub fn validate(
 }
 
 /// The prompt's token ids: the given ids, or the text tokenized.
-pub fn prompt_tokens(req: &pb::GenerateRequest, tokenizer: &Tokenizer) -> Result<Vec<u32>, Status> {
+pub fn prompt_tokens(req: &pb::GenerateRequest, tokenizer: &Tokenizer) -> Result<Vec<u32>, RequestError> {
     match &req.prompt {
         Some(pb::generate_request::Prompt::TokenIds(ids)) => Ok(ids.ids.clone()),
         Some(pb::generate_request::Prompt::Text(text)) => tokenizer.encode(text).map_err(|e| invalid("prompt.text", e)),
@@ -156,7 +179,7 @@ pub fn random_seed() -> u64 {
 mod tests {
     use super::*;
 
-    fn check(req: pb::GenerateRequest) -> Result<GenRequest, Status> {
+    fn check(req: pb::GenerateRequest) -> Result<GenRequest, RequestError> {
         let tok = Tokenizer::cl100k();
         let limits = Limits { vocab_size: 1000, max_request_tokens: 100 };
         let prompt = prompt_tokens(&req, &tok)?;
@@ -171,10 +194,13 @@ mod tests {
         pb::GenerateRequest { prompt: ids(&[1, 2, 3]), ..Default::default() }
     }
 
+    /// The error's text, checked to be a field's error that starts with the field's name.
     fn err_of(req: pb::GenerateRequest) -> String {
         let e = check(req).expect_err("should be rejected");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        e.message().to_string()
+        let RequestError::Invalid { field, .. } = &e else { panic!("not a field's error: {e:?}") };
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{field}: ")), "{text}");
+        text
     }
 
     #[test]

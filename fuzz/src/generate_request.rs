@@ -32,8 +32,8 @@ pub fn check(req: &pb::GenerateRequest, limits: &Limits) {
     let tok = crate::cl100k();
     let prompt = match request::prompt_tokens(req, tok) {
         Ok(p) => p,
-        Err(status) => {
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        Err(e) => {
+            assert!(matches!(e, request::RequestError::Invalid { .. }), "{e:?}");
             return;
         }
     };
@@ -41,9 +41,9 @@ pub fn check(req: &pb::GenerateRequest, limits: &Limits) {
     let deadline = Some(now + Duration::from_secs(1));
     let g = match request::validate(req, prompt.clone(), tok, limits, now, deadline, || "gen-fuzz".into()) {
         Ok(g) => g,
-        Err(status) => {
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-            assert!(!status.message().is_empty());
+        Err(e) => {
+            let request::RequestError::Invalid { field, message } = &e else { panic!("not a field's error: {e:?}") };
+            assert!(!field.is_empty() && !message.is_empty(), "{e:?}");
             return;
         }
     };

@@ -245,9 +245,18 @@ async fn every_invalid_field_is_named_and_the_server_keeps_serving() {
     let err: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(err["error"]["param"], "max_tokens");
     assert_eq!(err["error"]["type"], "invalid_request_error");
-    let (code, body) = http_post(&server.http, "/v1/completions", r#"{"prompt": [1, 2], "temperature": -1}"#);
-    assert_eq!(code, 400, "{body}");
-    assert!(body.contains("temperature"), "{body}");
+    // `param` as this API spells the field (gRPC's `sampling.temperature`, `prompt.token_ids`).
+    for (body, param) in [
+        (r#"{"prompt": [1, 2], "temperature": -1}"#, "temperature"),
+        (r#"{"prompt": [1, 2], "top_k": 100000}"#, "top_k"),
+        (r#"{"prompt": [1, 99999]}"#, "prompt"),
+        (r#"{"prompt": [1, 2], "stop": ["a", ""]}"#, "stop"),
+    ] {
+        let (code, reply) = http_post(&server.http, "/v1/completions", body);
+        assert_eq!(code, 400, "{reply}");
+        let err: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(err["error"]["param"], param, "{body}: {reply}");
+    }
     let (code, body) = http_post(&server.http, "/v1/completions", r#"{"prompt": [1], "model": "gpt-4"}"#);
     assert_eq!(code, 404, "{body}");
     let (code, body) = http_post(&server.http, "/v1/completions", "{not json");

@@ -73,6 +73,20 @@ pub enum SamplingError {
     FrequencyPenalty(f32),
 }
 
+impl SamplingError {
+    /// The setting at fault, as the wire formats name it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            SamplingError::Temperature(_) | SamplingError::TemperatureTooHigh(_) => "temperature",
+            SamplingError::TopP(_) => "top_p",
+            SamplingError::MinP(_) => "min_p",
+            SamplingError::RepetitionPenalty(_) => "repetition_penalty",
+            SamplingError::PresencePenalty(_) => "presence_penalty",
+            SamplingError::FrequencyPenalty(_) => "frequency_penalty",
+        }
+    }
+}
+
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {

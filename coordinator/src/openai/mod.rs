@@ -30,6 +30,7 @@ use yoco_proto::v1 as pb;
 
 use crate::api::Api;
 use crate::auth::ApiKeys;
+use crate::request::RequestError;
 
 /// The HTTP API; with `keys`, every route but the health probes needs an API key.
 pub fn router(api: Api, keys: Option<Arc<ApiKeys>>) -> Router {
@@ -100,6 +101,27 @@ impl ApiError {
     }
 }
 
+/// HTTP's view of a refused request: the one place its status codes and OpenAI error types
+/// are chosen, and `param` named as this API's JSON spells the field.
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let (status, kind, param) = match &e {
+            RequestError::Invalid { field, .. } => {
+                // `sampling.top_k` is `top_k` here, `prompt.token_ids` is `prompt`, `stop[2]` is `stop`.
+                let field = field.strip_prefix("sampling.").unwrap_or(field);
+                let param = field.split(['.', '[']).next().unwrap_or(field).to_string();
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some(param))
+            }
+            RequestError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None),
+            RequestError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", None),
+            RequestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None),
+        };
+        ApiError { status, kind, message: e.to_string(), param }
+    }
+}
+
+/// A status from a call that is not a request's admission (a request that ended in an error,
+/// an admin call).
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
         let (status, kind) = match s.code() {
@@ -109,9 +131,7 @@ impl From<Status> for ApiError {
             Code::DeadlineExceeded | Code::Cancelled => (StatusCode::from_u16(499).expect("valid"), "cancelled"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
-        // Our messages start with the field name: `max_tokens: ...`.
-        let param = s.message().split_once(':').map(|(f, _)| f.to_string()).filter(|f| !f.contains(' '));
-        ApiError { status, kind, message: s.message().to_string(), param }
+        ApiError { status, kind, message: s.message().to_string(), param: None }
     }
 }
 

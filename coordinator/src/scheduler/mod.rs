@@ -44,7 +44,7 @@ use self::prefix::{Hash, PrefixCache};
 pub use self::prefix::{PrefixConfig, PrefixStats};
 use self::seq::{Active, End, EventSender};
 use crate::group::StepError;
-use crate::request::GenRequest;
+use crate::request::{GenRequest, RequestError};
 
 /// Executes plans on every rank of a group: a [`crate::group::WorkerGroup`], or an in-process
 /// engine in tests.
@@ -216,16 +216,16 @@ impl Scheduler {
     }
 
     /// Queues a request; its events come on the returned stream.
-    pub fn submit(&self, req: GenRequest) -> Result<EventStream, Status> {
+    pub fn submit(&self, req: GenRequest) -> Result<EventStream, RequestError> {
         match self.shared.state.load(Ordering::Relaxed) {
             SERVING => {}
-            DRAINING => return Err(Status::unavailable("the server is shutting down")),
-            _ => return Err(Status::unavailable("the worker group failed; the server cannot generate")),
+            DRAINING => return Err(RequestError::Unavailable("the server is shutting down".into())),
+            _ => return Err(RequestError::Unavailable("the worker group failed; the server cannot generate".into())),
         }
         let limit = self.shared.config.max_queue;
         if self.shared.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Status::resource_exhausted(format!(
+            return Err(RequestError::Busy(format!(
                 "the queue is full: {limit} requests are waiting for cache or batch room; retry later"
             )));
         }
@@ -238,7 +238,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         if self.cmds.send(Cmd::Submit(Box::new(req), tx, hashes)).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Status::unavailable("the scheduler has stopped"));
+            return Err(RequestError::Unavailable("the scheduler has stopped".into()));
         }
         Ok(rx)
     }
