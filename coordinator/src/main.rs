@@ -1,7 +1,10 @@
 //! `yoco`: the command line of the yoco serving cluster.
 
 use clap::{Parser, Subcommand};
-use yoco::{bench, client, generate, init_model, serve, tls, worker_cmd};
+use yoco::cli::{bench, generate_cmd as generate, init_model};
+use yoco::net::tls;
+use yoco::server::worker as worker_cmd;
+use yoco::{client, server as serve};
 
 #[derive(Parser)]
 #[command(name = "yoco", version, about = "Serve YOCO (You Only Cache Once) language models")]

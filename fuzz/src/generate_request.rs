@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Result, Unstructured};
 use prost::Message;
-use yoco::request::{self, Limits};
+use yoco::api::validate::{self as request, Limits};
 use yoco_proto::v1 as pb;
 use yoco_worker::sampling::SamplingParams;
 

@@ -4,7 +4,7 @@
 //! coordinator's streaming detokenizer and stop-string matcher.
 
 use arbitrary::Unstructured;
-use yoco::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use yoco::scheduler::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 
 pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };

@@ -18,6 +18,9 @@
 //! its prompt's longest cached prefix: only the rest is prefilled and booked, and prefill chunks
 //! stop at the points where new snapshots are taken.
 
+pub mod detok;
+pub mod request;
+
 pub mod budget;
 pub mod prefix;
 #[cfg(test)]
@@ -42,11 +45,11 @@ use yoco_worker::tokenizer::Tokenizer;
 pub use self::budget::Capacity;
 use self::prefix::{Hash, PrefixCache};
 pub use self::prefix::{PrefixConfig, PrefixStats};
+use self::request::{GenRequest, RequestError};
 use self::seq::{Active, End, EventSender};
-use crate::group::StepError;
-use crate::request::{GenRequest, RequestError};
+use crate::cluster::group::StepError;
 
-/// Executes plans on every rank of a group: a [`crate::group::WorkerGroup`], or an in-process
+/// Executes plans on every rank of a group: a [`crate::cluster::group::WorkerGroup`], or an in-process
 /// engine in tests.
 pub trait StepRunner: Send + 'static {
     /// The ranks that split a prompt's tokens (context-parallel).
@@ -55,7 +58,7 @@ pub trait StepRunner: Send + 'static {
     fn run(&mut self, plan: Plan) -> impl Future<Output = Result<Vec<Vec<SeqResult>>, StepError>> + Send;
 }
 
-impl StepRunner for crate::group::WorkerGroup {
+impl StepRunner for crate::cluster::group::WorkerGroup {
     fn world(&self) -> usize {
         self.cp()
     }

@@ -13,7 +13,7 @@ use super::tests::{
     alone_generation, collect, fixture, futures_all, prompt, request, sequences, start_model, wait_until, Outcome,
 };
 use super::*;
-use crate::request::GenRequest;
+use crate::scheduler::request::GenRequest;
 
 const TOL: f32 = 1e-4;
 

@@ -12,9 +12,9 @@ use yoco_worker::executor::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::prefix::Hash;
-use crate::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use super::request::GenRequest;
 use crate::metrics::METRICS;
-use crate::request::GenRequest;
+use crate::scheduler::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 
 /// Where a request's events go: the gRPC stream (or a test).
 pub type EventSender = UnboundedSender<Result<Event, Status>>;
@@ -211,7 +211,7 @@ impl Active {
     /// Sends the final message (and, for an error, the error status after it).
     pub fn finish(&mut self, end: &End) {
         // The caller may open its next stream as soon as it reads the final message.
-        self.req._slot = None;
+        self.req.hold = None;
         let now = Instant::now();
         let arrived = self.req.arrived;
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();

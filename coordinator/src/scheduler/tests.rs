@@ -17,7 +17,7 @@ use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::*;
-use crate::request::GenRequest;
+use crate::scheduler::request::GenRequest;
 
 const BLOCK: usize = 16;
 
@@ -100,7 +100,7 @@ pub(super) fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingPar
         prompt_logprobs: false,
         arrived: Instant::now(),
         deadline: None,
-        _slot: None,
+        hold: None,
     }
 }
 

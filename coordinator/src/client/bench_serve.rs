@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use yoco_proto::v1 as pb;
 
-use crate::client::Client;
+use super::connect::Client;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,7 +53,7 @@ async fn stream(mut client: Client, salt: usize, vocab: usize, args: (usize, u32
         if Instant::now() >= end {
             break;
         }
-        let ids = crate::bench_prefix::tokens(prompt_tokens, salt * 1_000_003 + n, vocab);
+        let ids = super::bench_prefix::tokens(prompt_tokens, salt * 1_000_003 + n, vocab);
         let req = pb::GenerateRequest {
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
             max_tokens: Some(max_tokens),

@@ -1,15 +1,18 @@
 //! `yoco client`: calls a running server's public API. `generate` streams text to stdout as it
 //! comes (prefill progress and a summary on stderr), or prints one JSON object with `--json`.
 
+pub mod bench_prefix;
+pub mod bench_serve;
+pub mod connect;
+
 use std::io::{IsTerminal, Write};
 
 use anyhow::{bail, Context};
 use serde_json::json;
 use tokio_stream::StreamExt;
 use yoco_proto::v1 as pb;
-use yoco_proto::v1::generation_client::GenerationClient;
 
-use crate::api::MAX_MESSAGE_BYTES;
+use self::connect::Client;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,16 +46,16 @@ enum Command {
     /// Drop every cached prompt prefix (JSON: snapshots dropped now, and still in use).
     FlushPrefixCache,
     /// Benchmark: one long document, then questions about it (time to first token of each).
-    BenchPrefix(crate::bench_prefix::Args),
+    BenchPrefix(bench_prefix::Args),
     /// Benchmark: concurrent streams of short requests (output tokens/s, TTFT and ITL).
-    BenchServe(crate::bench_serve::Args),
+    BenchServe(bench_serve::Args),
 }
 
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
 struct GenerateArgs {
     #[command(flatten)]
-    input: crate::prompt_args::PromptArgs,
+    input: crate::cli::prompt_args::PromptArgs,
     #[arg(long)]
     max_tokens: Option<u32>,
     #[arg(long, default_value_t = 0.0)]
@@ -97,13 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let channel = endpoint(&args)?.connect().await.with_context(|| format!("connecting to {}", args.addr))?;
-        let auth = match &args.api_key {
-            Some(k) => Some(format!("Bearer {k}").parse().context("--api-key: not a valid header value")?),
-            None => None,
-        };
-        let mut client = GenerationClient::with_interceptor(channel, Auth(auth))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client = connect::client(channel, args.api_key.as_deref())?;
         match args.command {
             Command::Tokenize { text } => {
                 let ids = client.tokenize(pb::TokenizeRequest { text }).await.map_err(status)?.into_inner().ids;
@@ -117,8 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let r = client.flush_prefix_cache(pb::FlushPrefixCacheRequest {}).await.map_err(status)?.into_inner();
                 println!("{}", json!({"dropped": r.dropped, "in_use": r.in_use}));
             }
-            Command::BenchPrefix(b) => crate::bench_prefix::run(&mut client, b).await?,
-            Command::BenchServe(b) => crate::bench_serve::run(&mut client, b).await?,
+            Command::BenchPrefix(b) => bench_prefix::run(&mut client, b).await?,
+            Command::BenchServe(b) => bench_serve::run(&mut client, b).await?,
             Command::Generate(g) => generate(&mut client, *g).await?,
         }
         Ok(())
@@ -145,22 +142,6 @@ fn endpoint(args: &Args) -> anyhow::Result<tonic::transport::Endpoint> {
     }
     Ok(endpoint.tls_config(tls)?)
 }
-
-/// Adds the API key to every call.
-#[derive(Clone)]
-pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// The public API's client, with the API key.
-pub type Client = GenerationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>>;
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use yoco_proto::v1 as pb;
 
-use crate::client::Client;
+use super::connect::Client;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -15,14 +15,17 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generate_response::Event;
 use yoco_worker::tokenizer::Tokenizer;
 
-use super::{check_model, model_name, now_unix, outcome, ApiError, Body, Chunks, Counts, Sampling, StreamOptions};
+use super::error::{ApiError, Body};
+use super::schema::{
+    check_model, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+};
+use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
-use crate::auth::KeyId;
 
 #[derive(Deserialize)]
 pub(super) struct ChatRequest {
     model: Option<String>,
-    messages: Vec<crate::chat::Message>,
+    messages: Vec<crate::api::chat_template::Message>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     #[serde(default)]
@@ -111,7 +114,7 @@ pub(super) async fn chat_completions(
                         let lp = if want_logprobs { chat_logprobs(&tok, &c.tokens) } else { Value::Null };
                         chunk(json!({"content": c.text}), lp, None, counts)
                     }
-                    Ok(Event::Finished(f)) => match super::finish_reason(&f) {
+                    Ok(Event::Finished(f)) => match finish_reason(&f) {
                         Some(r) => {
                             let counts = f.usage.as_ref().map_or(counts, Counts::of);
                             chunk(json!({}), Value::Null, Some(r), counts) && out.done(counts)

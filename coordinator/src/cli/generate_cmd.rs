@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
     #[command(flatten)]
-    input: crate::prompt_args::PromptArgs,
+    input: crate::cli::prompt_args::PromptArgs,
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// 0 is greedy.
@@ -93,11 +93,11 @@ pub struct Args {
     /// needs a build with the `cuda` feature), or auto: cuda when this build has it and a GPU
     /// is present, else cpu (logged).
     #[arg(long, default_value = "auto", env = "YOCO_DEVICE")]
-    device: Device,
+    device: DeviceArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
+pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda,
@@ -106,26 +106,26 @@ pub enum Device {
 /// The device the model runs on: `--device`, with `auto` resolved (one log line when a CUDA
 /// build finds no GPU). Worker processes are started with `--device cpu` here: `--workers`
 /// is the CPU engine's context and tensor parallelism.
-fn choose_device(asked: Device, workers: Option<usize>) -> anyhow::Result<Device> {
+fn choose_device(asked: DeviceArg, workers: Option<usize>) -> anyhow::Result<DeviceArg> {
     match (asked, workers) {
-        (Device::Cuda, Some(_)) => bail!(
+        (DeviceArg::Cuda, Some(_)) => bail!(
             "--device cuda runs in this process; it does not take --workers (for a group of GPU workers: \
              yoco serve --workers N --worker-device cuda)"
         ),
-        (Device::Auto, Some(_)) | (Device::Cpu, _) => Ok(Device::Cpu),
-        (Device::Cuda, None) if !cfg!(feature = "cuda") => {
+        (DeviceArg::Auto, Some(_)) | (DeviceArg::Cpu, _) => Ok(DeviceArg::Cpu),
+        (DeviceArg::Cuda, None) if !cfg!(feature = "cuda") => {
             bail!("--device cuda: this yoco was built without the `cuda` feature (cargo build --features cuda)")
         }
-        (Device::Cuda, None) => Ok(Device::Cuda),
-        (Device::Auto, None) => {
+        (DeviceArg::Cuda, None) => Ok(DeviceArg::Cuda),
+        (DeviceArg::Auto, None) => {
             #[cfg(feature = "cuda")]
             {
                 if yoco_worker::cuda::driver::gpu_count() > 0 {
-                    return Ok(Device::Cuda);
+                    return Ok(DeviceArg::Cuda);
                 }
                 tracing::info!("no GPU found (no NVIDIA driver or no device): running on the CPU backend");
             }
-            Ok(Device::Cpu)
+            Ok(DeviceArg::Cpu)
         }
     }
 }
@@ -204,12 +204,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Box::new(Executor::new(Engine::new(model.clone(), &opts)))
     };
     let mut runner: Box<dyn PlanRunner> = match args.workers {
-        None if device == Device::Cuda => match cuda_runner(&model, &args) {
+        None if device == DeviceArg::Cuda => match cuda_runner(&model, &args) {
             Ok(runner) => runner,
             // `auto` found a driver, but the GPU cannot serve (no cuBLAS or NVRTC, no memory…).
-            Err(e) if args.device == Device::Auto => {
+            Err(e) if args.device == DeviceArg::Auto => {
                 tracing::warn!(error = %format!("{e:#}"), "the GPU cannot be used: running on the CPU backend");
-                device = Device::Cpu;
+                device = DeviceArg::Cpu;
                 cpu_engine()
             }
             Err(e) => return Err(e),
@@ -217,7 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => cpu_engine(),
         Some(0) => bail!("--workers must be at least 1"),
         Some(p) => {
-            let opts = crate::group::GroupOptions {
+            let opts = crate::cluster::group::GroupOptions {
                 cache_budget_bytes: args.cache_mib << 20,
                 cache_dtype: args.cache_dtype,
                 weight_dtype: args.weight_dtype,
@@ -235,7 +235,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if args.tp == 0 || !p.is_multiple_of(args.tp) {
                 bail!("--tp {} must divide --workers {p}", args.tp);
             }
-            Box::new(crate::group::BlockingGroup::spawn(p, &dir, &opts)?)
+            Box::new(crate::cluster::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }
     };
     let mut progress = progress_printer(prompt.len() > params.prefill_chunk * runner.world());
@@ -262,7 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
     let out = json!({
-        "device": if device == Device::Cuda { "cuda" } else { "cpu" },
+        "device": if device == DeviceArg::Cuda { "cuda" } else { "cpu" },
         "workers": runner.world(),
         "model": dir.display().to_string(),
         "tokenizer": tokenizer.name(),
@@ -342,11 +342,11 @@ mod tests {
     /// up front by a build without the feature, or by the driver probe of one with it.
     #[test]
     fn without_a_gpu_auto_is_the_cpu_and_cuda_is_a_clean_error() {
-        assert_eq!(choose_device(Device::Auto, None).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Auto, Some(2)).unwrap(), Device::Cpu);
-        assert_eq!(choose_device(Device::Cpu, None).unwrap(), Device::Cpu);
-        assert!(choose_device(Device::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
-        let explicit = choose_device(Device::Cuda, None);
+        assert_eq!(choose_device(DeviceArg::Auto, None).unwrap(), DeviceArg::Cpu);
+        assert_eq!(choose_device(DeviceArg::Auto, Some(2)).unwrap(), DeviceArg::Cpu);
+        assert_eq!(choose_device(DeviceArg::Cpu, None).unwrap(), DeviceArg::Cpu);
+        assert!(choose_device(DeviceArg::Cuda, Some(2)).unwrap_err().to_string().contains("--workers"));
+        let explicit = choose_device(DeviceArg::Cuda, None);
         #[cfg(not(feature = "cuda"))]
         {
             let e = explicit.unwrap_err();
@@ -354,7 +354,7 @@ mod tests {
         }
         #[cfg(feature = "cuda")]
         {
-            assert_eq!(explicit.unwrap(), Device::Cuda);
+            assert_eq!(explicit.unwrap(), DeviceArg::Cuda);
             let err = yoco_worker::cuda::driver::CudaBackend::open(0).err().expect("no GPU in CI");
             assert!(matches!(err, yoco_worker::cuda::runtime::DeviceError::NoDriver), "{err}");
         }

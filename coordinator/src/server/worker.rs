@@ -3,16 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tokio::io::AsyncReadExt;
 use yoco_proto::worker::v1::worker_server::WorkerServer;
 use yoco_worker::service::{Device, DeviceRequest, WorkerDefaults, WorkerService};
 
-use crate::membership::etcd::{self, revoke, EtcdConfig, LeaseWatch};
-use crate::membership::{valid_name, Keys, RankEntry, MAX_WORLD};
-use crate::tls::ServerTlsArgs;
-
-/// Largest gRPC message a worker accepts or sends.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+use crate::cluster::group::MAX_WORKER_MESSAGE_BYTES;
+use crate::cluster::membership::etcd::{self, revoke, EtcdConfig, LeaseWatch};
+use crate::cluster::membership::{valid_name, Keys, RankEntry, MAX_WORLD};
+use crate::net::tls::ServerTlsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -116,8 +113,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(grpc = %grpc_addr, collective = %collective_addr, "worker ready");
     let registration = register(&args, device.device, grpc_addr, collective_addr)?;
     let server = WorkerServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_WORKER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_WORKER_MESSAGE_BYTES);
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let health_server = match args.health_listen {
         Some(at) => {
@@ -127,16 +124,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(health)
-                    .serve_with_incoming_shutdown(crate::listen::grpc(l), async move { stop.notified().await }),
+                    .serve_with_incoming_shutdown(crate::net::listen::grpc(l), async move { stop.notified().await }),
             ))
         }
         None => None,
     };
     let router = tonic::transport::Server::builder().add_service(health).add_service(server);
-    let stopped = shutdown(args.exit_on_stdin_close);
+    let stopped = super::shutdown::shutdown(args.exit_on_stdin_close);
     match tls {
-        Some(cfg) => router.serve_with_incoming_shutdown(crate::tls::incoming_stream(grpc, cfg), stopped).await?,
-        None => router.serve_with_incoming_shutdown(crate::listen::grpc(grpc), stopped).await?,
+        Some(cfg) => router.serve_with_incoming_shutdown(crate::net::tls::incoming_stream(grpc, cfg), stopped).await?,
+        None => router.serve_with_incoming_shutdown(crate::net::listen::grpc(grpc), stopped).await?,
     }
     stop.notify_one();
     if let Some(task) = health_server {
@@ -195,30 +192,4 @@ fn register(
     let cfg = EtcdConfig { endpoints: m.etcd.clone(), lease_ttl: m.lease_ttl };
     let lease = etcd::register(cfg.clone(), keys.rank(group, rank), serde_json::to_string(&entry)?);
     Ok(Some((cfg, lease)))
-}
-
-/// Resolves on SIGTERM, Ctrl-C, or (when asked) the end of standard input.
-pub async fn shutdown(watch_stdin: bool) {
-    let stdin_closed = async {
-        if watch_stdin {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 64];
-            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        #[cfg(unix)]
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-            return;
-        }
-        std::future::pending::<()>().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-        _ = stdin_closed => {}
-    }
 }

@@ -6,7 +6,7 @@
 //! - `owners/<G>`: the id of the coordinator that drives group G, under that coordinator's lease.
 //!
 //! This module is the plain part: key names, validated entries, and [`Members`], the view a
-//! coordinator keeps of them. [`etcd`] talks to etcd; [`crate::cluster`] acts on the view.
+//! coordinator keeps of them. [`etcd`] talks to etcd; [`crate::server::dynamic`] acts on the view.
 
 pub mod etcd;
 

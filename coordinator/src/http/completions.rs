@@ -20,9 +20,12 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generate_response::Event;
 use yoco_worker::tokenizer::Tokenizer;
 
-use super::{check_model, model_name, now_unix, outcome, ApiError, Body, Chunks, Counts, Sampling, StreamOptions};
+use super::error::{ApiError, Body};
+use super::schema::{
+    check_model, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+};
+use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
-use crate::auth::KeyId;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -302,7 +305,7 @@ async fn stream_choices(
                 c.offset += t.text.len();
                 chunk(i, t.text, logprobs, None, c.counts)
             }
-            Ok(Event::Finished(f)) => match super::finish_reason(&f) {
+            Ok(Event::Finished(f)) => match finish_reason(&f) {
                 Some(reason) => {
                     let counts = f.usage.as_ref().map_or(c.counts, Counts::of);
                     total.add(counts);

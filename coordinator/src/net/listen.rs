@@ -1,5 +1,5 @@
 //! Accepting plaintext connections: every socket yoco accepts gets TCP_NODELAY (the TLS
-//! listeners of [`crate::tls`] set it too, and yoco's own outgoing gRPC channels and
+//! listeners of [`crate::net::tls`] set it too, and yoco's own outgoing gRPC channels and
 //! collectives set it where they connect).
 //!
 //! Streamed tokens are small writes. With Nagle's algorithm a small write waits for the ACK of

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::KeyId;
-use crate::request::RequestError;
+use crate::api::auth::KeyId;
+use crate::scheduler::request::RequestError;
 
 #[derive(Debug, Clone, Default)]
 pub struct RequestLimits {
@@ -104,7 +104,7 @@ mod tests {
         assert!(l.check_prompt(11).unwrap_err().to_string().contains("--max-prompt-tokens"));
 
         let counts = Arc::new(StreamCounts::default());
-        let keys = crate::auth::ApiKeys::new(None, Some("a,b")).unwrap().unwrap();
+        let keys = crate::api::auth::ApiKeys::new(None, Some("a,b")).unwrap().unwrap();
         let (a, b) = (keys.check(Some("Bearer a")).unwrap(), keys.check(Some("Bearer b")).unwrap());
         let s1 = counts.open(a, 2).unwrap();
         let _s2 = counts.open(a, 2).unwrap();

@@ -17,7 +17,10 @@ use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
 use yoco_worker::weights::WeightDtype;
 
-use crate::worker_cmd::MAX_MESSAGE_BYTES;
+/// Largest message of the coordinator-worker protocol, either way: a step's prompt tokens and
+/// results (with prompt log-probabilities) are larger than any public request (64 MiB, the
+/// public API's limit, holds a million-token prompt).
+pub const MAX_WORKER_MESSAGE_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Clone)]
 pub struct GroupOptions {
@@ -30,7 +33,7 @@ pub struct GroupOptions {
     /// `tcp`, or `nccl` (rank r on GPU r).
     pub transport: String,
     /// Mutual TLS to the workers; without it, plaintext (refused off loopback unless allowed).
-    pub tls: Option<crate::tls::WorkerTls>,
+    pub tls: Option<crate::net::tls::WorkerTls>,
     pub allow_plaintext: bool,
     /// Compute threads of each local worker process; `None`: `YOCO_WORKER_THREADS`, else 1.
     pub local_worker_threads: Option<usize>,
@@ -140,15 +143,15 @@ impl GroupHandle {
 }
 
 async fn client(addr: &str, rank: usize, opts: &GroupOptions) -> anyhow::Result<WorkerClient<Channel>> {
-    let channel = crate::tls::worker_endpoint(addr, opts.tls.as_ref(), opts.allow_plaintext)?
+    let channel = crate::net::tls::worker_endpoint(addr, opts.tls.as_ref(), opts.allow_plaintext)?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| format!("connecting to worker rank {rank} at {addr}"))?;
     Ok(WorkerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(MAX_WORKER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_WORKER_MESSAGE_BYTES))
 }
 
 impl WorkerGroup {
@@ -279,22 +282,15 @@ impl WorkerGroup {
                 rank = info.rank,
                 seconds = loaded.load_seconds,
                 cache_capacity_tokens = info.cache_capacity_tokens,
-                device = if info.device.is_empty() { "cpu" } else { info.device.as_str() },
+                device = %info.device,
                 "rank loaded the model"
             );
-            // A worker too old to name its cache type runs f32.
-            let dtype = if info.cache_dtype.is_empty() { "f32" } else { info.cache_dtype.as_str() };
-            let cache_dtype = dtype.parse::<CacheDtype>().map_err(|e| anyhow!("rank {}: {e}", info.rank))?;
+            let cache_dtype = info.cache_dtype.parse::<CacheDtype>().map_err(|e| anyhow!("rank {}: {e}", info.rank))?;
             if cache_dtype != opts.cache_dtype {
                 bail!("rank {} keeps its cache in {cache_dtype}, not the {} asked for", info.rank, opts.cache_dtype);
             }
-            // A worker that predates tensor parallelism reports 0 and holds the whole model.
-            if info.tp.max(1) as usize != tp {
-                bail!(
-                    "rank {} formed a group with tp {}, not the {tp} asked for (a worker too old?)",
-                    info.rank,
-                    info.tp
-                );
+            if info.tp as usize != tp {
+                bail!("rank {} formed a group with tp {}, not the {tp} asked for", info.rank, info.tp);
             }
             ranks.push(RankInfo {
                 address: addr.clone(),

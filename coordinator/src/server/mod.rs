@@ -7,8 +7,13 @@
 //! On SIGTERM or Ctrl-C it stops taking requests, lets those in flight finish within the drain
 //! timeout (then cancels them), and exits 0. A static group (`serve`, `coordinator --worker`)
 //! that fails ends every request with an error and the process exits non-zero, so that a
-//! supervisor restarts it; with `--etcd` (see [`crate::cluster`]) groups come and go while the
+//! supervisor restarts it; with `--etcd` (see [`crate::server::dynamic`]) groups come and go while the
 //! coordinator keeps serving with the others.
+
+pub mod dynamic;
+pub mod shutdown;
+pub mod starter;
+pub mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,19 +30,17 @@ use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::tokenizer::Tokenizer;
 use yoco_worker::weights::WeightDtype;
 
+use self::starter::GroupStarter;
+use crate::api::auth::ApiKeys;
+use crate::api::chat_template::ChatTemplate;
+use crate::api::limits::RequestLimits;
 use crate::api::{Api, MAX_MESSAGE_BYTES};
-use crate::auth::ApiKeys;
-use crate::chat::ChatTemplate;
-use crate::cluster::ClusterConfig;
-use crate::group::{GroupOptions, WorkerGroup};
-use crate::limits::RequestLimits;
-use crate::membership::etcd::EtcdConfig;
-use crate::membership::Keys;
-use crate::request::Limits;
-use crate::router::Ready;
-use crate::scheduler::prefix::model_seed;
-use crate::scheduler::{Capacity, PrefixConfig, Scheduler, SchedulerConfig};
-use crate::tls::{ServerTlsArgs, WorkerTls, WorkerTlsArgs};
+use crate::cluster::group::{GroupOptions, WorkerGroup};
+use crate::cluster::membership::etcd::EtcdConfig;
+use crate::cluster::membership::Keys;
+use crate::net::tls::{ServerTlsArgs, WorkerTls, WorkerTlsArgs};
+use crate::scheduler::{PrefixConfig, SchedulerConfig};
+use crate::server::dynamic::ClusterConfig;
 
 /// Settings shared by `serve` and `coordinator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -227,7 +230,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         Groups::Etcd(Box::new(ClusterConfig {
             etcd: EtcdConfig { endpoints: args.etcd.clone(), lease_ttl: args.lease_ttl },
             keys: Keys::new(&args.cluster).map_err(|e| anyhow!(e))?,
-            id: crate::cluster::coordinator_id(),
+            id: crate::server::dynamic::coordinator_id(),
             model_dir: model,
             group_options: opts,
             drain_timeout: drain_timeout(&args.server),
@@ -238,59 +241,6 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 
 fn drain_timeout(a: &ServerArgs) -> Duration {
     Duration::from_secs_f64(a.drain_timeout.clamp(0.0, 86400.0))
-}
-
-/// Turns formed worker groups into serving ones: a scheduler each, sized by the group's cache.
-pub struct GroupStarter {
-    tokenizer: Arc<Tokenizer>,
-    config: SchedulerConfig,
-}
-
-impl GroupStarter {
-    pub fn start(&self, name: &str, group: WorkerGroup) -> anyhow::Result<(Ready, tokio::task::JoinHandle<()>)> {
-        let handle = group.handle();
-        let cfg = ModelConfig::from_json(&serde_json::from_str(&handle.config_json)?)?;
-        // The scheduler cuts prompts over the context-parallel ranks; a tensor-parallel row
-        // holds one shard between its ranks, each of its KV heads.
-        let (world, tp) = (group.cp(), group.tp());
-        let block_tokens = handle.ranks[0].block_tokens;
-        let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
-        let capacity = Capacity { world, blocks_per_rank, block_tokens };
-        let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
-        let cache_bytes_per_token = cfg.cache_numbers_per_token() * handle.ranks[0].cache_dtype.bytes();
-        let mut config = self.config.clone();
-        // A device backend holds the self-decoder states of a fixed number of sequences.
-        if let Some(slots) = handle.ranks.iter().map(|r| r.max_sequences).filter(|&n| n > 0).min() {
-            config.max_running = config.max_running.min(slots);
-        }
-        // The cached states depend on the model; a snapshot's self-decoder state is kept on
-        // every rank, outside the cache blocks, and is booked as that many blocks so that
-        // admission bounds it too.
-        config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
-        let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
-        config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
-        let max_running = config.max_running;
-        let (scheduler, task) = Scheduler::start(group.named(name), self.tokenizer.clone(), capacity, config);
-        tracing::info!(
-            group = name,
-            cp = world,
-            tp,
-            capacity_tokens = capacity.max_request_tokens(),
-            cache_bytes_per_token,
-            device = %handle.ranks[0].device,
-            max_running,
-            "group serving"
-        );
-        let ready = Ready {
-            name: name.to_string(),
-            scheduler,
-            group: handle,
-            limits,
-            cache_bytes_per_token,
-            routed: Default::default(),
-        };
-        Ok((ready, task))
-    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -365,15 +315,15 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     let http_stop = Arc::new(tokio::sync::Notify::new());
     let http = {
         let stop = http_stop.clone();
-        let app = crate::openai::router(api.clone(), keys.clone());
+        let app = crate::http::routes(api.clone(), keys.clone());
         let stopped = async move { stop.notified().await };
         match http_tls {
             Some(tls) => {
-                let listener = crate::tls::TlsListener::new(http_listener, tls)?;
+                let listener = crate::net::tls::TlsListener::new(http_listener, tls)?;
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
             None => tokio::spawn(async move {
-                axum::serve(crate::listen::http(http_listener), app).with_graceful_shutdown(stopped).await
+                axum::serve(crate::net::listen::http(http_listener), app).with_graceful_shutdown(stopped).await
             }),
         }
     };
@@ -389,7 +339,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             let task = tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(health)
-                    .serve_with_incoming_shutdown(crate::listen::grpc(l), async move { stop.notified().await }),
+                    .serve_with_incoming_shutdown(crate::net::listen::grpc(l), async move { stop.notified().await }),
             );
             Some((local, task))
         }
@@ -400,7 +350,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         let service = GenerationServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let guard = crate::auth::grpc_interceptor(keys);
+        let guard = crate::api::auth::grpc_interceptor(keys);
         let router = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(InterceptedService::new(reflection, guard.clone()))
@@ -408,10 +358,10 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
             .add_service(InterceptedService::new(service, guard));
         let stopped = async move { stop.notified().await };
         match grpc_tls {
-            Some(tls) => {
-                tokio::spawn(router.serve_with_incoming_shutdown(crate::tls::incoming_stream(listener, tls), stopped))
-            }
-            None => tokio::spawn(router.serve_with_incoming_shutdown(crate::listen::grpc(listener), stopped)),
+            Some(tls) => tokio::spawn(
+                router.serve_with_incoming_shutdown(crate::net::tls::incoming_stream(listener, tls), stopped),
+            ),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(crate::net::listen::grpc(listener), stopped)),
         }
     };
     // The one line on stdout: where we listen (the port may have been 0).
@@ -428,15 +378,15 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         })
     );
     tracing::info!(grpc = %addr, http = %http_addr, "listening; forming the worker groups");
-    let starter = GroupStarter { tokenizer, config };
-    let signal = crate::worker_cmd::shutdown(false);
+    let starter = GroupStarter::new(tokenizer, config);
+    let signal = shutdown::shutdown(false);
     let outcome = match groups {
         Groups::Static(form) => {
             let (scheme, http_scheme) = if tls { ("https", "https") } else { ("http", "http") };
             let urls = (format!("{scheme}://{addr}"), format!("{http_scheme}://{http_addr}"));
             serve_static(&args, form, &starter, &api, &reporter, signal, urls).await
         }
-        Groups::Etcd(cfg) => crate::cluster::run(*cfg, starter, &api, reporter.clone(), signal).await,
+        Groups::Etcd(cfg) => crate::server::dynamic::run(*cfg, starter, &api, reporter.clone(), signal).await,
     };
     // Streams still open get their last messages before the server stops.
     stop.notify_one();

@@ -8,62 +8,14 @@ use yoco_proto::v1 as pb;
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
 
+pub use crate::scheduler::request::{GenRequest, Limits, RequestError};
+
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
-
-/// What the group can take: checked against every request.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub vocab_size: usize,
-    /// Prompt + max_tokens of one request (the whole group's cache).
-    pub max_request_tokens: usize,
-}
-
-/// A checked request.
-#[derive(Debug, Clone)]
-pub struct GenRequest {
-    pub id: String,
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    /// The request's stop tokens plus, unless `ignore_eos`, the end-of-text token.
-    pub stop_token_ids: Vec<u32>,
-    pub top_logprobs: usize,
-    pub prompt_logprobs: bool,
-    pub arrived: Instant,
-    pub deadline: Option<Instant>,
-    /// The caller's API-key stream slot, held for as long as the request lives.
-    pub _slot: Option<std::sync::Arc<crate::limits::StreamSlot>>,
-}
-
-/// Why a request was not taken, in no transport's terms: gRPC maps it to a status
-/// (`api.rs`), HTTP to a status code and an OpenAI error body (`openai/`), each in one place.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RequestError {
-    /// A field breaks a rule. `field` is its path in `GenerateRequest` (`sampling.top_k`,
-    /// `stop[2]`, `prompt.token_ids`); the message says the rule and the limit.
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
-    /// Work in flight is at a limit (the queue, an API key's streams): retry later.
-    #[error("{0}")]
-    Busy(String),
-    /// Nothing can serve it now: no group yet, draining, or the group failed.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl RequestError {
-    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        RequestError::Invalid { field: field.into(), message: message.to_string() }
-    }
-}
 
 fn invalid(field: &str, msg: impl std::fmt::Display) -> RequestError {
     RequestError::invalid(field, msg)
@@ -157,7 +109,7 @@ pub fn validate(
         prompt_logprobs: req.prompt_logprobs,
         arrived,
         deadline,
-        _slot: None,
+        hold: None,
     })
 }
 

@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::group::GroupHandle;
-use crate::request::Limits;
+use crate::cluster::group::GroupHandle;
+use crate::scheduler::request::Limits;
 use crate::scheduler::Scheduler;
 
 /// One serving group.

@@ -1,6 +1,12 @@
 //! The public gRPC service `yoco.v1.Generation`: requests are validated here, then handed to
 //! the scheduler; its events stream back to the client.
 
+pub mod auth;
+pub mod chat_template;
+pub mod limits;
+pub mod router;
+pub mod validate;
+
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,10 +18,11 @@ use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_server::Generation;
 use yoco_worker::tokenizer::Tokenizer;
 
-use crate::auth::KeyId;
-use crate::limits::{RequestLimits, StreamCounts};
-use crate::request::{prompt_tokens, validate, GenRequest, RequestError};
-use crate::router::{Ready, Router};
+use crate::api::auth::KeyId;
+use crate::api::limits::{RequestLimits, StreamCounts};
+use crate::api::router::{Ready, Router};
+use crate::api::validate::{prompt_tokens, validate};
+use crate::scheduler::request::{GenRequest, Hold, RequestError};
 
 /// Largest request or response message of the public API: a million-token prompt as text or
 /// ids is a few MB.
@@ -25,7 +32,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Clone)]
 pub struct Api {
     tokenizer: Arc<Tokenizer>,
-    chat: Arc<Option<crate::chat::ChatTemplate>>,
+    chat: Arc<Option<crate::api::chat_template::ChatTemplate>>,
     router: Arc<Router>,
     next_id: Arc<AtomicU64>,
     /// Log each request's prompt (off: logs carry ids and lengths, never text).
@@ -35,7 +42,7 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<crate::chat::ChatTemplate>) -> Self {
+    pub fn new(tokenizer: Arc<Tokenizer>, chat: Option<crate::api::chat_template::ChatTemplate>) -> Self {
         Api {
             tokenizer,
             chat: Arc::new(chat),
@@ -65,7 +72,7 @@ impl Api {
     }
 
     /// The model's chat template, if it has one.
-    pub fn chat_template(&self) -> Option<&crate::chat::ChatTemplate> {
+    pub fn chat_template(&self) -> Option<&crate::api::chat_template::ChatTemplate> {
         self.chat.as_ref().as_ref()
     }
 
@@ -83,7 +90,7 @@ impl Api {
         caller: Option<KeyId>,
     ) -> Result<Submitted, RequestError> {
         let slot = match (caller, self.limits.max_streams_per_key) {
-            (Some(key), Some(limit)) => Some(Arc::new(self.streams.open(key, limit)?)),
+            (Some(key), Some(limit)) => Some(Hold(Arc::new(self.streams.open(key, limit)?))),
             _ => None,
         };
         let deadline = self.limits.deadline(arrived, deadline);
@@ -106,7 +113,7 @@ impl Api {
         .await
         .map_err(|e| RequestError::Internal(format!("validation task failed: {e}")))??;
         self.limits.check_prompt(gen.prompt.len())?;
-        let gen = GenRequest { _slot: slot, ..gen };
+        let gen = GenRequest { hold: slot, ..gen };
         let (id, prompt_tokens) = (gen.id.clone(), gen.prompt.len());
         tracing::info!(
             request = %id, group = %ready.name, prompt_tokens, max_tokens = gen.max_tokens,

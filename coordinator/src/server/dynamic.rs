@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 use tonic_health::server::HealthReporter;
 use yoco_proto::v1::generation_server::GenerationServer;
 
+use crate::api::router::{Ready, Router};
 use crate::api::Api;
-use crate::group::{GroupOptions, WorkerGroup};
-use crate::membership::etcd::{self, EtcdConfig, LeaseWatch};
-use crate::membership::{Keys, Members, RankEntry};
-use crate::router::{Ready, Router};
-use crate::serve::GroupStarter;
+use crate::cluster::group::{GroupOptions, WorkerGroup};
+use crate::cluster::membership::etcd::{self, EtcdConfig, LeaseWatch};
+use crate::cluster::membership::{Keys, Members, RankEntry};
+use crate::server::starter::GroupStarter;
 
 /// How long a coordinator that drives a group waits, per group, before claiming another.
 pub const CLAIM_DELAY: Duration = Duration::from_secs(2);

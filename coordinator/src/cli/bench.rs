@@ -13,7 +13,7 @@ use yoco_worker::config::{ModelConfig, SelfMixerKind};
 use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::generate::{PlanRunner, RunError};
 
-use crate::group::CollectiveTotals;
+use crate::cluster::group::CollectiveTotals;
 use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::kernels::retention::RETENTION_BLOCK;
@@ -370,7 +370,7 @@ impl ProcessRun {
 
 /// A group that books each step's collective time as prefill's or decode's.
 struct Booked<'a> {
-    group: &'a mut crate::group::BlockingGroup,
+    group: &'a mut crate::cluster::group::BlockingGroup,
     prefill: CollectiveTotals,
     decode: CollectiveTotals,
 }
@@ -422,7 +422,7 @@ fn process_prefill(
     let mut out = Vec::new();
     for (tp, cp) in grids {
         let threads_each = if tp * cp == 1 { threads } else { 1 };
-        let opts = crate::group::GroupOptions {
+        let opts = crate::cluster::group::GroupOptions {
             cache_budget_bytes: (args.process_context / cp + args.decode_tokens + 4096) * cache_bytes_per_token,
             cache_dtype: CacheDtype::F32,
             weight_dtype: WeightDtype::F32,
@@ -436,7 +436,7 @@ fn process_prefill(
             // Named, so that a machine with a GPU runs the CPU engine's benchmark unless asked.
             local_device: Some(args.process_device.clone()),
         };
-        let mut group = crate::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
+        let mut group = crate::cluster::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
         let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };
         let gen = generate(&mut booked, 0, &prompt, &params, &mut |_| {}).map_err(|e| anyhow::anyhow!("{e}"))?;
         out.push(ProcessRun {
