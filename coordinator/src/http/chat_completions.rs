@@ -10,17 +10,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tonic::Status;
 use yoco_proto::v1 as pb;
-use yoco_proto::v1::generate_response::Event;
+use yoco_worker::executor::Sampled;
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};
 use super::schema::{
-    check_model, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+    check_model, failure_message, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
 };
 use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
+use crate::scheduler::event::Event;
+use crate::scheduler::request::RequestError;
 
 #[derive(Deserialize)]
 pub(super) struct ChatRequest {
@@ -39,16 +40,16 @@ pub(super) struct ChatRequest {
     sampling: Sampling,
 }
 
-fn chat_logprobs(tok: &Tokenizer, tokens: &[pb::Token]) -> Value {
+fn chat_logprobs(tok: &Tokenizer, tokens: &[Sampled]) -> Value {
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {
             let top: Vec<Value> = t
                 .top_logprobs
                 .iter()
-                .map(|a| json!({"token": tok.decode(&[a.token_id]), "logprob": a.logprob, "bytes": null}))
+                .map(|&(id, logprob)| json!({"token": tok.decode(&[id]), "logprob": logprob, "bytes": null}))
                 .collect();
-            json!({"token": tok.decode(&[t.id]), "logprob": t.logprob, "bytes": null, "top_logprobs": top})
+            json!({"token": tok.decode(&[t.token]), "logprob": t.logprob, "bytes": null, "top_logprobs": top})
         })
         .collect();
     json!({"content": content})
@@ -86,7 +87,7 @@ pub(super) async fn chat_completions(
         api2.tokenizer().encode_with_special(&text).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
     })
     .await
-    .map_err(|e| ApiError::from(Status::internal(format!("tokenizing task: {e}"))))??;
+    .map_err(|e| ApiError::from(RequestError::Internal(format!("tokenizing task: {e}"))))??;
     let top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(16);
     let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids });
@@ -108,20 +109,20 @@ pub(super) async fn chat_completions(
             }
             while let Some(item) = events.recv().await {
                 let ok = match item {
-                    Ok(Event::Progress(p)) => out.progress(&p),
-                    Ok(Event::Tokens(c)) => {
+                    Event::Progress(p) => out.progress(&p),
+                    Event::Tokens(c) => {
                         counts.completion += c.tokens.len() as u64;
                         let lp = if want_logprobs { chat_logprobs(&tok, &c.tokens) } else { Value::Null };
                         chunk(json!({"content": c.text}), lp, None, counts)
                     }
-                    Ok(Event::Finished(f)) => match finish_reason(&f) {
+                    Event::Finished(f) => match finish_reason(&f) {
                         Some(r) => {
-                            let counts = f.usage.as_ref().map_or(counts, Counts::of);
+                            let counts = Counts::of(&f.usage);
                             chunk(json!({}), Value::Null, Some(r), counts) && out.done(counts)
                         }
-                        None => out.error(&f.error),
+                        None => out.error(&failure_message(&f.end)),
                     },
-                    _ => true,
+                    Event::PromptLogprobs(_) => true,
                 };
                 if !ok {
                     return;
@@ -130,26 +131,24 @@ pub(super) async fn chat_completions(
         });
         return Ok(Chunks::response(rx));
     }
-    let (mut text, mut tokens, mut finished, mut failure) = (String::new(), Vec::new(), None, None);
+    let (mut text, mut tokens, mut finished) = (String::new(), Vec::new(), None);
     while let Some(item) = events.recv().await {
         match item {
-            Ok(Event::Tokens(c)) => {
+            Event::Tokens(c) => {
                 text.push_str(&c.text);
                 tokens.extend(c.tokens);
             }
-            Ok(Event::Finished(f)) => finished = Some(f),
-            Ok(_) => {}
-            Err(s) => failure = Some(s),
+            Event::Finished(f) => finished = Some(f),
+            Event::Progress(_) | Event::PromptLogprobs(_) => {}
         }
     }
-    let (f, reason) = outcome(finished, failure)?;
-    counts.completion = tokens.len() as u64;
+    let (f, reason) = outcome(finished)?;
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": now_unix(), "model": name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "logprobs": if want_logprobs { chat_logprobs(&tok, &tokens) } else { Value::Null },
                      "finish_reason": reason}],
-        "usage": f.usage.as_ref().map_or(counts, Counts::of).json(),
+        "usage": Counts::of(&f.usage).json(),
     }))
     .into_response())
 }

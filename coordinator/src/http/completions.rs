@@ -15,17 +15,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
-use tonic::Status;
 use yoco_proto::v1 as pb;
-use yoco_proto::v1::generate_response::Event;
+use yoco_worker::executor::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};
 use super::schema::{
-    check_model, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+    check_model, failure_message, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
 };
 use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
+use crate::scheduler::event::{Event, Finished};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -95,7 +95,7 @@ struct Logprobs {
 impl Logprobs {
     /// Token `id` at text offset `at`, with its log-probability and the alternatives at its
     /// position (none for a prompt's first token, which nothing predicts).
-    fn push(&mut self, tok: &Tokenizer, id: u32, lp: Option<f32>, top: Option<&[pb::TopLogprob]>, at: usize) {
+    fn push(&mut self, tok: &Tokenizer, id: u32, lp: Option<f32>, top: Option<&[(u32, f32)]>, at: usize) {
         self.tokens.push(tok.decode(&[id]));
         self.token_logprobs.push(lp);
         self.top_logprobs.push(top.map(|top| top_json(tok, top, id, lp)));
@@ -107,12 +107,12 @@ impl Logprobs {
     }
 
     /// The prompt's tokens from `offset` on, with their log-probabilities (`echo`).
-    fn prompt(tok: &Tokenizer, ids: &[u32], lps: &pb::PromptLogprobs, mut offset: usize) -> Logprobs {
+    fn prompt(tok: &Tokenizer, ids: &[u32], lps: &[PromptLogprob], mut offset: usize) -> Logprobs {
         let mut out = Logprobs::default();
         for (i, &id) in ids.iter().enumerate() {
-            let j = i.checked_sub(1);
-            let lp = j.and_then(|j| lps.logprobs.get(j).copied());
-            let top = j.map(|j| lps.top_logprobs.get(j).map_or(&[][..], |t| &t.alternatives[..]));
+            let p = i.checked_sub(1).map(|j| lps.get(j));
+            let lp = p.flatten().map(|p| p.logprob);
+            let top = p.map(|p| p.map_or(&[][..], |p| &p.top_logprobs[..]));
             out.push(tok, id, lp, top, offset);
             offset += tok.decode(&[id]).len();
         }
@@ -120,10 +120,10 @@ impl Logprobs {
     }
 
     /// Generated tokens, the first at text offset `offset`.
-    fn generated(tok: &Tokenizer, tokens: &[(pb::Token, usize)]) -> Logprobs {
+    fn generated(tok: &Tokenizer, tokens: &[(Sampled, usize)]) -> Logprobs {
         let mut out = Logprobs::default();
         for (t, at) in tokens {
-            out.push(tok, t.id, Some(t.logprob), Some(&t.top_logprobs), *at);
+            out.push(tok, t.token, Some(t.logprob), Some(&t.top_logprobs), *at);
         }
         out
     }
@@ -138,10 +138,10 @@ impl Logprobs {
 
 /// `{token: logprob}` of the alternatives and the actual token (OpenAI: "up to logprobs + 1
 /// elements"), as vLLM and OpenAI send them.
-fn top_json(tok: &Tokenizer, top: &[pb::TopLogprob], actual: u32, lp: Option<f32>) -> Value {
+fn top_json(tok: &Tokenizer, top: &[(u32, f32)], actual: u32, lp: Option<f32>) -> Value {
     let mut m = serde_json::Map::new();
-    for a in top {
-        m.insert(tok.decode(&[a.token_id]), json!(a.logprob));
+    for &(id, logprob) in top {
+        m.insert(tok.decode(&[id]), json!(logprob));
     }
     if let Some(lp) = lp {
         m.entry(tok.decode(&[actual])).or_insert(json!(lp));
@@ -160,10 +160,9 @@ struct Choice {
     counts: Counts,
     /// Not streamed: the text, prompt log-probabilities and tokens with their offsets so far.
     text: String,
-    prompt_logprobs: Option<pb::PromptLogprobs>,
-    tokens: Vec<(pb::Token, usize)>,
-    finished: Option<pb::Finished>,
-    failure: Option<Status>,
+    prompt_logprobs: Option<Vec<PromptLogprob>>,
+    tokens: Vec<(Sampled, usize)>,
+    finished: Option<Finished>,
 }
 
 pub(super) async fn completions(
@@ -208,7 +207,6 @@ pub(super) async fn completions(
             prompt_logprobs: None,
             tokens: Vec::new(),
             finished: None,
-            failure: None,
         });
     }
     let id = format!("cmpl-{}", first_id.unwrap_or_default());
@@ -225,21 +223,20 @@ pub(super) async fn completions(
     while let Some((i, item)) = events.next().await {
         let c = &mut choices[i];
         match item {
-            Ok(Event::Tokens(t)) => {
+            Event::Tokens(t) => {
                 c.counts.completion += t.tokens.len() as u64;
                 c.tokens.extend(t.tokens.into_iter().map(|t| (t, c.text.len())));
                 c.text.push_str(&t.text);
             }
-            Ok(Event::PromptLogprobs(p)) => c.prompt_logprobs = Some(p),
-            Ok(Event::Finished(f)) => c.finished = Some(f),
-            Ok(Event::Progress(_)) => {}
-            Err(s) => c.failure = Some(s),
+            Event::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
+            Event::Finished(f) => c.finished = Some(f),
+            Event::Progress(_) => {}
         }
     }
     let (mut body, mut total) = (Vec::new(), Counts::default());
     for (index, c) in choices.into_iter().enumerate() {
-        let (f, reason) = outcome(c.finished, c.failure)?;
-        total.add(f.usage.as_ref().map_or(c.counts, Counts::of));
+        let (f, reason) = outcome(c.finished)?;
+        total.add(Counts::of(&f.usage));
         let logprobs = if want_logprobs {
             let mut lp = match (&c.echo, &c.prompt_logprobs) {
                 (Some(_), Some(p)) => Logprobs::prompt(&tok, &c.prompt_ids, p, 0),
@@ -266,7 +263,7 @@ async fn stream_choices(
     out: Chunks,
     tok: std::sync::Arc<Tokenizer>,
     mut choices: Vec<Choice>,
-    mut events: StreamMap<usize, UnboundedReceiverStream<Result<Event, Status>>>,
+    mut events: StreamMap<usize, UnboundedReceiverStream<Event>>,
     want_logprobs: bool,
 ) {
     let chunk = |index: usize, text: String, logprobs: Value, finish: Option<&str>, counts: Counts| {
@@ -286,18 +283,18 @@ async fn stream_choices(
     while let Some((i, item)) = events.next().await {
         let c = &mut choices[i];
         let ok = match item {
-            Ok(Event::Progress(p)) => out.progress(&p),
-            Ok(Event::PromptLogprobs(p)) => match c.echo.take() {
+            Event::Progress(p) => out.progress(&p),
+            Event::PromptLogprobs(p) => match c.echo.take() {
                 Some(text) => {
                     let lp = Logprobs::prompt(&tok, &c.prompt_ids, &p, 0);
                     chunk(i, text, lp.json(), None, c.counts)
                 }
                 None => true,
             },
-            Ok(Event::Tokens(t)) => {
+            Event::Tokens(t) => {
                 c.counts.completion += t.tokens.len() as u64;
                 let logprobs = if want_logprobs {
-                    let at: Vec<(pb::Token, usize)> = t.tokens.into_iter().map(|t| (t, c.offset)).collect();
+                    let at: Vec<(Sampled, usize)> = t.tokens.into_iter().map(|t| (t, c.offset)).collect();
                     Logprobs::generated(&tok, &at).json()
                 } else {
                     Value::Null
@@ -305,20 +302,18 @@ async fn stream_choices(
                 c.offset += t.text.len();
                 chunk(i, t.text, logprobs, None, c.counts)
             }
-            Ok(Event::Finished(f)) => match finish_reason(&f) {
+            Event::Finished(f) => match finish_reason(&f) {
                 Some(reason) => {
-                    let counts = f.usage.as_ref().map_or(c.counts, Counts::of);
+                    let counts = Counts::of(&f.usage);
                     total.add(counts);
                     c.finished = Some(f);
                     chunk(i, String::new(), Value::Null, Some(reason), counts)
                 }
                 None => {
-                    out.error(&f.error);
+                    out.error(&failure_message(&f.end));
                     return;
                 }
             },
-            // The final message carries the error.
-            Err(_) => true,
         };
         if !ok {
             return;

@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use tonic::{Code, Status};
 
 use crate::scheduler::request::RequestError;
 
@@ -18,6 +17,16 @@ pub(super) struct ApiError {
 }
 
 impl ApiError {
+    /// 499, nginx's "client closed request", as vLLM answers a request cancelled before its end.
+    pub fn cancelled(why: &str) -> Self {
+        ApiError {
+            status: StatusCode::from_u16(499).expect("a valid status code"),
+            kind: "cancelled",
+            message: why.to_string(),
+            param: None,
+        }
+    }
+
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -44,21 +53,6 @@ impl From<RequestError> for ApiError {
             RequestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None),
         };
         ApiError { status, kind, message: e.to_string(), param }
-    }
-}
-
-/// A status from a call that is not a request's admission (a request that ended in an error,
-/// an admin call).
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        let (status, kind) = match s.code() {
-            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
-            Code::DeadlineExceeded | Code::Cancelled => (StatusCode::from_u16(499).expect("valid"), "cancelled"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-        };
-        ApiError { status, kind, message: s.message().to_string(), param: None }
     }
 }
 

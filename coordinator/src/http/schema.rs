@@ -10,11 +10,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
 use yoco_proto::v1 as pb;
 
 use super::error::ApiError;
 use crate::api::Api;
+use crate::scheduler::event::{End, Finished, Progress, Usage};
+use crate::scheduler::request::RequestError;
 
 pub(super) fn model_name(api: &Api) -> Result<String, ApiError> {
     let ready = api.ready()?;
@@ -101,11 +102,13 @@ pub(super) fn check_model(name: &str, asked: &Option<String>) -> Result<(), ApiE
     }
 }
 
-pub(super) fn finish_reason(f: &pb::Finished) -> Option<&'static str> {
-    match pb::FinishReason::try_from(f.reason).unwrap_or_default() {
-        pb::FinishReason::Length => Some("length"),
-        pb::FinishReason::Stop => Some("stop"),
-        _ => None,
+/// OpenAI's `finish_reason` of a request that finished; None for one that failed or was
+/// cancelled.
+pub(super) fn finish_reason(f: &Finished) -> Option<&'static str> {
+    match f.end {
+        End::Length => Some("length"),
+        End::StopString(_) | End::StopToken(_) => Some("stop"),
+        End::Cancelled(_) | End::Failed(_) => None,
     }
 }
 
@@ -144,8 +147,12 @@ impl Counts {
             (self.prompt + o.prompt, self.completion + o.completion, self.cached + o.cached);
     }
 
-    pub(super) fn of(u: &pb::Usage) -> Counts {
-        Counts { prompt: u.prompt_tokens, completion: u.completion_tokens, cached: u.cached_prompt_tokens }
+    pub(super) fn of(u: &Usage) -> Counts {
+        Counts {
+            prompt: u.prompt_tokens as u64,
+            completion: u.completion_tokens as u64,
+            cached: u.cached_prompt_tokens as u64,
+        }
     }
 
     /// OpenAI's usage object; `cached_tokens` counts the prompt tokens served by the prefix cache.
@@ -191,7 +198,7 @@ impl Chunks {
         self.data(&v)
     }
 
-    pub(super) fn progress(&self, p: &pb::PrefillProgress) -> bool {
+    pub(super) fn progress(&self, p: &Progress) -> bool {
         let comment = format!("prefill {}/{}", p.prefilled_tokens, p.prompt_tokens);
         self.tx.send(Ok(SseEvent::default().comment(comment))).is_ok()
     }
@@ -214,14 +221,23 @@ impl Chunks {
     }
 }
 
-/// What a request's events end in: its final message, or why there is none.
-pub(super) fn outcome(
-    finished: Option<pb::Finished>,
-    failure: Option<Status>,
-) -> Result<(pb::Finished, &'static str), ApiError> {
-    let f = finished.ok_or_else(|| failure.clone().unwrap_or_else(|| Status::internal("no final message")))?;
-    match finish_reason(&f) {
-        Some(reason) => Ok((f, reason)),
-        None => Err(failure.unwrap_or_else(|| Status::cancelled(f.error.clone())).into()),
+/// Why a request that did not finish ended, for an error object in a stream.
+pub(super) fn failure_message(end: &End) -> String {
+    match end {
+        End::Failed(e) => e.to_string(),
+        End::Cancelled(why) => why.clone(),
+        End::Length | End::StopString(_) | End::StopToken(_) => String::new(),
+    }
+}
+
+/// What a request's events end in: its final message with OpenAI's finish reason, or the
+/// error to answer with (a request that failed, was cancelled, or ended without a final message).
+pub(super) fn outcome(finished: Option<Finished>) -> Result<(Finished, &'static str), ApiError> {
+    let f = finished.ok_or_else(|| RequestError::Internal("the request ended without its final message".into()))?;
+    match (&f.end, finish_reason(&f)) {
+        (_, Some(reason)) => Ok((f, reason)),
+        (End::Failed(e), None) => Err(e.clone().into()),
+        (End::Cancelled(why), _) => Err(ApiError::cancelled(why)),
+        _ => unreachable!("finish_reason names every other end"),
     }
 }

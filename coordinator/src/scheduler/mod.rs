@@ -19,6 +19,7 @@
 //! stop at the points where new snapshots are taken.
 
 pub mod detok;
+pub mod event;
 pub mod request;
 
 pub mod budget;
@@ -36,17 +37,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::Status;
-use yoco_proto::v1::generate_response::Event;
 use yoco_worker::engine::{SeqId, SnapshotId};
 use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::tokenizer::Tokenizer;
 
 pub use self::budget::Capacity;
+use self::event::{End, Event};
 use self::prefix::{Hash, PrefixCache};
 pub use self::prefix::{PrefixConfig, PrefixStats};
 use self::request::{GenRequest, RequestError};
-use self::seq::{Active, End, EventSender};
+use self::seq::{Active, EventSender};
 use crate::cluster::group::StepError;
 
 /// Executes plans on every rank of a group: a [`crate::cluster::group::WorkerGroup`], or an in-process
@@ -142,7 +142,7 @@ enum Cmd {
 }
 
 /// The stream of one request's events; ends after its `Finished` (and error status, if any).
-pub type EventStream = mpsc::UnboundedReceiver<Result<Event, Status>>;
+pub type EventStream = mpsc::UnboundedReceiver<Event>;
 
 impl Scheduler {
     /// Starts the scheduling loop over `runner`; it ends when drained or when the group fails.
@@ -207,10 +207,11 @@ impl Scheduler {
     }
 
     /// Drops every cached prefix; returns the snapshots dropped now and those still in use.
-    pub async fn flush_prefix_cache(&self) -> Result<(usize, usize), Status> {
+    pub async fn flush_prefix_cache(&self) -> Result<(usize, usize), RequestError> {
         let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::FlushPrefix(tx)).map_err(|_| Status::unavailable("the scheduler has stopped"))?;
-        rx.await.map_err(|_| Status::unavailable("the scheduler has stopped"))
+        let stopped = || RequestError::Unavailable("the scheduler has stopped".into());
+        self.cmds.send(Cmd::FlushPrefix(tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
     }
 
     /// Whether new requests are taken (not draining, group not failed).
@@ -437,7 +438,10 @@ impl<R: StepRunner> Loop<R> {
             if cap.blocks_for(total) > cap.blocks_per_rank {
                 // Validation keeps such requests out; should one get here, it must not block the queue.
                 let w = self.waiting.pop_front().expect("front exists");
-                self.reject(w, End::Error(Status::invalid_argument("the request needs more cache than the group has")));
+                self.reject(
+                    w,
+                    End::Failed(RequestError::invalid("max_tokens", "the request needs more cache than the group has")),
+                );
                 continue;
             }
             if self.active.len() >= self.shared.config.max_running {
@@ -607,7 +611,9 @@ impl<R: StepRunner> Loop<R> {
                 }
                 None => match r.sampled {
                     Some(s) => a.token(&tokenizer, s),
-                    None => Some(End::Error(Status::internal("the group sampled no token for a decode step"))),
+                    None => {
+                        Some(End::Failed(RequestError::Internal("the group sampled no token for a decode step".into())))
+                    }
                 },
             };
             if let Some(end) = end {
@@ -617,7 +623,10 @@ impl<R: StepRunner> Loop<R> {
         // A sequence of the plan without a result would never move again.
         for seq in plan.prefill.iter().map(|p| p.seq).chain(plan.decode.iter().map(|d| d.seq)) {
             if !answered.contains(&seq) {
-                ends.push((seq, End::Error(Status::internal("the group returned no result for the sequence"))));
+                ends.push((
+                    seq,
+                    End::Failed(RequestError::Internal("the group returned no result for the sequence".into())),
+                ));
             }
         }
         for (seq, end) in ends {
@@ -639,9 +648,7 @@ impl<R: StepRunner> Loop<R> {
             self.to_free.push(a.seq);
         }
         match &end {
-            End::Error(status) => {
-                tracing::error!(request = %a.req.id, seq = a.seq, error = %status.message(), "request failed")
-            }
+            End::Failed(e) => tracing::error!(request = %a.req.id, seq = a.seq, error = %e, "request failed"),
             _ => {
                 tracing::info!(request = %a.req.id, seq = a.seq, generated = a.generated, end = ?end, "request finished")
             }
@@ -667,7 +674,7 @@ impl<R: StepRunner> Loop<R> {
         }
         for seq in seqs {
             if let Some(i) = self.index(seq) {
-                self.end(i, End::Error(Status::internal(message.clone())));
+                self.end(i, End::Failed(RequestError::Internal(message.clone())));
             }
         }
     }
@@ -676,16 +683,16 @@ impl<R: StepRunner> Loop<R> {
     fn fail_group(&mut self, e: StepError) {
         tracing::error!(error = %e.message, "worker group failed; failing every request");
         self.shared.state.store(DEAD, Ordering::SeqCst);
-        let status = Status::unavailable(e.message.clone());
+        let failed = End::Failed(RequestError::Unavailable(e.message.clone()));
         while !self.active.is_empty() {
-            self.end(0, End::Error(status.clone()));
+            self.end(0, failed.clone());
         }
         self.cmds.close();
         while let Ok(cmd) = self.cmds.try_recv() {
             self.command(cmd);
         }
         for w in std::mem::take(&mut self.waiting) {
-            self.reject(w, End::Error(status.clone()));
+            self.reject(w, failed.clone());
         }
         self.publish();
     }

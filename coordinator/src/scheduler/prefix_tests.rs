@@ -13,6 +13,7 @@ use super::tests::{
     alone_generation, collect, fixture, futures_all, prompt, request, sequences, start_model, wait_until, Outcome,
 };
 use super::*;
+use crate::scheduler::event::End;
 use crate::scheduler::request::GenRequest;
 
 const TOL: f32 = 1e-4;
@@ -27,11 +28,12 @@ fn config(enabled: bool) -> SchedulerConfig {
 }
 
 fn cached(o: &Outcome) -> u64 {
-    o.finished.as_ref().expect("finished").usage.expect("usage").cached_prompt_tokens
+    o.finished.as_ref().expect("finished").usage.cached_prompt_tokens as u64
 }
 
 fn assert_same(model: &Arc<Model>, req: &GenRequest, o: &Outcome, what: &str) {
-    assert!(o.error.is_none(), "{what}: {:?}", o.error);
+    let failed = o.finished.as_ref().filter(|f| matches!(f.end, End::Failed(_) | End::Cancelled(_)));
+    assert!(failed.is_none(), "{what}: {failed:?}");
     let want = alone_generation(model, req);
     assert_eq!(o.tokens, want.tokens, "{what}: tokens");
     assert_eq!(o.logprobs.len(), want.logprobs.len(), "{what}");
@@ -79,14 +81,13 @@ async fn cached_requests_match_fresh_ones(mixer: &str) {
     let mut o = Outcome::default();
     while let Some(item) = rx.recv().await {
         match item {
-            Ok(Event::PromptLogprobs(p)) => plps.extend(p.logprobs),
-            Ok(Event::Tokens(c)) => {
-                o.tokens.extend(c.tokens.iter().map(|t| t.id));
+            Event::PromptLogprobs(p) => plps.extend(p.iter().map(|p| p.logprob)),
+            Event::Tokens(c) => {
+                o.tokens.extend(c.tokens.iter().map(|t| t.token));
                 o.logprobs.extend(c.tokens.iter().map(|t| t.logprob));
             }
-            Ok(Event::Finished(f)) => o.finished = Some(f),
-            Ok(_) => {}
-            Err(e) => o.error = Some(e),
+            Event::Finished(f) => o.finished = Some(f),
+            Event::Progress(_) => {}
         }
     }
     assert_same(&model, &req, &o, "prompt logprobs");

@@ -4,20 +4,19 @@
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
-use yoco_proto::v1 as pb;
-use yoco_proto::v1::generate_response::Event;
 use yoco_worker::engine::{SeqId, SnapshotId};
 use yoco_worker::executor::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
+use super::event::{End, Event, Finished, Progress, Timing, TokenChunk, Usage};
 use super::prefix::Hash;
 use super::request::GenRequest;
+use super::request::RequestError;
 use crate::metrics::METRICS;
 use crate::scheduler::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 
-/// Where a request's events go: the gRPC stream (or a test).
-pub type EventSender = UnboundedSender<Result<Event, Status>>;
+/// Where a request's events go: the gRPC or HTTP stream (or a test).
+pub type EventSender = UnboundedSender<Event>;
 
 pub struct Active {
     pub seq: SeqId,
@@ -47,16 +46,6 @@ pub struct Active {
     prefill_started: Option<Instant>,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
-}
-
-/// How a request ended.
-#[derive(Debug, Clone)]
-pub enum End {
-    Length,
-    StopString(String),
-    StopToken(u32),
-    Cancelled(String),
-    Error(Status),
 }
 
 impl Active {
@@ -99,7 +88,7 @@ impl Active {
 
     pub fn send(&self, event: Event) {
         // A closed stream is noticed (and the request cancelled) before the next step.
-        let _ = self.tx.send(Ok(event));
+        let _ = self.tx.send(event);
     }
 
     pub fn prefill_scheduled(&mut self) {
@@ -121,26 +110,22 @@ impl Active {
             METRICS.prefill_progress.with_label_values(&[&self.req.id]).set(self.prefilled as i64);
             METRICS.prefill_total.with_label_values(&[&self.req.id]).set(self.req.prompt.len() as i64);
             let started = self.prefill_started.unwrap_or_else(Instant::now);
-            self.send(Event::Progress(pb::PrefillProgress {
-                prefilled_tokens: self.prefilled as u64,
-                prompt_tokens: self.req.prompt.len() as u64,
+            self.send(Event::Progress(Progress {
+                prefilled_tokens: self.prefilled,
+                prompt_tokens: self.req.prompt.len(),
                 elapsed_seconds: started.elapsed().as_secs_f64(),
             }));
             return None;
         }
         if self.req.prompt_logprobs {
             let lps = std::mem::take(&mut self.prompt_logprobs);
-            let top_logprobs = if self.req.top_logprobs == 0 {
-                Vec::new()
-            } else {
-                lps.iter().map(|p| pb::TopLogprobs { alternatives: top_to_pb(&p.top_logprobs) }).collect()
-            };
-            let logprobs = lps.iter().map(|p| p.logprob).collect();
-            self.send(Event::PromptLogprobs(pb::PromptLogprobs { logprobs, top_logprobs }));
+            self.send(Event::PromptLogprobs(lps));
         }
         match sampled {
             Some(s) => self.token(tok, s),
-            None => Some(End::Error(Status::internal("the group sampled no token at the end of the prompt"))),
+            None => {
+                Some(End::Failed(RequestError::Internal("the group sampled no token at the end of the prompt".into())))
+            }
         }
     }
 
@@ -158,14 +143,14 @@ impl Active {
         self.last_token = Some(now);
         self.first_token.get_or_insert(now);
         self.generated += 1;
-        let token = pb::Token { id: s.token, logprob: s.logprob, top_logprobs: top_to_pb(&s.top_logprobs) };
+        let id = s.token;
         // A stop token is in the output, its text is not.
-        if self.req.stop_token_ids.contains(&s.token) {
+        if self.req.stop_token_ids.contains(&id) {
             let text = self.flush(tok);
-            self.send(Event::Tokens(pb::TokenChunk { tokens: vec![token], text }));
-            return Some(End::StopToken(s.token));
+            self.send(Event::Tokens(TokenChunk { tokens: vec![s], text }));
+            return Some(End::StopToken(id));
         }
-        let delta = self.detok.push(tok, s.token);
+        let delta = self.detok.push(tok, id);
         let (mut text, mut end) = match self.stop.push(&delta) {
             StopOutcome::Continue(text) => (text, None),
             StopOutcome::Stopped { text, stop } => (text, Some(End::StopString(stop))),
@@ -184,9 +169,9 @@ impl Active {
                 }
             }
         }
-        self.send(Event::Tokens(pb::TokenChunk { tokens: vec![token], text }));
+        self.send(Event::Tokens(TokenChunk { tokens: vec![s], text }));
         if end.is_none() {
-            self.next = Some(s.token);
+            self.next = Some(id);
         }
         end
     }
@@ -208,7 +193,7 @@ impl Active {
         let _ = METRICS.prefill_total.remove_label_values(&[&self.req.id]);
     }
 
-    /// Sends the final message (and, for an error, the error status after it).
+    /// Sends the final message.
     pub fn finish(&mut self, end: &End) {
         // The caller may open its next stream as soon as it reads the final message.
         self.req.hold = None;
@@ -216,7 +201,7 @@ impl Active {
         let arrived = self.req.arrived;
         let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         let prefill_start = self.prefill_started.unwrap_or(now);
-        let timing = pb::Timing {
+        let timing = Timing {
             queue_seconds: secs(arrived, prefill_start),
             time_to_first_token_seconds: self.first_token.map_or(0.0, |t| secs(arrived, t)),
             prefill_tokens_per_second: self
@@ -233,40 +218,22 @@ impl Active {
             METRICS.queue_time.observe(timing.queue_seconds);
         }
         METRICS.prompt_tokens.inc_by(self.req.prompt.len() as u64);
-        let (reason, matched, error) = match end {
-            End::Length => (pb::FinishReason::Length, None, String::new()),
-            End::StopString(s) => {
-                (pb::FinishReason::Stop, Some(pb::finished::Matched::StopString(s.clone())), String::new())
-            }
-            End::StopToken(t) => (pb::FinishReason::Stop, Some(pb::finished::Matched::StopTokenId(*t)), String::new()),
-            End::Cancelled(why) => (pb::FinishReason::Cancelled, None, why.clone()),
-            End::Error(status) => (pb::FinishReason::Error, None, status.message().to_string()),
-        };
         let label = match end {
             End::Length => "length",
             End::StopString(_) | End::StopToken(_) => "stop",
             End::Cancelled(_) => "abort",
-            End::Error(_) => "error",
+            End::Failed(_) => "error",
         };
         METRICS.requests_finished.with_label_values(&[label]).inc();
-        self.send(Event::Finished(pb::Finished {
-            reason: reason as i32,
-            usage: Some(pb::Usage {
-                prompt_tokens: self.req.prompt.len() as u64,
-                completion_tokens: self.generated as u64,
-                cached_prompt_tokens: self.cached as u64,
-            }),
-            timing: Some(timing),
+        self.send(Event::Finished(Finished {
+            end: end.clone(),
+            usage: Usage {
+                prompt_tokens: self.req.prompt.len(),
+                completion_tokens: self.generated,
+                cached_prompt_tokens: self.cached,
+            },
+            timing,
             seed: self.req.sampling.seed,
-            matched,
-            error,
         }));
-        if let End::Error(status) = end {
-            let _ = self.tx.send(Err(status.clone()));
-        }
     }
-}
-
-fn top_to_pb(top: &[(u32, f32)]) -> Vec<pb::TopLogprob> {
-    top.iter().map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob }).collect()
 }

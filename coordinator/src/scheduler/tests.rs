@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use yoco_proto::v1 as pb;
-use yoco_proto::v1::generate_response::Event;
 use yoco_worker::comm::CommError;
 use yoco_worker::engine::{Engine, EngineError, EngineOptions};
 use yoco_worker::executor::{Executor, Plan, SeqResult};
@@ -17,6 +15,7 @@ use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::*;
+use crate::scheduler::event::{End, Event, Finished};
 use crate::scheduler::request::GenRequest;
 
 const BLOCK: usize = 16;
@@ -110,8 +109,7 @@ pub(super) struct Outcome {
     pub logprobs: Vec<f32>,
     text: String,
     progress: Vec<u64>,
-    pub finished: Option<pb::Finished>,
-    pub error: Option<tonic::Status>,
+    pub finished: Option<Finished>,
     /// When the first token came.
     first_token: Option<Instant>,
     /// When the prefill progress last said a step ended.
@@ -122,26 +120,25 @@ pub(super) async fn collect(mut rx: EventStream) -> Outcome {
     let mut o = Outcome::default();
     while let Some(item) = rx.recv().await {
         match item {
-            Ok(Event::Tokens(c)) => {
+            Event::Tokens(c) => {
                 o.first_token.get_or_insert_with(Instant::now);
-                o.tokens.extend(c.tokens.iter().map(|t| t.id));
+                o.tokens.extend(c.tokens.iter().map(|t| t.token));
                 o.logprobs.extend(c.tokens.iter().map(|t| t.logprob));
                 o.text.push_str(&c.text);
             }
-            Ok(Event::Progress(p)) => {
-                o.progress.push(p.prefilled_tokens);
+            Event::Progress(p) => {
+                o.progress.push(p.prefilled_tokens as u64);
                 o.last_progress = Some(Instant::now());
             }
-            Ok(Event::PromptLogprobs(_)) => {}
-            Ok(Event::Finished(f)) => o.finished = Some(f),
-            Err(s) => o.error = Some(s),
+            Event::PromptLogprobs(_) => {}
+            Event::Finished(f) => o.finished = Some(f),
         }
     }
     o
 }
 
-fn reason(o: &Outcome) -> pb::FinishReason {
-    pb::FinishReason::try_from(o.finished.as_ref().expect("finished").reason).unwrap()
+pub(super) fn end(o: &Outcome) -> &End {
+    &o.finished.as_ref().expect("finished").end
 }
 
 /// The request alone on a fresh engine, through the plain driver.
@@ -195,10 +192,9 @@ async fn concurrent_requests_get_the_tokens_each_gets_alone() {
     let outcomes = futures_all(streams.into_iter().map(collect)).await;
     for (i, (r, o)) in reqs.iter().zip(&outcomes).enumerate() {
         assert_eq!(o.tokens, alone(&s.model, r), "request {i}");
-        assert_eq!(reason(o), pb::FinishReason::Length);
-        let usage = o.finished.as_ref().unwrap().usage.unwrap();
-        assert_eq!((usage.prompt_tokens as usize, usage.completion_tokens as usize), (r.prompt.len(), r.max_tokens));
-        assert!(o.error.is_none());
+        assert_eq!(end(o), &End::Length);
+        let usage = o.finished.as_ref().unwrap().usage;
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (r.prompt.len(), r.max_tokens));
     }
     // Prompts longer than one step's budget reported their progress.
     assert!(outcomes[15].progress.len() >= 2, "{:?}", outcomes[15].progress);
@@ -238,7 +234,7 @@ async fn a_short_prompt_overtakes_a_long_prefill() {
     assert_eq!(short.tokens, alone(&s.model, &short_req));
     let (short_first, long_first) = (short.first_token.unwrap(), long.first_token.unwrap());
     assert!(short_first < long_first, "the short request waited for the long prefill");
-    assert!(short.finished.as_ref().unwrap().timing.unwrap().time_to_first_token_seconds > 0.0);
+    assert!(short.finished.as_ref().unwrap().timing.time_to_first_token_seconds > 0.0);
     assert!(long.progress.windows(2).all(|w| w[0] < w[1]) && *long.progress.last().unwrap() < 2000);
 }
 
@@ -250,8 +246,8 @@ async fn a_dropped_stream_frees_its_sequence() {
     let mut seen = 0;
     while seen < 3 {
         match rx.recv().await.expect("the stream ended early") {
-            Ok(Event::Tokens(_)) => seen += 1,
-            Ok(Event::Finished(f)) => panic!("finished early: {f:?}"),
+            Event::Tokens(_) => seen += 1,
+            Event::Finished(f) => panic!("finished early: {f:?}"),
             _ => {}
         }
     }
@@ -272,8 +268,7 @@ async fn a_passed_deadline_cancels() {
     let mut req = request(prompt(20, 4), 100_000, SamplingParams::default());
     req.deadline = Some(Instant::now() + Duration::from_millis(200));
     let o = collect(s.scheduler.submit(req).unwrap()).await;
-    assert_eq!(reason(&o), pb::FinishReason::Cancelled);
-    assert!(o.finished.unwrap().error.contains("deadline"));
+    assert!(matches!(end(&o), End::Cancelled(why) if why.contains("deadline")), "{:?}", end(&o));
     wait_until(|| sequences(&s) == 0).await;
 }
 
@@ -301,9 +296,9 @@ async fn admission_waits_for_cache_and_the_queue_is_bounded() {
     assert_eq!(b.tokens, alone(&s.model, &reqs[1]));
     // b could only start when a's cache was released.
     assert!(b.first_token.unwrap() > a.finished.as_ref().map(|_| a.first_token.unwrap()).unwrap());
-    assert!(b.finished.unwrap().timing.unwrap().queue_seconds > 0.0);
+    assert!(b.finished.unwrap().timing.queue_seconds > 0.0);
     for rx in extra {
-        assert_eq!(reason(&collect(rx).await), pb::FinishReason::Length);
+        assert_eq!(end(&collect(rx).await), &End::Length);
     }
 }
 
@@ -318,16 +313,14 @@ async fn stop_tokens_and_strings() {
     let first = free_run.tokens.iter().position(|&t| t == stop_id).unwrap();
     let o = collect(s.scheduler.submit(GenRequest { stop_token_ids: vec![stop_id], ..base.clone() }).unwrap()).await;
     assert_eq!(o.tokens, free_run.tokens[..=first]);
-    assert_eq!(reason(&o), pb::FinishReason::Stop);
-    assert_eq!(o.finished.unwrap().matched, Some(pb::finished::Matched::StopTokenId(stop_id)));
+    assert_eq!(end(&o), &End::StopToken(stop_id));
     // Stop at a piece of the text: the text ends before it.
     let text = &free_run.text;
     let cut = text.char_indices().nth(text.chars().count() / 2).unwrap().0;
     let stop: String = text[cut..].chars().take(2).collect();
     let o = collect(s.scheduler.submit(GenRequest { stop: vec![stop.clone()], ..base.clone() }).unwrap()).await;
-    assert_eq!(reason(&o), pb::FinishReason::Stop);
+    assert_eq!(end(&o), &End::StopString(stop.clone()));
     assert_eq!(o.text, text[..text.find(&stop).unwrap()]);
-    assert_eq!(o.finished.unwrap().matched, Some(pb::finished::Matched::StopString(stop)));
     wait_until(|| sequences(&s) == 0).await;
 }
 
@@ -339,7 +332,7 @@ async fn draining_finishes_work_in_flight_and_refuses_new() {
     s.scheduler.drain(Duration::from_secs(60));
     assert!(matches!(s.scheduler.submit(req.clone()).unwrap_err(), RequestError::Unavailable(_)));
     let o = collect(rx).await;
-    assert_eq!(reason(&o), pb::FinishReason::Length);
+    assert_eq!(end(&o), &End::Length);
     assert_eq!(o.tokens, alone(&s.model, &req));
     s.task.await.unwrap();
 
@@ -348,7 +341,7 @@ async fn draining_finishes_work_in_flight_and_refuses_new() {
     let rx = s.scheduler.submit(request(prompt(40, 6), 100_000, SamplingParams::default())).unwrap();
     s.scheduler.drain(Duration::from_millis(300));
     let o = collect(rx).await;
-    assert_eq!(reason(&o), pb::FinishReason::Cancelled);
+    assert!(matches!(end(&o), End::Cancelled(_)), "{:?}", end(&o));
     let exec = s.exec.clone();
     s.task.await.unwrap();
     assert_eq!(exec.lock().unwrap().engine().sequences(), 0);
@@ -361,9 +354,9 @@ async fn a_failed_group_ends_every_request_with_an_error() {
         (0..3).map(|i| s.scheduler.submit(request(prompt(20, i), 1000, SamplingParams::default())).unwrap()).collect();
     for rx in streams {
         let o = collect(rx).await;
-        assert_eq!(reason(&o), pb::FinishReason::Error);
-        assert_eq!(o.error.as_ref().unwrap().code(), tonic::Code::Unavailable);
-        assert!(o.finished.unwrap().error.contains("rank 1"), "the error should say what failed");
+        // Unavailable (the group is gone), saying what failed.
+        let failed = matches!(end(&o), End::Failed(RequestError::Unavailable(m)) if m.contains("rank 1"));
+        assert!(failed, "{:?}", end(&o));
     }
     s.task.await.unwrap();
     let e = s.scheduler.submit(request(prompt(5, 0), 2, SamplingParams::default())).unwrap_err();
