@@ -11,6 +11,7 @@ use tokio_stream::StreamExt;
 use yoco_proto::v1 as pb;
 
 use super::connect::Client;
+use super::workload::{request, tokens};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,19 +32,6 @@ pub struct Args {
     json: bool,
 }
 
-/// Token ids spread over the vocabulary (deterministic, so runs compare).
-pub(crate) fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt as u64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % vocab as u64) as u32
-        })
-        .collect()
-}
-
 struct Measured {
     ttft: f64,
     cached: u64,
@@ -51,12 +39,7 @@ struct Measured {
 }
 
 async fn one(client: &mut Client, ids: Vec<u32>, max_tokens: u32) -> anyhow::Result<Measured> {
-    let req = pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
-        max_tokens: Some(max_tokens),
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let req = request(ids, max_tokens);
     let started = Instant::now();
     let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     let mut ttft = None;

@@ -13,6 +13,7 @@ use tokio_stream::StreamExt;
 use yoco_proto::v1 as pb;
 
 use super::connect::Client;
+use super::workload::{request, tokens};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,13 +54,7 @@ async fn stream(mut client: Client, salt: usize, vocab: usize, args: (usize, u32
         if Instant::now() >= end {
             break;
         }
-        let ids = super::bench_prefix::tokens(prompt_tokens, salt * 1_000_003 + n, vocab);
-        let req = pb::GenerateRequest {
-            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
-            max_tokens: Some(max_tokens),
-            ignore_eos: true,
-            ..Default::default()
-        };
+        let req = request(tokens(prompt_tokens, salt * 1_000_003 + n, vocab), max_tokens);
         let started = Instant::now();
         let mut seen = Seen { prompt: prompt_tokens, ..Seen::default() };
         let Ok(Ok(response)) = tokio::time::timeout_at(end.into(), client.generate(req)).await else {

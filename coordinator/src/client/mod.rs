@@ -4,6 +4,7 @@
 pub mod bench_prefix;
 pub mod bench_serve;
 pub mod connect;
+pub mod workload;
 
 use std::io::{IsTerminal, Write};
 

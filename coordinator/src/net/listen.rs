@@ -3,10 +3,10 @@
 //! collectives set it where they connect).
 //!
 //! Streamed tokens are small writes. With Nagle's algorithm a small write waits for the ACK of
-//! the one before it, and the peer delays its ACKs (40 ms on Linux): at 14 or more concurrent
-//! streams the workers' responses fell into that rhythm and 16 streams gave 0.23× the tokens/s
-//! of 4. tonic's `Server::tcp_nodelay` applies to `serve`, not to `serve_with_incoming`, and
-//! axum's `serve` leaves the sockets as accepted, so it is set here.
+//! the one before it, and the peer delays its ACKs: with enough concurrent streams the workers'
+//! responses fall into that rhythm and throughput collapses (docs/benchmarks.md has the sweep).
+//! tonic's `Server::tcp_nodelay` applies to `serve`, not to `serve_with_incoming`, and axum's
+//! `serve` leaves the sockets as accepted, so it is set here.
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
