@@ -36,6 +36,8 @@ pub struct Metrics {
     pub prefix_cache_evictions: IntCounter,
     pub prefix_cache_snapshots: IntGauge,
     pub prefix_cache_blocks: IntGauge,
+    pub route_decisions: IntCounterVec,
+    pub route_cached_tokens: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -86,6 +88,22 @@ impl Metrics {
             "Fraction of the serving groups' global KV cache in use",
         )?;
         registry.register(Box::new(group_cache_usage.clone()))?;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let route_decisions = counter_vec(
+            "yoco_router_requests_total",
+            "Requests routed, by decision: prefix (to the group caching the longest prefix of the prompt), \
+             least_loaded (no group caches one), overloaded (the group caching it was too loaded)",
+            &["decision"],
+        )?;
+        let route_cached_tokens = counter_vec(
+            "yoco_router_cached_prefix_tokens_total",
+            "Prompt tokens the chosen group held cached when the request was routed, by decision",
+            &["decision"],
+        )?;
         Ok(Metrics {
             time_to_first_token: hist("yoco_time_to_first_token_seconds", "Time from arrival to the first token")?,
             inter_token_latency: hist("yoco_inter_token_latency_seconds", "Time between consecutive tokens")?,
@@ -141,6 +159,8 @@ impl Metrics {
                 "yoco_prefix_cache_blocks",
                 "Global-cache blocks per rank booked for prefix-cache snapshots (states included), summed over groups",
             )?,
+            route_decisions,
+            route_cached_tokens,
             registry,
         })
     }

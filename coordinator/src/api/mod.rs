@@ -53,6 +53,13 @@ impl Api {
         }
     }
 
+    /// Requests a group caching a prompt's prefix may have beyond the least-loaded group and
+    /// still be routed the prompt.
+    pub fn route_balance_threshold(mut self, threshold: usize) -> Self {
+        self.router = Arc::new(Router::new(threshold));
+        self
+    }
+
     /// Server-wide request limits.
     pub fn request_limits(mut self, limits: RequestLimits) -> Self {
         self.limits = Arc::new(limits);
@@ -93,8 +100,10 @@ impl Api {
             _ => None,
         };
         let deadline = self.limits.deadline(arrived, deadline);
-        let ready = self.router.route().ok_or_else(no_group)?;
-        let (tokenizer, limits, fresh) = (self.tokenizer.clone(), ready.limits.clone(), self.fresh_id());
+        // Validation checks against the group the request would go to if nothing were cached
+        // (the groups serve one model; one too small for the request is not routed to).
+        let provisional = self.router.pick().ok_or_else(no_group)?;
+        let (tokenizer, limits, fresh) = (self.tokenizer.clone(), provisional.limits.clone(), self.fresh_id());
         if self.log_prompts {
             match &req.prompt {
                 Some(pb::generate_request::Prompt::Text(t)) => tracing::info!(request = %fresh, prompt = %t, "prompt"),
@@ -104,21 +113,29 @@ impl Api {
                 None => {}
             }
         }
-        // Tokenizing a long text prompt takes a while: off the async threads.
-        let gen = tokio::task::spawn_blocking(move || {
+        // Tokenizing a long text prompt and hashing it for the prefix caches take a while: off
+        // the async threads.
+        let (router, server_limits) = (self.router.clone(), self.limits.clone());
+        let (gen, mut routed) = tokio::task::spawn_blocking(move || {
             let prompt = prompt_tokens(&req, &tokenizer)?;
-            validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)
+            let gen = validate(&req, prompt, &tokenizer, &limits, arrived, deadline, || fresh)?;
+            server_limits.check_prompt(gen.prompt.len())?;
+            let routed = router.route(&gen.prompt, gen.prompt.len() + gen.max_tokens).ok_or_else(no_group)?;
+            Ok::<_, RequestError>((gen, routed))
         })
         .await
         .map_err(|e| RequestError::Internal(format!("validation task failed: {e}")))??;
-        self.limits.check_prompt(gen.prompt.len())?;
         let gen = GenRequest { hold: slot, ..gen };
         let (id, prompt_tokens) = (gen.id.clone(), gen.prompt.len());
+        let ready = &routed.group;
         tracing::info!(
             request = %id, group = %ready.name, prompt_tokens, max_tokens = gen.max_tokens,
-            "request"
+            route = routed.decision.label(), "request"
         );
-        Ok(Submitted { id, prompt_tokens, events: ready.scheduler.submit(gen)? })
+        let events = ready.scheduler.submit_hashed(gen, routed.hashes.take())?;
+        // Queued: the scheduler's counts show the request from now on.
+        drop(routed);
+        Ok(Submitted { id, prompt_tokens, events })
     }
 
     /// The group the next request would go to.

@@ -43,8 +43,8 @@ use yoco_worker::tokenizer::Tokenizer;
 
 pub use self::budget::Capacity;
 use self::event::{End, Event};
-use self::prefix::{Hash, PrefixCache};
-pub use self::prefix::{PrefixConfig, PrefixStats};
+use self::prefix::PrefixCache;
+pub use self::prefix::{Hash, PrefixConfig, PrefixStats};
 use self::request::{GenRequest, RequestError};
 use self::seq::{Active, EventSender};
 use crate::cluster::group::StepError;
@@ -133,6 +133,9 @@ struct Shared {
     capacity: Capacity,
     prefix_snapshots: AtomicUsize,
     prefix_blocks: AtomicUsize,
+    /// The prefix cache's index as the router reads it (the hashes of the blocks a snapshot
+    /// ends at) and the version it was copied at.
+    prefix_index: std::sync::RwLock<(u64, std::collections::HashSet<Hash>)>,
 }
 
 enum Cmd {
@@ -159,6 +162,7 @@ impl Scheduler {
             running: AtomicUsize::new(0),
             prefix_snapshots: AtomicUsize::new(0),
             prefix_blocks: AtomicUsize::new(0),
+            prefix_index: Default::default(),
             config,
             capacity,
         });
@@ -221,6 +225,40 @@ impl Scheduler {
 
     /// Queues a request; its events come on the returned stream.
     pub fn submit(&self, req: GenRequest) -> Result<EventStream, RequestError> {
+        self.submit_hashed(req, None)
+    }
+
+    /// The chained hashes of a prompt's full blocks, as this group's prefix cache keys them
+    /// (none when it is off). Hashing a long prompt takes a while (about 10 ms per million
+    /// tokens): callers do it on their own task, never in the scheduling loop.
+    pub fn prefix_hashes(&self, prompt: &[u32]) -> Vec<Hash> {
+        match &self.shared.config.prefix {
+            p if p.enabled => prefix::block_hashes(&p.seed, prompt, self.shared.capacity.block_tokens),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether two groups key their prefix caches alike (same model seed and block size), so
+    /// that one prompt's [`Scheduler::prefix_hashes`] serve both.
+    pub fn same_prefix_keys(&self, other: &Scheduler) -> bool {
+        let (a, b) = (&self.shared, &other.shared);
+        a.config.prefix.enabled == b.config.prefix.enabled
+            && a.config.prefix.seed == b.config.prefix.seed
+            && a.capacity.block_tokens == b.capacity.block_tokens
+    }
+
+    /// Prompt tokens of the longest prefix of a `len`-token prompt with block `hashes` that a
+    /// snapshot of this group holds (what [`PrefixCache::lookup`] would resume from, read
+    /// from the copy the loop last published).
+    pub fn cached_prefix_tokens(&self, hashes: &[Hash], len: usize) -> usize {
+        let bt = self.shared.capacity.block_tokens;
+        let usable = (len.saturating_sub(1) / bt).min(hashes.len());
+        let index = self.shared.prefix_index.read().unwrap_or_else(|e| e.into_inner());
+        (1..=usable).rev().find(|&k| index.1.contains(&hashes[k - 1])).map_or(0, |k| k * bt)
+    }
+
+    /// [`Scheduler::submit`] with the prompt's [`Scheduler::prefix_hashes`] already made.
+    pub fn submit_hashed(&self, req: GenRequest, hashes: Option<Vec<Hash>>) -> Result<EventStream, RequestError> {
         match self.shared.state.load(Ordering::Relaxed) {
             SERVING => {}
             DRAINING => return Err(RequestError::Unavailable("the server is shutting down".into())),
@@ -233,12 +271,7 @@ impl Scheduler {
                 "the queue is full: {limit} requests are waiting for cache or batch room; retry later"
             )));
         }
-        // Hashing a long prompt takes a while (about 10 ms per million tokens): here, on the
-        // caller's task, not in the scheduling loop.
-        let hashes = match &self.shared.config.prefix {
-            p if p.enabled => prefix::block_hashes(&p.seed, &req.prompt, self.shared.capacity.block_tokens),
-            _ => Vec::new(),
-        };
+        let hashes = hashes.unwrap_or_else(|| self.prefix_hashes(&req.prompt));
         let (tx, rx) = mpsc::unbounded_channel();
         if self.cmds.send(Cmd::Submit(Box::new(req), tx, hashes)).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -381,6 +414,12 @@ impl<R: StepRunner> Loop<R> {
             let stats = p.stats();
             self.shared.prefix_snapshots.store(stats.snapshots, Ordering::Relaxed);
             self.shared.prefix_blocks.store(stats.blocks, Ordering::Relaxed);
+            let (version, hashes) = p.index();
+            let stale = self.shared.prefix_index.read().unwrap_or_else(|e| e.into_inner()).0 != version;
+            if stale {
+                *self.shared.prefix_index.write().unwrap_or_else(|e| e.into_inner()) =
+                    (version, hashes.copied().collect());
+            }
         }
         self.shared.running.store(self.active.len(), Ordering::Relaxed);
         crate::metrics::METRICS.running.set(self.active.len() as i64);

@@ -111,6 +111,8 @@ pub struct PrefixCache {
     cap: Capacity,
     snaps: HashMap<SnapshotId, Snap>,
     by_hash: HashMap<Hash, SnapshotId>,
+    /// Bumped whenever `by_hash` changes, so that its published copy is rebuilt only then.
+    version: u64,
     next_id: SnapshotId,
     clock: u64,
     /// Blocks per rank booked for snapshots.
@@ -128,6 +130,7 @@ impl PrefixCache {
             cap,
             snaps: HashMap::new(),
             by_hash: HashMap::new(),
+            version: 0,
             next_id: 1,
             clock: 0,
             held: 0,
@@ -144,6 +147,12 @@ impl PrefixCache {
     /// Blocks per rank booked for snapshots.
     pub fn held_blocks(&self) -> usize {
         self.held
+    }
+
+    /// The block hashes that snapshots can be resumed from, and the version of that set (it
+    /// changes whenever the set does).
+    pub fn index(&self) -> (u64, impl Iterator<Item = &Hash>) {
+        (self.version, self.by_hash.keys())
     }
 
     pub fn stats(&self) -> PrefixStats {
@@ -242,6 +251,7 @@ impl PrefixCache {
             },
         );
         self.by_hash.entry(hash).or_insert(id);
+        self.version += 1;
         let planned = self.pending.remove(&id).unwrap_or(0);
         self.held = self.held + self.cfg.state_blocks + tail - planned;
         if let Some(p) = parent.and_then(|p| self.snaps.get_mut(&p)) {
@@ -307,6 +317,7 @@ impl PrefixCache {
             self.held -= self.booked(&s);
             if self.by_hash.get(&s.hash) == Some(&id) {
                 self.by_hash.remove(&s.hash);
+                self.version += 1;
             }
             if let Some(p) = s.parent.and_then(|p| self.snaps.get_mut(&p)) {
                 p.children -= 1;
@@ -327,6 +338,7 @@ impl PrefixCache {
     /// sequences end. Returns how many were dropped now and how many are still in use.
     pub fn flush(&mut self) -> (usize, usize) {
         self.by_hash.clear();
+        self.version += 1;
         for s in self.snaps.values_mut() {
             s.doomed = true;
         }

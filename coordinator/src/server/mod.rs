@@ -99,6 +99,10 @@ pub struct ServerArgs {
     /// whole cache blocks); each prompt's end is always snapshotted.
     #[arg(long, default_value_t = 8192, env = "YOCO_PREFIX_SNAPSHOT_INTERVAL")]
     prefix_snapshot_interval: usize,
+    /// With several groups, a prompt goes to the group caching its longest prefix unless that
+    /// group has more than this many requests (running + waiting) beyond the least-loaded one.
+    #[arg(long, default_value_t = crate::api::router::DEFAULT_BALANCE_THRESHOLD, env = "YOCO_ROUTE_BALANCE_THRESHOLD")]
+    route_balance_threshold: usize,
     /// File of API keys, one per line (re-read when it changes): every public endpoint but the
     /// health probes then needs `authorization: Bearer <key>`. Keys may also come, comma-
     /// separated, in the environment variable YOCO_API_KEYS.
@@ -310,7 +314,10 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     if limits.max_streams_per_key.is_some() && keys.is_none() {
         anyhow::bail!("--max-streams-per-key counts streams per API key: give --api-key-file or YOCO_API_KEYS");
     }
-    let api = Api::new(tokenizer.clone(), chat).log_prompts(args.log_prompts).request_limits(limits);
+    let api = Api::new(tokenizer.clone(), chat)
+        .log_prompts(args.log_prompts)
+        .request_limits(limits)
+        .route_balance_threshold(args.route_balance_threshold);
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());
     let http = {

@@ -64,6 +64,7 @@ impl GroupStarter {
             limits,
             cache_bytes_per_token,
             routed: Default::default(),
+            in_transit: Default::default(),
         };
         Ok((ready, task))
     }
