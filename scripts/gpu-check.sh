@@ -12,6 +12,9 @@
 #                                (prefill time, decode tokens/s, GPU memory).
 #                                Writes the log to $OUT (or target/gpu-check/) as gpu-check.log.
 #                                YOCO_GPU_BENCH_CONTEXTS overrides the contexts.
+#   scripts/gpu-check.sh libs    the CUDA libraries `run` would put on LD_LIBRARY_PATH (the
+#                                Python environment's nvidia-* wheels first, never stubs/), and
+#                                the files they resolve to
 #   scripts/gpu-check.sh served DEVICE...
 #                                a served comparison alone (part of `run`, with cpu, cuda and
 #                                cudax2): for each DEVICE, `yoco serve` with one worker on it
@@ -29,6 +32,49 @@ DIR=target/gpu-check
 TESTS=(cuda_nvrtc cuda_device)
 
 YOCO="${YOCO_BIN:-$DIR/yoco}"
+
+# The CUDA libraries cudarc loads by name at run time.
+CUDA_LIBS=(libcublas.so libcublasLt.so libnvrtc.so libnccl.so)
+
+# lib_dirs: the folders to put first on LD_LIBRARY_PATH, one per library of CUDA_LIBS found
+# (colon-separated): the Python environment's NVIDIA wheels (site-packages/nvidia/*/lib) first,
+# then what ldconfig knows, then a search of the disk; never a toolkit's stubs/ folder, whose
+# libcuda.so (which cudarc tries before libcuda.so.1) fails every call.
+lib_dirs() {
+  local lib dir found out=""
+  local wheels
+  wheels="$(python3 -c 'import glob, site
+for p in site.getsitepackages() + [site.getusersitepackages()]:
+    print("\n".join(sorted(glob.glob(p + "/nvidia/*/lib"))))' 2>/dev/null || true)"
+  for lib in "${CUDA_LIBS[@]}"; do
+    found=""
+    for dir in $wheels $(ldconfig -p 2>/dev/null | awk -v l="$lib" 'index($1, l) == 1 {print $NF}' | xargs -r -n1 dirname); do
+      case "$dir" in */stubs | */stubs/*) continue ;; esac
+      if compgen -G "$dir/$lib*" >/dev/null; then found="$dir"; break; fi
+    done
+    if [ -z "$found" ]; then
+      found="$(find / \( -path /proc -o -path /sys -o -path '*/stubs' \) -prune -o -name "$lib*" -print 2>/dev/null \
+        | head -1 | xargs -r dirname || true)"
+    fi
+    [ -n "$found" ] && case ":$out:" in *":$found:"*) ;; *) out="$out:$found" ;; esac
+  done
+  echo "${out#:}"
+}
+
+# show_libs: which file each library of CUDA_LIBS (and libcuda) resolves to on LD_LIBRARY_PATH,
+# and the driver's CUDA version, so that a failed run says what it loaded.
+show_libs() {
+  local lib dir f
+  for lib in libcuda.so "${CUDA_LIBS[@]}"; do
+    f=""
+    for dir in ${LD_LIBRARY_PATH//:/ } $(ldconfig -p 2>/dev/null | awk -v l="$lib" 'index($1, l) == 1 {print $NF}' | xargs -r -n1 dirname); do
+      f="$(compgen -G "$dir/$lib*" | sort | tail -1 || true)"
+      [ -n "$f" ] && break
+    done
+    if [ -n "$f" ]; then echo "library $lib: $(readlink -f "$f")"; else echo "library $lib: not found"; fi
+  done
+  nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || echo "CUDA driver: not found (no nvidia-smi)"
+}
 
 # served_check DEVICE...: see the usage above. Writes served-DEVICE-*.json under $out.
 served_check() {
@@ -118,17 +164,14 @@ for line in open(sys.argv[1]):
   run)
     out="${OUT:-$DIR}"
     mkdir -p "$out"
-    libs=""
-    for lib in libcublas.so libnvrtc.so libnccl.so libcublasLt.so; do
-      found="$(find / \( -path /proc -o -path /sys \) -prune -o -name "$lib*" -print 2>/dev/null | head -1 || true)"
-      [ -n "$found" ] && libs="$libs:$(dirname "$found")"
-    done
-    export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    libs="$(lib_dirs)"
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export YOCO_REQUIRE_GPU=1 YOCO_REQUIRE_NVRTC=1
     {
       echo "# $(date -u) on $(hostname)"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
       echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      show_libs
       status=0
       for t in "${TESTS[@]}"; do
         echo "## $t"
@@ -167,8 +210,11 @@ PY
       exit $status
     } 2>&1 | tee "$out/gpu-check.log"
     ;;
+  libs)
+    LD_LIBRARY_PATH="$(lib_dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" show_libs
+    ;;
   *)
-    echo "usage: $0 build|run|served DEVICE..." >&2
+    echo "usage: $0 build|run|served DEVICE...|libs" >&2
     exit 2
     ;;
 esac
