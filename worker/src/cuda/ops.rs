@@ -25,6 +25,32 @@ fn i32_of(op: &'static str, n: usize) -> Result<i32, DeviceError> {
     i32::try_from(n).map_err(|_| DeviceError::Shape { op, message: format!("{n} exceeds the kernels' int range") })
 }
 
+/// CUDA's limits on a launch: grid x up to 2^31 − 1 blocks, y and z up to 65535, 1024 threads
+/// a block. A launch past them fails on the GPU with an unspecific error (and would pass in
+/// the emulator), so every launch is checked against them first.
+pub const MAX_GRID_X: u32 = i32::MAX as u32;
+pub const MAX_GRID_YZ: u32 = 65_535;
+pub const MAX_BLOCK_THREADS: u32 = 1024;
+
+/// `name`'s launch of `grid` blocks of `threads` threads, checked against CUDA's limits.
+fn check_launch(name: &'static str, grid: (u32, u32, u32), threads: u32) -> Result<(), DeviceError> {
+    let (x, y, z) = grid;
+    let ok = (1..=MAX_GRID_X).contains(&x)
+        && (1..=MAX_GRID_YZ).contains(&y)
+        && (1..=MAX_GRID_YZ).contains(&z)
+        && (1..=MAX_BLOCK_THREADS).contains(&threads);
+    if ok {
+        return Ok(());
+    }
+    Err(DeviceError::Shape {
+        op: name,
+        message: format!(
+            "a grid of ({x}, {y}, {z}) blocks of {threads} threads is outside CUDA's limits (x 1..=2^31-1, y and z \
+             1..=65535, 1..=1024 threads)"
+        ),
+    })
+}
+
 fn u32_of(op: &'static str, n: usize) -> Result<u32, DeviceError> {
     u32::try_from(n).map_err(|_| DeviceError::Shape { op, message: format!("{n} exceeds a grid dimension") })
 }
@@ -179,6 +205,7 @@ impl<R: Runtime> Gpu<R> {
         threads: u32,
         mut args: Vec<Arg>,
     ) -> Result<(), DeviceError> {
+        check_launch(name, grid, threads)?;
         let mut ptrs: Vec<*mut c_void> = args
             .iter_mut()
             .map(|a| match a {
@@ -490,5 +517,26 @@ impl<R: Runtime> Gpu<R> {
         let args = vec![self.at(logits), self.at(out), i32_of("log_softmax_rows", vocab)?.into()];
         // SAFETY: rows × vocab elements in and out; 512 threads, a power of two.
         unsafe { self.launch("log_softmax_rows", (u32_of("log_softmax_rows", rows)?, 1, 1), 512, args) }
+    }
+}
+
+#[cfg(test)]
+mod launch_tests {
+    use super::*;
+
+    #[test]
+    fn launches_past_cudas_limits_are_refused_by_name() {
+        assert!(check_launch("k", (MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ), MAX_BLOCK_THREADS).is_ok());
+        for (grid, threads) in [
+            ((1, MAX_GRID_YZ + 1, 1), 64),
+            ((1, 1, MAX_GRID_YZ + 1), 64),
+            ((MAX_GRID_X + 1, 1, 1), 64),
+            ((0, 1, 1), 64),
+            ((1, 1, 1), MAX_BLOCK_THREADS + 1),
+            ((1, 1, 1), 0),
+        ] {
+            let e = check_launch("lse_merge", grid, threads).unwrap_err().to_string();
+            assert!(e.starts_with("lse_merge: ") && e.contains("CUDA's limits"), "{e}");
+        }
     }
 }

@@ -229,7 +229,11 @@ impl Worker for WorkerService {
         let device = device_for(self.defaults.device, rank, world, tp)?;
         let max_sequences = match req.max_sequences {
             0 => DEFAULT_MAX_SEQUENCES,
-            n if n > 1 << 16 => return Err(Status::invalid_argument(format!("max_sequences {n} exceeds 65536"))),
+            // A device backend puts a step's sequences in a CUDA grid's y or z dimension.
+            n if n > crate::cuda::ops::MAX_GRID_YZ => {
+                let max = crate::cuda::ops::MAX_GRID_YZ;
+                return Err(Status::invalid_argument(format!("max_sequences {n} exceeds {max}")));
+            }
             n => n as usize,
         };
         let addrs = req
