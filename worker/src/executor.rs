@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, SnapshotId, StepItem};
-use crate::sampling::{log_softmax, logprob, top_logprobs, Sampler, SamplingParams};
+use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 
 /// A new sequence and how to sample it.
 #[derive(Debug, Clone, Default)]
@@ -244,8 +244,8 @@ pub(crate) fn use_first_ranks_tokens<E>(
 /// alternatives, both of the raw logits: the penalties steer the choice, not the reported model.
 pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> Sampled {
     let token = sampler.sample(logits);
-    let top_logprobs = if top == 0 { Vec::new() } else { top_logprobs(&log_softmax(logits), top) };
-    Sampled { token, logprob: logprob(logits, token), top_logprobs }
+    let PromptLogprob { logprob, top_logprobs } = token_logprob(logits, token, top);
+    Sampled { token, logprob, top_logprobs }
 }
 
 /// The log-probabilities of the prompt tokens that a prefill step's logits predict, each with
@@ -257,14 +257,14 @@ pub(crate) fn prompt_logprobs(logits: &[f32], vocab: usize, p: &PrefillWork, top
     logits
         .par_chunks_exact(vocab)
         .zip(targets)
-        .filter_map(|(row, target)| target.map(|t| prompt_logprob(row, t, top)))
+        .filter_map(|(row, target)| target.map(|t| token_logprob(row, t, top)))
         .collect()
 }
 
 /// `token`'s log-probability under `logits` and the `top` most likely tokens, with the row's
 /// normaliser computed once: the same values as [`logprob`] and [`top_logprobs`] of
-/// [`log_softmax`], without materialising the row.
-fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
+/// [`log_softmax`], without materialising the row (for a sampled token and a prompt token alike).
+fn token_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
     let lse = crate::kernels::log_softmax::log_sum_exp(logits);
     let lp = |v: f32| (v as f64 - lse) as f32;
     // Ranked by logit: the same order as by log-probability.
@@ -275,6 +275,7 @@ fn prompt_logprob(logits: &[f32], token: u32, top: usize) -> PromptLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::{log_softmax, logprob};
 
     /// A prefill step's prompt log-probabilities and alternatives are, row by row, exactly what
     /// sampling reports for a generated token: `logprob` and the top of `log_softmax`.

@@ -16,11 +16,11 @@ use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};
 use super::schema::{
-    check_model, failure_message, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+    check_model, finish_reason, model_name, now_unix, outcome, usage_json, Chunks, Sampling, StreamOptions,
 };
 use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
-use crate::scheduler::event::Event;
+use crate::scheduler::event::{Event, Usage};
 use crate::scheduler::request::RequestError;
 
 #[derive(Deserialize)]
@@ -96,31 +96,28 @@ pub(super) async fn chat_completions(
     let Submitted { id, prompt_tokens, mut events } = api.submit(preq, arrived, None, caller.map(|c| c.0)).await?;
     let id = format!("chatcmpl-{id}");
     let tok = api.tokenizer().clone();
-    let mut counts = Counts { prompt: prompt_tokens as u64, ..Counts::default() };
+    let mut usage = Usage { prompt_tokens, ..Usage::default() };
     if req.stream {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
         let out = Chunks { tx, id, object: "chat.completion.chunk", created: now_unix(), model: name, options };
         tokio::spawn(async move {
-            let chunk = |delta: Value, logprobs: Value, finish: Option<&str>, counts: Counts| {
-                out.chunk(json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}), counts)
+            let chunk = |delta: Value, logprobs: Value, finish: Option<&str>, usage: &Usage| {
+                out.chunk(json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}), usage)
             };
-            if !chunk(json!({"role": "assistant", "content": ""}), Value::Null, None, counts) {
+            if !chunk(json!({"role": "assistant", "content": ""}), Value::Null, None, &usage) {
                 return;
             }
             while let Some(item) = events.recv().await {
                 let ok = match item {
                     Event::Progress(p) => out.progress(&p),
                     Event::Tokens(c) => {
-                        counts.completion += c.tokens.len() as u64;
+                        usage.completion_tokens += c.tokens.len();
                         let lp = if want_logprobs { chat_logprobs(&tok, &c.tokens) } else { Value::Null };
-                        chunk(json!({"content": c.text}), lp, None, counts)
+                        chunk(json!({"content": c.text}), lp, None, &usage)
                     }
-                    Event::Finished(f) => match finish_reason(&f) {
-                        Some(r) => {
-                            let counts = Counts::of(&f.usage);
-                            chunk(json!({}), Value::Null, Some(r), counts) && out.done(counts)
-                        }
-                        None => out.error(&failure_message(&f.end)),
+                    Event::Finished(f) => match finish_reason(&f.end) {
+                        Ok(r) => chunk(json!({}), Value::Null, Some(r), &f.usage) && out.done(&f.usage),
+                        Err(e) => out.error(&e.message),
                     },
                     Event::PromptLogprobs(_) => true,
                 };
@@ -148,7 +145,7 @@ pub(super) async fn chat_completions(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "logprobs": if want_logprobs { chat_logprobs(&tok, &tokens) } else { Value::Null },
                      "finish_reason": reason}],
-        "usage": Counts::of(&f.usage).json(),
+        "usage": usage_json(&f.usage),
     }))
     .into_response())
 }

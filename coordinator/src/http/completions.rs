@@ -21,11 +21,11 @@ use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};
 use super::schema::{
-    check_model, failure_message, finish_reason, model_name, now_unix, outcome, Chunks, Counts, Sampling, StreamOptions,
+    add_usage, check_model, finish_reason, model_name, now_unix, outcome, usage_json, Chunks, Sampling, StreamOptions,
 };
 use crate::api::auth::KeyId;
 use crate::api::{Api, Submitted};
-use crate::scheduler::event::{Event, Finished};
+use crate::scheduler::event::{Event, Finished, Usage};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -106,9 +106,9 @@ impl Logprobs {
         json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
     }
 
-    /// The prompt's tokens from `offset` on, with their log-probabilities (`echo`).
-    fn prompt(tok: &Tokenizer, ids: &[u32], lps: &[PromptLogprob], mut offset: usize) -> Logprobs {
-        let mut out = Logprobs::default();
+    /// The prompt's tokens with their log-probabilities (`echo`), the first at text offset 0.
+    fn prompt(tok: &Tokenizer, ids: &[u32], lps: &[PromptLogprob]) -> Logprobs {
+        let (mut out, mut offset) = (Logprobs::default(), 0);
         for (i, &id) in ids.iter().enumerate() {
             let p = i.checked_sub(1).map(|j| lps.get(j));
             let lp = p.flatten().map(|p| p.logprob);
@@ -119,20 +119,9 @@ impl Logprobs {
         out
     }
 
-    /// Generated tokens, the first at text offset `offset`.
-    fn generated(tok: &Tokenizer, tokens: &[(Sampled, usize)]) -> Logprobs {
-        let mut out = Logprobs::default();
-        for (t, at) in tokens {
-            out.push(tok, t.token, Some(t.logprob), Some(&t.top_logprobs), *at);
-        }
-        out
-    }
-
-    fn append(&mut self, o: Logprobs) {
-        self.tokens.extend(o.tokens);
-        self.token_logprobs.extend(o.token_logprobs);
-        self.top_logprobs.extend(o.top_logprobs);
-        self.text_offset.extend(o.text_offset);
+    /// A generated token at text offset `at`.
+    fn push_generated(&mut self, tok: &Tokenizer, t: &Sampled, at: usize) {
+        self.push(tok, t.token, Some(t.logprob), Some(&t.top_logprobs), at);
     }
 }
 
@@ -157,7 +146,7 @@ struct Choice {
     prompt_ids: Vec<u32>,
     /// Text offset of the next token.
     offset: usize,
-    counts: Counts,
+    usage: Usage,
     /// Not streamed: the text, prompt log-probabilities and tokens with their offsets so far.
     text: String,
     prompt_logprobs: Option<Vec<PromptLogprob>>,
@@ -182,28 +171,28 @@ pub(super) async fn completions(
     let mut events = StreamMap::new();
     let mut first_id = None;
     for preq in req.into_pb()? {
+        use pb::generate_request::Prompt as P;
+        // What `echo` sends back: the prompt's text and, with log-probabilities, its tokens.
+        let echo = echo.then(|| match &preq.prompt {
+            Some(P::Text(t)) => t.clone(),
+            Some(P::TokenIds(ids)) => tok.decode(&ids.ids),
+            None => String::new(),
+        });
         let prompt_ids = match &preq.prompt {
-            Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
-            _ => Vec::new(),
-        };
-        let text = match &preq.prompt {
-            Some(pb::generate_request::Prompt::Text(t)) => Some(t.clone()),
-            _ => None,
+            _ if echo.is_none() || !want_logprobs => Vec::new(),
+            Some(P::TokenIds(ids)) => ids.ids.clone(),
+            Some(P::Text(t)) => tok.encode(t).unwrap_or_default(),
+            None => Vec::new(),
         };
         let Submitted { id, prompt_tokens, events: rx } = api.submit(preq, arrived, None, caller.map(|c| c.0)).await?;
         first_id.get_or_insert(id);
-        let echo = echo.then(|| text.clone().unwrap_or_else(|| tok.decode(&prompt_ids)));
-        let prompt_ids = match (&echo, text) {
-            (Some(_), Some(t)) if want_logprobs => tok.encode(&t).unwrap_or_default(),
-            _ => prompt_ids,
-        };
         events.insert(choices.len(), UnboundedReceiverStream::new(rx));
         choices.push(Choice {
             offset: echo.as_ref().map_or(0, String::len),
             text: echo.clone().unwrap_or_default(),
             echo,
             prompt_ids,
-            counts: Counts { prompt: prompt_tokens as u64, ..Counts::default() },
+            usage: Usage { prompt_tokens, ..Usage::default() },
             prompt_logprobs: None,
             tokens: Vec::new(),
             finished: None,
@@ -224,7 +213,7 @@ pub(super) async fn completions(
         let c = &mut choices[i];
         match item {
             Event::Tokens(t) => {
-                c.counts.completion += t.tokens.len() as u64;
+                c.usage.completion_tokens += t.tokens.len();
                 c.tokens.extend(t.tokens.into_iter().map(|t| (t, c.text.len())));
                 c.text.push_str(&t.text);
             }
@@ -233,16 +222,18 @@ pub(super) async fn completions(
             Event::Progress(_) => {}
         }
     }
-    let (mut body, mut total) = (Vec::new(), Counts::default());
+    let (mut body, mut total) = (Vec::new(), Usage::default());
     for (index, c) in choices.into_iter().enumerate() {
         let (f, reason) = outcome(c.finished)?;
-        total.add(Counts::of(&f.usage));
+        add_usage(&mut total, &f.usage);
         let logprobs = if want_logprobs {
             let mut lp = match (&c.echo, &c.prompt_logprobs) {
-                (Some(_), Some(p)) => Logprobs::prompt(&tok, &c.prompt_ids, p, 0),
+                (Some(_), Some(p)) => Logprobs::prompt(&tok, &c.prompt_ids, p),
                 _ => Logprobs::default(),
             };
-            lp.append(Logprobs::generated(&tok, &c.tokens));
+            for (t, at) in &c.tokens {
+                lp.push_generated(&tok, t, *at);
+            }
             lp.json()
         } else {
             Value::Null
@@ -251,7 +242,7 @@ pub(super) async fn completions(
     }
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": now_unix(), "model": name,
-        "choices": body, "usage": total.json(),
+        "choices": body, "usage": usage_json(&total),
     }))
     .into_response())
 }
@@ -266,51 +257,54 @@ async fn stream_choices(
     mut events: StreamMap<usize, UnboundedReceiverStream<Event>>,
     want_logprobs: bool,
 ) {
-    let chunk = |index: usize, text: String, logprobs: Value, finish: Option<&str>, counts: Counts| {
-        out.chunk(json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}), counts)
+    let chunk = |index: usize, text: String, logprobs: Value, finish: Option<&str>, usage: &Usage| {
+        out.chunk(json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}), usage)
     };
     // The echoed prompt goes first, unless its log-probabilities are to come with it.
     for (i, c) in choices.iter_mut().enumerate() {
         if !want_logprobs {
             if let Some(text) = c.echo.take() {
-                if !chunk(i, text, Value::Null, None, c.counts) {
+                if !chunk(i, text, Value::Null, None, &c.usage) {
                     return;
                 }
             }
         }
     }
-    let mut total = Counts::default();
+    let mut total = Usage::default();
     while let Some((i, item)) = events.next().await {
         let c = &mut choices[i];
         let ok = match item {
             Event::Progress(p) => out.progress(&p),
             Event::PromptLogprobs(p) => match c.echo.take() {
                 Some(text) => {
-                    let lp = Logprobs::prompt(&tok, &c.prompt_ids, &p, 0);
-                    chunk(i, text, lp.json(), None, c.counts)
+                    let lp = Logprobs::prompt(&tok, &c.prompt_ids, &p);
+                    chunk(i, text, lp.json(), None, &c.usage)
                 }
                 None => true,
             },
             Event::Tokens(t) => {
-                c.counts.completion += t.tokens.len() as u64;
+                c.usage.completion_tokens += t.tokens.len();
                 let logprobs = if want_logprobs {
-                    let at: Vec<(Sampled, usize)> = t.tokens.into_iter().map(|t| (t, c.offset)).collect();
-                    Logprobs::generated(&tok, &at).json()
+                    let mut lp = Logprobs::default();
+                    for s in &t.tokens {
+                        lp.push_generated(&tok, s, c.offset);
+                    }
+                    lp.json()
                 } else {
                     Value::Null
                 };
                 c.offset += t.text.len();
-                chunk(i, t.text, logprobs, None, c.counts)
+                chunk(i, t.text, logprobs, None, &c.usage)
             }
-            Event::Finished(f) => match finish_reason(&f) {
-                Some(reason) => {
-                    let counts = Counts::of(&f.usage);
-                    total.add(counts);
+            Event::Finished(f) => match finish_reason(&f.end) {
+                Ok(reason) => {
+                    add_usage(&mut total, &f.usage);
+                    let ok = chunk(i, String::new(), Value::Null, Some(reason), &f.usage);
                     c.finished = Some(f);
-                    chunk(i, String::new(), Value::Null, Some(reason), counts)
+                    ok
                 }
-                None => {
-                    out.error(&failure_message(&f.end));
+                Err(e) => {
+                    out.error(&e.message);
                     return;
                 }
             },
@@ -320,7 +314,7 @@ async fn stream_choices(
         }
     }
     if choices.iter().all(|c| c.finished.is_some()) {
-        out.done(total);
+        out.done(&total);
     } else {
         out.error("a request ended without its final message");
     }

@@ -102,13 +102,14 @@ pub(super) fn check_model(name: &str, asked: &Option<String>) -> Result<(), ApiE
     }
 }
 
-/// OpenAI's `finish_reason` of a request that finished; None for one that failed or was
-/// cancelled.
-pub(super) fn finish_reason(f: &Finished) -> Option<&'static str> {
-    match f.end {
-        End::Length => Some("length"),
-        End::StopString(_) | End::StopToken(_) => Some("stop"),
-        End::Cancelled(_) | End::Failed(_) => None,
+/// OpenAI's `finish_reason` of a request's end, or the error to answer with for one that failed
+/// or was cancelled.
+pub(super) fn finish_reason(end: &End) -> Result<&'static str, ApiError> {
+    match end {
+        End::Length => Ok("length"),
+        End::StopString(_) | End::StopToken(_) => Ok("stop"),
+        End::Cancelled(why) => Err(ApiError::cancelled(why)),
+        End::Failed(e) => Err(e.clone().into()),
     }
 }
 
@@ -133,36 +134,20 @@ impl StreamOptions {
     }
 }
 
-/// Token counts of a stream, each choice's and in all.
-#[derive(Default, Clone, Copy)]
-pub(super) struct Counts {
-    pub(super) prompt: u64,
-    pub(super) completion: u64,
-    pub(super) cached: u64,
+/// OpenAI's usage object; `cached_tokens` counts the prompt tokens served by the prefix cache.
+pub(super) fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    })
 }
 
-impl Counts {
-    pub(super) fn add(&mut self, o: Counts) {
-        (self.prompt, self.completion, self.cached) =
-            (self.prompt + o.prompt, self.completion + o.completion, self.cached + o.cached);
-    }
-
-    pub(super) fn of(u: &Usage) -> Counts {
-        Counts {
-            prompt: u.prompt_tokens as u64,
-            completion: u.completion_tokens as u64,
-            cached: u.cached_prompt_tokens as u64,
-        }
-    }
-
-    /// OpenAI's usage object; `cached_tokens` counts the prompt tokens served by the prefix cache.
-    pub(super) fn json(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt, "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached},
-        })
-    }
+/// The usage of a request of several choices: each choice's, summed.
+pub(super) fn add_usage(total: &mut Usage, u: &Usage) {
+    total.prompt_tokens += u.prompt_tokens;
+    total.completion_tokens += u.completion_tokens;
+    total.cached_prompt_tokens += u.cached_prompt_tokens;
 }
 
 /// The server-sent events of one streamed response: chunks of one object type, progress
@@ -189,11 +174,11 @@ impl Chunks {
 
     /// A chunk with one choice; `so_far` is that choice's usage up to now, sent in the chunk
     /// with `continuous_usage_stats` (and `null` in its place with `include_usage` alone).
-    pub(super) fn chunk(&self, choice: Value, so_far: Counts) -> bool {
+    pub(super) fn chunk(&self, choice: Value, so_far: &Usage) -> bool {
         let mut v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                            "choices": [choice]});
         if self.options.include_usage || self.options.continuous_usage_stats {
-            v["usage"] = if self.options.continuous_usage_stats { so_far.json() } else { Value::Null };
+            v["usage"] = if self.options.continuous_usage_stats { usage_json(so_far) } else { Value::Null };
         }
         self.data(&v)
     }
@@ -204,10 +189,10 @@ impl Chunks {
     }
 
     /// The end of a stream whose choices all finished: the usage chunk (if asked), `[DONE]`.
-    pub(super) fn done(&self, total: Counts) -> bool {
+    pub(super) fn done(&self, total: &Usage) -> bool {
         if self.options.include_usage {
             let v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                           "choices": [], "usage": total.json()});
+                           "choices": [], "usage": usage_json(total)});
             if !self.data(&v) {
                 return false;
             }
@@ -221,23 +206,10 @@ impl Chunks {
     }
 }
 
-/// Why a request that did not finish ended, for an error object in a stream.
-pub(super) fn failure_message(end: &End) -> String {
-    match end {
-        End::Failed(e) => e.to_string(),
-        End::Cancelled(why) => why.clone(),
-        End::Length | End::StopString(_) | End::StopToken(_) => String::new(),
-    }
-}
-
 /// What a request's events end in: its final message with OpenAI's finish reason, or the
 /// error to answer with (a request that failed, was cancelled, or ended without a final message).
 pub(super) fn outcome(finished: Option<Finished>) -> Result<(Finished, &'static str), ApiError> {
     let f = finished.ok_or_else(|| RequestError::Internal("the request ended without its final message".into()))?;
-    match (&f.end, finish_reason(&f)) {
-        (_, Some(reason)) => Ok((f, reason)),
-        (End::Failed(e), None) => Err(e.clone().into()),
-        (End::Cancelled(why), _) => Err(ApiError::cancelled(why)),
-        _ => unreachable!("finish_reason names every other end"),
-    }
+    let reason = finish_reason(&f.end)?;
+    Ok((f, reason))
 }

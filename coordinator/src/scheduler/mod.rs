@@ -252,9 +252,8 @@ impl Scheduler {
     /// from the copy the loop last published).
     pub fn cached_prefix_tokens(&self, hashes: &[Hash], len: usize) -> usize {
         let bt = self.shared.capacity.block_tokens;
-        let usable = (len.saturating_sub(1) / bt).min(hashes.len());
         let index = self.shared.prefix_index.read().unwrap_or_else(|e| e.into_inner());
-        (1..=usable).rev().find(|&k| index.1.contains(&hashes[k - 1])).map_or(0, |k| k * bt)
+        prefix::longest_cached(hashes, len, bt, |h| index.1.contains(h)).map_or(0, |k| k * bt)
     }
 
     /// [`Scheduler::submit`] with the prompt's [`Scheduler::prefix_hashes`] already made.

@@ -34,6 +34,13 @@ pub type Hash = [u8; 32];
 
 /// Chained hashes of the full blocks of `tokens`: entry `i` covers tokens `[0, (i+1)·block)` and
 /// depends on `seed` (the model) and on every token before it.
+/// Blocks of the longest prefix of a `len`-token prompt with block `hashes` that `cached`
+/// knows, leaving at least one token to prefill (the last position's logits come from a step).
+pub fn longest_cached(hashes: &[Hash], len: usize, block: usize, cached: impl Fn(&Hash) -> bool) -> Option<usize> {
+    let usable = (len.saturating_sub(1) / block).min(hashes.len());
+    (1..=usable).rev().find(|&k| cached(&hashes[k - 1]))
+}
+
 pub fn block_hashes(seed: &Hash, tokens: &[u32], block: usize) -> Vec<Hash> {
     let mut prev = *seed;
     let mut bytes = Vec::with_capacity(4 * block);
@@ -162,8 +169,8 @@ impl PrefixCache {
     /// The latest snapshot a prompt of `len` tokens with block `hashes` can resume from; it
     /// leaves at least one token to prefill. Marks it (and what it builds on) recently used.
     pub fn lookup(&mut self, hashes: &[Hash], len: usize) -> Option<Hit> {
-        let usable = (len.saturating_sub(1) / self.cap.block_tokens).min(hashes.len());
-        let id = (1..=usable).rev().find_map(|k| self.by_hash.get(&hashes[k - 1]).copied())?;
+        let k = longest_cached(hashes, len, self.cap.block_tokens, |h| self.by_hash.contains_key(h))?;
+        let id = self.by_hash[&hashes[k - 1]];
         self.clock += 1;
         let mut at = Some(id);
         while let Some(s) = at.and_then(|i| self.snaps.get_mut(&i)) {

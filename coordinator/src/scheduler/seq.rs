@@ -8,12 +8,11 @@ use yoco_worker::engine::{SeqId, SnapshotId};
 use yoco_worker::executor::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
+use super::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 use super::event::{End, Event, Finished, Progress, Timing, TokenChunk, Usage};
 use super::prefix::Hash;
-use super::request::GenRequest;
-use super::request::RequestError;
+use super::request::{GenRequest, RequestError};
 use crate::metrics::METRICS;
-use crate::scheduler::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};
 
 /// Where a request's events go: the gRPC or HTTP stream (or a test).
 pub type EventSender = UnboundedSender<Event>;
