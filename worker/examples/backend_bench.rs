@@ -1,5 +1,6 @@
-//! The backend forward pass at long contexts: prefill time and decode tokens/s at each context,
-//! bytes of cache per token, and (on a GPU) device memory used. One sequence, greedy decode.
+//! The engine on a backend at long contexts: prefill time and decode tokens/s at each context,
+//! bytes of cache per token, and (on a GPU) device memory used. One sequence, prefilled in steps
+//! of `--chunk` tokens, greedy decode.
 //!
 //!   cargo run --release -p yoco-worker --example backend_bench [--features cuda] -- \
 //!       [--device cpu|cuda] [--preset tiny|small|3b] [--dtype f32|bf16|f16] \
@@ -13,7 +14,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use yoco_worker::backend::{Backend, Forward, ForwardOptions};
+use yoco_worker::backend::Backend;
+use yoco_worker::comm::SingleRank;
+use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
@@ -63,40 +66,46 @@ fn parse() -> Result<Args, String> {
 fn run<B: Backend>(backend: B, model: &Model, args: &Args, memory: &dyn Fn(&B) -> Option<f64>) -> Result<(), String> {
     let cache_dtype: CacheDtype = args.dtype.parse()?;
     let longest = args.contexts.iter().max().copied().unwrap_or(0) + args.decode;
-    let opts = ForwardOptions {
+    let bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&model.cfg, cache_dtype);
+    let opts = EngineOptions {
         cache_dtype,
-        block_tokens: 256,
-        cache_tokens: longest,
-        chunk_tokens: args.chunk,
-        max_sequences: 1,
+        cache_budget_bytes: (longest + 2 * yoco_worker::plan::DEFAULT_BLOCK_TOKENS) * bytes_per_token,
+        ..EngineOptions::default()
     };
     let start = Instant::now();
-    let mut fwd = Forward::new(backend, model, opts).map_err(|e| e.to_string())?;
+    let mut e = Engine::on_backend(backend, model, &opts, Box::new(SingleRank)).map_err(|e| e.to_string())?;
     println!(
-        "# {} backend: model ready in {:.1} s, {} B of cache per token",
-        fwd.backend().name(),
+        "# {} backend: model ready in {:.1} s, {bytes_per_token} B of cache per token",
+        e.backend().name(),
         start.elapsed().as_secs_f64(),
-        fwd.cache_bytes_per_token()
     );
     println!("| context | prefill s | prefill tok/s | decode tok/s | cache MB | device memory GB |");
     println!("|---|---|---|---|---|---|");
     let vocab = model.cfg.vocab_size as u64;
+    let step = |e: &mut Engine<B>, item: StepItem| -> Result<Vec<f32>, String> {
+        Ok(e.step(&[item]).map_err(|e| e.to_string())?.remove(0).logits.into_vec())
+    };
     for &n in &args.contexts {
         let prompt: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761 + 17) % vocab) as u32).collect();
-        let mut seq = fwd.new_sequence().map_err(|e| e.to_string())?;
+        e.add_sequence(1).map_err(|e| e.to_string())?;
         let t = Instant::now();
-        let mut logits = fwd.forward(&mut seq, &prompt).map_err(|e| e.to_string())?;
+        let chunks: Vec<&[u32]> = prompt.chunks(args.chunk.max(1)).collect();
+        let mut logits = Vec::new();
+        for (i, part) in chunks.iter().enumerate() {
+            let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            logits = step(&mut e, StepItem::prefill(1, part, want))?;
+        }
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..args.decode {
             let next = yoco_worker::sampling::argmax(&logits);
-            logits = fwd.forward(&mut seq, &[next]).map_err(|e| e.to_string())?;
+            logits = step(&mut e, StepItem::decode(1, &[next]))?;
         }
         let decode = args.decode as f64 / t.elapsed().as_secs_f64();
-        let cache_mb = (seq.len() * fwd.cache_bytes_per_token()) as f64 / 1e6;
-        let mem = memory(fwd.backend()).map_or("—".to_string(), |g| format!("{g:.1}"));
+        let cache_mb = (e.sequence_len(1).unwrap_or(0) * bytes_per_token) as f64 / 1e6;
+        let mem = memory(e.backend()).map_or("—".to_string(), |g| format!("{g:.1}"));
         println!("| {n} | {prefill:.2} | {:.0} | {decode:.1} | {cache_mb:.1} | {mem} |", n as f64 / prefill);
-        fwd.free(seq);
+        e.free_sequence(1);
     }
     Ok(())
 }

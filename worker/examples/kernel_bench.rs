@@ -13,9 +13,9 @@
 
 use std::time::Instant;
 
-use yoco_worker::cache::{BlockPool, KvSeq};
 use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::kernels::cross_attention::{cross_attention_partials, CrossShape, KvView};
+use yoco_worker::kernels::kv_block::{Block, CacheDtype};
 use yoco_worker::kernels::matmul::{matmul_t, matmul_t_library};
 use yoco_worker::presets::Preset;
 
@@ -109,15 +109,30 @@ fn main() -> Result<(), String> {
         CrossShape { heads: cfg.n_attn_heads, kv_heads: cfg.n_attn_kv_heads, head_dim: cfg.dim / cfg.n_attn_heads };
     let kvd = shape.kv_dim();
     let (bt, ctx) = (256, args.context);
-    let mut pool = BlockPool::new(bt, kvd, args.seqs * ctx.div_ceil(bt) * 2 * bt * kvd * 4);
-    let mut seqs = Vec::new();
-    for s in 0..args.seqs {
-        let mut kv = KvSeq::default();
-        kv.reserve(&mut pool, ctx).map_err(|e| e.to_string())?;
-        kv.append(&mut pool, 0, &filled(ctx * kvd, 6 + s), &filled(ctx * kvd, 7 + s));
-        seqs.push(kv);
-    }
-    let views: Vec<KvView> = seqs.iter().map(|s| s.view(&pool)).collect();
+    // Each sequence's blocks of `[K rows; V rows]`, as the CPU backend keeps them.
+    let seqs: Vec<Vec<Block>> = (0..args.seqs)
+        .map(|s| {
+            let (k, v) = (filled(ctx * kvd, 6 + s), filled(ctx * kvd, 7 + s));
+            (0..ctx.div_ceil(bt))
+                .map(|b| {
+                    let mut block = Block::zeros(CacheDtype::F32, 2 * bt * kvd);
+                    let rows = b * bt..((b + 1) * bt).min(ctx);
+                    block.write(0, &k[rows.start * kvd..rows.end * kvd]);
+                    block.write(bt * kvd, &v[rows.start * kvd..rows.end * kvd]);
+                    block
+                })
+                .collect()
+        })
+        .collect();
+    let views: Vec<KvView> = seqs
+        .iter()
+        .map(|blocks| KvView {
+            blocks: blocks.iter().map(Block::as_ref).collect(),
+            block_tokens: bt,
+            kv_dim: kvd,
+            len: ctx,
+        })
+        .collect();
     let refs: Vec<&KvView> = views.iter().collect();
     let q = filled(args.seqs * shape.q_dim(), 8);
     let visible = vec![ctx; args.seqs];

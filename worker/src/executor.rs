@@ -7,82 +7,11 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::engine::{Engine, EngineError, Logits, Placement, SeqId, SnapshotId, StepItem};
-use crate::sampling::{top_logprobs, Sampler, SamplingParams};
-
-/// A new sequence and how to sample it.
-#[derive(Debug, Clone, Default)]
-pub struct SeqSpec {
-    pub seq: SeqId,
-    pub sampling: SamplingParams,
-    pub top_logprobs: usize,
-    pub prompt_logprobs: bool,
-    /// The request's id, for logs.
-    pub request_id: String,
-    /// Start from this prefix-cache snapshot instead of from nothing.
-    pub resume_from: Option<SnapshotId>,
-    /// The prompt tokens the snapshot already holds, for the repetition penalty's history
-    /// (empty when the penalty is off: nothing else needs them).
-    pub resumed_tokens: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct PrefillWork {
-    pub seq: SeqId,
-    pub tokens: Vec<u32>,
-    /// Where each rank's chunk starts; empty for an even cut.
-    pub chunk_starts: Vec<usize>,
-    /// The prompt ends with this step: sample the first generated token.
-    pub sample: bool,
-    /// The prompt token after this step's last one (for its log-probability), if any.
-    pub next_token: Option<u32>,
-    /// After this step, save the sequence as this prefix-cache snapshot.
-    pub snapshot: Option<SnapshotId>,
-}
-
-#[derive(Debug, Clone)]
-pub struct DecodeWork {
-    pub seq: SeqId,
-    pub token: u32,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    pub add: Vec<SeqSpec>,
-    pub prefill: Vec<PrefillWork>,
-    pub decode: Vec<DecodeWork>,
-    pub free: Vec<SeqId>,
-    /// Prefix-cache snapshots to drop (before anything else of the step).
-    pub drop_snapshots: Vec<SnapshotId>,
-}
-
-/// A sampled token. Its log-probabilities are those of the raw model distribution: before the
-/// penalties, the temperature and the filters that chose it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub token: u32,
-    pub logprob: f32,
-    pub top_logprobs: Vec<(u32, f32)>,
-}
-
-/// A prompt token's log-probability given the tokens before it, with the sequence's
-/// `top_logprobs` most likely tokens at its position (most likely first; empty for none).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PromptLogprob {
-    pub logprob: f32,
-    pub top_logprobs: Vec<(u32, f32)>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SeqResult {
-    pub seq: SeqId,
-    pub sampled: Option<Sampled>,
-    /// Log-probabilities of the prompt tokens after each of this step's tokens (prefill with
-    /// prompt log-probabilities only).
-    pub prompt_logprobs: Vec<PromptLogprob>,
-    /// This rank's rows of the sequence's global cache.
-    pub shard_tokens: usize,
-}
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::engine::{Engine, EngineError, Logits, Placement, StepItem};
+use crate::plan::{Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec};
+use crate::sampling::{top_logprobs, Sampler};
 
 struct SeqCtl {
     spec: SeqSpec,
@@ -90,17 +19,17 @@ struct SeqCtl {
 }
 
 /// The engine of one rank plus each sequence's sampler.
-pub struct Executor {
-    engine: Engine,
+pub struct Executor<B: Backend = CpuBackend> {
+    engine: Engine<B>,
     seqs: HashMap<SeqId, SeqCtl>,
 }
 
-impl Executor {
-    pub fn new(engine: Engine) -> Self {
+impl<B: Backend> Executor<B> {
+    pub fn new(engine: Engine<B>) -> Self {
         Executor { engine, seqs: HashMap::new() }
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub fn engine(&self) -> &Engine<B> {
         &self.engine
     }
 
@@ -124,6 +53,9 @@ impl Executor {
         }
     }
 
+    /// Runs a plan: frees, adds, then one engine step for all its prefill and decode work, then
+    /// samples. A plan refused before the step (a bad item, a full cache on any rank) changes
+    /// no sequence's caches.
     pub fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, EngineError> {
         self.free(&plan.free);
         for &id in &plan.drop_snapshots {

@@ -5,8 +5,9 @@
 
 use std::time::Instant;
 
-use crate::engine::SeqId;
-use crate::executor::{DecodeWork, Executor, Plan, PrefillWork, Sampled, SeqResult, SeqSpec};
+use crate::backend::Backend;
+use crate::executor::Executor;
+use crate::plan::{DecodeWork, Plan, PrefillWork, Sampled, SeqId, SeqResult, SeqSpec, PROMPT_LOGPROBS_CHUNK};
 use crate::sampling::SamplingParams;
 
 pub type RunError = Box<dyn std::error::Error + Send + Sync>;
@@ -20,7 +21,7 @@ pub trait PlanRunner {
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError>;
 }
 
-impl PlanRunner for Executor {
+impl<B: Backend> PlanRunner for Executor<B> {
     fn world(&self) -> usize {
         self.engine().cp_size()
     }
@@ -54,9 +55,6 @@ impl Default for GenerateParams {
         }
     }
 }
-
-/// Prompt tokens per rank per step when every position needs logits (`rows × vocab` floats).
-const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -4,7 +4,6 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod backend;
-pub mod cache;
 pub mod cache_groups;
 pub mod ceilings;
 pub mod comm;
@@ -16,6 +15,7 @@ pub mod executor;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod plan;
 pub mod presets;
 pub mod sampling;
 pub mod service;

@@ -128,16 +128,17 @@ impl Elem {
     }
 }
 
-/// A tensor's elements: borrowed from a tensor file's bytes (a memory map), or owned.
+/// A tensor's elements: borrowed from a tensor file's bytes (a memory map), or owned (shared
+/// between clones: the CPU backend computes with a clone of the model's tensors).
 #[derive(Clone)]
 pub enum WeightData {
     Mapped { map: Arc<FileBytes>, offset: usize, len: usize, elem: Elem },
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-    F16(Vec<f16>),
+    F32(Arc<[f32]>),
+    Bf16(Arc<[bf16]>),
+    F16(Arc<[f16]>),
 }
 
-/// One loaded tensor, row-major. A clone of a mapped tensor shares the map.
+/// One loaded tensor, row-major. A clone shares the elements (the map, or the owned ones).
 #[derive(Clone)]
 pub struct Tensor {
     pub shape: Vec<usize>,
@@ -147,7 +148,7 @@ pub struct Tensor {
 impl Tensor {
     pub fn from_vec(shape: Vec<usize>, data: Vec<f32>) -> Self {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape and data disagree");
-        Tensor { shape, data: WeightData::F32(data) }
+        Tensor { shape, data: WeightData::F32(data.into()) }
     }
 
     pub fn elem(&self) -> Elem {

@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{engine, random_model, rel_err, small_config, tokens};
-use yoco_worker::cache::CacheError;
 use yoco_worker::config::SelfMixerKind;
+use yoco_worker::engine::CacheError;
 use yoco_worker::engine::{Engine, EngineError, EngineOptions, Logits, SeqId, StepItem};
 use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, FinishReason, GenerateParams};
@@ -260,13 +260,13 @@ fn failed_steps_change_nothing_and_free_returns_every_block() {
             assert_eq!(e.step(&items).unwrap_err(), want, "{name}");
             assert_eq!(snapshot(&e, &[1, 2]), before, "{name}: after {want}");
         }
-        // Out of cache: sequence 2's item takes the last free block before sequence 1's
-        // needs two more; the step fails and gives that block back.
+        // Out of cache: the step needs three blocks (one for sequence 2's item, two for sequence
+        // 1's) where one is free; it is refused whole, nothing taken.
         let long = tokens(40, VOCAB, 9);
         let items = [ok(2), StepItem::prefill(1, &long, Logits::Last)];
         let err = e.step(&items).unwrap_err();
         assert!(
-            matches!(err, EngineError::Cache(CacheError::OutOfBudget { needed: 2, free: 0, total: 4, .. })),
+            matches!(err, EngineError::Cache(CacheError::OutOfBudget { needed: 3, free: 1, total: 4, .. })),
             "{name}: {err}"
         );
         assert_eq!(snapshot(&e, &[1, 2]), before, "{name}: after {err}");

@@ -264,26 +264,54 @@ fn sampling(gpu: &CudaBackend) -> Result<(), DeviceError> {
     Ok(())
 }
 
-/// The forward pass on the GPU against the same code on the CPU backend: the reference
-/// fixtures and a random model of each mixer, prompt then greedy decode. With f32 weights the
-/// greedy tokens are identical and the logits within 1e-4; with bf16/f16 weights the GPU's
-/// products take activations rounded to the weights' type, so logits are compared within
-/// 5e-2 / 1e-2 and the tokens reported.
+/// Greedy generation on an engine: the prompt's last logits, then `n − 1` decode steps.
+fn greedy<B: yoco_worker::backend::Backend>(
+    e: &mut yoco_worker::engine::Engine<B>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    use yoco_worker::engine::{Logits, StepItem};
+    e.add_sequence(1).unwrap();
+    let mut logits = e.step(&[StepItem::prefill(1, prompt, Logits::Last)]).unwrap().remove(0).logits.into_vec();
+    let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let next = common::argmax(&logits);
+        tokens.push(next);
+        rows.push(logits);
+        if i + 1 == n {
+            break;
+        }
+        logits = e.step(&[StepItem::decode(1, &[next])]).unwrap().remove(0).logits.into_vec();
+    }
+    e.free_sequence(1);
+    (tokens, rows)
+}
+
+fn gpu_opts() -> yoco_worker::engine::EngineOptions {
+    yoco_worker::engine::EngineOptions { block_tokens: 64, cache_budget_bytes: 256 << 20, ..Default::default() }
+}
+
+/// The engine on the GPU against the same engine on the CPU backend: the reference fixtures
+/// and a random model of each mixer, prompt then greedy decode. With f32 weights the greedy
+/// tokens are identical and the logits within 1e-4; with bf16/f16 weights the GPU's products
+/// take activations rounded to the weights' type, so logits are compared within 5e-2 / 1e-2 and
+/// the tokens reported.
 #[test]
-fn the_forward_pass_on_the_gpu_is_the_cpu_one() {
+fn the_engine_on_the_gpu_is_the_cpu_one() {
     use std::path::PathBuf;
-    use yoco_worker::backend::cpu::CpuBackend;
-    use yoco_worker::backend::{Forward, ForwardOptions};
+    use yoco_worker::comm::SingleRank;
+    use yoco_worker::engine::Engine;
     use yoco_worker::model::Model;
     let Some(gpu) = backend() else { return };
     // At run time first: scripts/gpu-check.sh runs this binary in another checkout.
     let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
     let fixtures = PathBuf::from(manifest).join("tests/fixtures");
     let tmp = tempfile::tempdir().unwrap();
-    let mut models: Vec<(String, Model, f32)> =
-        ["gret", "swa"].iter().map(|n| (n.to_string(), Model::load(&fixtures.join(n)).unwrap(), 1e-4)).collect();
-    models.push(("gret_bf16_tied".into(), Model::load(&fixtures.join("gret_bf16_tied")).unwrap(), 5e-2));
-    models.push(("swa_f16".into(), Model::load(&fixtures.join("swa_f16")).unwrap(), 1e-2));
+    let load = |dir: &std::path::Path| std::sync::Arc::new(Model::load(dir).unwrap());
+    let mut models: Vec<(String, std::sync::Arc<Model>, f32)> =
+        ["gret", "swa"].iter().map(|n| (n.to_string(), load(&fixtures.join(n)), 1e-4)).collect();
+    models.push(("gret_bf16_tied".into(), load(&fixtures.join("gret_bf16_tied")), 5e-2));
+    models.push(("swa_f16".into(), load(&fixtures.join("swa_f16")), 1e-2));
     for (name, mixer) in [
         ("random retention", yoco_worker::config::SelfMixerKind::GatedRetention),
         ("random window", yoco_worker::config::SelfMixerKind::SlidingWindow { window: 100 }),
@@ -292,59 +320,62 @@ fn the_forward_pass_on_the_gpu_is_the_cpu_one() {
         cfg.mixer = mixer;
         let dir = tmp.path().join(name.replace(' ', "_"));
         yoco_worker::presets::write_random_model(&cfg, yoco_worker::presets::StoreDtype::F32, 3, false, &dir).unwrap();
-        models.push((name.into(), Model::load(&dir).unwrap(), 1e-4));
+        models.push((name.into(), load(&dir), 1e-4));
     }
-    let opts = ForwardOptions { block_tokens: 64, cache_tokens: 8192, chunk_tokens: 512, ..ForwardOptions::default() };
     let mut gpu = Some(gpu);
-    for (name, model, tol) in &models {
+    for (name, model, tol) in models {
         let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7919 + 13) % model.cfg.vocab_size as u32).collect();
-        let mut cpu = Forward::new(CpuBackend, model, opts.clone()).unwrap();
-        let mut seq = cpu.new_sequence().unwrap();
-        let (want_tokens, want) = cpu.generate_greedy(&mut seq, &prompt, 16).unwrap();
-        let mut dev = Forward::new(gpu.take().unwrap(), model, opts.clone()).unwrap();
-        let mut seq = dev.new_sequence().unwrap();
-        let (tokens, got) = dev.generate_greedy(&mut seq, &prompt, 16).unwrap();
+        let (want_tokens, want) = greedy(&mut Engine::new(model.clone(), &gpu_opts()), &prompt, 16);
+        let mut dev = Engine::on_backend(gpu.take().unwrap(), &model, &gpu_opts(), Box::new(SingleRank)).unwrap();
+        let (tokens, got) = greedy(&mut dev, &prompt, 16);
         let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
         let worst = errs.iter().cloned().fold(0f32, f32::max);
         let same = tokens.iter().zip(&want_tokens).take_while(|(a, b)| a == b).count();
         eprintln!("{name}: largest relative logit error {worst:.2e} (bound {tol:.0e}); first {same} of 16 greedy tokens equal");
-        assert!(worst <= *tol, "{name}: GPU vs CPU logits rel err {worst}");
-        if *tol <= 1e-4 {
+        assert!(worst <= tol, "{name}: GPU vs CPU logits rel err {worst}");
+        if tol <= 1e-4 {
             assert_eq!(tokens, want_tokens, "{name}: greedy tokens in f32");
         }
         gpu = Some(dev.into_backend());
     }
 }
 
-/// Two ranks of a context-parallel group on the one GPU (threads, TCP between them, as two
-/// worker processes sharing a GPU talk): prompts cut across them, retention states and window
-/// halos exchanged, the cache sharded (a snapshot's partial blocks copied on write), decode
-/// tokens batched: the logits of one CPU-backend rank within 1e-4, the greedy tokens equal, the
-/// two ranks' logits identical.
+/// Prefill, a snapshot, a resumed sequence, batched greedy decode of both: tokens and rows.
+fn group_script<B: yoco_worker::backend::Backend>(
+    e: &mut yoco_worker::engine::Engine<B>,
+    prompt: &[u32],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    use yoco_worker::engine::{Logits, StepItem};
+    let last = |e: &mut yoco_worker::engine::Engine<B>, items: &[StepItem]| -> Vec<Vec<f32>> {
+        e.step(items).unwrap().into_iter().map(|o| o.logits.into_vec()).collect()
+    };
+    e.add_sequence(1).unwrap();
+    e.step(&[StepItem::prefill(1, &prompt[..1000], Logits::None)]).unwrap();
+    e.snapshot(1, 9).unwrap();
+    e.add_sequence_from(2, 9).unwrap();
+    let mut rows = last(e, &[StepItem::prefill(1, &prompt[1000..], Logits::Last)]);
+    rows.extend(last(e, &[StepItem::prefill(2, &prompt[1000..1100], Logits::Last)]));
+    let mut tokens = Vec::new();
+    for _ in 0..8 {
+        let next = [common::argmax(&rows[rows.len() - 2]), common::argmax(&rows[rows.len() - 1])];
+        tokens.extend(next);
+        rows.extend(last(e, &[StepItem::decode(1, &next[..1]), StepItem::decode(2, &next[1..])]));
+    }
+    (tokens, rows)
+}
+
+/// Groups on the one GPU (threads, TCP between them, as worker processes sharing a GPU talk):
+/// two context-parallel ranks (prompts cut across them, retention states and window halos
+/// exchanged, the cache sharded, a snapshot's partial blocks copied on write, decode tokens
+/// batched), and a tensor-parallel pair (`--tp 2`: half the heads, FFN columns and vocabulary
+/// each, row all-reduces): the logits of one CPU rank within 1e-4, the greedy tokens equal, the
+/// ranks' logits identical.
 #[test]
-fn a_group_of_two_ranks_on_the_gpu_is_one_cpu_rank() {
-    use yoco_worker::backend::cpu::CpuBackend;
-    use yoco_worker::backend::{Backend, Forward, ForwardOptions};
-    use yoco_worker::engine::Logits;
+fn groups_on_the_gpu_are_one_cpu_rank() {
+    use yoco_worker::engine::Engine;
+    use yoco_worker::model::{Model, TpShard};
     if backend().is_none() {
         return;
-    }
-    fn script<B: Backend>(fwd: &mut Forward<B>, prompt: &[u32]) -> (Vec<u32>, Vec<Vec<f32>>) {
-        let mut a = fwd.new_sequence().unwrap();
-        fwd.prefill(&mut a, &prompt[..1000], None, Logits::None).unwrap();
-        let snap = fwd.snapshot(&a).unwrap();
-        let mut b = fwd.new_sequence_from(&snap).unwrap();
-        let mut rows = vec![fwd.prefill(&mut a, &prompt[1000..], None, Logits::Last).unwrap()];
-        rows.push(fwd.prefill(&mut b, &prompt[1000..1100], None, Logits::Last).unwrap());
-        let mut tokens = Vec::new();
-        for _ in 0..8 {
-            let next = [common::argmax(&rows[rows.len() - 2]), common::argmax(&rows[rows.len() - 1])];
-            tokens.extend(next);
-            let out = fwd.decode(&mut [&mut a, &mut b], &next).unwrap();
-            let vocab = out.len() / 2;
-            rows.extend([out[..vocab].to_vec(), out[vocab..].to_vec()]);
-        }
-        (tokens, rows)
     }
     let tmp = tempfile::tempdir().unwrap();
     for (name, mixer) in [
@@ -355,20 +386,29 @@ fn a_group_of_two_ranks_on_the_gpu_is_one_cpu_rank() {
         cfg.mixer = mixer;
         let dir = tmp.path().join(name);
         yoco_worker::presets::write_random_model(&cfg, yoco_worker::presets::StoreDtype::F32, 5, false, &dir).unwrap();
-        let model = std::sync::Arc::new(yoco_worker::model::Model::load(&dir).unwrap());
-        let opts =
-            ForwardOptions { block_tokens: 64, cache_tokens: 8192, chunk_tokens: 512, ..ForwardOptions::default() };
+        let model = std::sync::Arc::new(Model::load(&dir).unwrap());
         let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7919 + 13) % model.cfg.vocab_size as u32).collect();
-        let (want_tokens, want) = script(&mut Forward::new(CpuBackend, &model, opts.clone()).unwrap(), &prompt);
-        let ranks = common::run_forward_group(&model, 2, &opts, &|| backend().expect("the GPU opened above"), &|fwd| {
-            script(fwd, &prompt)
-        });
-        for (r, (tokens, rows)) in ranks.iter().enumerate() {
-            let worst = rows.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
-            eprintln!("{name}: rank {r} of 2 on the GPU: largest relative logit error {worst:.2e} (bound 1e-4)");
-            assert!(worst <= 1e-4, "{name}: rank {r}: rel err {worst}");
-            assert_eq!(tokens, &want_tokens, "{name}: greedy tokens");
-            assert_eq!(rows, &ranks[0].1, "{name}: the ranks disagree");
+        let (want_tokens, want) = group_script(&mut Engine::new(model.clone(), &gpu_opts()), &prompt);
+        let halves: Vec<_> = (0..2)
+            .map(|rank| {
+                let shard = TpShard { rank, size: 2 };
+                std::sync::Arc::new(Model::load_sharded(&dir, yoco_worker::weights::WeightDtype::Auto, shard).unwrap())
+            })
+            .collect();
+        for (grid, parts) in [("cp 2", std::slice::from_ref(&model)), ("tp 2", &halves[..])] {
+            let ranks =
+                common::run_group_on(parts, 2, &gpu_opts(), &|| backend().expect("the GPU opened above"), &|e| {
+                    group_script(e, &prompt)
+                });
+            for (r, (tokens, rows)) in ranks.iter().enumerate() {
+                let worst = rows.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
+                eprintln!(
+                    "{name} {grid}: rank {r} of 2 on the GPU: largest relative logit error {worst:.2e} (bound 1e-4)"
+                );
+                assert!(worst <= 1e-4, "{name} {grid}: rank {r}: rel err {worst}");
+                assert_eq!(tokens, &want_tokens, "{name} {grid}: greedy tokens");
+                assert_eq!(rows, &ranks[0].1, "{name} {grid}: the ranks disagree");
+            }
         }
     }
 }

@@ -14,9 +14,10 @@ use common::{argmax, engine, penalise_reference, random_model, small_config, tok
 use yoco_worker::comm::{TcpCollective, TcpOptions};
 use yoco_worker::config::SelfMixerKind;
 use yoco_worker::engine::{Engine, EngineError, EngineOptions, Logits, StepItem};
-use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
+use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, GenerateParams, PlanRunner, RunError};
 use yoco_worker::model::Model;
+use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::sampling::{log_softmax, Sampler, SamplingParams};
 
 const VOCAB: usize = 300;

@@ -10,8 +10,9 @@ use anyhow::bail;
 use serde_json::json;
 use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
-use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
+use yoco_worker::executor::Executor;
 use yoco_worker::generate::{PlanRunner, RunError};
+use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
 
 use crate::cluster::group::CollectiveTotals;
 use yoco_worker::engine::{Engine, EngineOptions, Logits, StepItem};

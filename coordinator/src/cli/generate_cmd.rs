@@ -130,29 +130,18 @@ fn choose_device(asked: DeviceArg, workers: Option<usize>) -> anyhow::Result<Dev
     }
 }
 
-/// The CUDA backend's runner on GPU 0, its cache sized by `--cache-mib`.
+/// The engine on GPU 0's CUDA backend, its cache sized by `--cache-mib`.
 #[cfg(feature = "cuda")]
-fn cuda_runner(model: &Model, args: &Args) -> anyhow::Result<Box<dyn PlanRunner>> {
-    use yoco_worker::backend::runner::ForwardRunner;
-    use yoco_worker::backend::{Forward, ForwardOptions};
+fn cuda_runner(model: &Model, opts: &EngineOptions) -> anyhow::Result<Box<dyn PlanRunner>> {
     let gpu = yoco_worker::cuda::driver::CudaBackend::open(0).context("--device cuda")?;
     let info = gpu.runtime().info().clone();
     tracing::info!(gpu = %info.name, capability = ?info.capability, memory_gib = info.total_bytes >> 30, "CUDA backend");
-    let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
-    let block = yoco_worker::kernels::retention::RETENTION_BLOCK;
-    let opts = ForwardOptions {
-        cache_dtype: args.cache_dtype,
-        block_tokens: 256,
-        cache_tokens: (args.cache_mib << 20) / bytes_per_token.max(1),
-        chunk_tokens: args.prefill_chunk.max(1).div_ceil(block) * block,
-        // `generate` runs one request.
-        max_sequences: 1,
-    };
-    Ok(Box::new(ForwardRunner::new(Forward::new(gpu, model, opts)?)))
+    let engine = Engine::on_backend(gpu, model, opts, Box::new(yoco_worker::comm::SingleRank))?;
+    Ok(Box::new(Executor::new(engine)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_runner(_: &Model, _: &Args) -> anyhow::Result<Box<dyn PlanRunner>> {
+fn cuda_runner(_: &Model, _: &EngineOptions) -> anyhow::Result<Box<dyn PlanRunner>> {
     unreachable!("choose_device refuses cuda in a build without it")
 }
 
@@ -195,16 +184,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prefill_chunk: args.prefill_chunk.max(1),
     };
     let mut device = choose_device(args.device, args.workers)?;
-    let cpu_engine = || -> Box<dyn PlanRunner> {
-        let opts = EngineOptions {
-            cache_budget_bytes: args.cache_mib << 20,
-            cache_dtype: args.cache_dtype,
-            ..EngineOptions::default()
-        };
-        Box::new(Executor::new(Engine::new(model.clone(), &opts)))
+    let engine_opts = EngineOptions {
+        cache_budget_bytes: args.cache_mib << 20,
+        cache_dtype: args.cache_dtype,
+        ..EngineOptions::default()
     };
+    let cpu_engine = || -> Box<dyn PlanRunner> { Box::new(Executor::new(Engine::new(model.clone(), &engine_opts))) };
     let mut runner: Box<dyn PlanRunner> = match args.workers {
-        None if device == DeviceArg::Cuda => match cuda_runner(&model, &args) {
+        None if device == DeviceArg::Cuda => match cuda_runner(&model, &engine_opts) {
             Ok(runner) => runner,
             // `auto` found a driver, but the GPU cannot serve (no cuBLAS or NVRTC, no memory…).
             Err(e) if args.device == DeviceArg::Auto => {

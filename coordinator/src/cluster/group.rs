@@ -11,9 +11,9 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_client::WorkerClient;
-use yoco_worker::executor::{Plan, SeqResult};
 use yoco_worker::generate::{PlanRunner, RunError};
 use yoco_worker::kernels::kv_block::CacheDtype;
+use yoco_worker::plan::{Plan, SeqResult};
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
 use yoco_worker::weights::WeightDtype;
 

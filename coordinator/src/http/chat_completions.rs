@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use yoco_proto::v1 as pb;
-use yoco_worker::executor::Sampled;
+use yoco_worker::plan::Sampled;
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};

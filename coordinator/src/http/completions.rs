@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 use yoco_proto::v1 as pb;
-use yoco_worker::executor::{PromptLogprob, Sampled};
+use yoco_worker::plan::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::error::{ApiError, Body};

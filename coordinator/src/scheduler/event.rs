@@ -1,7 +1,7 @@
 //! What a request's stream says, in no transport's terms: the gRPC service (`api/grpc.rs`) and
 //! the HTTP API (`http/`) each turn these into their own messages, in one place each.
 
-use yoco_worker::executor::{PromptLogprob, Sampled};
+use yoco_worker::plan::{PromptLogprob, Sampled};
 
 use super::request::RequestError;
 

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use yoco_worker::engine::{SeqId, SnapshotId};
-use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
+use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
 use yoco_worker::tokenizer::Tokenizer;
 
 pub use self::budget::Capacity;

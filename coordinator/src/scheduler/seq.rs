@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 use yoco_worker::engine::{SeqId, SnapshotId};
-use yoco_worker::executor::{PromptLogprob, Sampled};
+use yoco_worker::plan::{PromptLogprob, Sampled};
 use yoco_worker::tokenizer::Tokenizer;
 
 use super::detok::{IncrementalDetokenizer, StopMatcher, StopOutcome};

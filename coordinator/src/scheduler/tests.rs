@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use yoco_worker::comm::CommError;
 use yoco_worker::engine::{Engine, EngineError, EngineOptions};
-use yoco_worker::executor::{Executor, Plan, SeqResult};
+use yoco_worker::executor::Executor;
 use yoco_worker::generate::{generate, GenerateParams};
 use yoco_worker::model::Model;
+use yoco_worker::plan::{Plan, SeqResult};
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::tokenizer::Tokenizer;
 

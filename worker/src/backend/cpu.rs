@@ -1,9 +1,13 @@
 //! The CPU backend: host vectors and the CPU kernels of `crate::kernels`.
 
+use std::ops::Range;
+
+use rayon::prelude::*;
+
 use super::{Backend, BackendError, Result};
 use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView, Partial};
 use crate::kernels::kv_block::{Block, CacheDtype};
-use crate::kernels::matmul::linear;
+use crate::kernels::matmul::{linear, matmul_t};
 use crate::kernels::retention::{
     retention_add_incoming, retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK,
 };
@@ -13,11 +17,32 @@ use crate::weights::Tensor;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// The global cache in host memory.
+/// The global cache in host memory. Blocks are allocated on their first write, so the pool's
+/// memory follows its high-water mark, not its budget (blocks are handed out lowest first).
 pub struct CpuPool {
     blocks: Vec<Block>,
+    capacity: usize,
+    dtype: CacheDtype,
     block_tokens: usize,
     kv_dim: usize,
+}
+
+impl CpuPool {
+    /// Block `id`, allocated (zeroed) if this is its first use.
+    fn block_mut(&mut self, id: u32) -> Result<&mut Block> {
+        let id = id as usize;
+        if id >= self.capacity {
+            return Err(bad(format!("block {id} beyond the pool's {}", self.capacity)));
+        }
+        while self.blocks.len() <= id {
+            self.blocks.push(Block::zeros(self.dtype, 2 * self.block_tokens * self.kv_dim));
+        }
+        Ok(&mut self.blocks[id])
+    }
+
+    fn block(&self, id: u32) -> Result<&Block> {
+        self.blocks.get(id as usize).ok_or_else(|| bad(format!("block {id} read before it was written")))
+    }
 }
 
 fn bad(message: impl Into<String>) -> BackendError {
@@ -50,6 +75,14 @@ impl Backend for CpuBackend {
 
     fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(x.clone())
+    }
+
+    fn to_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+
+    fn from_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
     }
 
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
@@ -97,12 +130,23 @@ impl Backend for CpuBackend {
         Ok(x[..n].iter().map(|&g| crate::kernels::swiglu::log_sigmoid(g) / normalizer).collect())
     }
 
-    fn embed(&self, ids: &[u32], table: &Tensor, scale: f32) -> Result<Vec<f32>> {
-        let (vocab, dim) = (table.shape[0], table.shape[1]);
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(bad(format!("token {id} beyond a table of {vocab} rows")));
+    fn embed(&self, ids: &[u32], table: &Tensor, first: u32, scale: f32) -> Result<Vec<f32>> {
+        let (rows, dim) = (table.shape[0], table.shape[1]);
+        let held = |id: u32| id >= first && ((id - first) as usize) < rows;
+        if ids.iter().all(|&id| held(id)) {
+            let local: Vec<u32> = ids.iter().map(|&id| id - first).collect();
+            return Ok(crate::with_weights!(table.view(), |t| crate::kernels::embedding::embed(&local, t, dim, scale)));
         }
-        Ok(crate::with_weights!(table.view(), |t| crate::kernels::embedding::embed(ids, t, dim, scale)))
+        let local: Vec<u32> = ids.iter().filter(|&&id| held(id)).map(|&id| id - first).collect();
+        let found = crate::with_weights!(table.view(), |t| crate::kernels::embedding::embed(&local, t, dim, scale));
+        let mut out = vec![0.0; ids.len() * dim];
+        let mut next = found.chunks_exact(dim);
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim)) {
+            if held(id) {
+                row.copy_from_slice(next.next().expect("one row per held id"));
+            }
+        }
+        Ok(out)
     }
 
     fn rope_table(&self, rope: &Rope, positions: &[u32]) -> Result<RopeTable> {
@@ -150,6 +194,74 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    /// Every segment in parallel, straight into its rows of the output (a step of 32 decodes
+    /// is 32 small state updates per layer).
+    fn retention_batch(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        gamma: &Vec<f32>,
+        segments: &[Range<usize>],
+        states: &mut [&mut Vec<f32>],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<f32>> {
+        let qd = heads * head_dim;
+        let rows = segments.iter().map(|s| s.end).max().unwrap_or(0);
+        for (what, buf) in [("q", q), ("k", k), ("v", v)] {
+            at_least(what, buf, rows * qd)?;
+        }
+        at_least("gamma", gamma, rows * heads)?;
+        if segments.len() != states.len() || segments.windows(2).any(|w| w[0].end > w[1].start) {
+            return Err(bad("retention_batch: one state per segment, segments in order without overlap"));
+        }
+        let per = heads * head_dim * head_dim;
+        if let Some(s) = states.iter().find(|s| s.len() != per) {
+            return Err(bad(format!("a retention state of {} elements, not {per}", s.len())));
+        }
+        let mut o = vec![0.0; rows * qd];
+        // Each segment's rows of `o`, in order.
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(segments.len());
+        let (mut rest, mut at) = (&mut o[..], 0);
+        for seg in segments {
+            let (mine, tail) = std::mem::take(&mut rest)[(seg.start - at) * qd..].split_at_mut(seg.len() * qd);
+            outs.push(mine);
+            (rest, at) = (tail, seg.end);
+        }
+        segments.par_iter().zip(states.par_iter_mut()).zip(outs.par_iter_mut()).for_each(|((seg, state), out)| {
+            let r = seg.start * qd..seg.end * qd;
+            let g = &gamma[seg.start * heads..seg.end * heads];
+            let (qs, ks, vs) = (&q[r.clone()], &k[r.clone()], &v[r]);
+            if seg.len() == 1 {
+                retention_recurrent_step(qs, ks, vs, g, heads, head_dim, state, out);
+            } else {
+                let shape = RetentionShape { tokens: seg.len(), heads, head_dim };
+                retention_chunkwise(qs, ks, vs, g, shape, RETENTION_BLOCK, state, out);
+            }
+        });
+        Ok(o)
+    }
+
+    fn logits_into(&self, x: &Vec<f32>, m: usize, w: &Tensor, mut out: Vec<f32>) -> Result<Vec<f32>> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        at_least("logits input", x, m * k)?;
+        if out.capacity() < m * n {
+            // Zeroed pages from the allocator, not written twice.
+            out = vec![0.0; m * n];
+        } else {
+            // Every element is overwritten; only those beyond the old length are zeroed first.
+            out.truncate(m * n);
+            out.resize(m * n, 0.0);
+        }
+        crate::with_weights!(w.view(), |w| matmul_t(&x[..m * k], m, k, w, n, &mut out));
+        Ok(out)
+    }
+
+    fn row_groups(&self, bytes: &[usize], llc: usize) -> Option<Vec<Range<usize>>> {
+        crate::cache_groups::cache_groups(bytes, llc, rayon::current_num_threads())
+    }
+
     fn retention_add_incoming(
         &self,
         q: &Vec<f32>,
@@ -175,7 +287,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn zero(&self, x: &mut Vec<f32>, range: std::ops::Range<usize>) -> Result<()> {
+    fn zero(&self, x: &mut Vec<f32>, range: Range<usize>) -> Result<()> {
         at_least("zero", x, range.end)?;
         x[range].fill(0.0);
         Ok(())
@@ -211,7 +323,7 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn rows(&self, x: &Vec<f32>, width: usize, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    fn rows(&self, x: &Vec<f32>, width: usize, rows: Range<usize>) -> Result<Vec<f32>> {
         at_least("rows", x, rows.end * width)?;
         Ok(x[rows.start * width..rows.end * width].to_vec())
     }
@@ -232,11 +344,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_pool(&self, dtype: CacheDtype, blocks: usize, block_tokens: usize, kv_dim: usize) -> Result<CpuPool> {
-        Ok(CpuPool {
-            blocks: (0..blocks).map(|_| Block::zeros(dtype, 2 * block_tokens * kv_dim)).collect(),
-            block_tokens,
-            kv_dim,
-        })
+        Ok(CpuPool { blocks: Vec::new(), capacity: blocks, dtype, block_tokens, kv_dim })
     }
 
     fn kv_write(
@@ -256,7 +364,7 @@ impl Backend for CpuBackend {
         }
         for r in 0..n {
             let pos = start + r;
-            let block = pool.blocks.get_mut(table[pos / bt] as usize).ok_or_else(|| bad("a block beyond the pool"))?;
+            let block = pool.block_mut(table[pos / bt])?;
             let j = pos % bt;
             block.write(j * kvd, &k[r * kvd..(r + 1) * kvd]);
             block.write((bt + j) * kvd, &v[r * kvd..(r + 1) * kvd]);
@@ -272,8 +380,8 @@ impl Backend for CpuBackend {
     }
 
     fn kv_copy_block(&self, pool: &mut CpuPool, src: u32, dst: u32) -> Result<()> {
-        let block = pool.blocks.get(src as usize).ok_or_else(|| bad("a block beyond the pool"))?.clone();
-        *pool.blocks.get_mut(dst as usize).ok_or_else(|| bad("a block beyond the pool"))? = block;
+        let block = pool.block(src)?.clone();
+        *pool.block_mut(dst)? = block;
         Ok(())
     }
 
@@ -309,12 +417,8 @@ impl Backend for CpuBackend {
                 if seen > *len {
                     return Err(bad(format!("{seen} positions visible of a table of {len}")));
                 }
-                let blocks = table
-                    .iter()
-                    .map(|&b| {
-                        pool.blocks.get(b as usize).map(Block::as_ref).ok_or_else(|| bad("a block beyond the pool"))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let used = &table[..(*len).div_ceil(pool.block_tokens).min(table.len())];
+                let blocks = used.iter().map(|&b| pool.block(b).map(Block::as_ref)).collect::<Result<Vec<_>>>()?;
                 Ok(KvView { blocks, block_tokens: pool.block_tokens, kv_dim: pool.kv_dim, len: *len })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -93,11 +93,11 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(out)
     }
 
-    fn embed(&self, ids: &[u32], table: &DeviceMatrix<R>, scale: f32) -> Result<R::Buf<f32>> {
-        let (vocab, dim) = table.shape();
+    fn embed(&self, ids: &[u32], table: &DeviceMatrix<R>, first: u32, scale: f32) -> Result<R::Buf<f32>> {
+        let (rows, dim) = table.shape();
         let mut out = Gpu::zeros(self, ids.len() * dim)?;
         let dev_ids = Gpu::upload(self, ids)?;
-        self.embedding(&dev_ids, ids.len(), table, 0..vocab as u32, scale, &mut out)?;
+        self.embedding(&dev_ids, ids.len(), table, first..first + rows as u32, scale, &mut out)?;
         Ok(out)
     }
 

@@ -1,29 +1,27 @@
-//! The backend split: the YOCO forward pass written once ([`Forward`]) over the ops a backend
-//! implements ([`Backend`]): the CPU kernels ([`cpu::CpuBackend`]) or the CUDA ones
-//! (`crate::cuda::ops::Gpu`, on a GPU with feature `cuda`, or in the tests' emulator). Activations, weights, retention states and the global KV
-//! cache live where the backend keeps them (host memory or device memory); only token ids go in
-//! and logits come out.
+//! The ops of the forward pass, each named after the math, as a trait ([`Backend`]) with two
+//! implementations: the CPU kernels ([`cpu::CpuBackend`]) and the CUDA ones
+//! (`crate::cuda::ops::Gpu`, on a GPU with feature `cuda`, or in the tests' emulator). The YOCO
+//! forward pass is written once over it (`crate::engine`). Activations, weights, retention
+//! states and the global KV cache live where the backend keeps them (host memory or device
+//! memory); token ids go in, logits come out, and what the ranks of a group exchange goes
+//! through the host ([`Backend::to_host`], [`Backend::from_host`]).
 //!
-//! [`Forward`] serves one rank holding the whole model: alone (the whole cache), or as one rank
-//! of a context-parallel group holding its shard of every sequence's cache
-//! ([`Forward::with_group`]: prompts cut across the ranks, retention states, window halos and
-//! cross-attention partials exchanged as the CPU engine's ranks exchange them). `yoco worker
-//! --device cuda` serves both (`crate::service`). Tensor parallelism stays with the CPU engine
-//! (`crate::engine`), which runs the CPU kernels directly.
+//! Beside the ops, a backend has hooks for what makes it fast where the generic code would
+//! not be: every sequence's retention of a step in one call ([`Backend::retention_batch`]:
+//! in parallel on the CPU), a step's logits into a reused buffer ([`Backend::logits_into`]),
+//! and rows of the cross-decoder grouped to fit the last-level cache ([`Backend::row_groups`]).
 
 pub mod cpu;
-mod forward;
 pub mod gpu;
-pub mod runner;
 
-pub use forward::{Forward, ForwardError, ForwardOptions, Sequence, Snapshot};
+use std::ops::Range;
 
 use crate::kernels::cross_attention::{CrossShape, Partial};
 use crate::kernels::kv_block::CacheDtype;
 use crate::kernels::rope::Rope;
 use crate::weights::Tensor;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{backend} backend: {message}")]
 pub struct BackendError {
     pub backend: &'static str,
@@ -49,6 +47,14 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
     fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
+    /// The buffer's elements on the host, the buffer given up (on the CPU: no copy).
+    fn to_host(&self, x: Self::Buf) -> Result<Vec<f32>> {
+        self.download(&x)
+    }
+    /// A buffer of the host's elements (on the CPU: no copy).
+    fn from_host(&self, x: Vec<f32>) -> Result<Self::Buf> {
+        self.upload(&x)
+    }
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// A matrix of the model, `[out, in]`, as the backend computes with it.
     fn matrix(&self, t: &Tensor) -> Result<Self::Matrix>;
@@ -62,8 +68,10 @@ pub trait Backend {
     fn silu_mul(&self, a: &mut Self::Buf, b: &Self::Buf, n: usize) -> Result<()>;
     /// `logsigmoid(x) / normalizer` over n elements.
     fn log_sigmoid_scaled(&self, x: &Self::Buf, n: usize, normalizer: f32) -> Result<Self::Buf>;
-    /// Rows of the embedding table `[vocab, dim]` for `ids`, times `scale`.
-    fn embed(&self, ids: &[u32], table: &Self::Matrix, scale: f32) -> Result<Self::Buf>;
+    /// Rows of the embedding table for `ids`, times `scale`: the table holds the ids from
+    /// `first` on (a tensor-parallel rank's part of the vocabulary); an id outside it gets a
+    /// row of zeros (the rank that holds it adds its row in the all-reduce).
+    fn embed(&self, ids: &[u32], table: &Self::Matrix, first: u32, scale: f32) -> Result<Self::Buf>;
     /// The RoPE angles of `positions` for `rope`'s frequencies, made once and shared by every
     /// layer (and by q and k) that rotates rows at those positions.
     fn rope_table(&self, rope: &Rope, positions: &[u32]) -> Result<Self::RopeTable>;
@@ -85,6 +93,33 @@ pub trait Backend {
         heads: usize,
         head_dim: usize,
     ) -> Result<Self::Buf>;
+    /// [`Self::retention`] of several sequences at once: the rows `segments[i]` of the step's
+    /// `q`, `k`, `v`, `gamma` from the state `states[i]` (`[heads, d, d]`, left after the
+    /// segment's last row). Returns `[rows, heads · head_dim]`, zero outside the segments. By
+    /// default one segment after another.
+    #[allow(clippy::too_many_arguments)]
+    fn retention_batch(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        gamma: &Self::Buf,
+        segments: &[Range<usize>],
+        states: &mut [&mut Self::Buf],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self::Buf> {
+        let qd = heads * head_dim;
+        let rows = segments.iter().map(|s| s.end).max().unwrap_or(0);
+        let mut o = self.zeros(rows * qd)?;
+        for (seg, state) in segments.iter().zip(states.iter_mut()) {
+            let part = |x: &Self::Buf, w: usize| self.rows(x, w, seg.clone());
+            let (qs, ks, vs, gs) = (part(q, qd)?, part(k, qd)?, part(v, qd)?, part(gamma, heads)?);
+            let os = self.retention(&qs, &ks, &vs, &gs, state, 0, seg.len(), heads, head_dim)?;
+            self.write_rows(&mut o, qd, seg.start, &os, seg.len())?;
+        }
+        Ok(o)
+    }
     /// `out [tokens, heads · head_dim] += exp(G_t) · q_t S_in` per head, `G_t` the log-decays
     /// `gamma [tokens, heads]` summed (in f64) from the first token to t and `s_in [heads, d, d]`
     /// the state before the tokens: how a context-parallel rank corrects outputs it computed
@@ -102,7 +137,7 @@ pub trait Backend {
         head_dim: usize,
     ) -> Result<()>;
     /// Zeroes elements `range` of `x`.
-    fn zero(&self, x: &mut Self::Buf, range: std::ops::Range<usize>) -> Result<()>;
+    fn zero(&self, x: &mut Self::Buf, range: Range<usize>) -> Result<()>;
     /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
     #[allow(clippy::too_many_arguments)]
     fn window_attention(
@@ -116,8 +151,22 @@ pub trait Backend {
         heads: usize,
         head_dim: usize,
     ) -> Result<Self::Buf>;
+    /// `x [m, in] · wᵀ` on the host, in `out`, whose allocation it reuses where it is large
+    /// enough: a step's logits (`[rows, vocab]` is megabytes, whose fresh pages cost more to
+    /// fault in than the step's sampling takes).
+    fn logits_into(&self, x: &Self::Buf, m: usize, w: &Self::Matrix, out: Vec<f32>) -> Result<Vec<f32>> {
+        drop(out);
+        self.to_host(self.matmul(x, m, w)?)
+    }
+    /// Consecutive groups of the cross-decoder's rows (row r reading `bytes[r]` of cache) that
+    /// are best run through every layer one group at a time, so that each group's caches stay
+    /// in a last-level cache of `llc` bytes; `None`: all rows at once (the default).
+    fn row_groups(&self, bytes: &[usize], llc: usize) -> Option<Vec<Range<usize>>> {
+        let _ = (bytes, llc);
+        None
+    }
     /// Rows `rows` of `x [_, width]`, as a new buffer.
-    fn rows(&self, x: &Self::Buf, width: usize, rows: std::ops::Range<usize>) -> Result<Self::Buf>;
+    fn rows(&self, x: &Self::Buf, width: usize, rows: Range<usize>) -> Result<Self::Buf>;
     /// Copies rows `0..rows` of `src [_, width]` over rows `at..at + rows` of `dst`.
     fn write_rows(&self, dst: &mut Self::Buf, width: usize, at: usize, src: &Self::Buf, rows: usize) -> Result<()>;
     /// `a` then `b`, both `[_, width]`, as one buffer.

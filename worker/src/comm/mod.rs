@@ -105,60 +105,6 @@ pub(crate) fn check_members(members: &[usize], me: usize, world: usize) -> Resul
     Ok(())
 }
 
-/// A collective that counts the time its operations take (waiting for peers included).
-pub struct Timed {
-    inner: Box<dyn Collective>,
-    spent: std::time::Duration,
-}
-
-impl Timed {
-    pub fn new(inner: Box<dyn Collective>) -> Self {
-        Timed { inner, spent: std::time::Duration::ZERO }
-    }
-
-    /// Time spent in collectives since the last call.
-    pub fn take_spent(&mut self) -> std::time::Duration {
-        std::mem::take(&mut self.spent)
-    }
-
-    fn timed<T>(&mut self, op: impl FnOnce(&mut dyn Collective) -> T) -> T {
-        let start = std::time::Instant::now();
-        let out = op(&mut *self.inner);
-        self.spent += start.elapsed();
-        out
-    }
-}
-
-impl Collective for Timed {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world(&self) -> usize {
-        self.inner.world()
-    }
-    fn send(&mut self, to: usize, data: &[f32]) -> Result<(), CommError> {
-        self.timed(|c| c.send(to, data))
-    }
-    fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
-        self.timed(|c| c.recv(from))
-    }
-    fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
-        self.timed(|c| c.all_gather(data))
-    }
-    fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
-        self.timed(|c| c.all_gather_among(members, data))
-    }
-    fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), CommError> {
-        self.timed(|c| c.broadcast(root, data))
-    }
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CommError> {
-        self.timed(|c| c.all_reduce_sum(data))
-    }
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.timed(|c| c.barrier())
-    }
-}
-
 /// The trivial group of one rank.
 pub struct SingleRank;
 

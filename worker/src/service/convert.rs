@@ -3,7 +3,7 @@
 
 use yoco_proto::worker::v1 as pb;
 
-use crate::executor::{DecodeWork, Plan, PrefillWork, PromptLogprob, Sampled, SeqResult, SeqSpec};
+use crate::plan::{DecodeWork, Plan, PrefillWork, PromptLogprob, Sampled, SeqResult, SeqSpec};
 use crate::sampling::SamplingParams;
 
 pub fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {

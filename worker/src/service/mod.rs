@@ -1,6 +1,6 @@
 //! The worker's gRPC service (`yoco.worker.v1.Worker`): one rank of a worker group. The engine
-//! runs on blocking threads; one step at a time. A rank computes on the CPU engine, or
-//! (`--device cuda`, alone or in a context-parallel group) on the CUDA backend: see [`rank`].
+//! runs on blocking threads; one step at a time. A rank computes on the CPU backend or
+//! (`--device cuda`) on the CUDA one, any `tp × cp` grid on either: see [`rank`].
 
 pub mod convert;
 pub mod rank;
@@ -17,14 +17,13 @@ use tonic::{Request, Response, Status};
 use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_server::Worker;
 
-use crate::backend::ForwardOptions;
 use crate::comm::{Collective, CommError, TcpCollective, TcpOptions};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::kernels::kv_block::CacheDtype;
 use crate::model::{Model, TpShard};
 use crate::weights::WeightDtype;
-use rank::{DeviceRank, Rank};
+use rank::Rank;
 
 /// Settings a worker starts with; LoadModel may override them.
 #[derive(Debug, Clone)]
@@ -34,11 +33,12 @@ pub struct WorkerDefaults {
     pub device: DeviceChoice,
 }
 
-/// Self-decoder state slots a device backend allocates when LoadModel does not say.
-const DEFAULT_MAX_SEQUENCES: usize = 256;
+/// Sequences a GPU rank holds at once when LoadModel does not say (a CPU rank: no limit).
+const DEFAULT_GPU_MAX_SEQUENCES: usize = 256;
 
 struct Loaded {
     exec: Box<dyn Rank>,
+    device: Device,
     model_dir: PathBuf,
     config_json: String,
     budget: usize,
@@ -91,56 +91,24 @@ fn info_of(l: &Loaded) -> pb::InfoResponse {
         model_dir: l.model_dir.display().to_string(),
         model_config_json: l.config_json.clone(),
         cache_budget_bytes: l.budget as u64,
+        device: l.device.to_string(),
         // `collective_addr` is filled in by Info from the listener.
         ..l.exec.info()
     }
 }
 
-/// The device a rank of a group computes on: the worker's, unless that is a device backend
-/// (context parallelism, no tensor parallelism) and the group splits the weights (`tp > 1`),
-/// which `auto` serves on the CPU engine (logged) and an explicit device refuses.
-fn device_for(choice: DeviceChoice, rank: usize, world: usize, tp: usize) -> Result<Device, Status> {
-    match choice.device {
-        Device::Cpu => Ok(Device::Cpu),
-        device if tp == 1 => Ok(device),
-        device if choice.explicit => Err(Status::failed_precondition(format!(
-            "--device {device} runs context-parallel groups, not tensor-parallel ones (tp {tp}); this is rank \
-             {rank} of {world}: start the worker with --device cpu or auto, or form the group with tp 1"
-        ))),
-        device => {
-            tracing::info!(%device, world, tp, "a tensor-parallel group: this rank runs on the CPU engine (the device backend has no tensor parallelism)");
-            Ok(Device::Cpu)
-        }
-    }
-}
-
-/// A rank of a device backend, alone or in a context-parallel group (`comm`).
+/// A rank on `device`, alone or in a group (`comm`).
 fn device_rank(
     model: &Model,
     device: Device,
-    opts: ForwardOptions,
-    comm: Option<Box<dyn Collective>>,
+    opts: &EngineOptions,
+    comm: Box<dyn Collective>,
 ) -> Result<Box<dyn Rank>, Status> {
-    use crate::backend::runner::ForwardRunner;
-    use crate::backend::{Backend, Forward};
-    let failed = |e: crate::backend::ForwardError| Status::failed_precondition(format!("{device}: {e}"));
-    let (weight_bytes, weight_dtype) = (model.weight_bytes(), model.weight_dtype());
-    fn forward<B: Backend>(
-        b: B,
-        model: &Model,
-        opts: ForwardOptions,
-        comm: Option<Box<dyn Collective>>,
-    ) -> Result<Forward<B>, crate::backend::ForwardError> {
-        match comm {
-            Some(comm) => Forward::with_group(b, model, opts, comm),
-            None => Forward::new(b, model, opts),
-        }
-    }
+    let failed = |e: EngineError| Status::failed_precondition(format!("{device}: {e}"));
     match device {
-        Device::CpuBackend => {
-            let runner =
-                ForwardRunner::new(forward(crate::backend::cpu::CpuBackend, model, opts, comm).map_err(failed)?);
-            Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
+        Device::Cpu => {
+            let engine = Engine::on_backend(crate::backend::cpu::CpuBackend, model, opts, comm).map_err(failed)?;
+            Ok(Box::new(Executor::new(engine)))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
@@ -148,23 +116,24 @@ fn device_rank(
                 .map_err(|e| Status::failed_precondition(format!("{device}: {e}")))?;
             let info = gpu.runtime().info().clone();
             tracing::info!(gpu = %info.name, capability = ?info.capability, memory_gib = info.total_bytes >> 30, "CUDA backend");
-            let runner = ForwardRunner::new(forward(gpu, model, opts, comm).map_err(failed)?);
-            Ok(Box::new(DeviceRank { runner, device, weight_bytes, weight_dtype, broken: None }))
+            Ok(Box::new(Executor::new(Engine::on_backend(gpu, model, opts, comm).map_err(failed)?)))
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
             drop(comm);
             Err(Status::failed_precondition(format!("{device}: this worker was built without the `cuda` feature")))
         }
-        Device::Cpu => unreachable!("the CPU engine is not a device backend"),
     }
 }
 
 /// The one place engine errors become gRPC statuses.
 fn status(e: EngineError) -> Status {
     match e {
-        EngineError::Cache(_) | EngineError::PeerRefused { .. } => Status::resource_exhausted(e.to_string()),
+        EngineError::Cache(_) | EngineError::PeerRefused { .. } | EngineError::TooManySequences(_) => {
+            Status::resource_exhausted(e.to_string())
+        }
         EngineError::Comm(_) => Status::unavailable(e.to_string()),
+        EngineError::Backend(_) => Status::internal(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -226,9 +195,10 @@ impl Worker for WorkerService {
         if !world.is_multiple_of(tp) {
             return Err(Status::invalid_argument(format!("tp {tp} must divide the group's {world} ranks")));
         }
-        let device = device_for(self.defaults.device, rank, world, tp)?;
+        let device = self.defaults.device.device;
         let max_sequences = match req.max_sequences {
-            0 => DEFAULT_MAX_SEQUENCES,
+            0 if device == Device::Cpu => 0,
+            0 => DEFAULT_GPU_MAX_SEQUENCES,
             // A device backend puts a step's sequences in a CUDA grid's y or z dimension.
             n if n > crate::cuda::ops::MAX_GRID_YZ => {
                 let max = crate::cuda::ops::MAX_GRID_YZ;
@@ -254,7 +224,8 @@ impl Worker for WorkerService {
         } else {
             req.cache_budget_bytes as usize
         };
-        let block_tokens = if req.block_tokens == 0 { 256 } else { req.block_tokens as usize };
+        let block_tokens =
+            if req.block_tokens == 0 { crate::plan::DEFAULT_BLOCK_TOKENS } else { req.block_tokens as usize };
         if block_tokens > 1 << 16 {
             return Err(Status::invalid_argument(format!("block_tokens {block_tokens} exceeds 65536")));
         }
@@ -321,39 +292,16 @@ impl Worker for WorkerService {
                     None => Status::unavailable(e.to_string()),
                 })
             };
-            if device != Device::Cpu {
-                let bytes_per_token = model.cfg.cache_numbers_per_token() * cache_dtype.bytes();
-                let fwd_opts = ForwardOptions {
-                    cache_dtype,
-                    block_tokens,
-                    cache_tokens: budget / bytes_per_token.max(1),
-                    max_sequences,
-                    ..ForwardOptions::default()
-                };
-                let comm = if world > 1 { Some(form(listener)?) } else { None };
-                let exec = device_rank(&model, device, fwd_opts, comm)?;
-                let loaded = Loaded { exec, model_dir, config_json, budget };
-                let snapshot = info_of(&loaded);
-                let mut slot = lock(&state);
-                if let Some(s) = cancelled() {
-                    return Err(s);
-                }
-                *lock(&info) = snapshot.clone();
-                *slot = Some(loaded);
-                tracing::info!(seconds = started.elapsed().as_secs_f64(), %device, "model loaded on the device backend");
-                return Ok(Response::new(pb::LoadModelResponse {
-                    info: Some(snapshot),
-                    load_seconds: started.elapsed().as_secs_f64(),
-                }));
-            }
             let comm = form(listener)?;
-            let engine = Engine::with_group(
-                Arc::new(model),
-                &EngineOptions { block_tokens, cache_budget_bytes: budget, cache_dtype, ..EngineOptions::default() },
-                comm,
-            )
-            .map_err(status)?;
-            let loaded = Loaded { exec: Box::new(Executor::new(engine)), model_dir, config_json, budget };
+            let opts = EngineOptions {
+                block_tokens,
+                cache_budget_bytes: budget,
+                cache_dtype,
+                max_sequences,
+                ..EngineOptions::default()
+            };
+            let exec = device_rank(&model, device, &opts, comm)?;
+            let loaded = Loaded { exec, device, model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             let mut slot = lock(&state);
             if let Some(s) = cancelled() {
@@ -364,6 +312,7 @@ impl Worker for WorkerService {
             tracing::info!(
                 seconds = started.elapsed().as_secs_f64(),
                 weight_dtype = %snapshot.weight_dtype,
+                %device,
                 "model loaded, group formed"
             );
             Ok(Response::new(pb::LoadModelResponse {
@@ -420,23 +369,6 @@ impl Worker for WorkerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Device backends take one-rank and context-parallel groups; a tensor-parallel group runs
-    /// on the CPU engine when the device was `auto`, and is refused when it was named.
-    #[test]
-    fn device_backends_serve_context_but_not_tensor_parallel_groups() {
-        let named = DeviceChoice { device: Device::CpuBackend, explicit: true };
-        let auto = DeviceChoice { device: Device::Cuda(0), explicit: false };
-        assert_eq!(device_for(named, 0, 1, 1).unwrap(), Device::CpuBackend);
-        assert_eq!(device_for(named, 1, 3, 1).unwrap(), Device::CpuBackend);
-        assert_eq!(device_for(auto, 1, 2, 1).unwrap(), Device::Cuda(0));
-        assert_eq!(device_for(auto, 1, 4, 2).unwrap(), Device::Cpu);
-        let refused = device_for(named, 1, 4, 2).unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-        assert!(refused.message().contains("tensor-parallel"), "{refused:?}");
-        let cpu = DeviceChoice { device: Device::Cpu, explicit: true };
-        assert_eq!(device_for(cpu, 0, 4, 2).unwrap(), Device::Cpu);
-    }
 
     /// A plan is checked before anything runs: invalid sampling is refused as such even on a
     /// worker with no model (which would otherwise answer FAILED_PRECONDITION).

@@ -81,10 +81,32 @@ pub fn try_run_group_parts<T: Send>(
     eo: &EngineOptions,
     script: &(dyn Fn(&mut Engine) -> T + Sync),
 ) -> Vec<Result<T, EngineError>> {
+    try_run_group_on(parts, world, eo, &|| yoco_worker::backend::cpu::CpuBackend, script)
+}
+
+/// [`try_run_group_parts`] on the backends `backend()` makes, one per rank.
+pub fn try_run_group_on<B: yoco_worker::backend::Backend, T: Send>(
+    parts: &[Arc<Model>],
+    world: usize,
+    eo: &EngineOptions,
+    backend: &(dyn Fn() -> B + Sync),
+    script: &(dyn Fn(&mut Engine<B>) -> T + Sync),
+) -> Vec<Result<T, EngineError>> {
     tcp_group(world, &|rank, comm| {
-        let mut engine = Engine::with_group(parts[rank % parts.len()].clone(), eo, comm)?;
+        let mut engine = Engine::on_backend(backend(), &parts[rank % parts.len()], eo, comm)?;
         Ok(script(&mut engine))
     })
+}
+
+/// [`run_group_parts`] on the backends `backend()` makes, one per rank.
+pub fn run_group_on<B: yoco_worker::backend::Backend, T: Send>(
+    parts: &[Arc<Model>],
+    world: usize,
+    eo: &EngineOptions,
+    backend: &(dyn Fn() -> B + Sync),
+    script: &(dyn Fn(&mut Engine<B>) -> T + Sync),
+) -> Vec<T> {
+    try_run_group_on(parts, world, eo, backend, script).into_iter().map(|r| r.unwrap()).collect()
 }
 
 /// Runs `rank_main(rank, collective)` for each rank of a group of `world` (threads talking over
@@ -112,22 +134,6 @@ pub fn tcp_group<T: Send>(
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// Runs `script` on a context-parallel group of `world` backend forward passes (each rank's
-/// backend made by `backend()`, on a thread, TCP between them); results in rank order.
-#[allow(dead_code)] // not every test binary uses it
-pub fn run_forward_group<B: yoco_worker::backend::Backend, T: Send>(
-    model: &Arc<Model>,
-    world: usize,
-    opts: &yoco_worker::backend::ForwardOptions,
-    backend: &(dyn Fn() -> B + Sync),
-    script: &(dyn Fn(&mut yoco_worker::backend::Forward<B>) -> T + Sync),
-) -> Vec<T> {
-    tcp_group(world, &|_, comm| {
-        let mut fwd = yoco_worker::backend::Forward::with_group(backend(), model, opts.clone(), comm).unwrap();
-        script(&mut fwd)
     })
 }
 
@@ -271,10 +277,11 @@ pub fn assert_parallel_paths_agree(
 pub fn assert_plans_agree(
     model: &Arc<Model>,
     block_tokens: usize,
-    runner: &mut dyn FnMut(&yoco_worker::executor::Plan) -> Vec<yoco_worker::executor::SeqResult>,
+    runner: &mut dyn FnMut(&yoco_worker::plan::Plan) -> Vec<yoco_worker::plan::SeqResult>,
     tol: f32,
 ) {
-    use yoco_worker::executor::{DecodeWork, Executor, Plan, PrefillWork, SeqResult, SeqSpec};
+    use yoco_worker::executor::Executor;
+    use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
     use yoco_worker::sampling::SamplingParams;
     let vocab = model.cfg.vocab_size;
     let mut executor = Executor::new(engine(model, block_tokens));

@@ -1,33 +1,42 @@
-//! The engine of one rank: sequences with their caches, and `step`, which advances a batch of
-//! sequences by some tokens each (prefill chunks and decode tokens mixed) and returns the logits
-//! asked for. The cross-decoder runs only for rows whose logits are wanted (prefill early exit).
+//! The engine of one rank, on any backend: sequences with their caches, and `step`, which
+//! advances a batch of sequences by some tokens each (prefill chunks and decode tokens mixed)
+//! and returns the logits asked for. The cross-decoder runs only for rows whose logits are
+//! wanted (prefill early exit).
 //!
-//! In a group of P ranks every rank runs the same steps (SPMD). A prefill item's tokens are cut
-//! into one contiguous chunk per rank; each rank runs the self-decoder on its chunk (exchanging
-//! retention states or window halos) and keeps its chunk's K/V: its shard of the global cache.
-//! A decode item is run by every rank on the same token; its K/V is kept by the rank with the
-//! smallest shard. Cross-attention merges every rank's partial over its shard.
+//! The group is a `tp × cp` grid and every rank runs the same steps (SPMD). A prefill item's
+//! tokens are cut into one contiguous chunk per context-parallel rank; each runs the
+//! self-decoder on its chunk (exchanging retention states or window halos) and keeps its
+//! chunk's K/V: its shard of the global cache. A decode item is run by every rank on the same
+//! token; its K/V is kept by the rank with the smallest shard (`plan::decode_owner`).
+//! Cross-attention merges every rank's partial over its shard. The `tp` ranks of a row run the
+//! same items on their parts of the heads (`layers`), keeping their KV heads of the row's
+//! cache shard.
 //!
-//! With tensor parallelism the group is a `tp × cp` grid: the ranks above are its columns'
-//! (context-parallel) ranks, and the `tp` ranks of a row run the same items on their parts of
-//! the heads, keeping their KV heads of the row's cache shard.
+//! The model is written once (`forward`, over `layers`); the CPU ([`CpuBackend`]) and CUDA
+//! backends run the same code.
+
+mod caches;
+mod forward;
+mod layers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::cache::{BlockPool, CacheError, KvSeq, LayerState};
+pub use caches::{BlockPool, CacheError};
+pub use layers::Weights;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendError};
 use crate::cache_groups::last_level_cache_bytes;
-use crate::comm::{Collective, CommError, Grid, Spent};
+use crate::comm::{Collective, CommError, Grid, SingleRank, Spent};
 use crate::cp::{chunk, even_split, validate_split};
-use crate::kernels::cross_attention::KvView;
 use crate::kernels::kv_block::CacheDtype;
-use crate::model::{Model, Segment, Shard};
+use crate::model::Model;
+pub use crate::plan::{SeqId, SnapshotId};
+use caches::{Caches, KvShard, ReserveError, State};
+use forward::{CrossRows, Segment, Shard};
 
-pub type SeqId = u64;
-/// A prefix-cache snapshot: a sequence frozen at a position, to resume other sequences from.
-pub type SnapshotId = u64;
-
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
     #[error("unknown sequence {0}")]
     UnknownSequence(SeqId),
@@ -43,12 +52,17 @@ pub enum EngineError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("sequence {seq}: {reason}")]
     BadSplit { seq: SeqId, reason: String },
+    #[error("all {0} sequences this rank may hold are open (max_sequences)")]
+    TooManySequences(usize),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("rank {rank} cannot take this step: {reason}")]
     PeerRefused { rank: usize, reason: String },
     #[error("collective failed, the group must be re-formed: {0}")]
     Comm(#[from] CommError),
+    /// A backend failure (a device error): the rank's caches can no longer be trusted.
+    #[error("{0}; this rank must load the model again")]
+    Backend(#[from] BackendError),
 }
 
 /// Which logits a step item wants back.
@@ -62,7 +76,7 @@ pub enum Logits {
     All,
 }
 
-/// How an item's tokens are spread over the ranks of the group.
+/// How an item's tokens are spread over the context-parallel ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
     /// Cut into one contiguous chunk per rank (context-parallel prefill), at the given chunk
@@ -154,36 +168,20 @@ pub struct EngineOptions {
     /// Bytes of last-level CPU cache the cross-decoder plans its row groups for
     /// ([`crate::cache_groups`]): by default what the CPU reports; `usize::MAX` never groups.
     pub cache_reuse_bytes: usize,
+    /// Sequences that may be open at once (0: no limit).
+    pub max_sequences: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            block_tokens: 256,
+            block_tokens: crate::plan::DEFAULT_BLOCK_TOKENS,
             cache_budget_bytes: 8 << 30,
             cache_dtype: CacheDtype::F32,
             cache_reuse_bytes: last_level_cache_bytes(),
+            max_sequences: 0,
         }
     }
-}
-
-struct Sequence {
-    /// Tokens seen so far: the position of the next token.
-    pos: usize,
-    self_state: Vec<LayerState>,
-    /// This rank's shard of the sequence's global cache.
-    kv: KvSeq,
-    /// Every rank's shard length, so that all ranks agree on who keeps a decode token's K/V.
-    shard_lens: Vec<usize>,
-}
-
-/// What resuming a sequence at a position needs: the self-decoder state there and the global
-/// cache before it (this rank's shard, sharing the blocks of the sequence it was taken from).
-struct Snapshot {
-    pos: usize,
-    self_state: Vec<LayerState>,
-    kv: KvSeq,
-    shard_lens: Vec<usize>,
 }
 
 /// Where an item's rows live on this rank for one step.
@@ -191,35 +189,49 @@ struct Placed {
     /// This rank's tokens of the item.
     rows: std::ops::Range<usize>,
     shard: Option<Shard>,
-    /// Per token of the whole item, the rank that keeps its K/V.
+    /// Per token of the whole item, the context-parallel rank that keeps its K/V.
     owners: Vec<usize>,
 }
 
-pub struct Engine {
-    model: Arc<Model>,
-    pool: BlockPool,
-    seqs: HashMap<SeqId, Sequence>,
-    snapshots: HashMap<SnapshotId, Snapshot>,
+pub struct Engine<B: Backend = CpuBackend> {
+    backend: B,
+    weights: Weights<B>,
+    pool: BlockPool<B>,
+    seqs: HashMap<SeqId, Caches<B>>,
+    snapshots: HashMap<SnapshotId, Caches<B>>,
     grid: Grid,
-    /// Last-level cache bytes for the cross-decoder's row groups (`EngineOptions`).
-    cache_reuse_bytes: usize,
+    opts: EngineOptions,
     /// The last step's logits, whose allocation the next step reuses once its outputs are gone
     /// (decode-sized steps only: see `RECYCLE_LOGITS_ROWS`).
     last_logits: Option<Arc<Vec<f32>>>,
-    /// Set when a collective failed mid-step: this rank's state no longer matches its peers'.
-    broken: Option<CommError>,
+    /// Set when a collective or the backend failed mid-step: this rank's state no longer
+    /// matches its peers' (or cannot be trusted), and every later step fails with it.
+    broken: Option<EngineError>,
 }
 
-impl Engine {
-    /// A single-process engine.
+impl Engine<CpuBackend> {
+    /// A single-process engine on the CPU.
     pub fn new(model: Arc<Model>, opts: &EngineOptions) -> Self {
-        Self::on_grid(model, opts, Grid::single())
+        Self::on_backend(CpuBackend, &model, opts, Box::new(SingleRank))
+            .expect("the CPU backend takes every model, and a lone rank forms no group")
     }
 
-    /// One rank of a group whose ranks talk through `comm`: a `tp × cp` grid with `tp` the
-    /// model's tensor-parallel size, rank `r` at tensor-parallel index `r % tp`, which must be
-    /// the part of the weights the model holds.
+    /// One CPU rank of a group whose ranks talk through `comm` (see [`Engine::on_backend`]).
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Result<Self, EngineError> {
+        Self::on_backend(CpuBackend, &model, opts, comm)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// One rank on `backend` of a group whose ranks talk through `comm` (a lone rank:
+    /// `SingleRank`): a `tp × cp` grid with `tp` the model's tensor-parallel size, rank `r` at
+    /// tensor-parallel index `r % tp`, which must be the part of the weights `model` holds.
+    pub fn on_backend(
+        backend: B,
+        model: &Model,
+        opts: &EngineOptions,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self, EngineError> {
         let grid = Grid::new(comm, model.tp.size)?;
         if grid.tp_rank() != model.tp.rank {
             return Err(EngineError::Comm(CommError::Setup(format!(
@@ -230,21 +242,32 @@ impl Engine {
                 model.tp.rank
             ))));
         }
-        Ok(Self::on_grid(model, opts, grid))
-    }
-
-    fn on_grid(model: Arc<Model>, opts: &EngineOptions, grid: Grid) -> Self {
-        let pool = BlockPool::with_dtype(opts.block_tokens, model.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype);
-        Engine {
-            model,
+        if opts.block_tokens == 0 {
+            return Err(EngineError::Comm(CommError::Setup("block_tokens must be positive".into())));
+        }
+        let weights = Weights::load(&backend, model)?;
+        let pool =
+            BlockPool::new(&backend, opts.block_tokens, weights.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype)?;
+        Ok(Engine {
+            backend,
+            weights,
             pool,
             seqs: HashMap::new(),
             snapshots: HashMap::new(),
             grid,
-            cache_reuse_bytes: opts.cache_reuse_bytes,
+            opts: opts.clone(),
             last_logits: None,
             broken: None,
-        }
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend back, the model's weights and the cache released.
+    pub fn into_backend(self) -> B {
+        self.backend
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
@@ -261,7 +284,7 @@ impl Engine {
     pub fn rank(&self) -> usize {
         self.grid.rank()
     }
-    /// Ranks of the whole group.
+    /// Ranks of the whole group (`tp · cp`).
     pub fn world(&self) -> usize {
         self.grid.world()
     }
@@ -276,32 +299,62 @@ impl Engine {
     pub fn tp_size(&self) -> usize {
         self.grid.tp_size()
     }
-    /// The collective failure that broke this rank's group, if any.
-    pub fn broken(&self) -> Option<&CommError> {
+    /// The failure that broke this rank, if any.
+    pub fn broken(&self) -> Option<&EngineError> {
         self.broken.as_ref()
     }
     pub fn sequences(&self) -> usize {
         self.seqs.len()
     }
-
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
     }
-    pub fn pool(&self) -> &BlockPool {
+
+    /// The model on the backend (its configuration in `cfg`).
+    pub fn model(&self) -> &Weights<B> {
+        &self.weights
+    }
+    pub fn pool(&self) -> &BlockPool<B> {
         &self.pool
     }
 
-    pub fn add_sequence(&mut self, id: SeqId) -> Result<(), EngineError> {
+    /// Numbers of a retention state, and of a window's key or value row, on this rank.
+    fn state_widths(&self) -> (usize, usize) {
+        let (heads, hd) = (self.weights.self_heads(), self.weights.cfg.self_head_dim());
+        (heads * hd * hd, heads * hd)
+    }
+
+    fn fresh_caches(&self) -> Result<Caches<B>, EngineError> {
+        let (per, _) = self.state_widths();
+        let b = &self.backend;
+        let states = self
+            .weights
+            .self_layers
+            .iter()
+            .map(|l| {
+                Ok(match l.mixer {
+                    layers::Mixer::Retention { .. } => State::Retention(b.zeros(per)?),
+                    layers::Mixer::Window { .. } => State::Window { keys: b.zeros(0)?, values: b.zeros(0)?, rows: 0 },
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        Ok(Caches { pos: 0, states, kv: KvShard::new(self.cp_size()) })
+    }
+
+    fn check_new(&self, id: SeqId) -> Result<(), EngineError> {
         if self.seqs.contains_key(&id) {
             return Err(EngineError::DuplicateSequence(id));
         }
-        let seq = Sequence {
-            pos: 0,
-            self_state: self.model.new_self_state(),
-            kv: KvSeq::default(),
-            shard_lens: vec![0; self.cp_size()],
-        };
-        self.seqs.insert(id, seq);
+        match self.opts.max_sequences {
+            max if max > 0 && self.seqs.len() >= max => Err(EngineError::TooManySequences(max)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn add_sequence(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.check_new(id)?;
+        let caches = self.fresh_caches()?;
+        self.seqs.insert(id, caches);
         Ok(())
     }
 
@@ -309,32 +362,22 @@ impl Engine {
     /// and starts with a copy of its self-decoder state, so its next token is at the snapshot's
     /// position.
     pub fn add_sequence_from(&mut self, id: SeqId, from: SnapshotId) -> Result<(), EngineError> {
-        if self.seqs.contains_key(&id) {
-            return Err(EngineError::DuplicateSequence(id));
-        }
+        self.check_new(id)?;
+        let (per, width) = self.state_widths();
         let snap = self.snapshots.get(&from).ok_or(EngineError::UnknownSnapshot(from))?;
-        let seq = Sequence {
-            pos: snap.pos,
-            self_state: snap.self_state.clone(),
-            kv: snap.kv.share(&mut self.pool),
-            shard_lens: snap.shard_lens.clone(),
-        };
-        self.seqs.insert(id, seq);
+        let caches = snap.share(&self.backend, &mut self.pool, per, width)?;
+        self.seqs.insert(id, caches);
         Ok(())
     }
 
     /// Saves sequence `seq` as it is now under `id` (replacing an older snapshot of that id).
     /// The snapshot shares the sequence's cache blocks; only the self-decoder state is copied.
     pub fn snapshot(&mut self, seq: SeqId, id: SnapshotId) -> Result<(), EngineError> {
+        let (per, width) = self.state_widths();
         let s = self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq))?;
-        let snap = Snapshot {
-            pos: s.pos,
-            self_state: s.self_state.clone(),
-            kv: s.kv.share(&mut self.pool),
-            shard_lens: s.shard_lens.clone(),
-        };
+        let snap = s.share(&self.backend, &mut self.pool, per, width)?;
         if let Some(mut old) = self.snapshots.insert(id, snap) {
-            old.kv.free(&mut self.pool);
+            self.pool.free(&mut old.kv);
         }
         Ok(())
     }
@@ -343,7 +386,7 @@ impl Engine {
     pub fn drop_snapshot(&mut self, id: SnapshotId) -> bool {
         match self.snapshots.remove(&id) {
             Some(mut snap) => {
-                snap.kv.free(&mut self.pool);
+                self.pool.free(&mut snap.kv);
                 true
             }
             None => false,
@@ -352,7 +395,8 @@ impl Engine {
 
     /// Snapshots held, and the bytes of self-decoder state they copy.
     pub fn snapshot_usage(&self) -> (usize, usize) {
-        let bytes = self.snapshots.values().flat_map(|s| &s.self_state).map(LayerState::bytes).sum();
+        let (per, width) = self.state_widths();
+        let bytes = self.snapshots.values().flat_map(|s| &s.states).map(|s| s.bytes(per, width)).sum();
         (self.snapshots.len(), bytes)
     }
 
@@ -365,7 +409,7 @@ impl Engine {
     pub fn free_sequence(&mut self, id: SeqId) -> bool {
         match self.seqs.remove(&id) {
             Some(mut seq) => {
-                seq.kv.free(&mut self.pool);
+                self.pool.free(&mut seq.kv);
                 true
             }
             None => false,
@@ -378,37 +422,46 @@ impl Engine {
 
     /// Bytes of global cache a sequence holds (whole blocks).
     pub fn sequence_cache_bytes(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.kv.n_blocks() * self.pool.block_bytes())
+        self.seqs.get(&id).map(|s| s.kv.table.len() * self.pool.block_bytes())
     }
 
     /// Bytes of self-decoder state a sequence holds (constant in its length).
     pub fn sequence_state_bytes(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.self_state.iter().map(LayerState::bytes).sum())
+        let (per, width) = self.state_widths();
+        self.seqs.get(&id).map(|s| s.states.iter().map(|st| st.bytes(per, width)).sum())
     }
 
     /// This rank's global-cache rows of a sequence (its shard).
     pub fn sequence_shard_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.kv.len())
+        self.seqs.get(&id).map(|s| s.kv.rows)
     }
 
     /// Advances every item's sequence by its tokens. On an error before any collective (a bad
     /// item, a cache budget exhausted on any rank), no sequence changes on any rank. A failed
-    /// collective leaves the group broken: every later step fails until it is re-formed.
+    /// collective or backend op leaves the rank broken: every later step fails with it.
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOutput>, EngineError> {
         if let Some(e) = &self.broken {
-            return Err(EngineError::Comm(e.clone()));
+            return Err(e.clone());
         }
         self.validate(items)?;
-        let mut seqs: Vec<Sequence> = items.iter().map(|it| self.seqs.remove(&it.seq).expect("validated")).collect();
+        let mut seqs: Vec<Caches<B>> = items.iter().map(|it| self.seqs.remove(&it.seq).expect("validated")).collect();
         let placed: Vec<Placed> = items.iter().zip(&seqs).map(|(it, seq)| self.place(it, seq)).collect();
-        let reserved = reserve_all(&mut seqs, &placed, self.cp_rank(), &mut self.pool);
-        let result = self.agree(reserved.err()).and_then(|()| self.forward(items, &placed, &mut seqs));
+        let rank = self.cp_rank();
+        let mine: Vec<usize> = placed.iter().map(|p| p.owners.iter().filter(|&&o| o == rank).count()).collect();
+        let mut kvs: Vec<&mut KvShard> = seqs.iter_mut().map(|s| &mut s.kv).collect();
+        let reserved = match self.pool.reserve(&self.backend, &mut kvs, &mine) {
+            Ok(()) => Ok(()),
+            Err(ReserveError::Cache(e)) => Err(EngineError::Cache(e)),
+            Err(ReserveError::Backend(e)) => Err(EngineError::Backend(e)),
+        };
+        let result = self.agree(reserved).and_then(|()| self.forward(items, &placed, &mut seqs));
         if let Err(e) = &result {
-            if let EngineError::Comm(c) = e {
-                self.broken = Some(c.clone());
+            if matches!(e, EngineError::Comm(_) | EngineError::Backend(_)) {
+                tracing::error!(error = %e, "step failed mid-way: this rank is broken until its group is re-formed");
+                self.broken = Some(e.clone());
             }
             for seq in &mut seqs {
-                seq.kv.trim(&mut self.pool);
+                self.pool.trim(&mut seq.kv);
             }
         }
         for (it, seq) in items.iter().zip(seqs) {
@@ -418,7 +471,7 @@ impl Engine {
     }
 
     fn validate(&self, items: &[StepItem]) -> Result<(), EngineError> {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.weights.cfg.vocab_size;
         for (i, it) in items.iter().enumerate() {
             if !self.seqs.contains_key(&it.seq) {
                 return Err(EngineError::UnknownSequence(it.seq));
@@ -440,7 +493,7 @@ impl Engine {
         Ok(())
     }
 
-    fn place(&self, it: &StepItem, seq: &Sequence) -> Placed {
+    fn place(&self, it: &StepItem, seq: &Caches<B>) -> Placed {
         let (rank, world, n) = (self.cp_rank(), self.cp_size(), it.tokens.len());
         match &it.placement {
             Placement::Sharded(starts) => {
@@ -450,10 +503,10 @@ impl Engine {
                 Placed { rows: chunk(&starts, n, rank), shard: Some(Shard { rank, chunk_lens }), owners }
             }
             Placement::Replicated => {
-                let mut lens = seq.shard_lens.clone();
+                let mut lens = seq.kv.lens.clone();
                 let owners = (0..n)
                     .map(|_| {
-                        let owner = (0..world).min_by_key(|&r| (lens[r], r)).expect("world >= 1");
+                        let owner = crate::plan::decode_owner(&lens);
                         lens[owner] += 1;
                         owner
                     })
@@ -464,18 +517,17 @@ impl Engine {
     }
 
     /// Every rank says whether it can take the step; all go ahead only if all can.
-    fn agree(&mut self, local: Option<EngineError>) -> Result<(), EngineError> {
+    fn agree(&mut self, local: Result<(), EngineError>) -> Result<(), EngineError> {
         if self.world() == 1 {
-            return local.map_or(Ok(()), Err);
+            return local;
         }
-        let flags = self.grid.all().all_gather(&[if local.is_some() { 1.0 } else { 0.0 }])?;
-        if let Some(e) = local {
+        let flags = self.grid.all().all_gather(&[if local.is_err() { 1.0 } else { 0.0 }])?;
+        if let Err(e) = local {
+            tracing::warn!(error = %e, "this rank refuses the step: every rank of the group refuses it");
             return Err(e);
         }
         match flags.iter().position(|f| f.first() != Some(&0.0)) {
-            Some(rank) => {
-                Err(EngineError::PeerRefused { rank, reason: "its share of the global KV cache is full".into() })
-            }
+            Some(rank) => Err(EngineError::PeerRefused { rank, reason: "it refused the step (see its log)".into() }),
             None => Ok(()),
         }
     }
@@ -484,58 +536,64 @@ impl Engine {
         &mut self,
         items: &[StepItem],
         placed: &[Placed],
-        seqs: &mut [Sequence],
+        seqs: &mut [Caches<B>],
     ) -> Result<Vec<StepOutput>, EngineError> {
-        let model = Arc::clone(&self.model);
-        let rank = self.cp_rank();
+        let (b, w) = (&self.backend, &self.weights);
+        let rank = self.grid.cp_rank();
+        let dim = w.cfg.dim;
         let mut segments = Vec::with_capacity(items.len());
-        let mut positions = Vec::new();
+        let mut positions: Vec<u32> = Vec::new();
         let mut tokens = Vec::new();
         for ((it, p), seq) in items.iter().zip(placed).zip(seqs.iter()) {
             let start = tokens.len();
             tokens.extend_from_slice(&it.tokens[p.rows.clone()]);
-            positions.extend(seq.pos + p.rows.start..seq.pos + p.rows.end);
-            segments.push(Segment {
-                rows: start..tokens.len(),
-                start_pos: seq.pos + p.rows.start,
-                shard: p.shard.clone(),
-            });
+            positions.extend((seq.pos + p.rows.start..seq.pos + p.rows.end).map(|p| p as u32));
+            segments.push(Segment { rows: start..tokens.len(), shard: p.shard.clone() });
         }
-        let mut x = model.embed(&tokens, &mut self.grid)?;
-        let rope = model.self_rope(&positions);
-        for layer in 0..model.self_layers.len() {
-            let mut states: Vec<&mut LayerState> = seqs.iter_mut().map(|s| &mut s.self_state[layer]).collect();
-            model.self_layer(layer, &mut x, &segments, &mut states, &rope, &mut self.grid)?;
+        let n = tokens.len();
+        let _span = tracing::debug_span!("step", items = items.len(), rows = n).entered();
+        // Every rank of a tensor-parallel row holds the same rows; a context-parallel rank whose
+        // chunks are all empty computes nothing but takes part in every exchange.
+        let (mut x, rope) = if n > 0 {
+            (w.embed.forward(b, &tokens, dim, &mut self.grid)?, Some(b.rope_table(&w.rope_self, &positions)?))
+        } else {
+            (b.zeros(0)?, None)
+        };
+        for layer in 0..w.self_layers.len() {
+            let mut states: Vec<&mut State<B>> = seqs.iter_mut().map(|s| &mut s.states[layer]).collect();
+            w.self_layer(b, layer, &mut x, n, &segments, &mut states, rope.as_ref(), &mut self.grid)?;
         }
-        let (k, v) = model.kv_project(&x, &positions);
-        let kvd = model.kv_dim();
+        let kvd = w.kv_dim();
+        let kv = if n > 0 { Some(w.kv_rows(b, &x, n, &positions)?) } else { None };
         for (((it, seg), p), seq) in items.iter().zip(&segments).zip(placed).zip(seqs.iter_mut()) {
-            seq.pos += it.tokens.len();
-            for (i, row) in seg.rows.clone().enumerate() {
-                if p.owners[p.rows.start + i] == rank {
-                    let r = row * kvd..(row + 1) * kvd;
-                    seq.kv.append(&mut self.pool, positions[row], &k[r.clone()], &v[r]);
+            if let Some((k, v)) = &kv {
+                // This rank's rows of the item that it keeps, in runs of consecutive rows.
+                let keep: Vec<usize> = (0..seg.rows.len()).filter(|&i| p.owners[p.rows.start + i] == rank).collect();
+                for run in keep.chunk_by(|a, b| a + 1 == *b) {
+                    let rows = seg.rows.start + run[0]..seg.rows.start + run[run.len() - 1] + 1;
+                    let (ks, vs) = (b.rows(k, kvd, rows.clone())?, b.rows(v, kvd, rows.clone())?);
+                    b.kv_write(&mut self.pool.storage, &seq.kv.table, seq.kv.rows, &ks, &vs, rows.len())?;
+                    seq.kv.push(seq.pos + p.rows.start + run[0], rows.len());
                 }
             }
+            seq.pos += it.tokens.len();
             for &owner in &p.owners {
-                seq.shard_lens[owner] += 1;
+                seq.kv.lens[owner] += 1;
             }
         }
 
         // Early exit: only rows whose logits are wanted enter the cross-decoder, and every rank
         // runs it on the same rows (gathered from the ranks that hold them).
-        let dim = model.cfg.dim;
+        let wanted: Vec<std::ops::Range<usize>> = items.iter().map(wanted_rows).collect();
         let mut local_rows = Vec::new();
-        for ((it, seg), p) in items.iter().zip(&segments).zip(placed) {
-            let wanted = wanted_rows(it);
-            let mine = wanted.start.max(p.rows.start)..wanted.end.min(p.rows.end);
-            if p.shard.is_some() {
-                for i in mine {
-                    local_rows.extend_from_slice(&x[(seg.rows.start + i - p.rows.start) * dim..][..dim]);
-                }
+        for ((want, seg), p) in wanted.iter().zip(&segments).zip(placed) {
+            let mine = want.start.max(p.rows.start)..want.end.min(p.rows.end);
+            if p.shard.is_some() && !mine.is_empty() {
+                let r = seg.rows.start + mine.start - p.rows.start..seg.rows.start + mine.end - p.rows.start;
+                local_rows.extend(b.to_host(b.rows(&x, dim, r)?)?);
             }
         }
-        let gathered = if self.cp_size() > 1 && placed.iter().any(|p| p.shard.is_some()) {
+        let gathered = if self.grid.cp_size() > 1 && placed.iter().any(|p| p.shard.is_some()) {
             self.grid.cp().all_gather(&local_rows)?
         } else {
             vec![local_rows]
@@ -544,44 +602,57 @@ impl Engine {
         let mut rows_x = Vec::new();
         let mut rows_pos = Vec::new();
         let mut rows_seq = Vec::new();
-        let mut counts = Vec::with_capacity(items.len());
-        for (i, ((it, seg), (p, seq))) in items.iter().zip(&segments).zip(placed.iter().zip(seqs.iter())).enumerate() {
-            let wanted = wanted_rows(it);
-            counts.push(wanted.len());
+        for (i, ((want, seg), (p, (it, seq)))) in
+            wanted.iter().zip(&segments).zip(placed.iter().zip(items.iter().zip(seqs.iter()))).enumerate()
+        {
+            if want.is_empty() {
+                continue;
+            }
             let first_pos = seq.pos - it.tokens.len();
-            for t in wanted {
-                let row = match &p.shard {
-                    // Rows cut across ranks come from the gathered buffers, in rank order.
-                    Some(_) => {
+            match &p.shard {
+                // Rows cut across ranks come from the gathered buffers, in rank order.
+                Some(_) => {
+                    for t in want.clone() {
                         let owner = p.owners[t];
                         let off = offsets[owner];
                         offsets[owner] += dim;
-                        gathered[owner].get(off..off + dim).ok_or(CommError::Protocol {
+                        let row = gathered[owner].get(off..off + dim).ok_or(CommError::Protocol {
                             peer: owner,
                             reason: "fewer cross-decoder rows than the plan says".into(),
-                        })?
+                        })?;
+                        rows_x.extend_from_slice(row);
                     }
-                    None => &x[(seg.rows.start + t) * dim..][..dim],
-                };
-                rows_x.extend_from_slice(row);
-                rows_pos.push(first_pos + t);
-                rows_seq.push(i);
+                }
+                None => {
+                    let r = seg.rows.start + want.start..seg.rows.start + want.end;
+                    rows_x.extend(b.to_host(b.rows(&x, dim, r)?)?);
+                }
             }
+            rows_pos.extend((first_pos + want.start..first_pos + want.end).map(|p| p as u32));
+            rows_seq.extend(std::iter::repeat_n(i, want.len()));
         }
         let logits = if rows_pos.is_empty() {
             Vec::new()
         } else {
-            let views: Vec<KvView> = seqs.iter().map(|s| s.kv.view(&self.pool)).collect();
-            let row_views: Vec<&KvView> = rows_seq.iter().map(|&i| &views[i]).collect();
             let visible: Vec<usize> =
-                rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos)).collect();
-            let x =
-                model.cross_decode(rows_x, &rows_pos, &row_views, &visible, self.cache_reuse_bytes, &mut self.grid)?;
+                rows_seq.iter().zip(&rows_pos).map(|(&i, &pos)| seqs[i].kv.rows_upto(pos as usize)).collect();
+            let tables = rows_seq
+                .iter()
+                .zip(&visible)
+                .map(|(&i, &len)| b.block_table(&self.pool.storage, &seqs[i].kv.table, len))
+                .collect::<Result<Vec<_>, _>>()?;
+            let groups = {
+                let row_bytes = 2 * kvd * self.pool.dtype().bytes();
+                let bytes: Vec<usize> = visible.iter().map(|&len| len * row_bytes).collect();
+                b.row_groups(&bytes, self.opts.cache_reuse_bytes)
+            };
+            let rows = CrossRows { positions: &rows_pos, tables: &tables, visible: &visible };
+            let x = w.cross_decode(b, b.from_host(rows_x)?, &rows, &self.pool.storage, groups, &mut self.grid)?;
             // The last step's buffer, if its outputs have all been dropped.
-            let buf = self.last_logits.take().and_then(|b| Arc::try_unwrap(b).ok()).unwrap_or_default();
-            model.logits_into(&x, &mut self.grid, buf)?
+            let buf = self.last_logits.take().and_then(|l| Arc::try_unwrap(l).ok()).unwrap_or_default();
+            w.logits(b, &x, rows_pos.len(), &mut self.grid, buf)?
         };
-        let vocab = model.cfg.vocab_size;
+        let vocab = w.cfg.vocab_size;
         let step = Arc::new(logits);
         if step.len() <= RECYCLE_LOGITS_ROWS * vocab {
             self.last_logits = Some(Arc::clone(&step));
@@ -589,10 +660,10 @@ impl Engine {
         let mut start = 0;
         Ok(items
             .iter()
-            .zip(counts)
-            .map(|(it, n)| {
-                let rows = start * vocab..(start + n) * vocab;
-                start += n;
+            .zip(wanted)
+            .map(|(it, want)| {
+                let rows = start * vocab..(start + want.len()) * vocab;
+                start += want.len();
                 StepOutput { seq: it.seq, logits: ItemLogits { step: Arc::clone(&step), rows } }
             })
             .collect())
@@ -601,7 +672,7 @@ impl Engine {
     /// Broadcasts `data` from `root` to every rank of the group.
     pub fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), EngineError> {
         if let Err(e) = self.grid.all().broadcast(root, data) {
-            self.broken = Some(e.clone());
+            self.broken = Some(EngineError::Comm(e.clone()));
             return Err(e.into());
         }
         Ok(())
@@ -610,10 +681,10 @@ impl Engine {
     /// Gives every sequence's and snapshot's blocks back, e.g. when a broken group is re-formed.
     pub fn clear(&mut self) {
         for (_, mut seq) in self.seqs.drain() {
-            seq.kv.free(&mut self.pool);
+            self.pool.free(&mut seq.kv);
         }
         for (_, mut snap) in self.snapshots.drain() {
-            snap.kv.free(&mut self.pool);
+            self.pool.free(&mut snap.kv);
         }
     }
 }
@@ -626,18 +697,4 @@ fn wanted_rows(it: &StepItem) -> std::ops::Range<usize> {
         Logits::Last => n - 1..n,
         Logits::All => 0..n,
     }
-}
-
-/// Reserves cache blocks for this rank's share of every item, or gives back what it took.
-fn reserve_all(seqs: &mut [Sequence], placed: &[Placed], rank: usize, pool: &mut BlockPool) -> Result<(), EngineError> {
-    for i in 0..seqs.len() {
-        let mine = placed[i].owners.iter().filter(|&&o| o == rank).count();
-        if let Err(e) = seqs[i].kv.reserve(pool, mine) {
-            for seq in &mut seqs[..i] {
-                seq.kv.trim(pool);
-            }
-            return Err(e.into());
-        }
-    }
-    Ok(())
 }
