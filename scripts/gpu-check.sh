@@ -23,9 +23,9 @@
 #                                gRPC with `yoco client generate` (a 3000-token prompt, 48 greedy
 #                                tokens with prompt log-probabilities, then the same request
 #                                without them, from the cached prefix); every device's greedy
-#                                tokens must equal the first one's. Runs here too: `served cpu
-#                                cpu-backend cpu-backendx2` (the backend forward pass on the
-#                                CPU) checks the script without a GPU.
+#                                tokens must equal the first one's. DEVICExNtpT: the N workers
+#                                as a T × N/T tensor × context-parallel grid. Runs here too:
+#                                `served cpu cpux2 cpux2tp2` checks the script without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=target/gpu-check
@@ -83,10 +83,12 @@ served_check() {
   "$YOCO" init-model --preset tiny --dtype f32 --out "$model" >/dev/null
   ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
   for dev in "$@"; do
-    local workers=1 device="$dev"
-    if [[ "$dev" =~ ^(.+)x([0-9]+)$ ]]; then device="${BASH_REMATCH[1]}" workers="${BASH_REMATCH[2]}"; fi
+    local workers=1 tp=1 device="$dev"
+    if [[ "$dev" =~ ^(.+)x([0-9]+)(tp([0-9]+))?$ ]]; then
+      device="${BASH_REMATCH[1]}" workers="${BASH_REMATCH[2]}" tp="${BASH_REMATCH[4]:-1}"
+    fi
     # Port 0, and the address read back from the one line serve prints on stdout.
-    "$YOCO" serve --model "$model" --workers "$workers" --worker-device "$device" --listen 127.0.0.1:0 \
+    "$YOCO" serve --model "$model" --workers "$workers" --tp "$tp" --worker-device "$device" --listen 127.0.0.1:0 \
       --http-listen 127.0.0.1:0 >"$out/serve-$dev.out" 2>"$out/serve-$dev.log" &
     pid=$!
     addr=""
@@ -196,8 +198,8 @@ print(f"prefill tok/s cpu {cpu['timing']['prefill_tokens_per_second']:.0f} cuda 
       f"decode tok/s cpu {cpu['timing']['decode_tokens_per_second']:.1f} cuda {gpu['timing']['decode_tokens_per_second']:.1f}")
 assert cpu["tokens"] == gpu["tokens"], "greedy tokens differ in f32"
 PY
-      echo "## yoco serve: one worker on the GPU against one on the CPU, over gRPC"
-      served_check cpu cuda cudax2 || status=1
+      echo "## yoco serve: one worker on the GPU against one on the CPU, over gRPC; two sharing it, cp 2 and tp 2"
+      served_check cpu cuda cudax2 cudax2tp2 || status=1
       echo "## backend_bench: tiny, f32 (a warm-up)"
       "$DIR/backend_bench" --device cuda --preset tiny --dtype f32 --contexts 4096,65536 --decode 16 || status=1
       echo "## backend_bench: 3b, bf16"

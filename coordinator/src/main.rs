@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    yoco_worker::alloc::tune_for_inference();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a log file or collector gets plain text.

@@ -1,7 +1,8 @@
-//! The prefix cache end to end: `yoco serve` with 1 and 2 real worker processes (and 1 on the
-//! CUDA path's forward pass, `--worker-device cpu-backend`), the cache on and off. Requests over one long document give the same tokens and log-probabilities (within
-//! 1e-4) either way, alone or concurrent, and report the prompt tokens the cache served (gRPC
-//! `usage`, OpenAI `cached_tokens`, metrics); a flush drops every snapshot on every rank.
+//! The prefix cache end to end: `yoco serve` with 1 and 2 real worker processes (context or
+//! tensor parallel), the cache on and off. Requests over one long document give the same tokens
+//! and log-probabilities (within 1e-4) either way, alone or concurrent, and the same as one
+//! rank's; they report the prompt tokens the cache served (gRPC `usage`, OpenAI `cached_tokens`,
+//! metrics); a flush drops every snapshot on every rank.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -83,16 +84,15 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
             0,
         ),
     ];
-    // One and two ranks of the CPU engine, and one and two ranks on the CUDA path's forward pass
-    // (on the CPU backend: the plans, batched decode, snapshots and context parallelism a GPU
-    // worker runs), which must serve what the CPU engine's one rank serves.
-    let mut engine_outcomes: Option<Vec<Outcome>> = None;
-    for (workers, device) in [(1, "cpu"), (2, "cpu"), (1, "cpu-backend"), (2, "cpu-backend")] {
-        let dev = ["--worker-device", device];
+    // One rank, two context-parallel ranks and two tensor-parallel ones, which must serve what
+    // the one rank serves.
+    let mut one_rank: Option<Vec<Outcome>> = None;
+    for (workers, tp) in [(1, "1"), (2, "1"), (2, "2")] {
+        let grid = ["--worker-device", "cpu", "--tp", tp];
         let on =
-            serve(home.path(), &model, workers, &[&dev[..], &["--prefix-snapshot-interval", "512"]].concat()).await;
-        let off = serve(home.path(), &model, workers, &[&dev[..], &["--no-prefix-cache"]].concat()).await;
-        let workers = format!("{workers} {device}");
+            serve(home.path(), &model, workers, &[&grid[..], &["--prefix-snapshot-interval", "512"]].concat()).await;
+        let off = serve(home.path(), &model, workers, &[&grid[..], &["--no-prefix-cache"]].concat()).await;
+        let workers = format!("{workers} (tp {tp})");
         let (mut con, mut coff) = (on.client().await, off.client().await);
         let mut fresh = Vec::new();
         for (what, req, want_cached) in &cases {
@@ -103,18 +103,17 @@ async fn cached_prompts_give_what_uncached_ones_give_on_one_and_two_ranks() {
             assert_eq!(cached(&b), 0);
             fresh.push(b);
         }
-        match (&engine_outcomes, device) {
-            (None, _) => engine_outcomes = Some(fresh.clone()),
-            (Some(engine), "cpu-backend") => {
-                for ((a, b), (what, ..)) in fresh.iter().zip(engine).zip(&cases) {
-                    assert_same(a, b, &format!("cpu-backend against the CPU engine: {what}"));
+        match &one_rank {
+            None => one_rank = Some(fresh.clone()),
+            Some(one) => {
+                for ((a, b), (what, ..)) in fresh.iter().zip(one).zip(&cases) {
+                    assert_same(a, b, &format!("P={workers} against one rank: {what}"));
                 }
             }
-            _ => {}
         }
         let info = con.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
         assert!(info.prefix_cache && info.prefix_cache_snapshots > 0 && info.prefix_cache_blocks > 0, "{info:?}");
-        assert!(info.ranks.iter().all(|r| r.device == device), "{info:?}");
+        assert!(info.ranks.iter().all(|r| r.device == "cpu"), "{info:?}");
         assert!(!coff.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner().prefix_cache);
 
         // All at once, from a flushed cache: they share what the first of them prefill.

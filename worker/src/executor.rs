@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::engine::{Engine, EngineError, Logits, Placement, StepItem};
+use crate::engine::{Engine, EngineError, Logits, Placement, StepItem, StepOutput};
 use crate::plan::{Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec};
 use crate::sampling::{top_logprobs, Sampler};
 
@@ -54,41 +54,22 @@ impl<B: Backend> Executor<B> {
     }
 
     /// Runs a plan: frees, adds, then one engine step for all its prefill and decode work, then
-    /// samples. A plan refused before the step (a bad item, a full cache on any rank) changes
-    /// no sequence's caches.
+    /// samples. A plan refused before its step ran (a bad item, a sequence or snapshot that does
+    /// not exist, a full cache on any rank) changes nothing but its frees: the sequences it added
+    /// are gone again. Every rank gets the same plans, so every rank refuses alike.
     pub fn execute(&mut self, plan: &Plan) -> Result<Vec<SeqResult>, EngineError> {
         self.free(&plan.free);
         for &id in &plan.drop_snapshots {
             self.engine.drop_snapshot(id);
         }
-        for spec in &plan.add {
-            let mut sampler = Sampler::new(spec.sampling.clone());
-            match spec.resume_from {
-                Some(snap) => {
-                    self.engine.add_sequence_from(spec.seq, snap)?;
-                    sampler.observe_prompt(&spec.resumed_tokens);
-                }
-                None => self.engine.add_sequence(spec.seq)?,
+        let mut added = Vec::with_capacity(plan.add.len());
+        let outputs = match self.add_and_step(plan, &mut added) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                self.free(&added);
+                return Err(e);
             }
-            tracing::debug!(request = %spec.request_id, seq = spec.seq, resume_from = ?spec.resume_from, "sequence added");
-            self.seqs.insert(spec.seq, SeqCtl { spec: spec.clone(), sampler });
-        }
-        let decode_tokens: Vec<[u32; 1]> = plan.decode.iter().map(|d| [d.token]).collect();
-        let mut items = Vec::new();
-        for p in &plan.prefill {
-            let wants_all = self.seqs.get(&p.seq).is_some_and(|c| c.spec.prompt_logprobs);
-            let logits = match (wants_all, p.sample) {
-                (true, _) => Logits::All,
-                (false, true) => Logits::Last,
-                (false, false) => Logits::None,
-            };
-            let starts = (!p.chunk_starts.is_empty()).then(|| p.chunk_starts.clone());
-            items.push(StepItem { seq: p.seq, tokens: &p.tokens, logits, placement: Placement::Sharded(starts) });
-        }
-        for (d, token) in plan.decode.iter().zip(&decode_tokens) {
-            items.push(StepItem::decode(d.seq, token));
-        }
-        let outputs = if items.is_empty() { Vec::new() } else { self.engine.step(&items)? };
+        };
         // The step went through, so its tokens join the sequences' histories (for the
         // penalties) before anything is sampled; a step that failed leaves them as they were.
         // Every rank receives all of a step's tokens, so every rank keeps the same history.
@@ -143,6 +124,45 @@ impl<B: Backend> Executor<B> {
         Ok(results)
     }
 
+    /// The plan's sequences added (their ids pushed to `added`), then its one engine step.
+    fn add_and_step(&mut self, plan: &Plan, added: &mut Vec<SeqId>) -> Result<Vec<StepOutput>, EngineError> {
+        for spec in &plan.add {
+            if self.seqs.contains_key(&spec.seq) {
+                return Err(EngineError::DuplicateSequence(spec.seq));
+            }
+            let mut sampler = Sampler::new(spec.sampling.clone());
+            match spec.resume_from {
+                Some(snap) => {
+                    self.engine.add_sequence_from(spec.seq, snap)?;
+                    sampler.observe_prompt(&spec.resumed_tokens);
+                }
+                None => self.engine.add_sequence(spec.seq)?,
+            }
+            tracing::debug!(request = %spec.request_id, seq = spec.seq, resume_from = ?spec.resume_from, "sequence added");
+            self.seqs.insert(spec.seq, SeqCtl { spec: spec.clone(), sampler });
+            added.push(spec.seq);
+        }
+        let decode_tokens: Vec<[u32; 1]> = plan.decode.iter().map(|d| [d.token]).collect();
+        let mut items = Vec::new();
+        for p in &plan.prefill {
+            let wants_all = self.seqs.get(&p.seq).is_some_and(|c| c.spec.prompt_logprobs);
+            let logits = match (wants_all, p.sample) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            let starts = (!p.chunk_starts.is_empty()).then(|| p.chunk_starts.clone());
+            items.push(StepItem { seq: p.seq, tokens: &p.tokens, logits, placement: Placement::Sharded(starts) });
+        }
+        for (d, token) in plan.decode.iter().zip(&decode_tokens) {
+            items.push(StepItem::decode(d.seq, token));
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.engine.step(&items)
+    }
+
     /// Makes every rank use rank 0's sampled tokens.
     fn agree_on_tokens(&mut self, results: &mut [SeqResult]) -> Result<(), EngineError> {
         if self.engine.world() == 1 {
@@ -155,7 +175,7 @@ impl<B: Backend> Executor<B> {
 
 /// Replaces the sampled tokens of `results` by rank 0's, which `broadcast` delivers (every
 /// rank's executor does this after a step, so that the ranks never drift apart).
-pub(crate) fn use_first_ranks_tokens<E>(
+fn use_first_ranks_tokens<E>(
     results: &mut [SeqResult],
     broadcast: impl FnOnce(&mut Vec<f32>) -> Result<(), E>,
 ) -> Result<(), E> {
@@ -174,7 +194,7 @@ pub(crate) fn use_first_ranks_tokens<E>(
 
 /// The next token from a row of logits, with its log-probability and the `top` most likely
 /// alternatives, both of the raw logits: the penalties steer the choice, not the reported model.
-pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> Sampled {
+fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> Sampled {
     let token = sampler.sample(logits);
     let PromptLogprob { logprob, top_logprobs } = token_logprob(logits, token, top);
     Sampled { token, logprob, top_logprobs }
@@ -184,7 +204,7 @@ pub(crate) fn sample_next(sampler: &mut Sampler, logits: &[f32], top: usize) -> 
 /// the `top` most likely tokens at its position: row t of `logits` (all positions of `p`)
 /// predicts token t+1 of the step, the last row the next step's first (`p.next_token`; none at
 /// the prompt's end). The rows go in parallel: each reads the whole vocabulary.
-pub(crate) fn prompt_logprobs(logits: &[f32], vocab: usize, p: &PrefillWork, top: usize) -> Vec<PromptLogprob> {
+fn prompt_logprobs(logits: &[f32], vocab: usize, p: &PrefillWork, top: usize) -> Vec<PromptLogprob> {
     let targets: Vec<Option<u32>> = p.tokens.iter().skip(1).copied().map(Some).chain([p.next_token]).collect();
     logits
         .par_chunks_exact(vocab)

@@ -16,13 +16,13 @@ pub type RunError = Box<dyn std::error::Error + Send + Sync>;
 pub trait PlanRunner {
     /// The ranks that split a prompt's tokens (context-parallel); a tensor-parallel group's
     /// rows count once.
-    fn world(&self) -> usize;
+    fn cp_size(&self) -> usize;
     /// Per context-parallel rank (in rank order), the results of the plan.
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError>;
 }
 
 impl<B: Backend> PlanRunner for Executor<B> {
-    fn world(&self) -> usize {
+    fn cp_size(&self) -> usize {
         self.engine().cp_size()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
@@ -129,7 +129,7 @@ fn run(
     } else {
         params.prefill_chunk.max(1)
     };
-    let step_tokens = per_rank * runner.world();
+    let step_tokens = per_rank * runner.cp_size();
     let spec = SeqSpec {
         seq,
         sampling: params.sampling.clone(),

@@ -3,6 +3,7 @@
 // Kernels index several arrays with one loop variable; iterator chains would hide the math.
 #![allow(clippy::needless_range_loop)]
 
+pub mod alloc;
 pub mod backend;
 pub mod cache_groups;
 pub mod ceilings;

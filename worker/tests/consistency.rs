@@ -394,3 +394,55 @@ fn generate_is_reproducible_and_its_logprobs_match_the_engine() {
         assert_eq!(s.tokens, g.tokens[..=g.tokens.iter().position(|&t| t == g.tokens[1]).unwrap()]);
     }
 }
+
+/// A plan that cannot run is refused before it changes anything (the sequences it would add
+/// are not left behind), and the executor serves on; a rank holds at most `max_sequences`.
+#[test]
+fn a_refused_plan_changes_nothing() {
+    use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&small_config(SelfMixerKind::GatedRetention), 5, false, tmp.path());
+    let block_bytes = 2 * 16 * model.cfg.kv_dim() * 4;
+    let opts = EngineOptions {
+        block_tokens: 16,
+        cache_budget_bytes: 4 * block_bytes,
+        max_sequences: 2,
+        ..EngineOptions::default()
+    };
+    let mut x = Executor::new(Engine::new(model.clone(), &opts));
+    let add = |seq| SeqSpec { seq, ..SeqSpec::default() };
+    let fill =
+        |seq, n, seed| PrefillWork { seq, tokens: tokens(n, VOCAB, seed), sample: true, ..PrefillWork::default() };
+    let first = Plan { add: vec![add(1)], prefill: vec![fill(1, 20, 1)], ..Plan::default() };
+    let token = x.execute(&first).unwrap()[0].sampled.as_ref().unwrap().token;
+    let bad = [
+        // Blocks: sequence 1 needs none more for a decode, sequence 2's 50 tokens need 4 of 2.
+        Plan {
+            add: vec![add(2)],
+            prefill: vec![fill(2, 50, 2)],
+            decode: vec![DecodeWork { seq: 1, token }],
+            ..Plan::default()
+        },
+        Plan {
+            add: vec![add(2)],
+            prefill: vec![fill(2, 3, 2), PrefillWork { tokens: vec![1, 300], ..fill(1, 1, 0) }],
+            ..Plan::default()
+        },
+        Plan { add: vec![add(1)], ..Plan::default() },
+        Plan { add: vec![add(2), add(2)], ..Plan::default() },
+        Plan { add: vec![add(2), add(3)], ..Plan::default() },
+        Plan { add: vec![SeqSpec { resume_from: Some(9), ..add(2) }], ..Plan::default() },
+        Plan { decode: vec![DecodeWork { seq: 1, token }, DecodeWork { seq: 1, token }], ..Plan::default() },
+        Plan { decode: vec![DecodeWork { seq: 5, token }], ..Plan::default() },
+    ];
+    for plan in &bad {
+        let err = x.execute(plan).unwrap_err();
+        let e = x.engine();
+        assert_eq!((e.sequences(), e.pool().free_blocks(), e.sequence_len(2)), (1, 2, None), "{plan:?}: {err}");
+    }
+    let err = x.execute(&bad[4]).unwrap_err();
+    assert_eq!(err, EngineError::TooManySequences(2));
+    let next = Plan { add: vec![add(2)], decode: vec![DecodeWork { seq: 1, token }], ..Plan::default() };
+    assert_eq!(x.execute(&next).unwrap()[0].shard_tokens, 21);
+    assert_eq!(x.engine().sequences(), 2);
+}

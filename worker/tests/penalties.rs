@@ -188,7 +188,7 @@ struct ThreadGroup {
 }
 
 impl PlanRunner for ThreadGroup {
-    fn world(&self) -> usize {
+    fn cp_size(&self) -> usize {
         self.plans.len()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {

@@ -62,8 +62,7 @@ pub struct Args {
     /// with P the thread count, at least 2).
     #[arg(long, value_delimiter = ',')]
     process_grids: Vec<String>,
-    /// `--device` of the worker processes: `cpu` (the CPU engine), or a device backend
-    /// (`cpu-backend`, `cuda`), whose groups are context-parallel only (default grids 1x1, 1xP).
+    /// `--device` of the worker processes: `cpu` or `cuda` (any grid on either).
     #[arg(long, default_value = "cpu")]
     process_device: String,
     /// Print one JSON object instead of a table.
@@ -101,7 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let peak = gemm_gflops(2048);
     let bandwidth = read_gbps(1 << 30);
     let flops_per_token = prefill_flops_per_token(&cfg);
-    let cache_bytes_per_token = cfg.cache_numbers_per_token() * 4;
+    let cache_bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&cfg, CacheDtype::F32);
     // What one decode token reads: every weight but the embedding table (one row of it), and
     // the global cache once per cross-decoder layer.
     let weight_bytes = model.weight_bytes() - cfg.vocab_size * cfg.dim * 4;
@@ -377,8 +376,8 @@ struct Booked<'a> {
 }
 
 impl PlanRunner for Booked<'_> {
-    fn world(&self) -> usize {
-        self.group.world()
+    fn cp_size(&self) -> usize {
+        self.group.cp_size()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {
         let before = self.group.group().collectives();
@@ -418,8 +417,7 @@ fn process_prefill(
         stop_token_ids: Vec::new(),
         ..GenerateParams::default()
     };
-    let device_backend = args.process_device != "cpu";
-    let grids = process_grids(&args.process_grids, threads, !device_backend)?;
+    let grids = process_grids(&args.process_grids, threads)?;
     let mut out = Vec::new();
     for (tp, cp) in grids {
         let threads_each = if tp * cp == 1 { threads } else { 1 };
@@ -434,7 +432,7 @@ fn process_prefill(
             local_worker_threads: Some(threads_each),
             tp,
             max_sequences: 0,
-            // Named, so that a machine with a GPU runs the CPU engine's benchmark unless asked.
+            // Named, so that a machine with a GPU runs the CPU's benchmark unless asked.
             local_device: Some(args.process_device.clone()),
         };
         let mut group = crate::cluster::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
@@ -453,14 +451,11 @@ fn process_prefill(
     Ok(out)
 }
 
-/// `--process-grids` as (tp, cp) pairs; the default is 1×1, 1×P and (when tensor parallelism
-/// is allowed: the CPU engine) P×1.
-fn process_grids(names: &[String], threads: usize, tp_allowed: bool) -> anyhow::Result<Vec<(usize, usize)>> {
+/// `--process-grids` as (tp, cp) pairs; the default is 1×1, 1×P and P×1.
+fn process_grids(names: &[String], threads: usize) -> anyhow::Result<Vec<(usize, usize)>> {
     let ranks = threads.max(2);
     if names.is_empty() {
-        let mut grids = vec![(1, 1), (1, ranks)];
-        grids.extend(tp_allowed.then_some((ranks, 1)));
-        return Ok(grids);
+        return Ok(vec![(1, 1), (1, ranks), (ranks, 1)]);
     }
     let grids: Vec<(usize, usize)> = names
         .iter()
@@ -475,9 +470,6 @@ fn process_grids(names: &[String], threads: usize, tp_allowed: bool) -> anyhow::
             }
         })
         .collect::<anyhow::Result<_>>()?;
-    if !tp_allowed && grids.iter().any(|&(tp, _)| tp > 1) {
-        bail!("--process-grids: a device backend runs context-parallel groups only (tp 1)");
-    }
     Ok(grids)
 }
 
@@ -539,7 +531,7 @@ fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeR
         // A fixed pseudo-random walk over the vocabulary: no tokenizer or text needed.
         let prompt: Vec<u32> = (0..n).map(|i| ((i as u64 * 2654435761 + 12345) % vocab as u64) as u32).collect();
         let scored_from = n - DTYPE_SCORED;
-        let bytes_per_token = model.cfg.cache_numbers_per_token() * variant.cache.bytes();
+        let bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&model.cfg, variant.cache);
         let opts = EngineOptions {
             cache_budget_bytes: (n + args.decode_tokens + 1024) * bytes_per_token * 2,
             cache_dtype: variant.cache,
@@ -604,14 +596,12 @@ mod tests {
 
     #[test]
     fn process_grids_parse_and_default() {
-        assert_eq!(process_grids(&[], 4, true).unwrap(), vec![(1, 1), (1, 4), (4, 1)]);
-        assert_eq!(process_grids(&[], 1, true).unwrap(), vec![(1, 1), (1, 2), (2, 1)]);
-        assert_eq!(process_grids(&[], 2, false).unwrap(), vec![(1, 1), (1, 2)]);
+        assert_eq!(process_grids(&[], 4).unwrap(), vec![(1, 1), (1, 4), (4, 1)]);
+        assert_eq!(process_grids(&[], 1).unwrap(), vec![(1, 1), (1, 2), (2, 1)]);
         let names: Vec<String> = ["1x2", "2×1", " 1 x 1 "].iter().map(|s| s.to_string()).collect();
-        assert_eq!(process_grids(&names, 2, true).unwrap(), vec![(1, 2), (2, 1), (1, 1)]);
-        assert!(process_grids(&names, 2, false).unwrap_err().to_string().contains("context-parallel"));
+        assert_eq!(process_grids(&names, 2).unwrap(), vec![(1, 2), (2, 1), (1, 1)]);
         for bad in ["2", "0x1", "1x", "ax2", "1x65"] {
-            let err = process_grids(&[bad.to_string()], 2, true).unwrap_err().to_string();
+            let err = process_grids(&[bad.to_string()], 2).unwrap_err().to_string();
             assert!(err.contains("--process-grids"), "{bad}: {err}");
         }
     }

@@ -225,7 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Box::new(crate::cluster::group::BlockingGroup::spawn(p, &dir, &opts)?)
         }
     };
-    let mut progress = progress_printer(prompt.len() > params.prefill_chunk * runner.world());
+    let mut progress = progress_printer(prompt.len() > params.prefill_chunk * runner.cp_size());
     let gen = generate(&mut *runner, 0, &prompt, &params, &mut progress).map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = tokenizer.decode(&gen.tokens);
 
@@ -247,10 +247,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|alts| alts.iter().map(|(t, lp)| json!({"token": t, "logprob": lp})).collect::<Vec<_>>())
             .collect()
     };
-    let bytes_per_token = model.cfg.cache_numbers_per_token() * args.cache_dtype.bytes();
+    let bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&model.cfg, args.cache_dtype);
     let out = json!({
         "device": if device == DeviceArg::Cuda { "cuda" } else { "cpu" },
-        "workers": runner.world(),
+        "workers": runner.cp_size(),
         "model": dir.display().to_string(),
         "tokenizer": tokenizer.name(),
         "prompt_tokens": prompt,

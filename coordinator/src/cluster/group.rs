@@ -39,15 +39,15 @@ pub struct GroupOptions {
     pub local_worker_threads: Option<usize>,
     /// Tensor-parallel size: the group is a `tp × (ranks / tp)` grid.
     pub tp: usize,
-    /// Sequences a rank on a device backend allocates self-decoder states for (the scheduler's
-    /// `max_running`); 0: the worker's default.
+    /// Sequences a rank may hold at once (the scheduler's `max_running`); 0: the worker's
+    /// default.
     pub max_sequences: usize,
     /// `--device` of each local worker process; `None`: theirs (`YOCO_DEVICE`, else `auto`).
     pub local_device: Option<String>,
 }
 
 /// Positions per cache block on every rank.
-pub const BLOCK_TOKENS: usize = 256;
+pub const BLOCK_TOKENS: usize = yoco_worker::plan::DEFAULT_BLOCK_TOKENS;
 /// After one rank failed a step, how long the others' answers are awaited (to name them).
 const ERROR_GRACE: Duration = Duration::from_millis(500);
 
@@ -75,7 +75,7 @@ pub struct RankInfo {
     pub cache_capacity_tokens: usize,
     pub block_tokens: usize,
     pub cache_dtype: CacheDtype,
-    /// Where the rank computes (`cpu`, `cuda:<n>`, `cpu-backend`).
+    /// Where the rank computes (`cpu`, `cuda:<n>`).
     pub device: String,
     /// Sequences the rank holds at once; 0: bounded by its cache alone.
     pub max_sequences: usize,
@@ -472,7 +472,7 @@ impl BlockingGroup {
 }
 
 impl PlanRunner for BlockingGroup {
-    fn world(&self) -> usize {
+    fn cp_size(&self) -> usize {
         self.group.cp()
     }
     fn run(&mut self, plan: &Plan) -> Result<Vec<Vec<SeqResult>>, RunError> {

@@ -53,13 +53,13 @@ use crate::cluster::group::StepError;
 /// engine in tests.
 pub trait StepRunner: Send + 'static {
     /// The ranks that split a prompt's tokens (context-parallel).
-    fn world(&self) -> usize;
+    fn cp_size(&self) -> usize;
     /// Per context-parallel rank, in rank order, the results of the plan.
     fn run(&mut self, plan: Plan) -> impl Future<Output = Result<Vec<Vec<SeqResult>>, StepError>> + Send;
 }
 
 impl StepRunner for crate::cluster::group::WorkerGroup {
-    fn world(&self) -> usize {
+    fn cp_size(&self) -> usize {
         self.cp()
     }
     async fn run(&mut self, plan: Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
@@ -109,9 +109,6 @@ impl SchedulerConfig {
         Ok(())
     }
 }
-
-/// Prompt tokens per rank per step when every position's logits come back (`rows × vocab`).
-const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 const SERVING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -357,7 +354,7 @@ impl<R: StepRunner> Loop<R> {
             self.reap();
             self.admit();
             let Some((plan, prefills)) = self.compose() else { continue };
-            let world = self.runner.world();
+            let world = self.runner.cp_size();
             let span = tracing::debug_span!(
                 "step",
                 prefill = plan.prefill.len(),
@@ -536,7 +533,7 @@ impl<R: StepRunner> Loop<R> {
     /// The next step's plan: frees, new sequences, every decode, and prefill chunks under the
     /// token budget (fewest remaining prompt tokens first).
     fn compose(&mut self) -> Option<(Plan, Vec<PrefillRef>)> {
-        let world = self.runner.world();
+        let world = self.runner.cp_size();
         let config = &self.shared.config;
         let mut plan = Plan {
             free: std::mem::take(&mut self.to_free),
@@ -572,7 +569,7 @@ impl<R: StepRunner> Loop<R> {
         for i in order {
             let a = &mut self.active[i];
             let per_rank = if a.req.prompt_logprobs {
-                config.prefill_chunk.min(PROMPT_LOGPROBS_CHUNK)
+                config.prefill_chunk.min(yoco_worker::plan::PROMPT_LOGPROBS_CHUNK)
             } else {
                 config.prefill_chunk
             };

@@ -39,7 +39,7 @@ struct InProcess {
 }
 
 impl StepRunner for InProcess {
-    fn world(&self) -> usize {
+    fn cp_size(&self) -> usize {
         1
     }
     async fn run(&mut self, plan: Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {

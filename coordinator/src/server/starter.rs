@@ -33,9 +33,9 @@ impl GroupStarter {
         let blocks_per_rank = handle.ranks.iter().map(|r| r.cache_capacity_tokens / r.block_tokens).min().unwrap_or(0);
         let capacity = Capacity { world, blocks_per_rank, block_tokens };
         let limits = Limits { vocab_size: cfg.vocab_size, max_request_tokens: capacity.max_request_tokens() };
-        let cache_bytes_per_token = cfg.cache_numbers_per_token() * handle.ranks[0].cache_dtype.bytes();
+        let cache_bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&cfg, handle.ranks[0].cache_dtype);
         let mut config = self.config.clone();
-        // A device backend holds the self-decoder states of a fixed number of sequences.
+        // A rank may hold a bounded number of sequences (a GPU rank: 256 unless configured).
         if let Some(slots) = handle.ranks.iter().map(|r| r.max_sequences).filter(|&n| n > 0).min() {
             config.max_running = config.max_running.min(slots);
         }

@@ -25,12 +25,10 @@ pub struct Args {
     /// Global KV cache budget of this rank in MiB (LoadModel may override it).
     #[arg(long, default_value_t = 8192, env = "YOCO_CACHE_MIB")]
     cache_mib: usize,
-    /// Where this rank computes: `cpu` (the CPU engine: any group), `cuda` or `cuda:<n>` (the
-    /// CUDA backend on that GPU: one-rank and context-parallel groups, not tensor-parallel ones;
-    /// a build with the `cuda` feature), or `auto`: a GPU when this build has CUDA and the
-    /// machine a GPU, else the CPU engine (logged); a tensor-parallel group then runs on the CPU
-    /// engine. `cpu-backend` runs the CUDA path's forward pass on the CPU backend, to check that
-    /// path without a GPU. Named in the etcd registration.
+    /// Where this rank computes: `cpu`, `cuda` or `cuda:<n>` (the CUDA backend on that GPU; a
+    /// build with the `cuda` feature), or `auto`: a GPU when this build has CUDA and the machine
+    /// a GPU, else the CPU (logged). Either runs any `tp × cp` grid. Named in the etcd
+    /// registration.
     #[arg(long, default_value = "auto", env = "YOCO_DEVICE", value_parser = DeviceRequest::parse)]
     device: DeviceRequest,
     /// Exit when standard input closes (a local parent that spawned us has gone).

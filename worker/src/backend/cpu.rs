@@ -77,11 +77,11 @@ impl Backend for CpuBackend {
         Ok(x.clone())
     }
 
-    fn to_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+    fn download_owned(&self, x: Vec<f32>) -> Result<Vec<f32>> {
         Ok(x)
     }
 
-    fn from_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+    fn upload_owned(&self, x: Vec<f32>) -> Result<Vec<f32>> {
         Ok(x)
     }
 

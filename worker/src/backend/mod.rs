@@ -4,7 +4,7 @@
 //! forward pass is written once over it (`crate::engine`). Activations, weights, retention
 //! states and the global KV cache live where the backend keeps them (host memory or device
 //! memory); token ids go in, logits come out, and what the ranks of a group exchange goes
-//! through the host ([`Backend::to_host`], [`Backend::from_host`]).
+//! through the host ([`Backend::download_owned`], [`Backend::upload_owned`]).
 //!
 //! Beside the ops, a backend has hooks for what makes it fast where the generic code would
 //! not be: every sequence's retention of a step in one call ([`Backend::retention_batch`]:
@@ -32,27 +32,30 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 
 /// The ops of the forward pass, each named after the math and computing what the CPU kernel of
 /// the same name computes. Row-major `[rows, width]` activations throughout.
-pub trait Backend {
+///
+/// A backend and its values are shared between threads (`Sync`): where [`Backend::row_groups`]
+/// splits the cross-decoder's rows, the groups run in parallel over the same weights and cache.
+pub trait Backend: Sync {
     /// f32 activations (and norm weights).
-    type Buf;
+    type Buf: Send + Sync;
     /// A weight matrix `[out, in]` in its element type.
-    type Matrix;
+    type Matrix: Send + Sync;
     /// The global KV cache: blocks of `[K rows; V rows]`.
-    type Pool;
+    type Pool: Send + Sync;
     /// RoPE angles for a list of positions.
-    type RopeTable;
+    type RopeTable: Send + Sync;
     /// A sequence's block table, as cross-attention reads it.
-    type BlockTable;
+    type BlockTable: Send + Sync;
 
     fn name(&self) -> &'static str;
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
     fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
     /// The buffer's elements on the host, the buffer given up (on the CPU: no copy).
-    fn to_host(&self, x: Self::Buf) -> Result<Vec<f32>> {
+    fn download_owned(&self, x: Self::Buf) -> Result<Vec<f32>> {
         self.download(&x)
     }
     /// A buffer of the host's elements (on the CPU: no copy).
-    fn from_host(&self, x: Vec<f32>) -> Result<Self::Buf> {
+    fn upload_owned(&self, x: Vec<f32>) -> Result<Self::Buf> {
         self.upload(&x)
     }
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
@@ -156,11 +159,11 @@ pub trait Backend {
     /// fault in than the step's sampling takes).
     fn logits_into(&self, x: &Self::Buf, m: usize, w: &Self::Matrix, out: Vec<f32>) -> Result<Vec<f32>> {
         drop(out);
-        self.to_host(self.matmul(x, m, w)?)
+        self.download_owned(self.matmul(x, m, w)?)
     }
     /// Consecutive groups of the cross-decoder's rows (row r reading `bytes[r]` of cache) that
-    /// are best run through every layer one group at a time, so that each group's caches stay
-    /// in a last-level cache of `llc` bytes; `None`: all rows at once (the default).
+    /// are best run through every layer apart, in parallel, so that each group's caches stay in
+    /// a last-level cache of `llc` bytes; `None`: all rows at once (the default).
     fn row_groups(&self, bytes: &[usize], llc: usize) -> Option<Vec<Range<usize>>> {
         let _ = (bytes, llc);
         None

@@ -77,8 +77,9 @@ pub struct Gemm {
 /// # Safety
 /// The ops trust an implementation: `len` and `addr` tell the truth about a buffer, `alloc` and
 /// `upload` give buffers of the lengths asked, and `launch` and `gemm` run what they are given.
-pub unsafe trait Runtime {
-    type Buf<T: DeviceElem>;
+pub unsafe trait Runtime: Send + Sync {
+    /// Shared between threads as the backend's buffers are (`crate::backend::Backend`).
+    type Buf<T: DeviceElem>: Send + Sync;
 
     /// `n` zeroed elements (at least one: device allocations are never empty).
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;

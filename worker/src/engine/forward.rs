@@ -20,6 +20,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::caches::State;
 use super::layers::{Mixer, Weights, GATE_LOGIT_NORMALIZER};
 use super::EngineError;
@@ -242,8 +244,8 @@ impl<B: Backend> Weights<B> {
             for seg in segments.iter().filter(|s| s.distributed() && !s.rows.is_empty()) {
                 let (_, kh, vh) = projected.as_ref().expect("rows were computed");
                 let tail = seg.rows.end - seg.rows.len().min(halo)..seg.rows.end;
-                packed.extend(b.to_host(b.rows(kh, qd, tail.clone())?)?);
-                packed.extend(b.to_host(b.rows(vh, qd, tail)?)?);
+                packed.extend(b.download_owned(b.rows(kh, qd, tail.clone())?)?);
+                packed.extend(b.download_owned(b.rows(vh, qd, tail)?)?);
             }
             grid.cp().all_gather(&packed)?
         } else {
@@ -326,9 +328,9 @@ impl<B: Backend> Weights<B> {
     /// merged, the row's partial sums (the other heads) all-reduced.
     ///
     /// With `groups` (see `Backend::row_groups`; a lone rank only, as a group runs each layer's
-    /// collectives in one order on every rank), each group of rows goes through every layer
-    /// before the next: every layer after the first then finds the group's caches in the
-    /// last-level cache.
+    /// collectives in one order on every rank), each group of rows goes through every layer on
+    /// its own, the groups in parallel: every layer after the first then finds the group's
+    /// caches in the last-level cache.
     pub(super) fn cross_decode(
         &self,
         b: &B,
@@ -342,15 +344,21 @@ impl<B: Backend> Weights<B> {
         let Some(groups) = groups.filter(|_| grid.world() == 1) else {
             return self.cross_layers(b, x, rows, pool, grid);
         };
+        // Each group alone through every layer, the groups in parallel.
+        let outs = groups
+            .par_iter()
+            .map(|g| {
+                let part = CrossRows {
+                    positions: &rows.positions[g.clone()],
+                    tables: &rows.tables[g.clone()],
+                    visible: &rows.visible[g.clone()],
+                };
+                self.cross_layers(b, b.rows(&x, dim, g.clone())?, &part, pool, &mut Grid::single())
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut out = b.zeros(n * dim)?;
-        for g in groups {
-            let part = CrossRows {
-                positions: &rows.positions[g.clone()],
-                tables: &rows.tables[g.clone()],
-                visible: &rows.visible[g.clone()],
-            };
-            let y = self.cross_layers(b, b.rows(&x, dim, g.clone())?, &part, pool, grid)?;
-            b.write_rows(&mut out, dim, g.start, &y, g.len())?;
+        for (g, y) in groups.iter().zip(&outs) {
+            b.write_rows(&mut out, dim, g.start, y, g.len())?;
         }
         Ok(out)
     }
@@ -406,7 +414,7 @@ fn attention_across_ranks<B: Backend>(
     for (i, row) in o.chunks_exact_mut(qd).enumerate() {
         finalize(&Partial::merge_gathered(&all, i, shape), shape, row);
     }
-    Ok(b.from_host(o)?)
+    Ok(b.upload_owned(o)?)
 }
 
 /// Sliding-window attention of `n` new rows after a layer's kept rows (`state`: the last ≤ W−1

@@ -57,9 +57,9 @@ fn tp_sum<B: Backend>(b: &B, partial: B::Buf, grid: &mut Grid) -> Result<B::Buf>
     if grid.tp_size() == 1 {
         return Ok(partial);
     }
-    let mut host = b.to_host(partial)?;
+    let mut host = b.download_owned(partial)?;
     grid.tp().all_reduce_sum(&mut host)?;
-    Ok(b.from_host(host)?)
+    Ok(b.upload_owned(host)?)
 }
 
 /// SwiGLU feed-forward, `fc2(silu(fc1 x) ⊙ gate x)`: fc1 and gate by column, fc2 by row.
@@ -271,7 +271,7 @@ impl<B: Backend> Weights<B> {
         if self.tp.size == 1 {
             return Ok(b.logits_into(&xn, rows, w, buf)?);
         }
-        let part = b.to_host(b.matmul(&xn, rows, w)?)?;
+        let part = b.download_owned(b.matmul(&xn, rows, w)?)?;
         let parts = grid.tp().all_gather(&part)?;
         let widths: Vec<usize> = (0..self.tp.size).map(|rank| TpShard { rank, ..self.tp }.vocab(vocab).len()).collect();
         let mut logits = Vec::with_capacity(rows * vocab);

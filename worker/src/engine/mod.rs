@@ -571,8 +571,13 @@ impl<B: Backend> Engine<B> {
                 let keep: Vec<usize> = (0..seg.rows.len()).filter(|&i| p.owners[p.rows.start + i] == rank).collect();
                 for run in keep.chunk_by(|a, b| a + 1 == *b) {
                     let rows = seg.rows.start + run[0]..seg.rows.start + run[run.len() - 1] + 1;
-                    let (ks, vs) = (b.rows(k, kvd, rows.clone())?, b.rows(v, kvd, rows.clone())?);
-                    b.kv_write(&mut self.pool.storage, &seq.kv.table, seq.kv.rows, &ks, &vs, rows.len())?;
+                    let at = seq.kv.rows;
+                    if rows == (0..n) {
+                        b.kv_write(&mut self.pool.storage, &seq.kv.table, at, k, v, n)?;
+                    } else {
+                        let (ks, vs) = (b.rows(k, kvd, rows.clone())?, b.rows(v, kvd, rows.clone())?);
+                        b.kv_write(&mut self.pool.storage, &seq.kv.table, at, &ks, &vs, rows.len())?;
+                    }
                     seq.kv.push(seq.pos + p.rows.start + run[0], rows.len());
                 }
             }
@@ -590,7 +595,7 @@ impl<B: Backend> Engine<B> {
             let mine = want.start.max(p.rows.start)..want.end.min(p.rows.end);
             if p.shard.is_some() && !mine.is_empty() {
                 let r = seg.rows.start + mine.start - p.rows.start..seg.rows.start + mine.end - p.rows.start;
-                local_rows.extend(b.to_host(b.rows(&x, dim, r)?)?);
+                local_rows.extend(b.download_owned(b.rows(&x, dim, r)?)?);
             }
         }
         let gathered = if self.grid.cp_size() > 1 && placed.iter().any(|p| p.shard.is_some()) {
@@ -625,7 +630,7 @@ impl<B: Backend> Engine<B> {
                 }
                 None => {
                     let r = seg.rows.start + want.start..seg.rows.start + want.end;
-                    rows_x.extend(b.to_host(b.rows(&x, dim, r)?)?);
+                    rows_x.extend(b.download_owned(b.rows(&x, dim, r)?)?);
                 }
             }
             rows_pos.extend((first_pos + want.start..first_pos + want.end).map(|p| p as u32));
@@ -647,7 +652,7 @@ impl<B: Backend> Engine<B> {
                 b.row_groups(&bytes, self.opts.cache_reuse_bytes)
             };
             let rows = CrossRows { positions: &rows_pos, tables: &tables, visible: &visible };
-            let x = w.cross_decode(b, b.from_host(rows_x)?, &rows, &self.pool.storage, groups, &mut self.grid)?;
+            let x = w.cross_decode(b, b.upload_owned(rows_x)?, &rows, &self.pool.storage, groups, &mut self.grid)?;
             // The last step's buffer, if its outputs have all been dropped.
             let buf = self.last_logits.take().and_then(|l| Arc::try_unwrap(l).ok()).unwrap_or_default();
             w.logits(b, &x, rows_pos.len(), &mut self.grid, buf)?

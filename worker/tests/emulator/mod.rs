@@ -105,6 +105,10 @@ pub unsafe fn raw_launch(name: &str, grid: (u32, u32, u32), threads: u32, args: 
 /// A device buffer of the emulator: host memory the kernels write through its address.
 pub struct EmuBuf<T>(UnsafeCell<Vec<T>>);
 
+// SAFETY: the emulator runs one launch at a time (a global lock), and the backend's code that
+// shares buffers between threads reads them only (`Backend::row_groups` is the CPU backend's).
+unsafe impl<T: Send> Sync for EmuBuf<T> {}
+
 impl<T> EmuBuf<T> {
     fn ptr(&self) -> *mut T {
         // SAFETY: only the pointer is read; the emulator runs one launch at a time.
