@@ -43,6 +43,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First: it may start the process again, with NCCL loadable by the names cudarc knows.
+    #[cfg(feature = "cuda")]
+    let nccl_link = yoco_worker::cuda::nccl_lib::make_loadable();
     yoco_worker::alloc::tune_for_inference();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -53,6 +56,10 @@ fn main() -> anyhow::Result<()> {
         logs.json().init();
     } else {
         logs.init();
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(dir) = nccl_link {
+        tracing::info!(dir = %dir.display(), "NCCL: libnccl.so.2 linked as libnccl.so (the names cudarc opens)");
     }
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;

@@ -189,3 +189,46 @@ fn an_unavailable_transport_is_a_clear_error() {
         assert!(run.stderr().contains("rank 0") || run.stderr().contains("rank 1"), "{}", run.stderr());
     }
 }
+
+/// NCCL as its wheel and Debian packages ship it (`libnccl.so.2`, no `libnccl.so`) is linked
+/// under the name cudarc opens: a stand-in library of that name on `LD_LIBRARY_PATH` is found,
+/// linked and loaded by a `yoco` built with CUDA (a build without it has no NCCL to load).
+#[test]
+fn nccl_as_shipped_is_linked_under_the_name_cudarc_opens() {
+    let home = tempfile::tempdir().unwrap();
+    let model = init_model(home.path(), "m", &[]);
+    let probe =
+        yoco(home.path(), &["generate", "--model", model.to_str().unwrap(), "--device", "cuda", "--prompt-ids", "1"]);
+    if probe.stderr().contains("without the `cuda` feature") {
+        eprintln!("skipped: this yoco was built without the `cuda` feature");
+        return;
+    }
+    let lib = home.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    let src = home.path().join("nccl.c");
+    std::fs::write(&src, "int ncclGetVersion(int *v) { *v = 22703; return 0; }\n").unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-Wl,-soname,libnccl.so.2", "-o"])
+        .arg(lib.join("libnccl.so.2"))
+        .arg(&src)
+        .status()
+        .expect("a C compiler (Rust links with it)");
+    assert!(cc.success());
+    let out = Command::new(yoco_bin())
+        .args(["init-model", "--preset", "tiny", "--vocab-size", "300", "--out"])
+        .arg(home.path().join("m2"))
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("RUST_LOG", "info")
+        .env("TMPDIR", home.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("linked as libnccl.so"), "{stderr}");
+    let link = std::fs::read_dir(home.path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("yoco-nccl-"));
+    let link = link.expect("the link's folder").path().join("libnccl.so");
+    assert_eq!(std::fs::canonicalize(link).unwrap(), std::fs::canonicalize(lib.join("libnccl.so.2")).unwrap());
+}

@@ -40,7 +40,10 @@ impl NcclCollective {
         let ready = nccl_available();
         let all = bootstrap.all_gather(&[if ready { 1.0 } else { 0.0 }])?;
         if let Some(r) = all.iter().position(|f| f.first() != Some(&1.0)) {
-            return Err(setup(format!("rank {r} cannot load the CUDA driver or NCCL (libcuda.so / libnccl.so)")));
+            return Err(setup(format!(
+                "rank {r} cannot load the CUDA driver or NCCL (libcuda.so / libnccl.so, or libnccl.so.2 \
+                 which `yoco` links as libnccl.so at start-up)"
+            )));
         }
         let ctx = CudaContext::new(device).map_err(|e| setup(format!("GPU {device}: {e:?}")))?;
         let stream = ctx.new_stream().map_err(|e| setup(format!("{e:?}")))?;

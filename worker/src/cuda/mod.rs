@@ -8,6 +8,7 @@
 pub mod compile;
 #[cfg(feature = "cuda")]
 pub mod driver;
+pub mod nccl_lib;
 pub mod ops;
 pub mod runtime;
 
