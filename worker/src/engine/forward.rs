@@ -23,7 +23,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::caches::State;
-use super::layers::{Mixer, Weights, GATE_LOGIT_NORMALIZER};
+use super::layers::{ColumnLinear, Mixer, Weights, GATE_LOGIT_NORMALIZER};
 use super::EngineError;
 use crate::backend::Backend;
 use crate::comm::{Collective, CommError, Grid};
@@ -126,6 +126,22 @@ impl<B: Backend> Weights<B> {
         Ok(())
     }
 
+    /// A mixer's queries, keys and values of the normed rows `xn [n, dim]`, q and k rotated.
+    fn project_qkv(
+        &self,
+        b: &B,
+        xn: &B::Buf,
+        n: usize,
+        [q, k, v]: [&ColumnLinear<B>; 3],
+        rope: &B::RopeTable,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
+        let (mut qh, mut kh, vh) = (q.forward(b, xn, n)?, k.forward(b, xn, n)?, v.forward(b, xn, n)?);
+        b.rope(&mut qh, rope, heads, hd)?;
+        b.rope(&mut kh, rope, heads, hd)?;
+        Ok((qh, kh, vh))
+    }
+
     /// Gated retention of every segment (the outputs before subln; `None` for no rows).
     #[allow(clippy::too_many_arguments)]
     fn retention(
@@ -133,7 +149,7 @@ impl<B: Backend> Weights<B> {
         b: &B,
         xn: Option<&B::Buf>,
         n: usize,
-        [q, k, v, gt]: [&super::layers::ColumnLinear<B>; 4],
+        [q, k, v, gt]: [&ColumnLinear<B>; 4],
         segments: &[Segment],
         states: &mut [&mut State<B>],
         rope: Option<&B::RopeTable>,
@@ -147,9 +163,7 @@ impl<B: Backend> Weights<B> {
         let mut fresh = distributed.iter().map(|_| b.zeros(per)).collect::<std::result::Result<Vec<_>, _>>()?;
         let computed = match (xn, rope) {
             (Some(xn), Some(rope)) => {
-                let (mut qh, mut kh, vh) = (q.forward(b, xn, n)?, k.forward(b, xn, n)?, v.forward(b, xn, n)?);
-                b.rope(&mut qh, rope, heads, hd)?;
-                b.rope(&mut kh, rope, heads, hd)?;
+                let (qh, kh, vh) = self.project_qkv(b, xn, n, [q, k, v], rope)?;
                 let gamma = b.log_sigmoid_scaled(&gt.forward(b, xn, n)?, n * heads, GATE_LOGIT_NORMALIZER)?;
                 let ranges: Vec<Range<usize>> = segments.iter().map(|s| s.rows.clone()).collect();
                 let mut fresh_iter = fresh.iter_mut();
@@ -220,7 +234,7 @@ impl<B: Backend> Weights<B> {
         b: &B,
         xn: Option<&B::Buf>,
         n: usize,
-        [q, k, v]: [&super::layers::ColumnLinear<B>; 3],
+        [q, k, v]: [&ColumnLinear<B>; 3],
         window: usize,
         segments: &[Segment],
         states: &mut [&mut State<B>],
@@ -230,12 +244,7 @@ impl<B: Backend> Weights<B> {
         let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
         let (qd, halo) = (heads * hd, window - 1);
         let projected = match (xn, rope) {
-            (Some(xn), Some(rope)) => {
-                let (mut qh, mut kh, vh) = (q.forward(b, xn, n)?, k.forward(b, xn, n)?, v.forward(b, xn, n)?);
-                b.rope(&mut qh, rope, heads, hd)?;
-                b.rope(&mut kh, rope, heads, hd)?;
-                Some((qh, kh, vh))
-            }
+            (Some(xn), Some(rope)) => Some(self.project_qkv(b, xn, n, [q, k, v], rope)?),
             _ => None,
         };
         // Each distributed segment's halo: the last W−1 rows of this rank's chunk.
