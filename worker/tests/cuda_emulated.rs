@@ -427,6 +427,7 @@ fn incoming_retention_state_is_added_as_the_cpu_kernel_adds_it() {
     use yoco_worker::backend::Backend;
     use yoco_worker::cuda::ops::Gpu;
     let gpu = Gpu::new(emulator::EmuRuntime);
+    yoco_worker::cuda::runtime::Runtime::bind(gpu.runtime()).unwrap();
     for (tokens, heads, d) in [(150usize, 2usize, 64usize), (7, 3, 96), (1, 1, 32)] {
         let w = heads * d;
         let q = randn(tokens * w, 31);

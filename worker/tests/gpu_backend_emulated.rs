@@ -234,3 +234,24 @@ fn the_emulated_gpu_engine_on_tensor_parallel_grids_is_one_cpu_rank() {
         }
     }
 }
+
+/// A worker runs its steps, frees and loads on whichever thread of a pool is free: an engine
+/// made on one thread and stepped, freed and dropped on another binds the device there first
+/// (the emulator fails every device call on a thread that never bound it, as CUDA fails or
+/// leaks without a current context).
+#[test]
+fn an_engine_binds_its_device_on_every_thread_that_drives_it() {
+    let model = load("gret");
+    let prompt = expected("gret").prompt;
+    let mut x = Executor::new(on_gpu(&model, &opts(CacheDtype::F32)));
+    let (tokens, x) = std::thread::spawn(move || {
+        use yoco_worker::generate::{generate, GenerateParams};
+        let params = GenerateParams { max_tokens: 3, ..GenerateParams::default() };
+        let out = generate(&mut x, 1, &prompt, &params, &mut |_| {}).unwrap();
+        (out.tokens, x)
+    })
+    .join()
+    .expect("the engine binds before it touches the device");
+    assert_eq!(tokens, expected("gret").greedy[..3]);
+    std::thread::spawn(move || drop(x)).join().expect("the engine binds before it frees its buffers");
+}

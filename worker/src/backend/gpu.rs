@@ -39,6 +39,10 @@ impl<R: Runtime> Backend for Gpu<R> {
         "cuda"
     }
 
+    fn bind(&self) -> Result<()> {
+        Ok(self.runtime().bind()?)
+    }
+
     fn upload(&self, x: &[f32]) -> Result<R::Buf<f32>> {
         Ok(Gpu::upload(self, x)?)
     }

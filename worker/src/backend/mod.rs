@@ -48,6 +48,12 @@ pub trait Backend: Sync {
     type BlockTable: Send + Sync;
 
     fn name(&self) -> &'static str;
+    /// Makes the backend's device current on the calling thread: the engine calls it at every
+    /// entry that touches the device and before it drops its buffers, as it may be driven from
+    /// any thread (by default nothing: host memory needs no binding).
+    fn bind(&self) -> Result<()> {
+        Ok(())
+    }
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
     fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
     /// The buffer's elements on the host, the buffer given up (on the CPU: no copy).

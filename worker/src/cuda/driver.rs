@@ -135,6 +135,10 @@ fn op(trans: bool) -> blas_sys::cublasOperation_t {
 unsafe impl Runtime for CudaRuntime {
     type Buf<T: DeviceElem> = CudaSlice<T>;
 
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.stream.context().bind_to_thread().map_err(driver)
+    }
+
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {
         self.stream.alloc_zeros(n.max(1)).map_err(driver)
     }
@@ -179,13 +183,15 @@ unsafe impl Runtime for CudaRuntime {
         args: &mut [*mut c_void],
     ) -> Result<(), DeviceError> {
         let f = self.kernels.get(name).ok_or_else(|| DeviceError::Driver(format!("no kernel {name}")))?;
-        self.stream.context().bind_to_thread().map_err(driver)?;
+        self.bind()?;
         // SAFETY: the caller guarantees the arguments (see `Runtime::launch`).
         unsafe { cu::launch_kernel(f.cu_function(), grid, (threads, 1, 1), 0, self.stream.cu_stream(), args) }
             .map_err(driver)
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), DeviceError> {
+        // cuBLAS runs in the current context; cudarc binds only for its own stream calls.
+        self.bind()?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the caller guarantees the operands (see `Runtime::gemm`); the handle is on
         // this runtime's stream.

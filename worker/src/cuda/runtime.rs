@@ -81,6 +81,10 @@ pub unsafe trait Runtime: Send + Sync {
     /// Shared between threads as the backend's buffers are (`crate::backend::Backend`).
     type Buf<T: DeviceElem>: Send + Sync;
 
+    /// Makes this runtime's device current on the calling thread (CUDA: its context). Every
+    /// call that touches the device, freeing a buffer included, must come after it on its
+    /// thread: a worker's steps, frees and loads run on whichever thread of a pool is free.
+    fn bind(&self) -> Result<(), DeviceError>;
     /// `n` zeroed elements (at least one: device allocations are never empty).
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<Self::Buf<T>, DeviceError>;

@@ -245,6 +245,7 @@ impl<B: Backend> Engine<B> {
         if opts.block_tokens == 0 {
             return Err(EngineError::Comm(CommError::Setup("block_tokens must be positive".into())));
         }
+        backend.bind()?;
         let weights = Weights::load(&backend, model)?;
         let pool =
             BlockPool::new(&backend, opts.block_tokens, weights.kv_dim(), opts.cache_budget_bytes, opts.cache_dtype)?;
@@ -263,11 +264,6 @@ impl<B: Backend> Engine<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
-    }
-
-    /// The backend back, the model's weights and the cache released.
-    pub fn into_backend(self) -> B {
-        self.backend
     }
 
     /// Seconds spent in collectives (waiting for peers included) since the last call.
@@ -353,6 +349,7 @@ impl<B: Backend> Engine<B> {
 
     pub fn add_sequence(&mut self, id: SeqId) -> Result<(), EngineError> {
         self.check_new(id)?;
+        self.backend.bind()?;
         let caches = self.fresh_caches()?;
         self.seqs.insert(id, caches);
         Ok(())
@@ -363,6 +360,7 @@ impl<B: Backend> Engine<B> {
     /// position.
     pub fn add_sequence_from(&mut self, id: SeqId, from: SnapshotId) -> Result<(), EngineError> {
         self.check_new(id)?;
+        self.backend.bind()?;
         let (per, width) = self.state_widths();
         let snap = self.snapshots.get(&from).ok_or(EngineError::UnknownSnapshot(from))?;
         let caches = snap.share(&self.backend, &mut self.pool, per, width)?;
@@ -373,6 +371,7 @@ impl<B: Backend> Engine<B> {
     /// Saves sequence `seq` as it is now under `id` (replacing an older snapshot of that id).
     /// The snapshot shares the sequence's cache blocks; only the self-decoder state is copied.
     pub fn snapshot(&mut self, seq: SeqId, id: SnapshotId) -> Result<(), EngineError> {
+        self.backend.bind()?;
         let (per, width) = self.state_widths();
         let s = self.seqs.get(&seq).ok_or(EngineError::UnknownSequence(seq))?;
         let snap = s.share(&self.backend, &mut self.pool, per, width)?;
@@ -384,6 +383,7 @@ impl<B: Backend> Engine<B> {
 
     /// Drops a snapshot; its blocks go back to the pool unless sequences still share them.
     pub fn drop_snapshot(&mut self, id: SnapshotId) -> bool {
+        self.bind_to_free();
         match self.snapshots.remove(&id) {
             Some(mut snap) => {
                 self.pool.free(&mut snap.kv);
@@ -407,6 +407,7 @@ impl<B: Backend> Engine<B> {
 
     /// Frees a sequence and its cache blocks; false if it did not exist.
     pub fn free_sequence(&mut self, id: SeqId) -> bool {
+        self.bind_to_free();
         match self.seqs.remove(&id) {
             Some(mut seq) => {
                 self.pool.free(&mut seq.kv);
@@ -444,6 +445,7 @@ impl<B: Backend> Engine<B> {
             return Err(e.clone());
         }
         self.validate(items)?;
+        self.backend.bind()?;
         let mut seqs: Vec<Caches<B>> = items.iter().map(|it| self.seqs.remove(&it.seq).expect("validated")).collect();
         let placed: Vec<Placed> = items.iter().zip(&seqs).map(|(it, seq)| self.place(it, seq)).collect();
         let rank = self.cp_rank();
@@ -685,12 +687,31 @@ impl<B: Backend> Engine<B> {
 
     /// Gives every sequence's and snapshot's blocks back, e.g. when a broken group is re-formed.
     pub fn clear(&mut self) {
+        self.bind_to_free();
         for (_, mut seq) in self.seqs.drain() {
             self.pool.free(&mut seq.kv);
         }
         for (_, mut snap) in self.snapshots.drain() {
             self.pool.free(&mut snap.kv);
         }
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Binds the device before buffers are dropped: a failure is logged, as freeing cannot fail
+    /// its caller (the buffers are then freed wherever the device lets them).
+    fn bind_to_free(&self) {
+        if let Err(e) = self.backend.bind() {
+            tracing::warn!(error = %e, "cannot bind the device to free its buffers");
+        }
+    }
+}
+
+impl<B: Backend> Drop for Engine<B> {
+    /// The weights, caches and states are freed on the thread that drops the engine (a new
+    /// LoadModel's), which must have the device bound, or the device memory leaks.
+    fn drop(&mut self) {
+        self.bind_to_free();
     }
 }
 

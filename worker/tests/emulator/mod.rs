@@ -120,9 +120,32 @@ impl<T> EmuBuf<T> {
     }
 }
 
-/// The CUDA ops' runtime over the emulator.
+/// The CUDA ops' runtime over the emulator. Like a CUDA context, it must be bound on a thread
+/// (`Runtime::bind`) before that thread touches the device, frees included: every call here
+/// checks it, so that a path that would run without a current context on a GPU fails in CI.
 #[derive(Default)]
 pub struct EmuRuntime;
+
+thread_local! {
+    static BOUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn check_bound(op: &str) {
+    assert!(
+        BOUND.with(|b| b.get()),
+        "{op} on thread {:?}, which never bound the device (Runtime::bind)",
+        std::thread::current().name().unwrap_or("unnamed")
+    );
+}
+
+impl<T> Drop for EmuBuf<T> {
+    fn drop(&mut self) {
+        // Not while unwinding: a failed assertion must not become an abort.
+        if !std::thread::panicking() {
+            check_bound("freeing a buffer");
+        }
+    }
+}
 
 /// An operand element of the emulated GEMM at index `i`.
 ///
@@ -143,15 +166,23 @@ unsafe fn element(addr: u64, t: GemmType, i: usize) -> f32 {
 unsafe impl Runtime for EmuRuntime {
     type Buf<T: DeviceElem> = EmuBuf<T>;
 
+    fn bind(&self) -> Result<(), DeviceError> {
+        BOUND.with(|b| b.set(true));
+        Ok(())
+    }
+
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<EmuBuf<T>, DeviceError> {
+        check_bound("alloc");
         Ok(EmuBuf(UnsafeCell::new(vec![T::default(); n.max(1)])))
     }
 
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<EmuBuf<T>, DeviceError> {
+        check_bound("upload");
         Ok(EmuBuf(UnsafeCell::new(host.to_vec())))
     }
 
     fn download<T: DeviceElem>(&self, buf: &EmuBuf<T>) -> Result<Vec<T>, DeviceError> {
+        check_bound("download");
         // SAFETY: no launch is running (they are synchronous here).
         Ok(unsafe { (*buf.0.get()).clone() })
     }
@@ -165,6 +196,7 @@ unsafe impl Runtime for EmuRuntime {
     }
 
     fn zero(&self, buf: &mut EmuBuf<f32>, range: Range<usize>) -> Result<(), DeviceError> {
+        check_bound("zero");
         assert!(range.end <= buf.len(), "the ops check ranges");
         // SAFETY: no launch is running; the range lies in the buffer (asserted).
         unsafe { std::ptr::write_bytes(buf.ptr().add(range.start), 0, range.len()) };
@@ -172,6 +204,7 @@ unsafe impl Runtime for EmuRuntime {
     }
 
     fn copy(&self, src: &EmuBuf<f32>, from: Range<usize>, dst: &mut EmuBuf<f32>, at: usize) -> Result<(), DeviceError> {
+        check_bound("copy");
         assert!(from.end <= src.len() && at + from.len() <= dst.len(), "the ops check copies");
         // SAFETY: both ranges lie in their buffers (asserted); src and dst are distinct buffers.
         unsafe { std::ptr::copy(src.ptr().add(from.start), dst.ptr().add(at), from.len()) };
@@ -185,6 +218,7 @@ unsafe impl Runtime for EmuRuntime {
         threads: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), DeviceError> {
+        check_bound(name);
         // SAFETY: the caller guarantees the arguments.
         match unsafe { raw_launch(name, grid, threads, args.as_mut_ptr()) } {
             0 => Ok(()),
@@ -193,6 +227,7 @@ unsafe impl Runtime for EmuRuntime {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), DeviceError> {
+        check_bound("gemm");
         let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
         let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
         for j in 0..n {
