@@ -1,10 +1,11 @@
 //! Every kernel source compiles with NVRTC, for the GPUs we serve on (compute_90: H100/H200)
-//! and for the oldest one we support (compute_80: A100), and each entry point is in the PTX.
+//! and for the oldest one we support (compute_80: A100), and each entry point is in the PTX;
+//! and to CUBIN (machine code, what `CudaRuntime::open` loads) for sm_90, sm_80 and sm_86.
 //! Runs without a GPU: only libnvrtc is needed. `scripts/test.sh` installs it and sets
 //! YOCO_REQUIRE_NVRTC, so that in CI a missing library fails instead of skipping.
 #![cfg(feature = "cuda")]
 
-use yoco_worker::cuda::compile::{compile_program, nvrtc_available};
+use yoco_worker::cuda::compile::{compile_cubin, compile_program, nvrtc_available};
 use yoco_worker::cuda::KERNELS;
 
 #[test]
@@ -26,4 +27,17 @@ fn every_kernel_compiles_with_nvrtc() {
         let entries = ptx.matches(".entry ").count();
         assert_eq!(entries, KERNELS.len(), "{arch}: the PTX has entry points KERNELS does not list");
     }
+    // What a GPU loads: machine code for its own architecture, an ELF image naming every kernel.
+    for arch in ["sm_90", "sm_80", "sm_86"] {
+        let cubin = compile_cubin(arch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: not an ELF image");
+        for name in KERNELS {
+            let symbol = format!("{name}\0");
+            assert!(
+                cubin.windows(symbol.len()).any(|w| w == symbol.as_bytes()),
+                "{arch}: kernel {name} is not in the CUBIN"
+            );
+        }
+    }
+    assert!(compile_cubin("sm_1").is_err(), "an architecture NVRTC does not know is an error");
 }

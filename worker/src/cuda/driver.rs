@@ -74,22 +74,28 @@ impl CudaRuntime {
             capability,
             total_bytes: ctx.total_mem().map_err(dev)?,
         };
-        let arch = match capability {
-            (9, _) => "compute_90",
-            (8, 9) => "compute_89",
-            (8, 6) => "compute_86",
-            (8, _) => "compute_80",
-            (major, _) if major >= 10 => "compute_90", // PTX for 9.0 is JIT-compiled forward
-            (major, minor) => {
-                return Err(DeviceError::Device {
-                    ordinal,
-                    message: format!("compute capability {major}.{minor}: yoco needs 8.0 (A100) or newer"),
-                })
+        let (major, minor) = capability;
+        if major < 8 {
+            return Err(DeviceError::Device {
+                ordinal,
+                message: format!("compute capability {major}.{minor}: yoco needs 8.0 (A100) or newer"),
+            });
+        }
+        // Machine code for this GPU: no PTX for the driver to compile (a PTX from an NVRTC newer
+        // than the driver is refused). An NVRTC that does not know a newer GPU gives PTX for
+        // 9.0 instead, which the driver compiles forward.
+        let arch = format!("sm_{major}{minor}");
+        let program = match super::compile::compile_cubin(&arch) {
+            Ok(cubin) => cudarc::nvrtc::Ptx::from_binary(cubin),
+            Err(e) if major >= 10 => {
+                tracing::warn!(error = %e, "no CUBIN for {arch}: PTX for compute_90, compiled by the driver");
+                compile_program("compute_90")?
             }
+            Err(e) => return Err(e.into()),
         };
-        let module = ctx.load_module(compile_program(arch)?).map_err(|e| {
+        let module = ctx.load_module(program).map_err(|e| {
             DeviceError::Driver(format!(
-                "loading the kernels' PTX: {e:?} (a driver older than the NVRTC that compiled them? \
+                "loading the kernels ({arch}): {e:?} (a driver older than the NVRTC that compiled them? \
                  NVRTC 13 needs a CUDA 13 driver)"
             ))
         })?;
