@@ -2,7 +2,9 @@
 // are. The blocks of a launch run one after another; the threads of a block are fibers
 // (ucontext) that one OS thread switches between, so __syncthreads is a switch back to the
 // scheduler, which resumes every thread once all have reached the barrier, and __shared__
-// memory is one static array per block. Warp shuffles go through a block-wide exchange, which is
+// memory is static storage in a section of its own, filled with a poison (all bits set: a NaN,
+// or -1) at the start of every block, so that a kernel reading shared memory before writing it
+// gets garbage here as it would on a GPU, not the zeros of static storage. Warp shuffles go through a block-wide exchange, which is
 // exact when the whole block reaches every shuffle together (the kernels keep their control flow
 // block-uniform around reductions, see prelude.cuh). A thread that leaves the kernel while others
 // wait at a barrier is reported: on a GPU that is a hang or undefined behaviour.
@@ -41,6 +43,12 @@ inline unsigned current = 0;
 inline unsigned long long exchange[1024];
 inline bool diverged = false;
 
+// The bounds of the `emu_shared` section, from the linker.
+extern "C" char __start_emu_shared[], __stop_emu_shared[];
+
+// Every block starts with its shared memory poisoned.
+inline void poison_shared() { std::memset(__start_emu_shared, 0xFF, __stop_emu_shared - __start_emu_shared); }
+
 // Back to the scheduler until every thread of the block has reached this barrier.
 inline void barrier() {
     if (_setjmp((*fibers)[current].at) == 0) _longjmp(scheduler_at, 1);
@@ -50,7 +58,7 @@ inline void barrier() {
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static __attribute__((section("emu_shared")))
 
 inline void __syncthreads() { emu::barrier(); }
 

@@ -40,6 +40,7 @@ int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 blockIdx = uint3{x, y, z};
+                poison_shared();
                 for (unsigned t = 0; t < threads; t++) {
                     Fiber& f = pool[t];
                     f.done = false;

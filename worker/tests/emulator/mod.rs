@@ -4,7 +4,8 @@
 //! scheduler), and [`EmuRuntime`], the `Runtime` of the CUDA ops over it: device buffers are host
 //! vectors, launches go to the emulator, and the GEMM is cuBLAS's column-major contract computed
 //! on the host. What it cannot find: races between threads and missing barriers (blocks run one
-//! after another, threads in a fixed order, shared memory is zero-filled static storage), warp
+//! after another, threads in a fixed order; shared memory is poisoned at every block's start, so
+//! a read before a write is caught, but not a race within a phase), warp
 //! behaviour beyond block-wide shuffles, CUDA's own maths (`expf`, `cos`, fused multiply-adds)
 //! and cuBLAS itself. Those are for `scripts/gpu-check.sh` on a GPU.
 #![allow(dead_code)]
