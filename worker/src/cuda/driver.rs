@@ -67,6 +67,18 @@ impl CudaRuntime {
         // One stream: its order is all the ordering the ops need.
         // SAFETY: no buffer is shared with another stream.
         unsafe { ctx.disable_event_tracking() };
+        // Stream-ordered frees return memory to the device's default pool, which by default
+        // hands it back to the driver at every synchronisation (release threshold 0): every
+        // step's activations would come from the driver again. The pool keeps what it has.
+        // SAFETY: the pool handle is the device's own; the attribute takes a u64.
+        unsafe {
+            use cudarc::driver::sys as cu_sys;
+            let mut pool: cu_sys::CUmemoryPool = std::ptr::null_mut();
+            cu_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(dev)?;
+            let mut keep = u64::MAX;
+            let attr = cu_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            cu_sys::cuMemPoolSetAttribute(pool, attr, (&mut keep as *mut u64).cast()).result().map_err(dev)?;
+        }
         let capability = ctx.compute_capability().map_err(dev)?;
         let info = DeviceInfo {
             ordinal,
