@@ -1,8 +1,10 @@
 //! The NCCL transport (feature `cuda`): collectives between GPUs through cudarc's `nccl` module.
 //! Payloads are staged through device buffers; the NCCL unique id travels from rank 0 over a
 //! bootstrap group (the TCP one). Every operation waits on a CUDA event with the collective
-//! timeout: a peer that dies or stalls becomes an error, and dropping the communicator aborts it.
+//! timeout, and so does forming the communicator: a peer that dies or stalls becomes an error,
+//! and dropping the communicator aborts it.
 
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +14,27 @@ use cudarc::nccl::{Comm, Id};
 use super::{Collective, CommError};
 
 pub struct NcclCollective {
-    comm: Comm,
+    /// Dropped by hand: cudarc's drop panics if the abort fails (a peer gone mid-operation).
+    comm: ManuallyDrop<Comm>,
     stream: Arc<CudaStream>,
     timeout: Duration,
+}
+
+/// A communicator moved to the thread that forms it and back (see [`NcclCollective`]'s Send).
+struct Moved<T>(T);
+// SAFETY: an NCCL communicator is not tied to the thread that made it; one thread uses it at a
+// time (it is handed over, never shared).
+unsafe impl<T> Send for Moved<T> {}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `self.comm` is not used after.
+        let comm = unsafe { ManuallyDrop::take(&mut self.comm) };
+        let aborted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comm)));
+        if aborted.is_err() {
+            tracing::warn!("aborting the NCCL communicator failed (its peers are gone?); going on");
+        }
+    }
 }
 
 // SAFETY: an NCCL communicator may move between threads; it must not be used by two at once,
@@ -61,9 +81,28 @@ impl NcclCollective {
         for (dst, &b) in internal.iter_mut().zip(&id_bytes) {
             *dst = b as u8 as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
-            .map_err(|e| setup(format!("ncclCommInitRank: {e:?}")))?;
-        Ok(NcclCollective { comm, stream, timeout })
+        // ncclCommInitRank blocks until every rank has joined and cannot be cancelled: it runs
+        // on a thread of its own, and a peer that fails after the readiness check above is a
+        // timeout here, not a hang (the thread is left blocked in NCCL).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let init_stream = stream.clone();
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{rank}"))
+            .spawn(move || {
+                let comm = Comm::from_rank(init_stream, rank, world, Id::uninit(internal)).map(Moved);
+                let _ = tx.send(comm);
+            })
+            .map_err(setup)?;
+        let comm = match rx.recv_timeout(timeout) {
+            Ok(comm) => comm.map_err(|e| setup(format!("ncclCommInitRank: {e:?}")))?.0,
+            Err(_) => {
+                return Err(setup(format!(
+                    "ncclCommInitRank: not every rank joined within {:.0} s",
+                    timeout.as_secs_f64()
+                )))
+            }
+        };
+        Ok(NcclCollective { comm: ManuallyDrop::new(comm), stream, timeout })
     }
 
     fn driver(&self, peer: usize) -> impl Fn(cudarc::driver::DriverError) -> CommError {
