@@ -31,6 +31,10 @@ pub struct Grid {
     row: Vec<usize>,
     column: Vec<usize>,
     everyone: Vec<usize>,
+    /// The row's and the column's communicators of their own, where the transport makes them
+    /// (`Collective::sub_communicator`), with their ranks `0..n`.
+    row_comm: Option<(Box<dyn Collective>, Vec<usize>)>,
+    column_comm: Option<(Box<dyn Collective>, Vec<usize>)>,
     spent: Spent,
 }
 
@@ -49,12 +53,25 @@ impl Grid {
             return Err(CommError::Setup(format!("tensor-parallel size {tp} does not divide the {world} ranks")));
         }
         let (t, c) = (rank % tp, rank / tp);
+        let mut comm = comm;
+        let row: Vec<usize> = (0..tp).map(|j| c * tp + j).collect();
+        let column: Vec<usize> = (0..world / tp).map(|j| j * tp + t).collect();
+        // Every rank forms its row's communicator, then its column's: the same order everywhere.
+        let mut own = |members: &[usize]| -> Result<_, CommError> {
+            if members.len() < 2 || members.len() == world {
+                return Ok(None);
+            }
+            Ok(comm.sub_communicator(members)?.map(|sub| (sub, (0..members.len()).collect())))
+        };
+        let (row_comm, column_comm) = (own(&row)?, own(&column)?);
         Ok(Grid {
             inner: comm,
             tp,
-            row: (0..tp).map(|j| c * tp + j).collect(),
-            column: (0..world / tp).map(|j| j * tp + t).collect(),
+            row,
+            column,
             everyone: (0..world).collect(),
+            row_comm,
+            column_comm,
             spent: Spent::default(),
         })
     }
@@ -99,13 +116,17 @@ impl Grid {
     }
 
     fn sub(&mut self, axis: Axis) -> SubGroup<'_> {
-        let (members, clock) = match axis {
-            Axis::Tp => (&self.row, &mut self.spent.tp),
-            Axis::Cp => (&self.column, &mut self.spent.cp),
-            Axis::All => (&self.everyone, &mut self.spent.all),
+        let rank = self.inner.rank();
+        let (own, members, clock) = match axis {
+            Axis::Tp => (self.row_comm.as_mut(), &self.row, &mut self.spent.tp),
+            Axis::Cp => (self.column_comm.as_mut(), &self.column, &mut self.spent.cp),
+            Axis::All => (None, &self.everyone, &mut self.spent.all),
         };
-        let me = members.iter().position(|&r| r == self.inner.rank()).expect("a rank is in its row and column");
-        SubGroup { inner: &mut *self.inner, members, me, clock }
+        let me = members.iter().position(|&r| r == rank).expect("a rank is in its row and column");
+        match own {
+            Some((comm, ids)) => SubGroup { inner: &mut **comm, members: ids, me, clock },
+            None => SubGroup { inner: &mut *self.inner, members, me, clock },
+        }
     }
 
     /// Time spent in collectives since the last call.
@@ -128,6 +149,12 @@ impl SubGroup<'_> {
         let out = f(&mut *self.inner, self.members);
         *self.clock += started.elapsed();
         out
+    }
+
+    /// Whether the sub-group is the whole of its communicator (in order): its collectives are
+    /// then the communicator's own (a row's all-reduce one NCCL call).
+    fn whole(&self) -> bool {
+        self.members.len() == self.inner.world()
     }
 
     fn member(&self, i: usize) -> Result<usize, CommError> {
@@ -157,7 +184,21 @@ impl Collective for SubGroup<'_> {
         if self.members.len() == 1 {
             return Ok(vec![data.to_vec()]);
         }
+        if self.whole() {
+            return self.timed(|c, _| c.all_gather(data));
+        }
         self.timed(|c, members| c.all_gather_among(members, data))
+    }
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        if self.members.len() == 1 {
+            return Ok(());
+        }
+        if self.whole() {
+            return self.timed(|c, _| c.all_reduce_sum(data));
+        }
+        // The default: an all-gather among the members, summed in rank order.
+        let all = self.all_gather(data)?;
+        super::sum_in_rank_order(&all, data)
     }
     fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
         let mapped = members.iter().map(|&i| self.member(i)).collect::<Result<Vec<_>, _>>()?;
@@ -238,6 +279,106 @@ mod tests {
             assert_eq!(all, vec![0.0, 1.0, 2.0, 3.0]);
             assert_eq!(odd, if r % 2 == 1 { vec![vec![1.0], vec![3.0]] } else { Vec::new() });
         }
+    }
+
+    /// A transport with communicators of its own for sub-groups (as NCCL's): here separate TCP
+    /// groups formed beforehand for each row and column. Counts what goes through the whole
+    /// group's communicator.
+    struct WithSubs {
+        all: TcpCollective,
+        subs: Vec<(Vec<usize>, TcpCollective)>,
+        used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl WithSubs {
+        fn count(&self) {
+            self.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Collective for WithSubs {
+        fn rank(&self) -> usize {
+            self.all.rank()
+        }
+        fn world(&self) -> usize {
+            self.all.world()
+        }
+        fn send(&mut self, to: usize, data: &[f32]) -> Result<(), CommError> {
+            self.count();
+            self.all.send(to, data)
+        }
+        fn recv(&mut self, from: usize) -> Result<Vec<f32>, CommError> {
+            self.count();
+            self.all.recv(from)
+        }
+        fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+            self.count();
+            self.all.all_gather(data)
+        }
+        fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+            self.count();
+            self.all.all_gather_among(members, data)
+        }
+        fn sub_communicator(&mut self, members: &[usize]) -> Result<Option<Box<dyn Collective>>, CommError> {
+            let i = self.subs.iter().position(|(m, _)| m == members).expect("a sub-group formed beforehand");
+            Ok(Some(Box::new(self.subs.remove(i).1)))
+        }
+    }
+
+    /// Rows and columns with communicators of their own carry the grid's row and column
+    /// collectives; the whole group's carries only the whole group's.
+    #[test]
+    fn rows_and_columns_use_their_own_communicators_where_the_transport_has_them() {
+        use crate::comm::TcpOptions;
+        use std::net::{SocketAddr, TcpListener};
+        let opts = TcpOptions {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            cancel: None,
+            formation: 0,
+        };
+        // Rows {0, 1}, {2, 3}; columns {0, 2}, {1, 3}: a listener per member of each.
+        let groups: Vec<Vec<usize>> = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];
+        let listeners: Vec<Vec<std::sync::Mutex<Option<TcpListener>>>> = groups
+            .iter()
+            .map(|g| g.iter().map(|_| std::sync::Mutex::new(Some(TcpListener::bind("127.0.0.1:0").unwrap()))).collect())
+            .collect();
+        let addrs: Vec<Vec<SocketAddr>> = listeners
+            .iter()
+            .map(|g| g.iter().map(|l| l.lock().unwrap().as_ref().unwrap().local_addr().unwrap()).collect())
+            .collect();
+        let results = group(4, Duration::from_secs(10), |all| {
+            let r = all.rank();
+            // Each rank joins its row's group, then its column's (the same order on every rank).
+            let subs = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, members)| {
+                    let me = members.iter().position(|&m| m == r)?;
+                    let l = listeners[g][me].lock().unwrap().take().unwrap();
+                    Some((members.clone(), TcpCollective::connect(me, &addrs[g], l, &opts).unwrap()))
+                })
+                .collect();
+            let used = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut g = Grid::new(Box::new(WithSubs { all, subs, used: used.clone() }), 2).unwrap();
+            let (t, cp) = (g.tp_rank(), g.cp_rank());
+            let mut sum = vec![r as f32; 3];
+            g.tp().all_reduce_sum(&mut sum).unwrap();
+            assert_eq!(sum, vec![(cp * 4 + 1) as f32; 3]);
+            let column = g.cp().all_gather(&[r as f32]).unwrap();
+            assert_eq!(column, vec![vec![t as f32], vec![(2 + t) as f32]]);
+            let mut b = if cp == 1 { vec![t as f32 + 0.5] } else { Vec::new() };
+            g.cp().broadcast(1, &mut b).unwrap();
+            assert_eq!(b, vec![t as f32 + 0.5]);
+            let spent = g.take_spent();
+            assert!(spent.tp > Duration::ZERO && spent.cp > Duration::ZERO);
+            let used = || used.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(used(), 0, "a row's or column's collective went through the whole group");
+            g.all().barrier().unwrap();
+            assert!(used() > 0);
+            r
+        });
+        assert_eq!(results, vec![0, 1, 2, 3]);
     }
 
     #[test]

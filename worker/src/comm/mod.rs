@@ -61,6 +61,16 @@ pub trait Collective: Send {
         Ok(out)
     }
 
+    /// A communicator of `members` alone (ascending, this rank among them), whose ranks are the
+    /// members' indices: every rank of the group calls this at the same point, each for the
+    /// sub-group it belongs to (a grid's rows, then its columns). NCCL gives a row or column a
+    /// communicator of its own, so that its collectives are single NCCL calls; `None` (the
+    /// default) leaves the sub-group's collectives to this communicator (`all_gather_among`).
+    fn sub_communicator(&mut self, members: &[usize]) -> Result<Option<Box<dyn Collective>>, CommError> {
+        let _ = members;
+        Ok(None)
+    }
+
     /// Replaces `data` on every rank by the root's.
     fn broadcast(&mut self, root: usize, data: &mut Vec<f32>) -> Result<(), CommError> {
         if self.rank() == root {
@@ -76,21 +86,26 @@ pub trait Collective: Send {
     /// Elementwise sum over ranks, added in rank order so that every rank gets the same bits.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CommError> {
         let all = self.all_gather(data)?;
-        data.fill(0.0);
-        for part in &all {
-            if part.len() != data.len() {
-                return Err(CommError::Protocol { peer: 0, reason: "all_reduce lengths differ".into() });
-            }
-            for (d, p) in data.iter_mut().zip(part) {
-                *d += p;
-            }
-        }
-        Ok(())
+        sum_in_rank_order(&all, data)
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
         self.all_gather(&[]).map(|_| ())
     }
+}
+
+/// `data` ← the elementwise sum of every rank's part, added in rank order.
+pub(crate) fn sum_in_rank_order(all: &[Vec<f32>], data: &mut [f32]) -> Result<(), CommError> {
+    data.fill(0.0);
+    for (peer, part) in all.iter().enumerate() {
+        if part.len() != data.len() {
+            return Err(CommError::Protocol { peer, reason: "all_reduce lengths differ".into() });
+        }
+        for (d, p) in data.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `members` is an ascending list of ranks of a group of `world` that holds `me`.

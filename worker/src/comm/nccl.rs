@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaStream};
-use cudarc::nccl::{Comm, Id};
+use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::{Collective, CommError};
 
@@ -52,6 +52,51 @@ pub fn nccl_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() }
 }
 
+/// A new NCCL unique id made by `members[0]` and given to every member through `group`.
+fn share_id(group: &mut dyn Collective, members: &[usize]) -> Result<[std::ffi::c_char; 128], CommError> {
+    let mine: Vec<f32> = if group.rank() == members[0] {
+        let id = Id::new().map_err(|e| setup(format!("ncclGetUniqueId: {e:?}")))?;
+        id.internal().iter().map(|&c| c as u8 as f32).collect()
+    } else {
+        Vec::new()
+    };
+    let all = group.all_gather_among(members, &mine)?;
+    let mut internal = [0 as std::ffi::c_char; 128];
+    match all.first() {
+        Some(bytes) if bytes.len() == internal.len() => {
+            for (dst, &b) in internal.iter_mut().zip(bytes) {
+                *dst = b as u8 as std::ffi::c_char;
+            }
+            Ok(internal)
+        }
+        _ => Err(setup(format!("malformed NCCL unique id from rank {}", members[0]))),
+    }
+}
+
+/// `ncclCommInitRank`, which blocks until every rank has joined and cannot be cancelled: it runs
+/// on a thread of its own, so that a peer that fails after the readiness check is a timeout
+/// here, not a hang (the thread is left blocked in NCCL).
+fn init_comm(
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    internal: [std::ffi::c_char; 128],
+    timeout: Duration,
+) -> Result<Comm, CommError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("nccl-init-{rank}"))
+        .spawn(move || {
+            let comm = Comm::from_rank(stream, rank, world, Id::uninit(internal)).map(Moved);
+            let _ = tx.send(comm);
+        })
+        .map_err(setup)?;
+    match rx.recv_timeout(timeout) {
+        Ok(comm) => Ok(comm.map_err(|e| setup(format!("ncclCommInitRank: {e:?}")))?.0),
+        Err(_) => Err(setup(format!("ncclCommInitRank: not every rank joined within {:.0} s", timeout.as_secs_f64()))),
+    }
+}
+
 impl NcclCollective {
     /// Forms the NCCL communicator of the ranks of `bootstrap`, this rank on GPU `device`.
     pub fn from_bootstrap(bootstrap: &mut dyn Collective, device: usize, timeout: Duration) -> Result<Self, CommError> {
@@ -67,41 +112,9 @@ impl NcclCollective {
         }
         let ctx = CudaContext::new(device).map_err(|e| setup(format!("GPU {device}: {e:?}")))?;
         let stream = ctx.new_stream().map_err(|e| setup(format!("{e:?}")))?;
-        let mut id_bytes: Vec<f32> = if rank == 0 {
-            let id = Id::new().map_err(|e| setup(format!("ncclGetUniqueId: {e:?}")))?;
-            id.internal().iter().map(|&c| c as u8 as f32).collect()
-        } else {
-            Vec::new()
-        };
-        bootstrap.broadcast(0, &mut id_bytes)?;
-        let mut internal = [0 as std::ffi::c_char; 128];
-        if id_bytes.len() != internal.len() {
-            return Err(setup("malformed NCCL unique id from rank 0"));
-        }
-        for (dst, &b) in internal.iter_mut().zip(&id_bytes) {
-            *dst = b as u8 as std::ffi::c_char;
-        }
-        // ncclCommInitRank blocks until every rank has joined and cannot be cancelled: it runs
-        // on a thread of its own, and a peer that fails after the readiness check above is a
-        // timeout here, not a hang (the thread is left blocked in NCCL).
-        let (tx, rx) = std::sync::mpsc::channel();
-        let init_stream = stream.clone();
-        std::thread::Builder::new()
-            .name(format!("nccl-init-{rank}"))
-            .spawn(move || {
-                let comm = Comm::from_rank(init_stream, rank, world, Id::uninit(internal)).map(Moved);
-                let _ = tx.send(comm);
-            })
-            .map_err(setup)?;
-        let comm = match rx.recv_timeout(timeout) {
-            Ok(comm) => comm.map_err(|e| setup(format!("ncclCommInitRank: {e:?}")))?.0,
-            Err(_) => {
-                return Err(setup(format!(
-                    "ncclCommInitRank: not every rank joined within {:.0} s",
-                    timeout.as_secs_f64()
-                )))
-            }
-        };
+        let all: Vec<usize> = (0..world).collect();
+        let internal = share_id(bootstrap, &all)?;
+        let comm = init_comm(stream.clone(), rank, world, internal, timeout)?;
         Ok(NcclCollective { comm: ManuallyDrop::new(comm), stream, timeout })
     }
 
@@ -170,6 +183,33 @@ impl Collective for NcclCollective {
         self.comm.recv(&mut buf, from as i32).map_err(self.nccl(from))?;
         self.wait(from)?;
         self.stream.clone_dtoh(&buf).map_err(self.driver(from))
+    }
+
+    /// One `ncclAllReduce` (every rank gets the same bits, as NCCL's reductions give them).
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CommError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut buf = self.stream.clone_htod(data).map_err(self.driver(0))?;
+        self.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum).map_err(self.nccl(0))?;
+        self.wait(0)?;
+        let summed = self.stream.clone_dtoh(&buf).map_err(self.driver(0))?;
+        data.copy_from_slice(&summed);
+        Ok(())
+    }
+
+    /// A communicator of the members alone, on this rank's GPU and stream: the leader's unique
+    /// id goes to the others over this communicator, then each joins the new one.
+    fn sub_communicator(&mut self, members: &[usize]) -> Result<Option<Box<dyn Collective>>, CommError> {
+        super::check_members(members, self.rank(), self.world())?;
+        let internal = share_id(self, members)?;
+        let me = members.iter().position(|&r| r == self.rank()).expect("checked above");
+        let comm = init_comm(self.stream.clone(), me, members.len(), internal, self.timeout)?;
+        Ok(Some(Box::new(NcclCollective {
+            comm: ManuallyDrop::new(comm),
+            stream: self.stream.clone(),
+            timeout: self.timeout,
+        })))
     }
 
     fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
