@@ -103,9 +103,9 @@ for l in open(sys.argv[1]):
     # The first call asks for prompt log-probabilities (the cross-decoder at every prompt
     # position, so it cannot start from a cached prefix); the second reuses its prefix.
     "$YOCO" client --addr "http://$addr" generate --prompt-ids "$ids" --max-tokens 48 --ignore-eos \
-      --logprobs 0 --prompt-logprobs --json >"$out/served-$dev-first.json" || status=1
+      --logprobs 2 --prompt-logprobs --json >"$out/served-$dev-first.json" || status=1
     "$YOCO" client --addr "http://$addr" generate --prompt-ids "$ids" --max-tokens 48 --ignore-eos \
-      --logprobs 0 --json >"$out/served-$dev-again.json" || status=1
+      --logprobs 2 --json >"$out/served-$dev-again.json" || status=1
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
@@ -115,19 +115,29 @@ out, devices = sys.argv[1], sys.argv[2:]
 def load(dev, call):
     return json.load(open(f"{out}/served-{dev}-{call}.json"))
 base = load(devices[0], "first")
+def equal_up_to_a_near_tie(got):
+    """How many tokens agree with the base's; a difference must be at a near-tie of the base's
+    top two (log-probabilities within 1e-4: rounding may break such a tie either way)."""
+    same = sum(1 for _ in __import__("itertools").takewhile(lambda t: t[0] == t[1], zip(base["tokens"], got["tokens"])))
+    if same < len(base["tokens"]):
+        top = base["top_logprobs"][same]
+        gap = abs(top[0]["logprob"] - top[1]["logprob"])
+        print(f"  first difference at token {same}: top-2 gap {gap:.2e}")
+        assert got["tokens"][same] in {t["token"] for t in top[:2]} and gap < 1e-4, "greedy tokens differ, not at a near-tie"
+    return same
 for dev in devices:
     info = json.load(open(f"{out}/served-{dev}-info.json"))
     ranks = [r["device"] for r in info["ranks"]]
     for call in ("first", "again"):
         got = load(dev, call)
-        worst = max(abs(a - b) for a, b in zip(base["logprobs"], got["logprobs"]))
+        same = equal_up_to_a_near_tie(got)
+        worst = max(abs(a - b) for a, b in zip(base["logprobs"][:same + 1], got["logprobs"][:same + 1]))
         prompt = [(a, b) for a, b in zip(base["prompt_logprobs"] or [], got["prompt_logprobs"] or [])
                   if a is not None and b is not None]
         worst_prompt = max((abs(a - b) for a, b in prompt), default=0.0)
         print(f"served {dev} ({','.join(map(str, ranks)) or '?'}) {call}: cached {got['usage']['cached_prompt_tokens']}, "
-              f"tokens equal {got['tokens'] == base['tokens']}, |Δ logprob| {worst:.2e}, prompt {worst_prompt:.2e}, "
+              f"tokens equal {same} of {len(base['tokens'])}, |Δ logprob| {worst:.2e}, prompt {worst_prompt:.2e}, "
               f"prefill tok/s {got['timing']['prefill_tokens_per_second']:.0f}, decode tok/s {got['timing']['decode_tokens_per_second']:.1f}")
-        assert got["tokens"] == base["tokens"], f"{dev} ({call}): greedy tokens differ from {devices[0]}'s in f32"
 PY
   return $status
 }
@@ -185,18 +195,26 @@ for line in open(sys.argv[1]):
       ids="$(python3 -c 'print(",".join(str((i * 7919 + 13) % 100288) for i in range(3000)))')"
       for dev in cpu cuda; do
         "$DIR/yoco" generate --model "$tiny" --device "$dev" --prompt-ids "$ids" --max-tokens 64 --ignore-eos \
-          --json >"$out/generate-$dev.json" || status=1
+          --logprobs 2 --json >"$out/generate-$dev.json" || status=1
       done
       python3 - "$out/generate-cpu.json" "$out/generate-cuda.json" <<'PY' || status=1
 import json, sys
 cpu, gpu = (json.load(open(p)) for p in sys.argv[1:3])
 assert gpu["device"] == "cuda", gpu["device"]
 same = sum(1 for _ in __import__("itertools").takewhile(lambda t: t[0] == t[1], zip(cpu["tokens"], gpu["tokens"])))
-worst = max(abs(a - b) for a, b in zip(cpu["logprobs"], gpu["logprobs"]))
+worst = max(abs(a - b) for a, b in zip(cpu["logprobs"][:same + 1], gpu["logprobs"][:same + 1]))
 print(f"greedy tokens equal: {same} of {len(cpu['tokens'])}; largest |logprob difference| {worst:.2e}")
 print(f"prefill tok/s cpu {cpu['timing']['prefill_tokens_per_second']:.0f} cuda {gpu['timing']['prefill_tokens_per_second']:.0f}; "
       f"decode tok/s cpu {cpu['timing']['decode_tokens_per_second']:.1f} cuda {gpu['timing']['decode_tokens_per_second']:.1f}")
-assert cpu["tokens"] == gpu["tokens"], "greedy tokens differ in f32"
+if cpu["tokens"] != gpu["tokens"]:
+    # Equal up to a near-tie: where they first differ, the two tokens are the CPU's top two
+    # with log-probabilities within 1e-4 (the GPU's rounding may break such a tie either way).
+    i = same
+    top = cpu["top_logprobs"][i]
+    gap = abs(top[0]["logprob"] - top[1]["logprob"]) if len(top) > 1 else float("inf")
+    pair = {t["token"] for t in top[:2]}
+    print(f"first difference at token {i}: cpu {cpu['tokens'][i]} gpu {gpu['tokens'][i]}, CPU top-2 gap {gap:.2e}")
+    assert gpu["tokens"][i] in pair and gap < 1e-4, "greedy tokens differ in f32, and not at a near-tie"
 PY
       echo "## yoco serve: one worker on the GPU against one on the CPU, over gRPC; two sharing it, cp 2 and tp 2"
       served_check cpu cuda cudax2 cudax2tp2 || status=1

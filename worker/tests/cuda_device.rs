@@ -287,6 +287,28 @@ fn greedy<B: yoco_worker::backend::Backend>(
     (tokens, rows)
 }
 
+/// Greedy tokens equal to the CPU's, up to a near-tie: where they first differ, the CPU's logits
+/// (`want_rows[i]` chose `want[i]`) must put the two tokens within 1e-4 of each other relative
+/// to the row's scale — a tie the GPU's rounding may break the other way, reported with its gap
+/// (the continuations then differ, so nothing after it is compared). A larger gap fails.
+///
+/// Returns how many rows of logits are comparable: all, or those up to the near-tie.
+fn same_greedy_tokens(got: &[u32], want: &[u32], want_rows: &[Vec<f32>], what: &str) -> usize {
+    let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) else {
+        assert_eq!(got.len(), want.len(), "{what}");
+        return want_rows.len();
+    };
+    let row = &want_rows[i];
+    let rms = (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / row.len() as f64).sqrt() as f32;
+    let gap = row[want[i] as usize] - row[got[i] as usize];
+    eprintln!(
+        "{what}: first difference at token {i} ({} vs {}): CPU logit gap {gap:.3e} (row rms {rms:.3e})",
+        got[i], want[i]
+    );
+    assert!(gap.abs() <= 1e-4 * (row[want[i] as usize].abs() + rms), "{what}: not a near-tie");
+    i + 1
+}
+
 fn gpu_opts() -> yoco_worker::engine::EngineOptions {
     yoco_worker::engine::EngineOptions { block_tokens: 64, cache_budget_bytes: 256 << 20, ..Default::default() }
 }
@@ -331,14 +353,17 @@ fn the_engine_on_the_gpu_is_the_cpu_one() {
         let gpu = backend().expect("the GPU opened above");
         let mut dev = Engine::on_backend(gpu, &model, &gpu_opts(), Box::new(SingleRank)).unwrap();
         let (tokens, got) = greedy(&mut dev, &prompt, 16);
-        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
-        let worst = errs.iter().cloned().fold(0f32, f32::max);
         let same = tokens.iter().zip(&want_tokens).take_while(|(a, b)| a == b).count();
-        eprintln!("{name}: largest relative logit error {worst:.2e} (bound {tol:.0e}); first {same} of 16 greedy tokens equal");
+        // With f32 weights the tokens must agree up to a near-tie; with half weights the first
+        // difference only ends the comparison (the continuations differ after it).
+        let rows = if tol <= 1e-4 {
+            same_greedy_tokens(&tokens, &want_tokens, &want, &format!("{name}: greedy tokens in f32"))
+        } else {
+            (same + 1).min(want.len())
+        };
+        let worst = got[..rows].iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
+        eprintln!("{name}: largest relative logit error {worst:.2e} over {rows} rows (bound {tol:.0e}); first {same} of 16 greedy tokens equal");
         assert!(worst <= tol, "{name}: GPU vs CPU logits rel err {worst}");
-        if tol <= 1e-4 {
-            assert_eq!(tokens, want_tokens, "{name}: greedy tokens in f32");
-        }
     }
 }
 
@@ -403,14 +428,25 @@ fn groups_on_the_gpu_are_one_cpu_rank() {
                     group_script(e, &prompt)
                 });
             for (r, (tokens, rows)) in ranks.iter().enumerate() {
-                let worst = rows.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
+                let n = same_greedy_tokens(tokens, &want_tokens, &want, &format!("{name} {grid}: greedy tokens"));
+                let worst = rows[..n].iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0f32, f32::max);
                 eprintln!(
-                    "{name} {grid}: rank {r} of 2 on the GPU: largest relative logit error {worst:.2e} (bound 1e-4)"
+                    "{name} {grid}: rank {r} of 2 on the GPU: largest relative logit error {worst:.2e} over {n} rows (bound 1e-4)"
                 );
                 assert!(worst <= 1e-4, "{name} {grid}: rank {r}: rel err {worst}");
-                assert_eq!(tokens, &want_tokens, "{name} {grid}: greedy tokens");
                 assert_eq!(rows, &ranks[0].1, "{name} {grid}: the ranks disagree");
             }
         }
     }
+}
+
+/// The GPU tests' token check (runs without a GPU): equal tokens pass, a difference at a
+/// near-tie of the CPU's logits ends the comparison there, any other difference fails.
+#[test]
+fn greedy_tokens_may_differ_at_a_near_tie_only() {
+    let rows = vec![vec![1.0, 0.5, 3.0], vec![2.0, 2.00001, 0.0], vec![0.0, 1.0, 0.0]];
+    assert_eq!(same_greedy_tokens(&[2, 1, 1], &[2, 1, 1], &rows, "equal"), 3);
+    assert_eq!(same_greedy_tokens(&[2, 0, 2], &[2, 1, 1], &rows, "a near-tie"), 2);
+    let far = std::panic::catch_unwind(|| same_greedy_tokens(&[0, 1, 1], &[2, 1, 1], &rows, "a real difference"));
+    assert!(far.is_err());
 }
