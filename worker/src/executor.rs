@@ -127,9 +127,6 @@ impl<B: Backend> Executor<B> {
     /// The plan's sequences added (their ids pushed to `added`), then its one engine step.
     fn add_and_step(&mut self, plan: &Plan, added: &mut Vec<SeqId>) -> Result<Vec<StepOutput>, EngineError> {
         for spec in &plan.add {
-            if self.seqs.contains_key(&spec.seq) {
-                return Err(EngineError::DuplicateSequence(spec.seq));
-            }
             let mut sampler = Sampler::new(spec.sampling.clone());
             match spec.resume_from {
                 Some(snap) => {

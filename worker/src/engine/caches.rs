@@ -124,7 +124,7 @@ impl<B: Backend> BlockPool<B> {
         }
         let bt = self.block_tokens;
         let shared_tail = !kv.rows.is_multiple_of(bt) && kv.table.last().is_some_and(|&b| self.refs[b as usize] > 1);
-        (kv.rows + n).div_ceil(bt) - kv.table.len().min(kv.rows.div_ceil(bt)) + usize::from(shared_tail)
+        (kv.rows + n).div_ceil(bt) - kv.rows.div_ceil(bt) + usize::from(shared_tail)
     }
 
     /// Takes the blocks that each of `kvs` needs to grow by `rows[i]` rows: all or none. A

@@ -56,6 +56,37 @@ impl Segment {
     }
 }
 
+/// Rows of a step's buffer: the buffer itself when they are all of it, else a copy of them.
+pub(super) enum Rows<'a, B: Backend> {
+    All(&'a B::Buf),
+    Copied(B::Buf),
+}
+
+impl<B: Backend> std::ops::Deref for Rows<'_, B> {
+    type Target = B::Buf;
+    fn deref(&self) -> &B::Buf {
+        match self {
+            Rows::All(x) => x,
+            Rows::Copied(x) => x,
+        }
+    }
+}
+
+/// Rows `rows` of `x [total, width]`, copied only when they are not all of it (a step of one
+/// prompt chunk or one decode token is the common case, and copies nothing).
+pub(super) fn rows_of<'a, B: Backend>(
+    b: &B,
+    x: &'a B::Buf,
+    width: usize,
+    rows: Range<usize>,
+    total: usize,
+) -> Result<Rows<'a, B>> {
+    if rows == (0..total) {
+        return Ok(Rows::All(x));
+    }
+    Ok(Rows::Copied(b.rows(x, width, rows)?))
+}
+
 fn protocol(peer: usize, reason: &str) -> EngineError {
     EngineError::Comm(CommError::Protocol { peer, reason: reason.into() })
 }
@@ -270,7 +301,7 @@ impl<B: Backend> Weights<B> {
             let m = seg.rows.len();
             let step = |keys: &mut B::Buf, values: &mut B::Buf, rows: &mut usize, o: &mut B::Buf| -> Result<()> {
                 let (qh, kh, vh) = projected.as_ref().expect("rows were computed");
-                let part = |x: &B::Buf| b.rows(x, qd, seg.rows.clone());
+                let part = |x| rows_of(b, x, qd, seg.rows.clone(), n);
                 let (qs, ks, vs) = (part(qh)?, part(kh)?, part(vh)?);
                 let os = window_step(b, &qs, &ks, &vs, m, (keys, values, rows), window, heads, hd)?;
                 b.write_rows(o, qd, seg.rows.start, &os, m)?;
@@ -336,8 +367,8 @@ impl<B: Backend> Weights<B> {
     /// this rank's cache shard; the column's partial attentions (the other positions) are
     /// merged, the row's partial sums (the other heads) all-reduced.
     ///
-    /// With `groups` (see `Backend::row_groups`; a lone rank only, as a group runs each layer's
-    /// collectives in one order on every rank), each group of rows goes through every layer on
+    /// With `groups` (see `Backend::row_groups`; the caller gives them on a lone rank only, as a
+    /// group runs each layer's collectives in one order on every rank), each group of rows goes through every layer on
     /// its own, the groups in parallel: every layer after the first then finds the group's
     /// caches in the last-level cache.
     pub(super) fn cross_decode(
@@ -350,7 +381,7 @@ impl<B: Backend> Weights<B> {
         grid: &mut Grid,
     ) -> Result<B::Buf> {
         let (n, dim) = (rows.positions.len(), self.cfg.dim);
-        let Some(groups) = groups.filter(|_| grid.world() == 1) else {
+        let Some(groups) = groups else {
             return self.cross_layers(b, x, rows, pool, grid);
         };
         // Each group alone through every layer, the groups in parallel.

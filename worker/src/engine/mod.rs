@@ -34,7 +34,7 @@ use crate::kernels::kv_block::CacheDtype;
 use crate::model::Model;
 pub use crate::plan::{SeqId, SnapshotId};
 use caches::{Caches, KvShard, ReserveError, State};
-use forward::{CrossRows, Segment, Shard};
+use forward::{rows_of, CrossRows, Segment, Shard};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -573,13 +573,8 @@ impl<B: Backend> Engine<B> {
                 let keep: Vec<usize> = (0..seg.rows.len()).filter(|&i| p.owners[p.rows.start + i] == rank).collect();
                 for run in keep.chunk_by(|a, b| a + 1 == *b) {
                     let rows = seg.rows.start + run[0]..seg.rows.start + run[run.len() - 1] + 1;
-                    let at = seq.kv.rows;
-                    if rows == (0..n) {
-                        b.kv_write(&mut self.pool.storage, &seq.kv.table, at, k, v, n)?;
-                    } else {
-                        let (ks, vs) = (b.rows(k, kvd, rows.clone())?, b.rows(v, kvd, rows.clone())?);
-                        b.kv_write(&mut self.pool.storage, &seq.kv.table, at, &ks, &vs, rows.len())?;
-                    }
+                    let (ks, vs) = (rows_of(b, k, kvd, rows.clone(), n)?, rows_of(b, v, kvd, rows.clone(), n)?);
+                    b.kv_write(&mut self.pool.storage, &seq.kv.table, seq.kv.rows, &ks, &vs, rows.len())?;
                     seq.kv.push(seq.pos + p.rows.start + run[0], rows.len());
                 }
             }
@@ -648,10 +643,13 @@ impl<B: Backend> Engine<B> {
                 .zip(&visible)
                 .map(|(&i, &len)| b.block_table(&self.pool.storage, &seqs[i].kv.table, len))
                 .collect::<Result<Vec<_>, _>>()?;
-            let groups = {
+            // Row groups on a lone rank only: a group runs each layer's collectives in one order.
+            let groups = if self.grid.world() == 1 {
                 let row_bytes = 2 * kvd * self.pool.dtype().bytes();
                 let bytes: Vec<usize> = visible.iter().map(|&len| len * row_bytes).collect();
                 b.row_groups(&bytes, self.opts.cache_reuse_bytes)
+            } else {
+                None
             };
             let rows = CrossRows { positions: &rows_pos, tables: &tables, visible: &visible };
             let x = w.cross_decode(b, b.upload_owned(rows_x)?, &rows, &self.pool.storage, groups, &mut self.grid)?;
