@@ -10,8 +10,9 @@ use rayon::prelude::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineError, Logits, Placement, StepItem, StepOutput};
-use crate::plan::{Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec};
+use crate::plan::{Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec, SnapshotFiles, SnapshotFilesReport};
 use crate::sampling::{top_logprobs, Sampler};
+use crate::snapshot_store::{Layout, SnapshotStore};
 
 struct SeqCtl {
     spec: SeqSpec,
@@ -158,6 +159,71 @@ impl<B: Backend> Executor<B> {
             return Ok(Vec::new());
         }
         self.engine.step(&items)
+    }
+
+    /// The disk tier's store for this rank under `root`, for the model of `fingerprint`
+    /// (`crate::snapshot_store::model_fingerprint`).
+    pub fn open_store(&self, root: &std::path::Path, fingerprint: String) -> std::io::Result<SnapshotStore> {
+        let e = &self.engine;
+        let layout = Layout {
+            model: fingerprint,
+            world: e.world(),
+            tp: e.tp_size(),
+            rank: e.rank(),
+            block_tokens: e.pool().block_tokens(),
+            block_bytes: e.pool().block_bytes(),
+            cache_dtype: e.pool().dtype().name().to_string(),
+        };
+        let (retention, window) = e.state_widths();
+        SnapshotStore::open(root, layout, retention, window)
+    }
+
+    /// The disk tier's work on this rank (`store`: none when the group has no disk tier):
+    /// removals, saves, loads, listing; each save or load that fails is reported, not fatal.
+    pub fn snapshot_files(&mut self, store: Option<&SnapshotStore>, req: &SnapshotFiles) -> SnapshotFilesReport {
+        let mut report = SnapshotFilesReport::default();
+        let Some(store) = store else {
+            let why = || "this worker group has no prefix-cache disk directory".to_string();
+            report.failed = req.save.iter().map(|s| s.snap).chain(req.load.iter().map(|l| l.snap)).map(|id| (id, why())).collect();
+            return report;
+        };
+        for h in &req.remove {
+            store.remove(h);
+        }
+        for s in &req.save {
+            let saved = self
+                .engine
+                .export_snapshot(s.snap, s.parent.map(|p| p.0))
+                .map_err(|e| e.to_string())
+                .and_then(|image| store.save(&s.hash, s.parent.as_ref().map(|p| &p.1), &image).map_err(|e| e.to_string()));
+            match saved {
+                Ok(bytes) => report.saved.push((s.snap, bytes)),
+                Err(why) => {
+                    tracing::warn!(snapshot = s.snap, error = %why, "snapshot not written to disk");
+                    report.failed.push((s.snap, why));
+                }
+            }
+        }
+        for l in &req.load {
+            let loaded = store
+                .load(&l.hash)
+                .map_err(|e| e.to_string())
+                .and_then(|(_, image)| self.engine.import_snapshot(l.snap, l.parent, &image).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(()) => report.loaded.push(l.snap),
+                Err(why) => {
+                    tracing::warn!(snapshot = l.snap, error = %why, "snapshot not read from disk");
+                    report.failed.push((l.snap, why));
+                }
+            }
+        }
+        if req.list {
+            match store.list() {
+                Ok(files) => report.listed = files,
+                Err(e) => tracing::warn!(error = %e, dir = %store.dir().display(), "cannot list the snapshot files"),
+            }
+        }
+        report
     }
 
     /// Makes every rank use rank 0's sampled tokens.

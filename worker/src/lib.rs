@@ -20,6 +20,7 @@ pub mod plan;
 pub mod presets;
 pub mod sampling;
 pub mod service;
+pub mod snapshot_store;
 pub mod tokenizer;
 pub mod weights;
 

@@ -94,6 +94,60 @@ pub struct PromptLogprob {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// The prefix cache's disk tier: snapshot files every rank writes, reads or deletes, each its
+/// own (no collective). Done in this order: removals, saves, loads (in order: a load may
+/// continue an earlier one), then the listing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotFiles {
+    pub remove: Vec<BlockHash>,
+    pub save: Vec<SnapshotSave>,
+    pub load: Vec<SnapshotLoad>,
+    /// Report every file of this group's layout.
+    pub list: bool,
+}
+
+/// The coordinator's hash of the prompt blocks a snapshot covers: the name of its file.
+pub type BlockHash = [u8; 32];
+
+/// Write snapshot `snap` (of blocks `hash`) to its file, as what it adds to `parent` (the
+/// snapshot it continues, held too, and that one's hash).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSave {
+    pub snap: SnapshotId,
+    pub hash: BlockHash,
+    pub parent: Option<(SnapshotId, BlockHash)>,
+}
+
+/// Make snapshot `snap` from the file of `hash`, on top of held snapshot `parent`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotLoad {
+    pub snap: SnapshotId,
+    pub hash: BlockHash,
+    pub parent: Option<SnapshotId>,
+}
+
+/// A snapshot file as a rank lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub hash: BlockHash,
+    pub parent_hash: Option<BlockHash>,
+    /// Where it resumes, and this rank's rows of it.
+    pub pos: usize,
+    pub rows: usize,
+    pub bytes: u64,
+}
+
+/// One rank's answer to [`SnapshotFiles`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotFilesReport {
+    /// Saved snapshots and their files' bytes.
+    pub saved: Vec<(SnapshotId, u64)>,
+    pub loaded: Vec<SnapshotId>,
+    /// Saves and loads that failed, and why (a load that failed its checks removed its file).
+    pub failed: Vec<(SnapshotId, String)>,
+    pub listed: Vec<SnapshotFile>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqResult {
     pub seq: SeqId,

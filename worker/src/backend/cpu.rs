@@ -385,6 +385,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn kv_read_block(&self, pool: &CpuPool, block: u32) -> Result<Vec<u8>> {
+        Ok(pool.block(block)?.to_bytes())
+    }
+
+    fn kv_write_block(&self, pool: &mut CpuPool, block: u32, bytes: &[u8]) -> Result<()> {
+        pool.block_mut(block)?.set_bytes(bytes).map_err(bad)
+    }
+
     fn cross_attention_partial(
         &self,
         q: &Vec<f32>,

@@ -240,6 +240,18 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(self.copy_block(pool, src as usize, dst as usize)?)
     }
 
+    fn kv_read_block(&self, pool: &DeviceKvPool<R>, block: u32) -> Result<Vec<u8>> {
+        Ok(self.read_block(pool, block as usize)?.into_iter().flat_map(u16::to_le_bytes).collect())
+    }
+
+    fn kv_write_block(&self, pool: &mut DeviceKvPool<R>, block: u32, bytes: &[u8]) -> Result<()> {
+        if !bytes.len().is_multiple_of(2) {
+            return Err(BackendError { backend: self.name(), message: format!("{} bytes: not whole elements", bytes.len()) });
+        }
+        let words: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        Ok(self.write_block(pool, block as usize, &words)?)
+    }
+
     fn cross_attention_partial(
         &self,
         q: &R::Buf<f32>,

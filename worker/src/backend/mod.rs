@@ -200,6 +200,11 @@ pub trait Backend: Sync {
     /// Copies cache block `src` of `pool` over block `dst` (copy-on-write of a block shared
     /// with a prefix-cache snapshot).
     fn kv_copy_block(&self, pool: &mut Self::Pool, src: u32, dst: u32) -> Result<()>;
+    /// Cache block `block` of `pool` as little-endian bytes of its elements, K rows then V rows
+    /// (a prefix snapshot written to disk).
+    fn kv_read_block(&self, pool: &Self::Pool, block: u32) -> Result<Vec<u8>>;
+    /// Overwrites cache block `block` of `pool` with [`Backend::kv_read_block`]'s bytes.
+    fn kv_write_block(&self, pool: &mut Self::Pool, block: u32, bytes: &[u8]) -> Result<()>;
     /// The attention of one query over the positions of `table`, not yet normalised: the
     /// partial a context-parallel rank merges with the other ranks' (log-sum-exp).
     fn cross_attention_partial(

@@ -164,6 +164,23 @@ impl<B: Backend> BlockPool<B> {
         }
     }
 
+    /// A block table of `shared` (blocks another holder keeps, now held once more) then new
+    /// blocks filled with `blocks` ([`Backend::kv_write_block`]'s bytes): all or none.
+    pub(super) fn restore(&mut self, b: &B, shared: &[u32], blocks: &[Vec<u8>]) -> Result<Vec<u32>, ReserveError> {
+        if blocks.len() > self.free_blocks() {
+            return Err(ReserveError::Cache(self.out_of_budget(blocks.len())));
+        }
+        let fresh: Vec<u32> = blocks.iter().map(|_| self.take()).collect();
+        for (&id, bytes) in fresh.iter().zip(blocks) {
+            if let Err(e) = b.kv_write_block(&mut self.storage, id, bytes) {
+                self.release(&fresh);
+                return Err(ReserveError::Backend(e));
+            }
+        }
+        self.retain(shared);
+        Ok(shared.iter().copied().chain(fresh).collect())
+    }
+
     /// A second holder of `kv`'s blocks.
     pub(super) fn share(&mut self, kv: &KvShard) -> KvShard {
         self.retain(&kv.table);
@@ -197,6 +214,17 @@ pub(super) struct KvShard {
 impl KvShard {
     pub(super) fn new(cp: usize) -> Self {
         KvShard { table: Vec::new(), runs: Vec::new(), rows: 0, lens: vec![0; cp] }
+    }
+
+    /// A shard from its parts (a restored snapshot's: `crate::engine::image`); the runs give
+    /// its rows.
+    pub(super) fn from_parts(table: Vec<u32>, runs: Vec<(usize, usize)>, lens: Vec<usize>) -> Self {
+        let rows = runs.iter().map(|r| r.1).sum();
+        KvShard { table, runs, rows, lens }
+    }
+
+    pub(super) fn runs(&self) -> &[(usize, usize)] {
+        &self.runs
     }
 
     /// Rows of this shard at positions `..=pos`: what a query at `pos` sees of it.

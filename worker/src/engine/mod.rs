@@ -17,12 +17,14 @@
 
 mod caches;
 mod forward;
+mod image;
 mod layers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use caches::{BlockPool, CacheError};
+pub use image::{ParentShape, SnapshotImage, StateImage};
 pub use layers::Weights;
 
 use crate::backend::cpu::CpuBackend;
@@ -42,6 +44,8 @@ pub enum EngineError {
     UnknownSequence(SeqId),
     #[error("unknown prefix-cache snapshot {0}")]
     UnknownSnapshot(SnapshotId),
+    #[error("prefix-cache snapshot image: {0}")]
+    Snapshot(String),
     #[error("sequence {0} already exists")]
     DuplicateSequence(SeqId),
     #[error("sequence {0} appears twice in one step")]
@@ -315,7 +319,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Numbers of a retention state, and of a window's key or value row, on this rank.
-    fn state_widths(&self) -> (usize, usize) {
+    pub fn state_widths(&self) -> (usize, usize) {
         let (heads, hd) = (self.weights.self_heads(), self.weights.cfg.self_head_dim());
         (heads * hd * hd, heads * hd)
     }
@@ -451,11 +455,7 @@ impl<B: Backend> Engine<B> {
         let rank = self.cp_rank();
         let mine: Vec<usize> = placed.iter().map(|p| p.owners.iter().filter(|&&o| o == rank).count()).collect();
         let mut kvs: Vec<&mut KvShard> = seqs.iter_mut().map(|s| &mut s.kv).collect();
-        let reserved = match self.pool.reserve(&self.backend, &mut kvs, &mine) {
-            Ok(()) => Ok(()),
-            Err(ReserveError::Cache(e)) => Err(EngineError::Cache(e)),
-            Err(ReserveError::Backend(e)) => Err(EngineError::Backend(e)),
-        };
+        let reserved = self.pool.reserve(&self.backend, &mut kvs, &mine).map_err(EngineError::from);
         let result = self.agree(reserved).and_then(|()| self.forward(items, &placed, &mut seqs));
         if let Err(e) = &result {
             if matches!(e, EngineError::Comm(_) | EngineError::Backend(_)) {
@@ -691,6 +691,15 @@ impl<B: Backend> Engine<B> {
         }
         for (_, mut snap) in self.snapshots.drain() {
             self.pool.free(&mut snap.kv);
+        }
+    }
+}
+
+impl From<ReserveError> for EngineError {
+    fn from(e: ReserveError) -> Self {
+        match e {
+            ReserveError::Cache(e) => EngineError::Cache(e),
+            ReserveError::Backend(e) => EngineError::Backend(e),
         }
     }
 }

@@ -77,6 +77,46 @@ impl Block {
         }
     }
 
+    /// The block's elements as little-endian bytes (f32: 4 each, bf16/f16: 2): how a prefix
+    /// snapshot's blocks go to a file, bit for bit.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Block::F32(b) => b.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Block::Bf16(b) => b.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            Block::F16(b) => b.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        }
+    }
+
+    /// Overwrites every element from [`Block::to_bytes`]'s form; `bytes` must be as long.
+    pub fn set_bytes(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (len, width) = match self {
+            Block::F32(b) => (b.len(), 4),
+            Block::Bf16(b) => (b.len(), 2),
+            Block::F16(b) => (b.len(), 2),
+        };
+        if bytes.len() != len * width {
+            return Err(format!("{} bytes for a block of {len} {width}-byte elements", bytes.len()));
+        }
+        match self {
+            Block::F32(b) => {
+                for (x, c) in b.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                }
+            }
+            Block::Bf16(b) => {
+                for (x, c) in b.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = bf16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+            Block::F16(b) => {
+                for (x, c) in b.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn as_ref(&self) -> BlockRef<'_> {
         match self {
             Block::F32(b) => BlockRef::F32(b),

@@ -3,7 +3,10 @@
 
 use yoco_proto::worker::v1 as pb;
 
-use crate::plan::{DecodeWork, Plan, PrefillWork, PromptLogprob, Sampled, SeqResult, SeqSpec};
+use crate::plan::{
+    BlockHash, DecodeWork, Plan, PrefillWork, PromptLogprob, Sampled, SeqResult, SeqSpec, SnapshotFile, SnapshotFiles,
+    SnapshotFilesReport, SnapshotLoad, SnapshotSave,
+};
 use crate::sampling::SamplingParams;
 
 pub fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
@@ -155,6 +158,103 @@ pub fn result_from_pb(r: &pb::SequenceResult) -> SeqResult {
     }
 }
 
+fn hash_from_pb(what: &str, b: &[u8]) -> Result<BlockHash, String> {
+    b.try_into().map_err(|_| format!("{what}: {} bytes, a block hash is 32", b.len()))
+}
+
+pub fn snapshot_files_to_pb(f: &SnapshotFiles) -> pb::SnapshotFilesRequest {
+    pb::SnapshotFilesRequest {
+        remove: f.remove.iter().map(|h| h.to_vec()).collect(),
+        save: f
+            .save
+            .iter()
+            .map(|s| pb::SnapshotSave {
+                snapshot: s.snap,
+                hash: s.hash.to_vec(),
+                parent: s.parent.map(|p| p.0),
+                parent_hash: s.parent.map(|p| p.1.to_vec()).unwrap_or_default(),
+            })
+            .collect(),
+        load: f
+            .load
+            .iter()
+            .map(|l| pb::SnapshotLoad { snapshot: l.snap, hash: l.hash.to_vec(), parent: l.parent })
+            .collect(),
+        list: f.list,
+    }
+}
+
+pub fn snapshot_files_from_pb(r: &pb::SnapshotFilesRequest) -> Result<SnapshotFiles, String> {
+    let save = r
+        .save
+        .iter()
+        .map(|s| {
+            let parent = match s.parent {
+                Some(p) => Some((p, hash_from_pb("parent_hash", &s.parent_hash)?)),
+                None if s.parent_hash.is_empty() => None,
+                None => return Err("parent_hash without a parent".to_string()),
+            };
+            Ok(SnapshotSave { snap: s.snapshot, hash: hash_from_pb("hash", &s.hash)?, parent })
+        })
+        .collect::<Result<_, String>>()?;
+    let load = r
+        .load
+        .iter()
+        .map(|l| Ok(SnapshotLoad { snap: l.snapshot, hash: hash_from_pb("hash", &l.hash)?, parent: l.parent }))
+        .collect::<Result<_, String>>()?;
+    let remove = r.remove.iter().map(|h| hash_from_pb("remove", h)).collect::<Result<_, String>>()?;
+    Ok(SnapshotFiles { remove, save, load, list: r.list })
+}
+
+pub fn snapshot_report_to_pb(r: &SnapshotFilesReport) -> pb::SnapshotFilesResponse {
+    pb::SnapshotFilesResponse {
+        saved: r.saved.iter().map(|s| s.0).collect(),
+        saved_bytes: r.saved.iter().map(|s| s.1).collect(),
+        loaded: r.loaded.clone(),
+        failed: r.failed.iter().map(|(id, why)| pb::SnapshotFailure { snapshot: *id, reason: why.clone() }).collect(),
+        listed: r
+            .listed
+            .iter()
+            .map(|f| pb::SnapshotFile {
+                hash: f.hash.to_vec(),
+                parent_hash: f.parent_hash.map(|h| h.to_vec()).unwrap_or_default(),
+                pos: f.pos as u64,
+                rows: f.rows as u64,
+                bytes: f.bytes,
+            })
+            .collect(),
+    }
+}
+
+/// A rank's report, checked (the coordinator reads it).
+pub fn snapshot_report_from_pb(r: &pb::SnapshotFilesResponse) -> Result<SnapshotFilesReport, String> {
+    if r.saved.len() != r.saved_bytes.len() {
+        return Err("saved and saved_bytes differ in length".into());
+    }
+    let listed = r
+        .listed
+        .iter()
+        .map(|f| {
+            Ok(SnapshotFile {
+                hash: hash_from_pb("listed hash", &f.hash)?,
+                parent_hash: match f.parent_hash.is_empty() {
+                    true => None,
+                    false => Some(hash_from_pb("listed parent_hash", &f.parent_hash)?),
+                },
+                pos: f.pos as usize,
+                rows: f.rows as usize,
+                bytes: f.bytes,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(SnapshotFilesReport {
+        saved: r.saved.iter().copied().zip(r.saved_bytes.iter().copied()).collect(),
+        loaded: r.loaded.clone(),
+        failed: r.failed.iter().map(|f| (f.snapshot, f.reason.clone())).collect(),
+        listed,
+    })
+}
+
 fn token_logprobs(top: &[(u32, f32)]) -> Vec<pb::TokenLogprob> {
     top.iter().map(|&(token, logprob)| pb::TokenLogprob { token, logprob }).collect()
 }
@@ -226,6 +326,39 @@ mod tests {
         let mut bad = pb;
         bad.add[0].top_logprobs = 1000;
         assert!(plan_from_pb(&bad).unwrap_err().contains("top_logprobs"));
+    }
+
+    #[test]
+    fn snapshot_files_round_trip_and_bad_hashes_are_refused() {
+        let h = |b: u8| [b; 32];
+        let files = SnapshotFiles {
+            remove: vec![h(1)],
+            save: vec![
+                SnapshotSave { snap: 3, hash: h(2), parent: Some((2, h(3))) },
+                SnapshotSave { snap: 4, hash: h(4), parent: None },
+            ],
+            load: vec![SnapshotLoad { snap: 5, hash: h(5), parent: Some(3) }],
+            list: true,
+        };
+        let wire = snapshot_files_to_pb(&files);
+        assert_eq!(snapshot_files_from_pb(&wire), Ok(files));
+        let mut bad = wire.clone();
+        bad.save[0].hash.pop();
+        assert!(snapshot_files_from_pb(&bad).unwrap_err().contains("32"));
+        let mut bad = wire;
+        bad.save[1].parent_hash = vec![0; 32];
+        assert!(snapshot_files_from_pb(&bad).is_err(), "a parent hash without a parent");
+        let report = SnapshotFilesReport {
+            saved: vec![(3, 100)],
+            loaded: vec![5],
+            failed: vec![(4, "disk full".into())],
+            listed: vec![SnapshotFile { hash: h(2), parent_hash: None, pos: 512, rows: 256, bytes: 9 }],
+        };
+        let wire = snapshot_report_to_pb(&report);
+        assert_eq!(snapshot_report_from_pb(&wire), Ok(report));
+        let mut bad = wire;
+        bad.saved_bytes.clear();
+        assert!(snapshot_report_from_pb(&bad).is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ const DEFAULT_GPU_MAX_SEQUENCES: usize = 256;
 
 struct Loaded {
     exec: Box<dyn Rank>,
+    /// The prefix cache's disk tier on this rank, if the group has one.
+    store: Option<crate::snapshot_store::SnapshotStore>,
     device: Device,
     model_dir: PathBuf,
     config_json: String,
@@ -249,6 +251,7 @@ impl Worker for WorkerService {
             }
             other => return Err(Status::invalid_argument(format!("transport `{other}`: expected `tcp` or `nccl`"))),
         };
+        let disk_dir = (!req.prefix_disk_dir.is_empty()).then(|| PathBuf::from(&req.prefix_disk_dir));
         let listener = self.collective.try_clone().map_err(|e| Status::internal(e.to_string()))?;
         let (state, info) = (self.state.clone(), self.info.clone());
         let formation = req.formation;
@@ -301,7 +304,19 @@ impl Worker for WorkerService {
                 ..EngineOptions::default()
             };
             let exec = device_rank(&model, device, &opts, comm)?;
-            let loaded = Loaded { exec, device, model_dir, config_json, budget };
+            let store = match disk_dir {
+                None => None,
+                Some(root) => {
+                    let unusable = |e: std::io::Error| {
+                        Status::failed_precondition(format!("prefix disk directory {}: {e}", root.display()))
+                    };
+                    let fingerprint = crate::snapshot_store::model_fingerprint(&model_dir).map_err(unusable)?;
+                    let store = exec.open_store(&root, fingerprint).map_err(unusable)?;
+                    tracing::info!(dir = %store.dir().display(), "prefix-cache disk tier");
+                    Some(store)
+                }
+            };
+            let loaded = Loaded { exec, store, device, model_dir, config_json, budget };
             let snapshot = info_of(&loaded);
             let mut slot = lock(&state);
             if let Some(s) = cancelled() {
@@ -349,6 +364,23 @@ impl Worker for WorkerService {
         })
         .await
         .map_err(|e| Status::internal(format!("step task failed: {e}")))?
+    }
+
+    async fn snapshot_files(
+        &self,
+        req: Request<pb::SnapshotFilesRequest>,
+    ) -> Result<Response<pb::SnapshotFilesResponse>, Status> {
+        let files = convert::snapshot_files_from_pb(&req.into_inner()).map_err(Status::invalid_argument)?;
+        let (state, info) = (self.state.clone(), self.info.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&state);
+            let loaded = guard.as_mut().ok_or_else(|| Status::failed_precondition("no model loaded"))?;
+            let report = loaded.exec.snapshot_files(loaded.store.as_ref(), &files);
+            *lock(&info) = info_of(loaded);
+            Ok(Response::new(convert::snapshot_report_to_pb(&report)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot files task failed: {e}")))?
     }
 
     async fn free(&self, req: Request<pb::FreeRequest>) -> Result<Response<pb::FreeResponse>, Status> {

@@ -9,7 +9,8 @@ use super::status;
 use crate::backend::Backend;
 use crate::comm::Spent;
 use crate::executor::Executor;
-use crate::plan::{Plan, SeqId, SeqResult};
+use crate::plan::{Plan, SeqId, SeqResult, SnapshotFiles, SnapshotFilesReport};
+use crate::snapshot_store::SnapshotStore;
 
 /// Where a worker computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +92,9 @@ pub(crate) trait Rank: Send {
     /// Time spent in collectives since the last call.
     fn take_collective_spent(&mut self) -> Spent;
     fn cache_used_bytes(&self) -> usize;
+    /// The disk tier's store of this rank (see [`Executor::open_store`]).
+    fn open_store(&self, root: &std::path::Path, fingerprint: String) -> std::io::Result<SnapshotStore>;
+    fn snapshot_files(&mut self, store: Option<&SnapshotStore>, req: &SnapshotFiles) -> SnapshotFilesReport;
     /// What Info reports about the rank (the fields the service fills in left empty).
     fn info(&self) -> pb::InfoResponse;
 }
@@ -110,6 +114,12 @@ where
     }
     fn cache_used_bytes(&self) -> usize {
         self.engine().pool().used_bytes()
+    }
+    fn open_store(&self, root: &std::path::Path, fingerprint: String) -> std::io::Result<SnapshotStore> {
+        Executor::open_store(self, root, fingerprint)
+    }
+    fn snapshot_files(&mut self, store: Option<&SnapshotStore>, req: &SnapshotFiles) -> SnapshotFilesReport {
+        Executor::snapshot_files(self, store, req)
     }
     fn info(&self) -> pb::InfoResponse {
         let engine = self.engine();

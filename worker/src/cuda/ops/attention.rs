@@ -152,18 +152,48 @@ impl<R: Runtime> Gpu<R> {
     pub fn copy_block(&self, pool: &mut DeviceKvPool<R>, src: usize, dst: usize) -> Result<(), DeviceError> {
         const OP: &str = "copy_block";
         check(OP, src < pool.blocks && dst < pool.blocks, || format!("blocks {src}, {dst} of {}", pool.blocks))?;
-        let per = 2 * pool.block_tokens * pool.kv_dim;
         if src == dst {
             return Ok(());
         }
         // The block's bits as 16-bit words (an f32 element is two), copied by one kernel.
-        let (from, to, words) = match &pool.data {
-            PoolData::F32(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), 2 * per),
-            PoolData::Half(d) => (self.at_offset(d, src * per), self.at_offset(d, dst * per), per),
-        };
+        let ((from, words), (to, _)) = (self.block_words(pool, src), self.block_words(pool, dst));
         let args = vec![from, to, Arg::U64(words as u64)];
         // SAFETY: both blocks lie inside the pool (checked) and are distinct, so do not overlap.
         unsafe { self.launch("copy_u16", Self::elementwise(words), 256, args) }
+    }
+
+    /// The bits of cache block `id` as 16-bit words (an f32 element is two, low word first, as
+    /// in memory): one kernel copies them to a staging buffer, which is downloaded.
+    pub fn read_block(&self, pool: &DeviceKvPool<R>, id: usize) -> Result<Vec<u16>, DeviceError> {
+        const OP: &str = "read_block";
+        check(OP, id < pool.blocks, || format!("block {id} of {}", pool.blocks))?;
+        let (from, words) = self.block_words(pool, id);
+        let staging = self.rt.alloc::<u16>(words)?;
+        let args = vec![from, self.at_offset(&staging, 0), Arg::U64(words as u64)];
+        // SAFETY: the block lies inside the pool (checked), the staging buffer holds `words`.
+        unsafe { self.launch("copy_u16", Self::elementwise(words), 256, args)? };
+        self.rt.download(&staging)
+    }
+
+    /// Overwrites cache block `id` with [`Gpu::read_block`]'s words.
+    pub fn write_block(&self, pool: &mut DeviceKvPool<R>, id: usize, words: &[u16]) -> Result<(), DeviceError> {
+        const OP: &str = "write_block";
+        check(OP, id < pool.blocks, || format!("block {id} of {}", pool.blocks))?;
+        let (to, n) = self.block_words(pool, id);
+        check(OP, words.len() == n, || format!("{} words for a block of {n}", words.len()))?;
+        let staging = self.rt.upload(words)?;
+        let args = vec![self.at_offset(&staging, 0), to, Arg::U64(n as u64)];
+        // SAFETY: the block lies inside the pool (checked), the staging buffer holds its words.
+        unsafe { self.launch("copy_u16", Self::elementwise(n), 256, args) }
+    }
+
+    /// The address of block `id`'s first word and its length in 16-bit words.
+    fn block_words(&self, pool: &DeviceKvPool<R>, id: usize) -> (Arg, usize) {
+        let per = 2 * pool.block_tokens * pool.kv_dim;
+        match &pool.data {
+            PoolData::F32(d) => (self.at_offset(d, id * per), 2 * per),
+            PoolData::Half(d) => (self.at_offset(d, id * per), per),
+        }
     }
 
     /// Sliding-window attention of `tokens` queries over `prefix + tokens` key/value rows.
