@@ -36,6 +36,13 @@ pub struct Metrics {
     pub prefix_cache_evictions: IntCounter,
     pub prefix_cache_snapshots: IntGauge,
     pub prefix_cache_blocks: IntGauge,
+    pub prefix_disk_hits: IntCounter,
+    pub prefix_disk_writes: IntCounter,
+    pub prefix_disk_reads: IntCounter,
+    pub prefix_disk_failures: IntCounterVec,
+    pub prefix_disk_evictions: IntCounter,
+    pub prefix_disk_snapshots: IntGauge,
+    pub prefix_disk_bytes: IntGauge,
     pub route_decisions: IntCounterVec,
     pub route_cached_tokens: IntCounterVec,
 }
@@ -158,6 +165,26 @@ impl Metrics {
             prefix_cache_blocks: gauge(
                 "yoco_prefix_cache_blocks",
                 "Global-cache blocks per rank booked for prefix-cache snapshots (states included), summed over groups",
+            )?,
+            prefix_disk_hits: counter(
+                "yoco_prefix_disk_hits_total",
+                "Prompt tokens served from snapshots read back from the prefix cache's disk tier",
+            )?,
+            prefix_disk_writes: counter("yoco_prefix_disk_writes_total", "Snapshots written to the disk tier")?,
+            prefix_disk_reads: counter("yoco_prefix_disk_reads_total", "Snapshots read back from the disk tier")?,
+            prefix_disk_failures: counter_vec(
+                "yoco_prefix_disk_failures_total",
+                "Disk-tier writes and reads that failed on some rank (a read that fails is a miss)",
+                &["op"],
+            )?,
+            prefix_disk_evictions: counter(
+                "yoco_prefix_disk_evictions_total",
+                "Snapshot files removed from the disk tier (budget, failures, flushes)",
+            )?,
+            prefix_disk_snapshots: gauge("yoco_prefix_disk_snapshots", "Snapshots in the disk tier, summed over groups")?,
+            prefix_disk_bytes: gauge(
+                "yoco_prefix_disk_bytes",
+                "Bytes per rank of the disk tier's files (the largest rank's), summed over groups",
             )?,
             route_decisions,
             route_cached_tokens,

@@ -179,7 +179,8 @@ impl<B: Backend> Executor<B> {
     }
 
     /// The disk tier's work on this rank (`store`: none when the group has no disk tier):
-    /// removals, saves, loads, listing; each save or load that fails is reported, not fatal.
+    /// removals, saves, drops, loads, listing; each save or load that fails is reported, not
+    /// fatal.
     pub fn snapshot_files(&mut self, store: Option<&SnapshotStore>, req: &SnapshotFiles) -> SnapshotFilesReport {
         let mut report = SnapshotFilesReport::default();
         let Some(store) = store else {
@@ -203,6 +204,9 @@ impl<B: Backend> Executor<B> {
                     report.failed.push((s.snap, why));
                 }
             }
+        }
+        for &id in &req.drop {
+            self.engine.drop_snapshot(id);
         }
         for l in &req.load {
             let loaded = store

@@ -95,12 +95,14 @@ pub struct PromptLogprob {
 }
 
 /// The prefix cache's disk tier: snapshot files every rank writes, reads or deletes, each its
-/// own (no collective). Done in this order: removals, saves, loads (in order: a load may
-/// continue an earlier one), then the listing.
+/// own (no collective). Done in this order: removals, saves, drops of held snapshots (which
+/// may just have been saved), loads (in order: a load may continue an earlier one), then the
+/// listing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SnapshotFiles {
     pub remove: Vec<BlockHash>,
     pub save: Vec<SnapshotSave>,
+    pub drop: Vec<SnapshotId>,
     pub load: Vec<SnapshotLoad>,
     /// Report every file of this group's layout.
     pub list: bool,

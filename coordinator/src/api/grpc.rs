@@ -217,6 +217,8 @@ impl Generation for Api {
             prefix_cache: prefix.is_some(),
             prefix_cache_snapshots: prefix.map_or(0, |p| p.snapshots as u32),
             prefix_cache_blocks: prefix.map_or(0, |p| p.blocks as u64),
+            prefix_disk_snapshots: prefix.map_or(0, |p| p.disk_snapshots as u32),
+            prefix_disk_bytes: prefix.map_or(0, |p| p.disk_bytes),
             groups: self.router.all().iter().map(|g| group_status(g)).collect(),
         }))
     }

@@ -217,6 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 // `generate` runs one request.
                 max_sequences: 1,
                 local_device: Some("cpu".into()),
+                prefix_disk_dir: None,
             };
             model.cfg.check_tp(args.tp)?;
             if args.tp == 0 || !p.is_multiple_of(args.tp) {

@@ -175,6 +175,8 @@ fn info_json(i: &pb::ModelInfoResponse) -> serde_json::Value {
         "prefix_cache": i.prefix_cache,
         "prefix_cache_snapshots": i.prefix_cache_snapshots,
         "prefix_cache_blocks": i.prefix_cache_blocks,
+        "prefix_disk_snapshots": i.prefix_disk_snapshots,
+        "prefix_disk_bytes": i.prefix_disk_bytes,
         "groups": i.groups.iter().map(|g| json!({
             "name": g.name, "world": g.world, "accepting": g.accepting, "running": g.running,
             "waiting": g.waiting, "routed": g.routed, "addresses": g.addresses,

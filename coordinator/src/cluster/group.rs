@@ -13,7 +13,7 @@ use yoco_proto::worker::v1 as pb;
 use yoco_proto::worker::v1::worker_client::WorkerClient;
 use yoco_worker::generate::{PlanRunner, RunError};
 use yoco_worker::kernels::kv_block::CacheDtype;
-use yoco_worker::plan::{Plan, SeqResult};
+use yoco_worker::plan::{Plan, SeqResult, SnapshotFiles, SnapshotFilesReport};
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
 use yoco_worker::weights::WeightDtype;
 
@@ -44,6 +44,8 @@ pub struct GroupOptions {
     pub max_sequences: usize,
     /// `--device` of each local worker process; `None`: theirs (`YOCO_DEVICE`, else `auto`).
     pub local_device: Option<String>,
+    /// The prefix cache's disk tier directory, as every worker sees it (`None`: no tier).
+    pub prefix_disk_dir: Option<String>,
 }
 
 /// Positions per cache block on every rank.
@@ -261,6 +263,7 @@ impl WorkerGroup {
                 weight_dtype: opts.weight_dtype.name().to_string(),
                 tp: tp as u32,
                 max_sequences: opts.max_sequences as u32,
+                prefix_disk_dir: opts.prefix_disk_dir.clone().unwrap_or_default(),
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });
@@ -434,6 +437,33 @@ impl WorkerGroup {
         c.tp_seconds += slowest(|r| r.tp_collective_seconds);
         c.cp_seconds += slowest(|r| r.cp_collective_seconds);
         Ok(replies.iter().step_by(self.tp).map(|r| r.results.iter().map(result_from_pb).collect()).collect())
+    }
+}
+
+impl WorkerGroup {
+    /// The disk tier's file work on every rank (see [`SnapshotFiles`]); each rank's report, in
+    /// rank order. A rank that does not answer within the step timeout, or answers with an
+    /// error, fails the request (fatal when the rank is gone: the scheduler fails the group on
+    /// its next step anyway if so).
+    pub async fn snapshot_files(&mut self, files: &SnapshotFiles) -> Result<Vec<SnapshotFilesReport>, StepError> {
+        let req = yoco_worker::service::convert::snapshot_files_to_pb(files);
+        let calls = self.clients.iter().map(|c| {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.snapshot_files(req).await }
+        });
+        let replies = tokio::time::timeout(self.step_timeout, futures_join_all(calls)).await.map_err(|_| StepError {
+            fatal: true,
+            message: format!("worker group {}: snapshot files took over {:?}", self.name, self.step_timeout),
+        })?;
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(rank, r)| {
+                let failed = |message: String| StepError { fatal: false, message: format!("rank {rank}: {message}") };
+                let r = r.map_err(|s| failed(s.message().to_string()))?.into_inner();
+                yoco_worker::service::convert::snapshot_report_from_pb(&r).map_err(failed)
+            })
+            .collect()
     }
 }
 

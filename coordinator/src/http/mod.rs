@@ -102,9 +102,11 @@ async fn ready(State(api): State<Api>) -> Response {
 async fn metrics(State(api): State<Api>) -> Response {
     use crate::metrics::METRICS;
     let (mut used, mut cap, mut snapshots, mut blocks) = (0u64, 0u64, 0, 0);
+    let (mut disk_snapshots, mut disk_bytes) = (0, 0);
     for ready in api.router().all() {
         if let Some(p) = ready.scheduler.prefix_stats() {
             (snapshots, blocks) = (snapshots + p.snapshots, blocks + p.blocks);
+            (disk_snapshots, disk_bytes) = (disk_snapshots + p.disk_snapshots, disk_bytes + p.disk_bytes);
         }
         let Ok(infos) = ready.group.info().await else { continue };
         for info in &infos {
@@ -120,5 +122,7 @@ async fn metrics(State(api): State<Api>) -> Response {
     METRICS.group_cache_usage.set(used as f64 / cap.max(1) as f64);
     METRICS.prefix_cache_snapshots.set(snapshots as i64);
     METRICS.prefix_cache_blocks.set(blocks as i64);
+    METRICS.prefix_disk_snapshots.set(disk_snapshots as i64);
+    METRICS.prefix_disk_bytes.set(disk_bytes as i64);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()).into_response()
 }

@@ -24,6 +24,7 @@ pub mod request;
 
 pub mod budget;
 pub mod prefix;
+pub mod prefix_disk;
 #[cfg(test)]
 mod prefix_tests;
 mod seq;
@@ -38,13 +39,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use yoco_worker::engine::{SeqId, SnapshotId};
-use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec};
+use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqResult, SeqSpec, SnapshotFiles, SnapshotFilesReport};
 use yoco_worker::tokenizer::Tokenizer;
 
 pub use self::budget::Capacity;
 use self::event::{End, Event};
 use self::prefix::PrefixCache;
-pub use self::prefix::{Hash, PrefixConfig, PrefixStats};
+pub use self::prefix::{DiskConfig, Hash, PrefixConfig, PrefixStats};
 use self::request::{GenRequest, RequestError};
 use self::seq::{Active, EventSender};
 use crate::cluster::group::StepError;
@@ -56,6 +57,11 @@ pub trait StepRunner: Send + 'static {
     fn cp_size(&self) -> usize;
     /// Per context-parallel rank, in rank order, the results of the plan.
     fn run(&mut self, plan: Plan) -> impl Future<Output = Result<Vec<Vec<SeqResult>>, StepError>> + Send;
+    /// The prefix cache's disk-tier work on every rank; each rank's report, in rank order.
+    fn snapshot_files(
+        &mut self,
+        files: SnapshotFiles,
+    ) -> impl Future<Output = Result<Vec<SnapshotFilesReport>, StepError>> + Send;
 }
 
 impl StepRunner for crate::cluster::group::WorkerGroup {
@@ -64,6 +70,9 @@ impl StepRunner for crate::cluster::group::WorkerGroup {
     }
     async fn run(&mut self, plan: Plan) -> Result<Vec<Vec<SeqResult>>, StepError> {
         self.run_plan(&plan).await
+    }
+    async fn snapshot_files(&mut self, files: SnapshotFiles) -> Result<Vec<SnapshotFilesReport>, StepError> {
+        crate::cluster::group::WorkerGroup::snapshot_files(self, &files).await
     }
 }
 
@@ -94,6 +103,9 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if self.prefix.disk.is_some_and(|d| d.budget_bytes == 0) {
+            return Err("the prefix cache's disk tier needs a budget of at least 1 MiB".into());
+        }
         if self.max_running == 0 || self.prefill_chunk == 0 {
             return Err("max running sequences and the prefill chunk must be at least 1".into());
         }
@@ -130,6 +142,8 @@ struct Shared {
     capacity: Capacity,
     prefix_snapshots: AtomicUsize,
     prefix_blocks: AtomicUsize,
+    prefix_disk_snapshots: AtomicUsize,
+    prefix_disk_bytes: std::sync::atomic::AtomicU64,
     /// The prefix cache's index as the router reads it (the hashes of the blocks a snapshot
     /// ends at) and the version it was copied at.
     prefix_index: std::sync::RwLock<(u64, std::collections::HashSet<Hash>)>,
@@ -159,6 +173,8 @@ impl Scheduler {
             running: AtomicUsize::new(0),
             prefix_snapshots: AtomicUsize::new(0),
             prefix_blocks: AtomicUsize::new(0),
+            prefix_disk_snapshots: AtomicUsize::new(0),
+            prefix_disk_bytes: Default::default(),
             prefix_index: Default::default(),
             config,
             capacity,
@@ -204,6 +220,8 @@ impl Scheduler {
         self.shared.config.prefix.enabled.then(|| PrefixStats {
             snapshots: self.shared.prefix_snapshots.load(Ordering::Relaxed),
             blocks: self.shared.prefix_blocks.load(Ordering::Relaxed),
+            disk_snapshots: self.shared.prefix_disk_snapshots.load(Ordering::Relaxed),
+            disk_bytes: self.shared.prefix_disk_bytes.load(Ordering::Relaxed),
         })
     }
 
@@ -335,7 +353,7 @@ impl<R: StepRunner> Loop<R> {
                 self.fail_group(StepError { fatal: true, message: reason });
                 return;
             }
-            let drops = self.prefix.as_ref().is_some_and(PrefixCache::has_drops);
+            let drops = self.prefix.as_ref().is_some_and(PrefixCache::has_work);
             if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() && !drops {
                 if self.drain_deadline.is_some() {
                     break;
@@ -353,6 +371,26 @@ impl<R: StepRunner> Loop<R> {
             }
             self.reap();
             self.admit();
+            if let Some(files) = self.prefix.as_mut().and_then(PrefixCache::take_files) {
+                let world = self.runner.cp_size();
+                let call = self.runner.snapshot_files(files.clone());
+                let result = tokio::select! {
+                    r = call => r,
+                    _ = aborted_with(&mut aborted) => continue,
+                };
+                let reports = match result {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "prefix-cache disk tier request failed");
+                        None
+                    }
+                };
+                let tp = reports.as_ref().map_or(1, |r| (r.len() / world.max(1)).max(1));
+                if let Some(p) = self.prefix.as_mut() {
+                    p.files_done(&files, reports.as_deref(), tp);
+                }
+                self.publish();
+            }
             let Some((plan, prefills)) = self.compose() else { continue };
             let world = self.runner.cp_size();
             let span = tracing::debug_span!(
@@ -410,6 +448,8 @@ impl<R: StepRunner> Loop<R> {
             let stats = p.stats();
             self.shared.prefix_snapshots.store(stats.snapshots, Ordering::Relaxed);
             self.shared.prefix_blocks.store(stats.blocks, Ordering::Relaxed);
+            self.shared.prefix_disk_snapshots.store(stats.disk_snapshots, Ordering::Relaxed);
+            self.shared.prefix_disk_bytes.store(stats.disk_bytes, Ordering::Relaxed);
             let (version, hashes) = p.index();
             let stale = self.shared.prefix_index.read().unwrap_or_else(|e| e.into_inner()).0 != version;
             if stale {
@@ -482,6 +522,13 @@ impl<R: StepRunner> Loop<R> {
             if self.active.len() >= self.shared.config.max_running {
                 break;
             }
+            // A longer cached prefix on disk is read back first: the request waits for it (the
+            // next file request, before the next step), then finds it in memory.
+            if let Some(p) = self.prefix.as_mut().filter(|_| !w.req.prompt_logprobs) {
+                if p.restore(&w.hashes, w.req.prompt.len(), self.reserved) {
+                    break;
+                }
+            }
             // Prompt log-probabilities need every prompt position's logits: no resuming.
             let hit = match &mut self.prefix {
                 Some(p) if !w.req.prompt_logprobs => p.lookup(&w.hashes, w.req.prompt.len()),
@@ -520,8 +567,12 @@ impl<R: StepRunner> Loop<R> {
                 let metrics = &crate::metrics::METRICS;
                 metrics.prefix_cache_queries.inc_by(w.req.prompt.len() as u64);
                 metrics.prefix_cache_hits.inc_by(cached as u64);
+                if hit.as_ref().is_some_and(|h| h.from_disk) {
+                    metrics.prefix_disk_hits.inc_by(cached as u64);
+                }
             }
-            tracing::info!(request = %w.req.id, seq, prompt_tokens = w.req.prompt.len(), cached, blocks, "admitted");
+            let from_disk = hit.as_ref().is_some_and(|h| h.from_disk);
+            tracing::info!(request = %w.req.id, seq, prompt_tokens = w.req.prompt.len(), cached, from_disk, blocks, "admitted");
             let mut a = Active::new(seq, *w.req, w.tx, blocks, cap.world, w.hashes);
             if let Some(h) = hit {
                 a.resume_from(h.snap, h.pos, h.shards);

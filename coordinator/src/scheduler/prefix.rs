@@ -27,8 +27,11 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 use yoco_worker::engine::SnapshotId;
+use yoco_worker::plan::{SnapshotFiles, SnapshotFilesReport, SnapshotLoad, SnapshotSave};
 
 use super::budget::Capacity;
+pub use super::prefix_disk::DiskConfig;
+use super::prefix_disk::DiskTier;
 
 pub type Hash = [u8; 32];
 
@@ -69,11 +72,13 @@ pub struct PrefixConfig {
     pub seed: Hash,
     /// Cache blocks one snapshot's self-decoder state is booked as, per rank.
     pub state_blocks: usize,
+    /// The disk tier snapshots evicted from memory go to (see `prefix_disk`), if any.
+    pub disk: Option<DiskConfig>,
 }
 
 impl Default for PrefixConfig {
     fn default() -> Self {
-        PrefixConfig { enabled: true, snapshot_interval: 8192, seed: model_seed(""), state_blocks: 1 }
+        PrefixConfig { enabled: true, snapshot_interval: 8192, seed: model_seed(""), state_blocks: 1, disk: None }
     }
 }
 
@@ -85,6 +90,8 @@ pub struct Hit {
     pub pos: usize,
     /// Each rank's rows of it.
     pub shards: Vec<usize>,
+    /// Read back from the disk tier for this request.
+    pub from_disk: bool,
 }
 
 #[derive(Debug)]
@@ -104,6 +111,8 @@ struct Snap {
     last_used: u64,
     /// Flushed: no longer found, dropped as soon as nothing uses it.
     doomed: bool,
+    /// Read back from disk and not resumed from since.
+    restored: bool,
 }
 
 /// What the cache holds, for metrics and the flush reply.
@@ -111,6 +120,21 @@ struct Snap {
 pub struct PrefixStats {
     pub snapshots: usize,
     pub blocks: usize,
+    /// Snapshots in the disk tier, and bytes of their files per rank.
+    pub disk_snapshots: usize,
+    pub disk_bytes: u64,
+}
+
+/// A snapshot being read back from disk.
+#[derive(Debug)]
+struct Loading {
+    hash: Hash,
+    pos: usize,
+    shards: Vec<usize>,
+    parent: Option<SnapshotId>,
+    kv_blocks: usize,
+    /// The snapshot in memory the chain starts on, pinned until the read is done.
+    anchor: Option<SnapshotId>,
 }
 
 pub struct PrefixCache {
@@ -127,13 +151,19 @@ pub struct PrefixCache {
     /// Planned snapshots not taken yet, and the blocks booked for each.
     pending: HashMap<SnapshotId, usize>,
     to_drop: Vec<SnapshotId>,
+    disk: Option<DiskTier>,
+    /// Snapshots to write before they are dropped (with their hash), and to read back.
+    to_save: Vec<SnapshotSave>,
+    to_load: Vec<SnapshotLoad>,
+    loading: HashMap<SnapshotId, Loading>,
+    /// Ask the workers for the files they hold (once, at start-up).
+    to_list: bool,
 }
 
 impl PrefixCache {
     pub fn new(cap: Capacity, cfg: PrefixConfig) -> Self {
         assert!(cfg.snapshot_interval > 0 && cfg.snapshot_interval.is_multiple_of(cap.block_tokens));
         PrefixCache {
-            cfg,
             cap,
             snaps: HashMap::new(),
             by_hash: HashMap::new(),
@@ -143,6 +173,12 @@ impl PrefixCache {
             held: 0,
             pending: HashMap::new(),
             to_drop: Vec::new(),
+            disk: cfg.disk.map(DiskTier::new),
+            to_save: Vec::new(),
+            to_load: Vec::new(),
+            loading: HashMap::new(),
+            to_list: cfg.disk.is_some(),
+            cfg,
         }
     }
 
@@ -156,14 +192,16 @@ impl PrefixCache {
         self.held
     }
 
-    /// The block hashes that snapshots can be resumed from, and the version of that set (it
-    /// changes whenever the set does).
+    /// The block hashes that snapshots can be resumed from (in memory or on disk), and the
+    /// version of that set (it changes whenever the set does).
     pub fn index(&self) -> (u64, impl Iterator<Item = &Hash>) {
-        (self.version, self.by_hash.keys())
+        let disk = self.disk.iter().flat_map(DiskTier::hashes);
+        (self.version + self.disk.as_ref().map_or(0, DiskTier::version), self.by_hash.keys().chain(disk))
     }
 
     pub fn stats(&self) -> PrefixStats {
-        PrefixStats { snapshots: self.snaps.len(), blocks: self.held }
+        let (disk_snapshots, disk_bytes) = self.disk.as_ref().map_or((0, 0), DiskTier::usage);
+        PrefixStats { snapshots: self.snaps.len(), blocks: self.held, disk_snapshots, disk_bytes }
     }
 
     /// The latest snapshot a prompt of `len` tokens with block `hashes` can resume from; it
@@ -177,8 +215,73 @@ impl PrefixCache {
             s.last_used = self.clock;
             at = s.parent;
         }
-        let s = &self.snaps[&id];
-        Some(Hit { snap: id, pos: s.pos, shards: s.shards.clone() })
+        if let Some(d) = &mut self.disk {
+            d.touch(&hashes[k - 1]);
+        }
+        let s = self.snaps.get_mut(&id).expect("indexed");
+        let from_disk = std::mem::take(&mut s.restored);
+        Some(Hit { snap: id, pos: s.pos, shards: s.shards.clone(), from_disk })
+    }
+
+    /// Plans reading back from disk the snapshot of a longer prefix of the prompt than memory
+    /// holds (and the chain it continues), when memory has room for it beside the `reserved`
+    /// blocks: true if the request should wait for the read (the next file request), after
+    /// which [`PrefixCache::lookup`] finds it in memory.
+    pub fn restore(&mut self, hashes: &[Hash], len: usize, reserved: usize) -> bool {
+        let Some(disk) = &self.disk else { return false };
+        let bt = self.cap.block_tokens;
+        let on_disk = longest_cached(hashes, len, bt, |h| disk.contains(h));
+        let in_memory = longest_cached(hashes, len, bt, |h| self.by_hash.contains_key(h));
+        let Some(k) = on_disk.filter(|&k| Some(k) > in_memory) else { return false };
+        let Some(chain) = disk.chain(&hashes[k - 1], |h| self.by_hash.contains_key(h)) else { return false };
+        // Memory for each link: its state and the blocks beyond its parent, as if taken here.
+        let first_parent = disk.get(&chain[0]).and_then(|e| e.parent);
+        let anchor = first_parent.map(|p| self.by_hash[&p]);
+        let mut parent_shards = anchor.map(|a| self.snaps[&a].shards.clone());
+        let mut links = Vec::with_capacity(chain.len());
+        for h in &chain {
+            let e = disk.get(h).expect("a chain's links are on disk");
+            let kv_blocks = e
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(r, &n)| n.div_ceil(bt).saturating_sub(parent_shards.as_ref().map_or(0, |p| p[r]) / bt))
+                .max()
+                .unwrap_or(0);
+            links.push((*h, e.pos, e.shards.clone(), kv_blocks));
+            parent_shards = Some(e.shards.clone());
+        }
+        let cost: usize = links.iter().map(|l| self.cfg.state_blocks + l.3).sum();
+        let over = (reserved + self.held + cost).saturating_sub(self.cap.blocks_per_rank);
+        if over > 0 {
+            if let Some(a) = anchor {
+                self.pin(a);
+            }
+            let room = self.evictable() >= over;
+            if room {
+                self.evict(over);
+            }
+            if let Some(a) = anchor {
+                self.unpin(a);
+            }
+            if !room {
+                return false;
+            }
+        }
+        if let Some(a) = anchor {
+            self.pin(a);
+        }
+        let mut parent = anchor;
+        for (i, (hash, pos, shards, kv_blocks)) in links.into_iter().enumerate() {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.held += self.cfg.state_blocks + kv_blocks;
+            self.to_load.push(SnapshotLoad { snap: id, hash, parent });
+            let anchor = if i == 0 { anchor } else { None };
+            self.loading.insert(id, Loading { hash, pos, shards, parent, kv_blocks, anchor });
+            parent = Some(id);
+        }
+        true
     }
 
     pub fn pin(&mut self, id: SnapshotId) {
@@ -255,6 +358,7 @@ impl PrefixCache {
                 tail,
                 last_used: self.clock,
                 doomed: false,
+                restored: false,
             },
         );
         self.by_hash.entry(hash).or_insert(id);
@@ -326,6 +430,7 @@ impl PrefixCache {
                 self.by_hash.remove(&s.hash);
                 self.version += 1;
             }
+            self.spill(id, &s);
             if let Some(p) = s.parent.and_then(|p| self.snaps.get_mut(&p)) {
                 p.children -= 1;
             }
@@ -333,6 +438,113 @@ impl PrefixCache {
             crate::metrics::METRICS.prefix_cache_evictions.inc();
         }
         freed
+    }
+
+    /// Snapshot `id` leaves memory: to disk, if the tier takes it (it must be a snapshot of
+    /// the cache's own, not flushed, and continue one in memory or on disk). A snapshot that
+    /// does not go leaves the disk entries that continue it without a parent.
+    fn spill(&mut self, id: SnapshotId, s: &Snap) {
+        let Some(disk) = &mut self.disk else { return };
+        if disk.contains(&s.hash) || self.by_hash.contains_key(&s.hash) {
+            return;
+        }
+        let parent = s.parent.and_then(|p| self.snaps.get(&p)).map(|p| (s.parent.expect("some"), p.hash));
+        if !s.doomed && disk.plan_save(s.hash, s.pos, s.shards.clone(), parent.map(|p| p.1), s.kv_blocks, true) {
+            let save = SnapshotSave { snap: id, hash: s.hash, parent };
+            self.to_save.push(save);
+        } else {
+            disk.orphan(&s.hash);
+        }
+    }
+
+    /// The disk tier's work for the workers, if any: removals, writes of snapshots leaving
+    /// memory, then (with the drops, so that the reads find room) reads. Call before taking
+    /// the next plan's drops; hand the ranks' reports to [`PrefixCache::files_done`].
+    pub fn take_files(&mut self) -> Option<SnapshotFiles> {
+        let disk = self.disk.as_mut()?;
+        let remove = disk.take_removals();
+        if remove.is_empty() && self.to_save.is_empty() && self.to_load.is_empty() && !self.to_list {
+            return None;
+        }
+        let list = std::mem::take(&mut self.to_list);
+        let drop = if self.to_load.is_empty() { Vec::new() } else { std::mem::take(&mut self.to_drop) };
+        Some(SnapshotFiles {
+            remove,
+            save: std::mem::take(&mut self.to_save),
+            drop,
+            load: std::mem::take(&mut self.to_load),
+            list,
+        })
+    }
+
+    /// What the ranks (`reports`, every rank of the group; `tp` per context-parallel rank)
+    /// did of `files` (`None`: the request failed as a whole, so nothing counts as done).
+    pub fn files_done(&mut self, files: &SnapshotFiles, reports: Option<&[SnapshotFilesReport]>, tp: usize) {
+        let Some(disk) = &mut self.disk else { return };
+        let all = |f: &dyn Fn(&SnapshotFilesReport) -> bool| reports.is_some_and(|r| !r.is_empty() && r.iter().all(f));
+        let metrics = &crate::metrics::METRICS;
+        for s in &files.save {
+            let done = all(&|r| r.saved.iter().any(|x| x.0 == s.snap));
+            let bytes = reports.and_then(|r| {
+                r.iter().map(|r| r.saved.iter().find(|x| x.0 == s.snap).map(|x| x.1)).collect::<Option<Vec<u64>>>()
+            });
+            if done {
+                metrics.prefix_disk_writes.inc();
+            } else {
+                metrics.prefix_disk_failures.with_label_values(&["write"]).inc();
+            }
+            disk.saved(&s.hash, bytes.filter(|_| done).map(|b| b.into_iter().max().unwrap_or(0)));
+        }
+        for l in &files.load {
+            let Some(info) = self.loading.remove(&l.snap) else { continue };
+            if let Some(a) = info.anchor {
+                if let Some(s) = self.snaps.get_mut(&a) {
+                    s.pins -= 1;
+                }
+            }
+            let booked = self.cfg.state_blocks + info.kv_blocks;
+            // A link whose parent did not come back fails on every rank too.
+            let parent_ok = info.parent.is_none_or(|p| self.snaps.contains_key(&p));
+            if parent_ok && all(&|r| r.loaded.contains(&l.snap)) {
+                metrics.prefix_disk_reads.inc();
+                self.clock += 1;
+                let snap = Snap {
+                    pos: info.pos,
+                    hash: info.hash,
+                    shards: info.shards,
+                    parent: info.parent,
+                    children: 0,
+                    pins: 0,
+                    kv_blocks: info.kv_blocks,
+                    kv_booked: true,
+                    tail: 0,
+                    last_used: self.clock,
+                    doomed: false,
+                    restored: true,
+                };
+                if let Some(p) = info.parent.and_then(|p| self.snaps.get_mut(&p)) {
+                    p.children += 1;
+                }
+                self.by_hash.entry(info.hash).or_insert(l.snap);
+                self.version += 1;
+                self.snaps.insert(l.snap, snap);
+            } else {
+                metrics.prefix_disk_failures.with_label_values(&["read"]).inc();
+                tracing::warn!(snapshot = l.snap, pos = info.pos, "a prefix snapshot could not be read back: a miss");
+                self.held -= booked;
+                self.to_drop.push(l.snap);
+                disk.remove(&info.hash);
+            }
+        }
+        if files.list {
+            if let Some(r) = reports {
+                let listed: Vec<_> = r.iter().map(|r| r.listed.clone()).collect();
+                disk.adopt(&listed, tp);
+                let (n, bytes) = disk.usage();
+                tracing::info!(snapshots = n, bytes, "prefix-cache disk tier found");
+            }
+        }
+        self.drop_doomed();
     }
 
     fn drop_doomed(&mut self) {
@@ -346,6 +558,9 @@ impl PrefixCache {
     pub fn flush(&mut self) -> (usize, usize) {
         self.by_hash.clear();
         self.version += 1;
+        if let Some(d) = &mut self.disk {
+            d.clear();
+        }
         for s in self.snaps.values_mut() {
             s.doomed = true;
         }
@@ -354,8 +569,13 @@ impl PrefixCache {
         (before - self.snaps.len(), self.snaps.len())
     }
 
-    pub fn has_drops(&self) -> bool {
+    /// Whether the workers have something to do for the cache: drops, or disk-tier work.
+    pub fn has_work(&self) -> bool {
         !self.to_drop.is_empty()
+            || !self.to_save.is_empty()
+            || !self.to_load.is_empty()
+            || self.to_list
+            || self.disk.as_ref().is_some_and(DiskTier::has_removals)
     }
 
     /// Snapshots the workers should drop with the next plan.
@@ -385,7 +605,7 @@ mod tests {
         let cap = Capacity { world, blocks_per_rank: blocks, block_tokens: 4 };
         PrefixCache::new(
             cap,
-            PrefixConfig { enabled: true, snapshot_interval: 8, seed: model_seed("m"), state_blocks: 1 },
+            PrefixConfig { enabled: true, snapshot_interval: 8, seed: model_seed("m"), state_blocks: 1, disk: None },
         )
     }
 

@@ -10,7 +10,8 @@ use yoco_worker::model::Model;
 use yoco_worker::sampling::SamplingParams;
 
 use super::tests::{
-    alone_generation, collect, fixture, futures_all, prompt, request, sequences, start_model, wait_until, Outcome,
+    alone_generation, collect, fixture, futures_all, prompt, request, sequences, start_model, start_with_disk,
+    wait_until, Outcome,
 };
 use super::*;
 use crate::scheduler::event::End;
@@ -158,4 +159,121 @@ async fn a_small_budget_evicts_and_every_answer_stays_right() {
     assert!(exec.lock().unwrap().engine().pool().used_blocks() <= 30);
     s.scheduler.flush_prefix_cache().await.unwrap();
     wait_until(|| exec.lock().unwrap().engine().pool().used_blocks() == 0).await;
+}
+
+fn disk_config(budget_bytes: u64) -> SchedulerConfig {
+    let mut c = config(true);
+    c.prefix.disk = Some(DiskConfig { budget_bytes, block_bytes: 0, state_bytes: 0 });
+    c
+}
+
+fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in walk(dir) {
+        if e.extension().is_some_and(|x| x == "snap") {
+            out.push(e);
+        }
+    }
+    out
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A document whose snapshots memory cannot keep beside other work: they go to disk when
+/// evicted, come back on the next question instead of a prefill — with the answers of an
+/// uncached run —, survive a restart, and a corrupted file is a miss, not a wrong answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_snapshots_come_back_from_disk() {
+    let model = fixture("gret");
+    let dir = tempfile::tempdir().unwrap();
+    // 30 blocks of 16 tokens: one 200-token document with its question at a time.
+    let s = start_with_disk(model.clone(), disk_config(1 << 30), 30, None, Some(dir.path()));
+    let doc = prompt(200, 1);
+    let ask = |q: usize| request(join(&doc, &prompt(10 + q, 50 + q)), 6, SamplingParams::default());
+    // (`prompt`'s salts repeat every 90.)
+    let other = |k: usize| request(prompt(300, 30 + k), 4, SamplingParams::default());
+    let o = collect(s.scheduler.submit(ask(0)).unwrap()).await;
+    assert_same(&model, &ask(0), &o, "first question");
+    assert_eq!(cached(&o), 0);
+    // Two unrelated long prompts evict the document's snapshots from memory: to disk.
+    for k in 0..2 {
+        let o = collect(s.scheduler.submit(other(k)).unwrap()).await;
+        assert_same(&model, &other(k), &o, "unrelated");
+    }
+    let stats = s.scheduler.prefix_stats().unwrap();
+    assert!(stats.disk_snapshots >= 6, "the document's chain is on disk: {stats:?}");
+    assert!(!files(dir.path()).is_empty());
+    // The next question reads the document back: the prompt up to its last snapshot at 192
+    // is not prefilled again.
+    let reads = crate::metrics::METRICS.prefix_disk_reads.get();
+    let o = collect(s.scheduler.submit(ask(1)).unwrap()).await;
+    assert_same(&model, &ask(1), &o, "second question, from disk");
+    assert_eq!(cached(&o), 192);
+    assert!(crate::metrics::METRICS.prefix_disk_reads.get() > reads);
+    // The budget holds: memory never overcommitted.
+    wait_until(|| sequences(&s) == 0).await;
+    assert!(s.exec.lock().unwrap().engine().pool().used_blocks() <= 30);
+    s.scheduler.drain(std::time::Duration::from_secs(5));
+    s.task.await.unwrap();
+
+    // A restart (a new engine and scheduler on the same directory) finds the tier again.
+    let s = start_with_disk(model.clone(), disk_config(1 << 30), 30, None, Some(dir.path()));
+    let o = collect(s.scheduler.submit(ask(2)).unwrap()).await;
+    assert_same(&model, &ask(2), &o, "after a restart");
+    assert_eq!(cached(&o), 192, "found on disk after a restart");
+    s.scheduler.drain(std::time::Duration::from_secs(5));
+    s.task.await.unwrap();
+
+    // Every file corrupted: the next run's question is a plain miss, answered right, and the
+    // bad files are gone.
+    for f in files(dir.path()) {
+        let mut b = std::fs::read(&f).unwrap();
+        let n = b.len();
+        b[n - 40] ^= 0xff;
+        std::fs::write(&f, b).unwrap();
+    }
+    let s = start_with_disk(model.clone(), disk_config(1 << 30), 30, None, Some(dir.path()));
+    let o = collect(s.scheduler.submit(ask(3)).unwrap()).await;
+    assert_same(&model, &ask(3), &o, "corrupted tier");
+    assert_eq!(cached(&o), 0, "a corrupted file is a miss");
+    wait_until(|| sequences(&s) == 0).await;
+    // The chain's files were read and failed; those not read are still listed, and would
+    // fail when read.
+    assert!(crate::metrics::METRICS.prefix_disk_failures.with_label_values(&["read"]).get() > 0);
+}
+
+/// A disk budget below one document's chain keeps what fits, least recently used out first,
+/// and never breaks a chain: every hit it gives is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_disk_budget_keeps_answers_right() {
+    let model = fixture("gret");
+    let dir = tempfile::tempdir().unwrap();
+    let kv = model.cfg.kv_dim();
+    // Room for about three snapshots' files of two blocks each.
+    let block = (2 * 16 * kv * 4) as u64;
+    let budget = 3 * (2 * block + (model.cfg.self_state_numbers() * 4) as u64 + (64 << 10));
+    let s = start_with_disk(model.clone(), disk_config(budget), 30, None, Some(dir.path()));
+    let docs: Vec<Vec<u32>> = (0..3).map(|d| prompt(200, 10 + d)).collect();
+    for round in 0..2 {
+        for (d, doc) in docs.iter().enumerate() {
+            let req = request(join(doc, &prompt(12, 60 + d + round)), 4, SamplingParams::default());
+            let o = collect(s.scheduler.submit(req.clone()).unwrap()).await;
+            assert_same(&model, &req, &o, &format!("round {round}, document {d}"));
+        }
+        let stats = s.scheduler.prefix_stats().unwrap();
+        assert!(stats.disk_bytes <= budget, "{stats:?} over {budget}");
+    }
+    let on_disk: u64 = files(dir.path()).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    assert!(on_disk <= budget, "{on_disk} bytes of files over {budget}");
 }

@@ -36,6 +36,8 @@ struct InProcess {
     exec: Arc<Mutex<Executor>>,
     steps: usize,
     fail_from: Option<usize>,
+    /// The disk tier's files, when the configuration has one.
+    store: Option<Arc<yoco_worker::snapshot_store::SnapshotStore>>,
 }
 
 impl StepRunner for InProcess {
@@ -51,6 +53,14 @@ impl StepRunner for InProcess {
         let exec = self.exec.clone();
         let r = tokio::task::spawn_blocking(move || exec.lock().unwrap().execute(&plan)).await.unwrap();
         r.map(|r| vec![r]).map_err(|e| StepError { fatal: matches!(e, EngineError::Comm(_)), message: e.to_string() })
+    }
+    async fn snapshot_files(
+        &mut self,
+        files: yoco_worker::plan::SnapshotFiles,
+    ) -> Result<Vec<yoco_worker::plan::SnapshotFilesReport>, StepError> {
+        let (exec, store) = (self.exec.clone(), self.store.clone());
+        let report = tokio::task::spawn_blocking(move || exec.lock().unwrap().snapshot_files(store.as_deref(), &files));
+        Ok(vec![report.await.unwrap()])
     }
 }
 
@@ -71,14 +81,32 @@ pub(super) fn start_model(
     cache_blocks: usize,
     fail_from: Option<usize>,
 ) -> Setup {
+    start_with_disk(model, config, cache_blocks, fail_from, None)
+}
+
+/// [`start_model`] with the disk tier's files under `disk` (the configuration's `disk` must
+/// be set: its block and state sizes are filled in here).
+pub(super) fn start_with_disk(
+    model: Arc<Model>,
+    mut config: SchedulerConfig,
+    cache_blocks: usize,
+    fail_from: Option<usize>,
+    disk: Option<&std::path::Path>,
+) -> Setup {
     let kv = model.cfg.kv_dim();
     let opts = EngineOptions {
         block_tokens: BLOCK,
         cache_budget_bytes: cache_blocks * 2 * BLOCK * kv * 4,
         ..EngineOptions::default()
     };
-    let exec = Arc::new(Mutex::new(Executor::new(Engine::new(model.clone(), &opts))));
-    let runner = InProcess { exec: exec.clone(), steps: 0, fail_from };
+    let x = Executor::new(Engine::new(model.clone(), &opts));
+    let store = disk.map(|dir| Arc::new(x.open_store(dir, "ab".repeat(32)).unwrap()));
+    if let Some(d) = &mut config.prefix.disk {
+        d.block_bytes = x.engine().pool().block_bytes() as u64;
+        d.state_bytes = (model.cfg.self_state_numbers() * 4) as u64;
+    }
+    let exec = Arc::new(Mutex::new(x));
+    let runner = InProcess { exec: exec.clone(), steps: 0, fail_from, store };
     let capacity = Capacity { world: 1, blocks_per_rank: cache_blocks, block_tokens: BLOCK };
     let (scheduler, task) = Scheduler::start(runner, Arc::new(Tokenizer::cl100k()), capacity, config);
     Setup { model, exec, scheduler, task }

@@ -39,7 +39,7 @@ use crate::cluster::group::{GroupOptions, WorkerGroup};
 use crate::cluster::membership::etcd::EtcdConfig;
 use crate::cluster::membership::Keys;
 use crate::net::tls::{ServerTlsArgs, WorkerTls, WorkerTlsArgs};
-use crate::scheduler::{PrefixConfig, SchedulerConfig};
+use crate::scheduler::{DiskConfig, PrefixConfig, SchedulerConfig};
 use crate::server::dynamic::ClusterConfig;
 
 /// Settings shared by `serve` and `coordinator`.
@@ -99,6 +99,15 @@ pub struct ServerArgs {
     /// whole cache blocks); each prompt's end is always snapshotted.
     #[arg(long, default_value_t = 8192, env = "YOCO_PREFIX_SNAPSHOT_INTERVAL")]
     prefix_snapshot_interval: usize,
+    /// The prefix cache's disk tier: snapshots evicted from memory are written here (each
+    /// worker its own files, under a folder per model, group layout and rank) and read back
+    /// on a hit instead of prefilling; a restarted server finds them again. The path is as the
+    /// workers see it (a local or per-pod volume).
+    #[arg(long, env = "YOCO_PREFIX_DISK_DIR")]
+    prefix_disk_dir: Option<PathBuf>,
+    /// Bytes of the disk tier per worker, in MiB; the least recently used snapshots go first.
+    #[arg(long, default_value_t = 16384, env = "YOCO_PREFIX_DISK_MIB")]
+    prefix_disk_mib: u64,
     /// With several groups, a prompt goes to the group caching its longest prefix unless that
     /// group has more than this many requests (running + waiting) beyond the least-loaded one.
     #[arg(long, default_value_t = crate::api::router::DEFAULT_BALANCE_THRESHOLD, env = "YOCO_ROUTE_BALANCE_THRESHOLD")]
@@ -264,6 +273,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         tp: a.tp.max(1),
         max_sequences: a.max_running,
         local_device: None,
+        prefix_disk_dir: a.prefix_disk_dir.as_ref().map(|d| d.display().to_string()),
     }
 }
 
@@ -276,6 +286,12 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
         prefix: PrefixConfig {
             enabled: !args.no_prefix_cache,
             snapshot_interval: args.prefix_snapshot_interval,
+            // The sizes of a block and a state are the group's: `GroupStarter` fills them in.
+            disk: args.prefix_disk_dir.as_ref().map(|_| DiskConfig {
+                budget_bytes: args.prefix_disk_mib << 20,
+                block_bytes: 0,
+                state_bytes: 0,
+            }),
             ..PrefixConfig::default()
         },
     };

@@ -181,6 +181,7 @@ pub fn snapshot_files_to_pb(f: &SnapshotFiles) -> pb::SnapshotFilesRequest {
             .map(|l| pb::SnapshotLoad { snapshot: l.snap, hash: l.hash.to_vec(), parent: l.parent })
             .collect(),
         list: f.list,
+        drop: f.drop.clone(),
     }
 }
 
@@ -203,7 +204,7 @@ pub fn snapshot_files_from_pb(r: &pb::SnapshotFilesRequest) -> Result<SnapshotFi
         .map(|l| Ok(SnapshotLoad { snap: l.snapshot, hash: hash_from_pb("hash", &l.hash)?, parent: l.parent }))
         .collect::<Result<_, String>>()?;
     let remove = r.remove.iter().map(|h| hash_from_pb("remove", h)).collect::<Result<_, String>>()?;
-    Ok(SnapshotFiles { remove, save, load, list: r.list })
+    Ok(SnapshotFiles { remove, save, drop: r.drop.clone(), load, list: r.list })
 }
 
 pub fn snapshot_report_to_pb(r: &SnapshotFilesReport) -> pb::SnapshotFilesResponse {
@@ -337,6 +338,7 @@ mod tests {
                 SnapshotSave { snap: 3, hash: h(2), parent: Some((2, h(3))) },
                 SnapshotSave { snap: 4, hash: h(4), parent: None },
             ],
+            drop: vec![2],
             load: vec![SnapshotLoad { snap: 5, hash: h(5), parent: Some(3) }],
             list: true,
         };
