@@ -55,8 +55,9 @@ impl Api {
 
     /// Requests a group caching a prompt's prefix may have beyond the least-loaded group and
     /// still be routed the prompt.
-    pub fn route_balance_threshold(mut self, threshold: usize) -> Self {
-        self.router = Arc::new(Router::new(threshold));
+    /// How requests are spread over the groups (see [`crate::api::router`]).
+    pub fn routing(mut self, policy: router::RoutePolicy, balance_threshold: usize) -> Self {
+        self.router = Arc::new(Router::new(policy, balance_threshold));
         self
     }
 

@@ -6,7 +6,8 @@
 //! document asked many questions is prefilled once, not once per group — unless that group has
 //! more than `balance_threshold` requests (running plus waiting) beyond the least-loaded one:
 //! then load wins, as in SGLang's cache-aware router. A prompt no group holds goes to the least
-//! loaded group, idle ones in turn.
+//! loaded group, idle ones in turn. The `least-loaded` policy ignores the caches (a plain load
+//! balancer, for comparison).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -45,13 +46,23 @@ impl Ready {
 
 pub struct Router {
     groups: RwLock<Vec<Arc<Ready>>>,
+    policy: RoutePolicy,
     balance_threshold: usize,
 }
 
 impl Default for Router {
     fn default() -> Self {
-        Router::new(DEFAULT_BALANCE_THRESHOLD)
+        Router::new(RoutePolicy::CacheAware, DEFAULT_BALANCE_THRESHOLD)
     }
+}
+
+/// How the router picks a group (`--route-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutePolicy {
+    /// The group caching the longest prefix, within the balance threshold of the least loaded.
+    CacheAware,
+    /// The least loaded group, caches ignored.
+    LeastLoaded,
 }
 
 /// Why a request went where it did.
@@ -123,8 +134,8 @@ impl Drop for Routed {
 }
 
 impl Router {
-    pub fn new(balance_threshold: usize) -> Self {
-        Router { groups: RwLock::default(), balance_threshold }
+    pub fn new(policy: RoutePolicy, balance_threshold: usize) -> Self {
+        Router { groups: RwLock::default(), policy, balance_threshold }
     }
 
     /// Adds a group, replacing one of the same name.
@@ -182,7 +193,10 @@ impl Router {
             .iter()
             .zip(&key_of)
             .map(|(g, &k)| Candidate {
-                cached: g.scheduler.cached_prefix_tokens(&keyings[k].1, prompt.len()),
+                cached: match self.policy {
+                    RoutePolicy::CacheAware => g.scheduler.cached_prefix_tokens(&keyings[k].1, prompt.len()),
+                    RoutePolicy::LeastLoaded => 0,
+                },
                 load: g.load(),
                 routed: g.routed.load(Ordering::Relaxed),
             })

@@ -348,6 +348,8 @@ struct PrefillRef {
 
 impl<R: StepRunner> Loop<R> {
     async fn run(mut self, mut aborted: watch::Receiver<Option<String>>) {
+        // The disk tier's files, listed before the first request is looked up.
+        self.files(&mut aborted).await;
         loop {
             if let Some(reason) = aborted.borrow_and_update().clone() {
                 self.fail_group(StepError { fatal: true, message: reason });
@@ -356,6 +358,7 @@ impl<R: StepRunner> Loop<R> {
             let drops = self.prefix.as_ref().is_some_and(PrefixCache::has_work);
             if self.waiting.is_empty() && self.active.is_empty() && self.to_free.is_empty() && !drops {
                 if self.drain_deadline.is_some() {
+                    self.spill_before_exit(&mut aborted).await;
                     break;
                 }
                 tokio::select! {
@@ -371,26 +374,7 @@ impl<R: StepRunner> Loop<R> {
             }
             self.reap();
             self.admit();
-            if let Some(files) = self.prefix.as_mut().and_then(PrefixCache::take_files) {
-                let world = self.runner.cp_size();
-                let call = self.runner.snapshot_files(files.clone());
-                let result = tokio::select! {
-                    r = call => r,
-                    _ = aborted_with(&mut aborted) => continue,
-                };
-                let reports = match result {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::warn!(error = %e.message, "prefix-cache disk tier request failed");
-                        None
-                    }
-                };
-                let tp = reports.as_ref().map_or(1, |r| (r.len() / world.max(1)).max(1));
-                if let Some(p) = self.prefix.as_mut() {
-                    p.files_done(&files, reports.as_deref(), tp);
-                }
-                self.publish();
-            }
+            self.files(&mut aborted).await;
             let Some((plan, prefills)) = self.compose() else { continue };
             let world = self.runner.cp_size();
             let span = tracing::debug_span!(
@@ -427,6 +411,43 @@ impl<R: StepRunner> Loop<R> {
             self.publish();
         }
         self.publish();
+    }
+
+    /// Runs the prefix cache's pending disk-tier work on the workers, if any.
+    async fn files(&mut self, aborted: &mut watch::Receiver<Option<String>>) {
+        let Some(files) = self.prefix.as_mut().and_then(PrefixCache::take_files) else { return };
+        let world = self.runner.cp_size();
+        let call = self.runner.snapshot_files(files.clone());
+        let result = tokio::select! {
+            r = call => r,
+            _ = aborted_with(aborted) => return,
+        };
+        let reports = match result {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "prefix-cache disk tier request failed");
+                None
+            }
+        };
+        let tp = reports.as_ref().map_or(1, |r| (r.len() / world.max(1)).max(1));
+        if let Some(p) = self.prefix.as_mut() {
+            p.files_done(&files, reports.as_deref(), tp);
+        }
+        self.publish();
+    }
+
+    /// A drained server's snapshots go to the disk tier (if there is one) before it stops.
+    async fn spill_before_exit(&mut self, aborted: &mut watch::Receiver<Option<String>>) {
+        let Some(p) = self.prefix.as_mut() else { return };
+        p.spill_all();
+        let started = Instant::now();
+        self.files(aborted).await;
+        let stats = self.prefix.as_ref().map(PrefixCache::stats).unwrap_or_default();
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            disk_snapshots = stats.disk_snapshots,
+            "prefix cache written to disk before shutdown"
+        );
     }
 
     fn command(&mut self, cmd: Cmd) {

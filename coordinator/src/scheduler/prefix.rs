@@ -74,11 +74,24 @@ pub struct PrefixConfig {
     pub state_blocks: usize,
     /// The disk tier snapshots evicted from memory go to (see `prefix_disk`), if any.
     pub disk: Option<DiskConfig>,
+    /// Bytes per rank snapshots may keep once their sequences end (`None`: whatever the
+    /// running requests leave free); 0 with a disk tier: snapshots live on disk only. The
+    /// group's starter turns it into `memory_blocks`, which the cache enforces.
+    pub memory_bytes: Option<u64>,
+    pub memory_blocks: Option<usize>,
 }
 
 impl Default for PrefixConfig {
     fn default() -> Self {
-        PrefixConfig { enabled: true, snapshot_interval: 8192, seed: model_seed(""), state_blocks: 1, disk: None }
+        PrefixConfig {
+            enabled: true,
+            snapshot_interval: 8192,
+            seed: model_seed(""),
+            state_blocks: 1,
+            disk: None,
+            memory_bytes: None,
+            memory_blocks: None,
+        }
     }
 }
 
@@ -387,6 +400,18 @@ impl PrefixCache {
         if let Some(h) = head {
             self.unpin(h);
         }
+        if let Some(limit) = self.cfg.memory_blocks {
+            self.evict(self.held.saturating_sub(limit));
+        }
+    }
+
+    /// Before a shutdown: every snapshot nothing uses leaves memory, to the disk tier where it
+    /// fits, so that a restarted server finds them. The next [`PrefixCache::take_files`] writes
+    /// them.
+    pub fn spill_all(&mut self) {
+        if self.disk.is_some() {
+            self.evict(usize::MAX);
+        }
     }
 
     /// Blocks per rank that evicting every snapshot nothing running depends on would free.
@@ -495,6 +520,7 @@ impl PrefixCache {
             }
             disk.saved(&s.hash, bytes.filter(|_| done).map(|b| b.into_iter().max().unwrap_or(0)));
         }
+        // Reads come after the writes: a snapshot written and read back in one request counts.
         for l in &files.load {
             let Some(info) = self.loading.remove(&l.snap) else { continue };
             if let Some(a) = info.anchor {
@@ -605,7 +631,7 @@ mod tests {
         let cap = Capacity { world, blocks_per_rank: blocks, block_tokens: 4 };
         PrefixCache::new(
             cap,
-            PrefixConfig { enabled: true, snapshot_interval: 8, seed: model_seed("m"), state_blocks: 1, disk: None },
+            PrefixConfig { snapshot_interval: 8, seed: model_seed("m"), ..PrefixConfig::default() },
         )
     }
 

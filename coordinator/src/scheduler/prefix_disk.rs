@@ -64,16 +64,18 @@ impl DiskTier {
         DiskTier { cfg, entries: HashMap::new(), used: 0, clock: 0, to_remove: Vec::new(), version: 0 }
     }
 
+    /// Whether the snapshot of `h` is on disk, or being written with the next file request
+    /// (whose reads come after its writes, so it can be read back in the same request).
     pub fn contains(&self, h: &Hash) -> bool {
-        self.entries.get(h).is_some_and(|e| !e.pending)
+        self.entries.contains_key(h)
     }
 
     pub fn get(&self, h: &Hash) -> Option<&DiskEntry> {
-        self.entries.get(h).filter(|e| !e.pending)
+        self.entries.get(h)
     }
 
     pub fn hashes(&self) -> impl Iterator<Item = &Hash> {
-        self.entries.iter().filter(|(_, e)| !e.pending).map(|(h, _)| h)
+        self.entries.keys()
     }
 
     pub fn version(&self) -> u64 {
@@ -121,6 +123,7 @@ impl DiskTier {
         self.clock += 1;
         self.used += bytes;
         self.entries.insert(h, DiskEntry { pos, shards, parent, bytes, last_used: self.clock, pending: true });
+        self.version += 1;
         true
     }
 
@@ -155,7 +158,6 @@ impl DiskTier {
                 self.used = self.used - e.bytes + b;
                 e.bytes = b;
                 e.pending = false;
-                self.version += 1;
                 // The estimate errs large; should a file be larger, the budget still holds.
                 self.shrink_to_budget();
             }
@@ -298,7 +300,7 @@ mod tests {
         let est = |blocks| DiskConfig { budget_bytes: 0, block_bytes: 1000, state_bytes: 500 }.estimate(blocks);
         let mut t = tier(3 * est(2));
         assert!(t.plan_save(h(1), 512, vec![512], None, 2, true));
-        assert!(!t.contains(&h(1)), "pending until written");
+        assert!(t.contains(&h(1)), "found while it is being written");
         t.saved(&h(1), Some(est(2)));
         assert!(t.plan_save(h(2), 1024, vec![1024], Some(h(1)), 2, true));
         t.saved(&h(2), Some(est(2)));

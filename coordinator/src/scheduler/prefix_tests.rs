@@ -277,3 +277,36 @@ async fn a_small_disk_budget_keeps_answers_right() {
     let on_disk: u64 = files(dir.path()).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
     assert!(on_disk <= budget, "{on_disk} bytes of files over {budget}");
 }
+
+/// A drained scheduler writes the snapshots it holds to the disk tier, so that the next one on
+/// the same directory starts with them; with no memory for snapshots (`memory_blocks` 0) every
+/// hit is read back from disk, and is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_server_leaves_its_prefixes_on_disk_and_disk_only_hits_are_right() {
+    let model = fixture("swa");
+    let dir = tempfile::tempdir().unwrap();
+    let doc = prompt(150, 3);
+    let ask = |q: usize| request(join(&doc, &prompt(9, 60 + q)), 5, SamplingParams::default());
+    let s = start_with_disk(model.clone(), disk_config(1 << 30), 1000, None, Some(dir.path()));
+    let o = collect(s.scheduler.submit(ask(0)).unwrap()).await;
+    assert_same(&model, &ask(0), &o, "first");
+    assert_eq!(s.scheduler.prefix_stats().unwrap().disk_snapshots, 0, "memory had room: nothing written yet");
+    s.scheduler.drain(std::time::Duration::from_secs(5));
+    s.task.await.unwrap();
+    assert!(!files(dir.path()).is_empty(), "written at the drain");
+
+    let mut c = disk_config(1 << 30);
+    c.prefix.memory_blocks = Some(0);
+    let s = start_with_disk(model.clone(), c, 1000, None, Some(dir.path()));
+    for q in 1..4 {
+        let reads = crate::metrics::METRICS.prefix_disk_reads.get();
+        let o = collect(s.scheduler.submit(ask(q)).unwrap()).await;
+        assert_same(&model, &ask(q), &o, &format!("question {q}, from disk"));
+        assert_eq!(cached(&o), 144);
+        assert!(crate::metrics::METRICS.prefix_disk_reads.get() > reads, "read back from disk");
+        wait_until(|| sequences(&s) == 0).await;
+        let exec = s.exec.clone();
+        wait_until(|| exec.lock().unwrap().engine().snapshot_usage().0 == 0).await;
+        assert_eq!(s.exec.lock().unwrap().engine().pool().used_blocks(), 0, "no memory kept once it ends");
+    }
+}

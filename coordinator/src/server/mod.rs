@@ -108,6 +108,16 @@ pub struct ServerArgs {
     /// Bytes of the disk tier per worker, in MiB; the least recently used snapshots go first.
     #[arg(long, default_value_t = 16384, env = "YOCO_PREFIX_DISK_MIB")]
     prefix_disk_mib: u64,
+    /// Global-cache memory per worker, in MiB, that prefix-cache snapshots may keep once their
+    /// requests end (default: whatever running requests leave free). With the disk tier, 0
+    /// keeps cached prefixes on disk only, leaving memory to running requests.
+    #[arg(long, env = "YOCO_PREFIX_MEMORY_MIB")]
+    prefix_memory_mib: Option<u64>,
+    /// How requests are spread over several groups: `cache-aware` (to the group caching the
+    /// longest prefix of the prompt, within --route-balance-threshold of the least loaded) or
+    /// `least-loaded` (ignoring caches, as a plain load balancer does).
+    #[arg(long, value_enum, default_value_t = crate::api::router::RoutePolicy::CacheAware, env = "YOCO_ROUTE_POLICY")]
+    route_policy: crate::api::router::RoutePolicy,
     /// With several groups, a prompt goes to the group caching its longest prefix unless that
     /// group has more than this many requests (running + waiting) beyond the least-loaded one.
     #[arg(long, default_value_t = crate::api::router::DEFAULT_BALANCE_THRESHOLD, env = "YOCO_ROUTE_BALANCE_THRESHOLD")]
@@ -292,6 +302,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
                 block_bytes: 0,
                 state_bytes: 0,
             }),
+            memory_bytes: args.prefix_memory_mib.map(|m| m << 20),
             ..PrefixConfig::default()
         },
     };
@@ -333,7 +344,7 @@ async fn run(args: ServerArgs, tokenizer: Tokenizer, chat: Option<ChatTemplate>,
     let api = Api::new(tokenizer.clone(), chat)
         .log_prompts(args.log_prompts)
         .request_limits(limits)
-        .route_balance_threshold(args.route_balance_threshold);
+        .routing(args.route_policy, args.route_balance_threshold);
     let stop = Arc::new(tokio::sync::Notify::new());
     let http_stop = Arc::new(tokio::sync::Notify::new());
     let http = {

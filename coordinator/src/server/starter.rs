@@ -45,11 +45,13 @@ impl GroupStarter {
         config.prefix.seed = model_seed(&format!("{}\n{}", handle.model_dir, handle.config_json));
         let state_bytes = cfg.self_state_numbers() * std::mem::size_of::<f32>();
         config.prefix.state_blocks = state_bytes.div_ceil(cache_bytes_per_token * block_tokens).max(1);
-        // A rank's files hold its part of the heads: 1/tp of a block and of a state.
+        // A rank holds its part of the heads: 1/tp of a block and of a state.
+        let block_bytes = (cache_bytes_per_token * block_tokens / tp) as u64;
         if let Some(d) = &mut config.prefix.disk {
-            d.block_bytes = (cache_bytes_per_token * block_tokens / tp) as u64;
+            d.block_bytes = block_bytes;
             d.state_bytes = (state_bytes / tp) as u64;
         }
+        config.prefix.memory_blocks = config.prefix.memory_bytes.map(|b| (b / block_bytes.max(1)) as usize);
         let max_running = config.max_running;
         let (scheduler, task) = Scheduler::start(group.named(name), self.tokenizer.clone(), capacity, config);
         tracing::info!(

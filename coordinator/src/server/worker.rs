@@ -19,7 +19,7 @@ pub struct Args {
     /// Address the group's collective (TCP) listens on.
     #[arg(long, default_value = "127.0.0.1:0", env = "YOCO_COLLECTIVE_LISTEN")]
     collective_listen: SocketAddr,
-    /// Default model directory for LoadModel.
+    /// Default model directory for LoadModel (default: the built-in model, as `yoco serve`).
     #[arg(long, env = "YOCO_MODEL")]
     model: Option<PathBuf>,
     /// Global KV cache budget of this rank in MiB (LoadModel may override it).
@@ -98,7 +98,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let collective = std::net::TcpListener::bind(args.collective_listen)?;
     let device = args.device.resolve();
     tracing::info!(device = %device.device, explicit = device.explicit, "compute device");
-    let defaults = WorkerDefaults { model_dir: args.model.clone(), cache_budget_bytes: args.cache_mib << 20, device };
+    let model_dir = Some(crate::default_model::resolve(args.model.clone())?);
+    let defaults = WorkerDefaults { model_dir, cache_budget_bytes: args.cache_mib << 20, device };
     let service = WorkerService::new(defaults, collective);
     let (grpc_addr, collective_addr) = (grpc.local_addr()?, service.collective_addr()?);
     let (reporter, health) = tonic_health::server::health_reporter();
