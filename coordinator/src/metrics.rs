@@ -181,7 +181,10 @@ impl Metrics {
                 "yoco_prefix_disk_evictions_total",
                 "Snapshot files removed from the disk tier (budget, failures, flushes)",
             )?,
-            prefix_disk_snapshots: gauge("yoco_prefix_disk_snapshots", "Snapshots in the disk tier, summed over groups")?,
+            prefix_disk_snapshots: gauge(
+                "yoco_prefix_disk_snapshots",
+                "Snapshots in the disk tier, summed over groups",
+            )?,
             prefix_disk_bytes: gauge(
                 "yoco_prefix_disk_bytes",
                 "Bytes per rank of the disk tier's files (the largest rank's), summed over groups",

@@ -1,6 +1,7 @@
 //! Writes the seed corpus, `corpus/<target>/seed-*`: valid inputs made by the production
 //! encoders (protobuf messages, frames from the collective's writer, `params.json` and
-//! `model.safetensors` as `yoco init-model` writes them), and runs each through its target once.
+//! `model.safetensors` as `yoco init-model` writes them, snapshot files as a worker's disk tier
+//! writes them), and runs each through its target once.
 //!
 //!     cd fuzz && cargo run --release --example make_seeds
 //!
@@ -12,8 +13,8 @@ use prost::Message;
 use yoco_proto::v1 as api;
 use yoco_proto::worker::v1 as wpb;
 use yoco_worker::config::{ModelConfig, SelfMixerKind};
-use yoco_worker::executor::{DecodeWork, Plan, PrefillWork, SeqSpec};
 use yoco_worker::fuzzing;
+use yoco_worker::plan::{DecodeWork, Plan, PrefillWork, SeqSpec};
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
 use yoco_worker::sampling::SamplingParams;
 use yoco_worker::service::convert;
@@ -99,12 +100,14 @@ fn main() {
                 top_logprobs: vec![wpb::TokenLogprob { token: 17, logprob: -0.25 }],
                 prompt_logprobs: vec![-1.0, -2.0],
                 shard_tokens: 2,
+                ..Default::default()
             },
             wpb::SequenceResult { seq_id: 9, token: None, ..Default::default() },
         ],
         cache_used_bytes: 4096,
         step_seconds: 0.01,
         collective_seconds: 0.001,
+        ..Default::default()
     };
     add("worker_step", "response", [&[1u8][..], &response.encode_to_vec()].concat());
 
@@ -176,6 +179,29 @@ fn main() {
     }
     add("tokenizer", "ids", ids);
 
+    // snapshot_file: [mode] + a file `SnapshotStore::encode` writes: a retention state and a
+    // window's, two blocks beyond a parent; mode 1 recomputes the checksum of a mutated file.
+    {
+        use yoco_worker::engine::{ParentShape, SnapshotImage, StateImage};
+        let image = SnapshotImage {
+            pos: 14,
+            states: vec![
+                StateImage::Retention((0..16).map(|i| i as f32 * 0.25).collect()),
+                StateImage::Window { keys: vec![1.5; 16], values: vec![-2.0; 16], rows: 2 },
+            ],
+            runs: vec![(4, 4), (12, 2)],
+            rows: 6,
+            lens: vec![8, 6],
+            parent: Some(ParentShape { pos: 8, rows: 4, lens: vec![4, 4] }),
+            blocks: vec![vec![3u8; 256], vec![9u8; 256]],
+        };
+        let store = yoco_fuzz::snapshot_file::store();
+        let mut file = Vec::new();
+        store.encode(&yoco_fuzz::snapshot_file::HASH, Some(&[5; 32]), &image, &mut file).unwrap();
+        add("snapshot_file", "file", [&[0u8][..], &file].concat());
+        add("snapshot_file", "rehash", [&[1u8][..], &file].concat());
+    }
+
     for (target, name, bytes) in seeds {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir).unwrap();
@@ -194,6 +220,7 @@ fn run(target: &str, data: &[u8]) {
         "model_config" => yoco_fuzz::model_config::run(data),
         "safetensors" => yoco_fuzz::safetensors::run(data),
         "tokenizer" => yoco_fuzz::tokenizer::run(data),
+        "snapshot_file" => yoco_fuzz::snapshot_file::run(data),
         _ => unreachable!("{target}"),
     }
 }

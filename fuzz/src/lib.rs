@@ -7,6 +7,7 @@ pub mod collective_frames;
 pub mod generate_request;
 pub mod model_config;
 pub mod safetensors;
+pub mod snapshot_file;
 pub mod tokenizer;
 pub mod worker_step;
 

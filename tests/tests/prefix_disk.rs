@@ -19,12 +19,7 @@ fn prompt(n: usize, salt: usize) -> Vec<u32> {
 }
 
 fn request(ids: Vec<u32>) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: ids_prompt(&ids),
-        max_tokens: Some(6),
-        ignore_eos: true,
-        ..Default::default()
-    }
+    pb::GenerateRequest { prompt: ids_prompt(&ids), max_tokens: Some(6), ignore_eos: true, ..Default::default() }
 }
 
 fn cached(o: &Outcome) -> u64 {

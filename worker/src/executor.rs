@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineError, Logits, Placement, StepItem, StepOutput};
-use crate::plan::{Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec, SnapshotFiles, SnapshotFilesReport};
+use crate::plan::{
+    Plan, PrefillWork, PromptLogprob, Sampled, SeqId, SeqResult, SeqSpec, SnapshotFiles, SnapshotFilesReport,
+};
 use crate::sampling::{top_logprobs, Sampler};
 use crate::snapshot_store::{Layout, SnapshotStore};
 
@@ -185,18 +187,17 @@ impl<B: Backend> Executor<B> {
         let mut report = SnapshotFilesReport::default();
         let Some(store) = store else {
             let why = || "this worker group has no prefix-cache disk directory".to_string();
-            report.failed = req.save.iter().map(|s| s.snap).chain(req.load.iter().map(|l| l.snap)).map(|id| (id, why())).collect();
+            report.failed =
+                req.save.iter().map(|s| s.snap).chain(req.load.iter().map(|l| l.snap)).map(|id| (id, why())).collect();
             return report;
         };
         for h in &req.remove {
             store.remove(h);
         }
         for s in &req.save {
-            let saved = self
-                .engine
-                .export_snapshot(s.snap, s.parent.map(|p| p.0))
-                .map_err(|e| e.to_string())
-                .and_then(|image| store.save(&s.hash, s.parent.as_ref().map(|p| &p.1), &image).map_err(|e| e.to_string()));
+            let saved = self.engine.export_snapshot(s.snap, s.parent.map(|p| p.0)).map_err(|e| e.to_string()).and_then(
+                |image| store.save(&s.hash, s.parent.as_ref().map(|p| &p.1), &image).map_err(|e| e.to_string()),
+            );
             match saved {
                 Ok(bytes) => report.saved.push((s.snap, bytes)),
                 Err(why) => {
@@ -209,10 +210,9 @@ impl<B: Backend> Executor<B> {
             self.engine.drop_snapshot(id);
         }
         for l in &req.load {
-            let loaded = store
-                .load(&l.hash)
-                .map_err(|e| e.to_string())
-                .and_then(|(_, image)| self.engine.import_snapshot(l.snap, l.parent, &image).map_err(|e| e.to_string()));
+            let loaded = store.load(&l.hash).map_err(|e| e.to_string()).and_then(|(_, image)| {
+                self.engine.import_snapshot(l.snap, l.parent, &image).map_err(|e| e.to_string())
+            });
             match loaded {
                 Ok(()) => report.loaded.push(l.snap),
                 Err(why) => {

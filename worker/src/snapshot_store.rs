@@ -101,6 +101,11 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
+    /// A store that only checks bytes (for the fuzz targets): its folder is never touched.
+    pub fn detached(layout: Layout, retention_floats: usize, window_width: usize) -> Self {
+        SnapshotStore { dir: PathBuf::new(), layout, retention_floats, window_width }
+    }
+
     /// The store under `root` for `layout` (its folder made if need be).
     pub fn open(root: &Path, layout: Layout, retention_floats: usize, window_width: usize) -> io::Result<Self> {
         let dir = root.join(layout.folder());
@@ -120,6 +125,28 @@ impl SnapshotStore {
     /// bytes. An existing file of that hash is replaced.
     pub fn save(&self, hash: &Hash, parent_hash: Option<&Hash>, image: &SnapshotImage) -> Result<u64, StoreError> {
         let path = self.path(hash);
+        let tmp = self.dir.join(format!(".{}.{}.tmp", hex(hash), std::process::id()));
+        let written = (|| -> io::Result<u64> {
+            let mut out = BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?);
+            let n = self.encode(hash, parent_hash, image, &mut out)?;
+            out.flush()?;
+            Ok(n)
+        })();
+        let written = written.and_then(|n| fs::rename(&tmp, &path).map(|()| n));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The file of [`SnapshotStore::save`], written to `out`; returns its bytes.
+    pub fn encode(
+        &self,
+        hash: &Hash,
+        parent_hash: Option<&Hash>,
+        image: &SnapshotImage,
+        out: impl Write,
+    ) -> io::Result<u64> {
         let header = Header {
             layout: self.layout.clone(),
             hash: hex(hash),
@@ -141,38 +168,27 @@ impl SnapshotStore {
             blocks: image.blocks.len(),
         };
         let json = serde_json::to_vec(&header).expect("a header serialises");
-        let tmp = self.dir.join(format!(".{}.{}.tmp", hex(hash), std::process::id()));
-        let io_err = |source| StoreError::Io { path: path.clone(), source };
-        let written = (|| -> io::Result<u64> {
-            let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?), hasher: Sha256::new(), bytes: 0 };
-            out.write_all(MAGIC)?;
-            out.write_all(&VERSION.to_le_bytes())?;
-            out.write_all(&(json.len() as u32).to_le_bytes())?;
-            out.write_all(&json)?;
-            let mut floats = Vec::new();
-            for s in &image.states {
-                match s {
-                    StateImage::Retention(x) => floats.push(x),
-                    StateImage::Window { keys, values, .. } => floats.extend([keys, values]),
-                }
-            }
+        let mut out = HashingWriter { inner: out, hasher: Sha256::new(), bytes: 0 };
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&(json.len() as u32).to_le_bytes())?;
+        out.write_all(&json)?;
+        for s in &image.states {
+            let floats: Vec<&Vec<f32>> = match s {
+                StateImage::Retention(x) => vec![x],
+                StateImage::Window { keys, values, .. } => vec![keys, values],
+            };
             for x in floats {
                 let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
                 out.write_all(&bytes)?;
             }
-            for b in &image.blocks {
-                out.write_all(b)?;
-            }
-            let digest = out.hasher.finalize_reset();
-            out.inner.write_all(&digest)?;
-            out.inner.flush()?;
-            Ok(out.bytes + digest.len() as u64)
-        })();
-        let written = written.and_then(|n| fs::rename(&tmp, &path).map(|()| n));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
         }
-        written.map_err(io_err)
+        for b in &image.blocks {
+            out.write_all(b)?;
+        }
+        let digest = out.hasher.finalize_reset();
+        out.inner.write_all(&digest)?;
+        Ok(out.bytes + digest.len() as u64)
     }
 
     /// Reads the snapshot of `hash`: checked whole (checksum, format, layout, hash), or an
@@ -192,7 +208,9 @@ impl SnapshotStore {
         parsed.map_err(|reason| StoreError::Invalid { path, reason })
     }
 
-    fn parse(&self, bytes: &[u8], hash: &Hash) -> Result<(FileInfo, SnapshotImage), String> {
+    /// A file's bytes checked and read as [`SnapshotStore::load`] does (the checks that fail
+    /// say why).
+    pub fn parse(&self, bytes: &[u8], hash: &Hash) -> Result<(FileInfo, SnapshotImage), String> {
         let Some(body_len) = bytes.len().checked_sub(32) else { return Err("shorter than its checksum".into()) };
         let (body, digest) = bytes.split_at(body_len);
         if Sha256::digest(body).as_slice() != digest {
@@ -318,11 +336,8 @@ impl SnapshotStore {
         if info.hash != hash {
             return Err("named for another snapshot".into());
         }
-        let floats: usize = header
-            .states
-            .iter()
-            .map(|s| s.map_or(self.retention_floats, |rows| 2 * rows * self.window_width))
-            .sum();
+        let floats: usize =
+            header.states.iter().map(|s| s.map_or(self.retention_floats, |rows| 2 * rows * self.window_width)).sum();
         let want = 16 + len as u64 + 4 * floats as u64 + (header.blocks * self.layout.block_bytes) as u64 + 32;
         if size != want {
             return Err(format!("{size} bytes, its header says {want}"));

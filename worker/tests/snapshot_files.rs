@@ -55,7 +55,11 @@ fn resume<B: Backend>(x: &mut Executor<B>, seq: u64, snap: u64, rest: &[u32]) ->
 /// One rank's run: snapshots at 32 and 70 (whose shards end inside blocks), resumed from; then
 /// written, dropped, read back as new snapshots and resumed from again. Returns both runs'
 /// results and the store.
-fn round_trip<B: Backend>(x: &mut Executor<B>, store: &SnapshotStore, prompt: &[u32]) -> (Vec<SeqResult>, Vec<SeqResult>) {
+fn round_trip<B: Backend>(
+    x: &mut Executor<B>,
+    store: &SnapshotStore,
+    prompt: &[u32],
+) -> (Vec<SeqResult>, Vec<SeqResult>) {
     x.execute(&Plan { add: vec![SeqSpec { seq: 1, ..SeqSpec::default() }], ..Plan::default() }).unwrap();
     x.execute(&prefill(1, &prompt[..32], false, Some(10))).unwrap();
     x.execute(&prefill(1, &prompt[32..70], false, Some(11))).unwrap();
@@ -139,7 +143,8 @@ fn snapshots_restored_from_disk_resume_exactly_on_one_rank_and_in_groups() {
             .collect();
         let root = tempfile::tempdir().unwrap();
         let runs = tcp_group(2, &|rank, comm| {
-            let engine = Engine::on_backend(yoco_worker::backend::cpu::CpuBackend, &parts[rank], &opts(CacheDtype::F32), comm);
+            let engine =
+                Engine::on_backend(yoco_worker::backend::cpu::CpuBackend, &parts[rank], &opts(CacheDtype::F32), comm);
             let mut x = Executor::new(engine.unwrap());
             let store = store_of(&x, root.path());
             round_trip(&mut x, &store, &prompt)
@@ -220,7 +225,10 @@ fn bad_files_are_misses_and_are_removed() {
     let other_model = other.open_store(root.path(), "cd".repeat(32)).unwrap();
     assert_ne!(other_model.dir(), store.dir());
     // Without a disk tier every save and load fails, and says why.
-    let r = x.snapshot_files(None, &SnapshotFiles { load: vec![SnapshotLoad { snap: 50, hash: H10, parent: None }], ..SnapshotFiles::default() });
+    let r = x.snapshot_files(
+        None,
+        &SnapshotFiles { load: vec![SnapshotLoad { snap: 50, hash: H10, parent: None }], ..SnapshotFiles::default() },
+    );
     assert!(r.failed[0].1.contains("no prefix-cache disk directory"));
 }
 
@@ -239,7 +247,10 @@ fn a_restore_that_does_not_fit_changes_nothing() {
     let small = EngineOptions { cache_budget_bytes: 3 * block, ..opts(CacheDtype::F32) };
     let mut y = Executor::new(Engine::new(model, &small));
     let req = SnapshotFiles {
-        load: vec![SnapshotLoad { snap: 1, hash: H10, parent: None }, SnapshotLoad { snap: 2, hash: H11, parent: Some(1) }],
+        load: vec![
+            SnapshotLoad { snap: 1, hash: H10, parent: None },
+            SnapshotLoad { snap: 2, hash: H11, parent: Some(1) },
+        ],
         ..SnapshotFiles::default()
     };
     let r = y.snapshot_files(Some(&store), &req);

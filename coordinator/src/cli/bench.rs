@@ -434,7 +434,7 @@ fn process_prefill(
             max_sequences: 0,
             // Named, so that a machine with a GPU runs the CPU's benchmark unless asked.
             local_device: Some(args.process_device.clone()),
-                prefix_disk_dir: None,
+            prefix_disk_dir: None,
         };
         let mut group = crate::cluster::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
         let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };

@@ -56,7 +56,6 @@ fn routed(info: &pb::ModelInfoResponse) -> Vec<(String, u64)> {
     info.groups.iter().map(|g| (g.name.clone(), g.routed)).collect()
 }
 
-
 async fn one(client: &mut Client, ids: Vec<u32>, max_tokens: u32) -> anyhow::Result<Measured> {
     let req = request(ids, max_tokens);
     let started = Instant::now();

@@ -451,10 +451,11 @@ impl WorkerGroup {
             let (mut c, req) = (c.clone(), req.clone());
             async move { c.snapshot_files(req).await }
         });
-        let replies = tokio::time::timeout(self.step_timeout, futures_join_all(calls)).await.map_err(|_| StepError {
-            fatal: true,
-            message: format!("worker group {}: snapshot files took over {:?}", self.name, self.step_timeout),
-        })?;
+        let replies =
+            tokio::time::timeout(self.step_timeout, futures_join_all(calls)).await.map_err(|_| StepError {
+                fatal: true,
+                message: format!("worker group {}: snapshot files took over {:?}", self.name, self.step_timeout),
+            })?;
         replies
             .into_iter()
             .enumerate()

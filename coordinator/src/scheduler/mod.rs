@@ -584,6 +584,7 @@ impl<R: StepRunner> Loop<R> {
             if let Some(p) = &mut self.prefix {
                 if let Some(h) = &hit {
                     p.pin(h.snap);
+                    p.resumed(h.snap);
                 }
                 let metrics = &crate::metrics::METRICS;
                 metrics.prefix_cache_queries.inc_by(w.req.prompt.len() as u64);

@@ -124,7 +124,7 @@ struct Snap {
     last_used: u64,
     /// Flushed: no longer found, dropped as soon as nothing uses it.
     doomed: bool,
-    /// Read back from disk and not resumed from since.
+    /// Read back from disk for a request not admitted yet.
     restored: bool,
 }
 
@@ -231,9 +231,8 @@ impl PrefixCache {
         if let Some(d) = &mut self.disk {
             d.touch(&hashes[k - 1]);
         }
-        let s = self.snaps.get_mut(&id).expect("indexed");
-        let from_disk = std::mem::take(&mut s.restored);
-        Some(Hit { snap: id, pos: s.pos, shards: s.shards.clone(), from_disk })
+        let s = &self.snaps[&id];
+        Some(Hit { snap: id, pos: s.pos, shards: s.shards.clone(), from_disk: s.restored })
     }
 
     /// Plans reading back from disk the snapshot of a longer prefix of the prompt than memory
@@ -295,6 +294,13 @@ impl PrefixCache {
             parent = Some(id);
         }
         true
+    }
+
+    /// A request was admitted resuming from `id` (pinned): it is no longer waiting to be used.
+    pub fn resumed(&mut self, id: SnapshotId) {
+        if let Some(s) = self.snaps.get_mut(&id) {
+            s.restored = false;
+        }
     }
 
     pub fn pin(&mut self, id: SnapshotId) {
@@ -400,8 +406,9 @@ impl PrefixCache {
         if let Some(h) = head {
             self.unpin(h);
         }
+        // Snapshots read back for a request still waiting stay for it, or it would read them again.
         if let Some(limit) = self.cfg.memory_blocks {
-            self.evict(self.held.saturating_sub(limit));
+            self.evict_where(self.held.saturating_sub(limit), |s| !s.restored);
         }
     }
 
@@ -629,10 +636,7 @@ mod tests {
 
     fn cache(world: usize, blocks: usize) -> PrefixCache {
         let cap = Capacity { world, blocks_per_rank: blocks, block_tokens: 4 };
-        PrefixCache::new(
-            cap,
-            PrefixConfig { snapshot_interval: 8, seed: model_seed("m"), ..PrefixConfig::default() },
-        )
+        PrefixCache::new(cap, PrefixConfig { snapshot_interval: 8, seed: model_seed("m"), ..PrefixConfig::default() })
     }
 
     #[test]

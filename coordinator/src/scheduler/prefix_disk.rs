@@ -233,7 +233,8 @@ impl DiskTier {
                 let cp = rank / tp.max(1);
                 let e = all.entry(f.hash).or_insert_with(|| {
                     let shards = vec![usize::MAX; listed.len() / tp.max(1)];
-                    let entry = DiskEntry { pos: f.pos, shards, parent: f.parent_hash, bytes: 0, last_used: 0, pending: false };
+                    let entry =
+                        DiskEntry { pos: f.pos, shards, parent: f.parent_hash, bytes: 0, last_used: 0, pending: false };
                     (entry, 0)
                 });
                 let consistent = e.0.pos == f.pos

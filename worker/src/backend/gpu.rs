@@ -246,7 +246,10 @@ impl<R: Runtime> Backend for Gpu<R> {
 
     fn kv_write_block(&self, pool: &mut DeviceKvPool<R>, block: u32, bytes: &[u8]) -> Result<()> {
         if !bytes.len().is_multiple_of(2) {
-            return Err(BackendError { backend: self.name(), message: format!("{} bytes: not whole elements", bytes.len()) });
+            return Err(BackendError {
+                backend: self.name(),
+                message: format!("{} bytes: not whole elements", bytes.len()),
+            });
         }
         let words: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         Ok(self.write_block(pool, block as usize, &words)?)
