@@ -296,10 +296,13 @@ impl PrefixCache {
         true
     }
 
-    /// A request was admitted resuming from `id` (pinned): it is no longer waiting to be used.
+    /// A request was admitted resuming from `id` (pinned): it, and what it continues, no
+    /// longer wait to be used.
     pub fn resumed(&mut self, id: SnapshotId) {
-        if let Some(s) = self.snaps.get_mut(&id) {
+        let mut at = Some(id);
+        while let Some(s) = at.and_then(|i| self.snaps.get_mut(&i)) {
             s.restored = false;
+            at = s.parent;
         }
     }
 
