@@ -13,8 +13,10 @@
 #   disk             cache-aware, --prefix-disk-dir, --prefix-memory-mib 0: every hit read
 #                    back from disk
 #   prefilled        --no-prefix-cache (3 questions: each prefills the whole document)
-# and prints the table (also OUT_DIR/table.md, with each run's JSON beside it). Needs etcd on
-# PATH (Debian's etcd-server) and a release build (cargo build --release).
+# and prints the table (also OUT_DIR/table.md, with each run's JSON and the coordinator's log
+# beside it: its "prefix-cache disk tier" lines time every write and read). RUNS picks some
+# (default "cache-aware least-loaded disk prefilled"). Needs etcd on PATH (Debian's
+# etcd-server) and a release build (cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DOC=${1:-262144}
@@ -80,10 +82,16 @@ run() {
     wait "$coord" || true
 }
 
-run cache-aware 10 --route-policy cache-aware
-run least-loaded 10 --route-policy least-loaded
-run disk 10 --route-policy cache-aware --prefix-disk-dir "$WORK/tier" --prefix-memory-mib 0
-run prefilled 3 --no-prefix-cache
+RUNS=${RUNS:-cache-aware least-loaded disk prefilled}
+for r in $RUNS; do
+    case $r in
+        cache-aware) run cache-aware 10 --route-policy cache-aware ;;
+        least-loaded) run least-loaded 10 --route-policy least-loaded ;;
+        disk) run disk 10 --route-policy cache-aware --prefix-disk-dir "$WORK/tier" --prefix-memory-mib 0 ;;
+        prefilled) run prefilled 3 --no-prefix-cache ;;
+        *) echo "unknown run $r" >&2; exit 2 ;;
+    esac
+done
 
 python3 - "$OUT" "$DOC" <<'EOF' | tee "$OUT/table.md"
 import json, statistics, sys
@@ -94,7 +102,10 @@ print(f"{doc}-token document, 2 groups x 1 CPU worker (1 thread each), 10 questi
 print("| configuration | Q1 TTFT s | Q2-Q10 TTFT s, median | max | cached tokens Q2-Q10 | served by |")
 print("|---|---|---|---|---|---|")
 for label, name in runs:
-    r = json.load(open(f"{out}/{name}.json"))
+    try:
+        r = json.load(open(f"{out}/{name}.json"))
+    except FileNotFoundError:
+        continue
     t, later = r["ttft_seconds"], r["ttft_seconds"][1:]
     cached = r["cached_tokens"][1:]
     hits = f"{min(cached)}-{max(cached)}" if cached else "-"

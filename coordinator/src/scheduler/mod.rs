@@ -417,6 +417,7 @@ impl<R: StepRunner> Loop<R> {
     async fn files(&mut self, aborted: &mut watch::Receiver<Option<String>>) {
         let Some(files) = self.prefix.as_mut().and_then(PrefixCache::take_files) else { return };
         let world = self.runner.cp_size();
+        let started = Instant::now();
         let call = self.runner.snapshot_files(files.clone());
         let result = tokio::select! {
             r = call => r,
@@ -430,6 +431,16 @@ impl<R: StepRunner> Loop<R> {
             }
         };
         let tp = reports.as_ref().map_or(1, |r| (r.len() / world.max(1)).max(1));
+        // Bytes written and read, on the busiest rank.
+        let written = reports.iter().flatten().map(|r| r.saved.iter().map(|s| s.1).sum::<u64>()).max().unwrap_or(0);
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            removed = files.remove.len(),
+            written = files.save.len(),
+            written_bytes = written,
+            read = files.load.len(),
+            "prefix-cache disk tier"
+        );
         if let Some(p) = self.prefix.as_mut() {
             p.files_done(&files, reports.as_deref(), tp);
         }
