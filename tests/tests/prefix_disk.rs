@@ -1,6 +1,6 @@
 //! The prefix cache's disk tier end to end: `yoco serve` with two real worker processes
 //! (context-parallel, each writing its own shard's files) and a memory budget too small to keep
-//! a document beside other work. The document's snapshots go to disk when evicted and come back
+//! a document beside other work, then none for snapshots at all (`--prefix-memory-mib 0`). The document's snapshots go to disk when evicted and come back
 //! on the next question instead of a prefill, with the tokens and log-probabilities (1e-4) of an
 //! uncached server; a restarted server finds them again; a corrupted file is a miss that is
 //! removed, never a wrong answer.
@@ -152,4 +152,29 @@ async fn evicted_documents_come_back_from_disk_and_survive_a_restart() {
     assert_same(&o, &want[4], "after a flush");
     assert_eq!(cached(&o), 0);
     assert!(files(&tier).is_empty(), "{:?}", files(&tier));
+
+    drop(client);
+    drop(server);
+
+    // No memory for snapshots (`--prefix-memory-mib 0`): the first question's snapshots go to
+    // disk as soon as it ends, and every later question is read back from there.
+    let server = serve(home.path(), &model, &["--prefix-disk-dir", tier_arg, "--prefix-memory-mib", "0"]).await;
+    let mut client = server.client().await;
+    for q in 0..3 {
+        let o = generate(&mut client, ask(q)).await.unwrap();
+        assert_same(&o, &want[q], &format!("question {q}, disk only"));
+        assert_eq!(cached(&o), if q == 0 { 0 } else { 2816 }, "question {q}, disk only");
+        // Once it ends, memory keeps no snapshot.
+        let started = std::time::Instant::now();
+        loop {
+            let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+            if info.prefix_cache_snapshots == 0 && info.prefix_disk_snapshots > 0 {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 10, "snapshots kept in memory: {info:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
+    assert_eq!(m["yoco_prefix_disk_hits_total"], 2.0 * 2816.0, "both later questions from disk");
 }

@@ -12,8 +12,8 @@ use yoco_e2e::server::{generate, ids_prompt, Server};
 use yoco_proto::v1 as pb;
 
 const VOCAB: usize = 2000;
-/// The document: past two snapshot intervals (8192 tokens), so that its prefix is cached.
-const DOC: usize = 16_500;
+/// The document: 64K tokens and a little, past eight snapshot intervals (8192 tokens).
+const DOC: usize = 65_600;
 
 fn request(ids: Vec<u32>, max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
@@ -51,7 +51,7 @@ async fn questions_about_one_document_go_to_the_group_that_caches_it() {
         if ttfts.len() == 1 {
             assert_eq!(cached, 0, "the first question prefills the document");
         } else {
-            assert!(cached >= 16_384, "question {q} (number {} asked) resumed from {cached} tokens", ttfts.len());
+            assert!(cached >= 65_536, "question {q} (number {} asked) resumed from {cached} tokens", ttfts.len());
         }
     }
     eprintln!("time to first token, s, in the order asked: {ttfts:.3?}");
@@ -77,5 +77,5 @@ async fn questions_about_one_document_go_to_the_group_that_caches_it() {
     // The router says why: nine questions to the group with the document's prefix.
     let m = parse_prometheus(&http_get(&server.http, "/metrics").1);
     assert_eq!(m["yoco_router_requests_total{decision=\"prefix\"}"], 9.0);
-    assert!(m["yoco_router_cached_prefix_tokens_total{decision=\"prefix\"}"] >= 9.0 * 16_384.0);
+    assert!(m["yoco_router_cached_prefix_tokens_total{decision=\"prefix\"}"] >= 9.0 * 65_536.0);
 }
