@@ -199,3 +199,24 @@ pub async fn drain(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Outcom
 pub fn ids_prompt(ids: &[u32]) -> Option<pb::generate_request::Prompt> {
     Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.to_vec() }))
 }
+
+/// Prompt tokens the prefix cache served for the request.
+pub fn cached(o: &Outcome) -> u64 {
+    o.finished.as_ref().expect("finished").usage.expect("usage").cached_prompt_tokens
+}
+
+/// The same answer: tokens, and log-probabilities (prompt ones too) within 1e-4 — what a request
+/// served from a cache must give against one that was not.
+pub fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
+    assert!(a.status.is_none() && b.status.is_none(), "{what}: {:?} {:?}", a.status, b.status);
+    assert_eq!(a.tokens, b.tokens, "{what}: tokens");
+    assert_eq!(a.logprobs.len(), b.logprobs.len());
+    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+        assert!((x - y).abs() <= 1e-4, "{what}: logprob {x} vs {y}");
+    }
+    let (pa, pb) = (a.prompt_logprobs.as_deref().unwrap_or(&[]), b.prompt_logprobs.as_deref().unwrap_or(&[]));
+    assert_eq!(pa.len(), pb.len(), "{what}: prompt log-probabilities");
+    for (x, y) in pa.iter().zip(pb) {
+        assert!((x - y).abs() <= 1e-4 || (x.is_nan() && y.is_nan()), "{what}: prompt logprob {x} vs {y}");
+    }
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use yoco_e2e::http::{http_get, http_post, parse_prometheus};
-use yoco_e2e::server::{generate, ids_prompt, Outcome, Server};
+use yoco_e2e::server::{assert_same, cached, generate, ids_prompt, Outcome, Server};
 use yoco_proto::v1 as pb;
 
 const VOCAB: usize = 2000;
@@ -34,24 +34,6 @@ fn request(ids: &[u32], sampling: pb::SamplingParams) -> pb::GenerateRequest {
         sampling: Some(sampling),
         ignore_eos: true,
         ..Default::default()
-    }
-}
-
-fn cached(o: &Outcome) -> u64 {
-    o.finished.as_ref().expect("finished").usage.expect("usage").cached_prompt_tokens
-}
-
-fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
-    assert!(a.status.is_none() && b.status.is_none(), "{what}: {:?} {:?}", a.status, b.status);
-    assert_eq!(a.tokens, b.tokens, "{what}: tokens");
-    assert_eq!(a.logprobs.len(), b.logprobs.len());
-    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-        assert!((x - y).abs() <= 1e-4, "{what}: logprob {x} vs {y}");
-    }
-    let (pa, pb) = (a.prompt_logprobs.as_deref().unwrap_or(&[]), b.prompt_logprobs.as_deref().unwrap_or(&[]));
-    assert_eq!(pa.len(), pb.len(), "{what}: prompt log-probabilities");
-    for (x, y) in pa.iter().zip(pb) {
-        assert!((x - y).abs() <= 1e-4 || (x.is_nan() && y.is_nan()), "{what}: prompt logprob {x} vs {y}");
     }
 }
 

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use yoco_e2e::http::{http_get, parse_prometheus};
-use yoco_e2e::server::{generate, ids_prompt, Outcome, Server};
+use yoco_e2e::server::{assert_same, cached, generate, ids_prompt, Server};
 use yoco_proto::v1 as pb;
 use yoco_proto::v1::generation_client::GenerationClient;
 
@@ -20,19 +20,6 @@ fn prompt(n: usize, salt: usize) -> Vec<u32> {
 
 fn request(ids: Vec<u32>) -> pb::GenerateRequest {
     pb::GenerateRequest { prompt: ids_prompt(&ids), max_tokens: Some(6), ignore_eos: true, ..Default::default() }
-}
-
-fn cached(o: &Outcome) -> u64 {
-    o.finished.as_ref().expect("finished").usage.expect("usage").cached_prompt_tokens
-}
-
-fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
-    assert!(a.status.is_none() && b.status.is_none(), "{what}: {:?} {:?}", a.status, b.status);
-    assert_eq!(a.tokens, b.tokens, "{what}: tokens");
-    assert_eq!(a.logprobs.len(), b.logprobs.len());
-    for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-        assert!((x - y).abs() <= 1e-4, "{what}: logprob {x} vs {y}");
-    }
 }
 
 /// The snapshot files under `dir`, every rank's.
