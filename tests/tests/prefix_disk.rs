@@ -147,9 +147,9 @@ async fn evicted_documents_come_back_from_disk_and_survive_a_restart() {
     // disk as soon as it ends, and every later question is read back from there.
     let server = serve(home.path(), &model, &["--prefix-disk-dir", tier_arg, "--prefix-memory-mib", "0"]).await;
     let mut client = server.client().await;
-    for q in 0..3 {
+    for (q, want) in want.iter().enumerate().take(3) {
         let o = generate(&mut client, ask(q)).await.unwrap();
-        assert_same(&o, &want[q], &format!("question {q}, disk only"));
+        assert_same(&o, want, &format!("question {q}, disk only"));
         assert_eq!(cached(&o), if q == 0 { 0 } else { 2816 }, "question {q}, disk only");
         // Once it ends, memory keeps no snapshot.
         let started = std::time::Instant::now();

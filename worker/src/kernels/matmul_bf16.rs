@@ -1,0 +1,252 @@
+//! `out = x · wᵀ` in bf16 with f32 accumulation, for prefill's large products: the activations
+//! `x [m, k]` are rounded to bf16 (round to nearest even, as PyTorch and oneDNN round), the
+//! weights `w [n, k]` are bf16 as the checkpoint stores them, and every product of a pair of
+//! bf16 values is accumulated in f32 — what `vdpbf16ps` (AVX512_BF16: Zen 4 and later, Intel
+//! Cooper Lake and Sapphire Rapids) computes at twice the rate of f32 FMA.
+//!
+//! The layout follows the instruction: it multiplies pairs of adjacent k (two bf16 in each
+//! 32-bit lane) and adds both products to one f32 lane. A row of `x` rounded to bf16 is already
+//! such pairs, so only the weights are packed: a panel of 32 weight rows (two registers of 16
+//! lanes) per block of `KC` k, pair-interleaved, zero-padded past `n` and past an odd `k`. The
+//! register tile is 8 rows × 32 columns (16 accumulators); each k-pair step loads two weight
+//! registers and broadcasts one pair of each row.
+//!
+//! [`matmul_t_bf16_reference`] is the plain definition the kernel is tested against: each
+//! product of the rounded operands is exact in f32, so the two differ only by the order of f32
+//! additions.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// k per block (as 128 pairs): a 32-column weight panel of it is 16 KiB, beside 8 activation
+/// rows of 4 KiB in L1.
+const KC: usize = 256;
+/// Columns per panel (two registers of 16 f32 lanes) and rows per register tile.
+const NR: usize = 32;
+const MR: usize = 8;
+/// Rows per parallel task: its activation block (MC × KC bf16 = 64 KiB) stays in L2 while every
+/// panel passes over it.
+const MC: usize = 128;
+
+/// Whether this CPU runs the kernel (`vdpbf16ps`).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[m, n] = bf16(x)[m, k] · w[n, k]ᵀ`, f32 accumulation. Panics if the CPU lacks
+/// AVX512_BF16 (see [`available`]) or the shapes are wrong.
+pub fn matmul_t_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "matmul_t_bf16: x is not [m, k]");
+    assert_eq!(w.len(), n * k, "matmul_t_bf16: w is not [n, k]");
+    assert_eq!(out.len(), m * n, "matmul_t_bf16: out is not [m, n]");
+    assert!(available(), "matmul_t_bf16 needs AVX512_BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    x86::matmul(x, m, k, w, n, out);
+}
+
+/// The definition: each operand rounded to bf16, products and sums in f32 (k in order).
+pub fn matmul_t_bf16_reference(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    for i in 0..m {
+        let row: Vec<f32> = x[i * k..(i + 1) * k].iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        for j in 0..n {
+            out[i * n + j] = row.iter().zip(&w[j * k..(j + 1) * k]).map(|(a, b)| a * b.to_f32()).sum();
+        }
+    }
+}
+
+/// Pairs of bf16 (a 32-bit lane each) per k: k rounded up to even, halved.
+fn pairs(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// `x [m, k]` as bf16 pairs, `pairs(k)` lanes per row (the last one padded with a zero when k
+/// is odd), rounded to nearest even.
+fn round_rows(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let kp = pairs(k);
+    let mut out = vec![0u32; m * kp];
+    out.par_chunks_mut(kp).zip(x.par_chunks(k)).for_each(|(dst, src)| {
+        for (d, s) in dst.iter_mut().zip(src.chunks(2)) {
+            let lo = bf16::from_f32(s[0]).to_bits() as u32;
+            let hi = s.get(1).map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+            *d = lo | (hi << 16);
+        }
+    });
+    out
+}
+
+/// The weights' panels for k pairs `p0..p0 + kp` (in pairs): per panel of 32 rows, per pair,
+/// 32 lanes (row j's `(w[j, 2p], w[j, 2p + 1])`), zeros past `n` and past k.
+fn pack_panels(w: &[bf16], n: usize, k: usize, p0: usize, kp: usize, panels: &mut [u32]) {
+    panels.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
+        for c in 0..NR {
+            let j = panel * NR + c;
+            for p in 0..kp {
+                let at = 2 * (p0 + p);
+                dst[p * NR + c] = if j < n && at < k {
+                    let lo = w[j * k + at].to_bits() as u32;
+                    let hi = if at + 1 < k { w[j * k + at + 1].to_bits() as u32 } else { 0 };
+                    lo | (hi << 16)
+                } else {
+                    0
+                };
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+    use rayon::prelude::*;
+
+    use super::{pack_panels, pairs, round_rows, KC, MC, MR, NR};
+
+    pub(super) fn matmul(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+        let (kp_all, panels) = (pairs(k), n.div_ceil(NR));
+        let xb = round_rows(x, m, k);
+        let mut packed = vec![0u32; panels * (KC / 2) * NR];
+        for (block, p0) in (0..kp_all).step_by(KC / 2).enumerate() {
+            let kp = (KC / 2).min(kp_all - p0);
+            let packed = &mut packed[..panels * kp * NR];
+            pack_panels(w, n, k, p0, kp, packed);
+            let packed = &*packed;
+            out.par_chunks_mut(MC * n).enumerate().for_each(|(task, out)| {
+                let rows = out.len() / n;
+                let i0 = task * MC;
+                for panel in 0..panels {
+                    let b = &packed[panel * kp * NR..(panel + 1) * kp * NR];
+                    let cols = NR.min(n - panel * NR);
+                    for r0 in (0..rows).step_by(MR) {
+                        let mr = MR.min(rows - r0);
+                        let a = &xb[(i0 + r0) * kp_all + p0..];
+                        let c = &mut out[r0 * n + panel * NR..];
+                        // SAFETY: `available()` was asserted; `a` holds mr rows of kp_all
+                        // lanes from p0 (kp of them read), `b` kp × NR lanes, `c` mr rows of
+                        // `cols` columns at stride n.
+                        unsafe { tile(a, kp_all, b, kp, c, n, mr, cols, block > 0) };
+                    }
+                }
+            });
+        }
+    }
+
+    /// One register tile: `mr ≤ 8` rows of `a` (pairs, row stride `lda`) against a 32-column
+    /// panel `b`, over `kp` pairs, into `cols ≤ 32` columns of `c` (row stride `ldc`), added to
+    /// what `c` holds when `accumulate`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        a: &[u32],
+        lda: usize,
+        b: &[u32],
+        kp: usize,
+        c: &mut [f32],
+        ldc: usize,
+        mr: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(b.len() >= kp * NR && (mr == 0 || a.len() >= (mr - 1) * lda + kp));
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        macro_rules! step {
+            ($rows:expr) => {
+                for p in 0..kp {
+                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR) as *const _));
+                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16) as *const _));
+                    for r in 0..$rows {
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r * lda + p) as i32));
+                        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+                        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                    }
+                }
+            };
+        }
+        // The full tile unrolled for the compiler to keep in registers; the row tail generic.
+        if mr == MR {
+            step!(MR);
+        } else {
+            step!(mr);
+        }
+        let mask = |lo: usize| -> __mmask16 {
+            let n = cols.saturating_sub(lo).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let (m0, m1) = (mask(0), mask(16));
+        for (r, acc) in acc.iter().enumerate().take(mr) {
+            let row = c.as_mut_ptr().add(r * ldc);
+            for (h, m) in [(0, m0), (1, m1)] {
+                if m == 0 {
+                    continue;
+                }
+                let dst = row.add(16 * h);
+                let v = if accumulate { _mm512_add_ps(acc[h], _mm512_maskz_loadu_ps(m, dst)) } else { acc[h] };
+                _mm512_mask_storeu_ps(dst, m, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// Against the definition: every shape edge (rows past a tile and a task, columns past a
+    /// panel, odd k, k past a block), within the f32 summation-order bound `k·ε·Σ|terms|`.
+    #[test]
+    fn matches_the_definition_at_every_edge() {
+        if !available() {
+            eprintln!("no AVX512_BF16 on this CPU: the kernel is not run here");
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (8, 2, 32), (9, 7, 33), (130, 513, 65), (300, 257, 31), (17, 1024, 100)] {
+            let x = values(m * k, 1 + m as u64);
+            let w: Vec<bf16> = values(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).collect();
+            let mut got = vec![f32::NAN; m * n];
+            matmul_t_bf16(&x, m, k, &w, n, &mut got);
+            let mut want = vec![0.0; m * n];
+            matmul_t_bf16_reference(&x, m, k, &w, n, &mut want);
+            for i in 0..m {
+                for j in 0..n {
+                    let scale: f32 =
+                        (0..k).map(|p| (bf16::from_f32(x[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs()).sum();
+                    let (g, e) = (got[i * n + j], want[i * n + j]);
+                    // The bound of any order of k f32 additions (and the instruction's flush of
+                    // subnormal products to zero).
+                    let tol = k as f32 * f32::EPSILON * scale + 1e-30;
+                    assert!((g - e).abs() <= tol, "({m},{k},{n}) [{i},{j}]: {g} vs {e} (scale {scale})");
+                }
+            }
+        }
+    }
+}
