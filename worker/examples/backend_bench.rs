@@ -138,7 +138,7 @@ fn main_result() -> Result<(), String> {
     }
     let model = Model::load(&dir).map_err(|e| e.to_string())?;
     match args.device.as_str() {
-        "cpu" => run(yoco_worker::backend::cpu::CpuBackend, &model, &args, &|_| None),
+        "cpu" => run(yoco_worker::backend::cpu::CpuBackend::default(), &model, &args, &|_| None),
         #[cfg(feature = "cuda")]
         "cuda" => {
             let gpu = yoco_worker::cuda::driver::CudaBackend::open(0).map_err(|e| e.to_string())?;

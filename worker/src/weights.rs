@@ -103,6 +103,65 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
+/// The type the CPU's large matrix products (prefill) compute in: `f32`, `bf16` (activations
+/// rounded to bf16 as they are packed, bf16 weights, f32 accumulation; everything else — norms,
+/// retention states, softmax, logits — stays f32), or `auto`: as the checkpoint's weights (bf16
+/// for a bf16 checkpoint), the way PyTorch and vLLM users expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+    Auto,
+}
+
+impl ComputeDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+            ComputeDtype::Auto => "auto",
+        }
+    }
+
+    /// `auto` resolved against the loaded weights' type (`Model::weight_dtype`): bf16 when they
+    /// all are, else f32.
+    pub fn resolve(self, weight_dtype: &str) -> ComputeDtype {
+        match self {
+            ComputeDtype::Auto if weight_dtype == "bf16" => ComputeDtype::Bf16,
+            ComputeDtype::Auto => ComputeDtype::F32,
+            other => other,
+        }
+    }
+
+    /// The weight type a load should convert the matrices to for this compute type: bf16
+    /// products take bf16 weights (as `model.to(torch.bfloat16)` does); otherwise `asked`.
+    pub fn weights(self, asked: WeightDtype) -> WeightDtype {
+        match self {
+            ComputeDtype::Bf16 => WeightDtype::Bf16,
+            _ => asked,
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "f32" | "float32" => Ok(ComputeDtype::F32),
+            "bf16" | "bfloat16" => Ok(ComputeDtype::Bf16),
+            "auto" => Ok(ComputeDtype::Auto),
+            other => Err(format!("compute dtype `{other}`: expected f32, bf16 or auto")),
+        }
+    }
+}
+
 /// The element type of one loaded tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {

@@ -175,7 +175,7 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         use yoco_worker::backend::Backend;
         let (s_in, out0) = (randn(heads * d * d, 29), randn(tokens * w, 30));
         let mut want = out0.clone();
-        let cpu = yoco_worker::backend::cpu::CpuBackend;
+        let cpu = yoco_worker::backend::cpu::CpuBackend::default();
         cpu.retention_add_incoming(&q, &gamma, &s_in, &mut want, tokens, heads, d)
             .map_err(|e| DeviceError::Driver(e.to_string()))?;
         let (dq, mut dout) = (gpu.upload(&q)?, gpu.upload(&out0)?);

@@ -437,7 +437,7 @@ fn incoming_retention_state_is_added_as_the_cpu_kernel_adds_it() {
         }
         let (s_in, out0) = (randn(heads * d * d, 33), randn(tokens * w, 34));
         let mut want = out0.clone();
-        CpuBackend.retention_add_incoming(&q, &gamma, &s_in, &mut want, tokens, heads, d).unwrap();
+        CpuBackend::default().retention_add_incoming(&q, &gamma, &s_in, &mut want, tokens, heads, d).unwrap();
         let (dq, mut dout) = (gpu.upload(&q).unwrap(), gpu.upload(&out0).unwrap());
         Backend::retention_add_incoming(&gpu, &dq, &gamma, &s_in, &mut dout, tokens, heads, d).unwrap();
         assert_close(&gpu.download(&dout).unwrap(), &want, F32_TOL, &format!("add_incoming T={tokens} d={d}"));

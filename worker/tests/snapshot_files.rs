@@ -143,8 +143,12 @@ fn snapshots_restored_from_disk_resume_exactly_on_one_rank_and_in_groups() {
             .collect();
         let root = tempfile::tempdir().unwrap();
         let runs = tcp_group(2, &|rank, comm| {
-            let engine =
-                Engine::on_backend(yoco_worker::backend::cpu::CpuBackend, &parts[rank], &opts(CacheDtype::F32), comm);
+            let engine = Engine::on_backend(
+                yoco_worker::backend::cpu::CpuBackend::default(),
+                &parts[rank],
+                &opts(CacheDtype::F32),
+                comm,
+            );
             let mut x = Executor::new(engine.unwrap());
             let store = store_of(&x, root.path());
             round_trip(&mut x, &store, &prompt)

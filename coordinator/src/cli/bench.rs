@@ -21,7 +21,7 @@ use yoco_worker::kernels::retention::RETENTION_BLOCK;
 use yoco_worker::model::Model;
 use yoco_worker::presets::{write_random_model, Preset, StoreDtype};
 use yoco_worker::sampling::{argmax, log_softmax};
-use yoco_worker::weights::WeightDtype;
+use yoco_worker::weights::{ComputeDtype, WeightDtype};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,6 +50,11 @@ pub struct Args {
     /// Weight data types compared on the built-in trained model (`none`: skip).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
     weight_dtypes: Vec<String>,
+    /// Compute types compared on the built-in trained model (`none`: skip): each runs with bf16
+    /// weights when it computes in bf16 (products in bf16 need AVX512_BF16; without it the
+    /// run says f32).
+    #[arg(long, value_delimiter = ',', default_value = "bf16")]
+    compute_dtypes: Vec<String>,
     /// Context of the cache and weight data-type comparisons.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
@@ -83,14 +88,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut variants = Vec::new();
     for name in args.cache_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
         let cache = name.parse::<CacheDtype>().map_err(|e| anyhow::anyhow!("--cache-dtypes: {e}"))?;
-        variants.push(Variant { cache, weights: WeightDtype::F32 });
+        variants.push(Variant { cache, ..Variant::F32 });
     }
     for name in args.weight_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
         let weights = name.parse::<WeightDtype>().map_err(|e| anyhow::anyhow!("--weight-dtypes: {e}"))?;
         if weights == WeightDtype::Auto {
             bail!("--weight-dtypes: name the types to compare (f32, bf16, f16), not auto");
         }
-        variants.push(Variant { cache: CacheDtype::F32, weights });
+        variants.push(Variant { weights, ..Variant::F32 });
+    }
+    for name in args.compute_dtypes.iter().filter(|n| *n != "none" && !n.is_empty()) {
+        let compute = name.parse::<ComputeDtype>().map_err(|e| anyhow::anyhow!("--compute-dtypes: {e}"))?;
+        if compute == ComputeDtype::Auto {
+            bail!("--compute-dtypes: name the types to compare (f32, bf16), not auto");
+        }
+        variants.push(Variant { weights: compute.weights(WeightDtype::F32), compute, ..Variant::F32 });
     }
     let cfg = preset.config();
     let dir = tempfile_dir()?;
@@ -224,11 +236,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.dtype_context, DTYPE_SCORED
         );
         println!(
-            "{:>6} {:>8} {:>11} {:>13} {:>12} {:>14} {:>14} {:>12}",
+            "{:>6} {:>8} {:>8} {:>11} {:>13} {:>13} {:>12} {:>14} {:>14} {:>12}",
             "cache",
             "weights",
+            "compute",
             "cache B/tok",
             "weight bytes",
+            "prefill tok/s",
             "decode tok/s",
             "max |Δlogp|",
             "mean |Δlogp|",
@@ -236,11 +250,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         for d in &dtypes {
             println!(
-                "{:>6} {:>8} {:>11} {:>13} {:>12.1} {:>14.2e} {:>14.2e} {:>11.1}%",
+                "{:>6} {:>8} {:>8} {:>11} {:>13} {:>13.0} {:>12.1} {:>14.2e} {:>14.2e} {:>11.1}%",
                 d.variant.cache.name(),
                 d.variant.weights.name(),
+                d.compute,
                 d.bytes_per_token,
                 d.weight_bytes,
+                d.prefill_tokens_per_second,
                 d.decode_tokens_per_second,
                 d.max_abs_logprob_diff,
                 d.mean_abs_logprob_diff,
@@ -248,15 +264,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let dtype_json = |weights: bool| -> Vec<serde_json::Value> {
+    let dtype_json = |kind: &str| -> Vec<serde_json::Value> {
         dtypes
             .iter()
-            .filter(|d| (d.variant.weights != WeightDtype::F32) == weights || d.variant == Variant::F32)
+            .filter(|d| {
+                let v = d.variant;
+                let of_kind = match kind {
+                    "cache" => v.cache != CacheDtype::F32,
+                    "weights" => v.weights != WeightDtype::F32 && v.compute == ComputeDtype::F32,
+                    _ => v.compute != ComputeDtype::F32,
+                };
+                of_kind || v == Variant::F32
+            })
             .map(|d| {
-                let dtype = if weights { d.variant.weights.name() } else { d.variant.cache.name() };
+                let dtype = match kind {
+                    "cache" => d.variant.cache.name(),
+                    "weights" => d.variant.weights.name(),
+                    _ => d.compute,
+                };
                 json!({
                     "dtype": dtype, "context": args.dtype_context, "bytes_per_token": d.bytes_per_token,
-                    "weight_bytes": d.weight_bytes,
+                    "weight_bytes": d.weight_bytes, "weight_dtype": d.variant.weights.name(),
+                    "prefill_tokens_per_second": d.prefill_tokens_per_second,
                     "decode_tokens_per_second": d.decode_tokens_per_second,
                     "max_abs_logprob_diff_vs_f32": d.max_abs_logprob_diff,
                     "mean_abs_logprob_diff_vs_f32": d.mean_abs_logprob_diff,
@@ -282,8 +311,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "prefill_collective_ms_per_step": per_step_ms(&p.prefill, |c| c.seconds),
                 "decode_collective_ms_per_step": per_step_ms(&p.decode, |c| c.seconds),
             })).collect::<Vec<_>>(),
-            "cache_dtypes": dtype_json(false),
-            "weight_dtypes": dtype_json(true),
+            "cache_dtypes": dtype_json("cache"),
+            "weight_dtypes": dtype_json("weights"),
+            "compute_dtypes": dtype_json("compute"),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
@@ -435,6 +465,7 @@ fn process_prefill(
             // Named, so that a machine with a GPU runs the CPU's benchmark unless asked.
             local_device: Some(args.process_device.clone()),
             prefix_disk_dir: None,
+            compute_dtype: Default::default(),
         };
         let mut group = crate::cluster::group::BlockingGroup::spawn(tp * cp, model_dir, &opts)?;
         let mut booked = Booked { group: &mut group, prefill: Default::default(), decode: Default::default() };
@@ -486,21 +517,25 @@ fn per_step_ms(c: &CollectiveTotals, f: fn(&CollectiveTotals) -> f64) -> f64 {
 /// Prompt positions whose log-probabilities the data-type comparison scores.
 const DTYPE_SCORED: usize = 512;
 
-/// The data types of one run: the global cache's and the weight matrices'.
+/// The data types of one run: the global cache's, the weight matrices' and the products'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Variant {
     cache: CacheDtype,
     weights: WeightDtype,
+    compute: ComputeDtype,
 }
 
 impl Variant {
-    const F32: Variant = Variant { cache: CacheDtype::F32, weights: WeightDtype::F32 };
+    const F32: Variant = Variant { cache: CacheDtype::F32, weights: WeightDtype::F32, compute: ComputeDtype::F32 };
 }
 
 struct DtypeRun {
     variant: Variant,
     bytes_per_token: usize,
     weight_bytes: usize,
+    /// The products' type as run (bf16 asked on a CPU without AVX512_BF16 runs f32).
+    compute: &'static str,
+    prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
     max_abs_logprob_diff: f64,
     mean_abs_logprob_diff: f64,
@@ -536,13 +571,16 @@ fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeR
         let opts = EngineOptions {
             cache_budget_bytes: (n + args.decode_tokens + 1024) * bytes_per_token * 2,
             cache_dtype: variant.cache,
+            compute_dtype: variant.compute,
             ..Default::default()
         };
         let mut engine = Engine::new(model.clone(), &opts);
         engine.add_sequence(1)?;
+        let started = Instant::now();
         for part in prompt[..scored_from].chunks(args.prefill_chunk) {
             engine.step(&[StepItem::prefill(1, part, Logits::None)])?;
         }
+        let prefill_tokens_per_second = scored_from as f64 / started.elapsed().as_secs_f64();
         let logits = engine.step(&[StepItem::prefill(1, &prompt[scored_from..], Logits::All)])?.remove(0).logits;
         let rows: Vec<Vec<f32>> = logits.chunks_exact(vocab as usize).map(log_softmax).collect();
         let mut last = rows.last().map(|r| argmax(r)).unwrap_or(0);
@@ -564,6 +602,8 @@ fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeR
             variant,
             bytes_per_token,
             weight_bytes: model.weight_bytes(),
+            compute: yoco_worker::backend::Backend::compute_name(engine.backend()),
+            prefill_tokens_per_second,
             decode_tokens_per_second,
             max_abs_logprob_diff: max,
             mean_abs_logprob_diff: sum / rows.len() as f64,

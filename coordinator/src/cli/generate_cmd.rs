@@ -218,6 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 max_sequences: 1,
                 local_device: Some("cpu".into()),
                 prefix_disk_dir: None,
+                compute_dtype: Default::default(),
             };
             model.cfg.check_tp(args.tp)?;
             if args.tp == 0 || !p.is_multiple_of(args.tp) {

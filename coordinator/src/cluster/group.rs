@@ -15,7 +15,7 @@ use yoco_worker::generate::{PlanRunner, RunError};
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::plan::{Plan, SeqResult, SnapshotFiles, SnapshotFilesReport};
 use yoco_worker::service::convert::{plan_to_pb, result_from_pb};
-use yoco_worker::weights::WeightDtype;
+use yoco_worker::weights::{ComputeDtype, WeightDtype};
 
 /// Largest message of the coordinator-worker protocol, either way: a step's prompt tokens and
 /// results (with prompt log-probabilities) are larger than any public request (64 MiB, the
@@ -46,6 +46,8 @@ pub struct GroupOptions {
     pub local_device: Option<String>,
     /// The prefix cache's disk tier directory, as every worker sees it (`None`: no tier).
     pub prefix_disk_dir: Option<String>,
+    /// The type CPU ranks' large products compute in.
+    pub compute_dtype: ComputeDtype,
 }
 
 /// Positions per cache block on every rank.
@@ -264,6 +266,7 @@ impl WorkerGroup {
                 tp: tp as u32,
                 max_sequences: opts.max_sequences as u32,
                 prefix_disk_dir: opts.prefix_disk_dir.clone().unwrap_or_default(),
+                compute_dtype: opts.compute_dtype.name().to_string(),
             };
             async move { (rank, c.load_model(req).await.map_err(|s| anyhow!("rank {rank}: {}", s.message()))) }
         });

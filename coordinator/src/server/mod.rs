@@ -28,7 +28,7 @@ use yoco_proto::v1::generation_server::GenerationServer;
 use yoco_worker::config::ModelConfig;
 use yoco_worker::kernels::kv_block::CacheDtype;
 use yoco_worker::tokenizer::Tokenizer;
-use yoco_worker::weights::WeightDtype;
+use yoco_worker::weights::{ComputeDtype, WeightDtype};
 
 use self::starter::GroupStarter;
 use crate::api::auth::ApiKeys;
@@ -62,6 +62,12 @@ pub struct ServerArgs {
     /// f32, bf16 or f16 (converted at load; half the bytes of f32). The kernels compute in f32.
     #[arg(long, default_value = "auto", env = "YOCO_WEIGHT_DTYPE")]
     weight_dtype: WeightDtype,
+    /// The type CPU workers' large matrix products (prefill) compute in: f32, bf16 (activations
+    /// rounded to bf16, bf16 weights — converted at load —, f32 accumulation: twice the f32
+    /// rate on CPUs with AVX512_BF16, which it needs) or auto (as the checkpoint's weights).
+    /// Norms, retention states, attention and logits stay f32.
+    #[arg(long, default_value = "f32", env = "YOCO_COMPUTE_DTYPE")]
+    compute_dtype: ComputeDtype,
     /// Requests that may wait for admission; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024, env = "YOCO_MAX_QUEUE")]
     max_queue: usize,
@@ -284,6 +290,7 @@ fn group_options(a: &ServerArgs, tls: Option<WorkerTls>) -> GroupOptions {
         max_sequences: a.max_running,
         local_device: None,
         prefix_disk_dir: a.prefix_disk_dir.as_ref().map(|d| d.display().to_string()),
+        compute_dtype: a.compute_dtype,
     }
 }
 

@@ -7,15 +7,40 @@ use rayon::prelude::*;
 use super::{Backend, BackendError, Result};
 use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView, Partial};
 use crate::kernels::kv_block::{Block, CacheDtype};
-use crate::kernels::matmul::{linear, matmul_t};
+use crate::kernels::matmul::{linear, matmul_t, STREAM_MAX_ROWS};
+use crate::kernels::matmul_bf16;
 use crate::kernels::retention::{
     retention_add_incoming, retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK,
 };
 use crate::kernels::rope::{Rope, RopeTable};
-use crate::weights::Tensor;
+use crate::kernels::widen::WeightRef;
+use crate::weights::{ComputeDtype, Tensor};
 
+/// The CPU kernels. Products of many rows compute in `compute` (resolved: f32 or bf16); bf16
+/// needs AVX512_BF16, without which they stay f32.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    compute: ComputeDtype,
+}
+
+impl CpuBackend {
+    /// `compute` must be resolved ([`ComputeDtype::resolve`]): `auto` computes in f32.
+    pub fn new(compute: ComputeDtype) -> Self {
+        if compute == ComputeDtype::Bf16 && !crate::kernels::matmul_bf16::available() {
+            tracing::warn!("bf16 compute asked, but this CPU lacks AVX512_BF16: products stay f32");
+        }
+        CpuBackend { compute }
+    }
+
+    pub fn compute(&self) -> ComputeDtype {
+        self.compute
+    }
+
+    /// The backend `opts` asks for on `model` (its compute type resolved against the weights).
+    pub fn for_model(model: &crate::model::Model, opts: &crate::engine::EngineOptions) -> Self {
+        Self::new(opts.compute_dtype.resolve(model.weight_dtype()))
+    }
+}
 
 /// The global cache in host memory. Blocks are allocated on their first write, so the pool's
 /// memory follows its high-water mark, not its budget (blocks are handed out lowest first).
@@ -69,6 +94,13 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn compute_name(&self) -> &'static str {
+        match self.compute {
+            ComputeDtype::Bf16 if matmul_bf16::available() => "bf16",
+            _ => "f32",
+        }
+    }
+
     fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
         Ok(x.to_vec())
     }
@@ -99,6 +131,15 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, m: usize, w: &Tensor) -> Result<Vec<f32>> {
         let (n, k) = (w.shape[0], w.shape[1]);
         at_least("matmul input", x, m * k)?;
+        // Many rows of bf16 weights: the bf16 GEMM (few rows stream the weights from memory,
+        // which the f32 kernel does as fast).
+        if let (ComputeDtype::Bf16, WeightRef::Bf16(wb)) = (self.compute, w.view()) {
+            if m > STREAM_MAX_ROWS && matmul_bf16::available() {
+                let mut out = vec![0.0; m * n];
+                matmul_bf16::matmul_t_bf16(&x[..m * k], m, k, wb, n, &mut out);
+                return Ok(out);
+            }
+        }
         Ok(crate::with_weights!(w.view(), |w| linear(&x[..m * k], m, k, w, n)))
     }
 

@@ -48,6 +48,11 @@ pub trait Backend: Sync {
     type BlockTable: Send + Sync;
 
     fn name(&self) -> &'static str;
+    /// The type large products compute in, where the backend chooses it ("f32", "bf16"); empty
+    /// where the weights' type decides (a GPU's GEMMs take the weights' type).
+    fn compute_name(&self) -> &'static str {
+        ""
+    }
     /// Makes the backend's device current on the calling thread: the engine calls it at every
     /// entry that touches the device and before it drops its buffers, as it may be driven from
     /// any thread (by default nothing: host memory needs no binding).

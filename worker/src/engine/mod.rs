@@ -174,6 +174,9 @@ pub struct EngineOptions {
     pub cache_reuse_bytes: usize,
     /// Sequences that may be open at once (0: no limit).
     pub max_sequences: usize,
+    /// The type the CPU backend's large products compute in (`Engine::new` and `with_group`
+    /// resolve `auto` against the model's weights; a backend made elsewhere has its own).
+    pub compute_dtype: crate::weights::ComputeDtype,
 }
 
 impl Default for EngineOptions {
@@ -184,6 +187,7 @@ impl Default for EngineOptions {
             cache_dtype: CacheDtype::F32,
             cache_reuse_bytes: last_level_cache_bytes(),
             max_sequences: 0,
+            compute_dtype: crate::weights::ComputeDtype::F32,
         }
     }
 }
@@ -216,13 +220,13 @@ pub struct Engine<B: Backend = CpuBackend> {
 impl Engine<CpuBackend> {
     /// A single-process engine on the CPU.
     pub fn new(model: Arc<Model>, opts: &EngineOptions) -> Self {
-        Self::on_backend(CpuBackend, &model, opts, Box::new(SingleRank))
+        Self::on_backend(CpuBackend::for_model(&model, opts), &model, opts, Box::new(SingleRank))
             .expect("the CPU backend takes every model, and a lone rank forms no group")
     }
 
     /// One CPU rank of a group whose ranks talk through `comm` (see [`Engine::on_backend`]).
     pub fn with_group(model: Arc<Model>, opts: &EngineOptions, comm: Box<dyn Collective>) -> Result<Self, EngineError> {
-        Self::on_backend(CpuBackend, &model, opts, comm)
+        Self::on_backend(CpuBackend::for_model(&model, opts), &model, opts, comm)
     }
 }
 

@@ -11,7 +11,7 @@ use super::widen::Widen;
 
 /// Up to this many rows, the weight-streaming kernel beats the GEMM library (measured on
 /// 256…768-wide layers and the 100K-row output projection).
-const STREAM_MAX_ROWS: usize = 64;
+pub const STREAM_MAX_ROWS: usize = 64;
 /// Weight rows per parallel task in the streaming kernel, at least.
 const STREAM_MIN_ROWS_PER_TASK: usize = 32;
 /// Columns of `k` per pass of the streaming kernel, so that the input rows' slices

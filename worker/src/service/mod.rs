@@ -22,7 +22,7 @@ use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::executor::Executor;
 use crate::kernels::kv_block::CacheDtype;
 use crate::model::{Model, TpShard};
-use crate::weights::WeightDtype;
+use crate::weights::{ComputeDtype, WeightDtype};
 use rank::Rank;
 
 /// Settings a worker starts with; LoadModel may override them.
@@ -109,7 +109,8 @@ fn device_rank(
     let failed = |e: EngineError| Status::failed_precondition(format!("{device}: {e}"));
     match device {
         Device::Cpu => {
-            let engine = Engine::on_backend(crate::backend::cpu::CpuBackend, model, opts, comm).map_err(failed)?;
+            let cpu = crate::backend::cpu::CpuBackend::for_model(model, opts);
+            let engine = Engine::on_backend(cpu, model, opts, comm).map_err(failed)?;
             Ok(Box::new(Executor::new(engine)))
         }
         #[cfg(feature = "cuda")]
@@ -235,7 +236,10 @@ impl Worker for WorkerService {
             "" => CacheDtype::F32,
             name => name.parse::<CacheDtype>().map_err(Status::invalid_argument)?,
         };
+        let compute_dtype = req.compute_dtype.parse::<ComputeDtype>().map_err(Status::invalid_argument)?;
         let weight_dtype = req.weight_dtype.parse::<WeightDtype>().map_err(Status::invalid_argument)?;
+        // bf16 products take bf16 weights (a GPU rank keeps the weights it was asked for).
+        let weight_dtype = if device == Device::Cpu { compute_dtype.weights(weight_dtype) } else { weight_dtype };
         let timeout = if req.collective_timeout_seconds > 0.0 { req.collective_timeout_seconds } else { 120.0 };
         if !timeout.is_finite() || timeout > 86400.0 {
             return Err(Status::invalid_argument("collective_timeout_seconds must be at most a day"));
@@ -301,6 +305,7 @@ impl Worker for WorkerService {
                 cache_budget_bytes: budget,
                 cache_dtype,
                 max_sequences,
+                compute_dtype,
                 ..EngineOptions::default()
             };
             let exec = device_rank(&model, device, &opts, comm)?;

@@ -138,6 +138,7 @@ where
             weight_dtype: engine.model().weight_dtype().to_string(),
             broken: engine.broken().map(|e| e.to_string()).unwrap_or_default(),
             max_sequences: engine.options().max_sequences as u32,
+            compute_dtype: engine.backend().compute_name().to_string(),
             ..pb::InfoResponse::default()
         }
     }

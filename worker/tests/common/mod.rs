@@ -81,7 +81,7 @@ pub fn try_run_group_parts<T: Send>(
     eo: &EngineOptions,
     script: &(dyn Fn(&mut Engine) -> T + Sync),
 ) -> Vec<Result<T, EngineError>> {
-    try_run_group_on(parts, world, eo, &|| yoco_worker::backend::cpu::CpuBackend, script)
+    try_run_group_on(parts, world, eo, &|| yoco_worker::backend::cpu::CpuBackend::default(), script)
 }
 
 /// [`try_run_group_parts`] on the backends `backend()` makes, one per rank.
