@@ -1,6 +1,6 @@
 //! The machine's measured ceilings, which benchmarks state their figures against: the f32 GEMM
-//! rate of the engine's product on a large square matrix, and the memory read bandwidth, both
-//! with every thread.
+//! rate of the engine's product on a large square matrix (and the bf16 one, where the CPU has
+//! it), and the memory read bandwidth, all with every thread.
 
 use std::time::Instant;
 
@@ -48,4 +48,24 @@ pub fn gemm_gflops(n: usize) -> f64 {
             2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)
+}
+
+/// The best of three `n³` products through the bf16 GEMM (`kernels::matmul_bf16`), in GFLOP/s;
+/// `None` where the CPU lacks AVX512_BF16.
+pub fn bf16_gemm_gflops(n: usize) -> Option<f64> {
+    use crate::kernels::matmul_bf16::{available, matmul_t_bf16};
+    if !available() {
+        return None;
+    }
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let b: Vec<half::bf16> = (0..n * n).map(|i| half::bf16::from_f32((i % 7) as f32 * 0.01)).collect();
+    let mut c = vec![0f32; n * n];
+    let best = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            matmul_t_bf16(&a, n, n, &b, n, &mut c);
+            2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max);
+    Some(best)
 }

@@ -50,6 +50,10 @@ pub struct Args {
     /// Weight data types compared on the built-in trained model (`none`: skip).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
     weight_dtypes: Vec<String>,
+    /// The type the main runs' products compute in: f32, or bf16 (with the weights converted to
+    /// bf16; needs AVX512_BF16, else f32 — the table's header says which ran).
+    #[arg(long, default_value = "f32")]
+    compute_dtype: ComputeDtype,
     /// Compute types compared on the built-in trained model (`none`: skip): each runs with bf16
     /// weights when it computes in bf16 (products in bf16 need AVX512_BF16; without it the
     /// run says f32).
@@ -107,9 +111,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = preset.config();
     let dir = tempfile_dir()?;
     write_random_model(&cfg, StoreDtype::F32, 0, false, &dir)?;
-    let model = Arc::new(Model::load(&dir)?);
+    let model = Arc::new(Model::load_as(&dir, args.compute_dtype.weights(WeightDtype::Auto))?);
     let threads = rayon::current_num_threads();
     let peak = gemm_gflops(2048);
+    let bf16_peak = yoco_worker::ceilings::bf16_gemm_gflops(2048);
+    // What the main runs compute in, and the ceiling their GFLOP/s are a fraction of.
+    let ran = yoco_worker::backend::Backend::compute_name(&yoco_worker::backend::cpu::CpuBackend::for_model(
+        &model,
+        &EngineOptions { compute_dtype: args.compute_dtype, ..Default::default() },
+    ));
+    let run_peak = if ran == "bf16" { bf16_peak.unwrap_or(peak) } else { peak };
     let bandwidth = read_gbps(1 << 30);
     let flops_per_token = prefill_flops_per_token(&cfg);
     let cache_bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&cfg, CacheDtype::F32);
@@ -119,8 +130,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let read_per_token =
         |context: usize| (weight_bytes + cfg.n_cross_layers() * context * cache_bytes_per_token) as f64;
     if !args.json {
-        println!("yoco bench: preset {} ({} params), {threads} threads", args.preset, cfg.n_params(false));
-        println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s; memory read (1 GiB) = {bandwidth:.1} GB/s");
+        println!(
+            "yoco bench: preset {} ({} params), {threads} threads; weights {}, products in {}",
+            args.preset,
+            cfg.n_params(false),
+            model.weight_dtype(),
+            ran
+        );
+        let bf16 = bf16_peak.map_or_else(|| "no AVX512_BF16".to_string(), |g| format!("{g:.1} GFLOP/s"));
+        println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s, bf16 GEMM = {bf16}; memory read (1 GiB) = {bandwidth:.1} GB/s");
         println!("global cache: {cache_bytes_per_token} bytes/token (f32); weights streamed per decode token: {weight_bytes} bytes");
         println!(
             "{:>9} {:>10} {:>12} {:>10} {:>8} {:>12} {:>10} {:>7}",
@@ -131,6 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for &n in &args.lengths {
         let opts = EngineOptions {
             cache_budget_bytes: (n + args.decode_tokens + 512) * cache_bytes_per_token * 2,
+            compute_dtype: args.compute_dtype,
             ..Default::default()
         };
         let mut engine = Engine::new(model.clone(), &opts);
@@ -163,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "{n:>9} {prefill:>10.2} {:>12.0} {gflops:>10.1} {:>7.0}% {decode:>12.1} {read_gbps:>10.1} {:>6.0}%",
                 n as f64 / prefill,
-                100.0 * gflops / peak,
+                100.0 * gflops / run_peak,
                 100.0 * read_gbps / bandwidth
             );
         }
@@ -297,6 +316,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let out = json!({
             "preset": args.preset, "threads": threads, "gemm_gflops_2048": peak, "read_gbps": bandwidth,
+            "bf16_gemm_gflops_2048": bf16_peak, "compute_dtype": args.compute_dtype.name(),
             "cache_bytes_per_token": cache_bytes_per_token, "decode_weight_bytes": weight_bytes,
             "prefill_flops_per_token": flops_per_token, "runs": rows,
             "batched_decode": batched.iter().flat_map(|(dtype, rates)| rates.iter().map(move |(b, r)| json!({
