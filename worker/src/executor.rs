@@ -185,19 +185,17 @@ impl<B: Backend> Executor<B> {
     /// fatal.
     pub fn snapshot_files(&mut self, store: Option<&SnapshotStore>, req: &SnapshotFiles) -> SnapshotFilesReport {
         let mut report = SnapshotFilesReport::default();
-        let Some(store) = store else {
-            let why = || "this worker group has no prefix-cache disk directory".to_string();
-            report.failed =
-                req.save.iter().map(|s| s.snap).chain(req.load.iter().map(|l| l.snap)).map(|id| (id, why())).collect();
-            return report;
-        };
+        let no_tier = || "this worker group has no prefix-cache disk directory".to_string();
         for h in &req.remove {
-            store.remove(h);
+            if let Some(store) = store {
+                store.remove(h);
+            }
         }
         for s in &req.save {
-            let saved = self.engine.export_snapshot(s.snap, s.parent.map(|p| p.0)).map_err(|e| e.to_string()).and_then(
-                |image| store.save(&s.hash, s.parent.as_ref().map(|p| &p.1), &image).map_err(|e| e.to_string()),
-            );
+            let saved = store.ok_or_else(no_tier).and_then(|store| {
+                let image = self.engine.export_snapshot(s.snap, s.parent.map(|p| p.0)).map_err(|e| e.to_string())?;
+                store.save(&s.hash, s.parent.as_ref().map(|p| &p.1), &image).map_err(|e| e.to_string())
+            });
             match saved {
                 Ok(bytes) => report.saved.push((s.snap, bytes)),
                 Err(why) => {
@@ -210,7 +208,8 @@ impl<B: Backend> Executor<B> {
             self.engine.drop_snapshot(id);
         }
         for l in &req.load {
-            let loaded = store.load(&l.hash).map_err(|e| e.to_string()).and_then(|(_, image)| {
+            let loaded = store.ok_or_else(no_tier).and_then(|store| {
+                let (_, image) = store.load(&l.hash).map_err(|e| e.to_string())?;
                 self.engine.import_snapshot(l.snap, l.parent, &image).map_err(|e| e.to_string())
             });
             match loaded {
@@ -221,11 +220,12 @@ impl<B: Backend> Executor<B> {
                 }
             }
         }
-        if req.list {
-            match store.list() {
+        match store {
+            Some(store) if req.list => match store.list() {
                 Ok(files) => report.listed = files,
                 Err(e) => tracing::warn!(error = %e, dir = %store.dir().display(), "cannot list the snapshot files"),
-            }
+            },
+            _ => {}
         }
         report
     }
