@@ -135,12 +135,34 @@ impl Backend for CpuBackend {
         // which the f32 kernel does as fast).
         if let (ComputeDtype::Bf16, WeightRef::Bf16(wb)) = (self.compute, w.view()) {
             if m > STREAM_MAX_ROWS && matmul_bf16::available() {
-                let mut out = vec![0.0; m * n];
-                matmul_bf16::matmul_t_bf16(&x[..m * k], m, k, wb, n, &mut out);
-                return Ok(out);
+                return Ok(matmul_bf16::matmul_t_bf16_many(&x[..m * k], m, k, &[(wb, n)]).remove(0));
             }
         }
         Ok(crate::with_weights!(w.view(), |w| linear(&x[..m * k], m, k, w, n)))
+    }
+
+    /// In bf16, many rows of bf16 weights round `x` once and run every product in one pass.
+    fn matmuls(&self, x: &Vec<f32>, m: usize, ws: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        let bf16: Option<Vec<(&[half::bf16], usize)>> = ws
+            .iter()
+            .map(|w| match w.view() {
+                WeightRef::Bf16(wb) => Some((wb, w.shape[0])),
+                _ => None,
+            })
+            .collect();
+        let k = ws.first().map_or(0, |w| w.shape[1]);
+        match bf16 {
+            Some(jobs)
+                if self.compute == ComputeDtype::Bf16
+                    && m > STREAM_MAX_ROWS
+                    && matmul_bf16::available()
+                    && ws.iter().all(|w| w.shape.len() == 2 && w.shape[1] == k) =>
+            {
+                at_least("matmul input", x, m * k)?;
+                Ok(matmul_bf16::matmul_t_bf16_many(&x[..m * k], m, k, &jobs))
+            }
+            _ => ws.iter().map(|w| self.matmul(x, m, w)).collect(),
+        }
     }
 
     fn rms_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, w: Option<&Vec<f32>>, eps: f32) -> Result<Vec<f32>> {

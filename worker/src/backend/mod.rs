@@ -75,6 +75,11 @@ pub trait Backend: Sync {
 
     /// `x [m, in] · wᵀ`: `[m, out]`.
     fn matmul(&self, x: &Self::Buf, m: usize, w: &Self::Matrix) -> Result<Self::Buf>;
+    /// `x · wᵀ` for each of `ws`, which share the input (a layer's projections of one normed
+    /// input): a backend may prepare `x` once for all of them.
+    fn matmuls(&self, x: &Self::Buf, m: usize, ws: &[&Self::Matrix]) -> Result<Vec<Self::Buf>> {
+        ws.iter().map(|w| self.matmul(x, m, w)).collect()
+    }
     fn rms_norm(&self, x: &Self::Buf, rows: usize, dim: usize, w: Option<&Self::Buf>, eps: f32) -> Result<Self::Buf>;
     /// `a += b` over n elements.
     fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf, n: usize) -> Result<()>;

@@ -128,13 +128,23 @@ impl<B: Backend> Weights<B> {
         let xn = if n > 0 { Some(b.rms_norm(x, n, dim, Some(&l.norm), eps)?) } else { None };
         let mixed = match &l.mixer {
             Mixer::Retention { q, k, v, g, gt, out } => {
-                let o = self.retention(b, xn.as_ref(), n, [q, k, v, gt], segments, states, rope, grid)?;
-                match (o, &xn) {
-                    (Some(o), Some(xn)) => {
+                // Every projection of the normed rows at once (they share the input).
+                let projected = match (&xn, rope) {
+                    (Some(xn), Some(rope)) => {
+                        let [mut qh, mut kh, vh, gt_raw, gate] =
+                            ColumnLinear::forward_many(b, xn, n, [q, k, v, gt, g])?;
+                        self.rotate(b, &mut qh, &mut kh, rope)?;
+                        Some(([qh, kh, vh, gt_raw], gate))
+                    }
+                    _ => None,
+                };
+                let (qkvg, gate) = projected.unzip();
+                let o = self.retention(b, qkvg, n, segments, states, grid)?;
+                match (o, gate) {
+                    (Some(o), Some(mut gate)) => {
                         // subln (RMSNorm over each head, no weight), the swish gate, out_proj.
                         let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
                         let normed = b.rms_norm(&o, n * heads, hd, None, eps)?;
-                        let mut gate = g.forward(b, xn, n)?;
                         b.silu_mul(&mut gate, &normed, n * heads * hd)?;
                         Some(out.forward(b, &gate, n, grid)?)
                     }
@@ -163,27 +173,31 @@ impl<B: Backend> Weights<B> {
         b: &B,
         xn: &B::Buf,
         n: usize,
-        [q, k, v]: [&ColumnLinear<B>; 3],
+        qkv: [&ColumnLinear<B>; 3],
         rope: &B::RopeTable,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
-        let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
-        let (mut qh, mut kh, vh) = (q.forward(b, xn, n)?, k.forward(b, xn, n)?, v.forward(b, xn, n)?);
-        b.rope(&mut qh, rope, heads, hd)?;
-        b.rope(&mut kh, rope, heads, hd)?;
+        let [mut qh, mut kh, vh] = ColumnLinear::forward_many(b, xn, n, qkv)?;
+        self.rotate(b, &mut qh, &mut kh, rope)?;
         Ok((qh, kh, vh))
     }
 
-    /// Gated retention of every segment (the outputs before subln; `None` for no rows).
-    #[allow(clippy::too_many_arguments)]
+    /// RoPE on a self-decoder mixer's queries and keys.
+    fn rotate(&self, b: &B, qh: &mut B::Buf, kh: &mut B::Buf, rope: &B::RopeTable) -> Result<()> {
+        let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
+        b.rope(qh, rope, heads, hd)?;
+        b.rope(kh, rope, heads, hd)?;
+        Ok(())
+    }
+
+    /// Gated retention of every segment (the outputs before subln; `None` for no rows), from
+    /// this rank's rotated queries and keys, values and gate logits (`None` for no rows).
     fn retention(
         &self,
         b: &B,
-        xn: Option<&B::Buf>,
+        projected: Option<[B::Buf; 4]>,
         n: usize,
-        [q, k, v, gt]: [&ColumnLinear<B>; 4],
         segments: &[Segment],
         states: &mut [&mut State<B>],
-        rope: Option<&B::RopeTable>,
         grid: &mut Grid,
     ) -> Result<Option<B::Buf>> {
         let (heads, hd) = (self.self_heads(), self.cfg.self_head_dim());
@@ -192,10 +206,9 @@ impl<B: Backend> Weights<B> {
         // A distributed segment runs its chunk from a zero state; the true incoming state is
         // added once every rank's chunk state is known.
         let mut fresh = distributed.iter().map(|_| b.zeros(per)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let computed = match (xn, rope) {
-            (Some(xn), Some(rope)) => {
-                let (qh, kh, vh) = self.project_qkv(b, xn, n, [q, k, v], rope)?;
-                let gamma = b.log_sigmoid_scaled(&gt.forward(b, xn, n)?, n * heads, GATE_LOGIT_NORMALIZER)?;
+        let computed = match projected {
+            Some([qh, kh, vh, gt_raw]) => {
+                let gamma = b.log_sigmoid_scaled(&gt_raw, n * heads, GATE_LOGIT_NORMALIZER)?;
                 let ranges: Vec<Range<usize>> = segments.iter().map(|s| s.rows.clone()).collect();
                 let mut fresh_iter = fresh.iter_mut();
                 let mut refs: Vec<&mut B::Buf> = Vec::with_capacity(segments.len());
@@ -355,8 +368,7 @@ impl<B: Backend> Weights<B> {
     /// `(K, V)` of its KV heads, each `[n, kv_dim]`, K rotated by `positions`.
     pub(super) fn kv_rows(&self, b: &B, x: &B::Buf, n: usize, positions: &[u32]) -> Result<(B::Buf, B::Buf)> {
         let xn = b.rms_norm(x, n, self.cfg.dim, Some(&self.kv_norm), self.cfg.norm_eps)?;
-        let mut k = self.k_proj.forward(b, &xn, n)?;
-        let v = self.v_proj.forward(b, &xn, n)?;
+        let [mut k, v] = ColumnLinear::forward_many(b, &xn, n, [&self.k_proj, &self.v_proj])?;
         let shape = self.cross_shape();
         b.rope(&mut k, &b.rope_table(&self.rope_cross, positions)?, shape.kv_heads, shape.head_dim)?;
         Ok((k, v))

@@ -34,6 +34,12 @@ impl<B: Backend> ColumnLinear<B> {
     pub(super) fn forward(&self, b: &B, x: &B::Buf, rows: usize) -> Result<B::Buf> {
         Ok(b.matmul(x, rows, &self.w)?)
     }
+
+    /// Several linears of one input, in order (`Backend::matmuls`: the input prepared once).
+    pub(super) fn forward_many<const N: usize>(b: &B, x: &B::Buf, rows: usize, ls: [&Self; N]) -> Result<[B::Buf; N]> {
+        let outs = b.matmuls(x, rows, &ls.map(|l| &l.w))?;
+        Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one output per linear")))
+    }
 }
 
 /// A linear layer whose inputs are split across the row: each rank multiplies its part of the
@@ -82,8 +88,8 @@ impl<B: Backend> Ffn<B> {
     }
 
     pub(super) fn forward(&self, b: &B, x: &B::Buf, rows: usize, grid: &mut Grid) -> Result<B::Buf> {
-        let mut a = self.fc1.forward(b, x, rows)?;
-        b.silu_mul(&mut a, &self.gate.forward(b, x, rows)?, rows * self.hidden)?;
+        let [mut a, gate] = ColumnLinear::forward_many(b, x, rows, [&self.fc1, &self.gate])?;
+        b.silu_mul(&mut a, &gate, rows * self.hidden)?;
         self.fc2.forward(b, &a, rows, grid)
     }
 }
