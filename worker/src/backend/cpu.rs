@@ -175,8 +175,12 @@ impl Backend for CpuBackend {
     fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
         at_least("add_assign", a, n)?;
         at_least("add_assign", b, n)?;
-        for (x, y) in a[..n].iter_mut().zip(&b[..n]) {
-            *x += y;
+        let add = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        if crate::kernels::parallel(n) {
+            let task = crate::kernels::PAR_TASK;
+            a[..n].par_chunks_mut(task).zip(b[..n].par_chunks(task)).for_each(|(a, b)| add(a, b));
+        } else {
+            add(&mut a[..n], &b[..n]);
         }
         Ok(())
     }
@@ -190,7 +194,11 @@ impl Backend for CpuBackend {
 
     fn log_sigmoid_scaled(&self, x: &Vec<f32>, n: usize, normalizer: f32) -> Result<Vec<f32>> {
         at_least("log_sigmoid_scaled", x, n)?;
-        Ok(x[..n].iter().map(|&g| crate::kernels::swiglu::log_sigmoid(g) / normalizer).collect())
+        let f = |&g: &f32| crate::kernels::swiglu::log_sigmoid(g) / normalizer;
+        if crate::kernels::parallel(n) {
+            return Ok(x[..n].par_iter().map(f).collect());
+        }
+        Ok(x[..n].iter().map(f).collect())
     }
 
     fn embed(&self, ids: &[u32], table: &Tensor, first: u32, scale: f32) -> Result<Vec<f32>> {

@@ -5,6 +5,8 @@
 //! up to 0.03 rad and the trained weights expect it, so we round the same way; cos/sin of that
 //! f32 angle are then taken in f64 and rounded once (as close as f32 can be).
 
+use rayon::prelude::*;
+
 /// Per-head frequencies `θ_i`, `i < head_dim / 2`.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -40,13 +42,24 @@ impl Rope {
 
     pub fn table(&self, positions: impl IntoIterator<Item = usize>) -> RopeTable {
         let half = self.half();
-        let mut table = RopeTable { half, cos: Vec::new(), sin: Vec::new() };
-        for pos in positions {
-            for i in 0..half {
-                let a = self.angle(pos, i) as f64;
-                table.cos.push(a.cos() as f32);
-                table.sin.push(a.sin() as f32);
+        let positions: Vec<usize> = positions.into_iter().collect();
+        let mut table =
+            RopeTable { half, cos: vec![0.0; positions.len() * half], sin: vec![0.0; positions.len() * half] };
+        let rows = |(pos, (cos, sin)): (&[usize], (&mut [f32], &mut [f32]))| {
+            for ((&pos, cos), sin) in pos.iter().zip(cos.chunks_exact_mut(half)).zip(sin.chunks_exact_mut(half)) {
+                for i in 0..half {
+                    let a = self.angle(pos, i) as f64;
+                    cos[i] = a.cos() as f32;
+                    sin[i] = a.sin() as f32;
+                }
             }
+        };
+        if half > 0 && super::parallel(table.cos.len()) {
+            let n = super::rows_per_task(half);
+            let (cos, sin) = (table.cos.par_chunks_mut(n * half), table.sin.par_chunks_mut(n * half));
+            positions.par_chunks(n).zip(cos.zip(sin)).for_each(rows);
+        } else if half > 0 {
+            rows((&positions, (&mut table.cos, &mut table.sin)));
         }
         table
     }
@@ -73,7 +86,21 @@ pub fn apply_rope(x: &mut [f32], n_heads: usize, head_dim: usize, table: &RopeTa
     let half = head_dim / 2;
     assert_eq!(table.half, half, "rope table built for another head dim");
     assert_eq!(x.len() / width, table.cos.len() / half.max(1), "rope table rows != x rows");
+    if super::parallel(x.len()) {
+        let rows = super::rows_per_task(width);
+        x.par_chunks_mut(rows * width)
+            .enumerate()
+            .for_each(|(task, x)| rope_rows(x, task * rows, head_dim, width, table));
+    } else {
+        rope_rows(x, 0, head_dim, width, table);
+    }
+}
+
+/// [`apply_rope`] on rows `first..` of x (`x` holds whole rows).
+fn rope_rows(x: &mut [f32], first: usize, head_dim: usize, width: usize, table: &RopeTable) {
+    let half = head_dim / 2;
     for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        let r = first + r;
         let cos = &table.cos[r * half..(r + 1) * half];
         let sin = &table.sin[r * half..(r + 1) * half];
         for head in row.chunks_exact_mut(head_dim) {
@@ -118,5 +145,25 @@ mod tests {
         }
         // Position 0 is the identity.
         assert_eq!(&y[..16], &x[..16]);
+    }
+
+    /// Split across threads (a prompt chunk's rows), the table and the rotation are those of
+    /// one row at a time, bit for bit.
+    #[test]
+    fn parallel_rows_equal_single_rows() {
+        let rope = Rope::new(10000.0, 64);
+        let positions: Vec<usize> = (0..5000).map(|i| i * 37 + 5).collect();
+        let table = rope.table(positions.iter().copied());
+        let x: Vec<f32> = (0..positions.len() * 2 * 64).map(|i| (i as f32 * 0.013).sin()).collect();
+        let mut all = x.clone();
+        apply_rope(&mut all, 2, 64, &table);
+        for (r, &pos) in positions.iter().enumerate().step_by(499) {
+            let one = rope.table([pos]);
+            assert_eq!(&table.cos[r * 32..(r + 1) * 32], &one.cos[..]);
+            assert_eq!(&table.sin[r * 32..(r + 1) * 32], &one.sin[..]);
+            let mut row = x[r * 128..(r + 1) * 128].to_vec();
+            apply_rope(&mut row, 2, 64, &one);
+            assert_eq!(&all[r * 128..(r + 1) * 128], &row[..], "row {r}");
+        }
     }
 }

@@ -4,22 +4,20 @@
 use rayon::prelude::*;
 
 use super::simd::exp_inline;
+use super::PAR_TASK;
 
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// Elements per parallel task of [`silu_mul`].
-const SILU_TASK: usize = 1 << 14;
-
 /// `a ← silu(a) ⊙ b`, vectorised ([`exp_inline`], within 2e-7 of libm's e^x) and, over a whole
 /// prompt chunk's FFN, split across threads: with libm's scalar expf on one thread this was
 /// 6 % of a prefill.
 pub fn silu_mul(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
-    if a.len() >= 4 * SILU_TASK {
-        a.par_chunks_mut(SILU_TASK).zip(b.par_chunks(SILU_TASK)).for_each(|(a, b)| silu_mul_serial(a, b));
+    if super::parallel(a.len()) {
+        a.par_chunks_mut(PAR_TASK).zip(b.par_chunks(PAR_TASK)).for_each(|(a, b)| silu_mul_serial(a, b));
     } else {
         silu_mul_serial(a, b);
     }
@@ -57,7 +55,7 @@ mod tests {
         }
         // The vectorised product, short and long enough to be split across threads, against
         // the definition in f64 (including both saturated ends).
-        for n in [2usize, 17, 5 * SILU_TASK + 3] {
+        for n in [2usize, 17, 5 * PAR_TASK + 3] {
             let a0: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 * 0.06 - 60.0).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 * 0.004 - 2.0).collect();
             let mut a = a0.clone();
