@@ -8,6 +8,25 @@ use rayon::prelude::*;
 
 use crate::kernels::matmul::matmul_t;
 
+/// The CPU's model name and the instruction sets the kernels dispatch on (as `/proc/cpuinfo`
+/// names them, `yes`/`no`), which every benchmark figure depends on.
+pub fn cpu_summary() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map_or(String::new(), |(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags");
+    let has: Vec<String> = ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16"]
+        .iter()
+        .map(|f| format!("{f} {}", if flags.split_whitespace().any(|x| x == *f) { "yes" } else { "no" }))
+        .collect();
+    let model = field("model name");
+    format!("{}; {}", if model.is_empty() { std::env::consts::ARCH } else { &model }, has.join(", "))
+}
+
 /// The best of three parallel reads (sums) of `bytes` with every thread, in GB/s: the ceiling of
 /// a memory-bound decode, which streams weights and cache and writes next to nothing.
 pub fn read_gbps(bytes: usize) -> f64 {

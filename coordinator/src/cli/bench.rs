@@ -74,9 +74,26 @@ pub struct Args {
     /// `--device` of the worker processes: `cpu` or `cuda` (any grid on either).
     #[arg(long, default_value = "cpu")]
     process_device: String,
+    /// A Python interpreter with PyTorch (`scripts/bench-torch.sh` makes one): adds yoco's
+    /// prefill and decode at `--lengths` in f32 and bf16 compute beside PyTorch eager's in f32
+    /// and bf16, on the same model, alternated.
+    #[arg(long)]
+    torch: Option<std::path::PathBuf>,
+    /// The PyTorch side of `--torch` (default: the repository's tools/bench/torch_yoco.py).
+    #[arg(long)]
+    torch_script: Option<std::path::PathBuf>,
+    /// Rounds of the `--torch` comparison; each runner keeps its best.
+    #[arg(long, default_value_t = 3)]
+    torch_rounds: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The benchmark's prompt of `n` tokens (ids below 50,000, so that every preset's vocabulary
+/// holds them).
+pub(super) fn prompt(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919) % 50000) as u32).collect()
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -137,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model.weight_dtype(),
             ran
         );
+        println!("cpu: {}", yoco_worker::ceilings::cpu_summary());
         let bf16 = bf16_peak.map_or_else(|| "no AVX512_BF16".to_string(), |g| format!("{g:.1} GFLOP/s"));
         println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s, bf16 GEMM = {bf16}; memory read (1 GiB) = {bandwidth:.1} GB/s");
         println!("global cache: {cache_bytes_per_token} bytes/token (f32); weights streamed per decode token: {weight_bytes} bytes");
@@ -154,7 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let mut engine = Engine::new(model.clone(), &opts);
         engine.add_sequence(1)?;
-        let prompt: Vec<u32> = (0..n).map(|i| ((i * 7919) % 50000) as u32).collect();
+        let prompt = prompt(n);
         let started = Instant::now();
         let mut last = Vec::new();
         for (i, part) in prompt.chunks(args.prefill_chunk).enumerate() {
@@ -283,6 +301,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    let torch = match &args.torch {
+        Some(python) => {
+            let script = args.torch_script.clone().unwrap_or_else(super::bench_torch::default_script);
+            let o = super::bench_torch::Options {
+                python,
+                script: &script,
+                model_dir: &dir,
+                lengths: &args.lengths,
+                decode_tokens: args.decode_tokens,
+                prefill_chunk: args.prefill_chunk,
+                rounds: args.torch_rounds,
+                threads,
+                cache_bytes_per_token,
+            };
+            let c = super::bench_torch::run(&o)?;
+            if !args.json {
+                c.print(&args.lengths, args.torch_rounds.max(1), threads);
+            }
+            Some(c)
+        }
+        None => None,
+    };
     let dtype_json = |kind: &str| -> Vec<serde_json::Value> {
         dtypes
             .iter()
@@ -315,7 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.json {
         let out = json!({
-            "preset": args.preset, "threads": threads, "gemm_gflops_2048": peak, "read_gbps": bandwidth,
+            "preset": args.preset, "threads": threads, "cpu": yoco_worker::ceilings::cpu_summary(), "gemm_gflops_2048": peak, "read_gbps": bandwidth,
             "bf16_gemm_gflops_2048": bf16_peak, "compute_dtype": args.compute_dtype.name(),
             "cache_bytes_per_token": cache_bytes_per_token, "decode_weight_bytes": weight_bytes,
             "prefill_flops_per_token": flops_per_token, "runs": rows,
@@ -334,6 +374,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "cache_dtypes": dtype_json("cache"),
             "weight_dtypes": dtype_json("weights"),
             "compute_dtypes": dtype_json("compute"),
+            "against_torch": torch.as_ref().map(|c| c.to_json()),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }

@@ -2,6 +2,7 @@
 //! in-process or on local workers), `bench`, `init-model`.
 
 pub mod bench;
+mod bench_torch;
 pub mod generate_cmd;
 pub mod init_model;
 pub mod prompt_args;
