@@ -59,6 +59,10 @@ pub struct Args {
     /// run says f32).
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     compute_dtypes: Vec<String>,
+    /// The model of the data-type comparisons: `default` (the built-in trained model) or
+    /// `preset` (the random model of `--preset` that the other runs use).
+    #[arg(long, default_value = "default", value_parser = ["default", "preset"])]
+    dtype_model: String,
     /// Context of the cache and weight data-type comparisons.
     #[arg(long, default_value_t = 16384)]
     dtype_context: usize,
@@ -266,10 +270,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let dtypes = dtype_runs(&args, variants)?;
+    let dtypes = dtype_runs(&args, variants, &dir)?;
     if !args.json && !dtypes.is_empty() {
         println!(
-            "data types on the built-in model at {} tokens of context (log-probabilities of the last {} prompt tokens against all-f32):",
+            "data types on the {} at {} tokens of context (log-probabilities of the last {} prompt tokens against all-f32):",
+            if args.dtype_model == "preset" { format!("{} preset's random model", args.preset) } else { "built-in model".to_string() },
             args.dtype_context, DTYPE_SCORED
         );
         println!(
@@ -355,7 +360,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.json {
         let out = json!({
-            "preset": args.preset, "threads": threads, "cpu": yoco_worker::ceilings::cpu_summary(), "gemm_gflops_2048": peak, "read_gbps": bandwidth,
+            "preset": args.preset, "dtype_model": args.dtype_model, "threads": threads, "cpu": yoco_worker::ceilings::cpu_summary(), "gemm_gflops_2048": peak, "read_gbps": bandwidth,
             "bf16_gemm_gflops_2048": bf16_peak, "compute_dtype": args.compute_dtype.name(),
             "cache_bytes_per_token": cache_bytes_per_token, "decode_weight_bytes": weight_bytes,
             "prefill_flops_per_token": flops_per_token, "runs": rows,
@@ -607,11 +612,14 @@ struct DtypeRun {
 /// peaked as in use): a prompt of `dtype_context` tokens whose last [`DTYPE_SCORED`] positions
 /// are scored (each reads the whole cache before it), compared with all-f32 (run first), then
 /// decode speed at that context.
-fn dtype_runs(args: &Args, mut order: Vec<Variant>) -> anyhow::Result<Vec<DtypeRun>> {
+fn dtype_runs(args: &Args, mut order: Vec<Variant>, preset_dir: &std::path::Path) -> anyhow::Result<Vec<DtypeRun>> {
     if order.is_empty() {
         return Ok(Vec::new());
     }
-    let dir = crate::default_model::resolve(None)?;
+    let dir = match args.dtype_model.as_str() {
+        "preset" => preset_dir.to_path_buf(),
+        _ => crate::default_model::resolve(None)?,
+    };
     order.insert(0, Variant::F32); // the others compare with it
     let mut seen = Vec::new();
     order.retain(|v| {
