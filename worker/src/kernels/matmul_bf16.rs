@@ -62,7 +62,7 @@ pub fn matmul_t_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &
 /// twentieth of a prefill).
 pub fn matmul_t_bf16_many(x: &[f32], m: usize, k: usize, ws: &[(&[bf16], usize)]) -> Vec<Vec<f32>> {
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| Vec::with_capacity(m * n)).collect();
-    let mut jobs: Vec<(&[bf16], usize, &mut [MaybeUninit<f32>])> =
+    let mut jobs: Vec<Job> =
         ws.iter().zip(&mut outs).map(|(&(w, n), out)| (w, n, &mut out.spare_capacity_mut()[..m * n])).collect();
     matmul_t_bf16_into(x, m, k, &mut jobs);
     for (out, &(_, n)) in outs.iter_mut().zip(ws) {
@@ -72,8 +72,11 @@ pub fn matmul_t_bf16_many(x: &[f32], m: usize, k: usize, ws: &[(&[bf16], usize)]
     outs
 }
 
+/// One product of [`matmul_t_bf16_into`]: the weights `[n, k]`, n, and the output `[m, n]`.
+type Job<'a> = (&'a [bf16], usize, &'a mut [MaybeUninit<f32>]);
+
 /// Every `(w [n, k], n, out [m, n])` of `jobs`: each element of each `out` written.
-fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [(&[bf16], usize, &mut [MaybeUninit<f32>])]) {
+fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
     assert_eq!(x.len(), m * k, "matmul_t_bf16: x is not [m, k]");
     for (w, n, out) in jobs.iter() {
         assert_eq!(w.len(), n * k, "matmul_t_bf16: w is not [n, k]");
@@ -152,12 +155,11 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use half::bf16;
     use rayon::prelude::*;
 
-    use super::{pack_panels, pairs, round_pairs, round_rows, MC, MR, NR};
+    use super::{pack_panels, pairs, round_pairs, round_rows, Job, MC, MR, NR};
 
-    pub(super) fn matmul(x: &[f32], m: usize, k: usize, jobs: &mut [(&[bf16], usize, &mut [MaybeUninit<f32>])]) {
+    pub(super) fn matmul(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         let kp = pairs(k);
         let xb = round_rows(x, m, k, |src, dst| {
             // SAFETY: only reached once `available()` held (the caller asserts it).
