@@ -98,13 +98,15 @@ class CrossAttention(nn.Module):
         self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
         self.q_proj, self.out_proj = linear(dim, dim), linear(dim, dim)
 
-    def forward(self, h, cos, sin, K, V):
-        """K, V [B, Hkv, T, hd]; query t sees keys 0..t."""
+    def forward(self, h, cos, sin, K, V, mask=None):
+        """K, V [B, Hkv, T, hd]; query t sees keys 0..t, or as the additive `mask`
+        [B, 1, T, T] says (the causal mask plus a training-only bias, see `Yoco.forward`)."""
         B, T, _ = h.shape
         q = apply_rope(self.q_proj(h).view(B, T, self.heads, self.hd), cos, sin).transpose(1, 2)
         rep = self.heads // self.kv_heads  # query head j uses kv head j // rep
         o = F.scaled_dot_product_attention(
-            q, K.repeat_interleave(rep, dim=1), V.repeat_interleave(rep, dim=1), is_causal=True
+            q, K.repeat_interleave(rep, dim=1), V.repeat_interleave(rep, dim=1),
+            attn_mask=mask, is_causal=mask is None,
         )
         return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))
 
@@ -180,8 +182,14 @@ class Yoco(nn.Module):
         self.load_state_dict({k.removesuffix(".weight") if k.endswith("layer_norm.weight") else k: v
                               for k, v in weights.items()})
 
-    def forward(self, tokens, positions):
-        """tokens, positions [B, T] (positions increasing along T) -> logits [B, T, vocab]."""
+    def forward(self, tokens, positions, key_bias=None):
+        """tokens, positions [B, T] (positions increasing along T) -> logits [B, T, vocab].
+
+        `key_bias` [B, T, T] (training only, the "virtual haystack"): added to every
+        cross-attention logit of query row r and key column k (k <= r); a bias of ln(N/n) on n
+        filler keys weighs them as N filler keys would, so the model learns the logit margin a
+        haystack of N tokens needs without running one. None: plain causal attention, the
+        served model."""
         cfg = self.cfg
         eps, theta = cfg["norm_eps"], cfg["rope_theta"]
         x = self.embed_tokens(tokens) * math.sqrt(cfg["dim"])
@@ -196,8 +204,12 @@ class Yoco(nn.Module):
         xn = rms_norm(x, cd.kv_layer_norm, eps)
         K = apply_rope(cd.k_proj(xn).view(B, T, -1, hd), cos, sin).transpose(1, 2)
         V = cd.v_proj(xn).view(B, T, -1, hd).transpose(1, 2)
+        mask = None
+        if key_bias is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = torch.where(causal, key_bias.to(x.dtype), torch.tensor(float("-inf"), dtype=x.dtype))[:, None]
         for layer in cd.layers:
-            x = x + layer.mixer(rms_norm(x, layer.mixer_layer_norm, eps), cos, sin, K, V)
+            x = x + layer.mixer(rms_norm(x, layer.mixer_layer_norm, eps), cos, sin, K, V, mask)
             x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
         return self.output_projection(rms_norm(x, self.layer_norm, eps))
 

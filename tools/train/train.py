@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+import eval_tail
 from model import Yoco, check_against_reference
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -99,9 +100,15 @@ class Batches:
             fill = fill[:n_fill]
         at = self.rng.randrange(0, n_fill + 1)
         tokens = fill[:at] + needle + fill[at:] + tail
+        prefix = 0
         if length < self.seq:
             text, _ = self.text()
             tokens = text[: self.seq - length - 1] + [self.eos] + tokens
+            prefix = len(tokens) - length
+        # the distractors (text before the task, filler) and where the question starts, for the
+        # virtual haystack and the needle-to-question position jump
+        filler = [True] * prefix + [True] * at + [False] * len(needle) + [True] * (n_fill - at) + [False] * len(tail)
+        self.last_haystack = (filler, len(tokens) - len(tail), prefix + at + len(needle))
         weights = [1.0] * len(tokens)
         first = len(tokens) - len(answer)
         # the answer's tokens but its final ".": the space and the digits (with --key-digits-max;
@@ -171,12 +178,15 @@ class Batches:
             weights = [1.0] * pad + weights
         return tokens, weights
 
-    def positions(self):
-        """0..seq-1, or (PoSE) the same with a few random jumps, spanning up to max_position."""
+    def positions(self, cut=None):
+        """0..seq-1, or (PoSE) the same with a few random jumps, spanning up to max_position;
+        with `cut`, one of the jumps is there (between a needle and its question)."""
         if self.rng.random() >= self.pose_share:
             return list(range(self.seq))
         span = int(math.exp(self.rng.uniform(math.log(self.seq), math.log(self.max_position))))
         cuts = sorted(self.rng.sample(range(1, self.seq), self.rng.randint(1, 3)))
+        if cut is not None and 0 < cut < self.seq and cut not in cuts:
+            cuts = sorted(cuts[1:] + [cut])
         extra = span - self.seq
         gaps = sorted(self.rng.randint(0, extra) for _ in cuts)
         gaps = [b - a for a, b in zip([0] + gaps[:-1], gaps)]
@@ -188,12 +198,20 @@ class Batches:
             pos.append(t + offset)
         return pos
 
+    haystack_share = 0.0
+    haystack_max = 1 << 21
+    needle_jump_share = 0.0
+
     def batch(self, size):
-        toks, wts, poss = [], [], []
+        """tokens, weights, positions [size, seq] and the key bias [size, seq, seq] of the
+        virtual haystack (None when no sequence of the batch has one)."""
+        toks, wts, poss, biases = [], [], [], []
         for _ in range(size):
             r = self.rng.random()
+            hay = None
             if r < self.passkey_share:
                 t, w = self.passkey()
+                hay = self.last_haystack
             elif r < self.passkey_share + self.copy_share:
                 t, w = self.copy()
             elif r < self.passkey_share + self.copy_share + self.recall_share:
@@ -202,12 +220,32 @@ class Batches:
                 t, w = self.text()
             toks.append(t)
             wts.append(w if w is not None else [1.0] * self.seq)
-            poss.append(self.positions())
-        return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss)
+            cut = None
+            if hay is not None and self.rng.random() < self.needle_jump_share:
+                cut = self.rng.randint(hay[2], hay[1])  # between the needle's end and the question
+            poss.append(self.positions(cut))
+            biases.append(self.haystack_bias(hay) if hay is not None and self.rng.random() < self.haystack_share else None)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.stack([b if b is not None else torch.zeros(self.seq - 1, self.seq - 1) for b in biases])
+        return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss), bias
+
+    def haystack_bias(self, hay):
+        """The virtual haystack of one passkey sequence, as the model's input rows see it
+        ([seq-1, seq-1]: the last token is only a target): the question's and answer's rows add
+        ln(N / n) to the logits of the n distractor keys, N drawn log-uniformly from n to
+        haystack_max: softmax then weighs them as N distractors."""
+        filler, q_start, _ = hay
+        n = max(sum(filler), 1)
+        big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
+        t = self.seq - 1
+        cols = torch.tensor(filler[:t], dtype=torch.float32) * math.log(big / n)
+        rows = (torch.arange(t) >= q_start - 1).float()  # the row before the question's first token on
+        return rows[:, None] * cols[None, :]
 
 
-def loss_fn(model, tokens, weights, positions):
-    logits = model(tokens[:, :-1], positions[:, :-1])
+def loss_fn(model, tokens, weights, positions, key_bias=None):
+    logits = model(tokens[:, :-1], positions[:, :-1], key_bias)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
     w = weights[:, 1:].reshape(-1)
     sup = w > 1.0
@@ -238,6 +276,9 @@ def passkey_accuracy(model, batches, n, length=None):
     """Greedy accuracy (all five digits right) on fresh passkey sequences of `length` tokens
     (default: the training length; positions not skipped)."""
     hits, short, digits, seq = 0, batches.passkey_min, batches.key_digits_max, batches.seq
+    # prompts from a random stream of their own: evaluating never moves the training stream, so
+    # a resumed run draws the batches an uninterrupted one would
+    train_rng, batches.rng = batches.rng, random.Random(length or seq)
     batches.seq = length or seq
     batches.passkey_min, batches.key_digits_max = batches.seq, 5
     for _ in range(n):
@@ -248,6 +289,7 @@ def passkey_accuracy(model, batches, n, length=None):
         pred = logits[[i - 1 for i in idx]].argmax(-1)
         hits += int(torch.equal(pred, t[0, idx]))
     batches.passkey_min, batches.key_digits_max, batches.seq = short, digits, seq
+    batches.rng = train_rng
     return hits / n
 
 
@@ -281,6 +323,17 @@ def main():
                     help="stop after this many steps of the --steps schedule (the shipped run's first phase)")
     ap.add_argument("--init", help="start from this run's model.safetensors instead of random weights "
                     "(a second phase; the first phase's training.json is kept beside it)")
+    ap.add_argument("--haystack-share", type=float, default=0.0,
+                    help="share of passkey sequences trained with a virtual haystack (see Batches.haystack_bias)")
+    ap.add_argument("--haystack-max", type=int, default=1 << 21, help="the largest virtual haystack, in tokens")
+    ap.add_argument("--needle-jump-share", type=float, default=0.0,
+                    help="share of passkey sequences whose positions jump (PoSE, when drawn) between needle and question")
+    ap.add_argument("--eval-tail-lengths", default="",
+                    help="also evaluate needle's passkey prompts tail-only (eval_tail.py) at these lengths, e.g. 4K,16K")
+    ap.add_argument("--eval-tail-trials", type=int, default=8)
+    ap.add_argument("--checkpoint-every", type=int, default=None,
+                    help="write checkpoint.pt (weights, optimizer, random states) every this many steps "
+                    "(default: at every evaluation); a run started again with the same --out resumes from it")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -304,6 +357,8 @@ def main():
     batches.key_digits_max = args.key_digits_max
     batches.copy_share = args.copy_share
     batches.recall_share = args.recall_share
+    batches.haystack_share, batches.haystack_max = args.haystack_share, args.haystack_max
+    batches.needle_jump_share = args.needle_jump_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -329,13 +384,20 @@ def main():
                     log["previous_phase"] = json.load(f)
                 break
     os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
+    first = 0
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path):
+        first, log = resume(ckpt_path, model, opt, rng, args)
+        print(f"resumed from {ckpt_path} at step {first}", flush=True)
+    tail_lengths = [eval_tail.parse_len(x) for x in args.eval_tail_lengths.split(",") if x]
+    t0 = time.time() - (log["steps"][-1]["elapsed_s"] if first and log["steps"] else 0.0)
     last = min(args.steps, args.stop_after or args.steps) - 1
-    for step in range(last + 1):
+    every = args.checkpoint_every or args.eval_every
+    for step in range(first, last + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        tokens, weights, positions = batches.batch(args.batch)
-        loss, lm, acc = loss_fn(model, tokens, weights, positions)
+        tokens, weights, positions, key_bias = batches.batch(args.batch)
+        loss, lm, acc = loss_fn(model, tokens, weights, positions, key_bias)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,14 +414,48 @@ def main():
             held = heldout_loss(model, args.data, tok, args.seq)
             acc = passkey_accuracy(model, batches, 32)
             long = {n: passkey_accuracy(model, batches, 16, n + 1) for n in args.eval_passkey_lengths}
+            tail = {n: needle_accuracy(model, tok, n, args.eval_tail_trials) for n in tail_lengths}
             model.train()
             print(f"eval step {step}: heldout loss {held:.4f} (ppl {math.exp(held):.2f}), "
-                  f"passkey@{args.seq} {acc:.2f}" + "".join(f", passkey@{n} {a:.2f}" for n, a in long.items()),
+                  f"passkey@{args.seq} {acc:.2f}" + "".join(f", passkey@{n} {a:.2f}" for n, a in long.items())
+                  + "".join(f", needle@{n} {a:.2f}" for n, a in tail.items()),
                   flush=True)
             log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc,
-                                     "passkey_acc_at": {str(n): a for n, a in long.items()}})
+                                     "passkey_acc_at": {str(n): a for n, a in long.items()},
+                                     "needle_acc_at": {str(n): a for n, a in tail.items()}})
             save(model, tok, cfg, args.out, log)
+        if (step + 1) % every == 0 or step == last:
+            checkpoint(ckpt_path, model, opt, rng, step + 1, log)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def needle_accuracy(model, tok, length, trials):
+    """The share of needle's passkey prompts of `length` tokens answered right (tail-only)."""
+    rng = (1 * 0x9E3779B97F4A7C15 & eval_tail.MASK64) | 1
+    cases, _ = eval_tail.trials(tok, length, trials, rng)
+    return sum(eval_tail.run_trial(model, p, a, 16384)[0] for p, a, _, _ in cases) / len(cases)
+
+
+def checkpoint(path, model, opt, rng, step, log):
+    """Everything a resumed run needs to go on as if never stopped: the weights, the optimizer's
+    moments, every random state and the log; written to a temporary name, then renamed."""
+    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "log": log}
+    torch.save(state, path + ".partial")
+    os.replace(path + ".partial", path)
+
+
+def resume(path, model, opt, rng, args):
+    state = torch.load(path, weights_only=False)
+    saved = state["log"]["args"]
+    for key in ("seed", "steps", "seq", "batch", "lr"):
+        if saved.get(key) != getattr(args, key):
+            raise SystemExit(f"{path}: --{key} was {saved.get(key)}, now {getattr(args, key)}: not the same run")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["log"]
 
 
 def save(model, tok, cfg, out, log):
