@@ -23,30 +23,12 @@ import sys
 import time
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
 import infer  # noqa: E402
 from infer import Session  # noqa: E402
-from model import Yoco  # noqa: E402
 
 CHUNK = infer.BLOCK
-
-
-def load(model_dir):
-    with open(os.path.join(model_dir, "params.json")) as f:
-        cfg = json.load(f)
-    if "sliding_window" in cfg:
-        sys.exit("torch_yoco.py: only gated retention models (no sliding_window)")
-    weights = {}
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(model_dir, name)))
-    weights = {k: v.to(torch.float32) for k, v in weights.items()}
-    weights.setdefault("output_projection.weight", weights["embed_tokens.weight"])
-    model = Yoco(cfg)
-    model.load_official(weights)
-    return model.eval()
 
 
 def main():
@@ -62,7 +44,7 @@ def main():
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "chunk": CHUNK, "runs": []}
     for name in args.dtypes.split(","):
         dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[name]
-        model = load(args.model_dir).to(dtype)
+        model = infer.load(args.model_dir, dtype)
         with torch.inference_mode():  # warm-up: oneDNN builds its kernels on first use
             Session(model, 1024).prefill(torch.arange(1024))
         for n in (int(s) for s in args.lengths.split(",")):

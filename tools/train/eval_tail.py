@@ -22,12 +22,10 @@ import sys
 import time
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from infer import Session  # noqa: E402
-from model import Yoco  # noqa: E402
+from infer import Session, load  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key? The pass key is"
@@ -42,20 +40,6 @@ def parse_len(s):
     s = s.strip()
     mult = {"K": 1 << 10, "k": 1 << 10, "M": 1 << 20, "m": 1 << 20}.get(s[-1], 1)
     return int(s[:-1] if mult > 1 else s) * mult
-
-
-def load(model_dir, dtype):
-    with open(os.path.join(model_dir, "params.json")) as f:
-        cfg = json.load(f)
-    weights = {}
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(model_dir, name)))
-    weights = {k: v.to(torch.float32) for k, v in weights.items()}
-    weights.setdefault("output_projection.weight", weights["embed_tokens.weight"])
-    model = Yoco(cfg)
-    model.load_official(weights)
-    return model.to(dtype).eval()
 
 
 def trials(tok, target, n, rng):

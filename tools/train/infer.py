@@ -9,14 +9,35 @@ with it at lengths where the training model's full forward would not fit (1M tok
 self-decoder in 16K pieces, K/V 1 KiB per token).
 """
 
+import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from model import GATE_LOGIT_NORMALIZER, apply_rope, rms_norm, rope_cos_sin
+from model import GATE_LOGIT_NORMALIZER, Yoco, apply_rope, rms_norm, rope_cos_sin
 
 BLOCK = 256
+
+
+def load(model_dir, dtype=torch.float32):
+    """A model directory (params.json, *.safetensors; gated retention only) as the training
+    model in `dtype` (converted from f32, as `model.to(dtype)` does), in eval mode."""
+    with open(os.path.join(model_dir, "params.json")) as f:
+        cfg = json.load(f)
+    if "sliding_window" in cfg:
+        raise SystemExit(f"{model_dir}: only gated retention models (no sliding_window)")
+    weights = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(model_dir, name)))
+    weights = {k: v.to(torch.float32) for k, v in weights.items()}
+    weights.setdefault("output_projection.weight", weights["embed_tokens.weight"])  # tied
+    model = Yoco(cfg)
+    model.load_official(weights)
+    return model.to(dtype).eval()
 
 
 def retention(mixer, h, cos, sin, S=None):
@@ -165,8 +186,6 @@ def check_against_model(model, tokens, piece, tail):
 
 
 if __name__ == "__main__":
-    from model import Yoco
-
     cfg = {"dim": 64, "n_layers": 4, "hidden_dim": 96, "n_self_heads": 2, "n_attn_heads": 4,
            "n_attn_kv_heads": 2, "vocab_size": 97, "rope_theta": 1e4, "norm_eps": 1e-5}
     m = Yoco(cfg)
