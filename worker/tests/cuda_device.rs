@@ -144,7 +144,8 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
     let decays = |n, seed| -> Vec<f32> {
         randn(n, seed).iter().map(|g| yoco_worker::kernels::swiglu::log_sigmoid(g * 6.0) / 16.0).collect()
     };
-    for (tokens, heads, d) in [(1000usize, 4usize, 64usize), (333, 3, 128)] {
+    // The 3b preset's heads over 6000 tokens: three segments of the default workspace.
+    for (tokens, heads, d) in [(1000usize, 4usize, 64usize), (333, 3, 128), (6000, 24, 128)] {
         let w = heads * d;
         let (q, k, v) = (randn(tokens * w, 20), randn(tokens * w, 21), randn(tokens * w, 22));
         let gamma = decays(tokens * heads, 23);
@@ -152,11 +153,22 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         let (mut want_state, mut want) = (state0.clone(), vec![0f32; tokens * w]);
         let shape = RetentionShape { tokens, heads, head_dim: d };
         retention_chunkwise(&q, &k, &v, &gamma, shape, yoco_worker::cuda::RETENTION_BLOCK, &mut want_state, &mut want);
-        let (mut ds, mut dout) = (gpu.upload(&state0)?, gpu.zeros::<f32>(tokens * w)?);
         let (dq, dk, dv, dg) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&gamma)?);
-        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d)?;
-        assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_chunkwise T={tokens} d={d}"));
-        assert_close(&gpu.download(&ds)?, &want_state, 1e-4, &format!("retention state T={tokens} d={d}"));
+        for segment in [None, Some(128)] {
+            let what = format!("T={tokens} H={heads} d={d} segment {segment:?}");
+            let (mut ds, mut dout) = (gpu.upload(&state0)?, gpu.zeros::<f32>(tokens * w)?);
+            match segment {
+                None => gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d)?,
+                Some(s) => {
+                    gpu.retention_chunkwise_in_segments(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d, s)?
+                }
+            }
+            assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_chunkwise {what}"));
+            assert_close(&gpu.download(&ds)?, &want_state, 1e-4, &format!("retention state {what}"));
+        }
+        if tokens > 2000 {
+            continue; // the long case is for the segments; the checks below ran on the others
+        }
 
         // One recurrent step from the state the chunkwise pass left, in slot 1 of 2.
         let (q1, k1, v1) = (randn(w, 25), randn(w, 26), randn(w, 27));

@@ -160,11 +160,17 @@ fn decays(n: usize, seed: u64) -> Vec<f32> {
     randn(n, seed).iter().map(|g| yoco_worker::kernels::swiglu::log_sigmoid(g * 6.0) / 16.0).collect()
 }
 
+/// The chunkwise op (its kernels emulated, its batched products on the host) against the CPU
+/// kernel, from a carried state: partial last blocks, several heads, head dims that are not a
+/// multiple of the block, and segments of one and two blocks, so that the state is carried
+/// across segments as well as blocks. A slot past the first, so that its offset is used.
+/// Tolerance 1e-5: the products sum 64 to 96 terms in another order than the CPU's.
 #[test]
 fn chunkwise_retention_matches_the_cpu_kernel_from_a_carried_state() {
-    // 150 tokens: two full blocks and a partial one. head_dim 96 takes two column tiles, the
-    // second partial.
-    for (tokens, heads, d) in [(150usize, 2usize, 64usize), (70, 1, 96), (5, 3, 32)] {
+    use yoco_worker::cuda::ops::Gpu;
+    let gpu = Gpu::new(emulator::EmuRuntime);
+    yoco_worker::cuda::runtime::Runtime::bind(gpu.runtime()).unwrap();
+    for (tokens, heads, d) in [(150usize, 2usize, 64usize), (70, 1, 96), (5, 3, 32), (128, 2, 16)] {
         let w = heads * d;
         let (q, k, v) = (randn(tokens * w, 1), randn(tokens * w, 2), randn(tokens * w, 3));
         let gamma = decays(tokens * heads, 4);
@@ -173,20 +179,47 @@ fn chunkwise_retention_matches_the_cpu_kernel_from_a_carried_state() {
         let (mut want_state, mut want) = (state0.clone(), vec![0f32; tokens * w]);
         retention_chunkwise(&q, &k, &v, &gamma, shape, yoco_worker::cuda::RETENTION_BLOCK, &mut want_state, &mut want);
 
-        let (mut state, mut out) = (state0.clone(), vec![f32::NAN; tokens * w]);
-        let (qp, kp, vp, gp, sp, op) =
-            (q.as_ptr(), k.as_ptr(), v.as_ptr(), gamma.as_ptr(), state.as_mut_ptr(), out.as_mut_ptr());
-        let (t, h, hd) = (tokens as i32, heads as i32, d as i32);
-        let col_tiles = d.div_ceil(yoco_worker::cuda::RETENTION_COLS) as u32;
-        launch(
-            "retention_chunkwise",
-            (heads as u32, col_tiles, 1),
-            yoco_worker::cuda::RETENTION_COLS as u32,
-            args![qp, kp, vp, gp, sp, op, t, h, hd],
-        );
-        assert_close(&out, &want, 1e-5, &format!("chunkwise retention output T={tokens} d={d}"));
-        assert_close(&state, &want_state, 1e-5, &format!("chunkwise retention state T={tokens} d={d}"));
+        for segment in [64, 128, 1 << 20] {
+            let what = format!("T={tokens} H={heads} d={d} segment={segment}");
+            let (dq, dk, dv, dg) = (
+                gpu.upload(&q).unwrap(),
+                gpu.upload(&k).unwrap(),
+                gpu.upload(&v).unwrap(),
+                gpu.upload(&gamma).unwrap(),
+            );
+            let mut states = gpu.upload(&[vec![7.0; heads * d * d], state0.clone()].concat()).unwrap();
+            let mut out = gpu.upload(&vec![f32::NAN; tokens * w]).unwrap();
+            gpu.retention_chunkwise_in_segments(
+                &dq,
+                &dk,
+                &dv,
+                &dg,
+                &mut states,
+                1,
+                &mut out,
+                tokens,
+                heads,
+                d,
+                segment,
+            )
+            .unwrap();
+            let states = gpu.download(&states).unwrap();
+            assert!(states[..heads * d * d].iter().all(|&x| x == 7.0), "slot 0 changed ({what})");
+            assert_close(&gpu.download(&out).unwrap(), &want, 1e-5, &format!("chunkwise retention output {what}"));
+            assert_close(&states[heads * d * d..], &want_state, 1e-5, &format!("chunkwise retention state {what}"));
+        }
     }
+}
+
+/// The workspace bound gives the 3b preset's heads segments of many blocks, and a model of one
+/// huge head at least one block.
+#[test]
+fn chunkwise_retention_segments_fit_the_workspace() {
+    use yoco_worker::cuda::ops::{retention_segment_blocks, RETENTION_WORKSPACE_BYTES};
+    assert_eq!(retention_segment_blocks(24, 128), 45);
+    assert_eq!(retention_segment_blocks(1 << 20, 256), 1);
+    let per_block = 4 * 24 * (5 * 64 * 128 + 64 * 64 + 128 * 128 + 64 + 1);
+    assert!(45 * per_block <= RETENTION_WORKSPACE_BYTES && 46 * per_block > RETENTION_WORKSPACE_BYTES);
 }
 
 #[test]
@@ -472,5 +505,22 @@ fn every_listed_kernel_is_in_the_emulator() {
         // SAFETY: a grid of zero blocks runs nothing; the kernel's arguments are never read.
         let rc = unsafe { raw_launch(name, (0, 0, 0), 32, std::ptr::null_mut()) };
         assert_eq!(rc, if name == "no_such_kernel" { 1 } else { 0 }, "{name}");
+    }
+}
+
+/// The emulator's race detector: a kernel that reads a neighbour's shared word and overwrites
+/// its own in one phase computes its intended result when threads run in order, and another
+/// here (threads run backwards in its second phase); with the barrier that removes the race it
+/// computes the intended result in every order.
+#[test]
+fn the_emulator_exposes_a_race_within_a_phase() {
+    for threads in [32u32, 96, 256] {
+        let intended: Vec<f32> = (1..=threads).map(|t| t as f32).collect();
+        let mut out = vec![0f32; threads as usize];
+        let op = out.as_mut_ptr();
+        launch("emu_fixture_fenced_shift", (1, 1, 1), threads, args![op]);
+        assert_eq!(out, intended, "the fenced kernel, {threads} threads");
+        launch("emu_fixture_racy_shift", (1, 1, 1), threads, args![op]);
+        assert_ne!(out, intended, "the race went unseen, {threads} threads");
     }
 }

@@ -235,6 +235,68 @@ fn the_emulated_gpu_engine_on_tensor_parallel_grids_is_one_cpu_rank() {
     }
 }
 
+/// A transport that sums device buffers in place, as NCCL does (here the emulated GPU's memory
+/// is the host's, so the buffer is summed through a host copy over TCP and written back), and
+/// counts the sums it was given.
+struct DeviceSums {
+    inner: Box<dyn yoco_worker::comm::Collective>,
+    sums: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl yoco_worker::comm::Collective for DeviceSums {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn send(&mut self, to: usize, data: &[f32]) -> Result<(), yoco_worker::comm::CommError> {
+        self.inner.send(to, data)
+    }
+    fn recv(&mut self, from: usize) -> Result<Vec<f32>, yoco_worker::comm::CommError> {
+        self.inner.recv(from)
+    }
+    fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, yoco_worker::comm::CommError> {
+        self.inner.all_gather(data)
+    }
+    unsafe fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool, yoco_worker::comm::CommError> {
+        // SAFETY: the caller guarantees `len` f32 at `addr`: emulated device memory, the host's.
+        let data = unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) };
+        self.inner.all_reduce_sum(data)?;
+        self.sums.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+/// A row's all-reduce on a transport that sums device buffers (NCCL's path) takes the engine's
+/// buffer as it is, with no copy through the host, and gives what one CPU rank gives.
+#[test]
+fn a_tensor_parallel_row_sums_device_buffers_in_place_where_the_transport_can() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = small_config(SelfMixerKind::GatedRetention);
+    (cfg.n_attn_heads, cfg.n_attn_kv_heads, cfg.vocab_size) = (8, 2, 301);
+    let whole = random_model(&cfg, 13, false, tmp.path());
+    let vocab = cfg.vocab_size;
+    let (shared, rest_a, rest_b) = (tokens(40, vocab, 1), tokens(23, vocab, 2), tokens(5, vocab, 3));
+    let prompts = (&shared[..], &rest_a[..], &rest_b[..]);
+    let want = snapshot_script(&mut Engine::new(whole.clone(), &opts(CacheDtype::F32)), prompts);
+    let parts: Vec<Model> = (0..2)
+        .map(|rank| {
+            let shard = TpShard { rank, size: 2 };
+            Model::load_sharded(tmp.path(), yoco_worker::weights::WeightDtype::Auto, shard).unwrap()
+        })
+        .collect();
+    let sums = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ranks = tcp_group(2, &|rank, inner| {
+        let comm = Box::new(DeviceSums { inner, sums: sums.clone() });
+        let mut e = Engine::on_backend(gpu(), &parts[rank], &opts(CacheDtype::F32), comm).unwrap();
+        snapshot_script(&mut e, prompts)
+    });
+    check_ranks("tp 2, device sums", &want, &ranks);
+    // Two row-parallel products (attention output, FFN down) per layer and step, on each rank.
+    assert!(sums.load(std::sync::atomic::Ordering::Relaxed) >= 2 * 2 * cfg.n_layers, "the device path went unused");
+}
+
 /// A worker runs its steps, frees and loads on whichever thread of a pool is free: an engine
 /// made on one thread and stepped, freed and dropped on another binds the device there first
 /// (the emulator fails every device call on a thread that never bound it, as CUDA fails or

@@ -55,6 +55,12 @@ impl<R: Runtime> Backend for Gpu<R> {
         Ok(Gpu::zeros(self, n)?)
     }
 
+    fn device_buffer(&self, x: &R::Buf<f32>) -> Result<Option<(u64, usize)>> {
+        // A collective on another stream reads it next: everything enqueued here finishes first.
+        Gpu::synchronize(self)?;
+        Ok(Some((self.runtime().addr(x), self.runtime().len(x))))
+    }
+
     fn matrix(&self, t: &Tensor) -> Result<DeviceMatrix<R>> {
         match t.shape[..] {
             [rows, cols] => Ok(self.upload_matrix(t.view(), rows, cols)?),

@@ -70,6 +70,12 @@ pub trait Backend: Sync {
         self.upload(&x)
     }
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// Where `x` lives in device memory (address, f32 elements), every write to it complete, for
+    /// collectives that move device memory (NCCL); `None` for host memory (the default).
+    fn device_buffer(&self, x: &Self::Buf) -> Result<Option<(u64, usize)>> {
+        let _ = x;
+        Ok(None)
+    }
     /// A matrix of the model, `[out, in]`, as the backend computes with it.
     fn matrix(&self, t: &Tensor) -> Result<Self::Matrix>;
 

@@ -200,6 +200,18 @@ impl Collective for SubGroup<'_> {
         let all = self.all_gather(data)?;
         super::sum_in_rank_order(&all, data)
     }
+    /// On the device only where the sub-group has a communicator of its own (a row or column
+    /// on NCCL); a sub-group of one has nothing to sum.
+    unsafe fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool, CommError> {
+        if self.members.len() == 1 {
+            return Ok(true);
+        }
+        if !self.whole() {
+            return Ok(false);
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        self.timed(|c, _| unsafe { c.all_reduce_sum_device(addr, len) })
+    }
     fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
         let mapped = members.iter().map(|&i| self.member(i)).collect::<Result<Vec<_>, _>>()?;
         self.timed(|c, _| c.all_gather_among(&mapped, data))

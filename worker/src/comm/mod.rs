@@ -89,6 +89,19 @@ pub trait Collective: Send {
         sum_in_rank_order(&all, data)
     }
 
+    /// Sums `len` f32 at device address `addr` over the ranks, in place on the device, where
+    /// the transport moves device memory (NCCL: one `ncclAllReduce` on the buffer, no copy
+    /// through the host). `Ok(false)` where it does not (TCP, the default): the caller sums a
+    /// host copy with [`Collective::all_reduce_sum`] instead.
+    ///
+    /// # Safety
+    /// `addr` starts a live allocation of at least `len` f32 on the GPU the communicator was
+    /// formed on (for a transport that takes device memory), and every write to it is complete.
+    unsafe fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool, CommError> {
+        let _ = (addr, len);
+        Ok(false)
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         self.all_gather(&[]).map(|_| ())
     }

@@ -1,5 +1,7 @@
 //! The NCCL transport (feature `cuda`): collectives between GPUs through cudarc's `nccl` module.
-//! Payloads are staged through device buffers; the NCCL unique id travels from rank 0 over a
+//! A tensor-parallel row's all-reduce runs on the engine's device buffer in place
+//! ([`Collective::all_reduce_sum_device`]); other payloads come from the host and are staged
+//! through device buffers; the NCCL unique id travels from rank 0 over a
 //! bootstrap group (the TCP one). Every operation waits on a CUDA event with the collective
 //! timeout, and so does forming the communicator: a peer that dies or stalls becomes an error,
 //! and dropping the communicator aborts it.
@@ -196,6 +198,23 @@ impl Collective for NcclCollective {
         let summed = self.stream.clone_dtoh(&buf).map_err(self.driver(0))?;
         data.copy_from_slice(&summed);
         Ok(())
+    }
+
+    /// One `ncclAllReduce` on the caller's device buffer, in place, on this communicator's
+    /// stream (the caller's writes are complete, so no ordering between streams is needed), and
+    /// waited for with the collective timeout before the buffer is used again.
+    unsafe fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool, CommError> {
+        if len == 0 {
+            return Ok(true);
+        }
+        // SAFETY: the caller guarantees a live allocation of `len` f32 on this GPU; the slice
+        // is leaked below, so this never frees the caller's memory.
+        let mut buf = unsafe { self.stream.upgrade_device_ptr::<f32>(addr, len) };
+        let summed = self.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum).map_err(self.nccl(0));
+        buf.leak();
+        summed?;
+        self.wait(0)?;
+        Ok(true)
     }
 
     /// A communicator of the members alone, on this rank's GPU and stream: the leader's unique

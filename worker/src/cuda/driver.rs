@@ -210,31 +210,48 @@ unsafe impl Runtime for CudaRuntime {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), DeviceError> {
         // cuBLAS runs in the current context; cudarc binds only for its own stream calls.
         self.bind()?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        let (alpha, beta) = ((&alpha as *const f32).cast::<c_void>(), (&beta as *const f32).cast::<c_void>());
+        let (a, b, c) = (g.a as *const c_void, g.b as *const c_void, g.c as *mut c_void);
+        let (input, output) = (data_type(g.input), blas_sys::cudaDataType::CUDA_R_32F);
+        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let handle = *self.blas.handle();
+        let (ta, tb) = (op(g.trans_a), op(g.trans_b));
         // SAFETY: the caller guarantees the operands (see `Runtime::gemm`); the handle is on
         // this runtime's stream.
         unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                op(g.trans_a),
-                op(g.trans_b),
-                g.m,
-                g.n,
-                g.k,
-                (&alpha as *const f32).cast(),
-                g.a as *const c_void,
-                data_type(g.input),
-                g.lda,
-                g.b as *const c_void,
-                data_type(g.input),
-                g.ldb,
-                (&beta as *const f32).cast(),
-                g.c as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                g.ldc,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+            match g.batch {
+                None => blas::gemm_ex(
+                    handle, ta, tb, g.m, g.n, g.k, alpha, a, input, g.lda, b, input, g.ldb, beta, c, output, g.ldc,
+                    compute, algo,
+                ),
+                Some(batch) => blas::gemm_strided_batched_ex(
+                    handle,
+                    ta,
+                    tb,
+                    g.m,
+                    g.n,
+                    g.k,
+                    alpha,
+                    a,
+                    input,
+                    g.lda,
+                    batch.stride_a,
+                    b,
+                    input,
+                    g.ldb,
+                    batch.stride_b,
+                    beta,
+                    c,
+                    output,
+                    g.ldc,
+                    batch.stride_c,
+                    batch.count,
+                    compute,
+                    algo,
+                ),
+            }
         }
         .map_err(|e| DeviceError::Blas(format!("{e:?}")))
     }

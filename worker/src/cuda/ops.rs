@@ -12,6 +12,7 @@ use crate::kernels::kv_block::CacheDtype;
 use crate::kernels::widen::WeightRef;
 
 mod attention;
+pub use attention::{retention_segment_blocks, RETENTION_WORKSPACE_BYTES};
 
 fn check(op: &'static str, ok: bool, message: impl FnOnce() -> String) -> Result<(), DeviceError> {
     if ok {
@@ -56,6 +57,7 @@ fn u32_of(op: &'static str, n: usize) -> Result<u32, DeviceError> {
 }
 
 /// One kernel argument, by value; [`Gpu::launch`] passes pointers to them.
+#[derive(Clone, Copy)]
 enum Arg {
     Addr(u64),
     I32(i32),
@@ -346,6 +348,8 @@ impl<R: Runtime> Gpu<R> {
             input,
             c: self.rt.addr(y),
             ldc: ni,
+            accumulate: false,
+            batch: None,
         };
         // SAFETY: w holds n·k elements, x (or its narrowed copy) m·k, y m·n (checked above).
         unsafe { self.rt.gemm(&g) }

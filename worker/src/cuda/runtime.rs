@@ -54,9 +54,11 @@ pub enum GemmType {
     F16,
 }
 
-/// `C = op(A) · op(B)` in cuBLAS's column-major convention, f32 accumulation and output
-/// (alpha 1, beta 0): `C` is `m × n` with leading dimension `ldc`; `op(A)` is `m × k`, `op(B)`
-/// `k × n`; `trans_a` means A is stored `k × m` (leading dimension `lda`), and so for B.
+/// `C = op(A) · op(B)` (or `C += op(A) · op(B)` with `accumulate`) in cuBLAS's column-major
+/// convention, f32 accumulation and output: `C` is `m × n` with leading dimension `ldc`;
+/// `op(A)` is `m × k`, `op(B)` `k × n`; `trans_a` means A is stored `k × m` (leading dimension
+/// `lda`), and so for B. With `batch`, `count` such products, the i-th operands `i · stride`
+/// elements past the first (cuBLAS's strided-batched GEMM).
 #[derive(Debug, Clone, Copy)]
 pub struct Gemm {
     pub trans_a: bool,
@@ -72,6 +74,20 @@ pub struct Gemm {
     pub input: GemmType,
     pub c: u64,
     pub ldc: i32,
+    /// Adds the product to `C` (cuBLAS's beta 1) instead of overwriting it (beta 0, which
+    /// never reads `C`).
+    pub accumulate: bool,
+    pub batch: Option<GemmBatch>,
+}
+
+/// The products of a strided-batched [`Gemm`]: how many, and the elements between one
+/// product's operands and the next's.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmBatch {
+    pub count: i32,
+    pub stride_a: i64,
+    pub stride_b: i64,
+    pub stride_c: i64,
 }
 
 /// # Safety

@@ -63,6 +63,13 @@ fn tp_sum<B: Backend>(b: &B, partial: B::Buf, grid: &mut Grid) -> Result<B::Buf>
     if grid.tp_size() == 1 {
         return Ok(partial);
     }
+    if let Some((addr, len)) = b.device_buffer(&partial)? {
+        // SAFETY: the backend gives the buffer's own address and length, its writes complete;
+        // `partial` outlives the call.
+        if unsafe { grid.tp().all_reduce_sum_device(addr, len)? } {
+            return Ok(partial);
+        }
+    }
     let mut host = b.download_owned(partial)?;
     grid.tp().all_reduce_sum(&mut host)?;
     Ok(b.upload_owned(host)?)

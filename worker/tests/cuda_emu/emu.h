@@ -1,7 +1,8 @@
 // A CPU emulator of the CUDA execution model, just enough to run yoco's kernel sources as they
 // are. The blocks of a launch run one after another; the threads of a block are fibers
 // (ucontext) that one OS thread switches between, so __syncthreads is a switch back to the
-// scheduler, which resumes every thread once all have reached the barrier, and __shared__
+// scheduler, which resumes every thread once all have reached the barrier (in an order that
+// changes from phase to phase: registry.cpp's `order`, a race detector), and __shared__
 // memory is static storage in a section of its own, filled with a poison (all bits set: a NaN,
 // or -1) at the start of every block, so that a kernel reading shared memory before writing it
 // gets garbage here as it would on a GPU, not the zeros of static storage. Warp shuffles go through a block-wide exchange, which is
@@ -92,3 +93,4 @@ using std::exp;
 using std::log;
 using std::sin;
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }

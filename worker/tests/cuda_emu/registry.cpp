@@ -1,12 +1,31 @@
 // Appended to emu.h and the kernel program: `emu_launch(name, grid, threads, args)` runs a
 // kernel the way cuLaunchKernel does, its arguments passed as an array of pointers to them.
 #include <cstring>
+#include <numeric>
 #include <utility>
 
 namespace emu {
 template <typename... P, std::size_t... I>
 void call(void (*kernel)(P...), void** args, std::index_sequence<I...>) {
     kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
+}
+
+// The i-th thread to run in a phase whose number (block and phase index) is `phase`: forward,
+// backward, and two interleavings by a stride coprime with the block size, in turn. On a GPU the
+// threads of a phase run in any order, so a kernel whose result depends on it has a race: a
+// thread reading memory another thread of its block writes in the same phase, with no barrier
+// between them. Reordering makes such a kernel compute something else in some phase here, and
+// its test against the CPU kernel fails: the emulator's race detector, deterministic (the same
+// grid runs in the same orders) and free.
+inline unsigned order(unsigned i, unsigned n, unsigned phase) {
+    unsigned stride = n / 3 | 1;
+    while (std::gcd(stride, n) != 1) stride += 2;
+    switch (phase % 4) {
+        case 0: return i;
+        case 1: return n - 1 - i;
+        case 2: return (unsigned)((unsigned long long)i * stride % n);
+        default: return n - 1 - (unsigned)((unsigned long long)i * stride % n);
+    }
 }
 
 // What the fiber of thread `current` runs.
@@ -51,10 +70,13 @@ int launch(void (*kernel)(P...), dim3 grid, unsigned threads, void** args) {
                     f.ctx.uc_link = &scheduler;
                     makecontext(&f.ctx, fiber_main, 0);
                 }
-                // Phases: every live thread runs to its next barrier (or its end).
-                for (;;) {
+                // Phases: every live thread runs to its next barrier (or its end), in an order
+                // that changes from phase to phase (see `order`).
+                unsigned block = x + grid.x * (y + grid.y * z);
+                for (unsigned phase = 0;; phase++) {
                     unsigned finished = 0;
-                    for (unsigned t = 0; t < threads; t++) {
+                    for (unsigned i = 0; i < threads; i++) {
+                        unsigned t = order(i, threads, block + phase);
                         if (pool[t].done) {
                             finished++;
                             continue;
@@ -100,7 +122,10 @@ extern "C" int emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned
     EMU_KERNEL(silu_mul)
     EMU_KERNEL(log_sigmoid_scaled)
     EMU_KERNEL(retention_recurrent)
-    EMU_KERNEL(retention_chunkwise)
+    EMU_KERNEL(retention_gather)
+    EMU_KERNEL(retention_scan)
+    EMU_KERNEL(retention_decay_terms)
+    EMU_KERNEL(retention_scatter)
     EMU_KERNEL(retention_add_incoming)
     EMU_KERNEL(window_attention)
     EMU_KERNEL(kv_write_f32)
@@ -112,5 +137,7 @@ extern "C" int emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned
     EMU_KERNEL(lse_merge)
     EMU_KERNEL(argmax_rows)
     EMU_KERNEL(log_softmax_rows)
+    EMU_KERNEL(emu_fixture_racy_shift)
+    EMU_KERNEL(emu_fixture_fenced_shift)
     return 1;
 }

@@ -3,10 +3,12 @@
 //! `cuda_emu/emu.h` (a block's threads are fibers, `__syncthreads` a switch back to the
 //! scheduler), and [`EmuRuntime`], the `Runtime` of the CUDA ops over it: device buffers are host
 //! vectors, launches go to the emulator, and the GEMM is cuBLAS's column-major contract computed
-//! on the host. What it cannot find: races between threads and missing barriers (blocks run one
-//! after another, threads in a fixed order; shared memory is poisoned at every block's start, so
-//! a read before a write is caught, but not a race within a phase), warp
-//! behaviour beyond block-wide shuffles, CUDA's own maths (`expf`, `cos`, fused multiply-adds)
+//! on the host. Within a block, threads run in a different order from phase to phase, so that
+//! a race within a phase (a thread reading what another writes before their next barrier)
+//! changes the result and fails the test; shared memory is poisoned at every block's start, so
+//! a read before a write is caught too. What it cannot find: races between blocks (they run one
+//! after another), a race whose every ordering gives the same bits, warp behaviour beyond
+//! block-wide shuffles, CUDA's own maths (`expf`, `cos`, fused multiply-adds)
 //! and cuBLAS itself. Those are for `scripts/gpu-check.sh` on a GPU.
 #![allow(dead_code)]
 
@@ -17,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use yoco_worker::cuda::runtime::{DeviceElem, DeviceError, Gemm, GemmType, Runtime};
+use yoco_worker::cuda::runtime::{DeviceElem, DeviceError, Gemm, GemmBatch, GemmType, Runtime};
 
 type Launch = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *mut *mut c_void) -> i32;
 
@@ -35,8 +37,11 @@ pub fn emulator() -> &'static Emulator {
         std::fs::create_dir_all(&dir).unwrap();
         let source = dir.join(format!("program_{}.cpp", std::process::id()));
         let registry = std::fs::read_to_string(here.join("registry.cpp")).unwrap();
-        let text =
-            format!("#include \"emu.h\"\n{}\n#line 1 \"registry.cpp\"\n{registry}", yoco_worker::cuda::program());
+        let fixtures = std::fs::read_to_string(here.join("fixtures.cu")).unwrap();
+        let text = format!(
+            "#include \"emu.h\"\n{}\n#line 1 \"fixtures.cu\"\n{fixtures}\n#line 1 \"registry.cpp\"\n{registry}",
+            yoco_worker::cuda::program()
+        );
         std::fs::write(&source, text).unwrap();
         let lib = dir.join(format!("libyoco_cuda_emu_{}.so", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -231,17 +236,22 @@ unsafe impl Runtime for EmuRuntime {
         check_bound("gemm");
         let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
         let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
-        for j in 0..n {
-            for i in 0..m {
-                let mut acc = 0f32;
-                for p in 0..k {
-                    let a = if g.trans_a { p + i * lda } else { i + p * lda };
-                    let b = if g.trans_b { j + p * ldb } else { p + j * ldb };
-                    // SAFETY: the caller guarantees the operands' sizes.
-                    acc += unsafe { element(g.a, g.input, a) * element(g.b, g.input, b) };
+        let batch = g.batch.unwrap_or(GemmBatch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 });
+        for p in 0..batch.count as usize {
+            let (a0, b0, c0) = (p * batch.stride_a as usize, p * batch.stride_b as usize, p * batch.stride_c as usize);
+            for j in 0..n {
+                for i in 0..m {
+                    let mut acc = 0f32;
+                    for q in 0..k {
+                        let a = a0 + if g.trans_a { q + i * lda } else { i + q * lda };
+                        let b = b0 + if g.trans_b { j + q * ldb } else { q + j * ldb };
+                        // SAFETY: the caller guarantees the operands' sizes.
+                        acc += unsafe { element(g.a, g.input, a) * element(g.b, g.input, b) };
+                    }
+                    // SAFETY: as above, for C. With beta 0 cuBLAS never reads C (it may hold NaN).
+                    let c = unsafe { &mut *(g.c as *mut f32).add(c0 + i + j * ldc) };
+                    *c = if g.accumulate { *c + acc } else { acc };
                 }
-                // SAFETY: as above, for C.
-                unsafe { *(g.c as *mut f32).add(i + j * ldc) = acc };
             }
         }
         Ok(())

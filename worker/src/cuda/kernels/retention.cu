@@ -3,7 +3,7 @@
 // - recurrent (decode): S ← exp(γ)·S + (k/√d)ᵀ v, o = q S, for a batch of sequences whose states
 //   live in a pool of slots;
 // - chunkwise (prefill): the parallel form inside blocks of RETENTION_BLOCK tokens, the state
-//   carried across them, with the CPU kernel's order of operations.
+//   carried across them, as batched matrix products over all blocks and heads at once.
 // head_dim is at most RETENTION_MAX_DIM.
 
 #define RETENTION_BLOCK 64
@@ -38,61 +38,107 @@ extern "C" __global__ void retention_recurrent(const float* q, const float* k, c
     }
 }
 
-// Grid: (heads, ceil(d / RETENTION_COLS)); block: RETENTION_COLS threads. Block (h, c) computes
-// value columns c·RETENTION_COLS + threadIdx.x of head h for all T tokens, block after block; the
-// state of those columns is read from and left in state [H, d, d].
-extern "C" __global__ void retention_chunkwise(const float* q, const float* k, const float* v, const float* gamma,
-                                               float* state, float* out, int tokens, int heads, int head_dim) {
-    __shared__ float w[RETENTION_BLOCK][RETENTION_BLOCK + 1];  // decayed scores, [t][u]
-    __shared__ float gcum[RETENTION_BLOCK];
-    int h = blockIdx.x, d = head_dim, width = heads * head_dim;
-    int j = blockIdx.y * RETENTION_COLS + threadIdx.x;
-    bool col = j < d;
+// The chunkwise form as batched matrix products (cuBLAS), a segment of the prompt at a time:
+// the kernels below move a segment's rows into head-major blocks and apply the decays, and the
+// products run over every (head, block) pair at once. Block p = h·nb + b of a segment of nb
+// blocks holds head h's tokens first + 64·b ..: rows [p·64, p·64 + 64) of the head-major
+// buffers qh, kh, vh, kd, o ([heads·nb·64, d]); its scores are w[p] (64 × 64), its state s[p]
+// (d × d), its cumulative log-decays gcum[p·64 ..] and its whole decay bdecay[p]. Rows past the
+// prompt's end are zero, with no decay, so that they add nothing. Per segment:
+//   retention_gather          qh, kh, vh; kd = k · scale · exp(G_last − G_u); gcum; bdecay
+//   w[p] = Q Kᵀ               (product)
+//   s[p] = Kdᵀ V              (product: the block's own addition to the state)
+//   retention_scan            s[p] ← the state entering block p; the carried state advanced
+//   o[p] = Q s[p]             (product)
+//   retention_decay_terms     w ← w · scale · exp(G_t − G_u) for u ≤ t, else 0; o_t ← o_t · exp(G_t)
+//   o[p] += w[p] V            (product)
+//   retention_scatter         out ← o, token-major
+// the CPU kernel's operations, in its order within each term.
+
+// Grid: (nb, heads); block: RETENTION_BLOCK threads.
+extern "C" __global__ void retention_gather(const float* q, const float* k, const float* v, const float* gamma,
+                                            float* qh, float* kh, float* vh, float* kd, float* gcum, float* bdecay,
+                                            int first, int tokens, int heads, int head_dim, int nb) {
+    __shared__ float gc[RETENTION_BLOCK], coef[RETENTION_BLOCK];
+    int b = blockIdx.x, h = blockIdx.y, d = head_dim;
+    int t0 = first + b * RETENTION_BLOCK;
+    int n = max(0, min(RETENTION_BLOCK, tokens - t0));  // the block's tokens within the prompt
+    yoco_size p = (yoco_size)h * nb + b, width = (yoco_size)heads * d;
     float scale = 1.0f / sqrtf((float)d);
-    float* s = state + (yoco_size)h * d * d;
-    for (int b0 = 0; b0 < tokens; b0 += RETENTION_BLOCK) {
-        int n = min(RETENTION_BLOCK, tokens - b0);
-        __syncthreads();  // the previous block is done with w and gcum
-        if (threadIdx.x == 0) {
-            float acc = 0.0f;
-            for (int t = 0; t < n; t++) {
-                acc += gamma[(yoco_size)(b0 + t) * heads + h];
-                gcum[t] = acc;
-            }
+    if (threadIdx.x == 0) {
+        float acc = 0.0f;
+        for (int u = 0; u < RETENTION_BLOCK; u++) {
+            if (u < n) acc += gamma[(yoco_size)(t0 + u) * heads + h];
+            gc[u] = acc;
         }
-        __syncthreads();
-        // w[t][u] = (q_t · k_u) · scale · exp(G_t − G_u) for u ≤ t: thread x fills rows t ≡ x.
-        for (int t = threadIdx.x; t < n; t += blockDim.x) {
-            const float* qt = q + (yoco_size)(b0 + t) * width + h * d;
-            for (int u = 0; u <= t; u++) {
-                const float* ku = k + (yoco_size)(b0 + u) * width + h * d;
-                float dot = 0.0f;
-                for (int i = 0; i < d; i++) dot += qt[i] * ku[i];
-                w[t][u] = dot * scale * expf(gcum[t] - gcum[u]);
-            }
+        bdecay[p] = expf(acc);
+    }
+    __syncthreads();
+    for (int u = threadIdx.x; u < RETENTION_BLOCK; u += blockDim.x) {
+        gcum[p * RETENTION_BLOCK + u] = gc[u];
+        coef[u] = scale * expf(gc[RETENTION_BLOCK - 1] - gc[u]);
+    }
+    __syncthreads();
+    yoco_size base = p * RETENTION_BLOCK * d;
+    for (int e = threadIdx.x; e < RETENTION_BLOCK * d; e += blockDim.x) {
+        int u = e / d, i = e - u * d;
+        float qv = 0.0f, kv = 0.0f, vv = 0.0f;
+        if (u < n) {
+            yoco_size src = (yoco_size)(t0 + u) * width + (yoco_size)h * d + i;
+            qv = q[src];
+            kv = k[src];
+            vv = v[src];
         }
-        __syncthreads();
-        if (col) {
-            // o_t = exp(G_t) · (q_t S) + Σ_{u≤t} w[t][u] v_u, for this column.
-            for (int t = 0; t < n; t++) {
-                const float* qt = q + (yoco_size)(b0 + t) * width + h * d;
-                float acc = 0.0f;
-                for (int i = 0; i < d; i++) acc += qt[i] * s[(yoco_size)i * d + j];
-                acc *= expf(gcum[t]);
-                for (int u = 0; u <= t; u++) acc += w[t][u] * v[(yoco_size)(b0 + u) * width + h * d + j];
-                out[(yoco_size)(b0 + t) * width + h * d + j] = acc;
-            }
-            // S ← exp(G_last) · S + Σ_u scale · exp(G_last − G_u) · k_uᵀ v_u.
-            float last = gcum[n - 1], keep = expf(last);
-            for (int i = 0; i < d; i++) {
-                float sij = s[(yoco_size)i * d + j] * keep;
-                for (int u = 0; u < n; u++) {
-                    float c = scale * expf(last - gcum[u]);
-                    sij += c * k[(yoco_size)(b0 + u) * width + h * d + i] * v[(yoco_size)(b0 + u) * width + h * d + j];
-                }
-                s[(yoco_size)i * d + j] = sij;
-            }
-        }
+        qh[base + e] = qv;
+        kh[base + e] = kv;
+        vh[base + e] = vv;
+        kd[base + e] = kv * coef[u];
+    }
+}
+
+// Grid: (ceil(d² / blockDim.x), heads). Each thread walks one element of head h's state through
+// the segment's blocks: s[p] (the block's addition) is replaced by the state entering it.
+extern "C" __global__ void retention_scan(float* s, const float* bdecay, float* state, int nb, int head_dim) {
+    int h = blockIdx.y;
+    yoco_size dd = (yoco_size)head_dim * head_dim, e = (yoco_size)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= dd) return;  // no barrier in this kernel
+    float acc = state[h * dd + e];
+    for (int b = 0; b < nb; b++) {
+        yoco_size p = (yoco_size)h * nb + b;
+        float add = s[p * dd + e];
+        s[p * dd + e] = acc;
+        acc = acc * bdecay[p] + add;
+    }
+    state[h * dd + e] = acc;
+}
+
+// Grid: (heads · nb); block: any multiple of 32 threads.
+extern "C" __global__ void retention_decay_terms(float* w, float* o, const float* gcum, int head_dim) {
+    __shared__ float gc[RETENTION_BLOCK];
+    yoco_size p = blockIdx.x;
+    int d = head_dim;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int u = threadIdx.x; u < RETENTION_BLOCK; u += blockDim.x) gc[u] = gcum[p * RETENTION_BLOCK + u];
+    __syncthreads();
+    float* wp = w + p * RETENTION_BLOCK * RETENTION_BLOCK;
+    for (int e = threadIdx.x; e < RETENTION_BLOCK * RETENTION_BLOCK; e += blockDim.x) {
+        int t = e / RETENTION_BLOCK, u = e - t * RETENTION_BLOCK;
+        wp[e] = u <= t ? wp[e] * scale * expf(gc[t] - gc[u]) : 0.0f;
+    }
+    float* op = o + p * RETENTION_BLOCK * d;
+    for (int e = threadIdx.x; e < RETENTION_BLOCK * d; e += blockDim.x) op[e] *= expf(gc[e / d]);
+}
+
+// Grid: (nb, heads); block: any multiple of 32 threads.
+extern "C" __global__ void retention_scatter(const float* o, float* out, int first, int tokens, int heads,
+                                             int head_dim, int nb) {
+    int b = blockIdx.x, h = blockIdx.y, d = head_dim;
+    int t0 = first + b * RETENTION_BLOCK;
+    int n = max(0, min(RETENTION_BLOCK, tokens - t0));
+    const float* op = o + ((yoco_size)h * nb + b) * RETENTION_BLOCK * d;
+    for (int e = threadIdx.x; e < n * d; e += blockDim.x) {
+        int u = e / d, j = e - u * d;
+        out[(yoco_size)(t0 + u) * heads * d + (yoco_size)h * d + j] = op[e];
     }
 }
 

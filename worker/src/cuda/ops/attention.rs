@@ -4,10 +4,73 @@
 //! blocks (flash-decoding split, log-sum-exp merge).
 
 use super::{check, i32_of, u32_of, Arg, BlockTables, DeviceKvPool, Gpu, PoolData};
-use crate::cuda::runtime::{DeviceError, Runtime};
-use crate::cuda::{ATTN_TILE, MAX_HEAD_DIM, RETENTION_COLS};
+use crate::cuda::runtime::{DeviceError, Gemm, GemmBatch, GemmType, Runtime};
+use crate::cuda::{ATTN_TILE, MAX_HEAD_DIM, RETENTION_BLOCK, RETENTION_COLS};
 use crate::kernels::cross_attention::CrossShape;
 use crate::kernels::kv_block::CacheDtype;
+
+/// The most device memory one chunkwise retention call takes for its workspace: segments of the
+/// prompt are as long as fits (2,880 tokens for the 3b preset, 24 heads of 128: 45 blocks of 24
+/// heads, over a thousand products a batch).
+pub const RETENTION_WORKSPACE_BYTES: usize = 256 << 20;
+
+/// Blocks per segment of [`Gpu::retention_chunkwise`] within [`RETENTION_WORKSPACE_BYTES`]: a
+/// block of a head takes five head-major row blocks (q, k, v, decayed k, o), its scores, its
+/// state and its decays.
+pub fn retention_segment_blocks(heads: usize, head_dim: usize) -> usize {
+    let (bt, d) = (RETENTION_BLOCK, head_dim);
+    let per_block = 4 * heads.max(1) * (5 * bt * d + bt * bt + d * d + bt + 1);
+    (RETENTION_WORKSPACE_BYTES / per_block).max(1)
+}
+
+/// A batched product's operand: the first matrix, its leading dimension, the elements from one
+/// product's matrix to the next's.
+#[derive(Clone, Copy)]
+struct Operand {
+    addr: u64,
+    ld: i32,
+    stride: i64,
+}
+
+/// `count` f32 products `(m, n, k)` of `C (+)= op(A) · op(B)` (see [`Gemm`]).
+fn batched(
+    count: i32,
+    (m, n, k): (i32, i32, i32),
+    (a, trans_a): (Operand, bool),
+    (b, trans_b): (Operand, bool),
+    c: Operand,
+    accumulate: bool,
+) -> Gemm {
+    Gemm {
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        a: a.addr,
+        lda: a.ld,
+        b: b.addr,
+        ldb: b.ld,
+        input: GemmType::F32,
+        c: c.addr,
+        ldc: c.ld,
+        accumulate,
+        batch: Some(GemmBatch { count, stride_a: a.stride, stride_b: b.stride, stride_c: c.stride }),
+    }
+}
+
+/// The device buffers of one chunkwise retention call (layouts in retention.cu).
+struct RetentionWorkspace<R: Runtime> {
+    qh: R::Buf<f32>,
+    kh: R::Buf<f32>,
+    vh: R::Buf<f32>,
+    kd: R::Buf<f32>,
+    o: R::Buf<f32>,
+    w: R::Buf<f32>,
+    s: R::Buf<f32>,
+    gcum: R::Buf<f32>,
+    bdecay: R::Buf<f32>,
+}
 
 impl<R: Runtime> Gpu<R> {
     fn check_head_dim(op: &'static str, head_dim: usize) -> Result<(), DeviceError> {
@@ -18,6 +81,9 @@ impl<R: Runtime> Gpu<R> {
 
     /// Chunkwise gated retention over `tokens` tokens from the state in slot `slot` of
     /// `states [slots, heads, d, d]` (left there after the last token): `out [tokens, heads · d]`.
+    /// The blocks' products are batched GEMMs over every head and block of a segment of the
+    /// prompt (see retention.cu), segments as long as [`RETENTION_WORKSPACE_BYTES`] of
+    /// workspace allows.
     #[allow(clippy::too_many_arguments)]
     pub fn retention_chunkwise(
         &self,
@@ -32,6 +98,27 @@ impl<R: Runtime> Gpu<R> {
         heads: usize,
         head_dim: usize,
     ) -> Result<(), DeviceError> {
+        let segment = retention_segment_blocks(heads, head_dim) * RETENTION_BLOCK;
+        self.retention_chunkwise_in_segments(q, k, v, gamma, states, slot, out, tokens, heads, head_dim, segment)
+    }
+
+    /// [`Self::retention_chunkwise`] in segments of `segment` tokens (rounded up to whole
+    /// blocks): the tests' way to carry the state across segments with small prompts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn retention_chunkwise_in_segments(
+        &self,
+        q: &R::Buf<f32>,
+        k: &R::Buf<f32>,
+        v: &R::Buf<f32>,
+        gamma: &R::Buf<f32>,
+        states: &mut R::Buf<f32>,
+        slot: usize,
+        out: &mut R::Buf<f32>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        segment: usize,
+    ) -> Result<(), DeviceError> {
         const OP: &str = "retention_chunkwise";
         Self::check_head_dim(OP, head_dim)?;
         let n = tokens * heads * head_dim;
@@ -42,23 +129,91 @@ impl<R: Runtime> Gpu<R> {
         let per = heads * head_dim * head_dim;
         self.fits(OP, "states", states, (slot + 1) * per)?;
         self.fits(OP, "out", out, n)?;
-        if tokens == 0 {
+        if tokens == 0 || heads == 0 {
             return Ok(());
         }
-        let grid = (u32_of(OP, heads)?, head_dim.div_ceil(RETENTION_COLS) as u32, 1);
-        let args = vec![
-            self.at(q),
-            self.at(k),
-            self.at(v),
-            self.at(gamma),
-            self.at_offset(states, slot * per),
-            self.at(out),
-            i32_of(OP, tokens)?.into(),
-            i32_of(OP, heads)?.into(),
-            i32_of(OP, head_dim)?.into(),
-        ];
-        // SAFETY: every buffer holds what the shapes need (checked above).
-        unsafe { self.launch("retention_chunkwise", grid, RETENTION_COLS as u32, args) }
+        let (d, bt) = (head_dim, RETENTION_BLOCK);
+        let max_nb = segment.div_ceil(bt).max(1).min(tokens.div_ceil(bt));
+        let rows = heads * max_nb * bt * d;
+        let ws = RetentionWorkspace::<R> {
+            qh: self.zeros(rows)?,
+            kh: self.zeros(rows)?,
+            vh: self.zeros(rows)?,
+            kd: self.zeros(rows)?,
+            o: self.zeros(rows)?,
+            w: self.zeros(heads * max_nb * bt * bt)?,
+            s: self.zeros(heads * max_nb * d * d)?,
+            gcum: self.zeros(heads * max_nb * bt)?,
+            bdecay: self.zeros(heads * max_nb)?,
+        };
+        let (h32, d32, t32) = (i32_of(OP, heads)?, i32_of(OP, d)?, i32_of(OP, tokens)?);
+        let state = self.at_offset(states, slot * per);
+        let mut first = 0;
+        while first < tokens {
+            let nb = max_nb.min((tokens - first).div_ceil(bt));
+            let (nb32, batch) = (i32_of(OP, nb)?, i32_of(OP, heads * nb)?);
+            let grid = (u32_of(OP, nb)?, u32_of(OP, heads)?, 1);
+            let args = vec![
+                self.at(q),
+                self.at(k),
+                self.at(v),
+                self.at(gamma),
+                self.at(&ws.qh),
+                self.at(&ws.kh),
+                self.at(&ws.vh),
+                self.at(&ws.kd),
+                self.at(&ws.gcum),
+                self.at(&ws.bdecay),
+                i32_of(OP, first)?.into(),
+                t32.into(),
+                h32.into(),
+                d32.into(),
+                nb32.into(),
+            ];
+            // SAFETY: q, k, v, gamma hold the prompt's rows (checked above); the workspace holds
+            // heads · nb blocks (nb <= max_nb).
+            unsafe { self.launch("retention_gather", grid, bt as u32, args)? };
+            let (b32, rows, dd, tile) = (bt as i32, (bt * d) as i64, (d * d) as i64, (bt * bt) as i64);
+            let op = |buf: &R::Buf<f32>, ld: i32, stride: i64| Operand { addr: self.rt.addr(buf), ld, stride };
+            let (qh, kh, vh, kd) =
+                (op(&ws.qh, d32, rows), op(&ws.kh, d32, rows), op(&ws.vh, d32, rows), op(&ws.kd, d32, rows));
+            let (o, w, st) = (op(&ws.o, d32, rows), op(&ws.w, b32, tile), op(&ws.s, d32, dd));
+            // Row-major blocks are column-major transposes: each product below is written for
+            // cuBLAS as the transpose of the one named.
+            // w[p] = Q Kᵀ, [t][u]: K (stored d × 64) transposed, times Qᵀ.
+            let scores = batched(batch, (b32, b32, d32), (kh, true), (qh, false), w, false);
+            // s[p] = Kdᵀ V, [i][j]: Vᵀ times Kd (stored d × 64) transposed.
+            let state_add = batched(batch, (d32, d32, b32), (vh, false), (kd, true), st, false);
+            // o[p] = Q s[p]: s[p]ᵀ Qᵀ.
+            let inter = batched(batch, (d32, b32, d32), (st, false), (qh, false), o, false);
+            // o[p] += w[p] V: Vᵀ wᵀ, added.
+            let intra = batched(batch, (d32, b32, b32), (vh, false), (w, false), o, true);
+            // SAFETY (the products and kernels below): every operand lies in the workspace,
+            // sized for heads · max_nb blocks, and state in `states` (checked above).
+            unsafe {
+                self.rt.gemm(&scores)?;
+                self.rt.gemm(&state_add)?;
+                let scan = (u32_of(OP, (d * d).div_ceil(256))?, u32_of(OP, heads)?, 1);
+                let args = vec![self.at(&ws.s), self.at(&ws.bdecay), state, nb32.into(), d32.into()];
+                self.launch("retention_scan", scan, 256, args)?;
+                self.rt.gemm(&inter)?;
+                let args = vec![self.at(&ws.w), self.at(&ws.o), self.at(&ws.gcum), d32.into()];
+                self.launch("retention_decay_terms", (u32_of(OP, heads * nb)?, 1, 1), 256, args)?;
+                self.rt.gemm(&intra)?;
+                let args = vec![
+                    self.at(&ws.o),
+                    self.at(out),
+                    i32_of(OP, first)?.into(),
+                    t32.into(),
+                    h32.into(),
+                    d32.into(),
+                    nb32.into(),
+                ];
+                self.launch("retention_scatter", grid, 256, args)?;
+            }
+            first += nb * bt;
+        }
+        Ok(())
     }
 
     /// One recurrent retention step for `seqs` sequences, sequence s on state slot `slots[s]` of
