@@ -6,14 +6,15 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 
 use super::compile::compile_program;
 use super::ops::Gpu;
 use super::runtime::{DeviceElem, DeviceError, Gemm, GemmType, Runtime};
+use super::staging::{Arenas, Place, ARENA_BYTES};
 use super::KERNELS;
 
 /// The CUDA backend on one GPU.
@@ -46,6 +47,33 @@ pub struct CudaRuntime {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
+    staging: Mutex<Staging>,
+}
+
+/// Two page-locked arenas that small uploads pass through (see `staging.rs`), and the event
+/// recorded behind each one's last copy when it was retired.
+struct Staging {
+    arenas: Arenas,
+    memory: [*mut u8; 2],
+    events: [Option<CudaEvent>; 2],
+}
+
+// SAFETY: the arenas are page-locked host memory owned by the runtime, written only under its
+// mutex.
+unsafe impl Send for Staging {}
+
+impl Drop for CudaRuntime {
+    fn drop(&mut self) {
+        let staging = self.staging.get_mut().unwrap_or_else(|e| e.into_inner());
+        // Copies from the arenas finish before they are freed; an error here has nowhere to go.
+        let _ = self.stream.synchronize();
+        for &ptr in &staging.memory {
+            if !ptr.is_null() && self.stream.context().bind_to_thread().is_ok() {
+                // SAFETY: allocated by cuMemHostAlloc in `open`, freed once, no copy pending.
+                let _ = unsafe { cu::free_host(ptr.cast()) };
+            }
+        }
+    }
 }
 
 impl CudaRuntime {
@@ -117,7 +145,16 @@ impl CudaRuntime {
         }
         let stream = ctx.new_stream().map_err(dev)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas(format!("{e:?}")))?;
-        Ok(CudaRuntime { info, stream, blas, kernels })
+        let mut memory = [std::ptr::null_mut(); 2];
+        for m in &mut memory {
+            // SAFETY: a plain page-locked allocation, freed in Drop; write-combined, as the host
+            // only writes it.
+            *m = unsafe { cu::malloc_host(ARENA_BYTES, cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED) }
+                .map_err(dev)?
+                .cast();
+        }
+        let staging = Mutex::new(Staging { arenas: Arenas::new(ARENA_BYTES), memory, events: [None, None] });
+        Ok(CudaRuntime { info, stream, blas, kernels, staging })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -162,7 +199,34 @@ unsafe impl Runtime for CudaRuntime {
     }
 
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<CudaSlice<T>, DeviceError> {
-        self.stream.clone_htod(host).map_err(driver)
+        let bytes = std::mem::size_of_val(host);
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let Place::Staged { arena, offset, retire, wait } = staging.arenas.place(bytes) else {
+            drop(staging);
+            return self.stream.clone_htod(host).map_err(driver);
+        };
+        self.bind()?;
+        if let Some(old) = retire {
+            staging.events[old] = Some(self.stream.record_event(None).map_err(driver)?);
+        }
+        if wait {
+            if let Some(event) = &staging.events[arena] {
+                event.synchronize().map_err(driver)?;
+            }
+        }
+        // SAFETY: `offset + bytes` lies within the arena (Arenas::place), which no copy still
+        // reads (its event passed, or it was never retired and this range is new); offsets are
+        // aligned for T; the device buffer is written whole by the copy before any use.
+        unsafe {
+            let staged = staging.memory[arena].add(offset);
+            std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), staged, bytes);
+            let dst = self.stream.alloc::<T>(host.len()).map_err(driver)?;
+            let (ptr, record) = dst.device_ptr(&self.stream);
+            let src = std::slice::from_raw_parts(staged.cast::<T>(), host.len());
+            cu::memcpy_htod_async(ptr, src, self.stream.cu_stream()).map_err(driver)?;
+            drop(record);
+            Ok(dst)
+        }
     }
 
     fn download<T: DeviceElem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>, DeviceError> {

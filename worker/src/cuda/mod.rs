@@ -11,6 +11,7 @@ pub mod driver;
 pub mod nccl_lib;
 pub mod ops;
 pub mod runtime;
+pub mod staging;
 
 /// The sources in the order they form the program: the prelude first (reductions, element
 /// types), then the kernel families.
