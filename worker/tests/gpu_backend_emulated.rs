@@ -235,12 +235,13 @@ fn the_emulated_gpu_engine_on_tensor_parallel_grids_is_one_cpu_rank() {
     }
 }
 
-/// A transport that sums device buffers in place, as NCCL does (here the emulated GPU's memory
-/// is the host's, so the buffer is summed through a host copy over TCP and written back), and
-/// counts the sums it was given.
+/// A transport that sums and gathers device buffers, as NCCL does (here the emulated GPU's memory
+/// is the host's, so the buffers go through host copies over TCP and are written back), and
+/// counts the collectives it was given.
 struct DeviceSums {
     inner: Box<dyn yoco_worker::comm::Collective>,
     sums: Arc<std::sync::atomic::AtomicUsize>,
+    gathers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl yoco_worker::comm::Collective for DeviceSums {
@@ -266,15 +267,38 @@ impl yoco_worker::comm::Collective for DeviceSums {
         self.sums.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
+    unsafe fn all_gather_device(
+        &mut self,
+        send: u64,
+        len: usize,
+        recv: u64,
+    ) -> Result<bool, yoco_worker::comm::CommError> {
+        let world = self.world();
+        // SAFETY: the caller guarantees `len` f32 at `send` and `world · len` at `recv`.
+        let (from, to) = unsafe {
+            (
+                std::slice::from_raw_parts(send as *const f32, len),
+                std::slice::from_raw_parts_mut(recv as *mut f32, len * world),
+            )
+        };
+        let parts = self.inner.all_gather(from)?;
+        for (dst, part) in to.chunks_exact_mut(len).zip(&parts) {
+            dst.copy_from_slice(part);
+        }
+        self.gathers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
 }
 
-/// A row's all-reduce on a transport that sums device buffers (NCCL's path) takes the engine's
-/// buffer as it is, with no copy through the host, and gives what one CPU rank gives.
+/// A row's all-reduce and its logits' gather on a transport that moves device buffers (NCCL's
+/// path) take the engine's buffers as they are, with no copy through the host, and give what one
+/// CPU rank gives. (The vocabulary splits evenly, as NCCL's gather needs; the grids above split
+/// it unevenly and gather on the host.)
 #[test]
-fn a_tensor_parallel_row_sums_device_buffers_in_place_where_the_transport_can() {
+fn a_tensor_parallel_row_sums_and_gathers_device_buffers_where_the_transport_can() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = small_config(SelfMixerKind::GatedRetention);
-    (cfg.n_attn_heads, cfg.n_attn_kv_heads, cfg.vocab_size) = (8, 2, 301);
+    (cfg.n_attn_heads, cfg.n_attn_kv_heads, cfg.vocab_size) = (8, 2, 300);
     let whole = random_model(&cfg, 13, false, tmp.path());
     let vocab = cfg.vocab_size;
     let (shared, rest_a, rest_b) = (tokens(40, vocab, 1), tokens(23, vocab, 2), tokens(5, vocab, 3));
@@ -286,13 +310,15 @@ fn a_tensor_parallel_row_sums_device_buffers_in_place_where_the_transport_can() 
             Model::load_sharded(tmp.path(), yoco_worker::weights::WeightDtype::Auto, shard).unwrap()
         })
         .collect();
-    let sums = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (sums, gathers) =
+        (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
     let ranks = tcp_group(2, &|rank, inner| {
-        let comm = Box::new(DeviceSums { inner, sums: sums.clone() });
+        let comm = Box::new(DeviceSums { inner, sums: sums.clone(), gathers: gathers.clone() });
         let mut e = Engine::on_backend(gpu(), &parts[rank], &opts(CacheDtype::F32), comm).unwrap();
         snapshot_script(&mut e, prompts)
     });
-    check_ranks("tp 2, device sums", &want, &ranks);
+    check_ranks("tp 2, device sums and gathers", &want, &ranks);
+    assert!(gathers.load(std::sync::atomic::Ordering::Relaxed) > 0, "the logits were gathered on the host");
     // Two row-parallel products (attention output, FFN down) per layer and step, on each rank.
     assert!(sums.load(std::sync::atomic::Ordering::Relaxed) >= 2 * 2 * cfg.n_layers, "the device path went unused");
 }

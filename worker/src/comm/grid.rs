@@ -212,6 +212,14 @@ impl Collective for SubGroup<'_> {
         // SAFETY: the caller's guarantee, passed on.
         self.timed(|c, _| unsafe { c.all_reduce_sum_device(addr, len) })
     }
+    /// On the device only where the sub-group is its communicator's whole (as above).
+    unsafe fn all_gather_device(&mut self, send: u64, len: usize, recv: u64) -> Result<bool, CommError> {
+        if !self.whole() {
+            return Ok(false);
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        self.timed(|c, _| unsafe { c.all_gather_device(send, len, recv) })
+    }
     fn all_gather_among(&mut self, members: &[usize], data: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
         let mapped = members.iter().map(|&i| self.member(i)).collect::<Result<Vec<_>, _>>()?;
         self.timed(|c, _| c.all_gather_among(&mapped, data))

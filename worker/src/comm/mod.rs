@@ -102,6 +102,19 @@ pub trait Collective: Send {
         Ok(false)
     }
 
+    /// Gathers every rank's `len` f32 at device address `send` into `recv` (`world · len` f32,
+    /// rank after rank), on the device, where the transport moves device memory (NCCL: one
+    /// `ncclAllGather`); `Ok(false)` where it does not (the default), and the caller gathers
+    /// host copies with [`Collective::all_gather`].
+    ///
+    /// # Safety
+    /// As [`Collective::all_reduce_sum_device`], for both buffers: `send` holds `len` f32, `recv`
+    /// `world · len`, on the communicator's GPU, every write to them complete, not overlapping.
+    unsafe fn all_gather_device(&mut self, send: u64, len: usize, recv: u64) -> Result<bool, CommError> {
+        let _ = (send, len, recv);
+        Ok(false)
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         self.all_gather(&[]).map(|_| ())
     }

@@ -217,6 +217,27 @@ impl Collective for NcclCollective {
         Ok(true)
     }
 
+    /// One `ncclAllGather` from the caller's device buffer into its receive buffer.
+    unsafe fn all_gather_device(&mut self, send: u64, len: usize, recv: u64) -> Result<bool, CommError> {
+        if len == 0 {
+            return Ok(true);
+        }
+        // SAFETY: the caller guarantees both allocations; the slices are leaked below, so this
+        // never frees the caller's memory.
+        let (from, mut to) = unsafe {
+            (
+                self.stream.upgrade_device_ptr::<f32>(send, len),
+                self.stream.upgrade_device_ptr::<f32>(recv, len * self.world()),
+            )
+        };
+        let gathered = self.comm.all_gather(&from, &mut to).map_err(self.nccl(0));
+        from.leak();
+        to.leak();
+        gathered?;
+        self.wait(0)?;
+        Ok(true)
+    }
+
     /// A communicator of the members alone, on this rank's GPU and stream: the leader's unique
     /// id goes to the others over this communicator, then each joins the new one.
     fn sub_communicator(&mut self, members: &[usize]) -> Result<Option<Box<dyn Collective>>, CommError> {

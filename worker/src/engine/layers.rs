@@ -75,6 +75,34 @@ fn tp_sum<B: Backend>(b: &B, partial: B::Buf, grid: &mut Grid) -> Result<B::Buf>
     Ok(b.upload_owned(host)?)
 }
 
+/// The row's parts `part` (`len` f32 each) gathered on the device where the transport can and
+/// the parts are of one size (NCCL gathers equal parts), then brought to the host at once:
+/// `None` where not, and the caller gathers host copies.
+fn gather_on_device<B: Backend>(
+    b: &B,
+    part: &B::Buf,
+    len: usize,
+    widths: &[usize],
+    grid: &mut Grid,
+) -> Result<Option<Vec<Vec<f32>>>> {
+    if len == 0 || widths.iter().any(|&w| w != widths[0]) {
+        return Ok(None);
+    }
+    let Some((send, have)) = b.device_buffer(part)? else { return Ok(None) };
+    let all = b.zeros(len * widths.len())?;
+    let Some((recv, room)) = b.device_buffer(&all)? else { return Ok(None) };
+    if have < len || room < len * widths.len() {
+        return Ok(None);
+    }
+    // SAFETY: the backend gives both buffers' own addresses and lengths (checked to hold the
+    // parts), their writes complete; both outlive the call and are distinct allocations.
+    if !unsafe { grid.tp().all_gather_device(send, len, recv)? } {
+        return Ok(None);
+    }
+    let host = b.download_owned(all)?;
+    Ok(Some(host.chunks_exact(len.max(1)).take(widths.len()).map(<[f32]>::to_vec).collect()))
+}
+
 /// SwiGLU feed-forward, `fc2(silu(fc1 x) ⊙ gate x)`: fc1 and gate by column, fc2 by row.
 pub(super) struct Ffn<B: Backend> {
     fc1: ColumnLinear<B>,
@@ -284,9 +312,12 @@ impl<B: Backend> Weights<B> {
         if self.tp.size == 1 {
             return Ok(b.logits_into(&xn, rows, w, buf)?);
         }
-        let part = b.download_owned(b.matmul(&xn, rows, w)?)?;
-        let parts = grid.tp().all_gather(&part)?;
         let widths: Vec<usize> = (0..self.tp.size).map(|rank| TpShard { rank, ..self.tp }.vocab(vocab).len()).collect();
+        let part = b.matmul(&xn, rows, w)?;
+        let parts = match gather_on_device(b, &part, rows * widths[0], &widths, grid)? {
+            Some(parts) => parts,
+            None => grid.tp().all_gather(&b.download_owned(part)?)?,
+        };
         let mut logits = Vec::with_capacity(rows * vocab);
         for r in 0..rows {
             for (t, (p, &width)) in parts.iter().zip(&widths).enumerate() {
