@@ -182,12 +182,7 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
         for segment in [None, Some(128)] {
             let what = format!("T={tokens} H={heads} d={d} segment {segment:?}");
             let (mut ds, mut dout) = (gpu.upload(&state0)?, gpu.zeros::<f32>(tokens * w)?);
-            match segment {
-                None => gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d)?,
-                Some(s) => {
-                    gpu.retention_chunkwise_in_segments(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d, s)?
-                }
-            }
+            gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d, segment)?;
             assert_close(&gpu.download(&dout)?, &want, 1e-4, &format!("retention_chunkwise {what}"));
             assert_close(&gpu.download(&ds)?, &want_state, 1e-4, &format!("retention state {what}"));
         }
@@ -232,7 +227,7 @@ fn retention(gpu: &CudaBackend) -> Result<(), DeviceError> {
     for _ in 0..3 {
         gpu.synchronize()?;
         let started = std::time::Instant::now();
-        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d)?;
+        gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut ds, 0, &mut dout, tokens, heads, d, None)?;
         gpu.synchronize()?;
         best = best.min(started.elapsed().as_secs_f64());
     }

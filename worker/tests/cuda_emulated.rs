@@ -179,8 +179,8 @@ fn chunkwise_retention_matches_the_cpu_kernel_from_a_carried_state() {
         let (mut want_state, mut want) = (state0.clone(), vec![0f32; tokens * w]);
         retention_chunkwise(&q, &k, &v, &gamma, shape, yoco_worker::cuda::RETENTION_BLOCK, &mut want_state, &mut want);
 
-        for segment in [64, 128, 1 << 20] {
-            let what = format!("T={tokens} H={heads} d={d} segment={segment}");
+        for segment in [Some(64), Some(128), None] {
+            let what = format!("T={tokens} H={heads} d={d} segment {segment:?}");
             let (dq, dk, dv, dg) = (
                 gpu.upload(&q).unwrap(),
                 gpu.upload(&k).unwrap(),
@@ -189,20 +189,7 @@ fn chunkwise_retention_matches_the_cpu_kernel_from_a_carried_state() {
             );
             let mut states = gpu.upload(&[vec![7.0; heads * d * d], state0.clone()].concat()).unwrap();
             let mut out = gpu.upload(&vec![f32::NAN; tokens * w]).unwrap();
-            gpu.retention_chunkwise_in_segments(
-                &dq,
-                &dk,
-                &dv,
-                &dg,
-                &mut states,
-                1,
-                &mut out,
-                tokens,
-                heads,
-                d,
-                segment,
-            )
-            .unwrap();
+            gpu.retention_chunkwise(&dq, &dk, &dv, &dg, &mut states, 1, &mut out, tokens, heads, d, segment).unwrap();
             let states = gpu.download(&states).unwrap();
             assert!(states[..heads * d * d].iter().all(|&x| x == 7.0), "slot 0 changed ({what})");
             assert_close(&gpu.download(&out).unwrap(), &want, 1e-5, &format!("chunkwise retention output {what}"));

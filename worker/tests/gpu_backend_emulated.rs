@@ -260,6 +260,9 @@ impl yoco_worker::comm::Collective for DeviceSums {
     fn all_gather(&mut self, data: &[f32]) -> Result<Vec<Vec<f32>>, yoco_worker::comm::CommError> {
         self.inner.all_gather(data)
     }
+    fn moves_device_memory(&self) -> bool {
+        true
+    }
     unsafe fn all_reduce_sum_device(&mut self, addr: u64, len: usize) -> Result<bool, yoco_worker::comm::CommError> {
         // SAFETY: the caller guarantees `len` f32 at `addr`: emulated device memory, the host's.
         let data = unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) };

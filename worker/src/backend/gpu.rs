@@ -142,7 +142,7 @@ impl<R: Runtime> Backend for Gpu<R> {
                 u32::try_from(slot).map_err(|_| BackendError { backend: "cuda", message: "slot beyond u32".into() })?;
             self.retention_recurrent(q, k, v, gamma, &[slot], states, &mut out, heads, head_dim)?;
         } else {
-            self.retention_chunkwise(q, k, v, gamma, states, slot, &mut out, tokens, heads, head_dim)?;
+            self.retention_chunkwise(q, k, v, gamma, states, slot, &mut out, tokens, heads, head_dim, None)?;
         }
         Ok(out)
     }

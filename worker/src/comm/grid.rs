@@ -36,6 +36,9 @@ pub struct Grid {
     row_comm: Option<(Box<dyn Collective>, Vec<usize>)>,
     column_comm: Option<(Box<dyn Collective>, Vec<usize>)>,
     spent: Spent,
+    /// Whether every rank agreed to run collectives on device buffers
+    /// ([`Grid::agree_device_collectives`]).
+    device: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -73,6 +76,7 @@ impl Grid {
             row_comm,
             column_comm,
             spent: Spent::default(),
+            device: false,
         })
     }
 
@@ -127,6 +131,25 @@ impl Grid {
             Some((comm, ids)) => SubGroup { inner: &mut **comm, members: ids, me, clock },
             None => SubGroup { inner: &mut *self.inner, members, me, clock },
         }
+    }
+
+    /// Whether the row's sums and gathers run on device buffers
+    /// ([`Collective::all_reduce_sum_device`]): only where every rank of the group said it can
+    /// (a device backend on a transport that moves device memory), so that the ranks of a row
+    /// always make the same calls (a host-staged NCCL gather first agrees on lengths; a device
+    /// one does not).
+    pub fn device_collectives(&self) -> bool {
+        self.device
+    }
+
+    /// Every rank says whether its buffers are device memory; the grid runs collectives on
+    /// device buffers only if all say so and the transport moves device memory. Every rank of
+    /// the group calls it once, when its engine forms.
+    pub fn agree_device_collectives(&mut self, device_buffers: bool) -> Result<(), CommError> {
+        let mine = device_buffers && self.inner.moves_device_memory();
+        let all = self.all().all_gather(&[if mine { 1.0 } else { 0.0 }])?;
+        self.device = all.iter().all(|v| v.as_slice() == [1.0]);
+        Ok(())
     }
 
     /// Time spent in collectives since the last call.

@@ -89,6 +89,12 @@ pub trait Collective: Send {
         sum_in_rank_order(&all, data)
     }
 
+    /// Whether [`Collective::all_reduce_sum_device`] and [`Collective::all_gather_device`] take
+    /// device memory on this transport (NCCL); false by default (they return `Ok(false)`).
+    fn moves_device_memory(&self) -> bool {
+        false
+    }
+
     /// Sums `len` f32 at device address `addr` over the ranks, in place on the device, where
     /// the transport moves device memory (NCCL: one `ncclAllReduce` on the buffer, no copy
     /// through the host). `Ok(false)` where it does not (TCP, the default): the caller sums a

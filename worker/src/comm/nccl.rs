@@ -113,6 +113,12 @@ impl NcclCollective {
             )));
         }
         let ctx = CudaContext::new(device).map_err(|e| setup(format!("GPU {device}: {e:?}")))?;
+        // One stream uses this wrapper's slices, and every operation is waited for by hand: no
+        // events per slice (the flag is the wrapper's, not the CUDA context's, so the backend's
+        // runtime setting it on its own does not carry over). Without this, every device buffer
+        // given to a collective would make two events, and panic if that failed.
+        // SAFETY: no slice of this context is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| setup(format!("{e:?}")))?;
         let all: Vec<usize> = (0..world).collect();
         let internal = share_id(bootstrap, &all)?;
@@ -198,6 +204,10 @@ impl Collective for NcclCollective {
         let summed = self.stream.clone_dtoh(&buf).map_err(self.driver(0))?;
         data.copy_from_slice(&summed);
         Ok(())
+    }
+
+    fn moves_device_memory(&self) -> bool {
+        true
     }
 
     /// One `ncclAllReduce` on the caller's device buffer, in place, on this communicator's

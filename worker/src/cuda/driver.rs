@@ -56,6 +56,9 @@ struct Staging {
     arenas: Arenas,
     memory: [*mut u8; 2],
     events: [Option<CudaEvent>; 2],
+    /// Set after a failure that left it unknown whether the arenas' copies are done: every
+    /// upload goes directly from then on.
+    disabled: bool,
 }
 
 // SAFETY: the arenas are page-locked host memory owned by the runtime, written only under its
@@ -77,6 +80,41 @@ impl Drop for CudaRuntime {
 }
 
 impl CudaRuntime {
+    /// An upload through arena `arena` at `offset` (see [`Place::Staged`]).
+    #[allow(clippy::too_many_arguments)]
+    fn staged_upload<T: DeviceElem>(
+        &self,
+        staging: &mut Staging,
+        host: &[T],
+        arena: usize,
+        offset: usize,
+        retire: Option<usize>,
+        wait: bool,
+    ) -> Result<CudaSlice<T>, DeviceError> {
+        self.bind()?;
+        if let Some(old) = retire {
+            staging.events[old] = Some(self.stream.record_event(None).map_err(driver)?);
+        }
+        if wait {
+            if let Some(event) = &staging.events[arena] {
+                event.synchronize().map_err(driver)?;
+            }
+        }
+        // SAFETY: `offset + bytes` lies within the arena (Arenas::place), which no copy still
+        // reads (its event passed, or it was never retired and this range is new); offsets are
+        // aligned for T; the device buffer is written whole by the copy before any use.
+        unsafe {
+            let staged = staging.memory[arena].add(offset);
+            std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), staged, std::mem::size_of_val(host));
+            let dst = self.stream.alloc::<T>(host.len()).map_err(driver)?;
+            let (ptr, record) = dst.device_ptr(&self.stream);
+            let src = std::slice::from_raw_parts(staged.cast::<T>(), host.len());
+            cu::memcpy_htod_async(ptr, src, self.stream.cu_stream()).map_err(driver)?;
+            drop(record);
+            Ok(dst)
+        }
+    }
+
     /// Opens GPU `ordinal`.
     pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
         // SAFETY: these only try to open shared libraries by name.
@@ -153,7 +191,8 @@ impl CudaRuntime {
                 .map_err(dev)?
                 .cast();
         }
-        let staging = Mutex::new(Staging { arenas: Arenas::new(ARENA_BYTES), memory, events: [None, None] });
+        let staging =
+            Mutex::new(Staging { arenas: Arenas::new(ARENA_BYTES), memory, events: [None, None], disabled: false });
         Ok(CudaRuntime { info, stream, blas, kernels, staging })
     }
 
@@ -198,35 +237,32 @@ unsafe impl Runtime for CudaRuntime {
         self.stream.alloc_zeros(n.max(1)).map_err(driver)
     }
 
+    fn alloc_scratch<T: DeviceElem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {
+        // SAFETY: device memory of any bits is a valid DeviceElem (f32, u16, u32); the callers
+        // write it before reading (Runtime::alloc_scratch).
+        unsafe { self.stream.alloc(n.max(1)) }.map_err(driver)
+    }
+
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<CudaSlice<T>, DeviceError> {
         let bytes = std::mem::size_of_val(host);
         let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        let Place::Staged { arena, offset, retire, wait } = staging.arenas.place(bytes) else {
+        let place = if staging.disabled { Place::Direct } else { staging.arenas.place(bytes) };
+        let Place::Staged { arena, offset, retire, wait } = place else {
             drop(staging);
             return self.stream.clone_htod(host).map_err(driver);
         };
-        self.bind()?;
-        if let Some(old) = retire {
-            staging.events[old] = Some(self.stream.record_event(None).map_err(driver)?);
-        }
-        if wait {
-            if let Some(event) = &staging.events[arena] {
-                event.synchronize().map_err(driver)?;
+        let staged = self.staged_upload(&mut staging, host, arena, offset, retire, wait);
+        if staged.is_err() {
+            // The bookkeeping moved on before a step failed: an event may be missing or stale.
+            // Start afresh once every copy is done; if even that cannot be known, stage no more.
+            if self.stream.synchronize().is_ok() {
+                staging.arenas = Arenas::new(ARENA_BYTES);
+                staging.events = [None, None];
+            } else {
+                staging.disabled = true;
             }
         }
-        // SAFETY: `offset + bytes` lies within the arena (Arenas::place), which no copy still
-        // reads (its event passed, or it was never retired and this range is new); offsets are
-        // aligned for T; the device buffer is written whole by the copy before any use.
-        unsafe {
-            let staged = staging.memory[arena].add(offset);
-            std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), staged, bytes);
-            let dst = self.stream.alloc::<T>(host.len()).map_err(driver)?;
-            let (ptr, record) = dst.device_ptr(&self.stream);
-            let src = std::slice::from_raw_parts(staged.cast::<T>(), host.len());
-            cu::memcpy_htod_async(ptr, src, self.stream.cu_stream()).map_err(driver)?;
-            drop(record);
-            Ok(dst)
-        }
+        staged
     }
 
     fn download<T: DeviceElem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>, DeviceError> {

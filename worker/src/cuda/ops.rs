@@ -240,6 +240,11 @@ impl<R: Runtime> Gpu<R> {
         self.rt.alloc(n.max(1))
     }
 
+    /// A workspace of `n` elements that the op writes whole before reading (not zeroed).
+    fn scratch<T: DeviceElem>(&self, n: usize) -> Result<R::Buf<T>, DeviceError> {
+        self.rt.alloc_scratch(n.max(1))
+    }
+
     pub fn synchronize(&self) -> Result<(), DeviceError> {
         self.rt.synchronize()
     }

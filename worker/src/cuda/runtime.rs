@@ -103,6 +103,9 @@ pub unsafe trait Runtime: Send + Sync {
     fn bind(&self) -> Result<(), DeviceError>;
     /// `n` zeroed elements (at least one: device allocations are never empty).
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;
+    /// `n` elements (at least one) of unspecified contents: for workspaces that kernels or
+    /// products write whole before anything reads them (no memset on the device).
+    fn alloc_scratch<T: DeviceElem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<Self::Buf<T>, DeviceError>;
     fn download<T: DeviceElem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>, DeviceError>;
     fn len<T: DeviceElem>(&self, buf: &Self::Buf<T>) -> usize;

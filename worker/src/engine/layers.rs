@@ -46,28 +46,43 @@ impl<B: Backend> ColumnLinear<B> {
 /// inputs, and the partial sums are all-reduced, so every rank of the row gets the whole output.
 pub(super) struct RowLinear<B: Backend> {
     w: B::Matrix,
+    /// Output features.
+    out: usize,
 }
 
 impl<B: Backend> RowLinear<B> {
     fn load(b: &B, w: &Tensor) -> std::result::Result<Self, BackendError> {
-        Ok(RowLinear { w: b.matrix(w)? })
+        Ok(RowLinear { w: b.matrix(w)?, out: w.shape.first().copied().unwrap_or(0) })
     }
 
     pub(super) fn forward(&self, b: &B, x: &B::Buf, rows: usize, grid: &mut Grid) -> Result<B::Buf> {
-        tp_sum(b, b.matmul(x, rows, &self.w)?, grid)
+        tp_sum(b, b.matmul(x, rows, &self.w)?, rows * self.out, grid)
     }
 }
 
-/// `partial`, summed over the tensor-parallel row (itself on a row of one).
-fn tp_sum<B: Backend>(b: &B, partial: B::Buf, grid: &mut Grid) -> Result<B::Buf> {
-    if grid.tp_size() == 1 {
+/// `partial` (`len` f32), summed over the tensor-parallel row (itself on a row of one): on the
+/// device where the whole group agreed it can ([`Grid::device_collectives`]), else a host copy.
+fn tp_sum<B: Backend>(b: &B, partial: B::Buf, len: usize, grid: &mut Grid) -> Result<B::Buf> {
+    if grid.tp_size() == 1 || len == 0 {
         return Ok(partial);
     }
-    if let Some((addr, len)) = b.device_buffer(&partial)? {
-        // SAFETY: the backend gives the buffer's own address and length, its writes complete;
-        // `partial` outlives the call.
-        if unsafe { grid.tp().all_reduce_sum_device(addr, len)? } {
-            return Ok(partial);
+    if grid.device_collectives() {
+        if let Some((addr, have)) = b.device_buffer(&partial)? {
+            if have < len {
+                return Err(CommError::Protocol { peer: grid.rank(), reason: format!("{have} of {len} sums") }.into());
+            }
+            // SAFETY: the backend gives the buffer's own address, holding `len` f32 (checked),
+            // its writes complete; `partial` outlives the call.
+            match unsafe { grid.tp().all_reduce_sum_device(addr, len) } {
+                Ok(true) => return Ok(partial),
+                Ok(false) => {}
+                Err(e) => {
+                    // The collective may still write the buffer after a timeout: it is never
+                    // freed (the group is broken anyway).
+                    std::mem::forget(partial);
+                    return Err(e.into());
+                }
+            }
         }
     }
     let mut host = b.download_owned(partial)?;
@@ -75,9 +90,11 @@ fn tp_sum<B: Backend>(b: &B, partial: B::Buf, grid: &mut Grid) -> Result<B::Buf>
     Ok(b.upload_owned(host)?)
 }
 
-/// The row's parts `part` (`len` f32 each) gathered on the device where the transport can and
-/// the parts are of one size (NCCL gathers equal parts), then brought to the host at once:
-/// `None` where not, and the caller gathers host copies.
+/// The row's parts `part` (`len` f32 each) gathered on the device where the whole group agreed
+/// it can ([`Grid::device_collectives`]) and the parts are of one size (NCCL gathers equal
+/// parts), then brought to the host at once: `None` where not, and the caller gathers host
+/// copies. (`part` itself is not forgotten on a failure: the caller drops it after its own
+/// error, and a gather only reads it.)
 fn gather_on_device<B: Backend>(
     b: &B,
     part: &B::Buf,
@@ -85,19 +102,25 @@ fn gather_on_device<B: Backend>(
     widths: &[usize],
     grid: &mut Grid,
 ) -> Result<Option<Vec<Vec<f32>>>> {
-    if len == 0 || widths.iter().any(|&w| w != widths[0]) {
+    if !grid.device_collectives() || len == 0 || widths.iter().any(|&w| w != widths[0]) {
         return Ok(None);
     }
-    let Some((send, have)) = b.device_buffer(part)? else { return Ok(None) };
     let all = b.zeros(len * widths.len())?;
-    let Some((recv, room)) = b.device_buffer(&all)? else { return Ok(None) };
-    if have < len || room < len * widths.len() {
+    let (Some((send, have)), Some((recv, room))) = (b.device_buffer(part)?, b.device_buffer(&all)?) else {
         return Ok(None);
+    };
+    if have < len || room < len * widths.len() {
+        return Err(CommError::Protocol { peer: grid.rank(), reason: format!("{have} of {len} logits") }.into());
     }
     // SAFETY: the backend gives both buffers' own addresses and lengths (checked to hold the
     // parts), their writes complete; both outlive the call and are distinct allocations.
-    if !unsafe { grid.tp().all_gather_device(send, len, recv)? } {
-        return Ok(None);
+    match unsafe { grid.tp().all_gather_device(send, len, recv) } {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
+            std::mem::forget(all); // as in tp_sum: the collective may still write it
+            return Err(e.into());
+        }
     }
     let host = b.download_owned(all)?;
     Ok(Some(host.chunks_exact(len.max(1)).take(widths.len()).map(<[f32]>::to_vec).collect()))
@@ -141,7 +164,7 @@ impl<B: Backend> VocabEmbedding<B> {
     /// Token embeddings scaled by `sqrt(dim)`, `[tokens, dim]`.
     pub(super) fn forward(&self, b: &B, ids: &[u32], dim: usize, grid: &mut Grid) -> Result<B::Buf> {
         let x = b.embed(ids, &self.table, self.first, (dim as f32).sqrt())?;
-        tp_sum(b, x, grid)
+        tp_sum(b, x, ids.len() * dim, grid)
     }
 }
 

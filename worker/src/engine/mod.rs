@@ -240,7 +240,12 @@ impl<B: Backend> Engine<B> {
         opts: &EngineOptions,
         comm: Box<dyn Collective>,
     ) -> Result<Self, EngineError> {
-        let grid = Grid::new(comm, model.tp.size)?;
+        let mut grid = Grid::new(comm, model.tp.size)?;
+        if grid.world() > 1 {
+            backend.bind()?;
+            let probe = backend.zeros(1)?;
+            grid.agree_device_collectives(backend.device_buffer(&probe)?.is_some())?;
+        }
         if grid.tp_rank() != model.tp.rank {
             return Err(EngineError::Comm(CommError::Setup(format!(
                 "rank {} is tensor-parallel rank {} of {}, but holds the weights of rank {}",

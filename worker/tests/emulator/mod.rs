@@ -7,7 +7,8 @@
 //! a race within a phase (a thread reading what another writes before their next barrier)
 //! changes the result and fails the test; shared memory is poisoned at every block's start, so
 //! a read before a write is caught too. What it cannot find: races between blocks (they run one
-//! after another), a race whose every ordering gives the same bits, warp behaviour beyond
+//! after another), a race whose every ordering gives the same bits (many threads adding to one
+//! word: each runs its whole phase at once, so no update is lost), warp behaviour beyond
 //! block-wide shuffles, CUDA's own maths (`expf`, `cos`, fused multiply-adds)
 //! and cuBLAS itself. Those are for `scripts/gpu-check.sh` on a GPU.
 #![allow(dead_code)]
@@ -180,6 +181,15 @@ unsafe impl Runtime for EmuRuntime {
     fn alloc<T: DeviceElem>(&self, n: usize) -> Result<EmuBuf<T>, DeviceError> {
         check_bound("alloc");
         Ok(EmuBuf(UnsafeCell::new(vec![T::default(); n.max(1)])))
+    }
+
+    /// Poisoned (all bits set: NaN for f32), so that a read before a write shows in the results.
+    fn alloc_scratch<T: DeviceElem>(&self, n: usize) -> Result<EmuBuf<T>, DeviceError> {
+        check_bound("alloc_scratch");
+        let mut v = vec![T::default(); n.max(1)];
+        // SAFETY: f32, u16 and u32 (the DeviceElem types) are valid for every bit pattern.
+        unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xFF, v.len()) };
+        Ok(EmuBuf(UnsafeCell::new(v)))
     }
 
     fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<EmuBuf<T>, DeviceError> {

@@ -82,8 +82,9 @@ impl<R: Runtime> Gpu<R> {
     /// Chunkwise gated retention over `tokens` tokens from the state in slot `slot` of
     /// `states [slots, heads, d, d]` (left there after the last token): `out [tokens, heads · d]`.
     /// The blocks' products are batched GEMMs over every head and block of a segment of the
-    /// prompt (see retention.cu), segments as long as [`RETENTION_WORKSPACE_BYTES`] of
-    /// workspace allows.
+    /// prompt (see retention.cu), segments of `segment` tokens (rounded up to whole blocks; the
+    /// tests carry the state across segments with small prompts) or, with `None`, as long as
+    /// [`RETENTION_WORKSPACE_BYTES`] of workspace allows.
     #[allow(clippy::too_many_arguments)]
     pub fn retention_chunkwise(
         &self,
@@ -97,27 +98,7 @@ impl<R: Runtime> Gpu<R> {
         tokens: usize,
         heads: usize,
         head_dim: usize,
-    ) -> Result<(), DeviceError> {
-        let segment = retention_segment_blocks(heads, head_dim) * RETENTION_BLOCK;
-        self.retention_chunkwise_in_segments(q, k, v, gamma, states, slot, out, tokens, heads, head_dim, segment)
-    }
-
-    /// [`Self::retention_chunkwise`] in segments of `segment` tokens (rounded up to whole
-    /// blocks): the tests' way to carry the state across segments with small prompts.
-    #[allow(clippy::too_many_arguments)]
-    pub fn retention_chunkwise_in_segments(
-        &self,
-        q: &R::Buf<f32>,
-        k: &R::Buf<f32>,
-        v: &R::Buf<f32>,
-        gamma: &R::Buf<f32>,
-        states: &mut R::Buf<f32>,
-        slot: usize,
-        out: &mut R::Buf<f32>,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
-        segment: usize,
+        segment: Option<usize>,
     ) -> Result<(), DeviceError> {
         const OP: &str = "retention_chunkwise";
         Self::check_head_dim(OP, head_dim)?;
@@ -133,18 +114,21 @@ impl<R: Runtime> Gpu<R> {
             return Ok(());
         }
         let (d, bt) = (head_dim, RETENTION_BLOCK);
+        let segment = segment.unwrap_or_else(|| retention_segment_blocks(heads, head_dim) * bt);
         let max_nb = segment.div_ceil(bt).max(1).min(tokens.div_ceil(bt));
         let rows = heads * max_nb * bt * d;
+        // Not zeroed: the gather writes every row (zeros past the prompt), the products with
+        // beta 0 every score, state and output, the scan every entering state.
         let ws = RetentionWorkspace::<R> {
-            qh: self.zeros(rows)?,
-            kh: self.zeros(rows)?,
-            vh: self.zeros(rows)?,
-            kd: self.zeros(rows)?,
-            o: self.zeros(rows)?,
-            w: self.zeros(heads * max_nb * bt * bt)?,
-            s: self.zeros(heads * max_nb * d * d)?,
-            gcum: self.zeros(heads * max_nb * bt)?,
-            bdecay: self.zeros(heads * max_nb)?,
+            qh: self.scratch(rows)?,
+            kh: self.scratch(rows)?,
+            vh: self.scratch(rows)?,
+            kd: self.scratch(rows)?,
+            o: self.scratch(rows)?,
+            w: self.scratch(heads * max_nb * bt * bt)?,
+            s: self.scratch(heads * max_nb * d * d)?,
+            gcum: self.scratch(heads * max_nb * bt)?,
+            bdecay: self.scratch(heads * max_nb)?,
         };
         let (h32, d32, t32) = (i32_of(OP, heads)?, i32_of(OP, d)?, i32_of(OP, tokens)?);
         let state = self.at_offset(states, slot * per);
