@@ -488,7 +488,7 @@ fn the_residual_add_adds() {
 fn every_listed_kernel_is_in_the_emulator() {
     // An unknown name is refused, and every kernel of the program is registered (a kernel the
     // registry names but the program lacks fails to build above).
-    for name in yoco_worker::cuda::KERNELS.iter().copied().chain(["no_such_kernel"]) {
+    for name in yoco_worker::cuda::KERNELS.iter().map(|&(name, _)| name).chain(["no_such_kernel"]) {
         // SAFETY: a grid of zero blocks runs nothing; the kernel's arguments are never read.
         let rc = unsafe { raw_launch(name, (0, 0, 0), 32, std::ptr::null_mut()) };
         assert_eq!(rc, if name == "no_such_kernel" { 1 } else { 0 }, "{name}");

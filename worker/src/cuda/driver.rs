@@ -178,7 +178,7 @@ impl CudaRuntime {
             ))
         })?;
         let mut kernels = HashMap::new();
-        for &name in KERNELS {
+        for &(name, _) in KERNELS {
             kernels.insert(name, module.load_function(name).map_err(driver)?);
         }
         let stream = ctx.new_stream().map_err(dev)?;

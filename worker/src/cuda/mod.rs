@@ -28,36 +28,45 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("sampling.cu", include_str!("kernels/sampling.cu")),
 ];
 
-/// Every kernel entry point of the program.
-pub const KERNELS: &[&str] = &[
-    "add_assign",
-    "narrow_bf16",
-    "narrow_f16",
-    "copy_u16",
-    "embedding_f32",
-    "embedding_bf16",
-    "embedding_f16",
-    "rms_norm",
-    "rope_interleaved",
-    "silu_mul",
-    "log_sigmoid_scaled",
-    "retention_recurrent",
-    "retention_gather",
-    "retention_scan",
-    "retention_decay_terms",
-    "retention_scatter",
-    "retention_add_incoming",
-    "window_attention",
-    "kv_write_f32",
-    "kv_write_bf16",
-    "kv_write_f16",
-    "cross_attention_partials_f32",
-    "cross_attention_partials_bf16",
-    "cross_attention_partials_f16",
-    "lse_merge",
-    "argmax_rows",
-    "log_softmax_rows",
+/// Every kernel entry point of the program, with the most threads a block of it is launched
+/// with. `Gpu::launch` refuses a launch past that bound (so the emulated tests, which make every
+/// launch the ops make, keep the table true), and `tests/cuda_nvrtc.rs` checks the bound against
+/// the registers NVRTC's machine code uses: a block whose registers exceed the register file
+/// fails to launch on a GPU, and only there.
+pub const KERNELS: &[(&str, u32)] = &[
+    ("add_assign", 256),
+    ("narrow_bf16", 256),
+    ("narrow_f16", 256),
+    ("copy_u16", 256),
+    ("embedding_f32", 128),
+    ("embedding_bf16", 128),
+    ("embedding_f16", 128),
+    ("rms_norm", 256),
+    ("rope_interleaved", 128),
+    ("silu_mul", 256),
+    ("log_sigmoid_scaled", 256),
+    ("retention_recurrent", 64),
+    ("retention_gather", 64),
+    ("retention_scan", 256),
+    ("retention_decay_terms", 256),
+    ("retention_scatter", 256),
+    ("retention_add_incoming", 64),
+    ("window_attention", 128),
+    ("kv_write_f32", 128),
+    ("kv_write_bf16", 128),
+    ("kv_write_f16", 128),
+    ("cross_attention_partials_f32", 128),
+    ("cross_attention_partials_bf16", 128),
+    ("cross_attention_partials_f16", 128),
+    ("lse_merge", 64),
+    ("argmax_rows", 1024),
+    ("log_softmax_rows", 512),
 ];
+
+/// The most threads a block of kernel `name` is launched with (`None`: no such kernel).
+pub fn max_threads(name: &str) -> Option<u32> {
+    KERNELS.iter().find(|(n, _)| *n == name).map(|&(_, t)| t)
+}
 
 /// Tokens per block of the chunkwise retention kernel (`RETENTION_BLOCK` in retention.cu): the
 /// CPU kernel's block, so that both compute the same sums in the same order.

@@ -208,6 +208,10 @@ impl<R: Runtime> Gpu<R> {
         mut args: Vec<Arg>,
     ) -> Result<(), DeviceError> {
         check_launch(name, grid, threads)?;
+        let bound = super::max_threads(name);
+        check(name, bound.is_some_and(|b| threads <= b), || {
+            format!("{threads} threads a block, past the {bound:?} that cuda::KERNELS lists for it")
+        })?;
         let mut ptrs: Vec<*mut c_void> = args
             .iter_mut()
             .map(|a| match a {
