@@ -145,9 +145,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let bandwidth = read_gbps(1 << 30);
     let flops_per_token = prefill_flops_per_token(&cfg);
     let cache_bytes_per_token = yoco_worker::plan::cache_bytes_per_token(&cfg, CacheDtype::F32);
-    // What one decode token reads: every weight but the embedding table (one row of it), and
-    // the global cache once per cross-decoder layer.
-    let weight_bytes = model.weight_bytes() - cfg.vocab_size * cfg.dim * 4;
+    // What one decode token reads: every weight but the embedding table (one row of it; all of
+    // it where the output projection is tied to it), and the global cache once per
+    // cross-decoder layer. (The table's bytes are its own type's: counting them as f32
+    // understated a bf16 model's reads threefold.)
+    let untied_table = if model.output_projection.is_some() { model.embed_tokens.bytes() } else { 0 };
+    let weight_bytes = model.weight_bytes() - untied_table;
     let read_per_token =
         |context: usize| (weight_bytes + cfg.n_cross_layers() * context * cache_bytes_per_token) as f64;
     if !args.json {
