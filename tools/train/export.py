@@ -31,6 +31,9 @@ def main():
     evals = [s for s in log["steps"] if "heldout_loss" in s]
     phases, p = [], log
     while p is not None:
+        if "phases" in p:  # an exported model's training.json: its phases, whole
+            phases[:0] = p["phases"]
+            break
         phases.insert(0, {"args": p["args"], "evals": [s for s in p["steps"] if "heldout_loss" in s],
                           "seconds": p["steps"][-1]["elapsed_s"]})
         p = p.get("previous_phase")
