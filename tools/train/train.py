@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import eval_tail
+import long_rows
 from model import Yoco, check_against_reference
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -230,6 +231,29 @@ class Batches:
             bias = torch.stack([b if b is not None else torch.zeros(self.seq - 1, self.seq - 1) for b in biases])
         return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss), bias
 
+    long_min, long_max, long_haystack_share = 4096, 131072, 0.0
+
+    def long_passkey(self):
+        """One passkey row of log-uniform length long_min..long_max (no text before it) for
+        `long_rows.loss`: (tokens, weights, grad spans, tail row, key bias [len - 1] or None)."""
+        length = int(math.exp(self.rng.uniform(math.log(self.long_min), math.log(self.long_max))))
+        seq, short = self.seq, self.passkey_min
+        self.seq = self.passkey_min = length
+        try:
+            tokens, weights = self.passkey()
+        finally:
+            self.seq, self.passkey_min = seq, short
+        filler, q_start, needle_end = self.last_haystack
+        needle_start = filler.index(False)
+        tail = q_start - 1  # the row that predicts the question's first token
+        spans = [(needle_start - 16, needle_end + 16), (tail, length - 1)]
+        bias = None
+        if self.rng.random() < self.long_haystack_share:
+            n = max(sum(filler), 1)
+            big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
+            bias = torch.tensor(filler[: length - 1], dtype=torch.float32) * math.log(big / n)
+        return tokens, weights, spans, tail, bias
+
     def haystack_bias(self, hay):
         """The virtual haystack of one passkey sequence, as the model's input rows see it
         ([seq-1, seq-1]: the last token is only a target): the question's and answer's rows add
@@ -331,6 +355,14 @@ def main():
     ap.add_argument("--eval-tail-lengths", default="",
                     help="also evaluate needle's passkey prompts tail-only (eval_tail.py) at these lengths, e.g. 4K,16K")
     ap.add_argument("--eval-tail-trials", type=int, default=8)
+    ap.add_argument("--long-rows", type=int, default=0,
+                    help="passkey rows of --long-min..--long-max tokens per step, trained tail-only (long_rows.py)")
+    ap.add_argument("--long-min", type=int, default=4096)
+    ap.add_argument("--long-max", type=int, default=131072)
+    ap.add_argument("--long-haystack-share", type=float, default=0.0,
+                    help="share of long rows trained with a virtual haystack of up to --haystack-max tokens")
+    ap.add_argument("--long-weight", type=float, default=1.0,
+                    help="weight of the long rows' mean loss beside the batch's")
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="write checkpoint.pt (weights, optimizer, random states) every this many steps "
                     "(default: at every evaluation); a run started again with the same --out resumes from it")
@@ -350,6 +382,10 @@ def main():
     err = check_against_reference(model, torch.randint(0, cfg["vocab_size"], (150,), generator=torch.Generator().manual_seed(1)))
     print(f"batched model vs reference (float64): max |logit diff| {err:.2e}", flush=True)
     assert err < 1e-9, err
+    if args.long_rows:
+        err, gerr = long_rows.check(model)
+        print(f"long rows vs the full forward (float64): max |logit diff| {err:.2e}, gradients {gerr:.2e}", flush=True)
+        assert err < 1e-9 and gerr < 1e-9, (err, gerr)
 
     batches = Batches(args.data, tok, args.seq + 1, rng, args.max_position, args.passkey_share, args.pose_share,
                       args.passkey_min)
@@ -359,6 +395,8 @@ def main():
     batches.recall_share = args.recall_share
     batches.haystack_share, batches.haystack_max = args.haystack_share, args.haystack_max
     batches.needle_jump_share = args.needle_jump_share
+    batches.long_min, batches.long_max = args.long_min, args.long_max
+    batches.long_haystack_share = args.long_haystack_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -393,22 +431,35 @@ def main():
     t0 = time.time() - (log["steps"][-1]["elapsed_s"] if first and log["steps"] else 0.0)
     last = min(args.steps, args.stop_after or args.steps) - 1
     every = args.checkpoint_every or args.eval_every
+    tokens_seen = log.get("tokens_seen", first * args.batch * args.seq)
     for step in range(first, last + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         tokens, weights, positions, key_bias = batches.batch(args.batch)
-        loss, lm, acc = loss_fn(model, tokens, weights, positions, key_bias)
         opt.zero_grad(set_to_none=True)
+        loss, lm, acc = loss_fn(model, tokens, weights, positions, key_bias)
         loss.backward()
+        long_hits, long_tokens = [], 0
+        for _ in range(args.long_rows):
+            # one row at a time, its graph freed before the next: a row of 128K keeps ~1 GB
+            t, w, spans, tail, bias = batches.long_passkey()
+            lr_loss, hit = long_rows.loss(model, t, w, spans, tail, bias)
+            (lr_loss * args.long_weight / args.long_rows).backward()
+            long_hits.append(hit)
+            long_tokens += len(t)
+        tokens_seen += args.batch * args.seq + long_tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 10 == 0 or step == last:
             el = time.time() - t0
-            tps = (step + 1) * args.batch * args.seq / el
-            print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} answer-acc {acc.item():.3f} lr {lr_at(step):.2e} "
-                  f"{el:.0f}s {tps:.0f} tok/s", flush=True)
+            tps = tokens_seen / el
+            longs = f" long-hits {sum(long_hits)}/{len(long_hits)} ({long_tokens} tok)" if long_hits else ""
+            print(f"step {step} loss {loss.item():.4f} lm {lm.item():.4f} answer-acc {acc.item():.3f}{longs} "
+                  f"lr {lr_at(step):.2e} {el:.0f}s {tps:.0f} tok/s", flush=True)
             log["steps"].append({"step": step, "loss": loss.item(), "lm": lm.item(), "answer_acc": acc.item(),
-                                 "elapsed_s": el})
+                                 "elapsed_s": el, "tokens": tokens_seen})
+            if long_hits:
+                log["steps"][-1].update({"long_hits": sum(long_hits), "long_tokens": long_tokens})
         if (step + 1) % args.eval_every == 0 or step == last:
             model.eval()
             held = heldout_loss(model, args.data, tok, args.seq)
@@ -425,6 +476,7 @@ def main():
                                      "needle_acc_at": {str(n): a for n, a in tail.items()}})
             save(model, tok, cfg, args.out, log)
         if (step + 1) % every == 0 or step == last:
+            log["tokens_seen"] = tokens_seen
             checkpoint(ckpt_path, model, opt, rng, step + 1, log)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 

@@ -1,0 +1,165 @@
+"""Training on passkey rows far longer than a full forward-and-backward could hold: YOCO's
+cross-decoder reads only the global K/V, so a long row's loss needs the self-decoder's output
+everywhere but the cross-decoder only on the rows that are scored (the question and answer).
+
+A long row is run the way yoco serves it (`infer.py`): the self-decoder over the whole row, in
+pieces, carrying gated retention's state; K/V for every position; the cross-decoder on the tail
+rows only. Gradients flow where they carry the retrieval signal:
+
+* the self-decoder only inside the *grad spans* (around the needle and the tail); elsewhere it
+  runs without gradients and its state enters the next span detached (truncated back-propagation
+  through the recurrence, as state-passing training does);
+* the K/V projections (`kv_layer_norm`, `k_proj`, `v_proj`) at *every* position, from the
+  self-decoder's output (detached outside the spans): the softmax's gradient then sees every
+  distractor key it has to push down, not only the needle's, so the estimate of the K/V weights'
+  gradient is the full row's;
+* the cross-decoder and output projection on the tail rows.
+
+The forward values are the full model's (`check` compares them with `Yoco.forward`); only
+gradients into the self-decoder from outside the spans are dropped.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from infer import retention
+from model import apply_rope, rms_norm, rope_cos_sin
+
+PIECE = 16384  # self-decoder tokens per no-gradient piece (memory, not values)
+
+
+def segments(T, spans):
+    """[0, T) cut into (start, end, grad) runs: the merged `spans` with gradients, the rest
+    without, pieces of at most PIECE tokens."""
+    merged = []
+    for a, b in sorted((max(0, a), min(T, b)) for a, b in spans):
+        if a >= b:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, at = [], 0
+    for a, b in merged + [[T, T]]:
+        while at < a:
+            out.append((at, min(a, at + PIECE), False))
+            at = out[-1][1]
+        if a < b:
+            out.append((a, b, True))
+        at = max(at, b)
+    return out
+
+
+def self_decoder(model, tokens, positions, states):
+    """tokens [n] at positions [1, n] from the retention states (a list, updated) -> [1, n, dim]."""
+    cfg = model.cfg
+    eps = cfg["norm_eps"]
+    x = model.embed_tokens(tokens[None]) * math.sqrt(cfg["dim"])
+    cos, sin = rope_cos_sin(positions, cfg["dim"] // cfg["n_self_heads"], cfg["rope_theta"])
+    for i, layer in enumerate(model.self_decoder.layers):
+        o, states[i] = retention(layer.mixer, rms_norm(x, layer.mixer_layer_norm, eps), cos, sin, states[i])
+        x = x + o
+        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
+    return x
+
+
+def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None):
+    """Logits [T - tail, vocab] of the input rows tail..T-1 of `tokens` [T] (positions 0..T-1
+    unless given [T]), computed as the module docstring says; rows tail..T-1 must lie in one
+    grad span.
+    `key_bias` [T] (optional): added to the tail rows' cross-attention logits of each key (the
+    virtual haystack, `train.Batches.haystack_bias`)."""
+    cfg = model.cfg
+    eps = cfg["norm_eps"]
+    T = tokens.shape[0]
+    pos = torch.arange(T) if positions is None else positions
+    cd = model.cross_decoder
+    hd = cfg["dim"] // cfg["n_attn_heads"]
+    states = [None] * len(model.self_decoder.layers)
+    Ks, Vs, x_tail = [], [], None
+    for a, b, grad in segments(T, spans):
+        p = pos[a:b][None]
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x = self_decoder(model, tokens[a:b], p, states)
+        states = [s.detach() for s in states]
+        if a <= tail < b:
+            assert grad, "the tail must lie in a grad span"
+            x_tail = x[:, tail - a :]
+        cos, sin = rope_cos_sin(p, hd, cfg["rope_theta"])
+        xn = rms_norm(x, cd.kv_layer_norm, eps)
+        Ks.append(apply_rope(cd.k_proj(xn).view(1, b - a, -1, hd), cos, sin).transpose(1, 2))
+        Vs.append(cd.v_proj(xn).view(1, b - a, -1, hd).transpose(1, 2))
+    K, V = torch.cat(Ks, 2), torch.cat(Vs, 2)
+    x = x_tail
+    t = x.shape[1]
+    q_pos = pos[tail:][None]
+    cos, sin = rope_cos_sin(q_pos, hd, cfg["rope_theta"])
+    rows = torch.arange(tail, T)
+    causal = torch.arange(T)[None, :] <= rows[:, None]  # [t, T]
+    bias = torch.zeros(t, T) if key_bias is None else key_bias[None, :].expand(t, T)
+    mask = torch.where(causal, bias, torch.tensor(float("-inf"))).to(x.dtype)[None, None]
+    for layer in cd.layers:
+        m = layer.mixer
+        h = rms_norm(x, layer.mixer_layer_norm, eps)
+        q = apply_rope(m.q_proj(h).view(1, t, m.heads, m.hd), cos, sin).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+        x = x + m.out_proj(o.transpose(1, 2).reshape(1, t, -1))
+        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
+    return model.output_projection(rms_norm(x, model.layer_norm, eps))[0]
+
+
+def loss(model, tokens, weights, spans, tail, key_bias=None):
+    """Weighted cross-entropy of a long row (tokens, weights: lists of the row, the last token
+    only a target) over its tail rows; and whether every supervised (weight > 1) token there is
+    the greedy one."""
+    inp = torch.tensor(tokens[:-1])
+    logits = tail_logits(model, inp, spans, tail, key_bias)
+    target = torch.tensor(tokens[tail + 1 :])
+    w = torch.tensor(weights[tail + 1 :])
+    nll = F.cross_entropy(logits, target, reduction="none")
+    sup = w > 1.0
+    hit = bool((logits[sup].argmax(-1) == target[sup]).all()) if sup.any() else False
+    return (nll * w).sum() / w.sum(), hit
+
+
+def check(model, T=1500, seed=5):
+    """Largest |logit difference| (float64) between `tail_logits` and the full forward, for a
+    row cut into grad and no-grad runs across retention blocks and pieces; and the largest
+    relative difference of the tail loss's gradients when one span covers the whole row."""
+    global PIECE
+    m64 = type(model)(model.cfg).to(torch.float64)
+    m64.load_state_dict({k: v.to(torch.float64) for k, v in model.state_dict().items()})
+    toks = torch.randint(0, model.cfg["vocab_size"], (T,), generator=torch.Generator().manual_seed(seed))
+    saved, PIECE = PIECE, 300
+    try:
+        with torch.no_grad():
+            want = m64(toks[None], torch.arange(T)[None])[0]
+            got = tail_logits(m64, toks, [(100, 170), (T - 90, T)], T - 90)
+    finally:
+        PIECE = saved
+    err = (got - want[T - 90 :]).abs().max().item()
+    target = toks[T - 89 :]
+    full = F.cross_entropy(m64(toks[None, :-1], torch.arange(T - 1)[None])[0, T - 90 :], target)
+    g_full = torch.autograd.grad(full, list(m64.parameters()))
+    part = F.cross_entropy(tail_logits(m64, toks[:-1], [(0, T - 1)], T - 90), target)
+    g_part = torch.autograd.grad(part, list(m64.parameters()), allow_unused=True)
+    gerr = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(g_full, g_part) if b is not None)
+    return err, gerr
+
+
+if __name__ == "__main__":
+    from model import Yoco
+
+    cfg = {"dim": 64, "n_layers": 4, "hidden_dim": 96, "n_self_heads": 2, "n_attn_heads": 4,
+           "n_attn_kv_heads": 2, "vocab_size": 97, "rope_theta": 1e4, "norm_eps": 1e-5}
+    m = Yoco(cfg)
+    m.init_weights(torch.Generator().manual_seed(3))
+    err, gerr = check(m)
+    print(f"long rows vs the full forward: max |logit diff| {err:.2e}, gradients (one span) {gerr:.2e}")
+    assert err < 1e-9 and gerr < 1e-9, (err, gerr)
+    assert segments(40000, [(100, 170), (39900, 40000)]) == [
+        (0, 100, False), (100, 170, True), (170, 16554, False), (16554, 32938, False),
+        (32938, 39900, False), (39900, 40000, True)]
