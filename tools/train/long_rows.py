@@ -65,7 +65,7 @@ def self_decoder(model, tokens, positions, states):
     return x
 
 
-def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None):
+def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_grad_everywhere=True):
     """Logits [T - tail, vocab] of the input rows tail..T-1 of `tokens` [T] (positions 0..T-1
     unless given [T]), computed as the module docstring says; rows tail..T-1 must lie in one
     grad span.
@@ -87,10 +87,11 @@ def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None):
         if a <= tail < b:
             assert grad, "the tail must lie in a grad span"
             x_tail = x[:, tail - a :]
-        cos, sin = rope_cos_sin(p, hd, cfg["rope_theta"])
-        xn = rms_norm(x, cd.kv_layer_norm, eps)
-        Ks.append(apply_rope(cd.k_proj(xn).view(1, b - a, -1, hd), cos, sin).transpose(1, 2))
-        Vs.append(cd.v_proj(xn).view(1, b - a, -1, hd).transpose(1, 2))
+        with torch.set_grad_enabled((grad or kv_grad_everywhere) and torch.is_grad_enabled()):
+            cos, sin = rope_cos_sin(p, hd, cfg["rope_theta"])
+            xn = rms_norm(x, cd.kv_layer_norm, eps)
+            Ks.append(apply_rope(cd.k_proj(xn).view(1, b - a, -1, hd), cos, sin).transpose(1, 2))
+            Vs.append(cd.v_proj(xn).view(1, b - a, -1, hd).transpose(1, 2))
     K, V = torch.cat(Ks, 2), torch.cat(Vs, 2)
     x = x_tail
     t = x.shape[1]
@@ -110,18 +111,18 @@ def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None):
     return model.output_projection(rms_norm(x, model.layer_norm, eps))[0]
 
 
-def loss(model, tokens, weights, spans, tail, key_bias=None):
-    """Weighted cross-entropy of a long row (tokens, weights: lists of the row, the last token
-    only a target) over its tail rows; and whether every supervised (weight > 1) token there is
-    the greedy one."""
+def loss(model, tokens, weights, spans, tail, key_bias=None, kv_grad_everywhere=True):
+    """The weighted cross-entropy *sum* of a long row (tokens, weights: lists of the row, the last
+    token only a target) over its tail rows, to be divided by the batch's weight like any row's;
+    and whether every supervised (weight > 1) token there is the greedy one."""
     inp = torch.tensor(tokens[:-1])
-    logits = tail_logits(model, inp, spans, tail, key_bias)
+    logits = tail_logits(model, inp, spans, tail, key_bias, kv_grad_everywhere=kv_grad_everywhere)
     target = torch.tensor(tokens[tail + 1 :])
     w = torch.tensor(weights[tail + 1 :])
     nll = F.cross_entropy(logits, target, reduction="none")
     sup = w > 1.0
     hit = bool((logits[sup].argmax(-1) == target[sup]).all()) if sup.any() else False
-    return (nll * w).sum() / w.sum(), hit
+    return (nll * w).sum(), hit
 
 
 def check(model, T=1500, seed=5):

@@ -274,7 +274,7 @@ def loss_fn(model, tokens, weights, positions, key_bias=None):
     w = weights[:, 1:].reshape(-1)
     sup = w > 1.0
     acc = (logits.reshape(-1, logits.shape[-1])[sup].argmax(-1) == tokens[:, 1:].reshape(-1)[sup]).float().mean()
-    return (nll * w).sum() / w.sum(), nll.mean(), acc
+    return (nll * w).sum() / w.sum(), nll.mean(), acc, w.sum()
 
 
 @torch.no_grad()
@@ -361,8 +361,10 @@ def main():
     ap.add_argument("--long-max", type=int, default=131072)
     ap.add_argument("--long-haystack-share", type=float, default=0.0,
                     help="share of long rows trained with a virtual haystack of up to --haystack-max tokens")
+    ap.add_argument("--long-kv-grad", choices=["all", "spans"], default="all",
+                    help="the K/V projections' gradient from every position of a long row, or only from its spans")
     ap.add_argument("--long-weight", type=float, default=1.0,
-                    help="weight of the long rows' mean loss beside the batch's")
+                    help="weight of a long row's tokens beside the batch's (1: as if a row of the batch)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="write checkpoint.pt (weights, optimizer, random states) every this many steps "
                     "(default: at every evaluation); a run started again with the same --out resumes from it")
@@ -437,14 +439,17 @@ def main():
             g["lr"] = lr_at(step)
         tokens, weights, positions, key_bias = batches.batch(args.batch)
         opt.zero_grad(set_to_none=True)
-        loss, lm, acc = loss_fn(model, tokens, weights, positions, key_bias)
+        loss, lm, acc, weight = loss_fn(model, tokens, weights, positions, key_bias)
         loss.backward()
         long_hits, long_tokens = [], 0
         for _ in range(args.long_rows):
             # one row at a time, its graph freed before the next: a row of 128K keeps ~1 GB
             t, w, spans, tail, bias = batches.long_passkey()
-            lr_loss, hit = long_rows.loss(model, t, w, spans, tail, bias)
-            (lr_loss * args.long_weight / args.long_rows).backward()
+            lr_sum, hit = long_rows.loss(model, t, w, spans, tail, bias, args.long_kv_grad == "all")
+            # a long row's tail weighs as a row of the batch: its weighted sum over the batch's
+            # weight. (As a mean of its own, ~20 tokens against the batch's 4096, it outweighed
+            # the text ~100x and unlearned the copy at every length within 200 steps.)
+            (lr_sum * args.long_weight / weight).backward()
             long_hits.append(hit)
             long_tokens += len(t)
         tokens_seen += args.batch * args.seq + long_tokens
