@@ -68,15 +68,67 @@ def retention(mixer, h, cos, sin, S=None):
 
 
 def retention_step(mixer, h, cos, sin, S):
-    """One token h [1, 1, dim] through the recurrent form; updates S in place."""
+    """One token h [1, 1, dim] through the recurrent form from the state S -> (output, state
+    after): a new tensor, never S changed in place (S may be saved for a backward pass)."""
     H, d = mixer.heads, mixer.hd
     q = apply_rope(mixer.q_proj(h).view(1, 1, H, d), cos, sin).transpose(1, 2)
     k = apply_rope(mixer.k_proj(h).view(1, 1, H, d), cos, sin).transpose(1, 2) / math.sqrt(d)
     v = mixer.v_proj(h).view(1, 1, H, d).transpose(1, 2)
     decay = (F.logsigmoid(mixer.gt_proj(h)) / GATE_LOGIT_NORMALIZER).exp().view(1, H, 1, 1)
-    S.mul_(decay).add_(k.transpose(-1, -2) @ v)
+    S = S * decay + k.transpose(-1, -2) @ v
     o = rms_norm(q @ S, None, mixer.eps).transpose(1, 2).reshape(1, 1, H * d)
-    return mixer.out_proj(F.silu(mixer.g_proj(h)) * o)
+    return mixer.out_proj(F.silu(mixer.g_proj(h)) * o), S
+
+
+def rope(cfg, positions, head_dim, dtype):
+    cos, sin = rope_cos_sin(positions, head_dim, cfg["rope_theta"])
+    return cos.to(dtype), sin.to(dtype)
+
+
+def self_decoder(model, tokens, positions, states):
+    """tokens [T] at positions [1, T] through the self-decoder from the retention states (a
+    list, one per layer, None for zeros; replaced by the states after) -> [1, T, dim]. One token
+    after a state takes the recurrent step."""
+    cfg = model.cfg
+    eps = cfg["norm_eps"]
+    x = model.embed_tokens(tokens[None]) * math.sqrt(cfg["dim"])
+    cos, sin = rope(cfg, positions, cfg["dim"] // cfg["n_self_heads"], x.dtype)
+    for i, layer in enumerate(model.self_decoder.layers):
+        h = rms_norm(x, layer.mixer_layer_norm, eps)
+        if tokens.shape[0] == 1 and states[i] is not None:
+            o, states[i] = retention_step(layer.mixer, h, cos, sin, states[i])
+        else:
+            o, states[i] = retention(layer.mixer, h, cos, sin, states[i])
+        x = x + o
+        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
+    return x
+
+
+def global_kv(model, x, positions):
+    """The global K (rotated) and V [1, Hkv, T, hd] of the self-decoder's output x [1, T, dim]."""
+    cfg, cd, T = model.cfg, model.cross_decoder, x.shape[1]
+    hd = cfg["dim"] // cfg["n_attn_heads"]
+    cos, sin = rope(cfg, positions, hd, x.dtype)
+    xn = rms_norm(x, cd.kv_layer_norm, cfg["norm_eps"])
+    K = apply_rope(cd.k_proj(xn).view(1, T, -1, hd), cos, sin).transpose(1, 2)
+    return K, cd.v_proj(xn).view(1, T, -1, hd).transpose(1, 2)
+
+
+def cross_decoder(model, x, positions, K, V, mask=None):
+    """The cross-decoder and logits for the rows x [1, t, dim] at positions [1, t] over the
+    global K/V, attention masked by `mask` ([t, len] bool or additive float; None: every key)
+    -> logits [t, vocab]."""
+    cfg = model.cfg
+    eps, t = cfg["norm_eps"], x.shape[1]
+    cos, sin = rope(cfg, positions, cfg["dim"] // cfg["n_attn_heads"], x.dtype)
+    for layer in model.cross_decoder.layers:
+        a = layer.mixer
+        h = rms_norm(x, layer.mixer_layer_norm, eps)
+        q = apply_rope(a.q_proj(h).view(1, t, a.heads, a.hd), cos, sin).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+        x = x + a.out_proj(o.transpose(1, 2).reshape(1, t, -1))
+        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
+    return model.output_projection(rms_norm(x, model.layer_norm, eps))[0]
 
 
 class Session:
@@ -92,32 +144,9 @@ class Session:
         self.len = 0
         self.states = [None] * len(model.self_decoder.layers)
 
-    def _rope(self, pos, head_dim, dtype):
-        cos, sin = rope_cos_sin(pos, head_dim, self.cfg["rope_theta"])
-        return cos.to(dtype), sin.to(dtype)
-
-    def _self_decoder(self, tokens, pos):
-        """tokens [T] at positions pos [1, T] -> the self-decoder's output [1, T, dim]."""
-        cfg, m = self.cfg, self.model
-        eps = cfg["norm_eps"]
-        x = m.embed_tokens(tokens[None]) * math.sqrt(cfg["dim"])
-        cos, sin = self._rope(pos, cfg["dim"] // cfg["n_self_heads"], x.dtype)
-        for i, layer in enumerate(m.self_decoder.layers):
-            h = rms_norm(x, layer.mixer_layer_norm, eps)
-            if tokens.shape[0] == 1 and self.states[i] is not None:
-                o = retention_step(layer.mixer, h, cos, sin, self.states[i])
-            else:
-                o, self.states[i] = retention(layer.mixer, h, cos, sin, self.states[i])
-            x = x + o
-            x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
-        return x
-
     def _append_kv(self, x, pos):
-        cd, T = self.model.cross_decoder, x.shape[1]
-        cos, sin = self._rope(pos, self.hd, x.dtype)
-        xn = rms_norm(x, cd.kv_layer_norm, self.cfg["norm_eps"])
-        self.K[:, :, self.len : self.len + T] = apply_rope(cd.k_proj(xn).view(1, T, -1, self.hd), cos, sin).transpose(1, 2)
-        self.V[:, :, self.len : self.len + T] = cd.v_proj(xn).view(1, T, -1, self.hd).transpose(1, 2)
+        T = x.shape[1]
+        self.K[:, :, self.len : self.len + T], self.V[:, :, self.len : self.len + T] = global_kv(self.model, x, pos)
         self.len += T
 
     def feed(self, tokens, piece=None, keep=1):
@@ -130,7 +159,7 @@ class Session:
         for p0 in range(0, T, piece):
             part = tokens[p0 : p0 + piece]
             pos = torch.arange(self.len, self.len + part.shape[0])[None]
-            x = self._self_decoder(part, pos)
+            x = self_decoder(self.model, part, pos, self.states)
             self._append_kv(x, pos)
             tail.append(x[:, -keep:])
         return torch.cat(tail, dim=1)[:, -keep:]
@@ -138,22 +167,12 @@ class Session:
     def cross(self, x):
         """The cross-decoder and logits for the last rows x [1, t, dim] of the cached sequence:
         row i sees the keys up to its own position. -> logits [t, vocab]."""
-        cfg, m = self.cfg, self.model
-        eps, t = cfg["norm_eps"], x.shape[1]
+        t = x.shape[1]
         pos = torch.arange(self.len - t, self.len)[None]
-        cos, sin = self._rope(pos, self.hd, x.dtype)
-        K, V = self.K[:, :, : self.len], self.V[:, :, : self.len]
         mask = None
         if t > 1:
             mask = torch.arange(self.len)[None, :] <= pos[0][:, None]  # [t, len]
-        for layer in m.cross_decoder.layers:
-            a = layer.mixer
-            h = rms_norm(x, layer.mixer_layer_norm, eps)
-            q = apply_rope(a.q_proj(h).view(1, t, a.heads, a.hd), cos, sin).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-            x = x + a.out_proj(o.transpose(1, 2).reshape(1, t, -1))
-            x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
-        return m.output_projection(rms_norm(x, m.layer_norm, eps))[0]
+        return cross_decoder(self.model, x, pos, self.K[:, :, : self.len], self.V[:, :, : self.len], mask)
 
     def prefill(self, tokens, piece=None):
         """The prompt's last logits [vocab] (early exit: the cross-decoder for one row)."""
@@ -162,7 +181,7 @@ class Session:
     def decode(self, token):
         """Appends one token; its logits [vocab]."""
         t = torch.tensor([token])
-        x = self._self_decoder(t, torch.tensor([[self.len]]))
+        x = self_decoder(self.model, t, torch.tensor([[self.len]]), self.states)
         self._append_kv(x, torch.tensor([[self.len]]))
         return self.cross(x)[-1]
 

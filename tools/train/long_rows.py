@@ -19,13 +19,10 @@ The forward values are the full model's (`check` compares them with `Yoco.forwar
 gradients into the self-decoder from outside the spans are dropped.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from infer import retention
-from model import apply_rope, rms_norm, rope_cos_sin
+from infer import cross_decoder, global_kv, self_decoder
 
 PIECE = 16384  # self-decoder tokens per no-gradient piece (memory, not values)
 
@@ -52,31 +49,14 @@ def segments(T, spans):
     return out
 
 
-def self_decoder(model, tokens, positions, states):
-    """tokens [n] at positions [1, n] from the retention states (a list, updated) -> [1, n, dim]."""
-    cfg = model.cfg
-    eps = cfg["norm_eps"]
-    x = model.embed_tokens(tokens[None]) * math.sqrt(cfg["dim"])
-    cos, sin = rope_cos_sin(positions, cfg["dim"] // cfg["n_self_heads"], cfg["rope_theta"])
-    for i, layer in enumerate(model.self_decoder.layers):
-        o, states[i] = retention(layer.mixer, rms_norm(x, layer.mixer_layer_norm, eps), cos, sin, states[i])
-        x = x + o
-        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
-    return x
-
-
 def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_grad_everywhere=True):
     """Logits [T - tail, vocab] of the input rows tail..T-1 of `tokens` [T] (positions 0..T-1
     unless given [T]), computed as the module docstring says; rows tail..T-1 must lie in one
     grad span.
     `key_bias` [T] (optional): added to the tail rows' cross-attention logits of each key (the
     virtual haystack, `train.Batches.haystack_bias`)."""
-    cfg = model.cfg
-    eps = cfg["norm_eps"]
     T = tokens.shape[0]
     pos = torch.arange(T) if positions is None else positions
-    cd = model.cross_decoder
-    hd = cfg["dim"] // cfg["n_attn_heads"]
     states = [None] * len(model.self_decoder.layers)
     Ks, Vs, x_tail = [], [], None
     for a, b, grad in segments(T, spans):
@@ -88,27 +68,14 @@ def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_gr
             assert grad, "the tail must lie in a grad span"
             x_tail = x[:, tail - a :]
         with torch.set_grad_enabled((grad or kv_grad_everywhere) and torch.is_grad_enabled()):
-            cos, sin = rope_cos_sin(p, hd, cfg["rope_theta"])
-            xn = rms_norm(x, cd.kv_layer_norm, eps)
-            Ks.append(apply_rope(cd.k_proj(xn).view(1, b - a, -1, hd), cos, sin).transpose(1, 2))
-            Vs.append(cd.v_proj(xn).view(1, b - a, -1, hd).transpose(1, 2))
-    K, V = torch.cat(Ks, 2), torch.cat(Vs, 2)
-    x = x_tail
-    t = x.shape[1]
-    q_pos = pos[tail:][None]
-    cos, sin = rope_cos_sin(q_pos, hd, cfg["rope_theta"])
+            K, V = global_kv(model, x, p)
+        Ks.append(K)
+        Vs.append(V)
     rows = torch.arange(tail, T)
     causal = torch.arange(T)[None, :] <= rows[:, None]  # [t, T]
-    bias = torch.zeros(t, T) if key_bias is None else key_bias[None, :].expand(t, T)
-    mask = torch.where(causal, bias, torch.tensor(float("-inf"))).to(x.dtype)[None, None]
-    for layer in cd.layers:
-        m = layer.mixer
-        h = rms_norm(x, layer.mixer_layer_norm, eps)
-        q = apply_rope(m.q_proj(h).view(1, t, m.heads, m.hd), cos, sin).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-        x = x + m.out_proj(o.transpose(1, 2).reshape(1, t, -1))
-        x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
-    return model.output_projection(rms_norm(x, model.layer_norm, eps))[0]
+    bias = torch.zeros(T) if key_bias is None else key_bias
+    mask = torch.where(causal, bias[None, :], torch.tensor(float("-inf"))).to(x_tail.dtype)[None, None]
+    return cross_decoder(model, x_tail, pos[tail:][None], torch.cat(Ks, 2), torch.cat(Vs, 2), mask)
 
 
 def loss(model, tokens, weights, spans, tail, key_bias=None, kv_grad_everywhere=True):
@@ -148,6 +115,9 @@ def check(model, T=1500, seed=5):
     g_part = torch.autograd.grad(part, list(m64.parameters()), allow_unused=True)
     gerr = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
                for a, b in zip(g_full, g_part) if b is not None)
+    # a one-token run between spans takes the recurrent step from a state a backward pass needs
+    gapped = tail_logits(m64, toks[:-1], [(100, 170), (171, 240), (T - 90, T - 1)], T - 90)
+    F.cross_entropy(gapped, target).backward()
     return err, gerr
 
 
