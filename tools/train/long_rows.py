@@ -27,9 +27,9 @@ from infer import cross_decoder, global_kv, self_decoder
 PIECE = 16384  # self-decoder tokens per no-gradient piece (memory, not values)
 
 
-def segments(T, spans):
+def segments(T, spans, cut=None):
     """[0, T) cut into (start, end, grad) runs: the merged `spans` with gradients, the rest
-    without, pieces of at most PIECE tokens."""
+    without, pieces of at most PIECE tokens; a run also starts at `cut`."""
     merged = []
     for a, b in sorted((max(0, a), min(T, b)) for a, b in spans):
         if a >= b:
@@ -46,24 +46,38 @@ def segments(T, spans):
         if a < b:
             out.append((a, b, True))
         at = max(at, b)
+    if cut is not None:
+        out = [part for a, b, g in out for part in ([(a, cut, g), (cut, b, g)] if a < cut < b else [(a, b, g)])]
     return out
 
 
-def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_grad_everywhere=True):
+@torch.no_grad()
+def states_after(model, tokens):
+    """The self-decoder's retention states after tokens [T] (positions 0..T-1), without
+    gradients."""
+    states = [None] * len(model.self_decoder.layers)
+    for a in range(0, tokens.shape[0], PIECE):
+        self_decoder(model, tokens[a : a + PIECE], torch.arange(a, min(tokens.shape[0], a + PIECE))[None], states)
+    return states
+
+
+def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_grad_everywhere=True, tail_states=None):
     """Logits [T - tail, vocab] of the input rows tail..T-1 of `tokens` [T] (positions 0..T-1
     unless given [T]), computed as the module docstring says; rows tail..T-1 must lie in one
     grad span.
     `key_bias` [T] (optional): added to the tail rows' cross-attention logits of each key (the
-    virtual haystack, `train.Batches.haystack_bias`)."""
+    virtual haystack, `train.Batches.haystack_bias`). `tail_states` (optional): the retention
+    states the tail starts from instead of the row's own (see `loss`)."""
     T = tokens.shape[0]
     pos = torch.arange(T) if positions is None else positions
     states = [None] * len(model.self_decoder.layers)
     Ks, Vs, x_tail = [], [], None
-    for a, b, grad in segments(T, spans):
+    for a, b, grad in segments(T, spans, tail):
         p = pos[a:b][None]
+        if a == tail and tail_states is not None:
+            states = list(tail_states)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             x = self_decoder(model, tokens[a:b], p, states)
-        states = [s.detach() for s in states]
         if a <= tail < b:
             assert grad, "the tail must lie in a grad span"
             x_tail = x[:, tail - a :]
@@ -78,12 +92,19 @@ def tail_logits(model, tokens, spans, tail, key_bias=None, positions=None, kv_gr
     return cross_decoder(model, x_tail, pos[tail:][None], torch.cat(Ks, 2), torch.cat(Vs, 2), mask)
 
 
-def loss(model, tokens, weights, spans, tail, key_bias=None, kv_grad_everywhere=True):
+def loss(model, tokens, weights, spans, tail, key_bias=None, kv_grad_everywhere=True, twin=None):
     """The weighted cross-entropy *sum* of a long row (tokens, weights: lists of the row, the last
     token only a target) over its tail rows, to be divided by the batch's weight like any row's;
-    and whether every supervised (weight > 1) token there is the greedy one."""
+    and whether every supervised (weight > 1) token there is the greedy one.
+
+    `twin` (optional): the same row with the needle's tokens replaced by filler; the tail then
+    starts from the twin's retention states, which hold no trace of the needle, so the answer
+    can only come from the global K/V (the built-in model of phase 4 answered from the state
+    alone: without the needle in it, 0/16 at 1K; without it in the cache, 16/16)."""
     inp = torch.tensor(tokens[:-1])
-    logits = tail_logits(model, inp, spans, tail, key_bias, kv_grad_everywhere=kv_grad_everywhere)
+    tail_states = states_after(model, torch.tensor(twin[:tail])) if twin is not None else None
+    logits = tail_logits(model, inp, spans, tail, key_bias, kv_grad_everywhere=kv_grad_everywhere,
+                         tail_states=tail_states)
     target = torch.tensor(tokens[tail + 1 :])
     w = torch.tensor(weights[tail + 1 :])
     nll = F.cross_entropy(logits, target, reduction="none")

@@ -231,11 +231,12 @@ class Batches:
             bias = torch.stack([b if b is not None else torch.zeros(self.seq - 1, self.seq - 1) for b in biases])
         return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss), bias
 
-    long_min, long_max, long_haystack_share = 4096, 131072, 0.0
+    long_min, long_max, long_haystack_share, long_twin_share = 4096, 131072, 0.0, 0.0
 
     def long_passkey(self):
         """One passkey row of log-uniform length long_min..long_max (no text before it) for
-        `long_rows.loss`: (tokens, weights, grad spans, tail row, key bias [len - 1] or None)."""
+        `long_rows.loss`: (tokens, weights, grad spans, tail row, key bias [len - 1] or None,
+        the needle-free twin or None)."""
         length = int(math.exp(self.rng.uniform(math.log(self.long_min), math.log(self.long_max))))
         seq, short = self.seq, self.passkey_min
         self.seq = self.passkey_min = length
@@ -252,7 +253,11 @@ class Batches:
             n = max(sum(filler), 1)
             big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
             bias = torch.tensor(filler[: length - 1], dtype=torch.float32) * math.log(big / n)
-        return tokens, weights, spans, tail, bias
+        twin = None
+        if self.rng.random() < self.long_twin_share:
+            n = needle_end - needle_start
+            twin = tokens[:needle_start] + self.filler[:n] + tokens[needle_end:]
+        return tokens, weights, spans, tail, bias, twin
 
     def haystack_bias(self, hay):
         """The virtual haystack of one passkey sequence, as the model's input rows see it
@@ -361,6 +366,9 @@ def main():
     ap.add_argument("--long-max", type=int, default=131072)
     ap.add_argument("--long-haystack-share", type=float, default=0.0,
                     help="share of long rows trained with a virtual haystack of up to --haystack-max tokens")
+    ap.add_argument("--long-twin-share", type=float, default=0.0,
+                    help="share of long rows whose question starts from the retention state of the row without its "
+                    "needle (long_rows.loss: the answer must come from the global K/V)")
     ap.add_argument("--long-kv-grad", choices=["all", "spans"], default="all",
                     help="the K/V projections' gradient from every position of a long row, or only from its spans")
     ap.add_argument("--long-weight", type=float, default=1.0,
@@ -399,6 +407,7 @@ def main():
     batches.needle_jump_share = args.needle_jump_share
     batches.long_min, batches.long_max = args.long_min, args.long_max
     batches.long_haystack_share = args.long_haystack_share
+    batches.long_twin_share = args.long_twin_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -444,8 +453,8 @@ def main():
         long_hits, long_tokens = [], 0
         for _ in range(args.long_rows):
             # one row at a time, its graph freed before the next: a row of 128K keeps ~1 GB
-            t, w, spans, tail, bias = batches.long_passkey()
-            lr_sum, hit = long_rows.loss(model, t, w, spans, tail, bias, args.long_kv_grad == "all")
+            t, w, spans, tail, bias, twin = batches.long_passkey()
+            lr_sum, hit = long_rows.loss(model, t, w, spans, tail, bias, args.long_kv_grad == "all", twin)
             # a long row's tail weighs as a row of the batch: its weighted sum over the batch's
             # weight. (As a mean of its own, ~20 tokens against the batch's 4096, it outweighed
             # the text ~100x and unlearned the copy at every length within 200 steps.)
