@@ -250,14 +250,19 @@ class Batches:
         spans = [(needle_start - 16, needle_end + 16), (tail, length - 1)]
         bias = None
         if self.rng.random() < self.long_haystack_share:
-            n = max(sum(filler), 1)
-            big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
-            bias = torch.tensor(filler[: length - 1], dtype=torch.float32) * math.log(big / n)
+            bias = self.haystack_keys(filler, length - 1)
         twin = None
         if self.rng.random() < self.long_twin_share:
             n = needle_end - needle_start
             twin = tokens[:needle_start] + self.filler[:n] + tokens[needle_end:]
         return tokens, weights, spans, tail, bias, twin
+
+    def haystack_keys(self, filler, t):
+        """ln(N / n) on each of the first t keys that is one of the n distractors (`filler`),
+        N drawn log-uniformly from n to haystack_max: the bias of one row of the haystack."""
+        n = max(sum(filler), 1)
+        big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
+        return torch.tensor(filler[:t], dtype=torch.float32) * math.log(big / n)
 
     def haystack_bias(self, hay):
         """The virtual haystack of one passkey sequence, as the model's input rows see it
@@ -265,10 +270,8 @@ class Batches:
         ln(N / n) to the logits of the n distractor keys, N drawn log-uniformly from n to
         haystack_max: softmax then weighs them as N distractors."""
         filler, q_start, _ = hay
-        n = max(sum(filler), 1)
-        big = math.exp(self.rng.uniform(math.log(n), math.log(max(self.haystack_max, n))))
         t = self.seq - 1
-        cols = torch.tensor(filler[:t], dtype=torch.float32) * math.log(big / n)
+        cols = self.haystack_keys(filler, t)
         rows = (torch.arange(t) >= q_start - 1).float()  # the row before the question's first token on
         return rows[:, None] * cols[None, :]
 
