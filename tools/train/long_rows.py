@@ -142,6 +142,27 @@ def check(model, T=1500, seed=5):
     return err, gerr
 
 
+def check_twin(model, T=700, split=450, seed=6):
+    """Largest |logit difference| (float64) between `Yoco.forward` with a twin row and the same
+    row computed as yoco serves it from the twin's retention states (`tail_logits` with
+    `tail_states`), over all rows (those before the split must be the row's own)."""
+    m64 = type(model)(model.cfg).to(torch.float64)
+    m64.load_state_dict({k: v.to(torch.float64) for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, model.cfg["vocab_size"], (T,), generator=g)
+    twin = toks.clone()
+    twin[100:130] = torch.randint(0, model.cfg["vocab_size"], (30,), generator=g)
+    other = torch.randint(0, model.cfg["vocab_size"], (T,), generator=g)  # a row without a twin
+    pos = torch.arange(T)[None].expand(2, T)
+    with torch.no_grad():
+        got = m64(torch.stack([other, toks]), pos, twin=(torch.tensor([1]), twin[None], torch.tensor([split])))
+        want_other = m64(other[None], pos[:1])[0]
+        want_head = m64(toks[None, :split], pos[:1, :split])[0]
+        want_tail = tail_logits(m64, toks, [(0, T)], split, tail_states=states_after(m64, twin[:split]))
+    return max((got[0] - want_other).abs().max().item(), (got[1, :split] - want_head).abs().max().item(),
+               (got[1, split:] - want_tail).abs().max().item())
+
+
 if __name__ == "__main__":
     from model import Yoco
 
@@ -152,6 +173,9 @@ if __name__ == "__main__":
     err, gerr = check(m)
     print(f"long rows vs the full forward: max |logit diff| {err:.2e}, gradients (one span) {gerr:.2e}")
     assert err < 1e-9 and gerr < 1e-9, (err, gerr)
+    terr = check_twin(m)
+    print(f"twin rows vs the served forward from the twin's states: max |logit diff| {terr:.2e}")
+    assert terr < 1e-9, terr
     assert segments(40000, [(100, 170), (39900, 40000)]) == [
         (0, 100, False), (100, 170, True), (170, 16554, False), (16554, 32938, False),
         (32938, 39900, False), (39900, 40000, True)]

@@ -182,23 +182,39 @@ class Yoco(nn.Module):
         self.load_state_dict({k.removesuffix(".weight") if k.endswith("layer_norm.weight") else k: v
                               for k, v in weights.items()})
 
-    def forward(self, tokens, positions, key_bias=None):
+    def forward(self, tokens, positions, key_bias=None, twin=None):
         """tokens, positions [B, T] (positions increasing along T) -> logits [B, T, vocab].
 
         `key_bias` [B, T, T] (training only, the "virtual haystack"): added to every
         cross-attention logit of query row r and key column k (k <= r); a bias of ln(N/n) on n
         filler keys weighs them as N filler keys would, so the model learns the logit margin a
         haystack of N tokens needs without running one. None: plain causal attention, the
-        served model."""
+        served model.
+
+        `twin` (training only): (rows [n], twin tokens [n, T], split [n]). Row rows[i]'s
+        self-decoder output from split[i] on is that of its twin, a sequence equal to it from
+        split[i] on but with the retrieval task's answer-bearing tokens (the needle's key, the
+        first copy, the recall values) replaced before it. That is the row continued from the
+        twin's retention state: the global K/V before split[i] still hold the answer, the state
+        does not, so the answer can only come from the cache, the part of YOCO that retrieves at
+        any distance (gated retention's state decays)."""
         cfg = self.cfg
         eps, theta = cfg["norm_eps"], cfg["rope_theta"]
+        B, T = tokens.shape
+        if twin is not None:
+            rows, twin_tokens, split = twin
+            tokens = torch.cat([tokens, twin_tokens])
+            positions = torch.cat([positions, positions[rows]])
         x = self.embed_tokens(tokens) * math.sqrt(cfg["dim"])
         cos, sin = rope_cos_sin(positions, cfg["dim"] // cfg["n_self_heads"], theta)
         for layer in self.self_decoder.layers:
             x = x + layer.mixer(rms_norm(x, layer.mixer_layer_norm, eps), cos, sin)
             x = x + layer.ffn(rms_norm(x, layer.final_layer_norm, eps))
+        if twin is not None:
+            late = torch.arange(T, device=x.device)[None, :, None] >= split[:, None, None]
+            real, spliced = x[:B], torch.where(late, x[B:], x[rows])
+            x, positions = real.index_put((rows,), spliced), positions[:B]
         cd = self.cross_decoder
-        B, T, _ = x.shape
         hd = cfg["dim"] // cfg["n_attn_heads"]
         cos, sin = rope_cos_sin(positions, hd, theta)
         xn = rms_norm(x, cd.kv_layer_norm, eps)

@@ -73,12 +73,40 @@ class Batches:
         self.filler = tok.encode(FILLER * 8).ids
         self.question = tok.encode(" " + QUESTION).ids
         # word tokens ("Ġword", letters only) for the recall task's names
+        self.digit_list = [tok.token_to_id(str(d)) for d in range(10)]
+        self.digit_ids = set(self.digit_list)
         self.words = [i for t, i in tok.get_vocab().items() if t.startswith("\u0120") and t[1:].isalpha() and len(t) > 3]
         self.recall_share = 0.0
 
     def text(self):
         start = self.rng.randrange(0, len(self.stream) - self.seq - 1)
         return self.stream[start : start + self.seq].tolist(), None
+
+    def other_digits(self, tokens, spans):
+        """A copy of `tokens` whose runs of digit tokens inside the [a, b) `spans` hold other
+        digits: each
+        distinct run gets a new string of its length, never its own (a key said twice stays one
+        key, said twice). The twin of a retrieval row (`Yoco.forward`'s twin): its retention
+        state holds a wrong answer, so only the global K/V can give the right one."""
+        out, runs = list(tokens), []
+        for a, b in spans:
+            i = a
+            while i < b:
+                if tokens[i] in self.digit_ids:
+                    j = i
+                    while j < b and tokens[j] in self.digit_ids:
+                        j += 1
+                    runs.append((i, j))
+                    i = j
+                else:
+                    i += 1
+        new = {}
+        for i, j in runs:
+            old = tuple(tokens[i:j])
+            while old not in new or new[old] == old:
+                new[old] = tuple(self.rng.choice(self.digit_list) for _ in old)
+            out[i:j] = new[old]
+        return out
 
     def passkey(self):
         n_digits = 5 if self.key_digits_max <= 5 else self.rng.randint(5, self.key_digits_max)
@@ -110,6 +138,7 @@ class Batches:
         # virtual haystack and the needle-to-question position jump
         filler = [True] * prefix + [True] * at + [False] * len(needle) + [True] * (n_fill - at) + [False] * len(tail)
         self.last_haystack = (filler, len(tokens) - len(tail), prefix + at + len(needle))
+        self.last_twin = ([(prefix + at, prefix + at + len(needle))], len(tokens) - len(tail))
         weights = [1.0] * len(tokens)
         first = len(tokens) - len(answer)
         # the answer's tokens but its final ".": the space and the digits (with --key-digits-max;
@@ -134,6 +163,8 @@ class Batches:
         text, _ = self.text()
         tokens = (text[: self.seq - len(task) - 1] + [self.eos] + task)[: self.seq]
         weights = [1.0] * (len(tokens) - len(s)) + [self.answer_weight] * len(s)
+        first = len(tokens) - len(task) + 1
+        self.last_twin = ([(first, first + len(s))], len(tokens) - len(s) - 1)
         return tokens, weights
 
     def recall(self):
@@ -163,10 +194,12 @@ class Batches:
         pieces = [fill[a:b] for a, b in zip([0] + cuts, cuts + [len(fill)])]
         order = list(range(len(pairs)))
         self.rng.shuffle(order)
-        tokens, weights = [], []
+        tokens, weights, values = [], [], []
         for i, (name, value) in enumerate(pairs):
             tokens += pieces[i] + name + value
             weights += [1.0] * (len(pieces[i]) + len(name) + len(value))
+            values.append((len(tokens) - len(value), len(tokens)))
+        split = len(tokens)
         for j, i in enumerate(order):
             name, value = pairs[i]
             piece = pieces[len(pairs) + j]
@@ -177,6 +210,7 @@ class Batches:
         if pad:
             tokens = self.text()[0][:pad] + tokens
             weights = [1.0] * pad + weights
+        self.last_twin = ([(pad + a, pad + b) for a, b in values if pad + b <= self.seq], min(pad + split, self.seq))
         return tokens, weights
 
     def positions(self, cut=None):
@@ -203,13 +237,17 @@ class Batches:
     haystack_max = 1 << 21
     needle_jump_share = 0.0
 
+    twin_share = 0.0
+
     def batch(self, size):
-        """tokens, weights, positions [size, seq] and the key bias [size, seq, seq] of the
-        virtual haystack (None when no sequence of the batch has one)."""
-        toks, wts, poss, biases = [], [], [], []
-        for _ in range(size):
+        """tokens, weights, positions [size, seq]; the key bias [size, seq, seq] of the
+        virtual haystack (None when no sequence of the batch has one); and the twins of the
+        retrieval rows drawn to have one (`Yoco.forward`'s `twin`, for the model's input rows:
+        the last token is only a target; None when none)."""
+        toks, wts, poss, biases, twins = [], [], [], [], []
+        for row in range(size):
             r = self.rng.random()
-            hay = None
+            hay, self.last_twin = None, None
             if r < self.passkey_share:
                 t, w = self.passkey()
                 hay = self.last_haystack
@@ -226,10 +264,18 @@ class Batches:
                 cut = self.rng.randint(hay[2], hay[1])  # between the needle's end and the question
             poss.append(self.positions(cut))
             biases.append(self.haystack_bias(hay) if hay is not None and self.rng.random() < self.haystack_share else None)
+            # drawn only when asked for, so that runs without twins keep their random stream
+            if self.twin_share and self.last_twin is not None and self.rng.random() < self.twin_share:
+                spans, split = self.last_twin
+                twins.append((row, self.other_digits(t, spans)[:-1], split))
         bias = None
         if any(b is not None for b in biases):
             bias = torch.stack([b if b is not None else torch.zeros(self.seq - 1, self.seq - 1) for b in biases])
-        return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss), bias
+        twin = None
+        if twins:
+            twin = (torch.tensor([r for r, _, _ in twins]), torch.tensor([t for _, t, _ in twins]),
+                    torch.tensor([s for _, _, s in twins]))
+        return torch.tensor(toks), torch.tensor(wts), torch.tensor(poss), bias, twin
 
     long_min, long_max, long_haystack_share, long_twin_share = 4096, 131072, 0.0, 0.0
 
@@ -276,8 +322,8 @@ class Batches:
         return rows[:, None] * cols[None, :]
 
 
-def loss_fn(model, tokens, weights, positions, key_bias=None):
-    logits = model(tokens[:, :-1], positions[:, :-1], key_bias)
+def loss_fn(model, tokens, weights, positions, key_bias=None, twin=None):
+    logits = model(tokens[:, :-1], positions[:, :-1], key_bias, twin)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
     w = weights[:, 1:].reshape(-1)
     sup = w > 1.0
@@ -304,9 +350,11 @@ def heldout_loss(model, data_dir, tok, seq):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, batches, n, length=None):
+def passkey_accuracy(model, batches, n, length=None, cache_only=False):
     """Greedy accuracy (all five digits right) on fresh passkey sequences of `length` tokens
-    (default: the training length; positions not skipped)."""
+    (default: the training length; positions not skipped). `cache_only`: the question starts
+    from the state of a twin with another key in the needle (`Yoco.forward`), so only a model
+    that reads the key from the global K/V answers right."""
     hits, short, digits, seq = 0, batches.passkey_min, batches.key_digits_max, batches.seq
     # prompts from a random stream of their own: evaluating never moves the training stream, so
     # a resumed run draws the batches an uninterrupted one would
@@ -316,7 +364,11 @@ def passkey_accuracy(model, batches, n, length=None):
     for _ in range(n):
         tokens, weights = batches.passkey()
         t = torch.tensor([tokens])
-        logits = model(t[:, :-1], torch.arange(len(tokens) - 1)[None])[0]
+        twin = None
+        if cache_only:
+            spans, split = batches.last_twin
+            twin = (torch.tensor([0]), torch.tensor([batches.other_digits(tokens, spans)[:-1]]), torch.tensor([split]))
+        logits = model(t[:, :-1], torch.arange(len(tokens) - 1)[None], twin=twin)[0]
         idx = [i for i, w in enumerate(weights) if w > 1.0]
         pred = logits[[i - 1 for i in idx]].argmax(-1)
         hits += int(torch.equal(pred, t[0, idx]))
@@ -372,6 +424,10 @@ def main():
     ap.add_argument("--long-twin-share", type=float, default=0.0,
                     help="share of long rows whose question starts from the retention state of the row without its "
                     "needle (long_rows.loss: the answer must come from the global K/V)")
+    ap.add_argument("--twin-share", type=float, default=0.0,
+                    help="share of the batch's retrieval rows (passkey, copy, recall) whose answer part starts from "
+                    "the retention state of a twin with other digits in place of the answer (Yoco.forward's twin: "
+                    "the answer can only come from the global K/V)")
     ap.add_argument("--long-kv-grad", choices=["all", "spans"], default="all",
                     help="the K/V projections' gradient from every position of a long row, or only from its spans")
     ap.add_argument("--long-weight", type=float, default=1.0,
@@ -395,6 +451,10 @@ def main():
     err = check_against_reference(model, torch.randint(0, cfg["vocab_size"], (150,), generator=torch.Generator().manual_seed(1)))
     print(f"batched model vs reference (float64): max |logit diff| {err:.2e}", flush=True)
     assert err < 1e-9, err
+    if args.twin_share:
+        err = long_rows.check_twin(model)
+        print(f"twin rows vs the served forward from the twin's states (float64): max |logit diff| {err:.2e}", flush=True)
+        assert err < 1e-9, err
     if args.long_rows:
         err, gerr = long_rows.check(model)
         print(f"long rows vs the full forward (float64): max |logit diff| {err:.2e}, gradients {gerr:.2e}", flush=True)
@@ -411,6 +471,7 @@ def main():
     batches.long_min, batches.long_max = args.long_min, args.long_max
     batches.long_haystack_share = args.long_haystack_share
     batches.long_twin_share = args.long_twin_share
+    batches.twin_share = args.twin_share
     print(f"train stream: {len(batches.stream)} tokens", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -449,9 +510,9 @@ def main():
     for step in range(first, last + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        tokens, weights, positions, key_bias = batches.batch(args.batch)
+        tokens, weights, positions, key_bias, twin = batches.batch(args.batch)
         opt.zero_grad(set_to_none=True)
-        loss, lm, acc, weight = loss_fn(model, tokens, weights, positions, key_bias)
+        loss, lm, acc, weight = loss_fn(model, tokens, weights, positions, key_bias, twin)
         loss.backward()
         long_hits, long_tokens = [], 0
         for _ in range(args.long_rows):
@@ -481,15 +542,20 @@ def main():
             model.eval()
             held = heldout_loss(model, args.data, tok, args.seq)
             acc = passkey_accuracy(model, batches, 32)
+            cache_acc = passkey_accuracy(model, batches, 32, cache_only=True)
             long = {n: passkey_accuracy(model, batches, 16, n + 1) for n in args.eval_passkey_lengths}
+            long_cache = {n: passkey_accuracy(model, batches, 16, n + 1, cache_only=True)
+                          for n in args.eval_passkey_lengths}
             tail = {n: needle_accuracy(model, tok, n, args.eval_tail_trials) for n in tail_lengths}
             model.train()
             print(f"eval step {step}: heldout loss {held:.4f} (ppl {math.exp(held):.2f}), "
-                  f"passkey@{args.seq} {acc:.2f}" + "".join(f", passkey@{n} {a:.2f}" for n, a in long.items())
+                  f"passkey@{args.seq} {acc:.2f} (cache only {cache_acc:.2f})"
+                  + "".join(f", passkey@{n} {a:.2f} (cache only {long_cache[n]:.2f})" for n, a in long.items())
                   + "".join(f", needle@{n} {a:.2f}" for n, a in tail.items()),
                   flush=True)
-            log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc,
+            log["steps"][-1].update({"heldout_loss": held, "passkey_acc": acc, "passkey_cache_only_acc": cache_acc,
                                      "passkey_acc_at": {str(n): a for n, a in long.items()},
+                                     "passkey_cache_only_acc_at": {str(n): a for n, a in long_cache.items()},
                                      "needle_acc_at": {str(n): a for n, a in tail.items()}})
             save(model, tok, cfg, args.out, log)
         if (step + 1) % every == 0 or step == last:
