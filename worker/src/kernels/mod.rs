@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod matmul_bf16;
 #[cfg(target_arch = "x86_64")]
 mod matmul_outer;
+mod matmul_stream;
 pub mod retention;
 pub mod rms_norm;
 pub mod rope;
