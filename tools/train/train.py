@@ -72,9 +72,10 @@ class Batches:
         self.stream = torch.tensor(ids, dtype=torch.long)
         self.filler = tok.encode(FILLER * 8).ids
         self.question = tok.encode(" " + QUESTION).ids
-        # word tokens ("Ġword", letters only) for the recall task's names
+        # the ten single-digit tokens (keys, copies, recall values, and their twins' replacements)
         self.digit_list = [tok.token_to_id(str(d)) for d in range(10)]
         self.digit_ids = set(self.digit_list)
+        # word tokens ("Ġword", letters only) for the recall task's names
         self.words = [i for t, i in tok.get_vocab().items() if t.startswith("\u0120") and t[1:].isalpha() and len(t) > 3]
         self.recall_share = 0.0
 
@@ -84,10 +85,9 @@ class Batches:
 
     def other_digits(self, tokens, spans):
         """A copy of `tokens` whose runs of digit tokens inside the [a, b) `spans` hold other
-        digits: each
-        distinct run gets a new string of its length, never its own (a key said twice stays one
-        key, said twice). The twin of a retrieval row (`Yoco.forward`'s twin): its retention
-        state holds a wrong answer, so only the global K/V can give the right one."""
+        digits: each distinct run gets a new string of its length, never its own (a key said
+        twice stays one key, said twice). The twin of a retrieval row (`Yoco.forward`'s twin):
+        its retention state holds a wrong answer, so only the global K/V can give the right one."""
         out, runs = list(tokens), []
         for a, b in spans:
             i = a
@@ -151,9 +151,8 @@ class Batches:
     def copy(self):
         """A random digit string, filler or text, then the same string again, supervised: dense
         practice of the look-back-and-copy (induction) that passkey retrieval needs."""
-        digits = [self.tok.token_to_id(str(d)) for d in range(10)]
         space = self.tok.token_to_id("\u0120")
-        s = [self.rng.choice(digits) for _ in range(self.rng.randint(8, min(48, (self.seq - 4) // 3)))]
+        s = [self.rng.choice(self.digit_list) for _ in range(self.rng.randint(8, min(48, (self.seq - 4) // 3)))]
         gap = int(math.exp(self.rng.uniform(0, math.log(min(self.seq // 2, self.seq - 3 - 2 * len(s))))))
         if self.rng.random() < 0.5:
             fill = (self.filler * (gap // len(self.filler) + 1))[:gap]
@@ -173,11 +172,10 @@ class Batches:
         followed by its digits, which are supervised. The passkey task is one such pair with the
         name "pass key is"; here many names and gaps of every length make the look-up (a
         query matching the tokens before a cached value) the only way to the answer."""
-        digits = [self.tok.token_to_id(str(d)) for d in range(10)]
         pairs, budget = [], self.seq
         while True:
             name = [self.rng.choice(self.words) for _ in range(2)]
-            value = [self.rng.choice(digits) for _ in range(self.rng.randint(3, 8))]
+            value = [self.rng.choice(self.digit_list) for _ in range(self.rng.randint(3, 8))]
             cost = 2 * (len(name) + len(value)) + 2
             if budget - cost < self.seq // 4 or len(pairs) == 8:
                 break
@@ -239,6 +237,12 @@ class Batches:
 
     twin_share = 0.0
 
+    def twin_of(self, tokens):
+        """The twin of the row `passkey`, `copy` or `recall` just made (`tokens`), as the model's
+        input (the last token is only a target), and the row where it takes over."""
+        spans, split = self.last_twin
+        return self.other_digits(tokens, spans)[:-1], split
+
     def batch(self, size):
         """tokens, weights, positions [size, seq]; the key bias [size, seq, seq] of the
         virtual haystack (None when no sequence of the batch has one); and the twins of the
@@ -266,8 +270,7 @@ class Batches:
             biases.append(self.haystack_bias(hay) if hay is not None and self.rng.random() < self.haystack_share else None)
             # drawn only when asked for, so that runs without twins keep their random stream
             if self.twin_share and self.last_twin is not None and self.rng.random() < self.twin_share:
-                spans, split = self.last_twin
-                twins.append((row, self.other_digits(t, spans)[:-1], split))
+                twins.append((row, *self.twin_of(t)))
         bias = None
         if any(b is not None for b in biases):
             bias = torch.stack([b if b is not None else torch.zeros(self.seq - 1, self.seq - 1) for b in biases])
@@ -366,8 +369,8 @@ def passkey_accuracy(model, batches, n, length=None, cache_only=False):
         t = torch.tensor([tokens])
         twin = None
         if cache_only:
-            spans, split = batches.last_twin
-            twin = (torch.tensor([0]), torch.tensor([batches.other_digits(tokens, spans)[:-1]]), torch.tensor([split]))
+            twin_tokens, split = batches.twin_of(tokens)
+            twin = (torch.tensor([0]), torch.tensor([twin_tokens]), torch.tensor([split]))
         logits = model(t[:, :-1], torch.arange(len(tokens) - 1)[None], twin=twin)[0]
         idx = [i for i, w in enumerate(weights) if w > 1.0]
         pred = logits[[i - 1 for i in idx]].argmax(-1)
