@@ -7,9 +7,9 @@
 //!
 //! The eight dot products reduced together are `8 / G` rows × the G heads, not eight rows of
 //! one head: each K chunk is then loaded once instead of G times. On the tiny preset's shape (4
-//! heads of 64 on one KV head, f32 cache, 2 AVX2 cores) that took the kernel from 16 to 21–24
-//! GB/s single-threaded on a cache-resident tile, and from 16–18 to 21–25 GB/s over a 128K
-//! cache in DRAM (27–30 GB/s the machine's plain read rate in the same runs).
+//! heads of 64 on one KV head, f32 cache, AVX2-only Zen 3) that took one thread over a
+//! cache-resident 8K context from 18 to 21 GB/s, and 128K decode from 44 to 50 tokens/s
+//! (alternated runs; docs/benchmarks.md).
 
 use std::arch::x86_64::*;
 
