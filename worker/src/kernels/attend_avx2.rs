@@ -1,12 +1,12 @@
 //! The cross-attention group kernel (`cross_attention::attend_group`: the `G` query heads of one
 //! KV head over one tile of cache rows) in AVX2 + FMA intrinsics. The portable kernel leaves
-//! the compiler one horizontal sum per score and a scalar exponential; here eight rows' dot
-//! products are reduced together into one register of scores, the exponentials are eight lanes
-//! wide (the same polynomial as [`exp_inline`], bit for bit), and the weighted sum of value
-//! rows keeps each head's output slice in registers for the whole tile.
+//! the compiler one horizontal sum per score and a scalar exponential; here eight dot products
+//! (`8 / G` rows × the G heads) are reduced together into one register of scores, the
+//! exponentials are eight lanes wide (the same polynomial as [`exp_inline`], bit for bit), and
+//! the weighted sum of value rows keeps each head's output slice in registers for the whole
+//! tile.
 //!
-//! The eight dot products reduced together are `8 / G` rows × the G heads, not eight rows of
-//! one head: each K chunk is then loaded once instead of G times. On the tiny preset's shape (4
+//! Eight rows of one head, as before, loaded each K chunk G times. On the tiny preset's shape (4
 //! heads of 64 on one KV head, f32 cache, AVX2-only Zen 3) that took one thread over a
 //! cache-resident 8K context from 18 to 21 GB/s, and 128K decode from 44 to 50 tokens/s
 //! (alternated runs; docs/benchmarks.md).
@@ -28,7 +28,8 @@ pub(super) fn available(group: usize, head_dim: usize) -> bool {
 }
 
 /// The `group` query heads of one KV head over one tile of rows in the cache's own element
-/// type (see `cross_attention::attend_group` for the arguments). `CH` is how many 8-lane
+/// type (see `cross_attention::attend_group` for the arguments; `scores` is scratch of G × tile
+/// that this kernel lays out `[tile, G]`). `CH` is how many 8-lane
 /// chunks of the head dimension one pass of the value sum keeps in registers (`G × CH`
 /// accumulators).
 ///
