@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use crate::kernels::matmul::matmul_t;
 
-/// The CPU's model name and the instruction sets the kernels dispatch on (as `/proc/cpuinfo`
-/// names them, `yes`/`no`), which every benchmark figure depends on.
+/// The CPU's model name, the instruction sets the kernels dispatch on (as `/proc/cpuinfo` names
+/// them, `yes`/`no`) and the kernel bf16 products run on, which every benchmark figure depends
+/// on.
 pub fn cpu_summary() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -24,7 +25,12 @@ pub fn cpu_summary() -> String {
         .map(|f| format!("{f} {}", if flags.split_whitespace().any(|x| x == *f) { "yes" } else { "no" }))
         .collect();
     let model = field("model name");
-    format!("{}; {}", if model.is_empty() { std::env::consts::ARCH } else { &model }, has.join(", "))
+    let bf16 = crate::kernels::matmul_bf16::kernel().map_or("none (f32)", |k| k.name());
+    format!(
+        "{}; {}; bf16 products: {bf16}",
+        if model.is_empty() { std::env::consts::ARCH } else { &model },
+        has.join(", ")
+    )
 }
 
 /// The best of three parallel reads (sums) of `bytes` with every thread, in GB/s: the ceiling of
@@ -70,7 +76,7 @@ pub fn gemm_gflops(n: usize) -> f64 {
 }
 
 /// The best of three `n³` products through the bf16 GEMM (`kernels::matmul_bf16`), in GFLOP/s;
-/// `None` where the CPU lacks AVX512_BF16.
+/// `None` where the CPU has neither AMX nor AVX512_BF16.
 pub fn bf16_gemm_gflops(n: usize) -> Option<f64> {
     use crate::kernels::matmul_bf16::{available, matmul_t_bf16};
     if !available() {

@@ -2,8 +2,8 @@
 //! activations rounded to bf16 with f32 accumulation (`kernels::matmul_bf16`), everything else
 //! stays f32. Against the same bf16 weights computed in f32, the logits of a prompt stay within
 //! bf16's rounding of the activations (2⁻⁸ relative each, through a few layers: 1e-2 of the
-//! logits' spread here) and the greedy token is the same; where the CPU lacks AVX512_BF16 the
-//! engine computes in f32 and says so.
+//! logits' spread here) and the greedy token is the same; where the CPU has neither AMX nor
+//! AVX512_BF16 the engine computes in f32 and says so.
 
 mod common;
 
@@ -43,7 +43,7 @@ fn bf16_products_stay_within_bf16_rounding_of_f32_ones() {
         assert_eq!(auto_name, name, "auto on bf16 weights is bf16");
         assert_eq!(auto, got);
         if !matmul_bf16::available() {
-            assert_eq!(name, f32_name, "without AVX512_BF16 the products stay f32");
+            assert_eq!(name, f32_name, "without AMX or AVX512_BF16 the products stay f32");
             assert_eq!(got, want);
             continue;
         }

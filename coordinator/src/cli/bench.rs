@@ -56,11 +56,11 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
     weight_dtypes: Vec<String>,
     /// The type the main runs' products compute in: f32, or bf16 (with the weights converted to
-    /// bf16; needs AVX512_BF16, else f32 — the table's header says which ran).
+    /// bf16; needs AMX or AVX512_BF16, else f32 — the table's header says which ran).
     #[arg(long, default_value = "f32")]
     compute_dtype: ComputeDtype,
     /// Compute types compared on the built-in trained model (`none`: skip): each runs with bf16
-    /// weights when it computes in bf16 (products in bf16 need AVX512_BF16; without it the
+    /// weights when it computes in bf16 (products in bf16 need AMX or AVX512_BF16; without them the
     /// run says f32).
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     compute_dtypes: Vec<String>,
@@ -167,7 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ran
         );
         println!("cpu: {}", yoco_worker::ceilings::cpu_summary());
-        let bf16 = bf16_peak.map_or_else(|| "no AVX512_BF16".to_string(), |g| format!("{g:.1} GFLOP/s"));
+        let bf16 = bf16_peak.map_or_else(|| "no AMX or AVX512_BF16".to_string(), |g| format!("{g:.1} GFLOP/s"));
         println!("machine: f32 GEMM 2048³ = {peak:.1} GFLOP/s, bf16 GEMM = {bf16}; memory read (1 GiB) = {bandwidth:.1} GB/s");
         println!("global cache: {cache_bytes_per_token} bytes/token (f32); weights streamed per decode token: {weight_bytes} bytes");
         println!(
@@ -631,7 +631,7 @@ struct DtypeRun {
     variant: Variant,
     bytes_per_token: usize,
     weight_bytes: usize,
-    /// The products' type as run (bf16 asked on a CPU without AVX512_BF16 runs f32).
+    /// The products' type as run (bf16 asked on a CPU without AMX or AVX512_BF16 runs f32).
     compute: &'static str,
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,

@@ -82,7 +82,7 @@ pub struct Comparison {
     torch_version: String,
     torch_chunk: usize,
     rows: Vec<(Runner, Vec<Run>)>,
-    /// What yoco's bf16 runs computed in (f32 where the CPU lacks AVX512_BF16).
+    /// What yoco's bf16 runs computed in (f32 where the CPU has neither AMX nor AVX512_BF16).
     yoco_bf16_ran: &'static str,
 }
 

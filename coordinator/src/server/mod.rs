@@ -64,7 +64,8 @@ pub struct ServerArgs {
     weight_dtype: WeightDtype,
     /// The type CPU workers' large matrix products (prefill) compute in: f32, bf16 (activations
     /// rounded to bf16, bf16 weights — converted at load —, f32 accumulation: twice the f32
-    /// rate on CPUs with AVX512_BF16, which it needs) or auto (as the checkpoint's weights).
+    /// rate with AVX512_BF16, more on AMX tiles; needs one of them) or auto (as the checkpoint's
+    /// weights).
     /// Norms, retention states, attention and logits stay f32.
     #[arg(long, default_value = "f32", env = "YOCO_COMPUTE_DTYPE")]
     compute_dtype: ComputeDtype,

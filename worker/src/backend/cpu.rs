@@ -17,7 +17,7 @@ use crate::kernels::widen::WeightRef;
 use crate::weights::{ComputeDtype, Tensor};
 
 /// The CPU kernels. Products of many rows compute in `compute` (resolved: f32 or bf16); bf16
-/// needs AVX512_BF16, without which they stay f32.
+/// needs AMX or AVX512_BF16, without which they stay f32.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend {
     compute: ComputeDtype,
@@ -26,8 +26,13 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// `compute` must be resolved ([`ComputeDtype::resolve`]): `auto` computes in f32.
     pub fn new(compute: ComputeDtype) -> Self {
-        if compute == ComputeDtype::Bf16 && !crate::kernels::matmul_bf16::available() {
-            tracing::warn!("bf16 compute asked, but this CPU lacks AVX512_BF16: products stay f32");
+        if compute == ComputeDtype::Bf16 {
+            match matmul_bf16::kernel() {
+                Some(kernel) => tracing::info!(kernel = kernel.name(), "bf16 products"),
+                None => tracing::warn!(
+                    "bf16 compute asked, but this CPU has neither AMX nor AVX512_BF16: products stay f32"
+                ),
+            }
         }
         CpuBackend { compute }
     }

@@ -16,8 +16,12 @@
 //! read back and added), 371–415 without; 12-row tiles took the small preset's 16K prefill from
 //! 8.2–8.8K to 9.2–9.3K tokens/s against 8-row ones.
 //!
-//! [`matmul_t_bf16_reference`] is the plain definition the kernel is tested against: each
-//! product of the rounded operands is exact in f32, so the two differ only by the order of f32
+//! Where the CPU has AMX (Intel Sapphire Rapids and later), the same product runs on its tiles
+//! instead (`matmul_amx`), over the same packed panels; [`kernel`] says which one this process
+//! runs.
+//!
+//! [`matmul_t_bf16_reference`] is the plain definition the kernels are tested against: each
+//! product of the rounded operands is exact in f32, so they differ only by the order of f32
 //! additions.
 
 use std::mem::MaybeUninit;
@@ -26,15 +30,66 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Columns per panel (two registers of 16 f32 lanes) and rows per register tile.
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 const MR: usize = 12;
 /// Rows per parallel task, whole tiles: its activation block (MC × k bf16: 132 KiB at k = 1408)
 /// stays in L2 while every panel passes over it. Measured on the small preset's prefill: 48
 /// (9.3–9.8K tokens/s) against 64 (9.0–9.6K, a 4-row tile per task), 72 and 96 (down to 8.0K).
 const MC: usize = 48;
 
-/// Whether this CPU runs the kernel (`vdpbf16ps`).
+/// The instructions a bf16 product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`): Intel Sapphire Rapids and later.
+    Amx,
+    /// AVX-512 registers (`vdpbf16ps`): AMD Zen 4 and later, Intel Cooper Lake and later.
+    Avx512Bf16,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// The environment variable that picks the kernel where the CPU has both (`amx`, `avx512bf16`;
+/// `auto` or unset: AMX), so that the two can be measured against each other on one machine.
+pub const KERNEL_ENV: &str = "YOCO_BF16_KERNEL";
+
+/// The kernel this process runs bf16 products on, `None` where the CPU has neither (they then
+/// stay f32). Decided once: AMX where the CPU and the OS give it, else `vdpbf16ps`.
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let wanted = std::env::var(KERNEL_ENV).unwrap_or_default();
+        let amx = || crate::kernels::matmul_amx::available().then_some(Kernel::Amx);
+        let avx512 = avx512_bf16().then_some(Kernel::Avx512Bf16);
+        match wanted.as_str() {
+            "avx512bf16" => avx512,
+            "" | "auto" => amx().or(avx512),
+            "amx" => amx().or_else(|| {
+                tracing::warn!("{KERNEL_ENV}=amx, but this CPU or OS gives no AMX tiles");
+                avx512
+            }),
+            other => {
+                tracing::warn!("{KERNEL_ENV}={other:?} is not amx, avx512bf16 or auto: choosing as for auto");
+                amx().or(avx512)
+            }
+        }
+    })
+}
+
+/// Whether this CPU runs a bf16 kernel (see [`kernel`]).
 pub fn available() -> bool {
+    kernel().is_some()
+}
+
+/// Whether this CPU has `vdpbf16ps` (and the AVX-512 it extends), which also rounds rows to bf16
+/// 32 at a time.
+fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -47,8 +102,8 @@ pub fn available() -> bool {
     }
 }
 
-/// `out[m, n] = bf16(x)[m, k] · w[n, k]ᵀ`, f32 accumulation. Panics if the CPU lacks
-/// AVX512_BF16 (see [`available`]) or the shapes are wrong.
+/// `out[m, n] = bf16(x)[m, k] · w[n, k]ᵀ`, f32 accumulation. Panics if the CPU has no bf16
+/// kernel (see [`available`]) or the shapes are wrong.
 pub fn matmul_t_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32]) {
     assert_eq!(out.len(), m * n, "matmul_t_bf16: out is not [m, n]");
     // SAFETY: the kernel writes only initialised f32 values (every element of `out`).
@@ -73,7 +128,7 @@ pub fn matmul_t_bf16_many(x: &[f32], m: usize, k: usize, ws: &[(&[bf16], usize)]
 }
 
 /// One product of [`matmul_t_bf16_into`]: the weights `[n, k]`, n, and the output `[m, n]`.
-type Job<'a> = (&'a [bf16], usize, &'a mut [MaybeUninit<f32>]);
+pub(super) type Job<'a> = (&'a [bf16], usize, &'a mut [MaybeUninit<f32>]);
 
 /// Every `(w [n, k], n, out [m, n])` of `jobs`: each element of each `out` written.
 fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
@@ -82,7 +137,7 @@ fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         assert_eq!(w.len(), n * k, "matmul_t_bf16: w is not [n, k]");
         assert_eq!(out.len(), m * n, "matmul_t_bf16: out is not [m, n]");
     }
-    assert!(available(), "matmul_t_bf16 needs AVX512_BF16");
+    let kernel = kernel().expect("matmul_t_bf16 needs AMX or AVX512_BF16");
     if m == 0 {
         return;
     }
@@ -92,8 +147,13 @@ fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         }
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    x86::matmul(x, m, k, jobs);
+    match kernel {
+        Kernel::Amx => crate::kernels::matmul_amx::matmul(x, m, k, jobs),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => x86::matmul(x, m, k, jobs),
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Avx512Bf16 => unreachable!("AVX512_BF16 is detected on x86_64 only"),
+    }
 }
 
 /// The definition: each operand rounded to bf16, products and sums in f32 (k in order).
@@ -107,21 +167,43 @@ pub fn matmul_t_bf16_reference(x: &[f32], m: usize, k: usize, w: &[bf16], n: usi
 }
 
 /// Pairs of bf16 (a 32-bit lane each) per k: k rounded up to even, halved.
-fn pairs(k: usize) -> usize {
+pub(super) fn pairs(k: usize) -> usize {
     k.div_ceil(2)
 }
 
-/// `x [m, k]` as bf16 pairs, `pairs(k)` lanes per row (the last one padded with a zero when k
-/// is odd), rounded to nearest even (`round_row`: 32 at a time where the CPU converts them).
-fn round_rows(x: &[f32], m: usize, k: usize, round_row: fn(&[f32], &mut [u32])) -> Vec<u32> {
-    let kp = pairs(k);
-    let mut out = vec![0u32; m * kp];
-    out.par_chunks_mut(kp).zip(x.par_chunks(k)).for_each(|(dst, src)| round_row(src, dst));
+/// `x [m, k]` as bf16 pairs, `lanes ≥ pairs(k)` per row and `rows ≥ m` rows, zeros past k (a
+/// zero pairs the last value of an odd k) and past m, rounded to nearest even (`round_row`: 32
+/// at a time where the CPU converts them).
+pub(super) fn round_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: usize,
+    lanes: usize,
+    round_row: fn(&[f32], &mut [u32]),
+) -> Vec<u32> {
+    debug_assert!(rows >= m && lanes >= pairs(k));
+    let mut out = vec![0u32; rows * lanes];
+    out[..m * lanes]
+        .par_chunks_mut(lanes)
+        .zip(x.par_chunks(k))
+        .for_each(|(dst, src)| round_row(src, &mut dst[..pairs(k)]));
     out
 }
 
+/// The fastest row rounding this CPU has: 32 values per instruction with AVX512_BF16, else
+/// [`round_pairs`].
+pub(super) fn round_row_fastest() -> fn(&[f32], &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_bf16() {
+        // SAFETY: the CPU has the instructions (checked just above).
+        return |src, dst| unsafe { x86::round_row(src, dst) };
+    }
+    round_pairs
+}
+
 /// One row's pairs, one at a time (the tail of a vectorised row, and the definition).
-fn round_pairs(src: &[f32], dst: &mut [u32]) {
+pub(super) fn round_pairs(src: &[f32], dst: &mut [u32]) {
     for (d, s) in dst.iter_mut().zip(src.chunks(2)) {
         let lo = bf16::from_f32(s[0]).to_bits() as u32;
         let hi = s.get(1).map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
@@ -129,14 +211,13 @@ fn round_pairs(src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// The weights' panels: per panel of 32 rows, per pair p, 32 lanes (row j's
-/// `(w[j, 2p], w[j, 2p + 1])`), zeros past `n` and past k.
-fn pack_panels(w: &[bf16], n: usize, k: usize, panels: &mut [u32]) {
-    let kp = pairs(k);
-    panels.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
+/// The weights' panels: per panel of 32 rows, per pair p < `lanes` (≥ `pairs(k)`), 32 lanes
+/// (row j's `(w[j, 2p], w[j, 2p + 1])`), zeros past `n` and past k.
+pub(super) fn pack_panels(w: &[bf16], n: usize, k: usize, lanes: usize, panels: &mut [u32]) {
+    panels.par_chunks_mut(lanes * NR).enumerate().for_each(|(panel, dst)| {
         for c in 0..NR {
             let j = panel * NR + c;
-            for p in 0..kp {
+            for p in 0..lanes {
                 let at = 2 * p;
                 dst[p * NR + c] = if j < n && at < k {
                     let lo = w[j * k + at].to_bits() as u32;
@@ -157,14 +238,11 @@ mod x86 {
 
     use rayon::prelude::*;
 
-    use super::{pack_panels, pairs, round_pairs, round_rows, Job, MC, MR, NR};
+    use super::{pack_panels, pairs, round_pairs, round_row_fastest, round_rows, Job, MC, MR, NR};
 
     pub(super) fn matmul(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         let kp = pairs(k);
-        let xb = round_rows(x, m, k, |src, dst| {
-            // SAFETY: only reached once `available()` held (the caller asserts it).
-            unsafe { round_row(src, dst) }
-        });
+        let xb = round_rows(x, m, k, m, kp, round_row_fastest());
         // One product after another, each parallel over its rows: a product's panels (k × n
         // bf16) stay in each core's L2 across its tasks, where tasks that ran every product
         // over their rows streamed all of them from L3 (262 against 390 GFLOP/s for a
@@ -174,7 +252,7 @@ mod x86 {
             let n = *n;
             packed.clear();
             packed.resize(n.div_ceil(NR) * kp * NR, 0u32);
-            pack_panels(w, n, k, &mut packed);
+            pack_panels(w, n, k, kp, &mut packed);
             let packed = &packed;
             out.par_chunks_mut(MC * n).enumerate().for_each(|(task, out)| {
                 let rows = out.len() / n;
@@ -198,7 +276,7 @@ mod x86 {
     /// A row's bf16 pairs, 32 floats per conversion (`vcvtne2ps2bf16`: round to nearest even,
     /// as `half` rounds; subnormal inputs become zero), the tail one pair at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
         let full = src.len() / 32 * 32;
         for c in (0..full).step_by(32) {
             let lo = _mm512_loadu_ps(src.as_ptr().add(c));
@@ -207,11 +285,6 @@ mod x86 {
             _mm512_storeu_si512(dst.as_mut_ptr().add(c / 2) as *mut _, v);
         }
         round_pairs(&src[full..], &mut dst[full / 2..]);
-    }
-
-    #[cfg(test)]
-    pub(super) unsafe fn round_row_for_tests(src: &[f32], dst: &mut [u32]) {
-        round_row(src, dst)
     }
 
     /// One register tile: `mr ≤ 12` rows of `a` (pairs, row stride `lda`) against a 32-column
@@ -289,7 +362,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn vector_rounding_is_round_to_nearest_even() {
-        if !available() {
+        if !avx512_bf16() {
             return;
         }
         let mut x: Vec<f32> = values(997, 5);
@@ -302,10 +375,10 @@ mod tests {
             let src = &x[..len];
             let mut want = vec![0u32; pairs(len)];
             round_pairs(src, &mut want);
-            let got = round_rows(src, 1, len, |s, d| unsafe { x86::round_row_for_tests(s, d) });
+            let got = round_rows(src, 1, len, 1, pairs(len), |s, d| unsafe { x86::round_row(s, d) });
             assert_eq!(got, want, "length {len}");
         }
-        let nan = round_rows(&[f32::NAN, 1.0], 1, 2, |s, d| unsafe { x86::round_row_for_tests(s, d) });
+        let nan = round_rows(&[f32::NAN, 1.0], 1, 2, 1, 1, |s, d| unsafe { x86::round_row(s, d) });
         assert!(bf16::from_bits(nan[0] as u16).is_nan());
     }
 

@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod kv_block;
 pub mod log_softmax;
 pub mod matmul;
+mod matmul_amx;
 pub mod matmul_bf16;
 #[cfg(target_arch = "x86_64")]
 mod matmul_outer;
