@@ -5,7 +5,7 @@
 //! the measured read bandwidth).
 //!
 //!   cargo run --release -p yoco-worker --example kernel_bench -- \
-//!       [--preset tiny|small] [--rows 1,8,32] [--seqs 32] [--context 4096] [--repeat 20] \
+//!       [--preset tiny|small] [--rows 1,8,32|none] [--seqs 32] [--context 4096] [--repeat 20] \
 //!       [--skew FLOATS]
 //!
 //! The product's operands start on a 64-byte boundary, or `--skew` floats past one (what the
@@ -37,7 +37,14 @@ fn parse() -> Result<Args, String> {
         let number = |s: String| s.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--preset" => a.preset = value()?,
-            "--rows" => a.rows = value()?.split(',').map(|s| number(s.to_string())).collect::<Result<_, _>>()?,
+            "--rows" => {
+                let v = value()?;
+                a.rows = if v == "none" {
+                    Vec::new()
+                } else {
+                    v.split(',').map(|s| number(s.to_string())).collect::<Result<_, _>>()?
+                }
+            }
             "--seqs" => a.seqs = number(value()?)?,
             "--context" => a.context = number(value()?)?,
             "--repeat" => a.repeat = number(value()?)?.max(1),
