@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::matmul_bf16::{pack_panels, pairs, round_row_fastest, round_rows, Job, NR};
+use super::matmul_bf16::{pack_panels, pairs, round_row_fastest, round_rows, Job, Lines, NR};
 
 /// Rows and pairs of an A tile (16 rows of 64 bytes); a B tile is 16 pairs × 16 columns.
 const TILE: usize = 16;
@@ -78,7 +78,7 @@ fn detect() -> bool {
     let granted = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0;
     if !granted {
         tracing::warn!(
-            "the CPU has AMX, but the kernel refused its tile state ({}): bf16 products use AVX-512",
+            "the CPU has AMX, but the kernel refused its tile state ({}): bf16 products fall back",
             std::io::Error::last_os_error()
         );
     }
@@ -109,17 +109,21 @@ pub(super) fn matmul(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
 
 /// The product with `block` for each 32 × 32 block: [`block_asm`], or the model in tests.
 fn matmul_with(x: &[f32], m: usize, k: usize, jobs: &mut [Job], block: Block) {
+    // k = 0 is the caller's (all zeros); here it would make `steps` 0, which the block's loop
+    // cannot take.
+    assert!(k > 0, "matmul_amx: k = 0");
     let lanes = pairs(k).next_multiple_of(TILE);
     let steps = lanes / TILE;
     let xb = round_rows(x, m, k, m.next_multiple_of(MB), lanes, round_row_fastest());
     let xb = &xb;
-    let mut packed = Vec::new();
     // As the AVX-512 kernel: one product after another, each parallel over its rows, so that a
     // product's panels stay in each core's L2 across its tasks.
     for (w, n, out) in jobs.iter_mut() {
         let n = *n;
-        packed.clear();
-        packed.resize(n.div_ceil(NR) * lanes * NR, 0u32);
+        if n == 0 {
+            continue;
+        }
+        let mut packed = Lines::zeroed(n.div_ceil(NR) * lanes * NR);
         pack_panels(w, n, k, lanes, &mut packed);
         let packed = &packed;
         out.par_chunks_mut(MC * n).enumerate().for_each(|(task, out)| {
@@ -216,14 +220,18 @@ unsafe fn block_asm(a: *const u32, lda: usize, b: *const u32, steps: usize, c: *
         ldb = in(reg) PANEL_ROW_BYTES,
         steps = inout(reg) steps => _,
         c = in(reg) c,
+        // Named for completeness: the compiler keeps nothing in tile registers.
+        out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+        out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
         options(nostack),
     );
 }
 
-/// The model of [`block_asm`]: the same tile loads, `tdpbf16ps` as the Intel SDM defines it
-/// (per row, per pair of the A tile, per column, the even and then the odd product added in
-/// f32) in the same order, and the same stores, at the same addresses. It does not model the
-/// instruction's flush of subnormal inputs and results to zero.
+/// The model of [`block_asm`]: the same tile loads, `tdpbf16ps` as the Intel SDM defines it,
+/// and the same stores, at the same addresses. Per instruction and row of the A tile, each
+/// column keeps an even and an odd partial sum, built with f32 fused multiply-adds over the 16
+/// pairs, and adds their sum to the accumulator. It does not model the instruction's flush of
+/// subnormal inputs and results to zero.
 ///
 /// # Safety
 /// As [`block_asm`], but any CPU.
@@ -241,13 +249,17 @@ unsafe fn block_emulated(a: *const u32, lda: usize, b: *const u32, steps: usize,
         for (quarter, acc) in acc.iter_mut().enumerate() {
             let (ta, tb) = (quarter / 2, quarter % 2);
             for (r, row) in acc.iter_mut().enumerate() {
+                let mut even_odd = [[0f32; 2]; TILE];
                 for p in 0..TILE {
                     let x = a_at(ta, s, r, p);
-                    for (j, out) in row.iter_mut().enumerate() {
+                    for (j, t) in even_odd.iter_mut().enumerate() {
                         let w = b_at(tb, s, p, j);
-                        *out += lo(x) * lo(w);
-                        *out += hi(x) * hi(w);
+                        t[0] = lo(x).mul_add(lo(w), t[0]);
+                        t[1] = hi(x).mul_add(hi(w), t[1]);
                     }
+                }
+                for (out, t) in row.iter_mut().zip(&even_odd) {
+                    *out += t[0] + t[1];
                 }
             }
         }
@@ -291,9 +303,11 @@ mod tests {
     }
 
     /// Shapes at every edge: rows within, at and past a block and a task; k odd, within a tile,
-    /// at and past one; columns within, at and past a panel (and its 16-column B tile).
+    /// at and past one; no columns, and columns within, at and past a panel (and its 16-column
+    /// B tile).
     const SHAPES: &[(usize, usize, usize)] = &[
         (1, 1, 1),
+        (5, 7, 0),
         (5, 3, 17),
         (32, 32, 32),
         (33, 33, 33),
