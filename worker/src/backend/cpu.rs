@@ -99,6 +99,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn host_threads(&self) -> bool {
+        true
+    }
+
     fn compute_name(&self) -> &'static str {
         match self.compute {
             ComputeDtype::Bf16 if matmul_bf16::available() => "bf16",

@@ -35,7 +35,9 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 ///
 /// A backend and its values are shared between threads (`Sync`): where [`Backend::row_groups`]
 /// splits the cross-decoder's rows, the groups run in parallel over the same weights and cache.
-pub trait Backend: Sync {
+/// An engine and its backend move between threads (`Send`): a CPU engine runs each step on a
+/// thread pool of its own.
+pub trait Backend: Send + Sync {
     /// f32 activations (and norm weights).
     type Buf: Send + Sync;
     /// A weight matrix `[out, in]` in its element type.
@@ -58,6 +60,11 @@ pub trait Backend: Sync {
     /// any thread (by default nothing: host memory needs no binding).
     fn bind(&self) -> Result<()> {
         Ok(())
+    }
+    /// Whether the kernels run on host threads (rayon), so that the engine runs each step on a
+    /// thread pool of its own (see `Engine::step`); a GPU backend's host side only launches.
+    fn host_threads(&self) -> bool {
+        false
     }
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
     fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
