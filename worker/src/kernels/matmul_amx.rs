@@ -25,9 +25,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
-use super::matmul_bf16::{pack_panels, pairs, round_row_fastest, round_rows, Job, Lines, NR};
+use super::matmul_bf16::{for_each_panel, pairs, round_row_fastest, round_rows, Job, NR};
 
 /// Rows and pairs of an A tile (16 rows of 64 bytes); a B tile is 16 pairs × 16 columns.
 const TILE: usize = 16;
@@ -115,39 +113,22 @@ fn matmul_with(x: &[f32], m: usize, k: usize, jobs: &mut [Job], block: Block) {
     let lanes = pairs(k).next_multiple_of(TILE);
     let steps = lanes / TILE;
     let xb = round_rows(x, m, k, m.next_multiple_of(MB), lanes, round_row_fastest());
-    let xb = &xb;
-    // As the AVX-512 kernel: one product after another, each parallel over its rows, so that a
-    // product's panels stay in each core's L2 across its tasks.
-    for (w, n, out) in jobs.iter_mut() {
-        let n = *n;
-        if n == 0 {
-            continue;
-        }
-        let mut packed = Lines::zeroed(n.div_ceil(NR) * lanes * NR);
-        pack_panels(w, n, k, lanes, &mut packed);
-        let packed = &packed;
-        out.par_chunks_mut(MC * n).enumerate().for_each(|(task, out)| {
-            let rows = out.len() / n;
-            let mut c = [0f32; MB * NR];
-            for panel in 0..n.div_ceil(NR) {
-                let b = &packed[panel * lanes * NR..(panel + 1) * lanes * NR];
-                let cols = NR.min(n - panel * NR);
-                for r0 in (0..rows).step_by(MB) {
-                    // Whole blocks of rows exist: `xb` is padded to a multiple of 32 rows.
-                    let a = &xb[(task * MC + r0) * lanes..(task * MC + r0 + MB) * lanes];
-                    // SAFETY: `a` holds 32 rows of `lanes` pairs, `b` `steps` × 16 pairs of NR
-                    // lanes, `c` 32 × NR floats; `block` is the model or the CPU has AMX.
-                    unsafe { block(a.as_ptr(), lanes * 4, b.as_ptr(), steps, c.as_mut_ptr()) };
-                    for (r, src) in c.chunks_exact(NR).take(rows - r0).enumerate() {
-                        let dst = &mut out[(r0 + r) * n + panel * NR..][..cols];
-                        for (d, &s) in dst.iter_mut().zip(src) {
-                            *d = MaybeUninit::new(s);
-                        }
-                    }
+    for_each_panel(jobs, k, lanes, MC, |t, out| {
+        let mut c = [0f32; MB * NR];
+        for r0 in (0..t.rows).step_by(MB) {
+            // Whole blocks of rows exist: `xb` is padded to a multiple of 32 rows.
+            let a = &xb[(t.i0 + r0) * lanes..(t.i0 + r0 + MB) * lanes];
+            // SAFETY: `a` holds 32 rows of `lanes` pairs, `b` `steps` × 16 pairs of NR lanes, `c`
+            // 32 × NR floats; `block` is the model or the CPU has AMX.
+            unsafe { block(a.as_ptr(), lanes * 4, t.b.as_ptr(), steps, c.as_mut_ptr()) };
+            for (r, src) in c.chunks_exact(NR).take(t.rows - r0).enumerate() {
+                let dst = &mut out[(r0 + r) * t.n + t.col0..][..t.cols];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = MaybeUninit::new(s);
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// The tile configuration (`ldtilecfg`'s 64 bytes, palette 1): every one of the eight tiles 16
@@ -278,28 +259,18 @@ mod tests {
     use half::bf16;
 
     use super::*;
-    use crate::kernels::matmul_bf16::matmul_t_bf16_reference;
+    use crate::kernels::matmul_bf16::assert_matches_definition;
     use crate::kernels::testutil::randn;
 
-    /// The product through `block` at shape `(m, k, n)`, checked against the definition within
-    /// the f32 summation-order bound `k·ε·Σ|terms|`.
+    /// The product through `block` at shape `(m, k, n)`, checked against the definition.
     fn check(block: Block, m: usize, k: usize, n: usize) {
         let x = randn(m * k, 1 + m as u64 * 7 + k as u64);
         let w: Vec<bf16> = randn(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).collect();
         let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
         matmul_with(&x, m, k, &mut [(&w, n, &mut got)], block);
-        let mut want = vec![0.0; m * n];
-        matmul_t_bf16_reference(&x, m, k, &w, n, &mut want);
-        for i in 0..m {
-            for j in 0..n {
-                let scale: f32 =
-                    (0..k).map(|p| (bf16::from_f32(x[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs()).sum();
-                // SAFETY: `matmul_with` writes every element (and NaN marks any it missed).
-                let (g, e) = (unsafe { got[i * n + j].assume_init() }, want[i * n + j]);
-                let tol = k as f32 * f32::EPSILON * scale + 1e-30;
-                assert!((g - e).abs() <= tol, "({m},{k},{n}) [{i},{j}]: {g} vs {e} (scale {scale})");
-            }
-        }
+        // SAFETY: initialised with NaN, which marks any element `matmul_with` missed.
+        let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_matches_definition(&x, m, k, &w, n, &got);
     }
 
     /// Shapes at every edge: rows within, at and past a block and a task; k odd, within a tile,

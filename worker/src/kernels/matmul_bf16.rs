@@ -261,47 +261,67 @@ pub(super) fn pack_panels(w: &[bf16], n: usize, k: usize, lanes: usize, panels: 
     });
 }
 
+/// One task's share of one panel, as [`for_each_panel`] hands it to a kernel: output rows
+/// `i0..i0 + rows` of the product (`out`: those rows, `n` columns each), against panel `b`
+/// (`lanes` pairs of [`NR`] columns), whose columns are `col0..col0 + cols` of `out`.
+pub(super) struct PanelTask<'a> {
+    pub i0: usize,
+    pub rows: usize,
+    pub n: usize,
+    pub col0: usize,
+    pub cols: usize,
+    pub b: &'a [u32],
+}
+
+/// The driver of both bf16 kernels: each `(w, n, out)` of `jobs`, its weights packed into panels
+/// of `lanes` pairs, `out` split into tasks of `task_rows` rows that run in parallel, each
+/// calling `kernel` for every panel in turn. One product after another, each parallel over its
+/// rows: a product's panels (k × n bf16) stay in each core's L2 across its tasks, where tasks
+/// that ran every product over their rows streamed all of them from L3 (262 against 390
+/// GFLOP/s for a retention layer's five projections at k = 512, 4096 rows, on Zen 4).
+pub(super) fn for_each_panel<F>(jobs: &mut [Job], k: usize, lanes: usize, task_rows: usize, kernel: F)
+where
+    F: Fn(&PanelTask<'_>, &mut [MaybeUninit<f32>]) + Sync,
+{
+    for (w, n, out) in jobs.iter_mut() {
+        let n = *n;
+        if n == 0 {
+            continue;
+        }
+        let mut packed = Lines::zeroed(n.div_ceil(NR) * lanes * NR);
+        pack_panels(w, n, k, lanes, &mut packed);
+        let packed = &packed;
+        out.par_chunks_mut(task_rows * n).enumerate().for_each(|(task, out)| {
+            for panel in 0..n.div_ceil(NR) {
+                let b = &packed[panel * lanes * NR..(panel + 1) * lanes * NR];
+                let col0 = panel * NR;
+                let t = PanelTask { i0: task * task_rows, rows: out.len() / n, n, col0, cols: NR.min(n - col0), b };
+                kernel(&t, out);
+            }
+        });
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use rayon::prelude::*;
-
-    use super::{pack_panels, pairs, round_pairs, round_row_fastest, round_rows, Job, Lines, MC, MR, NR};
+    use super::{for_each_panel, pairs, round_pairs, round_row_fastest, round_rows, Job, MC, MR, NR};
 
     pub(super) fn matmul(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         let kp = pairs(k);
         let xb = round_rows(x, m, k, m, kp, round_row_fastest());
-        // One product after another, each parallel over its rows: a product's panels (k × n
-        // bf16) stay in each core's L2 across its tasks, where tasks that ran every product
-        // over their rows streamed all of them from L3 (262 against 390 GFLOP/s for a
-        // retention layer's five projections at k = 512, 4096 rows).
-        for (w, n, out) in jobs.iter_mut() {
-            let n = *n;
-            if n == 0 {
-                continue;
+        for_each_panel(jobs, k, kp, MC, |t, out| {
+            for r0 in (0..t.rows).step_by(MR) {
+                let mr = MR.min(t.rows - r0);
+                let a = &xb[(t.i0 + r0) * kp..];
+                let c = &mut out[r0 * t.n + t.col0..];
+                // SAFETY: `available()` was asserted; `a` holds mr rows of kp lanes, `b` kp × NR
+                // lanes, `c` mr rows of `cols` columns at stride n.
+                unsafe { tile(a, kp, t.b, kp, c, t.n, mr, t.cols) };
             }
-            let mut packed = Lines::zeroed(n.div_ceil(NR) * kp * NR);
-            pack_panels(w, n, k, kp, &mut packed);
-            let packed = &packed;
-            out.par_chunks_mut(MC * n).enumerate().for_each(|(task, out)| {
-                let rows = out.len() / n;
-                let i0 = task * MC;
-                for panel in 0..n.div_ceil(NR) {
-                    let b = &packed[panel * kp * NR..(panel + 1) * kp * NR];
-                    let cols = NR.min(n - panel * NR);
-                    for r0 in (0..rows).step_by(MR) {
-                        let mr = MR.min(rows - r0);
-                        let a = &xb[(i0 + r0) * kp..];
-                        let c = &mut out[r0 * n + panel * NR..];
-                        // SAFETY: `available()` was asserted; `a` holds mr rows of kp lanes, `b`
-                        // kp × NR lanes, `c` mr rows of `cols` columns at stride n.
-                        unsafe { tile(a, kp, b, kp, c, n, mr, cols) };
-                    }
-                }
-            });
-        }
+        });
     }
 
     /// A row's bf16 pairs, 32 floats per conversion (`vcvtne2ps2bf16`: round to nearest even,
@@ -372,6 +392,23 @@ mod x86 {
     }
 }
 
+/// Asserts that `got [m, n]` is `bf16(x) · wᵀ` within the bound of any order of k f32 additions,
+/// `k·ε·Σ|terms|` (which also covers the instructions' flush of subnormal products to zero).
+#[cfg(test)]
+pub(super) fn assert_matches_definition(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, got: &[f32]) {
+    let mut want = vec![0.0; m * n];
+    matmul_t_bf16_reference(x, m, k, w, n, &mut want);
+    for i in 0..m {
+        for j in 0..n {
+            let scale: f32 =
+                (0..k).map(|p| (bf16::from_f32(x[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs()).sum();
+            let (g, e) = (got[i * n + j], want[i * n + j]);
+            let tol = k as f32 * f32::EPSILON * scale + 1e-30;
+            assert!((g - e).abs() <= tol, "({m},{k},{n}) [{i},{j}]: {g} vs {e} (scale {scale})");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,7 +455,7 @@ mod tests {
     #[test]
     fn matches_the_definition_at_every_edge() {
         if !available() {
-            eprintln!("no AVX512_BF16 on this CPU: the kernel is not run here");
+            eprintln!("no bf16 kernel on this CPU: the product is not run here");
             return;
         }
         for &(m, k, n) in
@@ -428,19 +465,7 @@ mod tests {
             let w: Vec<bf16> = values(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).collect();
             let mut got = vec![f32::NAN; m * n];
             matmul_t_bf16(&x, m, k, &w, n, &mut got);
-            let mut want = vec![0.0; m * n];
-            matmul_t_bf16_reference(&x, m, k, &w, n, &mut want);
-            for i in 0..m {
-                for j in 0..n {
-                    let scale: f32 =
-                        (0..k).map(|p| (bf16::from_f32(x[i * k + p]).to_f32() * w[j * k + p].to_f32()).abs()).sum();
-                    let (g, e) = (got[i * n + j], want[i * n + j]);
-                    // The bound of any order of k f32 additions (and the instruction's flush of
-                    // subnormal products to zero).
-                    let tol = k as f32 * f32::EPSILON * scale + 1e-30;
-                    assert!((g - e).abs() <= tol, "({m},{k},{n}) [{i},{j}]: {g} vs {e} (scale {scale})");
-                }
-            }
+            assert_matches_definition(&x, m, k, &w, n, &got);
         }
     }
 
