@@ -469,7 +469,14 @@ impl<B: Backend> Engine<B> {
     /// another's step that no free worker is left to run.
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOutput>, EngineError> {
         match self.threads.clone() {
-            Some(threads) => threads.install(|| self.step_here(items)),
+            Some(threads) => {
+                // The caller's subscriber and span (a request's, a bench's) stay those of the
+                // step's spans and events on the pool's threads.
+                let (dispatch, span) = (tracing::dispatcher::get_default(|d| d.clone()), tracing::Span::current());
+                threads.install(|| {
+                    tracing::dispatcher::with_default(&dispatch, || span.in_scope(|| self.step_here(items)))
+                })
+            }
             None => self.step_here(items),
         }
     }
