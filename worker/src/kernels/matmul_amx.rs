@@ -20,8 +20,8 @@
 //! configuration and releases the tiles at its end, so no tile state lives between statements
 //! (the compiler knows nothing of it). Its model, [`block_emulated`], performs the same
 //! instructions in plain Rust on the same addresses: the tests run the whole product on the
-//! model on every machine, against `matmul_t_bf16_reference`, and the assembly against both
-//! where the CPU has AMX.
+//! model on every machine, against `matmul_t_bf16_reference`, and on the assembly as well where
+//! the CPU has AMX.
 
 use std::mem::MaybeUninit;
 
