@@ -297,6 +297,27 @@ mod tests {
         }
     }
 
+    /// Several products of one call (as `matmul_t_bf16_many` makes them), widest first, so that
+    /// the narrower ones reuse the packed panels' buffer: each matches the definition alone.
+    #[test]
+    fn products_of_one_call_on_the_model_match_the_definition() {
+        let (m, k) = (37, 45);
+        let ns = [70, 17, 0, 40];
+        let x = randn(m * k, 3);
+        let ws: Vec<Vec<bf16>> =
+            ns.iter().map(|&n| randn(n * k, 4 + n as u64).into_iter().map(bf16::from_f32).collect()).collect();
+        let mut outs: Vec<Vec<MaybeUninit<f32>>> =
+            ns.iter().map(|&n| vec![MaybeUninit::new(f32::NAN); m * n]).collect();
+        let mut jobs: Vec<Job> =
+            ws.iter().zip(&ns).zip(&mut outs).map(|((w, &n), out)| (&w[..], n, &mut out[..])).collect();
+        matmul_with(&x, m, k, &mut jobs, block_emulated);
+        for ((w, &n), out) in ws.iter().zip(&ns).zip(&outs) {
+            // SAFETY: initialised with NaN, which marks any element `matmul_with` missed.
+            let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_matches_definition(&x, m, k, w, n, &got);
+        }
+    }
+
     /// The model's addressing, pinned down element by element: a single 1 in row r of A and in
     /// column j of B, at pair p of step s (its even or its odd element in both), lands at
     /// c[r, j] alone, whichever quarter of the block r and j fall in.

@@ -69,13 +69,14 @@ pub fn kernel() -> Option<Kernel> {
         let avx512 = avx512_bf16().then_some(Kernel::Avx512Bf16);
         match wanted.as_str() {
             "avx512bf16" => avx512,
-            "" | "auto" => amx().or(avx512),
             "amx" => amx().or_else(|| {
                 tracing::warn!("{KERNEL_ENV}=amx, but this CPU or OS gives no AMX tiles");
                 avx512
             }),
             other => {
-                tracing::warn!("{KERNEL_ENV}={other:?} is not amx, avx512bf16 or auto: choosing as for auto");
+                if !matches!(other, "" | "auto") {
+                    tracing::warn!("{KERNEL_ENV}={other:?} is not amx, avx512bf16 or auto: choosing as for auto");
+                }
                 amx().or(avx512)
             }
         }
@@ -283,14 +284,18 @@ pub(super) fn for_each_panel<F>(jobs: &mut [Job], k: usize, lanes: usize, task_r
 where
     F: Fn(&PanelTask<'_>, &mut [MaybeUninit<f32>]) + Sync,
 {
+    // One buffer for the call, sized to its largest product: `pack_panels` writes every element
+    // of the share it is given, so nothing of an earlier product is left to read.
+    let len = |n: usize| n.div_ceil(NR) * lanes * NR;
+    let mut buf = Lines::zeroed(jobs.iter().map(|&(_, n, _)| len(n)).max().unwrap_or(0));
     for (w, n, out) in jobs.iter_mut() {
         let n = *n;
         if n == 0 {
             continue;
         }
-        let mut packed = Lines::zeroed(n.div_ceil(NR) * lanes * NR);
-        pack_panels(w, n, k, lanes, &mut packed);
-        let packed = &packed;
+        let packed = &mut buf[..len(n)];
+        pack_panels(w, n, k, lanes, packed);
+        let packed = &*packed;
         out.par_chunks_mut(task_rows * n).enumerate().for_each(|(task, out)| {
             for panel in 0..n.div_ceil(NR) {
                 let b = &packed[panel * lanes * NR..(panel + 1) * lanes * NR];
