@@ -2,7 +2,9 @@
 //! the same run: the weight-streaming product `x [m, k] · wᵀ` at decode's shapes (GFLOP/s and
 //! the fraction of the GEMM library's rate on a large square product), and cross-attention of
 //! `seqs` queries over `context` cached positions each (GB/s of cache read and the fraction of
-//! the measured read bandwidth).
+//! the measured read bandwidth). Each product is also timed with the weights in bf16: widened
+//! to f32 as they are read, and in bf16 arithmetic where the CPU runs that for the rows
+//! (`matmul_bf16::runs`; `-` elsewhere).
 //!
 //!   cargo run --release -p yoco-worker --example kernel_bench -- \
 //!       [--preset tiny|small] [--rows 1,8,32|none] [--seqs 32] [--context 4096] [--repeat 20] \
@@ -16,7 +18,9 @@ use std::time::Instant;
 use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::kernels::cross_attention::{cross_attention_partials, CrossShape, KvView};
 use yoco_worker::kernels::kv_block::{Block, CacheDtype};
+use half::bf16;
 use yoco_worker::kernels::matmul::{matmul_t, matmul_t_library};
+use yoco_worker::kernels::matmul_bf16;
 use yoco_worker::presets::Preset;
 
 struct Args {
@@ -88,13 +92,19 @@ fn main() -> Result<(), String> {
     // Decode's products: (k, n) of the self-decoder's and cross-decoder's layers and the output.
     let (d, h, v) = (cfg.dim, cfg.hidden_dim, cfg.vocab_size);
     let shapes = [("dim → dim", d, d), ("dim → hidden", d, h), ("hidden → dim", h, d), ("dim → vocab", d, v)];
+    if let Some(kernel) = matmul_bf16::kernel() {
+        println!("bf16 products: {}", kernel.name());
+    }
     println!(
-        "{:>14} {:>5} {:>6} {:>7} {:>10} {:>9} {:>8} {:>13}",
-        "product", "rows", "k", "n", "ms", "GFLOP/s", "of peak", "gemm crate ms"
+        "{:>14} {:>5} {:>6} {:>7} {:>10} {:>9} {:>8} {:>13} {:>11} {:>11}",
+        "product", "rows", "k", "n", "ms", "GFLOP/s", "of peak", "gemm crate ms", "bf16 w ms", "bf16 ms"
     );
     for (name, k, nn) in shapes {
         let w_buf = filled(nn * k + 16, 4);
         let w = aligned(&w_buf, nn * k, args.skew);
+        // The same weights in bf16 (as checkpoints store them), multiplied in f32 and, where
+        // the CPU runs it for these rows, in bf16 (`matmul_bf16::runs`).
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         for &m in &args.rows {
             let x_buf = filled(m * k + 16, 5);
             let x = aligned(&x_buf, m * k, args.skew);
@@ -102,11 +112,18 @@ fn main() -> Result<(), String> {
             let secs = best(args.repeat, || matmul_t(x, m, k, w, nn, &mut out));
             let gflops = 2.0 * (m * k * nn) as f64 / secs / 1e9;
             let library = best(args.repeat, || matmul_t_library(x, m, k, w, nn, &mut out));
+            let widened = best(args.repeat, || matmul_t(x, m, k, &wb, nn, &mut out));
+            let bf16_ms = if matmul_bf16::runs(m) {
+                format!("{:.3}", 1e3 * best(args.repeat, || matmul_bf16::matmul_t_bf16(x, m, k, &wb, nn, &mut out)))
+            } else {
+                "-".into()
+            };
             println!(
-                "{name:>14} {m:>5} {k:>6} {nn:>7} {:>10.3} {gflops:>9.1} {:>7.0}% {:>13.3}",
+                "{name:>14} {m:>5} {k:>6} {nn:>7} {:>10.3} {gflops:>9.1} {:>7.0}% {:>13.3} {:>11.3} {bf16_ms:>11}",
                 secs * 1e3,
                 100.0 * gflops / peak,
-                library * 1e3
+                library * 1e3,
+                widened * 1e3
             );
         }
     }

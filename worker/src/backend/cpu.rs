@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::{Backend, BackendError, Result};
 use crate::kernels::cross_attention::{cross_attention_partials, finalize, CrossShape, KvView, Partial};
 use crate::kernels::kv_block::{Block, CacheDtype};
-use crate::kernels::matmul::{linear, matmul_t, STREAM_MAX_ROWS};
+use crate::kernels::matmul::{linear, matmul_t};
 use crate::kernels::matmul_bf16;
 use crate::kernels::retention::{
     retention_add_incoming, retention_chunkwise, retention_recurrent_step, RetentionShape, RETENTION_BLOCK,
@@ -140,17 +140,17 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, m: usize, w: &Tensor) -> Result<Vec<f32>> {
         let (n, k) = (w.shape[0], w.shape[1]);
         at_least("matmul input", x, m * k)?;
-        // Many rows of bf16 weights: the bf16 GEMM (few rows stream the weights from memory,
-        // which the f32 kernel does as fast).
+        // Several rows of bf16 weights: bf16 products where the CPU has them (one row streams
+        // the weights in f32: see `matmul_bf16::runs`).
         if let (ComputeDtype::Bf16, WeightRef::Bf16(wb)) = (self.compute, w.view()) {
-            if m > STREAM_MAX_ROWS && matmul_bf16::available() {
+            if matmul_bf16::runs(m) {
                 return Ok(matmul_bf16::matmul_t_bf16_many(&x[..m * k], m, k, &[(wb, n)]).remove(0));
             }
         }
         Ok(crate::with_weights!(w.view(), |w| linear(&x[..m * k], m, k, w, n)))
     }
 
-    /// In bf16, many rows of bf16 weights round `x` once and run every product in one pass.
+    /// In bf16, several rows of bf16 weights (`matmul_bf16::runs`) round `x` once for every product.
     fn matmuls(&self, x: &Vec<f32>, m: usize, ws: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
         let bf16: Option<Vec<(&[half::bf16], usize)>> = ws
             .iter()
@@ -163,8 +163,7 @@ impl Backend for CpuBackend {
         match bf16 {
             Some(jobs)
                 if self.compute == ComputeDtype::Bf16
-                    && m > STREAM_MAX_ROWS
-                    && matmul_bf16::available()
+                    && matmul_bf16::runs(m)
                     && ws.iter().all(|w| w.shape.len() == 2 && w.shape[1] == k) =>
             {
                 at_least("matmul input", x, m * k)?;

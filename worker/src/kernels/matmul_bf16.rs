@@ -29,6 +29,8 @@ use std::mem::MaybeUninit;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::matmul_bf16_rows;
+
 /// Columns per panel (two registers of 16 f32 lanes) and rows per register tile.
 pub(super) const NR: usize = 32;
 const MR: usize = 12;
@@ -88,9 +90,21 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
+/// The fewest input rows a product takes in bf16. One row (a single sequence's decode step) is
+/// bound by reading the weights whatever the arithmetic, so it keeps its f32 activations.
+pub const MIN_ROWS: usize = 2;
+
+/// Whether this CPU runs a product of `m` input rows in bf16: from [`MIN_ROWS`] rows where it
+/// has AVX512_BF16 (up to 64 rows on `matmul_bf16_rows`, which reads the weights as stored,
+/// beyond on the GEMM); on AMX alone only beyond 64 rows, since the tiles take packed weights
+/// and packing them on every call would read a decode step's weights three times.
+pub fn runs(m: usize) -> bool {
+    m >= MIN_ROWS && available() && (m > matmul_bf16_rows::MAX_ROWS || matmul_bf16_rows::available())
+}
+
 /// Whether this CPU has `vdpbf16ps` (and the AVX-512 it extends), which also rounds rows to bf16
 /// 32 at a time.
-fn avx512_bf16() -> bool {
+pub(super) fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -147,6 +161,9 @@ fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
             out.fill(MaybeUninit::new(0.0));
         }
         return;
+    }
+    if m <= matmul_bf16_rows::MAX_ROWS && matmul_bf16_rows::available() {
+        return matmul_bf16_rows::matmul(x, m, k, jobs);
     }
     match kernel {
         Kernel::Amx => crate::kernels::matmul_amx::matmul(x, m, k, jobs),

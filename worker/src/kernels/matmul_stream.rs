@@ -166,15 +166,14 @@ unsafe fn tile_avx512<W: Widen, const R: usize, const C: usize>(
 
 /// A raw pointer to the result matrix, shared by tasks that write disjoint columns of it.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: every task writes only the columns of its own weight rows (see `matmul_t_stream`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer itself (a method, so that closures capture the whole `OutPtr`).
-    #[cfg(target_arch = "x86_64")]
-    fn raw(self) -> *mut f32 {
+    pub(super) fn raw(self) -> *mut f32 {
         self.0
     }
 
@@ -565,6 +564,12 @@ fn stream_rows<W: Widen>(x: &[f32], m: usize, k: usize, w_rows: &[W], j0: usize,
     stream_rows_portable(x, m, k, w_rows, j0, n, out)
 }
 
+/// Weight rows per parallel task of a streamed product with `n` of them: enough tasks to
+/// balance the threads, few enough that scheduling them costs nothing.
+pub(super) fn rows_per_task(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads() * 8).next_multiple_of(8).max(STREAM_MIN_ROWS_PER_TASK)
+}
+
 pub(super) fn matmul_t_stream<W: Widen>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &mut [f32]) {
     let ptr = OutPtr(out.as_mut_ptr());
     // Input rows that start off a 64-byte boundary (the allocator's 16-byte alignment) make
@@ -579,8 +584,7 @@ pub(super) fn matmul_t_stream<W: Widen>(x: &[f32], m: usize, k: usize, w: &[W], 
     } else {
         x
     };
-    // Enough tasks to balance the threads, few enough that scheduling them costs nothing.
-    let per_task = n.div_ceil(rayon::current_num_threads() * 8).next_multiple_of(8).max(STREAM_MIN_ROWS_PER_TASK);
+    let per_task = rows_per_task(n);
     #[cfg(target_arch = "x86_64")]
     if super::matmul_outer::pays(m) {
         let xt = super::matmul_outer::pack_transposed(x, m, k);

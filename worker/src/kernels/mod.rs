@@ -14,6 +14,7 @@ pub mod log_softmax;
 pub mod matmul;
 mod matmul_amx;
 pub mod matmul_bf16;
+mod matmul_bf16_rows;
 #[cfg(target_arch = "x86_64")]
 mod matmul_outer;
 mod matmul_stream;
