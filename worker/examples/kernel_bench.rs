@@ -15,10 +15,10 @@
 
 use std::time::Instant;
 
+use half::bf16;
 use yoco_worker::ceilings::{gemm_gflops, read_gbps};
 use yoco_worker::kernels::cross_attention::{cross_attention_partials, CrossShape, KvView};
 use yoco_worker::kernels::kv_block::{Block, CacheDtype};
-use half::bf16;
 use yoco_worker::kernels::matmul::{matmul_t, matmul_t_library};
 use yoco_worker::kernels::matmul_bf16;
 use yoco_worker::presets::Preset;
@@ -93,7 +93,7 @@ fn main() -> Result<(), String> {
     let (d, h, v) = (cfg.dim, cfg.hidden_dim, cfg.vocab_size);
     let shapes = [("dim → dim", d, d), ("dim → hidden", d, h), ("hidden → dim", h, d), ("dim → vocab", d, v)];
     if let Some(kernel) = matmul_bf16::kernel() {
-        println!("bf16 products: {}", kernel.name());
+        println!("bf16 products over 64 rows: {} (fewer: vdpbf16ps where the CPU has it)", kernel.name());
     }
     println!(
         "{:>14} {:>5} {:>6} {:>7} {:>10} {:>9} {:>8} {:>13} {:>11} {:>11}",

@@ -1,10 +1,11 @@
-//! bf16 compute on the CPU (`EngineOptions::compute_dtype`): the products of two or more rows
-//! take the activations rounded to bf16 with f32 accumulation (`kernels::matmul_bf16`: the GEMM
-//! for a long prompt, the row kernel for a short one and for a batch of decode steps); one row
-//! and everything else stay f32. Against the same bf16 weights computed in f32, the logits stay
-//! within bf16's rounding of the activations (2⁻⁸ relative each, through a few layers: 1e-2 of
-//! the logits' spread here) and the greedy token is the same; where the CPU has neither AMX nor
-//! AVX512_BF16 the engine computes in f32 and says so.
+//! bf16 compute on the CPU (`EngineOptions::compute_dtype`): products of
+//! `matmul_bf16::MIN_ROWS` rows or more take the activations rounded to bf16 with f32
+//! accumulation (`kernels::matmul_bf16`: the GEMM for a long prompt, the row kernel for a short
+//! one and for a batch of decode steps); fewer rows and everything else stay f32. Against the
+//! same bf16 weights computed in f32, the logits stay within bf16's rounding of the activations
+//! (2⁻⁸ relative each, through a few layers: 1e-2 of the logits' spread here) and the greedy
+//! token is the same; where the CPU has neither AMX nor AVX512_BF16 the engine computes in f32
+//! and says so.
 
 mod common;
 
@@ -38,8 +39,9 @@ fn logits(model: &Arc<Model>, compute: ComputeDtype, prompts: &[Vec<u32>]) -> (V
     (out, e.backend().compute_name())
 }
 
-/// Prompt lengths: the GEMM's rows, the row kernel's, one row.
-const LENS: [usize; 4] = [300, 40, 5, 1];
+/// Prompt lengths: the GEMM's rows, the row kernel's, and rows below `matmul_bf16::MIN_ROWS`
+/// (f32); their decode steps make a batch of eight.
+const LENS: [usize; 8] = [300, 40, 12, 9, 5, 3, 2, 1];
 
 #[test]
 fn bf16_products_stay_within_bf16_rounding_of_f32_ones() {
@@ -48,7 +50,6 @@ fn bf16_products_stay_within_bf16_rounding_of_f32_ones() {
         write_random_model(&small_config(mixer), StoreDtype::Bf16, 3, false, tmp.path()).unwrap();
         let model = Arc::new(Model::load(tmp.path()).unwrap());
         assert_eq!(model.weight_dtype(), "bf16");
-        // Each prompt, then a batch of 4 decode steps.
         let prompts: Vec<Vec<u32>> = LENS.iter().map(|&n| tokens(n, 300, 9 + n as u64)).collect();
         let (want, f32_name) = (logits(&model, ComputeDtype::F32, &prompts).0, "f32");
         let (got, name) = logits(&model, ComputeDtype::Bf16, &prompts);
@@ -63,7 +64,8 @@ fn bf16_products_stay_within_bf16_rounding_of_f32_ones() {
         assert_eq!(name, "bf16");
         // Whether each result went through a bf16 product: its prompt's rows, or the batch's.
         let prefills = LENS.iter().map(|&n| (format!("prefill of {n}"), matmul_bf16::runs(n)));
-        let decodes = LENS.iter().map(|&n| (format!("decode after {n}"), matmul_bf16::runs(n) || matmul_bf16::runs(4)));
+        let decodes =
+            LENS.iter().map(|&n| (format!("decode after {n}"), matmul_bf16::runs(n) || matmul_bf16::runs(LENS.len())));
         for ((got, want), (what, in_bf16)) in got.iter().zip(&want).zip(prefills.chain(decodes)) {
             if !in_bf16 {
                 assert_eq!(got, want, "{mixer:?}, {what}: f32 throughout");

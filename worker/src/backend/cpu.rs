@@ -28,7 +28,11 @@ impl CpuBackend {
     pub fn new(compute: ComputeDtype) -> Self {
         if compute == ComputeDtype::Bf16 {
             match matmul_bf16::kernel() {
-                Some(kernel) => tracing::info!(kernel = kernel.name(), "bf16 products"),
+                Some(kernel) => tracing::info!(
+                    kernel = kernel.name(),
+                    min_rows = matmul_bf16::MIN_ROWS,
+                    "bf16 products (up to 64 rows on vdpbf16ps where the CPU has it)"
+                ),
                 None => tracing::warn!(
                     "bf16 compute asked, but this CPU has neither AMX nor AVX512_BF16: products stay f32"
                 ),

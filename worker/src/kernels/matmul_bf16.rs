@@ -1,4 +1,5 @@
-//! `out = x · wᵀ` in bf16 with f32 accumulation, for prefill's large products: the activations
+//! `out = x · wᵀ` in bf16 with f32 accumulation, for products of [`MIN_ROWS`] rows or more
+//! ([`runs`]: prefill's large ones here, up to 64 rows on `matmul_bf16_rows` where it runs): the activations
 //! `x [m, k]` are rounded to bf16 (round to nearest even, as PyTorch and oneDNN round), the
 //! weights `w [n, k]` are bf16 as the checkpoint stores them, and every product of a pair of
 //! bf16 values is accumulated in f32 — what `vdpbf16ps` (AVX512_BF16: Zen 4 and later, Intel
@@ -57,8 +58,9 @@ impl Kernel {
     }
 }
 
-/// The environment variable that picks the kernel where the CPU has both (`amx`, `avx512bf16`;
-/// `auto` or unset: AMX), so that the two can be measured against each other on one machine.
+/// The environment variable that picks the kernel of products over 64 rows where the CPU has
+/// both (`amx`, `avx512bf16`; `auto` or unset: AMX), so that the two can be measured against
+/// each other on one machine. Fewer rows run on `vdpbf16ps` whatever it says.
 pub const KERNEL_ENV: &str = "YOCO_BF16_KERNEL";
 
 /// The kernel this process runs bf16 products on, `None` where the CPU has neither (they then
@@ -90,9 +92,13 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
-/// The fewest input rows a product takes in bf16. One row (a single sequence's decode step) is
-/// bound by reading the weights whatever the arithmetic, so it keeps its f32 activations.
-pub const MIN_ROWS: usize = 2;
+/// The fewest input rows a product takes in bf16. Fewer are bound by reading the weights
+/// whatever the arithmetic, so they keep their f32 activations (a single sequence's decode
+/// step among them). By estimate for Zen 4, not measured: the f32 stream stays at the read
+/// rate up to about 7 rows (two cores' 256-bit FMAs against about 15 GB/s each), and the
+/// bf16 row kernel spends a whole 16-lane `vdpbf16ps` per weight pair however few rows fill
+/// its lanes. `kernel_bench`'s `bf16 w ms` and `bf16 ms` columns measure it.
+pub const MIN_ROWS: usize = 8;
 
 /// Whether this CPU runs a product of `m` input rows in bf16: from [`MIN_ROWS`] rows where it
 /// has AVX512_BF16 (up to 64 rows on `matmul_bf16_rows`, which reads the weights as stored,
@@ -481,7 +487,19 @@ mod tests {
             return;
         }
         for &(m, k, n) in
-            &[(1, 1, 1), (3, 5, 0), (8, 2, 32), (9, 7, 33), (130, 513, 65), (300, 257, 31), (17, 1024, 100)]
+            // Rows of the row kernel (up to 64) and of the GEMM, whose last tile of 12 rows is
+            // partial at 65 (48 + 17: 5 rows), 77 and 130.
+            &[
+                (1, 1, 1),
+                (3, 5, 0),
+                (8, 2, 32),
+                (9, 7, 33),
+                (17, 1024, 100),
+                (65, 7, 33),
+                (77, 130, 40),
+                (130, 513, 65),
+                (300, 257, 31),
+            ]
         {
             let x = values(m * k, 1 + m as u64);
             let w: Vec<bf16> = values(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).collect();
