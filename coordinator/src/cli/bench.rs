@@ -430,7 +430,8 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 /// sequence's next token (greedy) with its log-probability. Every batch is prefilled first; then
 /// the batches take turns, three rounds of `--decode-tokens` steps each, and each keeps its best
 /// round: the ratios between them are what matters, and on a shared machine a slow spell would
-/// otherwise fall on one of them only. The global cache holds `cache_dtype` elements.
+/// otherwise fall on one of them only. The global cache holds `cache_dtype` elements; products
+/// compute in `--compute-dtype`, as the main table's.
 fn batched_decode(
     model: &Arc<Model>,
     args: &Args,
@@ -444,6 +445,8 @@ fn batched_decode(
         let opts = EngineOptions {
             cache_budget_bytes: b * (args.batch_context + ROUNDS * steps + 512) * cache_bytes_per_token * 2,
             cache_dtype,
+            // As the main table's runs: batches of 8 rows and more take bf16 products there.
+            compute_dtype: args.compute_dtype,
             ..Default::default()
         };
         let mut executor = Executor::new(Engine::new(model.clone(), &opts));
