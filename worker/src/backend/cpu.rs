@@ -144,8 +144,8 @@ impl Backend for CpuBackend {
     fn matmul(&self, x: &Vec<f32>, m: usize, w: &Tensor) -> Result<Vec<f32>> {
         let (n, k) = (w.shape[0], w.shape[1]);
         at_least("matmul input", x, m * k)?;
-        // Several rows of bf16 weights: bf16 products where the CPU has them (one row streams
-        // the weights in f32: see `matmul_bf16::runs`).
+        // Several rows of bf16 weights: bf16 products where the CPU has them (fewer rows than
+        // `matmul_bf16::MIN_ROWS` stream the weights in f32: see `matmul_bf16::runs`).
         if let (ComputeDtype::Bf16, WeightRef::Bf16(wb)) = (self.compute, w.view()) {
             if matmul_bf16::runs(m) {
                 return Ok(matmul_bf16::matmul_t_bf16_many(&x[..m * k], m, k, &[(wb, n)]).remove(0));

@@ -1,9 +1,9 @@
 //! `out = x · wᵀ` in bf16 with f32 accumulation, for products of [`MIN_ROWS`] rows or more
-//! ([`runs`]: prefill's large ones here, up to 64 rows on `matmul_bf16_rows` where it runs): the activations
-//! `x [m, k]` are rounded to bf16 (round to nearest even, as PyTorch and oneDNN round), the
-//! weights `w [n, k]` are bf16 as the checkpoint stores them, and every product of a pair of
-//! bf16 values is accumulated in f32 — what `vdpbf16ps` (AVX512_BF16: Zen 4 and later, Intel
-//! Cooper Lake and Sapphire Rapids) computes at twice the rate of f32 FMA.
+//! ([`runs`]: prefill's large ones here, up to 64 rows on `matmul_bf16_rows` where it runs):
+//! the activations `x [m, k]` are rounded to bf16 (round to nearest even, as PyTorch and oneDNN
+//! round), the weights `w [n, k]` are bf16 as the checkpoint stores them, and every product of a
+//! pair of bf16 values is accumulated in f32 — what `vdpbf16ps` (AVX512_BF16: Zen 4 and later,
+//! Intel Cooper Lake and Sapphire Rapids) computes at twice the rate of f32 FMA.
 //!
 //! The layout follows the instruction: it multiplies pairs of adjacent k (two bf16 in each
 //! 32-bit lane) and adds both products to one f32 lane. A row of `x` rounded to bf16 is already
