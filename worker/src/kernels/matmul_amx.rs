@@ -259,18 +259,11 @@ mod tests {
     use half::bf16;
 
     use super::*;
-    use crate::kernels::matmul_bf16::assert_matches_definition;
-    use crate::kernels::testutil::randn;
+    use crate::kernels::matmul_bf16::check_products;
 
     /// The product through `block` at shape `(m, k, n)`, checked against the definition.
     fn check(block: Block, m: usize, k: usize, n: usize) {
-        let x = randn(m * k, 1 + m as u64 * 7 + k as u64);
-        let w: Vec<bf16> = randn(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).collect();
-        let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
-        matmul_with(&x, m, k, &mut [(&w, n, &mut got)], block);
-        // SAFETY: initialised with NaN, which marks any element `matmul_with` missed.
-        let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
-        assert_matches_definition(&x, m, k, &w, n, &got);
+        check_products(|x, m, k, jobs| matmul_with(x, m, k, jobs, block), m, k, &[n]);
     }
 
     /// Shapes at every edge: rows within, at and past a block and a task; k odd, within a tile,
@@ -301,21 +294,7 @@ mod tests {
     /// the narrower ones reuse the packed panels' buffer: each matches the definition alone.
     #[test]
     fn products_of_one_call_on_the_model_match_the_definition() {
-        let (m, k) = (37, 45);
-        let ns = [70, 17, 0, 40];
-        let x = randn(m * k, 3);
-        let ws: Vec<Vec<bf16>> =
-            ns.iter().map(|&n| randn(n * k, 4 + n as u64).into_iter().map(bf16::from_f32).collect()).collect();
-        let mut outs: Vec<Vec<MaybeUninit<f32>>> =
-            ns.iter().map(|&n| vec![MaybeUninit::new(f32::NAN); m * n]).collect();
-        let mut jobs: Vec<Job> =
-            ws.iter().zip(&ns).zip(&mut outs).map(|((w, &n), out)| (&w[..], n, &mut out[..])).collect();
-        matmul_with(&x, m, k, &mut jobs, block_emulated);
-        for ((w, &n), out) in ws.iter().zip(&ns).zip(&outs) {
-            // SAFETY: initialised with NaN, which marks any element `matmul_with` missed.
-            let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-            assert_matches_definition(&x, m, k, w, n, &got);
-        }
+        check_products(|x, m, k, jobs| matmul_with(x, m, k, jobs, block_emulated), 37, 45, &[70, 17, 0, 40]);
     }
 
     /// The model's addressing, pinned down element by element: a single 1 in row r of A and in

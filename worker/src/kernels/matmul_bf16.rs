@@ -105,7 +105,12 @@ pub const MIN_ROWS: usize = 8;
 /// beyond on the GEMM); on AMX alone only beyond 64 rows, since the tiles take packed weights
 /// and packing them on every call would read a decode step's weights three times.
 pub fn runs(m: usize) -> bool {
-    m >= MIN_ROWS && available() && (m > matmul_bf16_rows::MAX_ROWS || matmul_bf16_rows::available())
+    m >= MIN_ROWS && available() && (m > matmul_bf16_rows::MAX_ROWS || on_rows_kernel(m))
+}
+
+/// Whether a product of `m` rows runs on `matmul_bf16_rows` rather than a GEMM.
+fn on_rows_kernel(m: usize) -> bool {
+    m <= matmul_bf16_rows::MAX_ROWS && matmul_bf16_rows::available()
 }
 
 /// Whether this CPU has `vdpbf16ps` (and the AVX-512 it extends), which also rounds rows to bf16
@@ -168,7 +173,7 @@ fn matmul_t_bf16_into(x: &[f32], m: usize, k: usize, jobs: &mut [Job]) {
         }
         return;
     }
-    if m <= matmul_bf16_rows::MAX_ROWS && matmul_bf16_rows::available() {
+    if on_rows_kernel(m) {
         return matmul_bf16_rows::matmul(x, m, k, jobs);
     }
     match kernel {
@@ -434,6 +439,29 @@ pub(super) fn assert_matches_definition(x: &[f32], m: usize, k: usize, w: &[bf16
             let tol = k as f32 * f32::EPSILON * scale + 1e-30;
             assert!((g - e).abs() <= tol, "({m},{k},{n}) [{i},{j}]: {g} vs {e} (scale {scale})");
         }
+    }
+}
+
+/// Runs `product` on several products of one call, `m` rows of `k` and weights of each of `ns`
+/// rows (each followed in memory by a NaN, so that a read past its last row shows; outputs
+/// start as NaN, which marks any element left unwritten), and checks each against the
+/// definition.
+#[cfg(test)]
+pub(super) fn check_products(product: impl Fn(&[f32], usize, usize, &mut [Job]), m: usize, k: usize, ns: &[usize]) {
+    use crate::kernels::testutil::randn;
+    let x = randn(m * k, 1 + m as u64 * 7 + k as u64);
+    let ws: Vec<Vec<bf16>> = ns
+        .iter()
+        .map(|&n| randn(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).chain([bf16::NAN]).collect())
+        .collect();
+    let mut outs: Vec<Vec<MaybeUninit<f32>>> = ns.iter().map(|&n| vec![MaybeUninit::new(f32::NAN); m * n]).collect();
+    let mut jobs: Vec<Job> =
+        ws.iter().zip(ns).zip(&mut outs).map(|((w, &n), out)| (&w[..n * k], n, &mut out[..])).collect();
+    product(&x, m, k, &mut jobs);
+    for ((w, &n), out) in ws.iter().zip(ns).zip(&outs) {
+        // SAFETY: initialised with NaN.
+        let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_matches_definition(&x, m, k, &w[..n * k], n, &got);
     }
 }
 

@@ -19,7 +19,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::matmul_bf16::{pairs, round_row_fastest, round_rows, Job, Lines};
+use super::matmul_bf16::{pairs, round_row_fastest, Job, Lines};
 use super::matmul_stream::{rows_per_task, OutPtr};
 
 /// Lanes of a register: input rows per row block.
@@ -76,11 +76,16 @@ fn matmul_with(x: &[f32], m: usize, k: usize, jobs: &mut [Job], band: Band) {
 /// `x [m, k]` rounded to bf16 pairs and transposed into row blocks of sixteen:
 /// `xt[(b · pairs(k) + p) · 16 + l]` holds row `b · 16 + l`'s pair p; zeros past the last row
 /// and in the upper half of an odd k's last pair.
+///
+/// On the calling thread, a row at a time: at most 64 rows, a few microseconds, where a
+/// parallel region would cost as much as the work on every product of a decode step.
 fn pack_transposed(x: &[f32], m: usize, k: usize) -> Lines {
     let kp = pairs(k);
-    let rows = round_rows(x, m, k, m, kp, round_row_fastest());
+    let round = round_row_fastest();
+    let mut row = vec![0u32; kp];
     let mut xt = Lines::zeroed(m.div_ceil(LANES) * kp * LANES);
-    for (i, row) in rows.chunks_exact(kp).enumerate() {
+    for (i, src) in x.chunks_exact(k).take(m).enumerate() {
+        round(src, &mut row);
         let (b, l) = (i / LANES, i % LANES);
         for (p, &pair) in row.iter().enumerate() {
             xt[(b * kp + p) * LANES + l] = pair;
@@ -310,7 +315,7 @@ mod tests {
     use std::mem::MaybeUninit;
 
     use super::*;
-    use crate::kernels::matmul_bf16::assert_matches_definition;
+    use crate::kernels::matmul_bf16::check_products;
     use crate::kernels::testutil::randn;
 
     /// [`Band`] on the model.
@@ -321,22 +326,7 @@ mod tests {
     /// Products of one call through `band` at `m` rows, `k`, and weights of each of `ns` rows,
     /// each checked against the definition.
     fn check(band: Band, m: usize, k: usize, ns: &[usize]) {
-        let x = randn(m * k, 1 + m as u64 * 7 + k as u64);
-        // Each weight matrix is followed by a NaN, so that a read past its last row shows.
-        let ws: Vec<Vec<bf16>> = ns
-            .iter()
-            .map(|&n| randn(n * k, 2 + n as u64).into_iter().map(bf16::from_f32).chain([bf16::NAN]).collect())
-            .collect();
-        let mut outs: Vec<Vec<MaybeUninit<f32>>> =
-            ns.iter().map(|&n| vec![MaybeUninit::new(f32::NAN); m * n]).collect();
-        let mut jobs: Vec<Job> =
-            ws.iter().zip(ns).zip(&mut outs).map(|((w, &n), out)| (&w[..n * k], n, &mut out[..])).collect();
-        matmul_with(&x, m, k, &mut jobs, band);
-        for ((w, &n), out) in ws.iter().zip(ns).zip(&outs) {
-            // SAFETY: initialised with NaN, which marks any element the kernel missed.
-            let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-            assert_matches_definition(&x, m, k, &w[..n * k], n, &got);
-        }
+        check_products(|x, m, k, jobs| matmul_with(x, m, k, jobs, band), m, k, ns);
     }
 
     /// Rows within, at and past each row block; k of one element, odd, within a cache line of
